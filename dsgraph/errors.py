@@ -1,0 +1,45 @@
+"""One exception hierarchy: every error dsgraph raises names the thing, what was expected, and the fix."""
+
+
+class DSGraphError(Exception):
+    """Root of every error dsgraph raises on purpose."""
+
+
+class ShapeError(DSGraphError):
+    """A tensor type does not fit an op's rule (raised at graph-build time, naming the node)."""
+
+
+class VerifyError(DSGraphError):
+    """A graph breaks an IR invariant (SSA, types, topological order)."""
+
+
+class ConfigError(DSGraphError):
+    """A model config is missing a key or holds a value dsgraph cannot build."""
+
+
+class CheckpointError(DSGraphError):
+    """Checkpoint weights are missing, unexpected, or of the wrong shape or dtype."""
+
+
+class InputError(DSGraphError):
+    """A runtime input is out of range (token ids, lengths) or of the wrong type."""
+
+
+class UnknownOpError(DSGraphError):
+    """An op name that no registry (ops, lowerings, passes) knows."""
+
+
+class BackendUnavailable(DSGraphError):
+    """A backend or target cannot run on this machine; the message carries the install hint."""
+
+
+class PassError(DSGraphError):
+    """A pass failed or left an invalid graph; the message names the pass and those before it."""
+
+
+class ArtifactError(DSGraphError):
+    """A saved artifact is truncated, edited, or made for another backend, device or format."""
+
+
+class NotBuiltYet(DSGraphError):
+    """A command or feature that is declared but not implemented yet."""

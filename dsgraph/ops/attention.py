@@ -1,0 +1,167 @@
+"""Attention ops: GQA/MHA, naive MLA (decompressed per-head K/V) and absorbed MLA
+(MQA over the kv_lora + rope latent cache), plus the cache update they read.
+
+All are causal with the query block at the end of the key sequence: query i of S
+sits at absolute position T - S + i and sees keys 0..T - S + i. Scores and softmax
+are computed in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..types import TensorType
+from .common import expect_float, expect_rank, f32, same_dtype
+from .registry import Attr, defop, expect
+
+ATTN_ATTRS = {"scale": Attr(float), "causal": Attr(bool, True)}
+
+
+def attention_ref(q, k, v, scale, causal):
+    """q [B,S,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] -> [B,S,Hq,Dv] (fp32)."""
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=2)
+        v = v.repeat_interleave(hq // hkv, dim=2)
+    s = torch.einsum("bshd,bthd->bhst", f32(q), f32(k)) * scale
+    if causal:
+        sq, t = q.shape[1], k.shape[1]
+        mask = torch.arange(t, device=q.device)[None, :] <= torch.arange(sq, device=q.device)[:, None] + (t - sq)
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhst,bthd->bshd", p, f32(v))
+
+
+def _attn_types(q, k, v, what):
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        expect_rank(t, 4, f"{what} {n} [B, S|T, H, D]")
+        expect_float(t, f"{what} {n}")
+    same_dtype(q, k, v)
+    expect(q.shape[0] == k.shape[0] == v.shape[0], f"{what}: batch dims differ ({q}, {k}, {v})")
+    expect(k.shape[1] == v.shape[1], f"{what}: k {k} and v {v} lengths differ")
+    expect(k.shape[2] == v.shape[2], f"{what}: k and v head counts differ ({k}, {v})")
+    expect(q.shape[3] == k.shape[3], f"{what}: q and k head dims differ ({q}, {k})")
+    return TensorType(q.shape[:3] + (v.shape[3],), q.dtype)
+
+
+GQA = defop("attention.gqa", "q k v", ATTN_ATTRS,
+            "Grouped-query (or multi-head when Hkv == Hq) causal attention.", level="domain")
+
+
+@GQA.infer
+def _(q, k, v, scale, causal):
+    out = _attn_types(q, k, v, "attention.gqa")
+    hq, hkv = q.shape[2], k.shape[2]
+    expect(isinstance(hq, int) and isinstance(hkv, int) and hq % hkv == 0,
+           f"attention.gqa: {hq} query heads are not a multiple of {hkv} kv heads")
+    return out
+
+
+GQA.reference(attention_ref)
+
+MLA = defop("attention.mla", "q k v", ATTN_ATTRS,
+            "Naive MLA attention over decompressed per-head keys [nope | rope] and values "
+            "(multi-head; the qk and v head dims differ).", level="domain")
+
+
+@MLA.infer
+def _(q, k, v, scale, causal):
+    out = _attn_types(q, k, v, "attention.mla")
+    expect(q.shape[2] == k.shape[2], f"attention.mla: q has {q.shape[2]} heads, k {k.shape[2]}")
+    return out
+
+
+MLA.reference(attention_ref)
+
+MLA_ABSORBED = defop("attention.mla_absorbed", "q cache", {**ATTN_ATTRS, "kv_lora_rank": Attr(int)},
+                     "Absorbed MLA: q [B,S,H,C+R] (q_nope @ W_UK | q_rope) against the latent cache "
+                     "[B,T,C+R] shared by all heads; values are the first C cache dims; out [B,S,H,C].",
+                     level="domain")
+
+
+@MLA_ABSORBED.infer
+def _(q, cache, scale, causal, kv_lora_rank):
+    expect_rank(q, 4, "attention.mla_absorbed q [B,S,H,C+R]")
+    expect_rank(cache, 3, "attention.mla_absorbed cache [B,T,C+R]")
+    same_dtype(q, cache)
+    expect(q.shape[3] == cache.shape[2], f"attention.mla_absorbed: q {q} and cache {cache} widths differ")
+    expect(q.shape[0] == cache.shape[0], f"attention.mla_absorbed: batch differs ({q}, {cache})")
+    expect(isinstance(q.shape[3], int) and 0 < kv_lora_rank < q.shape[3],
+           f"attention.mla_absorbed: kv_lora_rank {kv_lora_rank} must be below width {q.shape[3]}")
+    return TensorType(q.shape[:3] + (kv_lora_rank,), q.dtype)
+
+
+@MLA_ABSORBED.reference
+def mla_absorbed_ref(q, cache, scale, causal, kv_lora_rank):
+    k = cache[:, :, None, :]
+    v = cache[:, :, None, :kv_lora_rank]
+    return attention_ref(q, k, v, scale, causal)
+
+
+CACHE_APPEND = defop("cache.append", "cache new", {},
+                     "Functional KV-cache update: concat(cache [B,T,...], new [B,S,...]) along dim 1 -> [B,T+S,...]. "
+                     "Backends with preallocated caches write `new` in place.", level="domain")
+
+
+@CACHE_APPEND.infer
+def _(cache, new):
+    expect(cache.rank == new.rank and cache.rank >= 2, f"cache.append: ranks differ ({cache}, {new})")
+    expect(cache.shape[0] == new.shape[0] and cache.shape[2:] == new.shape[2:],
+           f"cache.append: cache {cache} and new entries {new} differ off the length dim")
+    same_dtype(cache, new)
+    return TensorType((cache.shape[0], cache.shape[1] + new.shape[1]) + cache.shape[2:], cache.dtype)
+
+
+CACHE_APPEND.reference(lambda cache, new: torch.cat((cache, new), dim=1))
+
+LATENT = defop("mla.latent_proj", "x weight norm_weight", {"kv_lora_rank": Attr(int), "eps": Attr(float, 1e-6)},
+               "MLA's shared KV down-projection: kv_a_proj_with_mqa(x) split into the latent c_kv [..,C] "
+               "(RMS-normed by kv_a_layernorm) and the un-roped rope key k_pe [..,R].",
+               num_outputs=2, level="domain")
+
+
+@LATENT.infer
+def _(x, w, nw, kv_lora_rank, eps):
+    expect(w.rank == 2 and w.shape[1] == x.shape[-1],
+           f"mla.latent_proj: weight must be [C+R, {x.shape[-1]}], got {w}")
+    expect(nw.shape == (kv_lora_rank,), f"mla.latent_proj: norm weight must be [{kv_lora_rank}], got {nw}")
+    rope = w.shape[0] - kv_lora_rank
+    expect(isinstance(rope, int) and rope > 0, f"mla.latent_proj: weight rows {w.shape[0]} <= kv_lora_rank")
+    same_dtype(x, w, nw)
+    return TensorType(x.shape[:-1] + (kv_lora_rank,), x.dtype), TensorType(x.shape[:-1] + (rope,), x.dtype)
+
+
+@LATENT.reference
+def _(x, w, nw, kv_lora_rank, eps):
+    from .norm import rms_norm_ref
+    kv = torch.nn.functional.linear(f32(x), f32(w)).to(x.dtype)
+    c, k_pe = kv.split([kv_lora_rank, kv.shape[-1] - kv_lora_rank], dim=-1)
+    return rms_norm_ref(c, nw, eps), k_pe
+
+
+DECOMPRESS = defop("mla.decompress", "c_kv k_pe weight",
+                   {"num_heads": Attr(int), "qk_nope_dim": Attr(int), "v_dim": Attr(int)},
+                   "Naive MLA: kv_b_proj(c_kv) per head -> [k_nope | v]; k = [k_nope | k_pe broadcast "
+                   "to every head]. c_kv [B,S,C], k_pe [B,S,1,R] (roped) -> k [B,S,H,nope+R], v [B,S,H,v].",
+                   num_outputs=2, level="domain")
+
+
+@DECOMPRESS.infer
+def _(c, k_pe, w, num_heads, qk_nope_dim, v_dim):
+    expect_rank(c, 3, "mla.decompress c_kv [B,S,C]")
+    expect_rank(k_pe, 4, "mla.decompress k_pe [B,S,1,R]")
+    expect(k_pe.shape[:2] == c.shape[:2] and k_pe.shape[2] == 1, f"mla.decompress: k_pe {k_pe} vs c_kv {c}")
+    expect(w.shape == (num_heads * (qk_nope_dim + v_dim), c.shape[2]),
+           f"mla.decompress: kv_b weight must be [{num_heads}*({qk_nope_dim}+{v_dim}), {c.shape[2]}], got {w}")
+    same_dtype(c, k_pe, w)
+    b, s = c.shape[:2]
+    return (TensorType((b, s, num_heads, qk_nope_dim + k_pe.shape[3]), c.dtype),
+            TensorType((b, s, num_heads, v_dim), c.dtype))
+
+
+@DECOMPRESS.reference
+def _(c, k_pe, w, num_heads, qk_nope_dim, v_dim):
+    kv = torch.nn.functional.linear(f32(c), f32(w)).to(c.dtype)
+    kv = kv.view(c.shape[0], c.shape[1], num_heads, qk_nope_dim + v_dim)
+    k_nope, v = kv.split([qk_nope_dim, v_dim], dim=-1)
+    k = torch.cat((k_nope, k_pe.expand(-1, -1, num_heads, -1)), dim=-1)
+    return k, v
