@@ -50,7 +50,8 @@ class Summary:
         return "\n".join([
             f"graph {self.name}",
             f"  parameters         {self.params / 1e9:,.2f} B ({self.params:,})",
-            f"  activated / token  {self.activated_params / 1e9:,.2f} B ({self.activated_params:,})",
+            f"  activated / token  {self.activated_params / 1e9:,.2f} B ({self.activated_params:,}; "
+            "routed experts counted top-k of E, embedding table excluded)",
             f"  weight bytes       {self.param_bytes / 2**30:,.2f} GiB",
             f"  FLOPs / token      {self.flops_per_token / 1e9:,.2f} GFLOP (matmuls, excl. attention over the cache)",
             f"  KV cache / token   {self.kv_values_per_token:,} values = {self.kv_bytes_per_token:,} bytes "
@@ -75,12 +76,12 @@ def summarize(graph) -> Summary:
             e = node.inputs[1].type.shape[0]
             k = node.meta.get("top_k", e)
             inactive += _numel(node.inputs[1].type) * (e - k) // e
-    activated = total - inactive
-    # params used only by the MTP branch or the embedding table do not cost matmul FLOPs
-    embed = sum(_numel(n.inputs[1].type) for n in graph.nodes if n.op == "embed")
+    # an embedding lookup reads one row per token: the table is not "activated" compute
+    embed = sum(_numel(n.inputs[1].type) for n in graph.nodes if n.op == "embed" and n.inputs[1].is_input)
+    activated = total - inactive - embed
     caches = {n: v for n, v in graph.inputs.items() if v.kind == "cache"}
     kv_vals = sum(_numel(v.type.with_shape(v.type.shape[2:])) for v in caches.values())
     kv_bytes = sum(_numel(v.type.with_shape(v.type.shape[2:])) * itemsize(v.type.dtype) for v in caches.values())
     return Summary(graph.name, Counter(n.op for n in graph.nodes), total, activated, pbytes,
-                   2 * (activated - embed), kv_bytes, kv_vals,
+                   2 * activated, kv_bytes, kv_vals,
                    {n: str(v.type) for n, v in caches.items()})

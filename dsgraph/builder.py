@@ -55,7 +55,7 @@ class GraphBuilder:
             return v
         return self.graph.add_input(name, TensorType(tuple(shape), dtype or self.dtype), "param")
 
-    def cache(self, name: str, shape, dtype: str | None = None) -> Value:
+    def cache_input(self, name: str, shape, dtype: str | None = None) -> Value:
         return self.graph.add_input(name, TensorType(tuple(shape), dtype or self.dtype), "cache")
 
     def output(self, name: str, value: Value, cache_of: Value | None = None) -> None:

@@ -110,3 +110,23 @@ def _(x, w, s, block):
 @LINEAR_FP8.reference
 def _(x, w, s, block):
     return F.linear(f32(x), dequant_fp8_block(w, s, block))
+
+
+DEQUANT_FP8 = defop("dequant_fp8", "weight scale_inv", {"block": Attr(tuple, (128, 128))},
+                    "FP8 e4m3 weight [N, K] times its block scales [ceil(N/bn), ceil(K/bk)] -> fp32 [N, K]. "
+                    "Models feed it to any op that takes a weight; `fuse_fp8_linear` turns "
+                    "linear(x, dequant_fp8(w, s)) into linear_fp8 for backends with an FP8 GEMM.",
+                    level="domain")
+
+
+@DEQUANT_FP8.infer
+def _(w, s, block):
+    expect(w.dtype == "float8_e4m3fn" and w.rank == 2, f"dequant_fp8 weight must be float8_e4m3fn [N, K], got {w}")
+    bn, bk = block
+    n, k = w.shape
+    expect(s.shape == (-(-n // bn), -(-k // bk)) and s.dtype == "float32",
+           f"dequant_fp8: scales must be float32[{-(-n // bn)}, {-(-k // bk)}] for {w} in {block} blocks, got {s}")
+    return TensorType(w.shape, "float32")
+
+
+DEQUANT_FP8.reference(lambda w, s, block: dequant_fp8_block(w, s, block))

@@ -1,0 +1,140 @@
+"""The backend contract.
+
+A backend compiles a graph (after its own pass pipeline) into a `CompiledGraph`:
+a function from named input tensors (activations and caches) to named outputs,
+with weights bound at compile time. The `Executable` (backends/executable.py) adds
+KV-cache handling and generation on top, identically for every backend.
+
+Every node is mapped to a kernel through a registry and recorded in the
+`CompileReport` as one `KernelChoice`: generated code, a hand-written template,
+a named library call, or an explicit fallback. Nothing runs unreported.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from dsgraph.errors import BackendUnavailable, UnknownOpError
+
+KERNEL_KINDS = ("reference", "generated", "template", "library", "relax", "tir", "fallback")
+
+
+@dataclass
+class KernelChoice:
+    """Which kernel runs a node (or fused region): kind is one of KERNEL_KINDS."""
+
+    nodes: tuple[str, ...]  # output value names of the node(s) it implements
+    op: str
+    kind: str
+    kernel: str
+    note: str = ""
+
+
+@dataclass
+class CompileReport:
+    backend: str
+    device: str
+    dtype: str
+    passes: list = field(default_factory=list)      # [(pass name, summary dict)]
+    kernels: list[KernelChoice] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list[KernelChoice]:
+        return [k for k in self.kernels if k.kind == "fallback"]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k in self.kernels:
+            out[k.kind] = out.get(k.kind, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"backend {self.backend} on {self.device}, {self.dtype}, compiled in {self.compile_seconds:.2f}s"]
+        if self.passes:
+            lines.append("passes:")
+            for name, info in self.passes:
+                lines.append(f"  {name:<28} {info}")
+        lines.append("kernels: " + ", ".join(f"{k}={n}" for k, n in sorted(self.counts().items())))
+        for k in self.kernels:
+            where = k.nodes[0] if len(k.nodes) == 1 else f"{k.nodes[0]} (+{len(k.nodes) - 1})"
+            lines.append(f"  {where:<40} {k.op:<24} {k.kind:<10} {k.kernel}{'  — ' + k.note if k.note else ''}")
+        fb = self.fallbacks
+        lines.append(f"fallbacks: {len(fb)}" + ("" if not fb else " — " + ", ".join(sorted({k.op for k in fb}))))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "device": self.device, "dtype": self.dtype,
+                "passes": [[n, i] for n, i in self.passes], "compile_seconds": self.compile_seconds,
+                "kernels": [k.__dict__ for k in self.kernels], "notes": self.notes}
+
+
+class CompiledGraph:
+    """A graph bound to weights on a device; `run` maps input tensors to output tensors."""
+
+    def __init__(self, graph, run_fn: Callable[[Mapping[str, torch.Tensor]], dict], report: CompileReport):
+        self.graph = graph
+        self._run = run_fn
+        self.report = report
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._run(inputs)
+
+
+class Backend:
+    """Subclasses set `name`, `default_passes` and implement `compile_graph`."""
+
+    name = "base"
+    default_passes: str | list = "none"
+
+    def available(self, device: str) -> str | None:
+        """None if usable on `device`, else the reason with an install hint."""
+        return None
+
+    def compile_graph(self, graph, weights, device: str, report: CompileReport, **options) -> CompiledGraph:
+        raise NotImplementedError
+
+    def compile(self, graph, weights, device: str = "cpu", dtype: str = "float32", **options) -> CompiledGraph:
+        reason = self.available(device)
+        if reason:
+            raise BackendUnavailable(f"backend {self.name!r} cannot run on {device}: {reason}")
+        report = CompileReport(self.name, device, dtype)
+        t0 = time.perf_counter()
+        compiled = self.compile_graph(graph, weights, device, report, **options)
+        report.compile_seconds = time.perf_counter() - t0
+        return compiled
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    _BACKENDS[name] = factory
+
+
+def _load_builtin() -> None:
+    from . import eager  # noqa: F401
+    for mod in ("triton", "tvm", "torch_compile", "onnx"):
+        try:
+            __import__(f"backends.{mod}")
+        except ModuleNotFoundError as e:
+            if not e.name or not e.name.startswith("backends"):
+                raise
+
+
+def get_backend(name: str) -> Backend:
+    _load_builtin()
+    if name not in _BACKENDS:
+        raise UnknownOpError(f"unknown backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[name]()
+
+
+def available_backends(device: str = "cpu") -> list[str]:
+    """Backends that can run on `device` on this machine."""
+    _load_builtin()
+    return [n for n, f in _BACKENDS.items() if f().available(device) is None]

@@ -1,0 +1,21 @@
+"""The eager backend: the interpreter over each op's torch reference — the oracle."""
+from __future__ import annotations
+
+from dsgraph.interpreter import Interpreter
+
+from .base import Backend, CompiledGraph, KernelChoice, register_backend
+
+
+class EagerBackend(Backend):
+    name = "eager"
+    default_passes = "none"
+
+    def compile_graph(self, graph, weights, device, report, **options):
+        interp = Interpreter(graph, weights, device)
+        for node in graph.nodes:
+            report.kernels.append(KernelChoice(tuple(v.name for v in node.outputs), node.op, "reference",
+                                               f"torch reference of {node.op}"))
+        return CompiledGraph(graph, interp.run, report)
+
+
+register_backend("eager", EagerBackend)

@@ -1,0 +1,43 @@
+"""The DeepSeek model zoo: configs, presets, one decoder builder, random weights and
+the Hugging Face checkpoint loader.
+
+    model = models.build_model("deepseek-v3-tiny", seed=0)     # random weights, lazy
+    model = models.load_checkpoint("/path/to/DeepSeek-V2-Lite")  # see models/hf_loader.py
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsgraph.dtypes import compute_dtype
+from dsgraph.weights import WeightStore
+
+from .builder import DecoderBuilder
+from .config import ModelConfig, from_hf, rope_attrs  # noqa: F401
+from .presets import PRESETS, TINY_PRESETS, preset_config  # noqa: F401
+from .random_weights import quantize_fp8_block, random_weights  # noqa: F401
+
+
+@dataclass
+class Model:
+    """A graph, its weights (lazy name -> tensor map) and the config it was built from."""
+
+    name: str
+    config: ModelConfig
+    graph: object
+    weights: WeightStore
+
+    def summary(self):
+        from .summary import model_summary
+        return model_summary(self)
+
+
+def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, name: str = "model"):
+    return DecoderBuilder(config, compute_dtype(dtype), name=name, mtp=mtp).build()
+
+
+def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = True,
+                weights: bool = True) -> Model:
+    """A preset with deterministic random weights (generated lazily, per tensor)."""
+    cfg = from_hf(preset_config(name), source=f"preset {name}")
+    graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
+    return Model(name, cfg, graph, random_weights(graph, seed) if weights else WeightStore())

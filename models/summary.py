@@ -1,0 +1,64 @@
+"""`dsgraph show`: parameters (total / activated, MTP apart), layers, experts and the KV
+cache per token for naive and absorbed MLA — from the graph alone, no weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    family: str
+    layers: int
+    experts: str
+    params: int
+    activated: int
+    mtp_params: int
+    kv_naive: int | None       # values per token, all layers
+    kv_absorbed: int | None
+    kv_graph: int              # what this graph's caches hold
+    dtype_bytes: int
+    graph_summary: object
+
+    def __str__(self) -> str:
+        g = self.graph_summary
+        lines = [
+            f"{self.name}  ({self.family}, {self.layers} layers, {self.experts})",
+            f"  parameters        {self.params / 1e9:8.2f} B   (+{self.mtp_params / 1e9:.2f} B in the MTP module)",
+            f"  activated/token   {self.activated / 1e9:8.2f} B",
+            f"  KV cache/token    {self.kv_graph:,} values in this graph",
+        ]
+        if self.kv_naive is not None:
+            lines.append(f"    naive MLA       {self.kv_naive:,} values = {self.kv_naive * self.dtype_bytes / 1024:,.1f} KiB"
+                         f" ({self.kv_naive // self.layers:,} per layer)")
+            lines.append(f"    absorbed MLA    {self.kv_absorbed:,} values = "
+                         f"{self.kv_absorbed * self.dtype_bytes / 1024:,.1f} KiB ({self.kv_absorbed // self.layers:,} "
+                         f"per layer, {self.kv_naive / self.kv_absorbed:.1f}x smaller)")
+        ops = ", ".join(f"{op}×{n}" for op, n in sorted(g.op_counts.items()))
+        lines.append(f"  graph             {sum(g.op_counts.values())} nodes: {ops}")
+        return "\n".join(lines)
+
+
+def model_summary(model) -> ModelSummary:
+    from dsgraph.analysis import _numel
+    from dsgraph.dtypes import itemsize
+    c, g = model.config, model.graph
+    s = g.summary()
+    mtp_prefix = f"model.layers.{c.num_hidden_layers}."
+    mtp = sum(_numel(v.type) for n, v in g.params().items() if n.startswith(mtp_prefix))
+    mtp_inactive = 0
+    if mtp and c.is_moe:
+        per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+        mtp_inactive = per_expert * (c.n_routed_experts - c.num_experts_per_tok)
+    kv_naive = kv_abs = None
+    if c.is_mla:
+        kv_naive = c.num_hidden_layers * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim
+                                                                   + c.v_head_dim)
+        kv_abs = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
+    experts = (f"{c.n_routed_experts} routed + {c.n_shared_experts} shared experts, top-{c.num_experts_per_tok}"
+               if c.is_moe else "dense")
+    main_layers_kv = sum(_numel(v.type.with_shape(v.type.shape[2:])) for n, v in g.caches().items()
+                         if not n.startswith("cache.mtp"))
+    return ModelSummary(model.name, c.model_type, c.num_hidden_layers, experts, s.params - mtp,
+                        s.activated_params - (mtp - mtp_inactive), mtp, kv_naive, kv_abs, main_layers_kv,
+                        itemsize(g.params()["model.embed_tokens.weight"].type.dtype), s)
