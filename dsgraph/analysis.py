@@ -77,7 +77,8 @@ def summarize(graph) -> Summary:
             k = node.meta.get("top_k", e)
             inactive += _numel(node.inputs[1].type) * (e - k) // e
     # an embedding lookup reads one row per token: the table is not "activated" compute
-    embed = sum(_numel(n.inputs[1].type) for n in graph.nodes if n.op == "embed" and n.inputs[1].is_input)
+    embed = sum(_numel(n.inputs[1].type) for n in graph.nodes
+                if n.op == "embed" and n.inputs[1].is_input and len(n.inputs[1].users) == 1)
     activated = total - inactive - embed
     caches = {n: v for n, v in graph.inputs.items() if v.kind == "cache"}
     kv_vals = sum(_numel(v.type.with_shape(v.type.shape[2:])) for v in caches.values())

@@ -1,0 +1,157 @@
+"""The runtime every backend shares: KV-cache state, prefill/decode steps and greedy
+generation over a `CompiledGraph`.
+
+The graph updates caches functionally (cache in, cache.next out); the Executable
+threads them from step to step, so a backend only has to compute one step.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dsgraph.dtypes import to_torch
+from dsgraph.errors import InputError
+
+
+@dataclass
+class KVState:
+    """Caches after `length` tokens, for a batch of `batch` sequences."""
+
+    caches: dict[str, torch.Tensor]
+    length: int
+    batch: int
+
+
+@dataclass
+class GenerateStats:
+    prompt_tokens: int
+    new_tokens: int
+    target_steps: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    extra: dict = field(default_factory=dict)
+
+
+class Executable:
+    """A compiled model: `exe(ids)` -> logits, `prefill`/`decode` over a KVState, `generate`."""
+
+    def __init__(self, model, graph, compiled, device: str, dtype: str, pass_records=()):
+        self.model = model
+        self.graph = graph
+        self.compiled = compiled
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.pass_records = list(pass_records)
+        meta = graph.meta
+        self.vocab_size = meta.get("vocab_size")
+        self.max_positions = meta.get("max_position_embeddings")
+        self.cache_inputs = {n: v for n, v in graph.inputs.items() if v.kind == "cache"}
+
+    # input checking --------------------------------------------------------------
+    def _ids(self, ids, what: str = "input_ids") -> torch.Tensor:
+        if isinstance(ids, (list, tuple)):
+            ids = torch.tensor(ids if ids and isinstance(ids[0], (list, tuple)) else [ids])
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"{what} must be an integer tensor [B, S] or a list of ints, got {type(ids).__name__}"
+                             + (f" of {ids.dtype}" if isinstance(ids, torch.Tensor) else ""))
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise InputError(f"{what} must be [batch, seq], got shape {tuple(ids.shape)}")
+        if ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise InputError(f"{what} is empty (shape {tuple(ids.shape)}): give at least one token per sequence")
+        if self.vocab_size is not None:
+            bad = (ids < 0) | (ids >= self.vocab_size)
+            if bad.any():
+                tok = int(ids[bad][0])
+                raise InputError(f"{what} holds token id {tok}, outside the vocabulary [0, {self.vocab_size}); "
+                                 "check the tokenizer matches the model")
+        return ids.to(self.device, torch.int64)
+
+    def _check_length(self, total: int) -> None:
+        if self.max_positions is not None and total > self.max_positions:
+            raise InputError(f"sequence of {total} tokens exceeds max_position_embeddings={self.max_positions}; "
+                             "shorten the prompt or max_new_tokens")
+
+    # steps -------------------------------------------------------------------------
+    def empty_state(self, batch: int) -> KVState:
+        caches = {name: torch.zeros(v.type.concrete({"B": batch, "T": 0}), dtype=to_torch(v.type.dtype),
+                                    device=self.device)
+                  for name, v in self.cache_inputs.items()}
+        return KVState(caches, 0, batch)
+
+    def step(self, ids: torch.Tensor, state: KVState, extra: dict | None = None):
+        """Run S new tokens after `state`; returns (outputs dict, new state)."""
+        b, s = ids.shape
+        if b != state.batch:
+            raise InputError(f"batch of {b} sequences does not match the cache's batch of {state.batch}")
+        self._check_length(state.length + s)
+        positions = torch.arange(state.length, state.length + s, device=self.device).expand(b, s)
+        inputs = {"input_ids": ids, "positions": positions, **state.caches, **(extra or {})}
+        out = self.compiled.run(inputs)
+        caches = {name: out[self.graph.cache_map[name]] for name in self.cache_inputs}
+        return out, KVState(caches, state.length + s, b)
+
+    def __call__(self, input_ids) -> torch.Tensor:
+        """Full-sequence forward from an empty cache: logits [B, S, vocab] (fp32)."""
+        ids = self._ids(input_ids)
+        out, _ = self.step(ids, self.empty_state(ids.shape[0]))
+        return out["logits"]
+
+    def prefill(self, input_ids):
+        ids = self._ids(input_ids)
+        out, state = self.step(ids, self.empty_state(ids.shape[0]))
+        return out["logits"], state
+
+    def decode(self, token_ids, state: KVState):
+        ids = self._ids(token_ids, "token_ids")
+        out, state = self.step(ids, state)
+        return out["logits"], state
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens: int = 32, speculative: str | None = None,
+                 return_stats: bool = False, on_token: Callable[[int, torch.Tensor], None] | None = None):
+        """Greedy decoding with the KV cache; returns the new tokens [B, max_new_tokens]."""
+        if speculative is not None:
+            from dsgraph.errors import NotBuiltYet
+            raise NotBuiltYet(f"speculative={speculative!r} decoding is not built yet (MTP speculation is "
+                              "tracked in its own issue); call generate without it")
+        ids = self._ids(prompt_ids, "prompt_ids")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._check_length(ids.shape[1] + max_new_tokens - 1)
+        t0 = time.perf_counter()
+        logits, state = self.prefill(ids)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        ttft = time.perf_counter() - t0
+        new = [tok]
+        if on_token:
+            on_token(0, tok[:, 0])
+        t1 = time.perf_counter()
+        for i in range(1, max_new_tokens):
+            logits, state = self.decode(tok, state)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            new.append(tok)
+            if on_token:
+                on_token(i, tok[:, 0])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t1
+        out = torch.cat(new, dim=1)
+        if not return_stats:
+            return out
+        rate = (max_new_tokens - 1) * ids.shape[0] / dt if max_new_tokens > 1 and dt > 0 else float("nan")
+        return out, GenerateStats(ids.shape[1], max_new_tokens, max_new_tokens, ttft, rate)
+
+    def report(self) -> str:
+        return str(self.compiled.report)
+
+    def save(self, path) -> None:
+        from dsgraph.errors import NotBuiltYet
+        raise NotBuiltYet("saving compiled artifacts (exe.save) is not built yet; it is tracked in the "
+                          "deployable-runtimes issue")

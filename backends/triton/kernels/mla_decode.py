@@ -1,0 +1,257 @@
+"""Absorbed MLA attention over the latent cache (op `attention.mla_absorbed`), split-KV flash-decoding.
+
+q [B,S,H,C+R] (q_nope @ W_UK | q_rope), cache [B,T,C+R] shared by every head, values = cache[..., :C],
+out [B,S,H,C]. Causal with the query block at the end of each request's cache: with valid length L_b
+(`cache_lens[b]`, default T) query s sits at position L_b - S + s; cache rows at or beyond L_b are ignored.
+
+Why this shape: all heads read the same cache row, so one program takes BLOCK_H query rows and loads each
+[BLOCK_N, C+R] cache tile once for all of them. The scores are [BLOCK_H x C] @ [C x BLOCK_N] plus the rope
+part [BLOCK_H x R] @ [R x BLOCK_N]; the values reuse the same tile's first C columns
+([BLOCK_H x BLOCK_N] @ [BLOCK_N x C]), so the cache is read once per row block, never twice for K and V.
+
+Query rows are the flattened (query position, head) pairs m = s * H + h, each with its own causal limit. So
+decode (S = 1), MTP verification (S = k+1) and chunked prefill against a cache (S large) are all this one
+kernel: the grid covers ceil(S*H / BLOCK_H) row blocks, and each block stops at the last key its last row
+can see. (Prefill without a cache uses `flash_attention` on the decompressed heads instead.)
+
+Split-KV: each request's visible keys are cut into NUM_SPLITS partitions handled by separate programs, each
+writing its normalised partial output and log-sum-exp (base 2); `_mla_reduce_kernel` merges them. This is
+what fills the GPU at batch 1. NUM_SPLITS == 1 writes the output directly, with no partial buffers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dsgraph.errors import InputError, ShapeError
+
+from .flash_attention import LOG2E, check_tensors, dot_precision, interpreting
+
+
+@triton.jit
+def _mla_decode_kernel(
+    q_ptr, cache_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, M, S, H, T,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_cb, stride_ct, stride_cd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_pb, stride_pm, stride_ps,
+    qk_scale,
+    HEAD_C: tl.constexpr, HEAD_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    kv_len = T
+    if HAS_LENS:
+        kv_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), T)  # clamp: never read past the buffer
+
+    offs_m = pid_m * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_ok = offs_m < M
+    s_row = offs_m // H
+    h_row = offs_m % H
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    c_ok = offs_c < HEAD_C
+    r_ok = offs_r < HEAD_R
+    q_rows = q_ptr + b * stride_qb + s_row[:, None] * stride_qs + h_row[:, None] * stride_qh
+    q_c = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    q_r = tl.load(q_rows + (HEAD_C + offs_r[None, :]) * stride_qd, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+
+    kv_end = kv_len
+    if CAUSAL:
+        last_s = tl.minimum(pid_m * BLOCK_H + BLOCK_H - 1, M - 1) // H
+        kv_end = tl.minimum(kv_len, kv_len - S + last_s + 1)  # the block's last row sees keys < kv_end
+        limit = kv_len - S + s_row  # each row sees keys <= limit
+    kv_end = tl.maximum(kv_end, 0)
+    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, kv_end)
+
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    c_rows = cache_ptr + b * stride_cb
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        kv_ptrs = c_rows + offs_n[:, None] * stride_ct
+        kc = tl.load(kv_ptrs + offs_c[None, :] * stride_cd, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        kr = tl.load(kv_ptrs + (HEAD_C + offs_r[None, :]) * stride_cd, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        qk = tl.dot(q_c, tl.trans(kc), input_precision=PRECISION)
+        qk = tl.dot(q_r, tl.trans(kr), qk, input_precision=PRECISION)
+        qk = qk * qk_scale
+        visible = n_ok[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= limit[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet stay at zero
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(kc.dtype), kc, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    mask = row_ok[:, None] & c_ok[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = (out_ptr + b * stride_ob + s_row[:, None] * stride_os + h_row[:, None] * stride_oh
+                  + offs_c[None, :] * stride_od)
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = b * stride_pb + offs_m * stride_pm + split * stride_ps
+        tl.store(po_ptr + part[:, None] * HEAD_C + offs_c[None, :], out, mask=mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))  # empty partitions weigh nothing
+        tl.store(plse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _mla_reduce_kernel(
+    po_ptr, plse_ptr, out_ptr, H,
+    stride_pb, stride_pm, stride_ps,
+    stride_ob, stride_os, stride_oh, stride_od,
+    HEAD_C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    """Merge the partitions of one query row: out = sum_i 2^(lse_i - max) * o_i / sum_i 2^(lse_i - max)."""
+    m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_c = tl.arange(0, BLOCK_C)
+    s_ok = offs_s < NUM_SPLITS
+    part = b * stride_pb + m * stride_pm + offs_s * stride_ps
+    lse = tl.load(plse_ptr + part, mask=s_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
+    total = tl.sum(w, 0)
+    o = tl.load(po_ptr + part[:, None] * HEAD_C + offs_c[None, :], mask=s_ok[:, None] & (offs_c[None, :] < HEAD_C),
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    o_ptrs = out_ptr + b * stride_ob + (m // H) * stride_os + (m % H) * stride_oh + offs_c * stride_od
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_c < HEAD_C)
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """One launch choice; `mla_absorbed(..., config=...)` runs it without autotuning (benchmarks sweep these)."""
+    block_h: int
+    block_n: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def mla_tile_configs(rows: int) -> list[tuple[int, int, int, int]]:
+    """Autotune candidates (BLOCK_H, BLOCK_N, num_warps, num_stages) for `rows` = S * H query rows.
+
+    BLOCK_H = 64 makes the score dot a full Hopper wgmma tile; its fp32 [64 x 512] accumulator wants 8 warps.
+    Blocks wider than the rows only add masked work, so they are pruned. One small tile on the interpreter.
+    """
+    if interpreting():
+        return [(16, 16, 1, 1)]
+    cands = [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 3), (64, 32, 4, 2),
+             (32, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2)]
+    widest = max(16, triton.next_power_of_2(rows))
+    return [c for c in cands if c[0] <= widest]
+
+
+def mla_num_splits(batch: int, rows: int, kv_len: int, sm_count: int) -> int:
+    """Partitions per request: enough programs for about two waves, each partition at least 128 keys.
+
+    Above ~0.8 waves of 64-row blocks the partial-output traffic (fp32 [rows, splits, C]) costs more than the
+    idle SMs, so large batches take one split.
+    """
+    programs = batch * triton.cdiv(rows, 64)
+    if programs >= 0.8 * sm_count:
+        return 1
+    return max(1, min(triton.cdiv(2 * sm_count, programs), kv_len // 128, 64))
+
+
+_TUNED: dict[int, object] = {}
+
+
+def _tuned_kernel(rows: int):
+    """Autotuned stage-1 kernel, one per candidate list (which depends on the row count's power of two)."""
+    key = max(16, triton.next_power_of_2(rows))
+    if key not in _TUNED:
+        configs = [triton.Config({"BLOCK_H": bh, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                   for bh, bn, w, st in mla_tile_configs(rows)]
+        _TUNED[key] = triton.autotune(configs=configs, key=["M", "HEAD_C", "HEAD_R", "NUM_SPLITS", "CAUSAL"])(
+            _mla_decode_kernel)
+    return _TUNED[key]
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+# ----------------------------------------------------------------------------------------------------- host wrapper
+
+def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank: int,
+                 cache_lens: torch.Tensor | None = None, causal: bool = True,
+                 config: MLAConfig | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """`attention.mla_absorbed` over a latent cache; returns [B, S, H, kv_lora_rank] in q's dtype.
+
+    cache_lens: optional [B] int32/int64 valid lengths (values above T are clamped to T; rows that see no key,
+    e.g. L_b < S, come out as zeros). config pins every launch choice; otherwise tiles are autotuned on first
+    use per shape (do that before capturing a CUDA graph) and num_splits comes from `mla_num_splits` unless given.
+    """
+    dtype = check_tensors("mla_absorbed", q=q, cache=cache)
+    if q.dim() != 4 or cache.dim() != 3:
+        raise ShapeError(f"mla_absorbed: q must be [B,S,H,C+R] and cache [B,T,C+R], got q {tuple(q.shape)}, "
+                         f"cache {tuple(cache.shape)}")
+    b, s, h, width = q.shape
+    t_len = cache.shape[1]
+    if cache.shape[0] != b or cache.shape[2] != width:
+        raise ShapeError(f"mla_absorbed: cache {tuple(cache.shape)} does not match q {tuple(q.shape)} "
+                         "(batch and C+R width must agree)")
+    if not 0 < kv_lora_rank < width:
+        raise ShapeError(f"mla_absorbed: kv_lora_rank {kv_lora_rank} must lie in (0, {width})")
+    if cache_lens is not None:
+        if not isinstance(cache_lens, torch.Tensor) or cache_lens.dtype not in (torch.int32, torch.int64):
+            raise InputError("mla_absorbed: cache_lens must be an int32 or int64 tensor")
+        if tuple(cache_lens.shape) != (b,) or cache_lens.device != q.device:
+            raise InputError(f"mla_absorbed: cache_lens must be [{b}] on {q.device}, got {tuple(cache_lens.shape)} "
+                             f"on {cache_lens.device}")
+    c, r, rows = kv_lora_rank, width - kv_lora_rank, s * h
+    out = torch.empty((b, s, h, c), dtype=dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if config is not None:
+        num_splits = config.num_splits
+    elif num_splits is None:
+        num_splits = mla_num_splits(b, rows, t_len, _sm_count(q.device))
+    if num_splits < 1:
+        raise InputError(f"mla_absorbed: num_splits must be >= 1, got {num_splits}")
+
+    if num_splits > 1:
+        po = torch.empty((b, rows, num_splits, c), dtype=torch.float32, device=q.device)
+        plse = torch.empty((b, rows, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        po = plse = out  # unused: the kernel writes `out` directly
+    p_strides = (rows * num_splits, num_splits, 1)  # in units of rows of C for po, of scalars for plse
+    lens = cache_lens if cache_lens is not None else out
+    args = (q, cache, lens, out, po, plse, rows, s, h, t_len, *q.stride(), *cache.stride(), *out.stride(),
+            *p_strides, scale * LOG2E)
+    meta = dict(HEAD_C=c, HEAD_R=r, BLOCK_C=max(16, triton.next_power_of_2(c)),
+                BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_LENS=cache_lens is not None, CAUSAL=bool(causal),
+                NUM_SPLITS=num_splits, PRECISION=dot_precision(dtype))
+    if config is None:
+        grid = lambda META: (triton.cdiv(rows, META["BLOCK_H"]), b, num_splits)
+        _tuned_kernel(rows)[grid](*args, **meta)
+    else:
+        grid = (triton.cdiv(rows, config.block_h), b, num_splits)
+        _mla_decode_kernel[grid](*args, **meta, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
+                                 num_warps=config.num_warps, num_stages=config.num_stages)
+    if num_splits > 1:
+        _mla_reduce_kernel[(rows, b)](po, plse, out, h, *p_strides, *out.stride(), HEAD_C=c, BLOCK_C=meta["BLOCK_C"],
+                                      NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+                                      num_warps=4 if c >= 256 else 1)
+    return out

@@ -1,0 +1,164 @@
+"""The `dsgraph` command line: show, compile, run, check, bench, export, demo."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import DSGraphError, NotBuiltYet
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_show(args) -> int:
+    import dsgraph
+    model = dsgraph.load(args.model, dtype=args.dtype, weights=False) if _is_preset(args.model) else \
+        dsgraph.load(args.model, dtype=args.dtype)
+    print(model.summary())
+    if args.graph:
+        print(model.graph)
+    return 0
+
+
+def _is_preset(name: str) -> bool:
+    import models
+    return name in models.PRESETS
+
+
+def cmd_compile(args) -> int:
+    import dsgraph
+    model = dsgraph.load(args.model, dtype=args.dtype)
+    opts = {"emit_dir": args.emit_dir} if args.emit_dir else {}
+    exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
+                          passes=args.passes.split(",") if args.passes not in ("default", "none") else args.passes,
+                          dump_after=args.dump_after, **opts)
+    print(exe.report())
+    if args.output:
+        exe.save(args.output)
+    return 0
+
+
+def cmd_run(args) -> int:
+    import dsgraph
+    model = dsgraph.load(args.model, dtype=args.dtype)
+    exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype)
+    prompt = args.prompt_ids or [1, 2, 3]
+    print(f"prompt: {prompt}", flush=True)
+    print("tokens:", end="", flush=True)
+    out, stats = exe.generate([prompt], max_new_tokens=args.max_new_tokens, return_stats=True,
+                              on_token=lambda i, t: print(f" {int(t[0])}", end="", flush=True))
+    print()
+    print(f"time to first token {stats.time_to_first_token_s * 1e3:.1f} ms, "
+          f"decode {stats.decode_tokens_per_s:.1f} tokens/s ({args.backend} on {exe.device})")
+    return 0
+
+
+def cmd_check(args) -> int:
+    import dsgraph
+    from .check import check_backend
+    model = dsgraph.load(args.model)
+    ok = True
+    for backend in args.backend.split(","):
+        r = check_backend(model, backend, device=args.device, dtype=args.dtype)
+        ok &= r.ok
+        print(f"{backend:<8} {r.device:<5} {r.dtype:<9} prefill rel err {r.prefill_err:.2e}  decode rel err "
+              f"{r.decode_err:.2e}  greedy tokens {'match' if r.tokens_match else 'DIFFER'}  "
+              f"fallbacks {r.fallbacks}  {'OK' if r.ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    import dsgraph
+    from backends import available_backends
+    from .check import check_backend, make_prompt
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    model = dsgraph.load("deepseek-v3-tiny", seed=0)
+    print(f"dsgraph demo: deepseek-v3-tiny with deterministic random weights on {device}")
+    print(model.summary())
+    prompt = make_prompt(model.config.vocab_size, batch=1, length=8)
+    print(f"\nprompt ids: {prompt[0].tolist()}\n")
+    print(f"{'backend':<10} {'max rel err':>12} {'tokens':<34} {'match':<6} {'time':>8}")
+    ok = True
+    for backend in [b for b in available_backends(device) if b in ("eager", "triton", "tvm")]:
+        r = check_backend(model, backend, device=device, dtype="float32", prompt=prompt, new_tokens=8)
+        ok &= r.ok
+        err = max(r.prefill_err, r.decode_err)
+        print(f"{backend:<10} {err:>12.2e} {str(r.tokens[0]):<34} {'yes' if r.tokens_match else 'NO':<6} "
+              f"{r.seconds:>7.2f}s", flush=True)
+    print(f"\ndone in {time.perf_counter() - t0:.1f}s — every backend {'agrees' if ok else 'does NOT agree'} with eager")
+    return 0 if ok else 1
+
+
+def cmd_not_built(name: str, issue: str):
+    def run(args) -> int:
+        raise NotBuiltYet(f"`dsgraph {name}` is not built yet ({issue})")
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsgraph", description="Compile, check and benchmark DeepSeek-family models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_cmd(name, help_, fn):
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("model", help="preset name (e.g. deepseek-v3-tiny), HF checkpoint dir or saved graph")
+        s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+        s.set_defaults(fn=fn)
+        return s
+
+    s = model_cmd("show", "print a model's summary (params, activated params, KV bytes/token)", cmd_show)
+    s.add_argument("--graph", action="store_true", help="also print the graph's text IR")
+
+    s = model_cmd("compile", "compile a model and print the compile report", cmd_compile)
+    s.add_argument("--backend", default="eager")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--passes", default="default", help="default | none | comma-separated pass names")
+    s.add_argument("--dump-after", default=None, metavar="PASS", help="print the graph after this pass")
+    s.add_argument("--emit-dir", default=None, help="write generated kernel sources here (triton)")
+    s.add_argument("-o", "--output", default=None, help="write a deployable artifact directory")
+
+    s = model_cmd("run", "generate tokens, printing them as they come", cmd_run)
+    s.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--backend", default="eager")
+    s.add_argument("--device", default="cpu")
+
+    s = model_cmd("check", "compare backends against eager (logits and greedy tokens)", cmd_check)
+    s.add_argument("--backend", default="eager", help="backend or comma-separated list")
+    s.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("bench", help="compare backends side by side (not built yet)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_not_built("bench", "tracked in the benchmarking issue"))
+    s = sub.add_parser("export", help="export a model to ONNX (not built yet)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_not_built("export", "tracked in the benchmarking/ONNX issue"))
+
+    s = sub.add_parser("demo", help="tiny DeepSeek-V3 on every backend this machine has, checked against eager")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except NotBuiltYet as e:
+        print(f"dsgraph {args.command}: {e}", file=sys.stderr)
+        return 2
+    except DSGraphError as e:
+        print(f"dsgraph {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Triton attention templates against the ops' torch references: absorbed MLA decode (split-KV, ragged cache
+lengths, MTP-style S > 1) and flash prefill (GQA groups, D != Dv, head dims that are not powers of two).
+
+On the CPU these run through Triton's interpreter (tests/conftest.py switches it on), which is slow and
+computes bf16 dots wrongly: shapes are tiny and dtypes fp32/fp16 here; bf16 at real shapes is `-m gpu`.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import, also when run without conftest
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from backends.triton.kernels.flash_attention import FlashConfig, flash_attention, pow2_split  # noqa: E402
+from backends.triton.kernels.mla_decode import MLAConfig, mla_absorbed  # noqa: E402
+from dsgraph.errors import InputError, ShapeError  # noqa: E402
+from dsgraph.ops.attention import attention_ref, mla_absorbed_ref  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+SMALL = MLAConfig(block_h=16, block_n=16, num_splits=1, num_warps=4, num_stages=1)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def rand(*shape, dtype, gen):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=DEV, dtype=dtype)
+
+
+def mla_ref_lens(q, cache, scale, c, lens, causal=True):
+    """Reference with per-request lengths: each request attends to its own cache prefix."""
+    if lens is None:
+        return mla_absorbed_ref(q, cache, scale, causal, c)
+    return torch.cat([mla_absorbed_ref(q[i:i + 1], cache[i:i + 1, :int(n)], scale, causal, c)
+                      for i, n in enumerate(lens.tolist())])
+
+
+def cfg(splits):
+    return MLAConfig(SMALL.block_h, SMALL.block_n, splits, SMALL.num_warps, SMALL.num_stages)
+
+
+# ------------------------------------------------------------------------------------------------ MLA decode
+
+MLA_CASES = [  # B, S, H, T, C, R, splits, lens
+    (1, 1, 4, 1, 32, 8, 1, None),
+    (2, 1, 4, 7, 32, 8, 2, None),
+    (1, 2, 3, 33, 32, 8, 3, None),
+    (2, 5, 4, 100, 32, 8, 4, None),  # 20 rows: two row blocks, the second ragged
+    (1, 1, 20, 33, 24, 8, 2, None),  # C not a power of two: padded value block
+    (3, 2, 4, 100, 32, 8, 3, [100, 37, 5]),  # ragged lengths, one shorter than a split's chunk
+    (2, 1, 4, 33, 32, 8, 1, [1, 33]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,s,h,t,c,r,splits,lens", MLA_CASES)
+def test_mla_absorbed_matches_reference(b, s, h, t, c, r, splits, lens, dtype):
+    gen = torch.Generator().manual_seed(hash((b, s, h, t, c, splits)) % 2**31)
+    q, cache = rand(b, s, h, c + r, dtype=dtype, gen=gen), rand(b, t, c + r, dtype=dtype, gen=gen)
+    lens_t = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=DEV)
+    scale = (c + r) ** -0.5
+    out = mla_absorbed(q, cache, scale, c, cache_lens=lens_t, config=cfg(splits))
+    assert out.shape == (b, s, h, c) and out.dtype == dtype
+    assert rel_err(out, mla_ref_lens(q, cache, scale, c, lens_t)) < TOL[dtype]
+
+
+def test_mla_non_causal_autotuned_path_and_strided_inputs():
+    """Default launch (autotune + heuristic splits), a cache that is a prefix of a bigger preallocated buffer,
+    a q sliced out of a wider tensor, int64 lengths, causal=False."""
+    gen = torch.Generator().manual_seed(1)
+    b, s, h, t, c, r = 2, 3, 4, 50, 32, 8
+    buf = rand(b, 64, c + r, dtype=torch.float32, gen=gen)
+    cache = buf[:, :t]
+    q = rand(b, s, h, c + r + 5, dtype=torch.float32, gen=gen)[..., 2:2 + c + r]
+    lens = torch.tensor([50, 21], dtype=torch.int64, device=DEV)
+    for causal in (True, False):
+        out = mla_absorbed(q, cache, 0.3, c, cache_lens=lens, causal=causal)
+        assert rel_err(out, mla_ref_lens(q, cache, 0.3, c, lens, causal)) < 1e-5
+    out = mla_absorbed(q, cache, 0.3, c, config=cfg(5))  # more splits than some partitions have tiles
+    assert rel_err(out, mla_absorbed_ref(q, cache, 0.3, True, c)) < 1e-5
+
+
+def test_mla_rows_without_visible_keys_are_zero():
+    """L_b < S: query 0 of a request with one cached row sees nothing (the reference would give NaN)."""
+    gen = torch.Generator().manual_seed(2)
+    q, cache = rand(1, 2, 4, 40, dtype=torch.float32, gen=gen), rand(1, 9, 40, dtype=torch.float32, gen=gen)
+    out = mla_absorbed(q, cache, 0.2, 32, cache_lens=torch.tensor([1], device=DEV), config=cfg(2))
+    assert torch.all(out[:, 0] == 0)
+    assert rel_err(out[:, 1:], mla_absorbed_ref(q[:, 1:], cache[:, :1], 0.2, True, 32)) < 1e-5
+
+
+def test_mla_bad_inputs_raise():
+    q, cache = torch.randn(2, 1, 4, 40, device=DEV), torch.randn(2, 9, 40, device=DEV)
+    with pytest.raises(ShapeError, match="cache"):
+        mla_absorbed(q, cache[:1], 0.1, 32)
+    with pytest.raises(ShapeError, match="kv_lora_rank"):
+        mla_absorbed(q, cache, 0.1, 40)
+    with pytest.raises(InputError, match="cache_lens"):
+        mla_absorbed(q, cache, 0.1, 32, cache_lens=torch.tensor([3.0, 4.0], device=DEV))
+    with pytest.raises(InputError, match="cache_lens"):
+        mla_absorbed(q, cache, 0.1, 32, cache_lens=torch.tensor([3], device=DEV))
+    with pytest.raises(InputError, match="dtype"):
+        mla_absorbed(q.half(), cache, 0.1, 32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only guard")
+def test_bf16_refused_on_interpreter():
+    q = torch.randn(1, 1, 2, 40, dtype=torch.bfloat16)
+    with pytest.raises(InputError, match="bfloat16"):
+        mla_absorbed(q, torch.randn(1, 3, 40, dtype=torch.bfloat16), 0.1, 32)
+
+
+# ------------------------------------------------------------------------------------------------ flash prefill
+
+FLASH_CASES = [  # B, S, T, Hq, Hkv, D, Dv, causal
+    (1, 1, 1, 2, 2, 16, 16, True),
+    (2, 5, 7, 4, 2, 24, 16, True),  # GQA group 2, D = 16 + 8
+    (1, 33, 33, 2, 1, 48, 32, True),  # MQA, D = 32 + 16 (the 192 = 128 + 64 pattern, scaled down)
+    (1, 7, 100, 3, 3, 40, 24, True),  # chunk at the end of a long context, Dv padded
+    (2, 2, 33, 4, 4, 12, 20, True),  # D below the 16-wide dot minimum
+    (1, 5, 33, 2, 1, 24, 16, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,s,t,hq,hkv,d,dv,causal", FLASH_CASES)
+def test_flash_attention_matches_reference(b, s, t, hq, hkv, d, dv, causal, dtype):
+    gen = torch.Generator().manual_seed(hash((b, s, t, hq, d, causal)) % 2**31)
+    q, k, v = (rand(b, s, hq, d, dtype=dtype, gen=gen), rand(b, t, hkv, d, dtype=dtype, gen=gen),
+               rand(b, t, hkv, dv, dtype=dtype, gen=gen))
+    out = flash_attention(q, k, v, d ** -0.5, causal=causal, config=FlashConfig(16, 16, 4, 1))
+    assert out.shape == (b, s, hq, dv) and out.dtype == dtype
+    assert rel_err(out, attention_ref(q, k, v, d ** -0.5, causal)) < TOL[dtype]
+
+
+def test_flash_autotuned_path_strided():
+    gen = torch.Generator().manual_seed(3)
+    qkv = rand(2, 20, 3, 4, 24, dtype=torch.float32, gen=gen)  # packed, so every operand is strided
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2, :, :16]
+    out = flash_attention(q, k, v, 0.25)
+    assert rel_err(out, attention_ref(q, k, v, 0.25, True)) < 1e-5
+
+
+def test_flash_bad_inputs_raise():
+    q, k, v = (torch.randn(1, 4, 3, 16, device=DEV), torch.randn(1, 4, 2, 16, device=DEV),
+               torch.randn(1, 4, 2, 16, device=DEV))
+    with pytest.raises(ShapeError, match="multiple"):
+        flash_attention(q, k, v, 0.1)
+    with pytest.raises(ShapeError, match="head dim"):
+        flash_attention(q[:, :, :2, :8], k, v, 0.1)
+
+
+def test_pow2_split():
+    assert pow2_split(192) == (128, 64, 128, 64)
+    assert pow2_split(576) == (512, 64, 512, 64)
+    assert pow2_split(128) == (128, 0, 128, 16)
+    assert pow2_split(12) == (8, 4, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------ GPU, bf16, real shapes
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("b,s,h,t,splits", [(4, 1, 16, 1000, None), (2, 4, 128, 777, None), (1, 1, 128, 4096, 16)])
+def test_mla_absorbed_bf16_gpu(b, s, h, t, splits):
+    gen = torch.Generator().manual_seed(4)
+    q, cache = rand(b, s, h, 576, dtype=torch.bfloat16, gen=gen), rand(b, t, 576, dtype=torch.bfloat16, gen=gen)
+    lens = torch.randint(s, t + 1, (b,), generator=gen).to(device=DEV, dtype=torch.int32)
+    out = mla_absorbed(q, cache, 576 ** -0.5, 512, cache_lens=lens, num_splits=splits)
+    assert rel_err(out, mla_ref_lens(q, cache, 576 ** -0.5, 512, lens)) < TOL[torch.bfloat16]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("b,s,t,hq,hkv,d,dv", [(2, 300, 300, 16, 16, 192, 128), (1, 257, 1000, 32, 8, 128, 128)])
+def test_flash_attention_bf16_gpu(b, s, t, hq, hkv, d, dv):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (rand(b, s, hq, d, dtype=torch.bfloat16, gen=gen), rand(b, t, hkv, d, dtype=torch.bfloat16, gen=gen),
+               rand(b, t, hkv, dv, dtype=torch.bfloat16, gen=gen))
+    out = flash_attention(q, k, v, d ** -0.5)
+    assert rel_err(out, attention_ref(q, k, v, d ** -0.5, True)) < TOL[torch.bfloat16]
