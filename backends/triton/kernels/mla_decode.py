@@ -69,7 +69,7 @@ def _mla_decode_kernel(
         limit = kv_len - S + s_row  # each row sees keys <= limit
     kv_end = tl.maximum(kv_end, 0)
     chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
+    start = split * chunk + 1
     end = tl.minimum(start + chunk, kv_end)
 
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
