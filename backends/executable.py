@@ -38,8 +38,9 @@ class GenerateStats:
 class Executable:
     """A compiled model: `exe(ids)` -> logits, `prefill`/`decode` over a KVState, `generate`."""
 
-    def __init__(self, model, graph, compiled, device: str, dtype: str, pass_records=()):
+    def __init__(self, model, graph, compiled, device: str, dtype: str, pass_records=(), mtp=None):
         self.model = model
+        self.mtp = mtp  # (branch graph, its CompiledGraph) when compiled with keep_mtp
         self.graph = graph
         self.compiled = compiled
         self.device = torch.device(device)
@@ -78,9 +79,12 @@ class Executable:
 
     # steps -------------------------------------------------------------------------
     def empty_state(self, batch: int) -> KVState:
+        return self.empty_state_for(self.graph, batch)
+
+    def empty_state_for(self, graph, batch: int) -> KVState:
         caches = {name: torch.zeros(v.type.concrete({"B": batch, "T": 0}), dtype=to_torch(v.type.dtype),
                                     device=self.device)
-                  for name, v in self.cache_inputs.items()}
+                  for name, v in graph.inputs.items() if v.kind == "cache"}
         return KVState(caches, 0, batch)
 
     def step(self, ids: torch.Tensor, state: KVState, extra: dict | None = None):
@@ -113,12 +117,18 @@ class Executable:
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int = 32, speculative: str | None = None,
-                 return_stats: bool = False, on_token: Callable[[int, torch.Tensor], None] | None = None):
-        """Greedy decoding with the KV cache; returns the new tokens [B, max_new_tokens]."""
+                 draft_depth: int = 1, return_stats: bool = False,
+                 on_token: Callable[[int, torch.Tensor], None] | None = None):
+        """Greedy decoding with the KV cache; returns the new tokens [B, max_new_tokens].
+
+        speculative="mtp" drafts with the MTP branch (draft_depth tokens a step) and verifies with
+        the main model: the same tokens, fewer main-model steps (backends/speculative.py).
+        """
+        if speculative == "mtp":
+            from .speculative import generate_mtp
+            return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token)
         if speculative is not None:
-            from dsgraph.errors import NotBuiltYet
-            raise NotBuiltYet(f"speculative={speculative!r} decoding is not built yet (MTP speculation is "
-                              "tracked in its own issue); call generate without it")
+            raise InputError(f"speculative={speculative!r}: the only speculative mode is 'mtp'")
         ids = self._ids(prompt_ids, "prompt_ids")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -74,9 +74,14 @@ def compile(model, backend: str = "eager", device: str | None = "cpu", dtype=Non
     if dtype != graph_dtype:
         graph = models.build_graph(model.config, dtype, mtp="mtp_ids" in graph.inputs, name=graph.name)
     graph, weights, records = _run_passes(graph, model.weights, be, passes, keep_mtp, dump_after)
+    mtp = None
+    if "mtp_ids" in graph.inputs:  # keep_mtp: the MTP branch runs as its own step after the main one
+        from .partition import split_graph
+        graph, branch = split_graph(graph, {"mtp_ids"})
+        mtp = (branch, be.compile(branch, weights, device=device, dtype=dtype, **options))
     compiled = be.compile(graph, weights, device=device, dtype=dtype, **options)
     compiled.report.passes = [(r.name, r.summary()) if hasattr(r, "summary") else r for r in records]
-    return Executable(model, graph, compiled, device, dtype, records)
+    return Executable(model, graph, compiled, device, dtype, records, mtp=mtp)
 
 
 def _run_passes(graph, weights, backend, pipeline, keep_mtp, dump_after):
@@ -89,6 +94,8 @@ def _run_passes(graph, weights, backend, pipeline, keep_mtp, dump_after):
     names = [] if pipeline in ("none", None) else ([pipeline] if isinstance(pipeline, str) else list(pipeline))
     if not keep_mtp and "mtp_ids" in graph.inputs:
         names = ["prune_mtp"] + [n for n in names if n != "prune_mtp"]
+    elif keep_mtp:
+        names = [n for n in names if n != "prune_mtp"]
     if not names:
         return graph, weights, []
     if passlib is None:

@@ -7,7 +7,8 @@ Graph interface (all families):
            per layer cache.L.k [B,T,Hkv,Dk] and cache.L.v [B,T,Hkv,Dv] (naive MLA: Hkv = H,
            Dk = nope+rope), and with MTP: mtp_ids [B,S] (token t+1 for each position t)
   outputs  logits [B,S,V] fp32, cache.L.k.next / cache.L.v.next (paired in graph.cache_map),
-           with MTP: mtp_logits [B,S,V] (prediction of token t+2) and the MTP block's caches.
+           with MTP: mtp_logits [B,S,V] (prediction of token t+2), mtp_hidden [B,S,D] (the MTP block's
+           output, fed back as the hidden state to draft further ahead) and the MTP block's caches.
 Param names are the Hugging Face checkpoint keys, so the loader maps 1:1.
 """
 from __future__ import annotations
@@ -166,6 +167,7 @@ class DecoderBuilder:
             x = b.mtp.branch(h, emb, b.param(f"{p}.enorm.weight", (d,)), b.param(f"{p}.hnorm.weight", (d,)),
                              b.param(f"{p}.eh_proj.weight", (d, 2 * d)), eps=c.rms_norm_eps, name="mtp_in")
         x = self.block(x, positions, L, "cache.mtp")
+        b.output("mtp_hidden", x)   # chaining the module on its own output drafts depth > 1
         with b.scope("mtp"):
             x = self.norm(x, f"{p}.shared_head.norm", d)
             logits = b.linear(x, b.param(f"{p}.shared_head.head.weight", (c.vocab_size, d)), name="logits")
