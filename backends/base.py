@@ -99,6 +99,15 @@ class Backend:
     def compile_graph(self, graph, weights, device: str, report: CompileReport, **options) -> CompiledGraph:
         raise NotImplementedError
 
+    def save_compiled(self, compiled: CompiledGraph, directory) -> None:
+        """Write what loading needs to skip compilation (kernel sources, tuned configs, libraries)."""
+        from pathlib import Path
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+    def load_compiled(self, directory, graph, weights, device: str, dtype: str) -> CompiledGraph:
+        """Rebuild a CompiledGraph from `save_compiled` output; by default, compile again."""
+        return self.compile(graph, weights, device=device, dtype=dtype)
+
     def compile(self, graph, weights, device: str = "cpu", dtype: str = "float32", **options) -> CompiledGraph:
         reason = self.available(device)
         if reason:

@@ -38,8 +38,9 @@ class GenerateStats:
 class Executable:
     """A compiled model: `exe(ids)` -> logits, `prefill`/`decode` over a KVState, `generate`."""
 
-    def __init__(self, model, graph, compiled, device: str, dtype: str, pass_records=(), mtp=None):
+    def __init__(self, model, graph, compiled, device: str, dtype: str, pass_records=(), mtp=None, weights=None):
         self.model = model
+        self.weights = weights if weights is not None else model.weights  # after the passes' transforms
         self.mtp = mtp  # (branch graph, its CompiledGraph) when compiled with keep_mtp
         self.graph = graph
         self.compiled = compiled
@@ -161,7 +162,7 @@ class Executable:
     def report(self) -> str:
         return str(self.compiled.report)
 
-    def save(self, path) -> None:
-        from dsgraph.errors import NotBuiltYet
-        raise NotBuiltYet("saving compiled artifacts (exe.save) is not built yet; it is tracked in the "
-                          "deployable-runtimes issue")
+    def save(self, path, overwrite: bool = False):
+        """Write a deployable artifact directory (backends/artifact.py); load it with dsgraph.load_artifact."""
+        from .artifact import save_artifact
+        return save_artifact(self, path, overwrite=overwrite)

@@ -19,6 +19,8 @@ def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options):
         if (p / "config.json").exists():
             from models.hf_loader import load_checkpoint
             return load_checkpoint(p, dtype=dtype, **options)
+        if (p / "manifest.json").exists():
+            raise ConfigError(f"{p} is a compiled artifact: load it with dsgraph.load_artifact({str(p)!r})")
         raise ConfigError(f"{p} is a directory without config.json: not a Hugging Face checkpoint")
     if p.suffix == ".json" and p.exists():
         return _load_saved_graph(p)
@@ -81,7 +83,7 @@ def compile(model, backend: str = "eager", device: str | None = "cpu", dtype=Non
         mtp = (branch, be.compile(branch, weights, device=device, dtype=dtype, **options))
     compiled = be.compile(graph, weights, device=device, dtype=dtype, **options)
     compiled.report.passes = [(r.name, r.summary()) if hasattr(r, "summary") else r for r in records]
-    return Executable(model, graph, compiled, device, dtype, records, mtp=mtp)
+    return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
 
 
 def _run_passes(graph, weights, backend, pipeline, keep_mtp, dump_after):
@@ -103,6 +105,8 @@ def _run_passes(graph, weights, backend, pipeline, keep_mtp, dump_after):
     return passlib.run_pipeline(graph, weights, names, dump_after=dump_after)
 
 
-def load_artifact(path: str | os.PathLike):
-    from .errors import NotBuiltYet
-    raise NotBuiltYet("loading compiled artifacts is not built yet; it is tracked in the deployable-runtimes issue")
+def load_artifact(path: str | os.PathLike, device: str | None = None, backend: str | None = None):
+    """Load a directory written by `exe.save` / `dsgraph compile -o`: checksums verified, no recompiling
+    where the backend saved its compiled code."""
+    from backends.artifact import load_artifact as _load
+    return _load(path, device=device, backend=backend)

@@ -36,25 +36,39 @@ def cmd_compile(args) -> int:
     opts = {"emit_dir": args.emit_dir} if args.emit_dir else {}
     exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
                           passes=args.passes.split(",") if args.passes not in ("default", "none") else args.passes,
-                          dump_after=args.dump_after, **opts)
+                          dump_after=args.dump_after, keep_mtp=args.keep_mtp, **opts)
     print(exe.report())
     if args.output:
-        exe.save(args.output)
+        path = exe.save(args.output, overwrite=args.overwrite)
+        print(f"wrote artifact {path} — run it with: dsgraph run {path} --prompt-ids 1,2,3")
     return 0
 
 
 def cmd_run(args) -> int:
+    from pathlib import Path
+
     import dsgraph
-    model = dsgraph.load(args.model, dtype=args.dtype)
-    exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype)
+    if (Path(args.model) / "manifest.json").exists():
+        exe = dsgraph.load_artifact(args.model, device=args.device)
+        print(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
+    else:
+        model = dsgraph.load(args.model, dtype=args.dtype)
+        exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
+                              keep_mtp=args.speculative == "mtp")
     prompt = args.prompt_ids or [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
     print("tokens:", end="", flush=True)
     out, stats = exe.generate([prompt], max_new_tokens=args.max_new_tokens, return_stats=True,
+                              speculative=args.speculative, draft_depth=args.draft_depth,
                               on_token=lambda i, t: print(f" {int(t[0])}", end="", flush=True))
     print()
     print(f"time to first token {stats.time_to_first_token_s * 1e3:.1f} ms, "
-          f"decode {stats.decode_tokens_per_s:.1f} tokens/s ({args.backend} on {exe.device})")
+          f"decode {stats.decode_tokens_per_s:.1f} tokens/s ({exe.compiled.report.backend} on {exe.device})")
+    if args.speculative:
+        acc = ", ".join(f"{a:.0%}" for a in stats.extra["acceptance_per_position"])
+        print(f"speculative {args.speculative}: acceptance per draft position {acc}; "
+              f"{stats.extra['mean_tokens_per_target_step']:.2f} tokens per main-model step "
+              f"({stats.target_steps} steps)")
     return 0
 
 
@@ -109,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_cmd(name, help_, fn):
         s = sub.add_parser(name, help=help_, description=help_)
-        s.add_argument("model", help="preset name (e.g. deepseek-v3-tiny), HF checkpoint dir or saved graph")
+        s.add_argument("model", help="preset name (e.g. deepseek-v3-tiny), HF checkpoint dir, saved graph"
+                       + (" or compiled artifact dir" if name == "run" else ""))
         s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
         s.set_defaults(fn=fn)
         return s
@@ -124,12 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dump-after", default=None, metavar="PASS", help="print the graph after this pass")
     s.add_argument("--emit-dir", default=None, help="write generated kernel sources here (triton)")
     s.add_argument("-o", "--output", default=None, help="write a deployable artifact directory")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
+    s.add_argument("--keep-mtp", action="store_true", help="keep the MTP branch (for speculative decoding)")
 
     s = model_cmd("run", "generate tokens, printing them as they come", cmd_run)
     s.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--backend", default="eager")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cpu)")
+    s.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP branch")
+    s.add_argument("--draft-depth", type=int, default=1)
 
     s = model_cmd("check", "compare backends against eager (logits and greedy tokens)", cmd_check)
     s.add_argument("--backend", default="eager", help="backend or comma-separated list")
