@@ -165,3 +165,63 @@ def _(c, k_pe, w, num_heads, qk_nope_dim, v_dim):
     k_nope, v = kv.split([qk_nope_dim, v_dim], dim=-1)
     k = torch.cat((k_nope, k_pe.expand(-1, -1, num_heads, -1)), dim=-1)
     return k, v
+
+
+# ---------------------------------------------------------------- decompositions
+def _f32(b, v):
+    return v if v.dtype == "float32" else b.cast(v, dtype="float32")
+
+
+def attention_decomposition(b, q, k, v, scale, causal):
+    """q [B,S,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] -> [B,S,Hq,Dv] in primitives, fp32 inside.
+
+    Query head h reads kv head h // (Hq/Hkv), as repeat_interleave does: q is viewed
+    as [B,Hkv,g,S,D] so one batched matmul serves the g query heads of each kv head
+    without copying K or V.
+    """
+    bs, s, hq, dq = q.shape
+    t, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    qg = b.permute(b.reshape(_f32(b, q), shape=(bs, s, hkv, g, dq)), dims=(0, 2, 3, 1, 4))
+    kt = b.reshape(b.permute(_f32(b, k), dims=(0, 2, 3, 1)), shape=(bs, hkv, 1, dq, t))
+    scores = b.mul(b.matmul(qg, kt), b.constant(value=scale))
+    if causal:
+        scores = b.where(b.causal_mask(q, k), scores, b.constant(value=float("-inf")))
+    p = b.softmax(scores, dim=-1)
+    vv = b.reshape(b.permute(_f32(b, v), dims=(0, 2, 1, 3)), shape=(bs, hkv, 1, t, dv))
+    o = b.permute(b.matmul(p, vv), dims=(0, 3, 1, 2, 4))
+    o = b.reshape(o, shape=(bs, s, hq, dv))
+    return o if q.dtype == "float32" else b.cast(o, dtype=q.dtype)
+
+
+GQA.decomposition(attention_decomposition)
+MLA.decomposition(attention_decomposition)
+
+
+@MLA_ABSORBED.decomposition
+def _(b, q, cache, scale, causal, kv_lora_rank):
+    """MQA over the latent: one kv head whose key is the whole cache row and value its first C dims."""
+    bs, t, w = cache.shape
+    k = b.reshape(cache, shape=(bs, t, 1, w))
+    v = b.reshape(b.slice(cache, dim=2, start=0, end=kv_lora_rank), shape=(bs, t, 1, kv_lora_rank))
+    return attention_decomposition(b, q, k, v, scale, causal)
+
+
+@CACHE_APPEND.decomposition
+def _(b, cache, new):
+    return b.concat(cache, new, dim=1)
+
+
+@LATENT.decomposition
+def _(b, x, w, nw, kv_lora_rank, eps):
+    c, k_pe = b.split(b.linear(x, w), sizes=(kv_lora_rank, w.shape[0] - kv_lora_rank), dim=-1)
+    return b.norm.rms(c, nw, eps=eps), k_pe
+
+
+@DECOMPRESS.decomposition
+def _(b, c, k_pe, w, num_heads, qk_nope_dim, v_dim):
+    bs, s = c.shape[:2]
+    kv = b.reshape(b.linear(c, w), shape=(bs, s, num_heads, qk_nope_dim + v_dim))
+    k_nope, v = b.split(kv, sizes=(qk_nope_dim, v_dim), dim=-1)
+    k_rope = b.expand(k_pe, shape=(bs, s, num_heads, k_pe.shape[3]))
+    return b.concat(k_nope, k_rope, dim=-1), v

@@ -130,3 +130,25 @@ def _(w, s, block):
 
 
 DEQUANT_FP8.reference(lambda w, s, block: dequant_fp8_block(w, s, block))
+
+
+def _dequant_decomposition(b, w, s, block):
+    """fp32 weight times its block scales broadcast to [N, K]: [nb,1,kb,1] -> [nb,bn,kb,bk] -> cut the edges."""
+    bn, bk = block
+    (n, k), (nb, kb) = w.shape, s.shape
+    full = b.reshape(b.expand(b.reshape(s, shape=(nb, 1, kb, 1)), shape=(nb, bn, kb, bk)), shape=(nb * bn, kb * bk))
+    if nb * bn != n:
+        full = b.slice(full, dim=0, start=0, end=n)
+    if kb * bk != k:
+        full = b.slice(full, dim=1, start=0, end=k)
+    return b.mul(b.cast(w, dtype="float32"), full)
+
+
+DEQUANT_FP8.decomposition(_dequant_decomposition)
+
+
+@LINEAR_FP8.decomposition
+def _(b, x, w, s, block):
+    xf = x if x.dtype == "float32" else b.cast(x, dtype="float32")
+    y = b.linear(xf, _dequant_decomposition(b, w, s, block))
+    return y if x.dtype == "float32" else b.cast(y, dtype=x.dtype)

@@ -209,3 +209,111 @@ def _(y, weights, order):
     k = weights.shape[1]
     out = torch.zeros(weights.shape[0], y.shape[1], dtype=torch.float32, device=y.device)
     return out.index_add_(0, order // k, f32(y) * weights.flatten()[order, None].float())
+
+
+# ---------------------------------------------------------------- decompositions
+def _f32(b, v):
+    return v if v.dtype == "float32" else b.cast(v, dtype="float32")
+
+
+def _full(b, value, shape, dtype="float32"):
+    """A constant of a (possibly symbolic) shape: a [1, ..] literal expanded."""
+    return b.expand(b.constant(value=value, shape=(1,) * len(shape), dtype=dtype), shape=shape)
+
+
+def route_decomposition(b, logits, bias=None, *, top_k, scoring, method, n_group, topk_group, norm_topk_prob,
+                        routed_scaling_factor):
+    """moe.route in primitives, step for step as `route_ref` (so ties break identically)."""
+    lf = _f32(b, logits)
+    scores = b.softmax(lf, dim=-1) if scoring == "softmax" else b.sigmoid(lf)
+    choice = scores if bias is None else b.add(scores, _f32(b, bias))
+    n, e = logits.shape
+    if method != "greedy":
+        grouped = b.reshape(choice, shape=(n, n_group, e // n_group))
+        if method == "group_limited":
+            group_score = b.amax(grouped, dims=(-1,))
+        else:
+            group_score = b.sum(b.topk(grouped, k=2, dim=-1)[0], dims=(-1,))
+        keep = b.topk(group_score, k=topk_group, dim=-1)[1]
+        mask = b.scatter(_full(b, 0, (n, n_group), "bool"), keep, _full(b, 1, (n, topk_group), "bool"), dim=1)
+        mask = b.reshape(b.expand(b.reshape(mask, shape=(n, n_group, 1)), shape=(n, n_group, e // n_group)),
+                         shape=(n, e))
+        choice = b.where(mask, choice, b.constant(value=float("-inf")))
+    idx = b.topk(choice, k=top_k, dim=-1)[1]
+    w = b.gather(scores, idx, dim=1)
+    if top_k > 1 and norm_topk_prob:
+        w = b.div(w, b.add(b.sum(w, dims=(-1,), keepdim=True), b.constant(value=1e-20)))
+    if routed_scaling_factor != 1.0:
+        w = b.mul(w, b.constant(value=routed_scaling_factor))
+    return w, idx
+
+
+ROUTE.decomposition(route_decomposition)
+
+
+@GATE.decomposition
+def _(b, x, w, bias=None, **a):
+    return route_decomposition(b, b.linear(_f32(b, x), _f32(b, w)), bias, **a)
+
+
+def _token_of_slot(b, indices):
+    """int64 [N*k]: the token each flat (token, slot) entry of indices [N, k] belongs to (= flat // k)."""
+    n, k = indices.shape
+    tok = b.reshape(b.arange_like(indices, dim=0), shape=(n, 1))
+    return b.reshape(b.expand(tok, shape=(n, k)), shape=(n * k,))
+
+
+@EXPERTS.decomposition
+def _(b, x, weights, indices, *ws, num_experts):
+    """Dense form: every expert runs on every token, weighted by that token's gate for it (0 if unrouted).
+
+    Costs num_experts full FFNs, so it is meant for tiny models and for checking; the
+    grouped form (moe.permute -> moe.grouped_gemm -> moe.unpermute) is the fast path.
+    """
+    wf = _f32(b, weights)
+    zero = b.constant(value=0.0)
+    acc = None
+    for e in range(num_experts):
+        g, u, dn = ws[3 * e: 3 * e + 3]
+        hit = b.eq(indices, b.constant(value=e, dtype=indices.dtype))
+        gate = b.sum(b.where(hit, wf, zero), dims=(-1,), keepdim=True)
+        y = b.linear(b.mul(b.silu(b.linear(x, g)), b.linear(x, u)), dn)
+        term = b.mul(_f32(b, y), gate)
+        acc = term if acc is None else b.add(acc, term)
+    return acc if x.dtype == "float32" else b.cast(acc, dtype=x.dtype)
+
+
+@PERMUTE.decomposition
+def _(b, x, indices, num_experts):
+    n, k = indices.shape
+    flat = b.reshape(indices, shape=(n * k,))
+    order = b.argsort(flat, dim=0)
+    x_perm = b.index_select(x, b.index_select(_token_of_slot(b, indices), order, dim=0), dim=0)
+    counts = b.bincount(flat, length=num_experts)
+    offsets = b.concat(b.constant(value=(0,), shape=(1,), dtype="int64"), b.cumsum(counts, dim=0), dim=0)
+    return x_perm, order, offsets
+
+
+@GROUPED_GEMM.decomposition
+def _(b, x, w, offsets):
+    """Row i belongs to expert #{e >= 1 : offsets[e] <= i}; gather that expert's matrix per row, one bmm."""
+    m, kdim = x.shape
+    e, ndim = w.shape[0], w.shape[1]
+    offs = offsets if offsets.dtype == "int64" else b.cast(offsets, dtype="int64")
+    ends = b.reshape(b.slice(offs, dim=0, start=1, end=e + 1), shape=(1, e))
+    rows = b.reshape(b.arange_like(x, dim=0), shape=(m, 1))
+    expert = b.sum(b.cast(b.le(ends, rows), dtype="int64"), dims=(-1,))
+    w_rows = b.permute(b.index_select(w, expert, dim=0), dims=(0, 2, 1))
+    out = b.matmul(b.reshape(x, shape=(m, 1, kdim)), w_rows)
+    return b.reshape(out, shape=(m, ndim))
+
+
+@UNPERMUTE.decomposition
+def _(b, y, weights, order):
+    m, d = y.shape
+    n = weights.shape[0]
+    tok = b.index_select(_token_of_slot(b, weights), order, dim=0)
+    w_sel = b.index_select(b.reshape(_f32(b, weights), shape=(n * weights.shape[1],)), order, dim=0)
+    contrib = b.mul(_f32(b, y), b.reshape(w_sel, shape=(m, 1)))
+    out = b.index_add(_full(b, 0.0, (n, d)), tok, contrib, dim=0)
+    return out if y.dtype == "float32" else b.cast(out, dtype=y.dtype)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import dtype_name, to_torch
+from ..errors import InputError, ShapeError
 from ..symbolic import parse_dim
 from ..types import TensorType
 from .common import broadcast, dims, expect_float, expect_int, f32, norm_dim, same_dtype
@@ -67,11 +68,25 @@ for _n, _f in UNARY.items():
     _unary(_n, _f)
 
 GELU = defop("gelu", "x", {"approximate": Attr(str, "none", ("none", "tanh"))}, "GELU, exact or tanh.")
-GELU.infer(lambda x, approximate: x)
+
+
+@GELU.infer
+def _(x, approximate):
+    expect_float(x, "gelu input")
+    return x
+
+
 GELU.reference(lambda x, approximate: F.gelu(x, approximate=approximate))
 
 POW = defop("pow", "x", {"exponent": Attr(float)}, "x ** exponent for a constant exponent.")
-POW.infer(lambda x, exponent: x)
+
+
+@POW.infer
+def _(x, exponent):
+    expect_float(x, "pow input")
+    return x
+
+
 POW.reference(lambda x, exponent: torch.pow(x, exponent))
 
 WHERE = defop("where", "cond a b", doc="cond ? a : b with broadcasting; cond is bool.")
@@ -91,7 +106,10 @@ CAST = defop("cast", "x", {"dtype": Attr(str)}, "Convert to another dtype.")
 
 @CAST.infer
 def _(x, dtype):
-    return x.with_dtype(dtype_name(dtype))
+    try:
+        return x.with_dtype(dtype_name(dtype))
+    except InputError as e:  # a bad attribute is a type-rule failure, so the builder names the node
+        raise ShapeError(f"cast: {e}") from None
 
 
 CAST.reference(lambda x, dtype: x.to(to_torch(dtype)))
@@ -189,6 +207,8 @@ def _reduce(name, fn):
 
     @op.infer
     def _(x, dims, keepdim):
+        if name == "mean":
+            expect_float(x, "mean input")
         ds = {norm_dim(d, x.rank) for d in dims}
         shape = tuple(1 if i in ds else s for i, s in enumerate(x.shape) if keepdim or i not in ds)
         return TensorType(shape, x.dtype)
@@ -391,7 +411,12 @@ def _(x, index, src, dim):
     return x
 
 
-INDEX_ADD.reference(lambda x, index, src, dim: torch.index_add(f32(x), dim, index, f32(src)))
+@INDEX_ADD.reference
+def _(x, index, src, dim):
+    if not x.is_floating_point():  # integer sums stay exact
+        return torch.index_add(x, dim, index, src)
+    return torch.index_add(f32(x), dim, index, f32(src))
+
 
 INDEX_SELECT = defop("index_select", "x index", {"dim": Attr(int, 0)}, "torch.index_select with a 1-D index.")
 

@@ -101,3 +101,29 @@ def rope_ref(x, positions, **attrs):
         return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     x1, x2 = xf.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@ROPE.decomposition
+def _(b, x, positions, **attrs):
+    """fp32 angle table from a constant inv_freq, then the rotation of the chosen layout."""
+    d = x.shape[-1]
+    inv_freq, mult = rope_frequencies(attrs, d)
+    lead = x.shape[:2] + (1,) * (len(x.shape) - 3)
+    pos = b.reshape(b.cast(positions, dtype="float32"), shape=lead + (1,))
+    freqs = b.mul(pos, b.constant(value=tuple(inv_freq.tolist()), shape=(d // 2,)))
+    cos, sin = b.cos(freqs), b.sin(freqs)
+    if mult != 1.0:
+        cos, sin = b.mul(cos, b.constant(value=mult)), b.mul(sin, b.constant(value=mult))
+    xf = x if x.dtype == "float32" else b.cast(x, dtype="float32")
+    if attrs["interleaved"]:
+        pairs = b.reshape(xf, shape=x.shape[:-1] + (d // 2, 2))
+        x1, x2 = b.split(pairs, sizes=(1, 1), dim=-1)
+        cos, sin = b.reshape(cos, shape=lead + (d // 2, 1)), b.reshape(sin, shape=lead + (d // 2, 1))
+    else:
+        x1, x2 = b.split(xf, sizes=(d // 2, d // 2), dim=-1)
+    y1 = b.sub(b.mul(x1, cos), b.mul(x2, sin))
+    y2 = b.add(b.mul(x2, cos), b.mul(x1, sin))
+    y = b.concat(y1, y2, dim=-1)
+    if attrs["interleaved"]:
+        y = b.reshape(y, shape=x.shape)
+    return y if x.dtype == "float32" else b.cast(y, dtype=x.dtype)
