@@ -182,7 +182,7 @@ def _(x, w, offsets):
 
 @GROUPED_GEMM.reference
 def _(x, w, offsets):
-    out = torch.empty(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
     bounds = offsets.tolist()
     for e in range(w.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]

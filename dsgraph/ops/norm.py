@@ -15,6 +15,7 @@ RMS = defop("norm.rms", "x weight", {"eps": Attr(float, 1e-6)},
 def _(x, w, eps):
     expect_float(x, "norm.rms input")
     expect(w.shape == (x.shape[-1],), f"norm.rms weight must be [{x.shape[-1]}], got {w}")
+    same_dtype(x, w)
     return x
 
 
