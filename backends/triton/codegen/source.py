@@ -83,7 +83,7 @@ def emit(sources: list[KernelSource], directory: str) -> list[str]:
     os.makedirs(directory, exist_ok=True)
     paths = []
     for src in sources:
-        path = os.path.join(directory, f"{src.name}.py")
+        path = os.path.join(directory, src.filename)
         with open(path, "w") as f:
             f.write(src.text)
         paths.append(path)

@@ -1,1 +1,1 @@
-"""Hand-written Triton kernel templates; the backend imports the host wrappers from the modules here."""
+"""Hand-written Triton kernel templates: MoE (grouped GEMM, routing), FP8 block GEMM and attention."""

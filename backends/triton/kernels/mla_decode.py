@@ -69,7 +69,7 @@ def _mla_decode_kernel(
         limit = kv_len - S + s_row  # each row sees keys <= limit
     kv_end = tl.maximum(kv_end, 0)
     chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk + 1
+    start = split * chunk
     end = tl.minimum(start + chunk, kv_end)
 
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
@@ -140,7 +140,7 @@ def _mla_reduce_kernel(
 
 @dataclass(frozen=True)
 class MLAConfig:
-    """One launch choice; `mla_absorbed(..., config=...)` runs it without autotuning (benchmarks sweep these)."""
+    """One launch choice; `mla_absorbed(..., config=...)` runs exactly it (benchmarks sweep these)."""
     block_h: int
     block_n: int
     num_splits: int
@@ -148,44 +148,50 @@ class MLAConfig:
     num_stages: int
 
 
-def mla_tile_configs(rows: int) -> list[tuple[int, int, int, int]]:
-    """Autotune candidates (BLOCK_H, BLOCK_N, num_warps, num_stages) for `rows` = S * H query rows.
-
-    BLOCK_H = 64 makes the score dot a full Hopper wgmma tile; its fp32 [64 x 512] accumulator wants 8 warps.
-    Blocks wider than the rows only add masked work, so they are pruned. One small tile on the interpreter.
-    """
-    if interpreting():
-        return [(16, 16, 1, 1)]
-    cands = [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 3), (64, 32, 4, 2),
-             (32, 32, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2)]
-    widest = max(16, triton.next_power_of_2(rows))
-    return [c for c in cands if c[0] <= widest]
-
-
 def mla_num_splits(batch: int, rows: int, kv_len: int, sm_count: int) -> int:
     """Partitions per request: enough programs for about two waves, each partition at least 128 keys.
 
     Above ~0.8 waves of 64-row blocks the partial-output traffic (fp32 [rows, splits, C]) costs more than the
-    idle SMs, so large batches take one split.
+    idle SMs (H100, 128 heads, batch 64: 1 split 280 us, 2 splits 302 us), so large batches take one split.
     """
     programs = batch * triton.cdiv(rows, 64)
     if programs >= 0.8 * sm_count:
         return 1
-    return max(1, min(triton.cdiv(2 * sm_count, programs), kv_len // 128, 64))
+    return max(1, min(2 * sm_count // programs, kv_len // 128, 64))
 
 
-_TUNED: dict[int, object] = {}
+def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int) -> list[MLAConfig]:
+    """Launch configs for a shape, the default first; `tune=True` times them all. Keyed on the shape because the
+    split count decides the grid and the partial buffers, which triton.autotune cannot vary.
+
+    Tiles measured on H100 (bf16, C=512, R=64, cache 4096; benchmarks/attention_gpu.py): one split with
+    64-row blocks (BLOCK_H=64 fills a wgmma tile, its fp32 [64 x 512] accumulator wants 8 warps) for large
+    batches; narrow 16-row blocks over several splits otherwise. One small tile on the interpreter, which times nothing.
+    """
+    splits = mla_num_splits(batch, rows, kv_len, sm_count)
+    if interpreting():
+        return [MLAConfig(16, 16, splits, 1, 1)]
+    if splits == 1:  # 128 heads, batch 64: 280 us; the next best tiles 330 us
+        tiles = [(64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 4, 2)]
+    elif rows <= 16:  # 16 heads, batch 64, 4 splits: 124 us (plain launches; 64-key tiles 140 us)
+        tiles = [(16, 16, 4, 3), (16, 64, 4, 2), (16, 32, 4, 3)]
+    else:  # 128 heads, batch 1, 32 splits: 22 us (plain launches), 16 us under a CUDA graph
+        tiles = [(16, 64, 4, 2), (32, 64, 4, 3), (16, 16, 4, 3)]
+    widest = max(16, triton.next_power_of_2(rows))
+    tiles = [t for t in tiles if t[0] <= widest] or [(16, 64, 4, 2)]
+    split_opts = [splits] + sorted({max(1, splits // 2), min(64, splits * 2)} - {splits}) if splits > 1 else [1, 2]
+    return [MLAConfig(bh, bn, sp, w, st) for sp in split_opts for bh, bn, w, st in tiles]
 
 
-def _tuned_kernel(rows: int):
-    """Autotuned stage-1 kernel, one per candidate list (which depends on the row count's power of two)."""
-    key = max(16, triton.next_power_of_2(rows))
-    if key not in _TUNED:
-        configs = [triton.Config({"BLOCK_H": bh, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                   for bh, bn, w, st in mla_tile_configs(rows)]
-        _TUNED[key] = triton.autotune(configs=configs, key=["M", "HEAD_C", "HEAD_R", "NUM_SPLITS", "CAUSAL"])(
-            _mla_decode_kernel)
-    return _TUNED[key]
+TUNED: dict[tuple, MLAConfig] = {}
+"""Winners of `tune=True`, keyed by `tune_key`; a backend may persist and preload this map."""
+
+
+def tune_key(batch: int, rows: int, kv_len: int, head_c: int, head_r: int, dtype: torch.dtype, causal: bool,
+             has_lens: bool, num_splits: int | None) -> tuple:
+    """Cache lengths are bucketed to powers of two so a growing cache does not re-tune every step;
+    num_splits is the caller's override (None when the candidates choose)."""
+    return (batch, rows, triton.next_power_of_2(kv_len), head_c, head_r, str(dtype), causal, has_lens, num_splits)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -194,21 +200,12 @@ def _sm_count(device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------------------------------- host wrapper
 
-def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank: int,
-                 cache_lens: torch.Tensor | None = None, causal: bool = True,
-                 config: MLAConfig | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """`attention.mla_absorbed` over a latent cache; returns [B, S, H, kv_lora_rank] in q's dtype.
-
-    cache_lens: optional [B] int32/int64 valid lengths (values above T are clamped to T; rows that see no key,
-    e.g. L_b < S, come out as zeros). config pins every launch choice; otherwise tiles are autotuned on first
-    use per shape (do that before capturing a CUDA graph) and num_splits comes from `mla_num_splits` unless given.
-    """
-    dtype = check_tensors("mla_absorbed", q=q, cache=cache)
+def _check(q, cache, kv_lora_rank, cache_lens):
+    check_tensors("mla_absorbed", q=q, cache=cache)
     if q.dim() != 4 or cache.dim() != 3:
         raise ShapeError(f"mla_absorbed: q must be [B,S,H,C+R] and cache [B,T,C+R], got q {tuple(q.shape)}, "
                          f"cache {tuple(cache.shape)}")
-    b, s, h, width = q.shape
-    t_len = cache.shape[1]
+    b, width = q.shape[0], q.shape[3]
     if cache.shape[0] != b or cache.shape[2] != width:
         raise ShapeError(f"mla_absorbed: cache {tuple(cache.shape)} does not match q {tuple(q.shape)} "
                          "(batch and C+R width must agree)")
@@ -220,38 +217,71 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
         if tuple(cache_lens.shape) != (b,) or cache_lens.device != q.device:
             raise InputError(f"mla_absorbed: cache_lens must be [{b}] on {q.device}, got {tuple(cache_lens.shape)} "
                              f"on {cache_lens.device}")
-    c, r, rows = kv_lora_rank, width - kv_lora_rank, s * h
-    out = torch.empty((b, s, h, c), dtype=dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    if config is not None:
-        num_splits = config.num_splits
-    elif num_splits is None:
-        num_splits = mla_num_splits(b, rows, t_len, _sm_count(q.device))
-    if num_splits < 1:
-        raise InputError(f"mla_absorbed: num_splits must be >= 1, got {num_splits}")
 
-    if num_splits > 1:
-        po = torch.empty((b, rows, num_splits, c), dtype=torch.float32, device=q.device)
-        plse = torch.empty((b, rows, num_splits), dtype=torch.float32, device=q.device)
+
+def _launch(q, cache, scale, c, cache_lens, causal, cfg: MLAConfig) -> torch.Tensor:
+    b, s, h, width = q.shape
+    rows, splits = s * h, cfg.num_splits
+    out = torch.empty((b, s, h, c), dtype=q.dtype, device=q.device)
+    if splits > 1:
+        po = torch.empty((b, rows, splits, c), dtype=torch.float32, device=q.device)
+        plse = torch.empty((b, rows, splits), dtype=torch.float32, device=q.device)
     else:
         po = plse = out  # unused: the kernel writes `out` directly
-    p_strides = (rows * num_splits, num_splits, 1)  # in units of rows of C for po, of scalars for plse
-    lens = cache_lens if cache_lens is not None else out
-    args = (q, cache, lens, out, po, plse, rows, s, h, t_len, *q.stride(), *cache.stride(), *out.stride(),
-            *p_strides, scale * LOG2E)
-    meta = dict(HEAD_C=c, HEAD_R=r, BLOCK_C=max(16, triton.next_power_of_2(c)),
-                BLOCK_R=max(16, triton.next_power_of_2(r)), HAS_LENS=cache_lens is not None, CAUSAL=bool(causal),
-                NUM_SPLITS=num_splits, PRECISION=dot_precision(dtype))
-    if config is None:
-        grid = lambda META: (triton.cdiv(rows, META["BLOCK_H"]), b, num_splits)
-        _tuned_kernel(rows)[grid](*args, **meta)
-    else:
-        grid = (triton.cdiv(rows, config.block_h), b, num_splits)
-        _mla_decode_kernel[grid](*args, **meta, BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-                                 num_warps=config.num_warps, num_stages=config.num_stages)
-    if num_splits > 1:
-        _mla_reduce_kernel[(rows, b)](po, plse, out, h, *p_strides, *out.stride(), HEAD_C=c, BLOCK_C=meta["BLOCK_C"],
-                                      NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+    p_strides = (rows * splits, splits, 1)  # in units of C-rows for po, of scalars for plse
+    block_c = max(16, triton.next_power_of_2(c))
+    _mla_decode_kernel[(triton.cdiv(rows, cfg.block_h), b, splits)](
+        q, cache, cache_lens if cache_lens is not None else out, out, po, plse, rows, s, h, cache.shape[1],
+        *q.stride(), *cache.stride(), *out.stride(), *p_strides, scale * LOG2E,
+        HEAD_C=c, HEAD_R=width - c, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(width - c)),
+        HAS_LENS=cache_lens is not None, CAUSAL=bool(causal), NUM_SPLITS=splits, PRECISION=dot_precision(q.dtype),
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        _mla_reduce_kernel[(rows, b)](po, plse, out, h, *p_strides, *out.stride(), HEAD_C=c, BLOCK_C=block_c,
+                                      NUM_SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits),
                                       num_warps=4 if c >= 256 else 1)
     return out
+
+
+def _tune(key, cands, run) -> MLAConfig:
+    """Time every candidate once per key (never while a CUDA graph is being captured) and keep the fastest."""
+    if key not in TUNED:
+        if len(cands) == 1 or torch.cuda.is_current_stream_capturing():
+            return cands[0]
+        from triton.testing import do_bench
+        times = {}
+        for cfg in cands:
+            try:
+                times[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            except triton.runtime.errors.OutOfResources:  # too big for this GPU: not a candidate here
+                continue
+        TUNED[key] = min(times, key=times.get)
+    return TUNED[key]
+
+
+def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank: int,
+                 cache_lens: torch.Tensor | None = None, causal: bool = True,
+                 config: MLAConfig | None = None, num_splits: int | None = None, tune: bool = False) -> torch.Tensor:
+    """`attention.mla_absorbed` over a latent cache; returns [B, S, H, kv_lora_rank] in q's dtype.
+
+    cache_lens: optional [B] int32/int64 valid lengths (values above T are clamped to T; rows that see no key,
+    e.g. L_b < S, come out as zeros). The launch is `config` if given, else the tuned winner for this shape if
+    one is known (`TUNED`), else the first of `mla_candidates` (with `num_splits` overriding its split count).
+    tune=True times the candidates on first use per shape; do that before capturing a CUDA graph.
+    """
+    _check(q, cache, kv_lora_rank, cache_lens)
+    b, s, h, _ = q.shape
+    if q.numel() == 0:
+        return torch.empty((b, s, h, kv_lora_rank), dtype=q.dtype, device=q.device)
+    if config is None:
+        rows, t_len = s * h, cache.shape[1]
+        cands = mla_candidates(b, rows, t_len, _sm_count(q.device))
+        if num_splits is not None:
+            cands = [MLAConfig(c.block_h, c.block_n, num_splits, c.num_warps, c.num_stages) for c in cands]
+        key = tune_key(b, rows, t_len, kv_lora_rank, q.shape[3] - kv_lora_rank, q.dtype, causal,
+                       cache_lens is not None, num_splits)
+        run = lambda cfg: _launch(q, cache, scale, kv_lora_rank, cache_lens, causal, cfg)
+        config = _tune(key, list(dict.fromkeys(cands)), run) if tune else TUNED.get(key, cands[0])
+    if config.num_splits < 1:
+        raise InputError(f"mla_absorbed: num_splits must be >= 1, got {config.num_splits}")
+    return _launch(q, cache, scale, kv_lora_rank, cache_lens, causal, config)

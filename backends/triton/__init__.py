@@ -1,0 +1,65 @@
+"""The Triton backend: passes, then every node (or fused region) lowered through a registry to generated
+Triton source, a kernel template, a named library call, or a reported torch fallback.
+
+    compiled = get_backend("triton").compile(graph, weights, device="cpu", emit_dir="kernels/")
+    print(compiled.report)       # one line per node: generated | template | library | fallback
+
+Importing this package does not import triton: on the CPU the backend switches Triton's interpreter on first
+(TRITON_INTERPRET=1 must precede the triton import), see runtime.py. Options of `compile`:
+  passes         pipeline run before lowering: None (default; dsgraph.compile has run `default_passes`
+                 already), "default" (the triton pipeline), or a list of pass names
+  emit_dir       write every generated kernel's source there
+  fp8_act_quant  force FP8 activation quantisation on/off (default: on for GPUs with fp8 tensor cores)
+"""
+from __future__ import annotations
+
+from ..base import Backend, CompiledGraph, register_backend
+from .runtime import prepare, unavailable_reason
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    @property
+    def default_passes(self) -> list:
+        """The documented triton pipeline (passes.DEFAULT_PIPELINES["triton"]): `dsgraph.compile` runs it before
+        `compile_graph`, so the Executable sees the graph (and cache layout) the kernels were built for."""
+        try:
+            import passes as passlib
+            return passlib.default_pipeline("triton")
+        except (ImportError, AttributeError):
+            return []
+
+    def available(self, device: str) -> str | None:
+        return unavailable_reason(device)
+
+    def compile_graph(self, graph, weights, device, report, passes=None, emit_dir=None, **options) -> CompiledGraph:
+        """Lower `graph` (after `passes`: None/"none" when the caller already ran them, as dsgraph.compile does;
+        "default" for the triton pipeline; or a list of names) and bind `weights` on `device`."""
+        note = prepare(device)
+        if note:
+            report.notes.append(note)
+        graph, weights = self._run_passes(graph, weights, passes, report)
+        from .compiler import lower_graph  # imports triton: only after `prepare`
+        program = lower_graph(graph, weights, device, report, {**options, "emit_dir": emit_dir})
+        compiled = CompiledGraph(graph, program, report)
+        compiled.sources = program.sources
+        return compiled
+
+    @staticmethod
+    def _run_passes(graph, weights, pipeline, report):
+        if pipeline in (None, "none", ()):
+            return graph, weights
+        try:
+            import passes as passlib
+            run_pipeline = passlib.run_pipeline
+        except (ImportError, AttributeError):  # the passes package is optional for this backend
+            report.notes.append(f"passes package not importable: pipeline {pipeline!r} skipped, "
+                                "graph compiled as given")
+            return graph, weights
+        graph, weights, records = run_pipeline(graph, weights, pipeline, backend="triton")
+        report.passes.extend((r.name, r.summary()) if hasattr(r, "summary") else r for r in records)
+        return graph, weights
+
+
+register_backend("triton", TritonBackend)

@@ -1,0 +1,73 @@
+"""Tile-size autotuning per shape, cached on disk so a shape is timed once per machine.
+
+`pick(kernel, key, candidates, bench)` returns the fastest candidate config (a dict) for `key` (a tuple of
+shape facts, e.g. (E, N, K, M bucket)). Timings use `triton.testing.do_bench` (median); results live in
+`$DSGRAPH_CACHE/triton/tuned/<kernel>.json` (default ~/.cache/dsgraph), keyed by GPU name and key. Under the
+interpreter nothing is timed: the first candidate, a small tile, is used.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .runtime import cache_dir, interpreting
+
+_MEMO: dict[tuple, dict] = {}
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _path(kernel: str) -> str:
+    return os.path.join(cache_dir("tuned"), f"{kernel}.json")
+
+
+def _read(kernel: str) -> dict:
+    try:
+        with open(_path(kernel)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(kernel: str, entry_key: str, config: dict) -> None:
+    table = _read(kernel)  # re-read: another process may have added shapes meanwhile
+    table[entry_key] = config
+    tmp = f"{_path(kernel)}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, _path(kernel))
+
+
+def pick(kernel: str, key: tuple, candidates: list[dict], bench) -> dict:
+    """The best of `candidates` for `key`; `bench(config)` runs the kernel once with that config."""
+    if interpreting() or len(candidates) == 1:
+        return candidates[0]
+    memo_key = (kernel, key)
+    if memo_key in _MEMO:
+        return _MEMO[memo_key]
+    entry_key = f"{_device_name()}|{'x'.join(str(k) for k in key)}"
+    cached = _read(kernel).get(entry_key)
+    if cached is not None and cached in candidates:
+        _MEMO[memo_key] = cached
+        return cached
+    import triton.testing
+    best, best_ms = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: bench(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config that does not fit (shared memory, registers) is just not a candidate
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _write(kernel, entry_key, best)
+    _MEMO[memo_key] = best
+    return best
+
+
+def bucket(m: int) -> int:
+    """Round a token count up to a power of two so nearby batch sizes share a tuned config."""
+    return 1 << max(0, (int(m) - 1).bit_length())

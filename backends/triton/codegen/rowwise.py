@@ -1,0 +1,108 @@
+"""Generated row kernels: RMSNorm, residual add + RMSNorm, and the SwiGLU activation of a fused gate|up GEMM.
+
+One program per row (the row width is a compile-time constant, so the whole row sits in registers and the
+reduction is one `tl.sum`). Numerics follow the op references: fp32 math, the normalised row rounded to the
+input dtype before the weight multiply (HF's order), the residual sum rounded to the input dtype before it is
+normalised.
+"""
+from __future__ import annotations
+
+from .source import TRITON_DTYPES, KernelSource
+
+
+def _row_warps(block: int) -> int:
+    return 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def rms_norm(n: int, dtype: str, eps: float, residual: bool) -> KernelSource:
+    """norm.rms (residual=False: launch(x, w) -> y) or norm.add_rms (launch(x, r, w) -> (y, x + r))."""
+    tdt, block = TRITON_DTYPES[dtype], _next_pow2(n)
+    name = f"{'add_rms' if residual else 'rms'}_n{n}_{dtype}"
+    if residual:
+        sig, load = "x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, stride_x, stride_r, stride_y, stride_s", f"""
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (x + r).to({tdt})  # the residual stream keeps the model dtype
+    tl.store(s_ptr + row * stride_s + cols, s, mask=mask)
+    x = s.to(tl.float32)"""
+    else:
+        sig, load = "x_ptr, w_ptr, y_ptr, stride_x, stride_y", """
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)"""
+    kernel = f'''
+@triton.jit
+def _kernel({sig}, N: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N{load}
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / N + EPS)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (x * inv_rms).to({tdt}).to(tl.float32) * w
+    tl.store(y_ptr + row * stride_y + cols, y.to({tdt}), mask=mask)
+'''
+    meta = f"N={n}, EPS={eps!r}, BLOCK={block}, num_warps={_row_warps(block)}"
+    if residual:
+        host = f'''
+def launch(x, r, w):
+    x2, r2 = _rows(x), _rows(r)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _kernel[(x2.shape[0],)](x2, r2, w, y, s, x2.stride(0), r2.stride(0), {n}, {n}, {meta})
+    return y, s
+'''
+    else:
+        host = f'''
+def launch(x, w):
+    x2 = _rows(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _kernel[(x2.shape[0],)](x2, w, y, x2.stride(0), {n}, {meta})
+    return y
+'''
+    rows = f'''
+import torch
+
+
+def _rows(t):
+    """[..., N] -> a [rows, N] view with unit column stride (copies only if it must)."""
+    t2 = t.reshape(-1, {n})
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+'''
+    title = f"{'residual add + ' if residual else ''}RMSNorm over rows of {n} {dtype} values, eps={eps}"
+    return KernelSource(name, title, rows + kernel + host)
+
+
+def swiglu(inter: int, dtype: str) -> KernelSource:
+    """act.swiglu: gate_up [..., 2I] -> silu(gate) * up [..., I]; launch(gu) -> out."""
+    tdt = TRITON_DTYPES[dtype]
+    block = min(_next_pow2(inter), 1024)
+    body = f'''
+import torch
+
+
+@triton.jit
+def _kernel(gu_ptr, out_ptr, stride_gu, stride_out, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < INTER
+    g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + INTER + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u  # silu(g) * u, as F.silu computes it
+    tl.store(out_ptr + row * stride_out + cols, y.to({tdt}), mask=mask)
+
+
+def launch(gu):
+    gu2 = gu.reshape(-1, {2 * inter})
+    if gu2.stride(-1) != 1:
+        gu2 = gu2.contiguous()
+    out = torch.empty(gu.shape[:-1] + ({inter},), dtype=gu.dtype, device=gu.device)
+    if gu2.shape[0]:
+        grid = (gu2.shape[0], triton.cdiv({inter}, {block}))
+        _kernel[grid](gu2, out, gu2.stride(0), {inter}, INTER={inter}, BLOCK={block}, num_warps={_row_warps(block)})
+    return out
+'''
+    return KernelSource(f"swiglu_i{inter}_{dtype}", f"SwiGLU activation silu(gate) * up, I={inter}, {dtype}", body)

@@ -1,0 +1,253 @@
+"""Grouped-GEMM mixture of experts: align token copies by expert, gate|up GEMM with fused SwiGLU, down GEMM
+with the routing weight fused, then an un-permute that sums each token's k rows.
+
+Why this shape (vLLM's fused_moe, DeepSeek's naive loop as the reference): every token copy (token t, slot j)
+is a row of expert ids[t, j]'s GEMM. `align` sorts the copies by expert and pads each expert's run to a multiple
+of BLOCK_M, entirely on the device (no host sync, so it works under CUDA graphs): one M tile of a GEMM then
+belongs to one expert. Tiles past the real ones see expert -1 and exit. The gate|up GEMM reads x rows straight
+through the sorted slot ids (x_perm is never materialised) and writes silu(gate) * up for the padded rows; the
+down GEMM multiplies by the slot's routing weight and writes fp32 rows per slot; `_reduce_kernel` sums the k
+slots of each token in fp32 and casts once, as the reference accumulates.
+
+Weights are stacked per expert: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dsgraph.errors import ShapeError
+
+from ..autotune import bucket, pick
+from .common import check_float, dot_precision, interpreting
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+INTERPRETER_CONFIG = MoEConfig(16, 16, 16, 1, 1)
+
+
+def moe_configs(m: int) -> list[MoEConfig]:
+    """Candidates per token-copy count: small M tiles for decode (most experts get 0-2 rows), larger for prefill."""
+    if interpreting():
+        return [INTERPRETER_CONFIG]
+    if m <= 64:
+        tiles = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4),
+                 (32, 64, 128, 4, 4), (16, 256, 128, 8, 3)]
+    else:
+        tiles = [(64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+                 (64, 128, 128, 8, 3), (32, 64, 128, 4, 4), (16, 128, 128, 4, 3)]
+    return [MoEConfig(*t) for t in tiles]
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+
+def align(expert_of_row: torch.Tensor | None, counts: torch.Tensor, num_rows: int, block_m: int):
+    """Sort rows by expert and pad each expert's run to a multiple of block_m.
+
+    `expert_of_row` [R] gives each row's expert (None: rows are already sorted, `counts` per expert). Returns
+    (row_ids [P] with `num_rows` marking padding, block_expert [P / block_m] with -1 for unused tiles).
+    P is the static bound R + E * (block_m - 1), so nothing here waits for the device.
+    """
+    e = counts.numel()
+    dev = counts.device
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    cap = triton.cdiv(num_rows + e * (block_m - 1), block_m) * block_m
+    if expert_of_row is None:
+        rows = torch.arange(num_rows, device=dev)
+        experts = torch.repeat_interleave(torch.arange(e, device=dev), counts, output_size=num_rows)
+        order = rows
+    else:
+        order = torch.argsort(expert_of_row, stable=True)
+        experts = expert_of_row[order]
+        rows = torch.arange(num_rows, device=dev)
+    first = torch.cumsum(counts, 0) - counts  # first sorted position of each expert
+    dest = starts[experts] + (rows - first[experts])
+    row_ids = torch.full((cap,), num_rows, dtype=torch.int64, device=dev)
+    row_ids[dest] = order
+    tile_start = torch.arange(0, cap, block_m, device=dev)
+    block_expert = torch.searchsorted(ends, tile_start, right=True)
+    block_expert = torch.where(block_expert < e, block_expert, -1)
+    return row_ids, block_expert
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, row_ids_ptr, block_expert_ptr, w_ptr,
+    num_rows, N, K,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    A_DIV: tl.constexpr, A_PADDED: tl.constexpr, C_PADDED: tl.constexpr, SWIGLU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[rows] = A[rows] @ B[e].T for the rows of one expert tile.
+
+    A rows: padded position (A_PADDED) or row_id // A_DIV (a token's x for each of its k slots). C rows: padded
+    position (C_PADDED) or row_id. SWIGLU: B holds [gate; up] (2N rows) and C = silu(A B_g^T) * (A B_u^T).
+    HAS_WEIGHT: each row is scaled by w[row_id] (the routing weight of that slot).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_id = tl.load(row_ids_ptr + pos)
+    row_ok = row_id < num_rows
+    a_row = pos.to(tl.int64) if A_PADDED else (row_id // A_DIV)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_base = b_ptr + expert.to(tl.int64) * stride_be
+    b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWIGLU:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if SWIGLU:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if HAS_WEIGHT:
+        acc = acc * tl.load(w_ptr + row_id, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    c_row = pos.to(tl.int64) if C_PADDED else row_id
+    c_ptrs = c_ptr + c_row[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _reduce_kernel(y_ptr, src_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
+                   TOP_K: tl.constexpr, GATHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum_j y[src[t*K + j]] * w[t*K + j] (GATHER), or sum_j y[t*K + j], accumulated in fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = t * TOP_K + j
+        if GATHER:
+            row = tl.load(src_ptr + row)
+        y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
+        acc += y
+    tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+def _launch_gemm(a, b, c, row_ids, block_expert, w, num_rows, n, cfg: MoEConfig, *, a_div=1, a_padded=False,
+                 c_padded=False, swiglu=False):
+    grid = (block_expert.numel(), triton.cdiv(n, cfg.block_n))
+    _grouped_gemm_kernel[grid](
+        a, b, c, row_ids, block_expert, w if w is not None else c, num_rows, n, a.shape[1],
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        A_DIV=a_div, A_PADDED=a_padded, C_PADDED=c_padded, SWIGLU=swiglu, HAS_WEIGHT=w is not None,
+        PRECISION=dot_precision(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _reduce(y, src, w, out, top_k):
+    n, h = out.shape
+    if n == 0:
+        return out
+    block = min(triton.next_power_of_2(h), 1024)
+    _reduce_kernel[(n, triton.cdiv(h, block))](
+        y, src if src is not None else y, w if w is not None else y, out, h, y.stride(0), out.stride(0),
+        TOP_K=top_k, GATHER=src is not None, HAS_WEIGHT=w is not None, BLOCK=block,
+        num_warps=4 if block >= 512 else 1)
+    return out
+
+
+def _check_moe(x, weights, ids, gate_up, down):
+    check_float("fused_moe", x=x, gate_up=gate_up, down=down)
+    if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
+        raise ShapeError(f"fused_moe: x must be [N, H], gate_up [E, 2I, H], down [E, H, I]; got {tuple(x.shape)}, "
+                         f"{tuple(gate_up.shape)}, {tuple(down.shape)}")
+    e, i2, h = gate_up.shape
+    if h != x.shape[1] or i2 % 2 or down.shape != (e, h, i2 // 2):
+        raise ShapeError(f"fused_moe: gate_up {tuple(gate_up.shape)} / down {tuple(down.shape)} do not fit "
+                         f"x {tuple(x.shape)} (need [E, 2I, H] and [E, H, I])")
+    if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
+        raise ShapeError(f"fused_moe: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be "
+                         f"[N={x.shape[0]}, k]")
+
+
+def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+              down: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """sum_j weights[t, j] * SwiGLU_{ids[t, j]}(x[t]) -> [N, H] in x's dtype (`moe_experts_ref` semantics)."""
+    _check_moe(x, weights, ids, gate_up, down)
+    n, h = x.shape
+    e, i2, _ = gate_up.shape
+    inter, k = i2 // 2, ids.shape[1]
+    m = n * k
+    out = torch.empty_like(x)
+    if n == 0:
+        return out
+    flat_ids = ids.reshape(-1)
+    flat_w = weights.reshape(-1).float().contiguous()
+    counts = torch.bincount(flat_ids, minlength=e)
+
+    def run(cfg: MoEConfig):
+        row_ids, block_expert = align(flat_ids, counts, m, cfg.block_m)
+        act = torch.empty((row_ids.numel(), inter), dtype=x.dtype, device=x.device)
+        _launch_gemm(x, gate_up, act, row_ids, block_expert, None, m, inter, cfg, a_div=k, c_padded=True,
+                     swiglu=True)
+        y = torch.empty((m, h), dtype=torch.float32, device=x.device)
+        _launch_gemm(act, down, y, row_ids, block_expert, flat_w, m, h, cfg, a_padded=True)
+        return _reduce(y, None, None, out, k)
+
+    cfg = config or pick("fused_moe", (e, inter, h, k, bucket(m), str(x.dtype)), moe_configs(m), run)
+    return run(cfg)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config: MoEConfig | None = None):
+    """Rows offsets[e]:offsets[e+1] of x [M, K] times w[e].T ([E, N, K]) -> [M, N] in x's dtype."""
+    check_float("grouped_gemm", x=x, w=w)
+    if x.dim() != 2 or w.dim() != 3 or w.shape[2] != x.shape[1] or offsets.shape != (w.shape[0] + 1,):
+        raise ShapeError(f"grouped_gemm: x [M, K], w [E, N, K], offsets [E+1]; got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}, {tuple(offsets.shape)}")
+    m, n = x.shape[0], w.shape[1]
+    out = torch.zeros((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
+
+    def run(cfg):
+        row_ids, block_expert = align(None, counts, m, cfg.block_m)
+        _launch_gemm(x, w, out, row_ids, block_expert, None, m, n, cfg)
+        return out
+
+    cfg = config or pick("grouped_gemm", (w.shape[0], n, x.shape[1], bucket(m), str(x.dtype)), moe_configs(m), run)
+    return run(cfg)
+
+
+def unpermute(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """out[order[i] // k] += y[i] * weights.flat[order[i]] -> [N, D] (fp32 sums, y's dtype out)."""
+    n, k = weights.shape
+    src = torch.empty_like(order)
+    src[order] = torch.arange(order.numel(), device=order.device)  # slot -> row of y
+    out = torch.empty((n, y.shape[1]), dtype=y.dtype, device=y.device)
+    return _reduce(y, src, weights.reshape(-1).float().contiguous(), out, k)

@@ -1,0 +1,141 @@
+"""MoE routing as one kernel (ops `moe.route` and `moe.gate`): scores, bias, group-limited top-k, renormalise,
+scale — one program per token, the E scores held as a [groups x experts-per-group] register tile.
+
+Semantics are `dsgraph.ops.moe.route_ref`: softmax or sigmoid scores; the V3 correction bias only for choosing
+experts (gates come from the unbiased scores); group_limited (group score = max) or noaux_tc (group score =
+sum of the group's top-2 biased scores) keeps the best `topk_group` groups and masks the rest with -inf; the
+top-k is taken by k rounds of argmax (ties go to the lower expert id), renormalised (+1e-20) and scaled.
+`moe.gate` also computes the router logits x @ W^T in fp32 inside the same program (W rows streamed in
+BLOCK_D chunks), so decode needs no separate router GEMM launch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsgraph.errors import ShapeError
+
+from .common import check_device
+
+_METHODS = {"greedy": 0, "group_limited": 1, "noaux_tc": 2}
+
+
+@triton.jit
+def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr,
+                  stride_l, stride_x, stride_gw, D,
+                  E: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_S: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                  SIGMOID: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                  SCALE: tl.constexpr, FUSED_GATE: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)[:, None]
+    j = tl.arange(0, BLOCK_S)[None, :]
+    expert = g * GS + j
+    valid = (g < NG) & (j < GS)
+    if FUSED_GATE:
+        logit = tl.zeros((BLOCK_G, BLOCK_S), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            xv = tl.load(x_ptr + tok * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)
+            wv = tl.load(gate_w_ptr + expert[:, :, None] * stride_gw + d[None, None, :],
+                         mask=valid[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
+            logit += tl.sum(wv * xv[None, None, :], axis=2)
+    else:
+        logit = tl.load(logits_ptr + tok * stride_l + expert, mask=valid, other=0.0).to(tl.float32)
+    if SIGMOID:
+        score = tl.sigmoid(logit)
+    else:
+        top = tl.max(tl.max(tl.where(valid, logit, float("-inf")), axis=1), axis=0)
+        p = tl.where(valid, tl.exp(logit - top), 0.0)
+        score = p / tl.sum(tl.sum(p, axis=1), axis=0)
+    choice = score
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + expert, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, choice, float("-inf"))
+    if METHOD != 0:
+        best = tl.max(choice, axis=1)  # [BLOCK_G]
+        if METHOD == 2:  # sum of the group's top-2: drop the (first) maximum and take the max again
+            first = tl.min(tl.where(choice == best[:, None], j, BLOCK_S), axis=1)
+            best = best + tl.max(tl.where(j == first[:, None], float("-inf"), choice), axis=1)
+        gid = tl.arange(0, BLOCK_G)
+        group_score = tl.where(gid < NG, best, float("-inf"))
+        keep = gid < 0
+        for _ in tl.static_range(TOPK_GROUP):
+            top_g = tl.max(group_score, axis=0)
+            pick_g = tl.min(tl.where(group_score == top_g, gid, BLOCK_G), axis=0)
+            keep = keep | (gid == pick_g)
+            group_score = tl.where(gid == pick_g, float("-inf"), group_score)
+        choice = tl.where(keep[:, None], choice, float("-inf"))
+    slot = tl.arange(0, BLOCK_K)
+    gates = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+    for s in tl.static_range(TOP_K):
+        top = tl.max(tl.max(choice, axis=1), axis=0)
+        pick_e = tl.min(tl.min(tl.where(valid & (choice == top), expert, E), axis=1), axis=0)
+        hit = valid & (expert == pick_e)  # padded lanes alias the next group's ids
+        gate = tl.sum(tl.sum(tl.where(hit, score, 0.0), axis=1), axis=0)
+        gates = tl.where(slot == s, gate, gates)
+        ids = tl.where(slot == s, pick_e.to(tl.int64), ids)
+        choice = tl.where(hit, float("-inf"), choice)
+    if NORM:
+        gates = gates / (tl.sum(gates, axis=0) + 1e-20)
+    gates = gates * SCALE
+    tl.store(w_out_ptr + tok * TOP_K + slot, gates, mask=slot < TOP_K)
+    tl.store(id_out_ptr + tok * TOP_K + slot, ids, mask=slot < TOP_K)
+
+
+def _check_route(e, bias, top_k, method, n_group, topk_group):
+    if method not in _METHODS:
+        raise ShapeError(f"moe routing: method {method!r} not in {sorted(_METHODS)}")
+    if not 0 < top_k <= e:
+        raise ShapeError(f"moe routing: top_k {top_k} must be in 1..{e}")
+    if method != "greedy" and (e % n_group or not 0 < topk_group <= n_group):
+        raise ShapeError(f"moe routing: {e} experts in {n_group} groups with topk_group {topk_group}")
+    if bias is not None and bias.shape != (e,):
+        raise ShapeError(f"moe routing: bias must be [{e}], got {tuple(bias.shape)}")
+
+
+def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_k: int, scoring: str = "softmax",
+          method: str = "greedy", n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = False,
+          routed_scaling_factor: float = 1.0, x: torch.Tensor | None = None, gate_weight: torch.Tensor | None = None):
+    """(gate weights [N, k] fp32, expert ids [N, k] int64) from logits [N, E], or from x [N, D] and the router
+    weight [E, D] when `logits` is None (moe.gate)."""
+    fused = logits is None
+    src = x if fused else logits
+    check_device("moe route", src)
+    if src.dim() != 2:
+        raise ShapeError(f"moe route: {'x' if fused else 'logits'} must be 2-D, got {tuple(src.shape)}")
+    if fused and (gate_weight is None or gate_weight.dim() != 2 or gate_weight.shape[1] != x.shape[1]):
+        raise ShapeError(f"moe gate: weight must be [E, {x.shape[1]}], got "
+                         f"{None if gate_weight is None else tuple(gate_weight.shape)}")
+    e = gate_weight.shape[0] if fused else logits.shape[1]
+    _check_route(e, bias, top_k, method, n_group, topk_group)
+    ng = n_group if method != "greedy" else 1
+    n = src.shape[0]
+    weights = torch.empty((n, top_k), dtype=torch.float32, device=src.device)
+    ids = torch.empty((n, top_k), dtype=torch.int64, device=src.device)
+    if n == 0:
+        return weights, ids
+    if fused:
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        gate_weight = gate_weight.contiguous()
+    else:
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    gs = e // ng
+    block_d = 0
+    if fused:
+        block_d = max(1, min(triton.next_power_of_2(x.shape[1]), max(16, 4096 // triton.next_power_of_2(e))))
+    dummy = weights
+    _route_kernel[(n,)](
+        logits if not fused else dummy, x if fused else dummy, gate_weight if fused else dummy,
+        bias if bias is not None else dummy, weights, ids,
+        logits.stride(0) if not fused else 0, x.stride(0) if fused else 0,
+        gate_weight.stride(0) if fused else 0, x.shape[1] if fused else 0,
+        E=e, NG=ng, GS=gs, BLOCK_G=triton.next_power_of_2(ng), BLOCK_S=triton.next_power_of_2(gs), TOP_K=top_k,
+        BLOCK_K=triton.next_power_of_2(top_k), TOPK_GROUP=topk_group if method != "greedy" else 1,
+        SIGMOID=scoring == "sigmoid", METHOD=_METHODS[method], HAS_BIAS=bias is not None,
+        NORM=bool(norm_topk_prob and top_k > 1), SCALE=float(routed_scaling_factor), FUSED_GATE=fused,
+        BLOCK_D=max(block_d, 1), num_warps=1 if e <= 64 else 4)
+    return weights, ids

@@ -1,0 +1,36 @@
+"""Attention: the flash prefill template (attention.gqa / attention.mla) and the absorbed-MLA split-KV decode
+template (attention.mla_absorbed). Both kernels live in kernels/flash_attention.py and kernels/mla_decode.py."""
+from __future__ import annotations
+
+import importlib
+
+from .registry import Decline, Lowered, lowering
+
+
+def _kernel(ctx, module: str, fn: str, dtype: str):
+    if ctx.interpreting and dtype == "bfloat16":
+        return Decline("Triton's interpreter computes bf16 tl.dot wrongly; bf16 attention runs on CUDA")
+    try:
+        return getattr(importlib.import_module(f"backends.triton.kernels.{module}"), fn)
+    except (ImportError, AttributeError) as e:
+        return Decline(f"attention template {module}.{fn} is not available ({e})")
+
+
+@lowering("attention.gqa", "attention.mla")
+def _flash(node, ctx):
+    fn = _kernel(ctx, "flash_attention", "flash_attention", node.inputs[0].dtype)
+    if isinstance(fn, Decline):
+        return fn
+    scale, causal = node.attrs["scale"], node.attrs["causal"]
+    return Lowered(lambda a, sym: [fn(a[0], a[1], a[2], scale, causal)], "template",
+                   "flash_attention._flash_attention_kernel")
+
+
+@lowering("attention.mla_absorbed")
+def _mla(node, ctx):
+    fn = _kernel(ctx, "mla_decode", "mla_absorbed", node.inputs[0].dtype)
+    if isinstance(fn, Decline):
+        return fn
+    scale, causal, rank = node.attrs["scale"], node.attrs["causal"], node.attrs["kv_lora_rank"]
+    return Lowered(lambda a, sym: [fn(a[0], a[1], scale, rank, causal=causal)], "template",
+                   "mla_decode._mla_decode_kernel (split-KV)")

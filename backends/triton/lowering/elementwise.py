@@ -1,0 +1,107 @@
+"""Fused elementwise chains: grow a region from an elementwise node along its users, then generate one kernel.
+
+A node joins when it is elementwise over floats, its output has the region's iteration shape, each external
+input is full-shape, a static broadcast suffix or a scalar, and claiming it keeps the program valid
+(`LowerCtx.region_ok`). Scalar `constant`s are inlined as literals. See codegen/elementwise.py for numerics.
+"""
+from __future__ import annotations
+
+import math
+
+from dsgraph.symbolic import eval_dim
+
+from ..codegen.elementwise import EXPRESSIONS, POW_EXPRESSIONS, EwInput, EwOp, fused_elementwise
+from .registry import Lowered, Region, lowering
+
+_FLOATS = ("float32", "float16", "bfloat16")
+
+
+def _literal(v) -> str | None:
+    """A finite scalar constant's Python literal, or None."""
+    n = v.node
+    if n is None or n.op != "constant" or n.attrs["shape"] != () or isinstance(n.attrs["value"], tuple):
+        return None
+    value = float(n.attrs["value"])
+    return repr(value) if math.isfinite(value) else None
+
+
+def _input_mode(v, shape) -> tuple[str, int] | None:
+    if v.shape == shape:
+        return "full", 0
+    dims = list(v.shape)
+    while dims and dims[0] == 1:
+        dims.pop(0)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    numel = math.prod(dims)
+    if numel == 1:
+        return "scalar", 1
+    if len(dims) <= len(shape) and tuple(dims) == tuple(shape[len(shape) - len(dims):]):
+        return "suffix", numel
+    return None
+
+
+def _fusable(node, shape) -> bool:
+    op = node.op
+    if op not in EXPRESSIONS and op != "pow":
+        return False
+    if op == "pow" and node.attrs["exponent"] not in POW_EXPRESSIONS:
+        return False
+    out = node.outputs[0]
+    if out.dtype not in _FLOATS or out.shape != shape:
+        return False
+    for v in node.inputs:
+        if v.dtype == "bool" or (op != "cast" and v.dtype not in _FLOATS):
+            return False
+        if _literal(v) is None and _input_mode(v, shape) is None:
+            return False
+    return True
+
+
+def grow(node, ctx) -> list:
+    shape = node.outputs[0].shape
+    region = [node]
+    changed = True
+    while changed:
+        changed = False
+        members = {id(n) for n in region}
+        for v in [v for n in region for v in n.outputs]:
+            for u in ctx.users(v):
+                if id(u) in members or not ctx.free(u) or not _fusable(u, shape):
+                    continue
+                if ctx.region_ok(region + [u]):
+                    region.append(u)
+                    members.add(id(u))
+                    changed = True
+    return sorted(region, key=lambda n: ctx.index[id(n)])
+
+
+@lowering(*EXPRESSIONS, "pow")
+def _(node, ctx):
+    shape = node.outputs[0].shape
+    if not _fusable(node, shape):
+        return None
+    nodes = grow(node, ctx)
+    names: dict[int, str] = {}
+    inputs, ext = [], []
+    for v in Region(nodes).external_inputs():
+        lit = _literal(v)
+        if lit is not None:
+            names[id(v)] = lit
+            continue
+        mode, numel = _input_mode(v, shape)
+        names[id(v)] = f"in{len(inputs)}"
+        inputs.append(EwInput(names[id(v)], v.dtype, mode, numel, f"%{v.name}: {v.type}"))
+        ext.append(v)
+    ops = []
+    for i, n in enumerate(nodes):
+        names[id(n.outputs[0])] = f"v{i}"
+        ops.append(EwOp(f"v{i}", n.op, tuple(names[id(v)] for v in n.inputs), n.outputs[0].dtype, n.format(4),
+                        n.attrs.get("exponent")))
+    outputs = ctx.region_outputs(nodes)
+    title = f"fused elementwise chain of {len(nodes)} node(s) over {'x'.join(str(d) for d in shape) or 'scalar'}"
+    name = "ew_" + "_".join(dict.fromkeys(n.op for n in nodes))[:40]
+    src = ctx.generated(fused_elementwise(name, inputs, ops, [(names[id(v)], v.dtype) for v in outputs], title),
+                        *nodes)
+    return Lowered(lambda args, sym: src(tuple(eval_dim(d, sym) for d in shape), *args), "generated", src.name,
+                   nodes=tuple(nodes), inputs=tuple(ext), outputs=outputs)

@@ -1,0 +1,97 @@
+"""GEMMs: cuBLAS through torch (a recorded `library` choice: it beats a generic Triton GEMM at these shapes),
+the FP8 block GEMM template for FP8 weights, and the composite domain ops built around GEMMs.
+
+`linear(x, [cast](dequant_fp8(w, s)))` with weight-only w, s takes the FP8 template directly, so FP8
+checkpoints run without a dequantised copy even when the `fuse_fp8_linear` pass has not run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsgraph.dtypes import to_torch
+
+from ..codegen import rowwise
+from .registry import Lowered, lowering
+
+CUBLAS = "torch.nn.functional.linear (cuBLAS on CUDA)"
+
+
+def _fp8_source(ctx, w):
+    """(fp8 weight value, scale value, block) when w = [cast](dequant_fp8(param, param)), else None."""
+    n = w.node
+    if n is not None and n.op == "cast":
+        n = n.inputs[0].node
+    if n is None or n.op != "dequant_fp8" or not all(ctx.is_const(v) for v in n.inputs):
+        return None
+    return n.inputs[0], n.inputs[1], tuple(n.attrs["block"])
+
+
+@lowering("linear")
+def _linear(node, ctx):
+    x, w = node.inputs[0], node.inputs[1]
+    fp8 = _fp8_source(ctx, w)
+    if fp8 is not None and len(node.inputs) == 2 and ctx.options.get("fp8", True):
+        from .fp8 import fp8_linear_step
+        return fp8_linear_step(node, ctx, x, *fp8)
+    dt = to_torch(node.outputs[0].dtype)
+    return Lowered(lambda a, sym: [F.linear(a[0], a[1], a[2] if len(a) > 2 else None).to(dt)], "library", CUBLAS)
+
+
+@lowering("matmul")
+def _(node, ctx):
+    return Lowered(lambda a, sym: [torch.matmul(a[0], a[1])], "library", "torch.matmul (cuBLAS on CUDA)")
+
+
+@lowering("einsum")
+def _(node, ctx):
+    eq = node.attrs["equation"]
+    return Lowered(lambda a, sym: [torch.einsum(eq, a[0], a[1])], "library", f"torch.einsum {eq!r} (cuBLAS bmm)")
+
+
+@lowering("mlp.swiglu")
+def _mlp(node, ctx):
+    """gate|up as one GEMM over weights concatenated at compile time, the generated SwiGLU, then down."""
+    x, g, u, d = node.inputs
+    if not all(ctx.is_const(v) for v in (g, u, d)):
+        return None
+    gate_up = torch.cat([ctx.const(g), ctx.const(u)], 0)
+    down = ctx.const(d)
+    act = ctx.generated(rowwise.swiglu(g.shape[0], x.dtype), node)
+    return Lowered(lambda a, sym: [F.linear(act(F.linear(a[0], gate_up)), down)], "library",
+                   f"{CUBLAS} gate|up + generated {act.name} + down", inputs=(x,))
+
+
+@lowering("mla.latent_proj")
+def _latent(node, ctx):
+    """kv_a GEMM (library) then the generated RMSNorm on the latent half; k_pe is a view."""
+    x, w, nw = node.inputs
+    rank, eps = node.attrs["kv_lora_rank"], node.attrs["eps"]
+    rms = ctx.generated(rowwise.rms_norm(rank, x.dtype, eps, residual=False), node)
+
+    def run(a, sym):
+        kv = F.linear(a[0], a[1])
+        c, k_pe = kv.split([rank, kv.shape[-1] - rank], dim=-1)
+        return [rms(c, a[2]), k_pe]
+    return Lowered(run, "library", f"{CUBLAS} + generated {rms.name}")
+
+
+@lowering("mla.decompress")
+def _decompress(node, ctx):
+    h, dn, dv = node.attrs["num_heads"], node.attrs["qk_nope_dim"], node.attrs["v_dim"]
+
+    def run(a, sym):
+        c, k_pe, w = a
+        kv = F.linear(c, w).view(c.shape[0], c.shape[1], h, dn + dv)
+        k_nope, v = kv.split([dn, dv], dim=-1)
+        return [torch.cat((k_nope, k_pe.expand(-1, -1, h, -1)), dim=-1), v]
+    return Lowered(run, "library", f"{CUBLAS} kv_b + torch.cat of the rope key")
+
+
+@lowering("mtp.branch")
+def _mtp(node, ctx):
+    h, e, en, hn, w = node.inputs
+    d, eps = h.shape[-1], node.attrs["eps"]
+    rms = ctx.generated(rowwise.rms_norm(d, h.dtype, eps, residual=False), node)
+    return Lowered(lambda a, sym: [F.linear(torch.cat((rms(a[1], a[2]), rms(a[0], a[3])), dim=-1), a[4])],
+                   "library", f"generated {rms.name} x2 + {CUBLAS} eh_proj")

@@ -1,0 +1,224 @@
+"""Triton kernel templates (MoE routing, grouped-GEMM MoE, FP8 block GEMM, autotune cache) against the ops'
+torch references, on fresh random inputs at tiny and ragged shapes. On the CPU they run through Triton's
+interpreter (fp32/fp16; its bf16 dots are wrong), bf16 at real shapes is `-m gpu`."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from backends.triton import autotune  # noqa: E402
+from backends.triton.kernels import fp8_gemm, moe, routing  # noqa: E402
+from dsgraph.errors import InputError, ShapeError  # noqa: E402
+from dsgraph.ops.mlp import dequant_fp8_block  # noqa: E402
+from dsgraph.ops.registry import get_op  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def ref(op, *args, **attrs):
+    return get_op(op).reference_fn(*args, **attrs)
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+
+ROUTES = [
+    dict(top_k=2, scoring="softmax", method="greedy"),
+    dict(top_k=3, scoring="sigmoid", method="greedy", norm_topk_prob=True),
+    dict(top_k=3, scoring="softmax", method="group_limited", n_group=4, topk_group=2, routed_scaling_factor=2.0),
+    dict(top_k=2, scoring="sigmoid", method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True,
+         routed_scaling_factor=2.5, bias=True),
+    dict(top_k=12, scoring="sigmoid", method="noaux_tc", n_group=4, topk_group=4, norm_topk_prob=True, bias=True),
+]
+ROUTE_DEFAULTS = dict(scoring="softmax", method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                      routed_scaling_factor=1.0)
+
+
+@pytest.mark.parametrize("case", ROUTES, ids=lambda c: f"{c['method']}-{c['scoring']}-k{c['top_k']}")
+@pytest.mark.parametrize("n,e", [(1, 12), (7, 12), (5, 16)])
+def test_route_matches_reference(case, n, e):
+    attrs = {**ROUTE_DEFAULTS, **{k: v for k, v in case.items() if k != "bias"}}
+    if attrs["top_k"] > e:
+        pytest.skip("top_k above the expert count")
+    g = torch.Generator().manual_seed(n * 100 + e)
+    logits = torch.randn(n, e, generator=g).to(DEV)
+    bias = (torch.randn(e, generator=g) * 0.1).to(DEV) if case.get("bias") else None
+    w, ids = routing.route(logits, bias, **attrs)
+    rw, rids = ref("moe.route", logits, bias, **attrs)
+    assert torch.equal(ids, rids)
+    assert rel_err(w, rw) < 1e-6
+    x, gw = torch.randn(n, 24, generator=g).to(DEV), torch.randn(e, 24, generator=g).to(DEV)
+    w2, ids2 = routing.route(None, bias, x=x, gate_weight=gw, **attrs)
+    rw2, rids2 = ref("moe.gate", x, gw, bias, **attrs)
+    assert torch.equal(ids2, rids2)
+    assert rel_err(w2, rw2) < 1e-6
+
+
+def test_route_rejects_bad_top_k():
+    with pytest.raises(ShapeError, match="top_k"):
+        routing.route(torch.randn(2, 4, device=DEV), top_k=5)
+
+
+# ---------------------------------------------------------------------------------------------------- grouped MoE
+
+def _experts(e, h, inter, dtype, g):
+    ws, gate_up, down = [], [], []
+    for _ in range(e):
+        gt = (torch.randn(inter, h, generator=g) / h ** 0.5).to(DEV, dtype)
+        up = (torch.randn(inter, h, generator=g) / h ** 0.5).to(DEV, dtype)
+        dn = (torch.randn(h, inter, generator=g) / inter ** 0.5).to(DEV, dtype)
+        ws += [gt, up, dn]
+        gate_up.append(torch.cat([gt, up]))
+        down.append(dn)
+    return ws, torch.stack(gate_up), torch.stack(down)
+
+
+def _routing(n, e, k, g, kind="random"):
+    if kind == "one_expert":
+        ids = torch.full((n, 1), 2, dtype=torch.int64)
+    elif kind == "skip_experts":  # experts 0 and e-1 get no tokens
+        ids = torch.stack([torch.randperm(e - 2, generator=g)[:k] + 1 for _ in range(n)])
+    else:
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    return torch.rand(ids.shape, generator=g).to(DEV), ids.to(DEV)
+
+
+MOE_CASES = [  # (tokens, hidden, inter, experts, top_k, routing)
+    (5, 24, 20, 4, 2, "random"),
+    (1, 16, 16, 3, 3, "random"),          # single token, top_k == num_experts
+    (9, 40, 12, 6, 2, "skip_experts"),    # ragged dims, idle experts
+    (13, 32, 24, 5, 1, "one_expert"),     # every token to one expert (ragged tile count)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,h,inter,e,k,kind", MOE_CASES)
+def test_fused_moe_matches_per_expert_reference(n, h, inter, e, k, kind, dtype):
+    g = torch.Generator().manual_seed(n + h + e)
+    x = torch.randn(n, h, generator=g).to(DEV, dtype)
+    ws, gate_up, down = _experts(e, h, inter, dtype, g)
+    w, ids = _routing(n, e, k, g, kind)
+    out = moe.fused_moe(x, w, ids, gate_up, down)
+    expected = ref("moe.experts", x, w, ids, *ws, num_experts=e)
+    assert out.dtype == dtype and out.shape == (n, h)
+    assert rel_err(out, expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_gemm_and_unpermute_match_references(dtype):
+    g = torch.Generator().manual_seed(3)
+    n, k, h, e, width = 7, 2, 20, 5, 36
+    x = torch.randn(n, h, generator=g).to(DEV, dtype)
+    w, ids = _routing(n, e, k, g, "skip_experts")
+    x_perm, order, offsets = ref("moe.permute", x, ids, num_experts=e)
+    weight = torch.randn(e, width, h, generator=g).to(DEV, dtype)
+    y = moe.grouped_gemm(x_perm.to(dtype), weight, offsets)
+    assert rel_err(y, ref("moe.grouped_gemm", x_perm, weight, offsets)) < TOL[dtype]
+    out = moe.unpermute(y, w, order)
+    assert rel_err(out, ref("moe.unpermute", y, w, order)) < TOL[dtype]
+
+
+def test_align_pads_each_expert_to_the_tile():
+    ids = torch.tensor([3, 0, 3, 3, 1, 0], device=DEV)
+    counts = torch.bincount(ids, minlength=5)
+    row_ids, block_expert = moe.align(ids, counts, ids.numel(), 4)
+    assert block_expert.tolist()[:3] == [0, 1, 3] and set(block_expert.tolist()[3:]) == {-1}
+    assert row_ids.tolist()[:12] == [1, 5, 6, 6, 4, 6, 6, 6, 0, 2, 3, 6]
+
+
+def test_fused_moe_rejects_mismatched_weights():
+    x = torch.randn(2, 8, device=DEV)
+    with pytest.raises(ShapeError, match="gate_up"):
+        moe.fused_moe(x, torch.rand(2, 1, device=DEV), torch.zeros(2, 1, dtype=torch.int64, device=DEV),
+                      torch.randn(2, 6, 8, device=DEV), torch.randn(2, 8, 4, device=DEV))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only rule")
+def test_bf16_dots_refused_on_the_interpreter():
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(InputError, match="bfloat16"):
+        moe.grouped_gemm(x, torch.randn(1, 4, 8, dtype=torch.bfloat16), torch.tensor([0, 2]))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,h,inter,e,k", [(1, 2048, 1408, 64, 6), (64, 2048, 1408, 64, 6), (37, 512, 320, 16, 4)])
+def test_fused_moe_bf16_gpu(n, h, inter, e, k):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, h, generator=g).to(DEV, torch.bfloat16)
+    ws, gate_up, down = _experts(e, h, inter, torch.bfloat16, g)
+    w, ids = _routing(n, e, k, g)
+    expected = ref("moe.experts", x, w, ids, *ws, num_experts=e)
+    torch_bf16 = ref("moe.experts", x.float(), w, ids, *[t.float() for t in ws], num_experts=e)
+    assert rel_err(moe.fused_moe(x, w, ids, gate_up, down), expected) < max(2e-2, 2 * rel_err(torch_bf16, expected))
+
+
+# ---------------------------------------------------------------------------------------------------- FP8 GEMM
+
+def _fp8_weight(n, k, block, g):
+    w = torch.randn(n, k, generator=g)
+    s = torch.rand(-(-n // block[0]), -(-k // block[1]), generator=g) * 0.01 + 0.002
+    return (w / s.repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]).clamp(-448, 448).to(
+        torch.float8_e4m3fn).to(DEV), s.to(DEV)
+
+
+@pytest.mark.parametrize("m,n,k,block", [(3, 40, 48, (16, 16)), (17, 24, 64, (16, 32)), (1, 16, 16, (16, 16))])
+def test_fp8_linear_w8a16_matches_reference(m, n, k, block):
+    g = torch.Generator().manual_seed(m * n)
+    w, s = _fp8_weight(n, k, block, g)
+    x = torch.randn(2, m, k, generator=g).to(DEV)
+    out = fp8_gemm.fp8_linear(x, w, s, block, act_quant_input=False)
+    assert out.shape == (2, m, n)
+    assert rel_err(out, ref("linear_fp8", x, w, s, block=block)) < 1e-5
+
+
+@pytest.mark.parametrize("m,n,k,block", [(5, 40, 48, (16, 16)), (17, 24, 64, (32, 32))])
+def test_fp8_linear_w8a8_matches_quantised_emulation(m, n, k, block):
+    g = torch.Generator().manual_seed(m + n)
+    w, s = _fp8_weight(n, k, block, g)
+    x = torch.randn(m, k, generator=g).to(DEV)
+    q, qs = fp8_gemm.act_quant(x, block[1])
+    groups = x.view(m, -1, block[1])
+    scale = groups.abs().amax(-1).clamp_min(1e-12) / 448.0
+    assert torch.allclose(qs, scale)
+    if DEV == "cuda":  # Triton 3.9's interpreter rounds some values up across an exponent wrongly (-125.2 -> -64)
+        emulated = (groups / scale[..., None]).to(torch.float8_e4m3fn).float().view(m, k)
+        assert torch.allclose(q.float(), emulated, rtol=0.07, atol=0)  # within one e4m3 step
+    x_deq = (q.float().view(m, -1, block[1]) * qs[..., None]).view(m, k)
+    out = fp8_gemm.fp8_linear(x, w, s, block, act_quant_input=True)
+    assert rel_err(out, x_deq @ dequant_fp8_block(w, s, block).T) < 1e-5
+    if DEV == "cuda":
+        assert rel_err(out, ref("linear_fp8", x, w, s, block=block)) < 5e-2  # activation quantisation error
+
+
+def test_fp8_linear_rejects_odd_k_block():
+    w, s = _fp8_weight(16, 24, (16, 12), torch.Generator().manual_seed(0))
+    with pytest.raises(ShapeError, match="K block"):
+        fp8_gemm.fp8_linear(torch.randn(2, 24, device=DEV), w, s, (16, 12))
+
+
+# ---------------------------------------------------------------------------------------------------- autotune
+
+def test_autotune_times_once_and_caches_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSGRAPH_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "interpreting", lambda: False)
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    import triton.testing
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), calls.append(1), 3.0 - len(calls))[2])
+    cands = [{"BLOCK": 16}, {"BLOCK": 32}, {"BLOCK": 64}]
+    assert autotune.pick("k", (1, 2), cands, lambda cfg: None) == {"BLOCK": 64}  # the last timed is fastest
+    assert len(calls) == 3
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    assert autotune.pick("k", (1, 2), cands, lambda cfg: None) == {"BLOCK": 64}  # from disk, not timed again
+    assert len(calls) == 3
+    assert (tmp_path / "triton" / "tuned" / "k.json").exists()
