@@ -13,6 +13,7 @@ from dsgraph.weights import WeightStore
 
 from .builder import DecoderBuilder
 from .config import ModelConfig, from_hf, rope_attrs  # noqa: F401
+from .hf_loader import load_checkpoint  # noqa: F401
 from .presets import PRESETS, TINY_PRESETS, preset_config  # noqa: F401
 from .random_weights import quantize_fp8_block, random_weights  # noqa: F401
 

@@ -95,8 +95,13 @@ _MLA_REQUIRED = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head
 _MOE_REQUIRED = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
+# transformers' DeepseekV3 hard-codes sigmoid + noaux_tc routing and writes no such keys to config.json
+_TYPE_DEFAULTS = {"deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
+
+
 def from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     """Read a Hugging Face config dict; raise ConfigError naming the key and the fix."""
+    cfg = {**_TYPE_DEFAULTS.get(cfg.get("model_type"), {}), **cfg}
     mt = cfg.get("model_type")
     if mt is None:
         raise ConfigError(f"{source}: missing key 'model_type'; expected one of {sorted(FAMILIES)}")
