@@ -37,8 +37,8 @@ def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, n
 
 
 def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = True,
-                weights: bool = True) -> Model:
-    """A preset with deterministic random weights (generated lazily, per tensor)."""
+                weights: bool = True, weights_device: str = "cpu") -> Model:
+    """A preset with deterministic random weights (generated lazily, per tensor, on `weights_device`)."""
     cfg = from_hf(preset_config(name), source=f"preset {name}")
     graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
-    return Model(name, cfg, graph, random_weights(graph, seed) if weights else WeightStore())
+    return Model(name, cfg, graph, random_weights(graph, seed, weights_device) if weights else WeightStore())

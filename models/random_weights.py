@@ -16,8 +16,8 @@ from dsgraph.weights import WeightStore
 FP8_MAX = 448.0
 
 
-def _gen(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+def _gen(seed: int, name: str, device: str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
 def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,23 +33,25 @@ def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
     return q.to(torch.float8_e4m3fn), scale.float()
 
 
-def random_tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> torch.Tensor:
-    g = _gen(seed, name)
+def random_tensor(name: str, shape: tuple[int, ...], dtype: str, seed: int, device: str = "cpu") -> torch.Tensor:
+    """One weight, drawn on `device` (a full-size model's weights are made on the GPU directly)."""
+    g = _gen(seed, name, device)
     if name.endswith("norm.weight") or name.endswith("layernorm.weight") or name.endswith("enorm.weight"):
-        t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
     elif name.endswith("e_score_correction_bias"):
-        t = 0.1 * torch.rand(shape, generator=g)   # nonnegative: see dsgraph/ops/moe.py on masking
+        t = 0.1 * torch.rand(shape, generator=g, device=device)   # nonnegative: see dsgraph/ops/moe.py on masking
     elif name.endswith(".bias"):
-        t = 0.1 * torch.randn(shape, generator=g)
+        t = 0.1 * torch.randn(shape, generator=g, device=device)
     elif "embed_tokens" in name:
-        t = torch.randn(shape, generator=g)
+        t = torch.randn(shape, generator=g, device=device)
     else:
-        t = torch.randn(shape, generator=g) / max(shape[-1], 1) ** 0.5
+        t = torch.randn(shape, generator=g, device=device) / max(shape[-1], 1) ** 0.5
     return t.to(to_torch(dtype))
 
 
-def random_weights(graph, seed: int = 0) -> WeightStore:
-    """Lazy random weights for every param of `graph` (FP8 params come with matching scales)."""
+def random_weights(graph, seed: int = 0, device: str = "cpu") -> WeightStore:
+    """Lazy random weights for every param of `graph` (FP8 params come with matching scales).
+    The same seed gives the same values on one device; CPU and CUDA generators differ."""
     store = WeightStore()
     fp8 = {n.inputs[0].name: (n.inputs[1].name, n.attrs["block"]) for n in graph.nodes if n.op == "dequant_fp8"}
     for name, v in graph.params().items():
@@ -57,11 +59,11 @@ def random_weights(graph, seed: int = 0) -> WeightStore:
         if name in fp8:
             scale_name, block = fp8[name]
             store.set(name, lambda n=name, s=shape, b=block: quantize_fp8_block(
-                random_tensor(n, s, "float32", seed), b)[0])
+                random_tensor(n, s, "float32", seed, device).cpu(), b)[0])
             store.set(scale_name, lambda n=name, s=shape, b=block: quantize_fp8_block(
-                random_tensor(n, s, "float32", seed), b)[1])
+                random_tensor(n, s, "float32", seed, device).cpu(), b)[1])
         elif name not in store:
-            store.set(name, lambda n=name, s=shape, d=v.type.dtype: random_tensor(n, s, d, seed))
+            store.set(name, lambda n=name, s=shape, d=v.type.dtype: random_tensor(n, s, d, seed, device))
     return store
 
 

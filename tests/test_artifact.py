@@ -21,22 +21,46 @@ def saved(tmp_path_factory):
     return exe, path
 
 
-def test_round_trip_in_fresh_process(saved, tmp_path):
-    exe, path = saved
+ROUND_TRIPS = [("eager", "deepseek-v3-tiny"), ("triton", "deepseek-v3-tiny"), ("triton", "deepseek-v2-lite-tiny"),
+               ("tvm", "deepseek-v3-tiny"), ("tvm", "deepseek-v2-lite-tiny")]
+
+
+@pytest.mark.parametrize("backend,preset", ROUND_TRIPS)
+def test_round_trip_in_fresh_process(backend, preset, tmp_path):
+    from backends import available_backends
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} backend unavailable here")
+    exe = dsgraph.compile(models.build_model(preset, seed=2), backend=backend, device="cpu")
+    path = exe.save(tmp_path / "art")
     ids = torch.tensor(PROMPT)
-    torch.save({"logits": exe(ids), "tokens": exe.generate(ids, 6)}, tmp_path / "ref.pt")
+    torch.save({"logits": exe(ids), "tokens": exe.generate(ids, 4)}, tmp_path / "ref.pt")
     code = textwrap.dedent(f"""
         import torch, dsgraph
         exe = dsgraph.load_artifact({str(path)!r})
+        assert exe.compiled.report.backend == {backend!r}
         ref = torch.load({str(tmp_path / 'ref.pt')!r})
         ids = torch.tensor({PROMPT})
         assert torch.equal(exe(ids), ref["logits"]), "logits differ"
-        assert torch.equal(exe.generate(ids, 6), ref["tokens"]), "tokens differ"
+        assert torch.equal(exe.generate(ids, 4), ref["tokens"]), "tokens differ"
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+@pytest.mark.parametrize("backend,pattern", [("triton", "backend/main/generated/*.py"), ("tvm", "backend/main/*.so")])
+def test_deleted_kernel_file_refused(backend, pattern, tmp_path):
+    from backends import available_backends
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} backend unavailable here")
+    exe = dsgraph.compile(models.build_model("deepseek-llm-tiny"), backend=backend, device="cpu")
+    path = exe.save(tmp_path / "art")
+    victims = sorted(path.glob(pattern))
+    assert victims, f"no {pattern} in the {backend} artifact"
+    victims[0].unlink()
+    with pytest.raises(ArtifactError, match=f"{victims[0].name} is missing"):
+        dsgraph.load_artifact(path)
 
 
 def test_manifest_describes_the_artifact(saved):

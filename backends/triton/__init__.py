@@ -46,6 +46,29 @@ class TritonBackend(Backend):
         compiled.sources = program.sources
         return compiled
 
+    def save_compiled(self, compiled, directory) -> None:
+        from pathlib import Path
+
+        from .artifact import save
+        save(compiled, Path(directory))
+
+    def load_compiled(self, directory, graph, weights, device, dtype) -> CompiledGraph:
+        """Lower again with the artifact's kernel sources and tuned configs (no autotuning), and check that
+        lowering asked for exactly the kernels the artifact holds."""
+        from pathlib import Path
+
+        from dsgraph.errors import ArtifactError
+
+        from .artifact import seed_cache
+        listed = seed_cache(Path(directory))
+        compiled = self.compile(graph, weights, device=device, dtype=dtype)
+        made = sorted(s.filename for s in compiled.sources)
+        if made != sorted(listed):
+            raise ArtifactError(f"{directory}: lowering here produced kernels {made}, the artifact holds {listed}; "
+                                "it was made by another dsgraph version — recompile it")
+        compiled.report.notes.append(f"loaded {len(listed)} generated kernels and tuned configs from the artifact")
+        return compiled
+
     @staticmethod
     def _run_passes(graph, weights, pipeline, report):
         if pipeline in (None, "none", ()):
