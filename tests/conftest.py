@@ -1,4 +1,4 @@
-"""Without CUDA, Triton kernels run through Triton's CPU interpreter; it must be switched on before triton is imported."""
+"""Without CUDA, Triton kernels run through its CPU interpreter, switched on before triton is imported."""
 import os
 
 import torch
