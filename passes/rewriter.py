@@ -3,8 +3,9 @@ removal around a rewrite, and restoring topological order after rewiring.
 
 `RewriteBuilder` is how replacements (and decompositions) are built: it adds nodes
 to the graph being rewritten (at `graph.inserting_before(...)` positions), stamps
-each with `meta["origin"]` (the value it replaces, which the proof harness uses to
-name the first diverging node) and remembers what it created so a declined
+each with `meta["origin"]` (the root value it was built for; `mark_replaces` adds the
+exact {output: replaced value} map the proof harness uses to name the first
+diverging node) and remembers what it created so a declined
 rewrite can be rolled back.
 """
 from __future__ import annotations
@@ -41,6 +42,11 @@ class RewriteBuilder(GraphBuilder):
         self.created.clear()
 
 
+def mark_replaces(new: Value, old: Value) -> None:
+    """Record on new's node that output `new.index` stands for `old` (the proof harness compares them)."""
+    new.node.meta.setdefault("replaces", {})[str(new.index)] = old.name
+
+
 def is_dead(graph: Graph, node: Node) -> bool:
     outs = set(map(id, graph.outputs.values()))
     return all(not v.users and id(v) not in outs for v in node.outputs)
@@ -74,21 +80,18 @@ def restore_topological_order(graph: Graph) -> bool:
         return False
     order: list[Node] = []
     placed: set[int] = set()
-
-    def place(node: Node, stack: set[int]) -> None:
-        if id(node) in placed:
-            return
-        if id(node) in stack:
-            raise AssertionError(f"cycle through {node.format()}")
-        stack.add(id(node))
-        for v in node.inputs:
-            if v.node is not None:
-                place(v.node, stack)
-        stack.discard(id(node))
-        placed.add(id(node))
-        order.append(node)
-
-    for node in list(graph.nodes):
-        place(node, set())
+    for root in list(graph.nodes):
+        stack = [(root, False)]
+        while stack:
+            node, ready = stack.pop()
+            if id(node) in placed:
+                continue
+            if ready:
+                placed.add(id(node))
+                order.append(node)
+                continue
+            stack.append((node, True))
+            stack.extend((v.node, False) for v in reversed(node.inputs)
+                         if v.node is not None and id(v.node) not in placed)
     graph.nodes[:] = order
     return True

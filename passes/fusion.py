@@ -1,0 +1,138 @@
+"""Fusions written as patterns: residual add + RMSNorm, SwiGLU over one gate|up GEMM,
+the two MLA down-projections that read the same input as one GEMM, router GEMM +
+routing as one `moe.gate`, and dequant + linear as one FP8 GEMM."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsgraph.ir import Graph
+from dsgraph.weights import WeightStore
+
+from .base import Pass, register
+from .pattern import ANY, P, Rewrite, Var, apply_rewrites
+from .weightref import stack_rows, weight_ref
+
+X, R, W, D = Var("x"), Var("r"), Var("w"), Var("d")
+
+
+class PatternPass(Pass):
+    """A pass that is a table of rewrites (built per run, so replacements can reach the weights)."""
+
+    def rewrites(self, graph: Graph, weights: WeightStore) -> list[Rewrite]:
+        raise NotImplementedError
+
+    def run(self, graph: Graph, weights: WeightStore) -> dict:
+        stats = apply_rewrites(graph, self.rewrites(graph, weights))
+        stats["params_removed"] = len(graph.remove_unused_inputs(("param",)))
+        return stats
+
+
+def _add_rms(b, m):
+    if m["x"].type != m["r"].type:
+        return None  # a broadcasting add is not a residual add
+    normed, total = b.norm.add_rms(m["x"], m["r"], m["w"], eps=m.attr("eps"))
+    return {m.root_value: normed, m["sum"]: total}
+
+
+@register
+@dataclass
+class FuseAddRMSNorm(PatternPass):
+    """rms(x + r) -> norm.add_rms(x, r), whose second output replaces the sum (still the residual)."""
+
+    name = "fuse_add_rmsnorm"
+    description = "residual add + RMSNorm -> norm.add_rms"
+
+    def rewrites(self, graph, weights):
+        return [Rewrite("add_rms", P("norm.rms", P("add", X, R, name="sum", single_use=False), W, eps=ANY),
+                        _add_rms)]
+
+
+@register
+@dataclass
+class FuseSwiGLU(PatternPass):
+    """mlp.swiglu(x, gate, up, down) -> linear(act.swiglu(linear(x, gate|up)), down); the gate and up
+    weights are concatenated lazily into `<prefix>.gate_up_proj` (FP8 stays FP8 when blocks align)."""
+
+    name = "fuse_swiglu"
+    description = "SwiGLU MLP -> one gate|up GEMM + act.swiglu + down GEMM"
+
+    def rewrites(self, graph, weights):
+        def build(b, m):
+            g, u = weight_ref(m["g"]), weight_ref(m["u"])
+            if g is None or u is None:
+                return None
+            prefix = g.base.rsplit(".", 1)[0]
+            gu = stack_rows(b, graph, weights, f"{prefix}.gate_up_proj", [g, u], m["x"].dtype)
+            return {m.root_value: b.linear(b.act.swiglu(b.linear(m["x"], gu)), m["d"])}
+
+        return [Rewrite("swiglu", P("mlp.swiglu", X, Var("g"), Var("u"), D), build)]
+
+
+@register
+@dataclass
+class MergeQKVA(PatternPass):
+    """q_a_proj(x) and mla.latent_proj(x) (kv_a_proj_with_mqa) read the same x: one GEMM over the stacked
+    weight `<attn>.q_a_kv_a_proj`, split into q_a | c_kv | k_pe, with kv_a_layernorm applied to c_kv."""
+
+    name = "merge_qkv_a"
+    description = "q_a_proj + kv_a_proj_with_mqa reading the same input -> one GEMM, split after"
+
+    def rewrites(self, graph, weights):
+        def build(b, m):
+            x, kv = m["x"], weight_ref(m["kv"])
+            q_lin = next((u for u in x.users if u.op == "linear" and len(u.inputs) == 2 and u.inputs[0] is x
+                          and (r := weight_ref(u.inputs[1])) is not None and r.base.endswith("q_a_proj")), None)
+            if kv is None or q_lin is None:
+                return None
+            qa = weight_ref(q_lin.inputs[1])
+            prefix = kv.base.rsplit(".", 1)[0]
+            w = stack_rows(b, graph, weights, f"{prefix}.q_a_kv_a_proj", [qa, kv], x.dtype)
+            c = m.attr("kv_lora_rank")
+            q, c_kv, k_pe = b.split(b.linear(x, w), sizes=(qa.value.shape[0], c, kv.value.shape[0] - c), dim=-1)
+            c_kv = b.norm.rms(c_kv, m["nw"], eps=m.attr("eps"))
+            c_out, pe_out = m.root.outputs
+            return {q_lin.outputs[0]: q, c_out: c_kv, pe_out: k_pe}
+
+        return [Rewrite("qkv_a", P("mla.latent_proj", X, Var("kv"), Var("nw"), kv_lora_rank=ANY, eps=ANY), build)]
+
+
+def _gate(b, m):
+    w, idx = b.moe.gate(m["x"], m["w"], *m["bias"], **m.root.attrs)
+    return dict(zip(m.root.outputs, (w, idx)))
+
+
+@register
+@dataclass
+class FuseRouter(PatternPass):
+    """moe.route(linear([cast to fp32](x), gate_w)) -> moe.gate(x, gate_w): the router GEMM and the top-k
+    selection as one region (moe.gate computes the GEMM in fp32, as the cast did)."""
+
+    name = "fuse_router"
+    description = "router linear + moe.route -> moe.gate"
+
+    def rewrites(self, graph, weights):
+        w32 = Var("w", where=lambda v: v.dtype == "float32")
+        return [
+            Rewrite("router_cast", P("moe.route", P("linear", P("cast", X, dtype="float32"), w32), rest="bias"),
+                    _gate),
+            Rewrite("router", P("moe.route", P("linear", X, w32), rest="bias"), _gate),
+        ]
+
+
+def _fp8(b, m):
+    return {m.root_value: b.linear_fp8(m["x"], m["q"], m["s"], block=m.attr("block", "dq"))}
+
+
+@register
+@dataclass
+class FuseFP8Linear(PatternPass):
+    """linear(x, [cast](dequant_fp8(w, s))) -> linear_fp8(x, w, s): a block-scaled FP8 GEMM for backends
+    that have one (the weight is never dequantised in memory)."""
+
+    name = "fuse_fp8_linear"
+    description = "linear over a dequantised FP8 weight -> linear_fp8"
+
+    def rewrites(self, graph, weights):
+        dq = P("dequant_fp8", Var("q"), Var("s"), block=ANY, name="dq")
+        return [Rewrite("fp8_cast", P("linear", X, P("cast", dq, dtype=ANY)), _fp8),
+                Rewrite("fp8", P("linear", X, dq), _fp8)]
