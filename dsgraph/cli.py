@@ -111,10 +111,56 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
-def cmd_not_built(name: str, issue: str):
-    def run(args) -> int:
-        raise NotBuiltYet(f"`dsgraph {name}` is not built yet ({issue})")
-    return run
+def _pos_ints(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,64, got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> int:
+    import os
+    if args.device == "cpu":
+        # Triton runs on the CPU through its interpreter, chosen before triton is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .bench import bench, report
+    doc = bench(args.model, device=args.device, backends=[b for b in args.backends.split(",") if b],
+                workloads=[w for w in args.op.split(",") if w] if args.op else None, batches=args.batch,
+                prefill_batches=args.prefill_batch, contexts=args.context, dtype=args.dtype, repeats=args.repeats,
+                warmup=args.warmup, seed=args.seed)
+    env = doc["environment"]
+    print(f"dsgraph bench {args.model} on {env['gpu'] or env['cpu']} ({doc['config']['dtype']}); "
+          f"peaks: {doc['peaks']['bandwidth_gbs']:.1f} GB/s, "
+          + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in doc["peaks"]["flops_tflops"].items()))
+    print(report.table(doc["rows"]))
+    if args.json:
+        report.write_json(args.json, doc)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        report.plot(doc["rows"], args.plot, f"dsgraph bench {args.model} ({args.device}, {doc['config']['dtype']})")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    wrong = [r for r in doc["rows"] if r["status"] == "WRONG"]
+    return 1 if wrong else 0
+
+
+def cmd_export(args) -> int:
+    from backends.onnx import OPSET, export_onnx, save_onnx
+
+    from .bench import load_prefill_model
+    from .dtypes import compute_dtype
+    model = load_prefill_model(args.model, compute_dtype(args.dtype or "float32"), args.seed)
+    t0 = time.perf_counter()
+    proto = export_onnx(model.graph, model.weights, opset=args.opset or OPSET)
+    path = save_onnx(proto, args.onnx)
+    ins = ", ".join(f"{i.name}[{','.join(d.dim_param or str(d.dim_value) for d in i.type.tensor_type.shape.dim)}]"
+                    for i in proto.graph.input[:3])
+    print(f"wrote {path}: opset {args.opset or OPSET}, {len(proto.graph.node)} nodes, "
+          f"{len(proto.graph.initializer)} initializers, inputs {ins}, ... "
+          f"({time.perf_counter() - t0:.1f}s)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,12 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="eager", help="backend or comma-separated list")
     s.add_argument("--device", default="cpu")
 
-    s = sub.add_parser("bench", help="compare backends side by side (not built yet)")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_not_built("bench", "tracked in the benchmarking issue"))
-    s = sub.add_parser("export", help="export a model to ONNX (not built yet)")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_not_built("export", "tracked in the benchmarking/ONNX issue"))
+    s = model_cmd("bench", "compare backends side by side: checked against eager, then timed (table, JSON, plot)",
+                  cmd_bench)
+    s.set_defaults(dtype=None)
+    s.add_argument("--op", default=None, metavar="NAMES",
+                   help="comma-separated workloads: mla_decode, gqa_decode, prefill_attention, moe, rmsnorm, rope, "
+                        "fp8_gemm, prefill, decode (default: every one that applies to the model)")
+    s.add_argument("--device", default="cpu", help="cpu | cuda")
+    s.add_argument("--backends", default="eager,torch_compile,triton,tvm,onnx",
+                   help="comma-separated; torch_compile:MODE picks a torch.compile mode (e.g. "
+                        "torch_compile:reduce-overhead)")
+    s.add_argument("--batch", type=_pos_ints, default=None, help="decode batch sizes (cpu default 1,4; cuda 1,64)")
+    s.add_argument("--prefill-batch", type=_pos_ints, default=None, help="prefill batch sizes (default 1)")
+    s.add_argument("--context", type=_pos_ints, default=None,
+                   help="context lengths: cached tokens for decode, prompt tokens for prefill (cpu 64; cuda 4096)")
+    s.add_argument("--repeats", type=int, default=None, help="timed repeats (cpu default 5; cuda 50)")
+    s.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", default=None, metavar="FILE", help="write every number and the environment here")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="write a comparison plot (matplotlib)")
+
+    s = model_cmd("export", "export a model's prefill entry (no MTP) to a standard ONNX file", cmd_export)
+    s.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file (weights beside it if > 2 GB)")
+    s.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 17; default 21)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
 
     s = sub.add_parser("demo", help="tiny DeepSeek-V3 on every backend this machine has, checked against eager")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")

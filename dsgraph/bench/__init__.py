@@ -1,0 +1,66 @@
+"""`dsgraph bench`: compare backends side by side on op-level and model-level workloads.
+
+    doc = dsgraph.bench.bench("deepseek-v3-tiny", device="cpu", backends=["eager", "onnx"])
+    print(dsgraph.bench.report.table(doc["rows"]))
+
+Modules: workloads (what is measured), timing (how), roofline (the floor each row is
+compared with), runner (the check-then-time loop), report (table, JSON, plot).
+Defaults keep CPU runs short; see BENCHMARKS.md for the GPU record commands.
+"""
+from __future__ import annotations
+
+from ..errors import InputError
+
+DEFAULTS = {
+    "cpu": {"batches": [1, 4], "prefill_batches": [1], "contexts": [64], "repeats": 5, "warmup": 2,
+            "dtype": "float32", "budget_s": 3.0},
+    "cuda": {"batches": [1, 64], "prefill_batches": [1], "contexts": [4096], "repeats": 50, "warmup": 10,
+             "dtype": "bfloat16", "budget_s": None},
+}
+
+
+def load_prefill_model(name: str, dtype: str, seed: int = 0):
+    """The model without its MTP branch (the bench times plain prefill and decode)."""
+    import dsgraph
+    import models
+    if name in models.PRESETS:
+        return models.build_model(name, seed=seed, dtype=dtype, mtp=False)
+    model = dsgraph.load(name, dtype=dtype, seed=seed)
+    if "mtp_ids" in model.graph.inputs:
+        model = models.Model(model.name, model.config,
+                             models.build_graph(model.config, dtype, mtp=False, name=model.graph.name), model.weights)
+    return model
+
+
+def bench(model: str, device: str = "cpu", backends=None, workloads=None, batches=None, prefill_batches=None,
+          contexts=None, dtype=None, repeats=None, warmup=None, seed: int = 0, log=None) -> dict:
+    """Run the bench; returns the JSON document (see report.py for its layout)."""
+    from ..api import resolve_device
+    from ..dtypes import compute_dtype
+    from . import report, roofline
+    from .runner import BenchConfig, run_bench
+    from .workloads import ALL_WORKLOADS
+    device = resolve_device(device)
+    d = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+    workloads = list(workloads or ALL_WORKLOADS)
+    unknown = [w for w in workloads if w not in ALL_WORKLOADS]
+    if unknown:
+        raise InputError(f"unknown workload(s) {unknown}; choose from {', '.join(ALL_WORKLOADS)}")
+    cfg = BenchConfig(model, device, compute_dtype(dtype or d["dtype"]),
+                      list(backends or ["eager", "torch_compile", "triton", "tvm", "onnx"]), workloads,
+                      list(batches or d["batches"]), list(prefill_batches or d["prefill_batches"]),
+                      list(contexts or d["contexts"]), int(repeats or d["repeats"]), max(1, int(warmup or d["warmup"])),
+                      seed, d["budget_s"])
+    for name, values in (("batch", cfg.batches), ("prefill batch", cfg.prefill_batches), ("context", cfg.contexts)):
+        if not values or any(v < 1 for v in values):
+            raise InputError(f"--{name.replace(' ', '-')} needs positive integers, got {values}")
+    mdl = load_prefill_model(model, cfg.dtype, seed)
+    limit = mdl.config.max_position_embeddings
+    if max(cfg.contexts) + 1 > limit:
+        raise InputError(f"--context {max(cfg.contexts)} exceeds {model}'s max_position_embeddings={limit}")
+    env = report.environment(device)
+    wanted = [cfg.dtype, "float32"] + (["float8_e4m3fn"] if "fp8_gemm" in workloads else [])
+    peak = roofline.peaks(device, list(dict.fromkeys(wanted)))
+    rows = run_bench(cfg, mdl, peak, log)
+    config = dict(cfg.__dict__)
+    return report.document(config, env, peak, rows)

@@ -1,0 +1,321 @@
+"""The bench loop: every workload on every backend, same inputs, checked before timed.
+
+Order of work. Eager always runs first (added if not asked for): its outputs are the
+reference. Op workloads: for each shape, every backend compiles the workload graph
+through its default passes, runs it on the same inputs, is compared with eager (a
+result outside tolerance is WRONG and never timed) and then timed. Model workloads:
+each backend compiles the model once, passes a small check (prefill logits and one
+cached decode step against eager), then prefill rows (also compared with eager's
+last logits at the timed shape) and decode rows (caches filled with random values
+in the backend's own cache layout — absorbed MLA caches differ from naive ones) are
+timed. A backend that cannot run is listed once per row as "unavailable: reason".
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..check import TOLERANCE, rel_err
+from .roofline import floor_ms
+from .timing import buffer_count, input_bytes, measure
+from .workloads import DECODE_SHAPED, MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op, model_costs, random_inputs
+
+CHECK_TOKENS = 8    # prefill logits compared over the last positions (they attend to everything)
+
+
+@dataclass
+class BenchConfig:
+    model: str
+    device: str
+    dtype: str
+    backends: list[str]
+    workloads: list[str]
+    batches: list[int]
+    prefill_batches: list[int]
+    contexts: list[int]
+    repeats: int
+    warmup: int
+    seed: int = 0
+    budget_s: float | None = None   # CPU: cap on the time spent timing one row
+
+
+def parse_backend(spec: str) -> tuple[str, dict]:
+    """"torch_compile:reduce-overhead" -> ("torch_compile", {"mode": "reduce-overhead"})."""
+    name, _, mode = spec.partition(":")
+    return name, ({"mode": mode} if mode else {})
+
+
+def _short(e: BaseException) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+class Runner:
+    def __init__(self, cfg: BenchConfig, model, peak: dict, log=None):
+        self.cfg = cfg
+        self.model = model
+        self.peak = peak
+        self.rows: list[dict] = []
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.backends = list(dict.fromkeys(["eager"] + cfg.backends))
+
+    # helpers ---------------------------------------------------------------------
+    def _row(self, w, backend: str, status: str, **extra) -> dict:
+        fl, bound = floor_ms(w.flops, w.bytes, self.peak, "float8_e4m3fn" if w.name == "fp8_gemm" else self.cfg.dtype)
+        row = {"workload": w.name, "level": w.level, "label": w.label, "batch": w.batch, "context": w.context,
+               "shape": dict(w.env), "tokens": w.tokens, "backend": backend, "status": status, "error": None,
+               "tolerance": TOLERANCE[self.cfg.dtype], "reason": None, "median_ms": None, "p20_ms": None,
+               "p80_ms": None, "min_ms": None, "repeats": None, "buffers": None, "timing_method": None,
+               "throughput": None, "throughput_unit": "tokens/s", "flops": float(w.flops), "bytes": float(w.bytes),
+               "floor_ms": fl, "bound": bound, "frac_of_floor": None, "speedup_vs_eager": None,
+               "speedup_vs_torch_compile": None, "compile_s": None, "fallbacks": None, "ttft_ms": None,
+               "notes": list(w.notes)}
+        row.update(extra)
+        self.rows.append(row)
+        tag = status if status != "ok" else f"{row['median_ms']:.3f} ms"
+        self.log(f"  {backend:<28} {w.label:<36} {tag}" + (f"  ({row['reason']})" if row["reason"] else ""))
+        return row
+
+    def _timed(self, w, backend, fn, buffers, err, **extra) -> dict:
+        t = measure(fn, buffers, self.cfg.device, self.cfg.warmup, self.cfg.repeats, self.cfg.budget_s)
+        return self._row(w, backend, "ok", error=err, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                         min_ms=t.min_ms, repeats=t.repeats, buffers=len(buffers), timing_method=t.method,
+                         throughput=w.tokens / (t.median_ms * 1e-3), **extra)
+
+    def _compare(self, outs: dict, refs: dict) -> float:
+        worst = 0.0
+        for name, ref in refs.items():
+            out = outs[name]
+            if name == "logits":
+                out = out[:, -ref.shape[1]:]
+            if not ref.is_floating_point():
+                worst = max(worst, 0.0 if torch.equal(out.cpu(), ref.cpu()) else float("inf"))
+            else:
+                worst = max(worst, rel_err(out.float().to(ref.device), ref))
+        return worst
+
+    def _unavailable(self, spec: str) -> str | None:
+        from backends import get_backend
+        try:
+            return get_backend(parse_backend(spec)[0]).available(self.cfg.device)
+        except Exception as e:  # an unknown or unimportable backend is reported, not fatal
+            return str(e)
+
+    # op level --------------------------------------------------------------------
+    def op_shapes(self, name: str):
+        batches = self.cfg.batches if name in DECODE_SHAPED else self.cfg.prefill_batches
+        for b in batches:
+            for c in self.cfg.contexts:
+                yield {"B": b, "T": c} if name in DECODE_SHAPED else {"B": b, "S": c}
+
+    def run_op(self, name: str) -> None:
+        mc = self.model.config
+        why = applicable(name, mc)
+        if why:
+            self.log(f"skip {name}: {why}")
+            return
+        for env in self.op_shapes(name):
+            w = build_op(name, mc, self.cfg.dtype, env, self.cfg.seed)
+            n_buf = buffer_count(input_bytes(random_inputs(w.graph, w.env, 0, mc.vocab_size)), self.cfg.device)
+            buffers = [random_inputs(w.graph, w.env, self.cfg.seed + i, mc.vocab_size, self.cfg.device)
+                       for i in range(n_buf)]
+            refs = None
+            for spec in self.backends:
+                refs = self._op_backend(w, spec, buffers, refs)
+            del buffers, refs
+            if str(self.cfg.device).startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    def _op_backend(self, w, spec, buffers, refs):
+        from backends import get_backend
+
+        from ..api import _run_passes
+        reason = self._unavailable(spec)
+        if reason:
+            self._row(w, spec, "unavailable", reason=reason)
+            return refs
+        if refs is None and spec != "eager":
+            self._row(w, spec, "failed", reason="not checked, so not timed: eager failed on this workload")
+            return refs
+        name, options = parse_backend(spec)
+        try:
+            be = get_backend(name)
+            t0 = time.perf_counter()
+            graph, weights, _ = _run_passes(w.graph, w.weights, be, "default", True, None)
+            compiled = be.compile(graph, weights, device=self.cfg.device, dtype=self.cfg.dtype, **options)
+            outs = compiled.run(buffers[0])
+            compile_s = time.perf_counter() - t0
+        except Exception as e:
+            self._row(w, spec, "failed", reason=_short(e))
+            return refs if spec != "eager" else None
+        meta = {"compile_s": compile_s, "fallbacks": len(compiled.report.fallbacks)}
+        if spec == "eager":
+            refs = {k: v.detach() for k, v in outs.items()}
+            err = 0.0
+        else:
+            err = self._compare(outs, refs)
+            if not err <= TOLERANCE[self.cfg.dtype]:
+                self._row(w, spec, "WRONG", error=err, reason=f"rel err {err:.2e} vs eager exceeds tolerance", **meta)
+                return refs
+        del outs
+        self._timed(w, spec, compiled.run, buffers, err, **meta)
+        return refs
+
+    # model level -------------------------------------------------------------------
+    def model_workloads(self):
+        mc, summary = self.model.config, self.model.graph.summary()
+        wanted = [n for n in MODEL_WORKLOADS if n in self.cfg.workloads]
+        for name in wanted:
+            for env in self.op_shapes(name):
+                env = {"B": env["B"], "S": 1, "T": env["T"]} if name == "decode" else env
+                flops, nbytes = model_costs(mc, summary, name, env)
+                yield _ModelWorkload(name, "model", env, env["B"] * env["S"], flops, nbytes)
+
+    def run_models(self) -> None:
+        work = list(self.model_workloads())
+        if not work:
+            return
+        self.log(f"model {self.cfg.model}: {', '.join(w.label for w in work)}")
+        refs: dict = {}
+        for spec in self.backends:
+            if spec != "eager" and "small" not in refs:
+                for w in work:
+                    self._row(w, spec, "failed", reason="not checked, so not timed: eager failed on the model")
+                continue
+            self._model_backend(spec, work, refs)
+
+    def _model_backend(self, spec, work, refs) -> None:
+        import dsgraph
+        reason = self._unavailable(spec)
+        if reason:
+            for w in work:
+                self._row(w, spec, "unavailable", reason=reason)
+            return
+        name, options = parse_backend(spec)
+        tol = TOLERANCE[self.cfg.dtype]
+        self.log(f"compiling {self.cfg.model} for {spec}")
+        try:
+            t0 = time.perf_counter()
+            exe = dsgraph.compile(self.model, backend=name, device=self.cfg.device, dtype=self.cfg.dtype, **options)
+            compile_s = time.perf_counter() - t0
+            small = self._small_check(exe)
+        except Exception as e:
+            for w in work:
+                self._row(w, spec, "failed", reason=_short(e))
+            return
+        meta = {"compile_s": compile_s, "fallbacks": len(exe.compiled.report.fallbacks)}
+        if spec == "eager":
+            refs["small"] = small
+        else:
+            err = max(rel_err(a.cpu(), b.cpu()) for a, b in zip(small, refs["small"]))
+            if not err <= tol:
+                for w in work:
+                    self._row(w, spec, "WRONG", error=err, reason=f"model check: rel err {err:.2e} vs eager", **meta)
+                return
+        for w in work:
+            try:
+                self._model_row(exe, spec, w, refs, meta)
+            except Exception as e:
+                self._row(w, spec, "failed", reason=_short(e), **meta)
+        del exe
+        if str(self.cfg.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _small_check(self, exe):
+        """Prefill logits of a [2, 8] prompt and one cached decode step (the check `dsgraph check` does)."""
+        ids = torch.randint(0, self.model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits, state = exe.prefill(ids)
+            dec, _ = exe.decode(logits[:, -1:].argmax(-1), state)
+        return logits.float().cpu(), dec.float().cpu()
+
+    def _model_row(self, exe, spec, w, refs, meta):
+        vocab, tol = self.model.config.vocab_size, TOLERANCE[self.cfg.dtype]
+        n_buf = buffer_count(input_bytes(random_inputs(exe.graph, w.env, 0, vocab)), self.cfg.device)
+        buffers = [random_inputs(exe.graph, w.env, self.cfg.seed + i, vocab, self.cfg.device) for i in range(n_buf)]
+        run = exe.compiled.run
+        if w.name == "prefill":
+            def step(inputs):
+                return run(inputs)["logits"][:, -1].argmax(-1)   # time to first token: prefill + pick
+            with torch.no_grad():
+                logits = run(buffers[0])["logits"][:, -CHECK_TOKENS:].float()
+            key, err = ("prefill", w.label), 0.0
+            if spec == "eager":
+                refs[key] = logits
+            elif key in refs:
+                err = rel_err(logits.to(refs[key].device), refs[key])
+                if not err <= tol:
+                    self._row(w, spec, "WRONG", error=err, reason=f"prefill logits rel err {err:.2e} vs eager",
+                              **meta)
+                    return
+            del logits
+            with torch.no_grad():
+                row = self._timed(w, spec, step, buffers, err, **meta)
+            row["ttft_ms"] = row["median_ms"]
+            return
+        with torch.no_grad():
+            self._timed(w, spec, run, buffers, None, **meta)
+        self.rows[-1]["notes"].append("decode over random caches in this backend's own layout; "
+                                      "correctness from the model check")
+
+
+@dataclass
+class _ModelWorkload:
+    name: str
+    level: str
+    env: dict
+    tokens: int
+    flops: float
+    bytes: float
+    notes: list = field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return self.env["B"]
+
+    @property
+    def context(self) -> int:
+        return self.env["T"] if self.name == "decode" else self.env["S"]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} B={self.env['B']} " + (f"T={self.env['T']}" if self.name == "decode"
+                                                     else f"S={self.env['S']}")
+
+
+def sort_rows(rows: list[dict], backends: list[str]) -> list[dict]:
+    """Op rows before model rows, each workload shape together, backends in the order asked."""
+    first = {}
+    for r in rows:
+        first.setdefault((r["level"] == "model", r["label"]), len(first))
+    order = {b: i for i, b in enumerate(backends)}
+    return sorted(rows, key=lambda r: (r["level"] == "model", first[(r["level"] == "model", r["label"])],
+                                       order.get(r["backend"], len(order))))
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Fill speedup_vs_eager / _vs_torch_compile and frac_of_floor for timed rows."""
+    base: dict = {}
+    for r in rows:
+        if r["status"] == "ok" and r["backend"] in ("eager", "torch_compile"):
+            base[(r["label"], r["backend"])] = r["median_ms"]
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["frac_of_floor"] = r["floor_ms"] / r["median_ms"] if r["median_ms"] else None
+        for ref, key in (("eager", "speedup_vs_eager"), ("torch_compile", "speedup_vs_torch_compile")):
+            t = base.get((r["label"], ref))
+            r[key] = t / r["median_ms"] if t and r["median_ms"] else None
+
+
+def run_bench(cfg: BenchConfig, model, peak: dict, log=None) -> list[dict]:
+    runner = Runner(cfg, model, peak, log)
+    for name in cfg.workloads:
+        if name in OP_WORKLOADS:
+            runner.run_op(name)
+    runner.run_models()
+    add_speedups(runner.rows)
+    return sort_rows(runner.rows, runner.backends)

@@ -1,0 +1,141 @@
+"""`dsgraph bench` on the CPU: table, JSON schema, plot, and a wrong backend flagged and never timed."""
+import json
+
+import pytest
+import torch
+
+from backends.base import CompiledGraph, register_backend
+from backends.eager import EagerBackend
+from dsgraph.bench import report, roofline
+from dsgraph.bench.timing import buffer_count, measure
+from dsgraph.cli import main
+
+
+class BrokenBackend(EagerBackend):
+    """Test-only: eager numbers with every float output scaled by 1.01 (a 1% error)."""
+
+    name = "broken_test"
+
+    def compile_graph(self, graph, weights, device, report, **options):
+        inner = super().compile_graph(graph, weights, device, report, **options)
+
+        def run(inputs):
+            return {k: v * 1.01 if v.is_floating_point() else v for k, v in inner.run(inputs).items()}
+        return CompiledGraph(graph, run, report)
+
+
+register_backend("broken_test", BrokenBackend)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DSGRAPH_CACHE_DIR", str(tmp / "cache"))
+    out, png = tmp / "out.json", tmp / "out.png"
+    import contextlib
+    import io
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["bench", "deepseek-v3-tiny", "--device", "cpu", "--backends", "eager,broken_test,onnx,no_such",
+                   "--op", "rmsnorm,moe,prefill,decode", "--batch", "1,3", "--context", "9", "--repeats", "3",
+                   "--json", str(out), "--plot", str(png)])
+    yield rc, stdout.getvalue(), stderr.getvalue(), json.loads(out.read_text()), png, tmp
+    mp.undo()
+
+
+def test_table_printed_with_progress(bench_run):
+    rc, stdout, stderr, doc, _, _ = bench_run
+    assert rc == 1                                   # a WRONG row makes the command fail
+    assert "median ms" in stdout and "x eager" in stdout
+    for label in ("rmsnorm B=1 S=9", "moe B=3 S=1", "prefill B=1 S=9", "decode B=3 T=9"):
+        assert label in stdout
+    assert "compiling deepseek-v3-tiny for onnx" in stderr
+
+
+def test_json_follows_schema(bench_run):
+    doc = bench_run[3]
+    assert report.validate(doc) == []
+    assert doc["environment"]["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        doc["environment"]["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert doc["peaks"]["bandwidth_gbs"] > 0 and doc["peaks"]["flops_tflops"]["float32"] > 0
+    ok = [r for r in doc["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"eager", "onnx"}
+    for r in ok:
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["throughput"] == pytest.approx(r["tokens"] / (r["median_ms"] * 1e-3))
+        assert r["frac_of_floor"] == pytest.approx(r["floor_ms"] / r["median_ms"])
+        assert r["speedup_vs_eager"] > 0
+    prefill = [r for r in ok if r["workload"] == "prefill"]
+    assert prefill and all(r["ttft_ms"] == r["median_ms"] for r in prefill)
+
+
+def test_schema_check_rejects_bad_documents(bench_run):
+    doc = json.loads(json.dumps(bench_run[3]))
+    doc["rows"][0].pop("median_ms")
+    doc["rows"][1]["status"] = "fast"
+    errs = report.validate(doc)
+    assert any("median_ms missing" in e for e in errs) and any("'fast'" in e for e in errs)
+    assert report.validate({"schema": "x"})
+
+
+def test_plot_written(bench_run):
+    png = bench_run[4]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrong_backend_flagged_not_timed(bench_run):
+    rows = [r for r in bench_run[3]["rows"] if r["backend"] == "broken_test"]
+    assert len(rows) == 6                            # rmsnorm, moe x2, prefill, decode x2: every row
+    for r in rows:
+        assert r["status"] == "WRONG", r
+        if r["level"] == "op":
+            assert r["error"] == pytest.approx(0.01, rel=1e-3)
+        else:   # scaled caches feed the decode step too: the error compounds
+            assert r["error"] >= 0.0099
+        assert r["median_ms"] is None and r["throughput"] is None
+    assert "WRONG" in bench_run[1] and "not timed" in bench_run[1]
+
+
+def test_unknown_backend_reported_unavailable(bench_run):
+    rows = [r for r in bench_run[3]["rows"] if r["backend"] == "no_such"]
+    assert rows and all(r["status"] == "unavailable" and "no_such" in r["reason"] for r in rows)
+
+
+def test_peaks_cached_per_machine(bench_run):
+    tmp = bench_run[5]
+    cache = json.loads((tmp / "cache" / "peaks.json").read_text())
+    assert roofline.machine_key("cpu") in cache
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSGRAPH_CACHE_DIR", str(tmp / "cache"))
+        assert roofline.peaks("cpu", ["float32"])["source"].startswith("cached")
+
+
+def test_floor_picks_the_slower_bound():
+    peak = {"bandwidth_gbs": 100.0, "flops_tflops": {"float32": 1.0}}
+    assert roofline.floor_ms(1e9, 1e6, peak, "float32") == (pytest.approx(1.0), "compute")
+    assert roofline.floor_ms(1e3, 1e9, peak, "float32") == (pytest.approx(10.0), "memory")
+
+
+def test_timing_rotates_buffers_and_respects_budget():
+    seen = []
+    bufs = [{"x": torch.full((4,), float(i))} for i in range(3)]
+    t = measure(lambda inp: seen.append(int(inp["x"][0])), bufs, "cpu", warmup=2, repeats=7)
+    assert t.repeats == 7 and sorted(set(seen)) == [0, 1, 2] and t.p20_ms <= t.median_ms <= t.p80_ms
+    import time
+    slow = measure(lambda inp: time.sleep(0.05), bufs, "cpu", warmup=3, repeats=50, budget_s=0.2)
+    assert 3 <= slow.repeats <= 4 and slow.median_ms >= 45
+    assert buffer_count(1 << 30, "cpu") == 1 and buffer_count(1024, "cpu") == 8
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--batch", "0"], "positive integers"),
+    (["--op", "flash"], "unknown workload"),
+])
+def test_bad_arguments_are_named(argv, match, capsys):
+    try:
+        rc = main(["bench", "deepseek-v3-tiny", "--backends", "eager", *argv])
+    except SystemExit as e:
+        rc = e.code
+    assert rc != 0
+    assert match in capsys.readouterr().err
