@@ -18,14 +18,27 @@ def split_graph(graph: Graph, seeds: set[str]) -> tuple[Graph, Graph]:
     if missing:
         raise KeyError(f"split_graph: graph {graph.name} has no inputs {sorted(missing)}")
     tainted = {id(graph.inputs[s]) for s in seeds}
+    # weight-only values (params and what is computed from params alone) are recomputed on
+    # both sides instead of crossing over: only per-token values cross
+    weight_only = {id(v) for v in graph.inputs.values() if v.kind == "param"}
     tail_nodes = set()
     for node in graph.nodes:
         if any(id(v) in tainted for v in node.inputs):
             tail_nodes.add(id(node))
             tainted.update(id(v) for v in node.outputs)
+        elif all(id(v) in weight_only for v in node.inputs):
+            weight_only.update(id(v) for v in node.outputs)
+    needed = set()
+    for node in reversed(graph.nodes):
+        if id(node) in tail_nodes or any(id(v) in needed for v in node.outputs):
+            if id(node) not in tail_nodes and not all(id(v) in weight_only for v in node.outputs):
+                continue
+            needed.update(id(v) for v in node.inputs if id(v) in weight_only)
+    const_for_tail = {id(n) for n in graph.nodes if id(n) not in tail_nodes
+                      and any(id(v) in needed for v in n.outputs)}
     head_nodes = [n for n in graph.nodes if id(n) not in tail_nodes]
-    tail_nodes_list = [n for n in graph.nodes if id(n) in tail_nodes]
-    head_values = {id(v) for n in head_nodes for v in n.outputs}
+    tail_nodes_list = [n for n in graph.nodes if id(n) in tail_nodes or id(n) in const_for_tail]
+    head_values = {id(v) for n in head_nodes for v in n.outputs if id(n) not in const_for_tail}
     crossing = {}
     for n in tail_nodes_list:
         crossing.update({v.name: v for v in n.inputs if id(v) in head_values})
