@@ -1,0 +1,71 @@
+"""Graph -> built TVM module + calling convention + report entries (needs TVM's compiler library).
+
+    built = compile_program(graph, "cpu")          # translate, schedule, build
+    save_program(directory, built.executable, built.program)
+
+`compile_program` does not touch weights: a module for `cuda` can be built on a machine without a GPU
+and run elsewhere with TVM's runtime alone (backends/tvm/runtime.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backends.base import KernelChoice
+from dsgraph.errors import BackendUnavailable
+
+from .build import build, make_target
+from .translate import translate
+
+
+@dataclass
+class Built:
+    executable: object
+    program: dict
+    kernels: list[KernelChoice]
+    notes: list[str] = field(default_factory=list)
+
+
+def compile_program(graph, device: str, tune: dict | None = None, fallback_origins: dict | None = None) -> Built:
+    """Translate and build `graph` for `device`; `fallback_origins` maps the output names of legalized nodes
+    to the op they replaced (their kernels are reported as `fallback`)."""
+    target = make_target(device, tuning=bool(tune and tune.get("trials", 0) > 0))
+    t0 = time.perf_counter()
+    tr = translate(graph, target)
+    t1 = time.perf_counter()
+    tune_note = None
+    if tune is not None:
+        unknown = set(tune) - {"work_dir", "trials"}
+        if unknown or "work_dir" not in tune:
+            raise BackendUnavailable(f"tvm option tune={tune!r}: give {{'work_dir': DIR, 'trials': N}}")
+        if tune.get("trials", 0) > 0 and importlib.util.find_spec("psutil") is None:
+            raise BackendUnavailable("MetaSchedule tuning needs psutil (TVM's search uses it): pip install psutil; "
+                                     "or tune={'work_dir': DIR, 'trials': 0} to apply existing records only")
+        Path(tune["work_dir"]).mkdir(parents=True, exist_ok=True)
+        tune_note = (f"MetaSchedule: {tune.get('trials', 0)} tuning trials, records in {tune['work_dir']} "
+                     "(existing records reused)")
+    executable = build(tr.mod, target, tune)
+    t2 = time.perf_counter()
+    origins = fallback_origins or {}
+    kernels = []
+    for node, res in tr.kernels:
+        origin = origins.get(node.meta.get("origin"))
+        kind, note = ("fallback", f"legalized {origin} via its decomposition" + (f"; {res.note}" if res.note else "")) \
+            if origin else (res.kind, res.note)
+        kernels.append(KernelChoice(tuple(v.name for v in node.outputs), node.op, kind, res.kernel, note))
+    target_name = f"{target.kind.name}" + (f" {target.attrs['arch']}" if "arch" in target.attrs else "")
+    program = {"inputs": tr.input_names, "params": tr.param_names, "outputs": tr.output_names,
+               "derived": [d.__dict__ for d in tr.derived], "device": "cuda" if str(device).startswith("cuda")
+               else "cpu", "target": target_name}
+    n_tir = sum(1 for _, f in tr.mod.functions_items() if type(f).__name__ == "PrimFunc")
+    notes = [f"target {target_name}", f"translate {t1 - t0:.2f}s, build {t2 - t1:.2f}s "
+             f"({n_tir} TE/TIR functions before fusion)",
+             "schedules: " + ("dlight defaults (gpu)" if "gpu" in target.keys else "default llvm lowering")]
+    if tune_note:
+        notes.append(tune_note)
+    for d in tr.derived:
+        more = ", …" if len(d.sources) > 2 else ""
+        notes.append(f"derived parameter {d.name} = {d.recipe}({', '.join(d.sources[:2])}{more})")
+    return Built(executable, program, kernels, notes)

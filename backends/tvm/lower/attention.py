@@ -1,0 +1,96 @@
+"""Attention and the MLA projections.
+
+GQA and naive MLA are Relax built-ins (batched matmul, causal mask, softmax, matmul, in fp32), the
+query heads of one kv head viewed as [B, Hkv, g, S, D] so K and V are never repeated. Absorbed MLA —
+every head attending to the one shared latent cache [B, T, C+R], values being its first C dims — has no
+Relax op: it is a TE function written here (scores, masked softmax, latent-weighted sum).
+"""
+from __future__ import annotations
+
+from tvm import relax, te, tirx
+
+from .linalg import linear
+from .norm import rms_norm
+from .registry import Lowered, lower
+from .shape import causal_mask_te, split_sizes
+
+
+def attention(ctx, q, k, v, scale: float, causal: bool, out_dtype: str):
+    """q [B,S,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] -> [B,S,Hq,Dv]; fp32 inside."""
+    b, s, hq, dq = ctx.shape_of(q)
+    t, hkv, dv = ctx.shape_of(k)[1], ctx.shape_of(k)[2], ctx.shape_of(v)[3]
+    g = int(hq) // int(hkv)
+    emit, op = ctx.emit, relax.op
+    qg = emit(op.permute_dims(emit(op.reshape(ctx.f32(q), [b, s, hkv, g, dq])), [0, 2, 3, 1, 4]))
+    kt = emit(op.reshape(emit(op.permute_dims(ctx.f32(k), [0, 2, 3, 1])), [b, hkv, 1, dq, t]))
+    scores = emit(op.multiply(emit(op.matmul(qg, kt)), ctx.const(scale)))
+    if causal:
+        mask = ctx.emit_te(lambda: causal_mask_te(s, t), name="causal_mask")
+        scores = emit(op.where(mask, scores, ctx.const(float("-inf"))))
+    p = emit(op.nn.softmax(scores, axis=-1))
+    vv = emit(op.reshape(emit(op.permute_dims(ctx.f32(v), [0, 2, 1, 3])), [b, hkv, 1, t, dv]))
+    o = emit(op.permute_dims(emit(op.matmul(p, vv)), [0, 3, 1, 2, 4]))
+    return ctx.astype(emit(op.reshape(o, [b, s, hq, dv])), out_dtype)
+
+
+@lower("attention.gqa", "attention.mla")
+def _(ctx, node, q, k, v):
+    a = node.attrs
+    return Lowered([attention(ctx, q, k, v, a["scale"], a["causal"], node.outputs[0].dtype)], "relax",
+                   "relax.matmul + where(causal) + nn.softmax + matmul")
+
+
+def mla_absorbed_te(q, cache, scale: float, causal: bool, c: int, out_dtype: str):
+    """q [B,S,H,C+R], cache [B,T,C+R] -> [B,S,H,C]: MQA over the latent, in fp32.
+
+    Query s sits at absolute position T - S + s and sees cache rows 0..T - S + s.
+    """
+    bsz, s, h, w = q.shape
+    t = cache.shape[1]
+    r = te.reduce_axis((0, w), name="r")
+    dot = te.compute((bsz, h, s, t), lambda b, hh, i, j: te.sum(
+        q[b, i, hh, r].astype("float32") * cache[b, j, r].astype("float32"), axis=r), name="qk")
+    if causal:
+        score = te.compute(dot.shape, lambda b, hh, i, j: tirx.Select(
+            j <= i + (t - s), dot[b, hh, i, j] * scale, tirx.const(float("-inf"), "float32")), name="score")
+    else:
+        score = te.compute(dot.shape, lambda b, hh, i, j: dot[b, hh, i, j] * scale, name="score")
+    j = te.reduce_axis((0, t), name="j")
+    mx = te.compute((bsz, h, s), lambda b, hh, i: te.max(score[b, hh, i, j], axis=j), name="row_max")
+    p = te.compute(score.shape, lambda b, hh, i, jj: tirx.exp(score[b, hh, i, jj] - mx[b, hh, i]), name="p")
+    j2 = te.reduce_axis((0, t), name="j2")
+    den = te.compute((bsz, h, s), lambda b, hh, i: te.sum(p[b, hh, i, j2], axis=j2), name="row_sum")
+    j3 = te.reduce_axis((0, t), name="j3")
+    num = te.compute((bsz, s, h, c), lambda b, i, hh, cc: te.sum(
+        p[b, hh, i, j3] * cache[b, j3, cc].astype("float32"), axis=j3), name="pv")
+    return te.compute((bsz, s, h, c), lambda b, i, hh, cc: (num[b, i, hh, cc] / den[b, hh, i]).astype(out_dtype),
+                      name="mla_out")
+
+
+@lower("attention.mla_absorbed")
+def _(ctx, node, q, cache):
+    a = node.attrs
+    out = ctx.emit_te(mla_absorbed_te, q, cache, a["scale"], a["causal"], a["kv_lora_rank"],
+                      node.outputs[0].dtype, name="mla_absorbed")
+    return Lowered([out], "tir", "te.mla_absorbed (latent-cache MQA)")
+
+
+@lower("mla.latent_proj")
+def _(ctx, node, x, w, nw):
+    a = node.attrs
+    kv = linear(ctx, x, w)
+    c, k_pe = split_sizes(ctx, kv, (a["kv_lora_rank"], int(ctx.shape_of(w)[0]) - a["kv_lora_rank"]), -1)
+    return Lowered([rms_norm(ctx, c, nw, a["eps"], node.outputs[0].dtype), k_pe], "relax",
+                   "relax.linear + split + nn.rms_norm")
+
+
+@lower("mla.decompress")
+def _(ctx, node, c, k_pe, w):
+    a = node.attrs
+    h, dn, dv = a["num_heads"], a["qk_nope_dim"], a["v_dim"]
+    b, s = ctx.shape_of(c)[:2]
+    kv = ctx.emit(relax.op.reshape(linear(ctx, c, w), [b, s, h, dn + dv]))
+    k_nope, v = split_sizes(ctx, kv, (dn, dv), -1)
+    k_rope = ctx.emit(relax.op.broadcast_to(k_pe, [b, s, h, ctx.shape_of(k_pe)[3]]))
+    k = ctx.emit(relax.op.concat([k_nope, k_rope], axis=3))
+    return Lowered([k, v], "relax", "relax.linear + reshape + split + concat")

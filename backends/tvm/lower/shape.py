@@ -1,0 +1,91 @@
+"""Shape and data-movement primitives -> Relax built-ins, plus two tiny TE index generators
+(arange over a symbolic length, the causal mask) that Relax would need several ops for."""
+from __future__ import annotations
+
+from tvm import relax, te
+
+from .registry import Lowered, lower
+
+
+@lower("reshape")
+def _(ctx, node, x):
+    return Lowered([ctx.emit(relax.op.reshape(x, ctx.dims(node.attrs["shape"])))], "relax", "relax.reshape")
+
+
+@lower("permute")
+def _(ctx, node, x):
+    return Lowered([ctx.emit(relax.op.permute_dims(x, list(node.attrs["dims"])))], "relax", "relax.permute_dims")
+
+
+@lower("expand")
+def _(ctx, node, x):
+    return Lowered([ctx.emit(relax.op.broadcast_to(x, ctx.dims(node.attrs["shape"])))], "relax",
+                   "relax.broadcast_to")
+
+
+def split_sizes(ctx, x, sizes, dim):
+    """relax.split by sizes: Relax takes the split points, so accumulate them."""
+    rank = len(ctx.shape_of(x))
+    points, acc = [], 0
+    for s in sizes[:-1]:
+        acc = acc + ctx.dim(s)
+        points.append(acc)
+    if not points:
+        return [x]
+    parts = ctx.emit(relax.op.split(x, points, axis=dim % rank))
+    return [ctx.emit(relax.TupleGetItem(parts, i)) for i in range(len(sizes))]
+
+
+@lower("split")
+def _(ctx, node, x):
+    return Lowered(split_sizes(ctx, x, node.attrs["sizes"], node.attrs["dim"]), "relax", "relax.split")
+
+
+def slice_dim(ctx, x, dim, start, end):
+    shape = ctx.shape_of(x)
+    dim %= len(shape)
+    size = shape[dim]
+    if start < 0 and end is None:
+        begin, stop = size + start, size
+    else:
+        begin, stop = start, size if end is None else end
+    return ctx.emit(relax.op.strided_slice(x, axes=[dim], begin=[begin], end=[stop], assume_inbound=True))
+
+
+@lower("slice")
+def _(ctx, node, x):
+    a = node.attrs
+    return Lowered([slice_dim(ctx, x, a["dim"], a["start"], a["end"])], "relax", "relax.strided_slice")
+
+
+@lower("concat")
+def _(ctx, node, *xs):
+    rank = len(ctx.shape_of(xs[0]))
+    return Lowered([ctx.emit(relax.op.concat(list(xs), axis=node.attrs["dim"] % rank))], "relax", "relax.concat")
+
+
+@lower("cache.append")
+def _(ctx, node, cache, new):
+    return Lowered([ctx.emit(relax.op.concat([cache, new], axis=1))], "relax", "relax.concat",
+                   "functional cache update (new cache tensor each step)")
+
+
+@lower("arange_like")
+def _(ctx, node, x):
+    n = ctx.shape_of(x)[node.attrs["dim"] % len(ctx.shape_of(x))]
+    out = ctx.emit_te(lambda: te.compute((n,), lambda i: i.astype("int64"), name="arange"), name="arange")
+    return Lowered([out], "tir", "te.arange")
+
+
+def causal_mask_te(sq, sk):
+    """bool [Sq, Sk]: query i sits at absolute position Sk - Sq + i and sees keys 0..Sk - Sq + i."""
+    return te.compute((sq, sk), lambda i, j: j <= i + (sk - sq), name="causal_mask")
+
+
+@lower("causal_mask")
+def _(ctx, node, q, k):
+    a = node.attrs
+    sq = ctx.shape_of(q)[a["q_dim"] % len(ctx.shape_of(q))]
+    sk = ctx.shape_of(k)[a["k_dim"] % len(ctx.shape_of(k))]
+    return Lowered([ctx.emit_te(lambda: causal_mask_te(sq, sk), name="causal_mask")], "tir", "te.causal_mask")
+
