@@ -118,7 +118,22 @@ def load_runtime_sidecars(device: str) -> list[str]:
             except (OSError, RuntimeError) as e:
                 raise ArtifactError(f"TVM runtime library lib{name}.so could not be loaded from {runtime_dir} ({e}); "
                                     "deploy it beside libtvm_runtime.so (see backends/tvm/README.md)") from None
+    if torch.device(device).type == "cuda":
+        register_cuda_jit()
     return wanted
+
+
+def register_cuda_jit() -> None:
+    """TVM 0.27 keeps CUDA kernels as source in the exported module and compiles them with NVRTC when the
+    module is loaded, through the `tvm_callback_cuda_compile` hook. Its default hook asks the compiler's
+    target registry for the architecture, which a runtime-only TVM lacks; this one asks the GPU instead."""
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    def compile_for_this_gpu(code, *_):
+        major, minor = torch.cuda.get_device_capability()
+        return nvcc.compile_cuda(code, target_format="cubin", arch=f"sm_{major}{minor}", compiler="nvrtc")
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_for_this_gpu, override=True)
 
 
 def load_program(directory, graph, weights, device: str) -> ProgramRunner:

@@ -19,12 +19,14 @@ DEFAULTS = {
 }
 
 
-def load_prefill_model(name: str, dtype: str, seed: int = 0):
-    """The model without its MTP branch (the bench times plain prefill and decode)."""
+def load_prefill_model(name: str, dtype: str, seed: int = 0, device: str = "cpu"):
+    """The model without its MTP branch (the bench times plain prefill and decode); a preset's random weights
+    are drawn on `device`, so a full-size model never passes through host memory."""
     import dsgraph
     import models
     if name in models.PRESETS:
-        return models.build_model(name, seed=seed, dtype=dtype, mtp=False)
+        return models.build_model(name, seed=seed, dtype=dtype, mtp=False,
+                                  weights_device="cuda" if str(device).startswith("cuda") else "cpu")
     model = dsgraph.load(name, dtype=dtype, seed=seed)
     if "mtp_ids" in model.graph.inputs:
         model = models.Model(model.name, model.config,
@@ -54,7 +56,7 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
     for name, values in (("batch", cfg.batches), ("prefill batch", cfg.prefill_batches), ("context", cfg.contexts)):
         if not values or any(v < 1 for v in values):
             raise InputError(f"--{name.replace(' ', '-')} needs positive integers, got {values}")
-    mdl = load_prefill_model(model, cfg.dtype, seed)
+    mdl = load_prefill_model(model, cfg.dtype, seed, cfg.device)
     limit = mdl.config.max_position_embeddings
     if max(cfg.contexts) + 1 > limit:
         raise InputError(f"--context {max(cfg.contexts)} exceeds {model}'s max_position_embeddings={limit}")
