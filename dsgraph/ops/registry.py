@@ -130,6 +130,11 @@ def defop(name: str, inputs: str = "", attrs: dict[str, Attr] | None = None, doc
     return op
 
 
+def remove_op(name: str) -> None:
+    """Unregister an op (tests and plugins that define ops for a while)."""
+    _REGISTRY.pop(name, None)
+
+
 def get_op(name: str) -> OpDef:
     _ensure_loaded()
     try:
