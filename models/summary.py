@@ -24,8 +24,8 @@ class ModelSummary:
         g = self.graph_summary
         lines = [
             f"{self.name}  ({self.family}, {self.layers} layers, {self.experts})",
-            f"  parameters        {self.params / 1e9:8.2f} B   (+{self.mtp_params / 1e9:.2f} B in the MTP module)",
-            f"  activated/token   {self.activated / 1e9:8.2f} B",
+            f"  parameters        {_count(self.params)}   (+{_count(self.mtp_params).strip()} in the MTP module)",
+            f"  activated/token   {_count(self.activated)}",
             f"  KV cache/token    {self.kv_graph:,} values in this graph",
         ]
         if self.kv_naive is not None:
@@ -39,6 +39,14 @@ class ModelSummary:
         return "\n".join(lines)
 
 
+def _count(n: int) -> str:
+    """671.07 B, 15.71 B, 3.41 M, 812 K: parameter counts at any scale."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:8.2f} {unit}"
+    return f"{n:8d}  "
+
+
 def model_summary(model) -> ModelSummary:
     from dsgraph.analysis import _numel
     from dsgraph.dtypes import itemsize
@@ -46,10 +54,11 @@ def model_summary(model) -> ModelSummary:
     s = g.summary()
     mtp_prefix = f"model.layers.{c.num_hidden_layers}."
     mtp = sum(_numel(v.type) for n, v in g.params().items() if n.startswith(mtp_prefix))
-    mtp_inactive = 0
+    # the MTP embedding table is a lookup, excluded from the graph's activated count already
+    mtp_inactive = sum(_numel(v.type) for n, v in g.params().items() if n == f"{mtp_prefix}embed_tokens.weight")
     if mtp and c.is_moe:
         per_expert = 3 * c.hidden_size * c.moe_intermediate_size
-        mtp_inactive = per_expert * (c.n_routed_experts - c.num_experts_per_tok)
+        mtp_inactive += per_expert * (c.n_routed_experts - c.num_experts_per_tok)
     kv_naive = kv_abs = None
     if c.is_mla:
         kv_naive = c.num_hidden_layers * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim
