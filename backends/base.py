@@ -75,15 +75,25 @@ class CompileReport:
 
 
 class CompiledGraph:
-    """A graph bound to weights on a device; `run` maps input tensors to output tensors."""
+    """A graph bound to weights on a device; `run` maps input tensors to output tensors.
 
-    def __init__(self, graph, run_fn: Callable[[Mapping[str, torch.Tensor]], dict], report: CompileReport):
+    Backends that execute the graph value by value (eager, triton) also pass `run_fn` a `record` flag: then
+    `run(inputs, record=True)` returns (outputs, {value name: tensor}) for every value the backend materialised,
+    which `dsgraph.check.localize` replays node by node to find the kernel that is wrong."""
+
+    def __init__(self, graph, run_fn: Callable[..., dict], report: CompileReport, records: bool = False):
         self.graph = graph
         self._run = run_fn
         self.report = report
+        self.records = records
 
-    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self._run(inputs)
+    def run(self, inputs: Mapping[str, torch.Tensor], record: bool = False):
+        if not record:
+            return self._run(inputs)
+        if not self.records:
+            raise NotImplementedError(f"the {self.report.backend} backend runs the graph as a whole module: it "
+                                      "cannot record intermediate values (use triton or eager to localise)")
+        return self._run(inputs, record=True)
 
 
 class Backend:

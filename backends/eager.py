@@ -15,7 +15,7 @@ class EagerBackend(Backend):
         for node in graph.nodes:
             report.kernels.append(KernelChoice(tuple(v.name for v in node.outputs), node.op, "reference",
                                                f"torch reference of {node.op}"))
-        return CompiledGraph(graph, interp.run, report)
+        return CompiledGraph(graph, interp.run, report, records=True)
 
 
 register_backend("eager", EagerBackend)

@@ -88,15 +88,19 @@ class Executable:
                   for name, v in graph.inputs.items() if v.kind == "cache"}
         return KVState(caches, 0, batch)
 
-    def step(self, ids: torch.Tensor, state: KVState, extra: dict | None = None):
-        """Run S new tokens after `state`; returns (outputs dict, new state)."""
+    def step_inputs(self, ids: torch.Tensor, state: KVState, extra: dict | None = None) -> dict:
+        """The graph inputs that run S new tokens after `state`."""
         b, s = ids.shape
         if b != state.batch:
             raise InputError(f"batch of {b} sequences does not match the cache's batch of {state.batch}")
         self._check_length(state.length + s)
         positions = torch.arange(state.length, state.length + s, device=self.device).expand(b, s)
-        inputs = {"input_ids": ids, "positions": positions, **state.caches, **(extra or {})}
-        out = self.compiled.run(inputs)
+        return {"input_ids": ids, "positions": positions, **state.caches, **(extra or {})}
+
+    def step(self, ids: torch.Tensor, state: KVState, extra: dict | None = None):
+        """Run S new tokens after `state`; returns (outputs dict, new state)."""
+        out = self.compiled.run(self.step_inputs(ids, state, extra))
+        b, s = ids.shape
         caches = {name: out[self.graph.cache_map[name]] for name in self.cache_inputs}
         return out, KVState(caches, state.length + s, b)
 
@@ -115,6 +119,14 @@ class Executable:
         ids = self._ids(token_ids, "token_ids")
         out, state = self.step(ids, state)
         return out["logits"], state
+
+    def localize(self, input_ids, state: KVState | None = None, tolerance: float | None = None):
+        """The nodes whose kernels disagree with their op's torch reference on this step (see
+        dsgraph.check.localize); `state` None means a prefill from an empty cache."""
+        from dsgraph.check import localize
+        ids = self._ids(input_ids)
+        state = state or self.empty_state(ids.shape[0])
+        return localize(self.compiled, self.step_inputs(ids, state), tolerance)
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int = 32, speculative: str | None = None,

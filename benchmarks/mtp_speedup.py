@@ -69,6 +69,31 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
+def measure(frac: float, args) -> dict:
+    """Plain and speculative greedy decoding of the same prompts, checked equal, then timed."""
+    model = build(args.tiny, args.layers, args.dense, args.vocab, args.dtype, args.device)
+    make_bigram(model, frac)
+    exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype, keep_mtp=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, args.vocab, (1, 16), generator=g) for _ in range(args.prompts)]
+    exe.generate(prompts[0], 4)                                   # warm-up (compilation, autotuning)
+    speculate(exe, prompts[0], 4, args.depth)
+    plain_t = spec_t = 0.0
+    acc, steps = [], 0
+    for p in prompts:
+        ref, t = timed(lambda: exe.generate(p, args.new_tokens), args.device)
+        plain_t += t
+        (out, _, stats), t = timed(lambda: speculate(exe, p, args.new_tokens, args.depth), args.device)
+        spec_t += t
+        if not torch.equal(out.cpu(), ref.cpu()):
+            raise SystemExit(f"speculative output differs from plain greedy at wrong={frac}")
+        acc.append(stats.extra["acceptance_per_position"][0])
+        steps += stats.target_steps
+    n = args.new_tokens * len(prompts)
+    return {"wrong_fraction": frac, "acceptance": sum(acc) / len(acc), "plain_tok_s": n / plain_t,
+            "spec_tok_s": n / spec_t, "speedup": plain_t / spec_t, "tokens_per_step": n / steps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,37 +110,16 @@ def main() -> None:
     args = ap.parse_args()
     results = []
     for frac in [float(x) for x in args.wrong.split(",")]:
-        model = build(args.tiny, args.layers, args.dense, args.vocab, args.dtype, args.device)
-        make_bigram(model, frac)
-        exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype, keep_mtp=True)
-        g = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(0, args.vocab, (1, 16), generator=g) for _ in range(args.prompts)]
-        exe.generate(prompts[0], 4)                                   # warm-up (compilation, autotuning)
-        speculate(exe, prompts[0], 4, args.depth)
-        plain_t = spec_t = 0.0
-        acc, steps = [], 0
-        for p in prompts:
-            ref, t = timed(lambda: exe.generate(p, args.new_tokens), args.device)
-            plain_t += t
-            (out, _, stats), t = timed(lambda: speculate(exe, p, args.new_tokens, args.depth), args.device)
-            spec_t += t
-            if not torch.equal(out.cpu(), ref.cpu()):
-                raise SystemExit(f"speculative output differs from plain greedy at wrong={frac}")
-            acc.append(stats.extra["acceptance_per_position"][0])
-            steps += stats.target_steps
-        n = args.new_tokens * len(prompts)
-        row = {"wrong_fraction": frac, "acceptance": sum(acc) / len(acc), "plain_tok_s": n / plain_t,
-               "spec_tok_s": n / spec_t, "speedup": plain_t / spec_t, "tokens_per_step": n / steps}
+        row = measure(frac, args)
         results.append(row)
         print(f"acceptance {row['acceptance']:.2f}  plain {row['plain_tok_s']:8.1f} tok/s  "
               f"mtp {row['spec_tok_s']:8.1f} tok/s  speedup {row['speedup']:.2f}x  "
               f"({row['tokens_per_step']:.2f} tokens per main step)", flush=True)
-        del exe, model
         if args.device == "cuda":
             torch.cuda.empty_cache()
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "backend": args.backend,
-           "dtype": args.dtype, "layers": args.layers, "dense_layers": args.dense, "vocab": args.vocab, "depth": args.depth,
-           "torch": torch.__version__}
+           "dtype": args.dtype, "layers": args.layers, "dense_layers": args.dense, "vocab": args.vocab,
+           "depth": args.depth, "torch": torch.__version__}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "mtp_speedup.json"), "w") as f:
             json.dump({"env": env, "results": results}, f, indent=1)

@@ -5,16 +5,27 @@
     exe = dsgraph.compile(model, backend="eager")
     tokens = exe.generate(prompt_ids, max_new_tokens=16)
 """
+from .analysis import summarize, to_networkx
 from .builder import GraphBuilder
-from .errors import (ArtifactError, BackendUnavailable, CheckpointError, ConfigError, DSGraphError, InputError,
-                     NotBuiltYet, PassError, ShapeError, UnknownOpError, VerifyError)
+from .errors import (
+    ArtifactError,
+    BackendUnavailable,
+    CheckpointError,
+    ConfigError,
+    DSGraphError,
+    InputError,
+    NotBuiltYet,
+    PassError,
+    ShapeError,
+    UnknownOpError,
+    VerifyError,
+)
 from .interpreter import Interpreter, run
 from .ir import Graph, Node, Value
 from .serialize import graph_from_json, graph_to_json, load_graph, save_graph
 from .symbolic import Sym
 from .types import TensorType, tt
 from .weights import WeightStore
-from .analysis import summarize, to_networkx
 
 __version__ = "0.1.0"
 

@@ -29,6 +29,7 @@ def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options):
 
 def _load_saved_graph(path: Path):
     import models
+
     from .serialize import load_graph
     from .weights import WeightStore
     graph = load_graph(path)

@@ -60,3 +60,43 @@ def check_backend(model, backend: str, device: str = "cpu", dtype: str = "float3
     return CheckResult(backend, device, dtype, rel_err(logits.cpu(), ref_logits), rel_err(dec.cpu(), ref_dec),
                        tokens.cpu().tolist(), bool(torch.equal(tokens.cpu(), ref_tokens)), secs, compile_s,
                        len(exe.compiled.report.fallbacks))
+
+
+@dataclass
+class NodeError:
+    node: str        # the node, as the printer writes it
+    error: float     # relative error of its float outputs, or the fraction of integer outputs that differ
+    tolerance: float
+
+    def __str__(self) -> str:
+        return f"{self.error:.2e} (tolerance {self.tolerance:.0e})  {self.node}"
+
+
+def localize(compiled, inputs, tolerance: float | None = None) -> list[NodeError]:
+    """Replay every node whose inputs and outputs the backend materialised through the op's torch reference,
+    fed the backend's own inputs; return the nodes whose outputs differ beyond `tolerance`, in graph order.
+
+    Errors do not compound here: each node sees exactly what the backend's kernel saw, so the first entry is
+    the kernel (or fused region, via its last node) that is wrong, not the place where drift became visible.
+    Integer outputs (expert ids) are compared exactly; near-ties in float scores legitimately flip them."""
+    from .interpreter import run_node
+    from .types import bind_symbols
+    graph = compiled.graph
+    _, seen = compiled.run(inputs, record=True)
+    tolerance = tolerance or TOLERANCE.get(compiled.report.dtype, 1e-4)
+    env: dict[str, int] = {}
+    for name, v in graph.inputs.items():
+        if name in seen:
+            bind_symbols(v.type, seen[name], env, f"input %{name}")
+    bad = []
+    for node in graph.nodes:
+        if not all(v.name in seen for v in (*node.inputs, *node.outputs)):
+            continue  # inside a fused region: judged through the region's outputs
+        ref = run_node(node, [seen[v.name] for v in node.inputs], dict(env))
+        worst = 0.0
+        for v, r in zip(node.outputs, ref):
+            got = seen[v.name].to(r.device)
+            worst = max(worst, rel_err(got, r) if r.is_floating_point() else float((got != r).float().mean()))
+        if worst > tolerance:
+            bad.append(NodeError(node.format(6), worst, tolerance))
+    return bad

@@ -74,6 +74,7 @@ def cmd_run(args) -> int:
 
 def cmd_check(args) -> int:
     import dsgraph
+
     from .check import check_backend
     model = dsgraph.load(args.model)
     ok = True
@@ -91,6 +92,7 @@ def cmd_demo(args) -> int:
 
     import dsgraph
     from backends import available_backends
+
     from .check import check_backend, make_prompt
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
@@ -107,7 +109,8 @@ def cmd_demo(args) -> int:
         err = max(r.prefill_err, r.decode_err)
         print(f"{backend:<10} {err:>12.2e} {str(r.tokens[0]):<34} {'yes' if r.tokens_match else 'NO':<6} "
               f"{r.compile_seconds:>7.2f}s {r.seconds:>7.2f}s", flush=True)
-    print(f"\ndone in {time.perf_counter() - t0:.1f}s — every backend {'agrees' if ok else 'does NOT agree'} with eager")
+    verdict = "agrees" if ok else "does NOT agree"
+    print(f"\ndone in {time.perf_counter() - t0:.1f}s — every backend {verdict} with eager")
     return 0 if ok else 1
 
 

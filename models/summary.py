@@ -29,7 +29,8 @@ class ModelSummary:
             f"  KV cache/token    {self.kv_graph:,} values in this graph",
         ]
         if self.kv_naive is not None:
-            lines.append(f"    naive MLA       {self.kv_naive:,} values = {self.kv_naive * self.dtype_bytes / 1024:,.1f} KiB"
+            kib = self.kv_naive * self.dtype_bytes / 1024
+            lines.append(f"    naive MLA       {self.kv_naive:,} values = {kib:,.1f} KiB"
                          f" ({self.kv_naive // self.layers:,} per layer)")
             lines.append(f"    absorbed MLA    {self.kv_absorbed:,} values = "
                          f"{self.kv_absorbed * self.dtype_bytes / 1024:,.1f} KiB ({self.kv_absorbed // self.layers:,} "

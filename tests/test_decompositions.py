@@ -13,9 +13,8 @@ import torch
 
 from dsgraph import GraphBuilder, run
 from dsgraph.errors import UnknownOpError, VerifyError
-from dsgraph.ops import all_ops, defop, get_op
+from dsgraph.ops import all_ops, defop, get_op, scratch_ops
 from dsgraph.ops.decompose import decompose_node
-from dsgraph.ops.registry import _REGISTRY
 
 GEN = torch.Generator().manual_seed(1234)
 
@@ -310,15 +309,13 @@ def test_decompose_errors():
     g = build("linear", {"x": randn(2, 4), "w": randn(3, 4)})
     with pytest.raises(UnknownOpError, match="linear has no decomposition"):
         decompose_node(g, g.nodes[0])
-    bad = defop("test.bad_decomp", "x", doc="a decomposition of the wrong type", level="domain")
-    try:  # registered only for this test: other tests walk the registry
+    with scratch_ops():  # other tests walk the registry
+        bad = defop("test.bad_decomp", "x", doc="a decomposition of the wrong type", level="domain")
         bad.infer(lambda x: x)
         bad.decomposition(lambda b, x: b.cast(x, dtype="bfloat16"))
         g = build("test.bad_decomp", {"x": randn(2, 4)})
         with pytest.raises(VerifyError, match=r"test.bad_decomp.*bfloat16\[2, 4\].*float32\[2, 4\]"):
             decompose_node(g, g.nodes[0])
-    finally:
-        _REGISTRY.pop("test.bad_decomp")
 
 
 @pytest.mark.parametrize("preset", ["r1-distill-llama-tiny", "deepseek-moe-tiny", "deepseek-v3-tiny",

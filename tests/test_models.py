@@ -12,7 +12,8 @@ from dsgraph.errors import ConfigError
 
 @pytest.mark.parametrize("name,total,activated", [
     ("deepseek-v3", 671e9, 37e9), ("deepseek-v2", 236e9, 21e9), ("deepseek-v2-lite", 15.7e9, 2.4e9),
-    ("deepseek-moe-16b", 16.4e9, 2.65e9),  # 2.8B in the paper, which counts the embedding table ("deepseek-llm-7b", 6.9e9, 6.5e9), ("r1-distill-llama-8b", 8.0e9, 7.5e9),
+    ("deepseek-moe-16b", 16.4e9, 2.65e9),  # 2.8B in the paper, which counts the embedding table
+    ("deepseek-llm-7b", 6.9e9, 6.5e9), ("r1-distill-llama-8b", 8.0e9, 7.5e9),
 ])
 def test_full_size_summary(name, total, activated):
     s = models.build_model(name, weights=False).summary()
@@ -62,8 +63,8 @@ def test_fp8_preset_dequantises_close_to_float():
     s = m.weights["model.layers.0.self_attn.q_a_proj.weight_scale_inv"]
     assert w.dtype == torch.float8_e4m3fn and s.shape == (2, 4)      # 24 x 64 in 16 x 16 blocks: a partial edge
     ref = models.random_weights(m.graph, 0)  # same seed: same fp32 draw before quantisation
-    from models.random_weights import random_tensor
     from dsgraph.ops.mlp import dequant_fp8_block
+    from models.random_weights import random_tensor
     exact = random_tensor("model.layers.0.self_attn.q_a_proj.weight", (24, 64), "float32", 0)
     deq = dequant_fp8_block(w, s, (16, 16))
     assert (deq - exact).norm() / exact.norm() < 0.05

@@ -17,7 +17,7 @@ from backends import get_backend  # noqa: E402
 from backends.tvm import env  # noqa: E402
 from dsgraph.builder import GraphBuilder  # noqa: E402
 from dsgraph.errors import ArtifactError, BackendUnavailable, InputError, UnknownOpError  # noqa: E402
-from dsgraph.ops.registry import defop, remove_op  # noqa: E402
+from dsgraph.ops import defop, scratch_ops  # noqa: E402
 from tests.test_tvm_ops import check, compile_tvm, rel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,17 +115,17 @@ def test_artifact_runs_with_runtime_only_tvm(tmp_path):
 @pytest.fixture
 def test_ops():
     """Two ops that exist only during a test (the registry is global: other tests check its completeness)."""
-    nolower = defop("test.tvm_no_lowering", "x", doc="an op with no TVM lowering and no decomposition",
-                    level="domain")
-    nolower.infer(lambda x: x)
-    nolower.reference(lambda x: x * 3)
-    legal = defop("test.tvm_legalized", "x", doc="an op TVM lowers only through its decomposition", level="domain")
-    legal.infer(lambda x: x)
-    legal.reference(lambda x: torch.tanh(x) * x)
-    legal.decomposition(lambda b, x: b.mul(b.tanh(x), x))
-    yield
-    remove_op("test.tvm_no_lowering")
-    remove_op("test.tvm_legalized")
+    with scratch_ops():
+        nolower = defop("test.tvm_no_lowering", "x", doc="an op with no TVM lowering and no decomposition",
+                        level="domain")
+        nolower.infer(lambda x: x)
+        nolower.reference(lambda x: x * 3)
+        legal = defop("test.tvm_legalized", "x", doc="an op TVM lowers only through its decomposition",
+                      level="domain")
+        legal.infer(lambda x: x)
+        legal.reference(lambda x: torch.tanh(x) * x)
+        legal.decomposition(lambda b, x: b.mul(b.tanh(x), x))
+        yield
 
 
 def _one_op_graph(op):

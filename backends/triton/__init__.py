@@ -42,7 +42,7 @@ class TritonBackend(Backend):
         graph, weights = self._run_passes(graph, weights, passes, report)
         from .compiler import lower_graph  # imports triton: only after `prepare`
         program = lower_graph(graph, weights, device, report, {**options, "emit_dir": emit_dir})
-        compiled = CompiledGraph(graph, program, report)
+        compiled = CompiledGraph(graph, program, report, records=True)
         compiled.sources = program.sources
         return compiled
 

@@ -1,12 +1,13 @@
 """Tile-size autotuning per shape, cached on disk so a shape is timed once per machine.
 
-`pick(kernel, key, candidates, bench)` returns the fastest candidate config (a dict) for `key` (a tuple of
-shape facts, e.g. (E, N, K, M bucket)). Timings use `triton.testing.do_bench` (median); results live in
-`$DSGRAPH_CACHE/triton/tuned/<kernel>.json` (default ~/.cache/dsgraph), keyed by GPU name and key. Under the
+`pick(kernel, key, candidates, bench)` returns the fastest candidate config (a dict, list or dataclass) for `key`
+(a tuple of shape facts, e.g. (E, N, K, M bucket)). Timings use `triton.testing.do_bench` (median); results live in
+`$DSGRAPH_CACHE_DIR/triton/tuned/<kernel>.json` (default ~/.cache/dsgraph), keyed by GPU name and key. Under the
 interpreter nothing is timed: the first candidate, a small tile, is used.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -33,16 +34,23 @@ def _read(kernel: str) -> dict:
         return {}
 
 
-def _write(kernel: str, entry_key: str, config: dict) -> None:
+def _encode(config):
+    """A config as JSON stores it (dataclasses become dicts, tuples lists), to write and to compare with."""
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return list(config) if isinstance(config, tuple) else config
+
+
+def _write(kernel: str, entry_key: str, config) -> None:
     table = _read(kernel)  # re-read: another process may have added shapes meanwhile
-    table[entry_key] = config
+    table[entry_key] = _encode(config)
     tmp = f"{_path(kernel)}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     os.replace(tmp, _path(kernel))
 
 
-def pick(kernel: str, key: tuple, candidates: list[dict], bench) -> dict:
+def pick(kernel: str, key: tuple, candidates: list, bench):
     """The best of `candidates` for `key`; `bench(config)` runs the kernel once with that config."""
     if interpreting() or len(candidates) == 1:
         return candidates[0]
@@ -51,9 +59,10 @@ def pick(kernel: str, key: tuple, candidates: list[dict], bench) -> dict:
         return _MEMO[memo_key]
     entry_key = f"{_device_name()}|{'x'.join(str(k) for k in key)}"
     cached = _read(kernel).get(entry_key)
-    if cached is not None and cached in candidates:
-        _MEMO[memo_key] = cached
-        return cached
+    for cfg in candidates:
+        if cached is not None and _encode(cfg) == cached:
+            _MEMO[memo_key] = cfg
+            return cfg
     import triton.testing
     best, best_ms = candidates[0], float("inf")
     for cfg in candidates:

@@ -42,7 +42,8 @@ class Program:
         self._free_after = [[id(v) for v in {id(v): v for v in s.inputs}.values()
                              if last.get(id(v)) == i and id(v) not in keep] for i, s in enumerate(steps)]
 
-    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, inputs: Mapping[str, torch.Tensor], record: bool = False):
+        """{output name: tensor}; with `record`, also {value name: tensor} of every input and step output."""
         missing = [n for n in self.runtime_inputs if n not in inputs]
         if missing:
             raise InputError(f"graph {self.graph.name} needs inputs {missing}; got {sorted(inputs)}")
@@ -58,6 +59,10 @@ class Program:
                 raise InputError(f"input {name!r} must be a torch.Tensor, got {type(t).__name__}")
             bind_symbols(v.type, t, sym, f"input %{name}")
             env[id(v)] = t.to(self.device)
+        recorded = None
+        if record:  # inputs, params and weight-only values folded at compile time
+            values = [*self.graph.inputs.values(), *(v for n in self.graph.nodes for v in n.outputs)]
+            recorded = {v.name: env[id(v)] for v in values if id(v) in env}
         for i, step in enumerate(self.steps):
             try:
                 outs = step.fn([env[id(v)] for v in step.inputs], sym)
@@ -71,6 +76,9 @@ class Program:
             for v, t in zip(step.outputs, outs):
                 bind_symbols(v.type, t, sym, f"output %{v.name} of {step.label} (triton backend)")
                 env[id(v)] = t
+                if record:
+                    recorded[v.name] = t
             for key in self._free_after[i]:
                 env.pop(key, None)
-        return {k: env[id(v)] for k, v in self.graph.outputs.items()}
+        result = {k: env[id(v)] for k, v in self.graph.outputs.items()}
+        return (result, recorded) if record else result

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from dsgraph.cache import cache_dir as dsgraph_cache_dir
 from dsgraph.errors import BackendUnavailable
 
 
@@ -52,8 +53,5 @@ def prepare(device: str) -> str | None:
 
 
 def cache_dir(kind: str) -> str:
-    """A per-user cache directory for generated sources and tuned configs: $DSGRAPH_CACHE or ~/.cache/dsgraph."""
-    root = os.environ.get("DSGRAPH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsgraph")
-    path = os.path.join(root, "triton", kind)
-    os.makedirs(path, exist_ok=True)
-    return path
+    """Generated sources and tuned configs live under dsgraph's cache root ($DSGRAPH_CACHE_DIR)."""
+    return str(dsgraph_cache_dir("triton", kind))

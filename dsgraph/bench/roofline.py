@@ -10,7 +10,6 @@ gets to what this machine demonstrably sustains.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -18,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
 from ..dtypes import to_torch
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get("DSGRAPH_CACHE_DIR", Path.home() / ".cache" / "dsgraph")) / "peaks.json"
+    return cache_root() / "peaks.json"
 
 
 def device_name(device: str) -> str:

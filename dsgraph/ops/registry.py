@@ -15,6 +15,7 @@ and may return any float dtype: the interpreter casts to the declared output typ
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -130,9 +131,19 @@ def defop(name: str, inputs: str = "", attrs: dict[str, Attr] | None = None, doc
     return op
 
 
-def remove_op(name: str) -> None:
-    """Unregister an op (tests and plugins that define ops for a while)."""
-    _REGISTRY.pop(name, None)
+@contextmanager
+def scratch_ops():
+    """Ops defined inside this block are unregistered when it exits.
+
+    The registry is global and other code walks it (completeness checks, exporters), so
+    tests and experiments that declare throw-away ops do it here."""
+    _ensure_loaded()
+    before = set(_REGISTRY)
+    try:
+        yield
+    finally:
+        for name in set(_REGISTRY) - before:
+            del _REGISTRY[name]
 
 
 def get_op(name: str) -> OpDef:

@@ -58,7 +58,11 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
         b_scale = tl.load(bs_ptrs + kb, mask=n_ok, other=0.0)
         if W8A8:
             a_scale = tl.load(as_ptr + offs_m * stride_asm + kb, mask=m_ok, other=0.0)
-            acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+            if BLOCK_K >= 32:
+                part = tl.dot(a, b)
+            else:  # FP8 MMAs need K >= 32; e4m3 values are exact in fp16
+                part = tl.dot(a.to(tl.float16), b.to(tl.float16))
+            acc += part * a_scale[:, None] * b_scale[None, :]
         else:
             w = (b.to(tl.float32) * b_scale[None, :]).to(a.dtype)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)

@@ -24,10 +24,19 @@ def _route(node, ctx):
 
 @lowering("moe.gate")
 def _gate(node, ctx):
+    """On GPUs the router GEMM goes to cuBLAS in fp32 (the reference's precision; a GEMV over E x D is what
+    cuBLAS is for) and the routing kernel takes the logits. The one-kernel form, which streams the router weight
+    once per token in a single program, is kept for the interpreter, where launches are what costs."""
     kw = _route_kwargs(node)
-    return Lowered(lambda a, sym: list(routing.route(None, a[2] if len(a) > 2 else None, x=a[0], gate_weight=a[1],
-                                                     **kw)),
-                   "template", "routing._route_kernel (router GEMM fused)",
+    bias = lambda a: a[2] if len(a) > 2 else None  # noqa: E731
+    w = node.inputs[1]
+    if ctx.interpreting or not ctx.is_const(w):
+        return Lowered(lambda a, sym: list(routing.route(None, bias(a), x=a[0], gate_weight=a[1], **kw)),
+                       "template", "routing._route_kernel (router GEMM fused)",
+                       f"{kw['scoring']}, {kw['method']}, top-{kw['top_k']}")
+    w32_t = ctx.const(w).float().t()
+    return Lowered(lambda a, sym: list(routing.route(torch.mm(a[0].float(), w32_t), bias(a), **kw)), "template",
+                   "torch.mm (cuBLAS, fp32 router GEMM) + routing._route_kernel",
                    f"{kw['scoring']}, {kw['method']}, top-{kw['top_k']}")
 
 

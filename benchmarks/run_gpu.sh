@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU runs for the device machine, one phase per call (each fits the 10-minute limit); logs and JSON go to $OUT.
+#   bash benchmarks/run_gpu.sh check    # Triton kernel/model tests on CUDA (bf16 included) + the MoE layer bench
+#   bash benchmarks/run_gpu.sh attn     # MLA decode / flash prefill bench
+#   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
+#   bash benchmarks/run_gpu.sh v2lite   # dsgraph bench: DeepSeek-V2-Lite full size, whole model + ops
+#   bash benchmarks/run_gpu.sh v3ops    # dsgraph bench: DeepSeek-V3 layer shapes
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DSGRAPH_CACHE_DIR="${OUT:-/tmp}/cache"
+OUT="${OUT:-/tmp/dsgraph-gpu}"; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, record the exit status
+    local name=$1 limit=$2; shift 2
+    echo "== $name ($limit s): $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+    echo "$name rc=$rc" | tee -a "$OUT/status.txt"; tail -n 25 "$OUT/$name.log"
+}
+BENCH="python -m dsgraph.cli bench"
+case "${1:-}" in
+check)
+    step tests 400 python -m pytest -q -p no:cacheprovider -ra --tb=short --timeout 150 -k "${K:-not nothing}" \
+        ${TESTS:-tests/test_triton_kernels.py tests/test_triton_attention.py tests/test_triton_codegen.py \
+        tests/test_triton_backend.py}
+    step moe 150 python benchmarks/moe_gpu.py ;;
+attn)
+    step attention 500 python benchmarks/attention_gpu.py ;;
+mtp)
+    step mtp 560 python benchmarks/mtp_speedup.py --device cuda --backend triton --dtype bf16 --layers 10 --dense 9 ;;
+v2lite)
+    step v2lite 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 \
+        --backends eager,torch_compile,torch_compile:reduce-overhead,triton,onnx \
+        --batch 1,64 --context 4096 --repeats 20 --json "$OUT/v2-lite-h100.json" --plot "$OUT/v2-lite-h100.png" ;;
+v3ops)
+    step v3ops 570 $BENCH deepseek-v3 --device cuda --dtype bfloat16 \
+        --op mla_decode,prefill_attention,moe,rmsnorm,rope,fp8_gemm \
+        --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 20 \
+        --json "$OUT/v3-layers-h100.json" --plot "$OUT/v3-layers-h100.png" ;;
+*) echo "usage: $0 check|attn|mtp|v2lite|v3ops" >&2; exit 2 ;;
+esac
