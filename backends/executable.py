@@ -126,7 +126,7 @@ class Executable:
         from dsgraph.check import localize
         ids = self._ids(input_ids)
         state = state or self.empty_state(ids.shape[0])
-        return localize(self.compiled, self.step_inputs(ids, state), tolerance)
+        return localize(self.compiled, self.step_inputs(ids, state), tolerance, self.weights)
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int = 32, speculative: str | None = None,

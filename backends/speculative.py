@@ -94,7 +94,7 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_tok
         start = state.length                                   # position of `tok`
         out, state = exe.step(torch.cat([tok, drafts], dim=1), state)
         greedy = out["logits"].argmax(-1)                      # [B, k+1]: choice after each input token
-        agree = (greedy[:, :-1] == drafts).int().cumprod(dim=1)  # [B, k]
+        agree = (greedy[:, :-1] == drafts).int().cumprod(dim=1).cpu()  # [B, k]; one sync per step
         per_row = agree.sum(1)
         row_agree += per_row
         a = int(per_row.min())

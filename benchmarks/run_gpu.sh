@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU runs for the device machine, one phase per call (each fits the 10-minute limit); logs and JSON go to $OUT.
-#   bash benchmarks/run_gpu.sh check    # Triton kernel/model tests on CUDA (bf16 included) + the MoE layer bench
+#   bash benchmarks/run_gpu.sh check    # (K=, TESTS=, LIMIT=, SKIP_MOE=1 narrow it) Triton kernel/model tests on CUDA (bf16 included) + the MoE layer bench
 #   bash benchmarks/run_gpu.sh attn     # MLA decode / flash prefill bench
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
 #   bash benchmarks/run_gpu.sh v2lite   # dsgraph bench: DeepSeek-V2-Lite full size, whole model + ops
@@ -19,14 +19,14 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 BENCH="python -m dsgraph.cli bench"
 case "${1:-}" in
 check)
-    step tests 400 python -m pytest -q -p no:cacheprovider -ra --tb=short --timeout 150 -k "${K:-not nothing}" \
+    step tests "${LIMIT:-400}" python -m pytest -q -p no:cacheprovider -ra --tb=short --timeout 150 -k "${K:-not nothing}" \
         ${TESTS:-tests/test_triton_kernels.py tests/test_triton_attention.py tests/test_triton_codegen.py \
         tests/test_triton_backend.py}
-    step moe 150 python benchmarks/moe_gpu.py ;;
+    [ -n "${SKIP_MOE:-}" ] || step moe 150 python benchmarks/moe_gpu.py ;;
 attn)
     step attention 500 python benchmarks/attention_gpu.py ;;
 mtp)
-    step mtp 560 python benchmarks/mtp_speedup.py --device cuda --backend triton --dtype bf16 --layers 10 --dense 9 ;;
+    step mtp "${LIMIT:-560}" python benchmarks/mtp_speedup.py --device cuda --backend triton --dtype bf16 ;;
 v2lite)
     step v2lite 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 \
         --backends eager,torch_compile,torch_compile:reduce-overhead,triton,onnx \

@@ -72,14 +72,16 @@ class NodeError:
         return f"{self.error:.2e} (tolerance {self.tolerance:.0e})  {self.node}"
 
 
-def localize(compiled, inputs, tolerance: float | None = None) -> list[NodeError]:
-    """Replay every node whose inputs and outputs the backend materialised through the op's torch reference,
-    fed the backend's own inputs; return the nodes whose outputs differ beyond `tolerance`, in graph order.
+def localize(compiled, inputs, tolerance: float | None = None, weights=None) -> list[NodeError]:
+    """Replay every node whose outputs the backend materialised through the op's torch reference, fed the
+    backend's own inputs; return the nodes whose outputs differ beyond `tolerance`, in graph order.
 
-    Errors do not compound here: each node sees exactly what the backend's kernel saw, so the first entry is
-    the kernel (or fused region, via its last node) that is wrong, not the place where drift became visible.
-    Integer outputs (expert ids) are compared exactly; near-ties in float scores legitimately flip them."""
-    from .interpreter import run_node
+    Errors do not compound here: each node sees what the backend's kernel saw, so the first entry is the kernel
+    that is wrong, not the place where drift became visible. A fused region's unmaterialised intermediates are
+    recomputed by the references from the region's materialised inputs, so the region is judged as a whole at
+    its outputs (a weight only such a region reads comes from `weights`). Integer outputs (expert ids) count
+    the fraction that differ."""
+    from .interpreter import load_param, run_node
     from .types import bind_symbols
     graph = compiled.graph
     _, seen = compiled.run(inputs, record=True)
@@ -88,11 +90,28 @@ def localize(compiled, inputs, tolerance: float | None = None) -> list[NodeError
     for name, v in graph.inputs.items():
         if name in seen:
             bind_symbols(v.type, seen[name], env, f"input %{name}")
+    producer = {v.name: (n, i) for n in graph.nodes for i, v in enumerate(n.outputs)}
+    replayed: dict[str, torch.Tensor] = {}
+
+    def value(v) -> torch.Tensor:
+        """The backend's tensor where it has one, else the reference's recomputation from such tensors."""
+        if v.name in seen:
+            return seen[v.name]
+        if v.name not in replayed and v.name not in producer:  # a param folded into a fused kernel
+            if weights is None:
+                raise ValueError(f"localize needs `weights` to replay the fused region that reads %{v.name}")
+            replayed[v.name] = load_param(v, weights, next(iter(seen.values())).device)
+        if v.name not in replayed:
+            node, _ = producer[v.name]
+            for out, t in zip(node.outputs, run_node(node, [value(a) for a in node.inputs], dict(env))):
+                replayed[out.name] = t
+        return replayed[v.name]
+
     bad = []
     for node in graph.nodes:
-        if not all(v.name in seen for v in (*node.inputs, *node.outputs)):
+        if not all(v.name in seen for v in node.outputs):
             continue  # inside a fused region: judged through the region's outputs
-        ref = run_node(node, [seen[v.name] for v in node.inputs], dict(env))
+        ref = run_node(node, [value(v) for v in node.inputs], dict(env))
         worst = 0.0
         for v, r in zip(node.outputs, ref):
             got = seen[v.name].to(r.device)

@@ -38,8 +38,8 @@ def bigram_model(mtp_agrees: bool):
     return m
 
 
-def plain_and_spec(model, prompt, n, depth, backend="eager"):
-    exe = dsgraph.compile(model, backend=backend, device="cpu", keep_mtp=True)
+def plain_and_spec(model, prompt, n, depth, backend="eager", device="cpu"):
+    exe = dsgraph.compile(model, backend=backend, device=device, keep_mtp=True)
     ref = exe.generate(prompt, n)
     out, state, stats = speculate(exe, prompt, n, depth)
     return exe, ref, out, state, stats
@@ -83,6 +83,17 @@ def test_random_mtp_matches_plain_greedy(backend, batch, depth, seed):
     prompt = torch.randint(0, 256, (batch, 6), generator=torch.Generator().manual_seed(seed))
     _, ref, out, _, _ = plain_and_spec(model, prompt, 6, depth, _backend(backend))
     assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_speculation_on_cuda_matches_plain_greedy(backend):
+    """Acceptance bookkeeping mixes device tensors (logits, drafts) with host counters."""
+    model = models.build_model(V3, seed=3)
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    _, ref, out, _, _ = plain_and_spec(model, prompt, 6, 2, backend, device="cuda")
+    assert torch.equal(out.cpu(), ref.cpu())
 
 
 def test_mixed_acceptance_within_a_batch_stays_exact():
