@@ -1,6 +1,7 @@
 """Fusions written as patterns: residual add + RMSNorm, SwiGLU over one gate|up GEMM,
 the two MLA down-projections that read the same input as one GEMM, router GEMM +
-routing as one `moe.gate`, and dequant + linear as one FP8 GEMM."""
+routing as one `moe.gate`, dequant + linear as one FP8 GEMM, and the query's RoPE folded
+into the attention op."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -136,3 +137,33 @@ class FuseFP8Linear(PatternPass):
         dq = P("dequant_fp8", Var("q"), Var("s"), block=ANY, name="dq")
         return [Rewrite("fp8_cast", P("linear", X, P("cast", dq, dtype=ANY)), _fp8),
                 Rewrite("fp8", P("linear", X, dq), _fp8)]
+
+
+_ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed")
+
+
+def _with_rope(b, m):
+    att, rot = m.root, m["q"]
+    q = rot if "keep" not in m else b.concat(m["keep"], rot, dim=-1)
+    extra = {"kv_lora_rank": att.attrs["kv_lora_rank"]} if att.op == "attention.mla_absorbed" else {}
+    out = b.op("attention.with_rope", q, m["pos"], *m["kv"], inner=att.op, rope_dims=rot.shape[-1],
+               scale=att.attrs["scale"], causal=att.attrs["causal"], **extra, **m.node("rope").attrs)
+    return {m.root_value: out}
+
+
+@register
+@dataclass
+class FuseRoPEAttention(PatternPass):
+    """attention(rope(q)) and attention(concat(q_keep, rope(q_rot))) (MLA's [nope | rope] query, naive or
+    absorbed) -> attention.with_rope(q, positions, ...): the rotation becomes part of the attention op. Only
+    the query: cached keys are stored rotated. Not in a default pipeline (no backend kernel applies RoPE on
+    load yet; legalize decomposes the op back where a backend lacks it)."""
+
+    name = "fuse_rope_attention"
+    description = "RoPE on the query folded into the attention op -> attention.with_rope"
+
+    def rewrites(self, graph, weights):
+        rope = P("rope", Var("q"), Var("pos"), name="rope")
+        tail = P("concat", Var("keep"), rope, dim=lambda d: d in (-1, 3))
+        return [Rewrite("rope_q", P(_ATTENTION, rope, rest="kv"), _with_rope),
+                Rewrite("rope_q_tail", P(_ATTENTION, tail, rest="kv"), _with_rope)]

@@ -171,6 +171,24 @@ def test_mla_absorbed(causal):
           {"q": ("B", "S", 5, c + r), "cache": ("B", "T", c + r)}, scale=0.2, causal=causal, kv_lora_rank=c)
 
 
+@covers("attention.with_rope")
+@pytest.mark.parametrize("inner", ["attention.gqa", "attention.mla", "attention.mla_absorbed"])
+@pytest.mark.parametrize("rope_dims", [4, 16])
+def test_attention_with_rope(inner, rope_dims):
+    attrs = dict(ROPE_VARIANTS[-1], interleaved=inner != "attention.gqa")
+    pos = randint(3000, 2, 3)
+    if inner == "attention.mla_absorbed":
+        ins = {"q": randn(2, 3, 5, 16), "p": pos, "cache": randn(2, 6, 16)}
+        sym = {"q": ("B", "S", 5, 16), "p": ("B", "S"), "cache": ("B", "T", 16)}
+        attrs["kv_lora_rank"] = 16 - min(rope_dims, 8)
+        rope_dims = min(rope_dims, 8)
+    else:
+        hkv = 2 if inner == "attention.gqa" else 4
+        ins = {"q": randn(2, 3, 4, 16), "p": pos, "k": randn(2, 6, hkv, 16), "v": randn(2, 6, hkv, 8)}
+        sym = {"q": ("B", "S", 4, 16), "p": ("B", "S"), "k": ("B", "T", hkv, 16), "v": ("B", "T", hkv, 8)}
+    check("attention.with_rope", ins, sym, inner=inner, rope_dims=rope_dims, scale=0.3, **attrs)
+
+
 @covers("mla.latent_proj", "mla.decompress")
 @pytest.mark.parametrize("dt,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_mla_projections(dt, tol):

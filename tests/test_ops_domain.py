@@ -135,6 +135,24 @@ for _s, _t in [(3, 3), (1, 6)]:
         lambda q, k, v: attention_loop(q, k, v, 0.25), scale=0.25)
     ref("attention.mla_absorbed", lambda s=_s, t=_t: (R(2, s, 3, 10 + 4), R(2, t, 10 + 4)),
         lambda q, c: attention_loop(q, c[:, :, None], c[:, :, None, :10], 0.2), scale=0.2, kv_lora_rank=10)
+
+
+def rope_tail(q, pos, n, attrs):
+    """q with its last n dims rotated (the independent complex/rotate_half RoPE above)."""
+    return torch.cat([q[..., :-n].double(), rope_complex(q[..., -n:], pos, attrs)], -1).float()
+
+
+_YARN = ROPES[2]
+ref("attention.with_rope", lambda: (R(2, 3, 4, 8), torch.tensor([[5, 6, 7], [0, 1, 2]]), R(2, 6, 2, 8), R(2, 6, 2, 6)),
+    lambda q, p, k, v: attention_loop(rope_tail(q, p, 8, {}), k, v, 0.3), inner="attention.gqa", rope_dims=8,
+    scale=0.3)
+ref("attention.with_rope", lambda: (R(2, 2, 4, 12), torch.tensor([[3, 4], [9, 10]]), R(2, 5, 4, 12), R(2, 5, 4, 7)),
+    lambda q, p, k, v: attention_loop(rope_tail(q, p, 4, dict(_YARN, interleaved=True)), k, v, 0.25),
+    inner="attention.mla", rope_dims=4, scale=0.25, interleaved=True, **_YARN)
+ref("attention.with_rope", lambda: (R(2, 1, 3, 14), torch.tensor([[6], [2]]), R(2, 7, 14)),
+    lambda q, p, c: attention_loop(rope_tail(q, p, 4, {"interleaved": True}), c[:, :, None], c[:, :, None, :10],
+                                   0.2), inner="attention.mla_absorbed", rope_dims=4, scale=0.2, kv_lora_rank=10,
+    interleaved=True)
 ref("cache.append", lambda: (R(2, 4, 3, 5), R(2, 1, 3, 5)),
     lambda c, n: torch.stack([torch.cat([c[i], n[i]]) for i in range(2)]))
 ref("cache.append", lambda: (R(1, 0, 7), R(1, 3, 7)), lambda c, n: n.clone())
@@ -346,6 +364,10 @@ GOOD = [
      [T("B", "S", 4, 16)]),
     ("attention.mla_absorbed", [T("B", "S", 4, 36), T("B", "T", 36)], {"scale": 0.1, "kv_lora_rank": 32},
      [T("B", "S", 4, 32)]),
+    ("attention.with_rope", [T("B", "S", 4, 36), T("B", "S", dt=L), T("B", "T", 36)],
+     {"inner": "attention.mla_absorbed", "rope_dims": 4, "scale": 0.1, "kv_lora_rank": 32}, [T("B", "S", 4, 32)]),
+    ("attention.with_rope", [T("B", "S", 8, 16), T("B", "S", dt=L), T("B", "T", 2, 16), T("B", "T", 2, 8)],
+     {"inner": "attention.gqa", "rope_dims": 16, "scale": 0.1}, [T("B", "S", 8, 8)]),
     ("cache.append", [T("B", "T", 4, 8), T("B", "S", 4, 8)], {}, [T("B", "S+T", 4, 8)]),
     ("mla.latent_proj", [T("B", "S", 16), T(20, 16), T(16)], {"kv_lora_rank": 16}, [T("B", "S", 16), T("B", "S", 4)]),
     ("mla.decompress", [T("B", "S", 16), T("B", "S", 1, 4), T(2 * 14, 16)], {"num_heads": 2, "qk_nope_dim": 8,
@@ -379,6 +401,14 @@ BAD = [
     ("attention.mla", [T(1, 2, 4, 8), T(1, 3, 2, 8), T(1, 3, 2, 8)], {"scale": 1.0}, r"q has 4 heads, k 2"),
     ("attention.mla_absorbed", [T(1, 2, 4, 8), T(1, 3, 9)], {"scale": 1.0, "kv_lora_rank": 4}, r"widths differ"),
     ("attention.mla_absorbed", [T(1, 2, 4, 8), T(1, 3, 8)], {"scale": 1.0, "kv_lora_rank": 8}, r"must be below"),
+    ("attention.with_rope", [T(1, 2, 4, 8), T(1, 2, dt=L), T(1, 3, 4, 8), T(1, 3, 4, 8)],
+     {"inner": "attention.gqa", "rope_dims": 10, "scale": 1.0}, r"rope_dims=10 must be even and at most"),
+    ("attention.with_rope", [T(1, 2, 4, 8), T(1, 2, dt=L), T(1, 3, 8)],
+     {"inner": "attention.gqa", "rope_dims": 4, "scale": 1.0}, r"attention.gqa takes q k v"),
+    ("attention.with_rope", [T(1, 2, 4, 8), T(2, 1, dt=L), T(1, 3, 4, 8), T(1, 3, 4, 8)],
+     {"inner": "attention.mla", "rope_dims": 4, "scale": 1.0}, r"positions .* must be \[B, S\]"),
+    ("attention.with_rope", [T(1, 2, 4, 8), T(1, 2, dt=L), T(1, 3, 4, 8), T(1, 3, 4, 8)],
+     {"inner": "attention.flash", "rope_dims": 4, "scale": 1.0}, r"inner='attention.flash' not in"),
     ("cache.append", [T(1, 3, 4), T(1, 3, 5)], {}, r"differ off the length dim"),
     ("mla.latent_proj", [T(2, 16), T(20, 16), T(8)], {"kv_lora_rank": 16}, r"norm weight must be \[16\]"),
     ("mla.decompress", [T(1, 2, 16), T(1, 2, 2, 4), T(28, 16)], {"num_heads": 2, "qk_nope_dim": 8, "v_dim": 6},

@@ -29,7 +29,7 @@ def must_change(name, cfg, graph):
         "absorb_mla": cfg.is_mla, "absorb_mla_premultiplied": cfg.is_mla, "group_moe": cfg.is_moe,
         "fuse_router": cfg.is_moe, "fuse_add_rmsnorm": True, "fuse_swiglu": True, "legalize": True,
         "merge_qkv_a": cfg.is_mla and bool(cfg.q_lora_rank), "prune_mtp": "mtp_ids" in graph.inputs,
-        "fuse_fp8_linear": "dequant_fp8" in ops,
+        "fuse_fp8_linear": "dequant_fp8" in ops, "fuse_rope_attention": True,
     }.get(name)
 
 
@@ -141,3 +141,20 @@ def test_a_wrong_replacement_is_named_through_its_origin():
     assert not res.ok
     assert "norm.rms(%L0.h" not in res.first_divergence  # the new node, not an original one
     assert "(replaces %L0.rms of the original)" in res.first_divergence, res.report()
+
+
+ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed")
+
+
+@pytest.mark.parametrize("first", [[], ["absorb_mla"]])
+def test_rope_folds_into_every_attention(model, first):
+    """Naive, absorbed and GQA attention alike: no attention op is left reading a separately rotated query, the
+    proof harness passes, and a backend without a kernel for attention.with_rope gets it decomposed back."""
+    pipeline = first + ["fuse_rope_attention"]
+    graph, _, _ = passes.run_pipeline(model.graph, model.weights, pipeline, out=lambda *a: None)
+    before = sum(n.op in ATTENTION for n in passes.run_pipeline(model.graph, model.weights, first,
+                                                                 out=lambda *a: None)[0].nodes)
+    assert sum(n.op == "attention.with_rope" for n in graph.nodes) == before > 0
+    assert not any(n.op in ATTENTION for n in graph.nodes)
+    res = passes.check(pipeline + ["legalize"], model.graph, model.weights, seq=4)
+    assert res.ok, res.report()

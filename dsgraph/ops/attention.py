@@ -1,5 +1,6 @@
 """Attention ops: GQA/MHA, naive MLA (decompressed per-head K/V) and absorbed MLA
-(MQA over the kv_lora + rope latent cache), plus the cache update they read.
+(MQA over the kv_lora + rope latent cache), any of them with the query's RoPE folded
+in (attention.with_rope), plus the cache update they read.
 
 All are causal with the query block at the end of the key sequence: query i of S
 sits at absolute position T - S + i and sees keys 0..T - S + i. Scores and softmax
@@ -10,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..types import TensorType
-from .common import expect_float, expect_rank, f32, same_dtype
+from .common import expect_float, expect_int, expect_rank, f32, same_dtype
 from .registry import Attr, defop, expect
+from .rope import ROPE_ATTRS, rope_ref
 
 ATTN_ATTRS = {"scale": Attr(float), "causal": Attr(bool, True)}
 
@@ -225,3 +227,58 @@ def _(b, c, k_pe, w, num_heads, qk_nope_dim, v_dim):
     k_nope, v = b.split(kv, sizes=(qk_nope_dim, v_dim), dim=-1)
     k_rope = b.expand(k_pe, shape=(bs, s, num_heads, k_pe.shape[3]))
     return b.concat(k_nope, k_rope, dim=-1), v
+
+
+# RoPE on the query, folded into attention ------------------------------------------------------------------
+ROPE_INNER = {"attention.gqa": GQA, "attention.mla": MLA, "attention.mla_absorbed": MLA_ABSORBED}
+
+WITH_ROPE = defop("attention.with_rope", "q positions k v?",
+                  {"inner": Attr(str, choices=tuple(ROPE_INNER)), "rope_dims": Attr(int), **ATTN_ATTRS,
+                   "kv_lora_rank": Attr(int, 0), **ROPE_ATTRS},
+                  "Attention `inner` on a query whose last `rope_dims` dims get RoPE at `positions` first, so a "
+                  "kernel can rotate q as it loads it instead of in a separate pass (the cached keys are "
+                  "already rotated). For attention.mla_absorbed, `k` is the latent cache and there is no `v`.",
+                  level="domain")
+
+
+def _with_rope_parts(inner, attrs, k, v):
+    """(rope attrs, inner attention attrs, inner's inputs after q)."""
+    rope = {key: attrs[key] for key in ROPE_ATTRS}
+    attn = {key: attrs[key] for key in ATTN_ATTRS}
+    if inner == "attention.mla_absorbed":
+        attn["kv_lora_rank"] = attrs["kv_lora_rank"]
+    return rope, attn, (k,) if v is None else (k, v)
+
+
+@WITH_ROPE.infer
+def _(q, positions, k, v=None, *, inner, rope_dims, **attrs):
+    d = q.shape[-1]
+    expect(isinstance(d, int) and 0 < rope_dims <= d and rope_dims % 2 == 0,
+           f"attention.with_rope: rope_dims={rope_dims} must be even and at most q's head dim in {q}")
+    expect((v is None) == (inner == "attention.mla_absorbed"),
+           f"attention.with_rope: {inner} takes {'q cache' if inner == 'attention.mla_absorbed' else 'q k v'} "
+           f"after positions")
+    expect_int(positions, "attention.with_rope positions")
+    expect(positions.shape == q.shape[:2], f"attention.with_rope: positions {positions} must be [B, S] of q {q}")
+    _, attn, kv = _with_rope_parts(inner, attrs, k, v)
+    return ROPE_INNER[inner].infer_fn(q, *kv, **attn)
+
+
+@WITH_ROPE.reference
+def _(q, positions, k, v=None, *, inner, rope_dims, **attrs):
+    rope, attn, kv = _with_rope_parts(inner, attrs, k, v)
+    keep = q.shape[-1] - rope_dims
+    q = torch.cat((q[..., :keep], rope_ref(q[..., keep:], positions, **rope).to(q.dtype)), dim=-1)
+    return ROPE_INNER[inner].reference_fn(q, *kv, **attn)
+
+
+@WITH_ROPE.decomposition
+def _(b, q, positions, k, v=None, *, inner, rope_dims, **attrs):
+    rope, attn, kv = _with_rope_parts(inner, attrs, k, v)
+    keep = q.shape[-1] - rope_dims
+    if keep == 0:
+        q = b.op("rope", q, positions, **rope)
+    else:
+        q_keep, q_rot = b.split(q, sizes=(keep, rope_dims), dim=-1)
+        q = b.concat(q_keep, b.op("rope", q_rot, positions, **rope), dim=-1)
+    return b.op(inner, q, *kv, **attn)
