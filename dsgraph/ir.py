@@ -7,6 +7,7 @@ lists are kept by the graph's own editing methods (`add_node`, `replace_input`,
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 from typing import Any, Iterator
 
@@ -266,9 +267,27 @@ class Graph:
         verify(self)
 
     def copy(self) -> "Graph":
-        """A deep copy of the structure (weights are not part of a graph)."""
-        from .serialize import graph_from_json, graph_to_json
-        return graph_from_json(graph_to_json(self))
+        """A deep copy of the structure (weights are not part of a graph). Types and attribute values are
+        immutable and shared; values, nodes, use-def lists and metadata are new."""
+        g = Graph(self.name)
+        env: dict[int, Value] = {}
+        for name, v in self.inputs.items():
+            env[id(v)] = g.inputs[name] = Value(name, v.type, kind=v.kind)
+        for n in self.nodes:
+            node = Node(n.op, tuple(env[id(v)] for v in n.inputs), dict(n.attrs))
+            if n.meta:
+                node.meta = copy.deepcopy(n.meta)
+            node.outputs = tuple(Value(v.name, v.type, node, v.index) for v in n.outputs)
+            for old, new in zip(n.outputs, node.outputs):
+                env[id(old)] = new
+            for v in node.inputs:
+                v.users[node] = None
+            g.nodes.append(node)
+        g.outputs = {k: env[id(v)] for k, v in self.outputs.items()}
+        g.cache_map = dict(self.cache_map)
+        g.meta = copy.deepcopy(self.meta)
+        g._names = {v.name for v in env.values()}
+        return g
 
     def __str__(self) -> str:
         from .printer import format_graph

@@ -187,8 +187,9 @@ def _dtype_of(node: Node) -> str:
     return floats[0] if floats else "float32"
 
 
-def apply_once(graph: Graph, rw: Rewrite, m: Match) -> bool:
-    """Build the replacement for one match and rewire; False if the builder declined."""
+def apply_once(graph: Graph, rw: Rewrite, m: Match, resort: bool = True) -> bool:
+    """Build the replacement for one match and rewire; False if the builder declined. With resort=False the
+    caller restores topological order later (apply_rewrites does once per round: a re-sort walks the graph)."""
     b = RewriteBuilder(graph, origin=m.root_value.name, dtype=_dtype_of(m.root))
     with graph.inserting_before(m.root):
         try:
@@ -203,7 +204,8 @@ def apply_once(graph: Graph, rw: Rewrite, m: Match) -> bool:
         if new.node is not None and new.node in b.created:
             mark_replaces(new, old)
         graph.replace_all_uses(old, new)
-    restore_topological_order(graph)
+    if resort:
+        restore_topological_order(graph)
     touched = set(m.nodes) | set(b.created) | {old.node for old in repl if old.node is not None}
     erase_dead(graph, [n for n in graph.nodes if n in touched])
     return True
@@ -223,7 +225,7 @@ def apply_rewrites(graph: Graph, rewrites: list[Rewrite], max_rounds: int = 50, 
                 if m is None:
                     continue
                 stats["matched"] += 1
-                if apply_once(graph, rw, m):
+                if apply_once(graph, rw, m, resort=False):
                     stats["rewritten"] += 1
                     stats[rw.name] = stats.get(rw.name, 0) + 1
                     changed = True
@@ -231,8 +233,9 @@ def apply_rewrites(graph: Graph, rewrites: list[Rewrite], max_rounds: int = 50, 
                     break
         if not changed:
             break
+        restore_topological_order(graph)
     else:
         raise PassError(f"rewrites {[r.name for r in rewrites]} did not reach a fixpoint in {max_rounds} rounds")
-    if verify:
+    if verify and stats["rewritten"]:
         graph.verify()
     return stats

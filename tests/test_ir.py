@@ -170,6 +170,22 @@ def test_copy_is_deep_and_networkx_view():
     assert nx_g.number_of_nodes() >= len(g.nodes)
 
 
+def test_copy_equals_a_serialisation_round_trip_and_shares_nothing_mutable():
+    import models
+    from dsgraph.serialize import graph_to_json
+    g = models.build_model("deepseek-v3-tiny", weights=False).graph
+    g.nodes[3].meta["replaces"] = {0: "x"}
+    c = g.copy()
+    c.verify()
+    assert graph_to_json(c) == graph_to_json(g) and str(c) == str(g)
+    def mutable(gr):
+        return {id(o) for n in gr.nodes for o in (n, n.meta, n.attrs, *n.outputs)} | {id(v) for v in gr.inputs.values()}
+
+    assert not mutable(g) & mutable(c)
+    c.nodes[3].meta["replaces"][0] = "y"
+    assert g.nodes[3].meta["replaces"][0] == "x"
+
+
 # ---------------------------------------------------------------- verify: one test per failure kind
 def test_verify_use_before_def():
     g = small()

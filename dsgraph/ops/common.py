@@ -32,20 +32,20 @@ def broadcast(a: TensorType, b: TensorType) -> tuple[Dim, ...]:
 def same_dtype(*types: TensorType) -> str:
     dt = types[0].dtype
     for t in types[1:]:
-        expect(t.dtype == dt, f"dtypes differ: {', '.join(str(x) for x in types)}; insert a cast")
+        expect(t.dtype == dt, lambda: f"dtypes differ: {', '.join(str(x) for x in types)}; insert a cast")
     return dt
 
 
 def expect_float(t: TensorType, what: str) -> None:
-    expect(t.is_float, f"{what} must be a float tensor, got {t}")
+    expect(t.is_float, lambda: f"{what} must be a float tensor, got {t}")
 
 
 def expect_int(t: TensorType, what: str) -> None:
-    expect(t.dtype in ("int64", "int32"), f"{what} must be int64 or int32, got {t}")
+    expect(t.dtype in ("int64", "int32"), lambda: f"{what} must be int64 or int32, got {t}")
 
 
 def expect_rank(t: TensorType, rank: int, what: str) -> None:
-    expect(t.rank == rank, f"{what} must have rank {rank}, got {t}")
+    expect(t.rank == rank, lambda: f"{what} must have rank {rank}, got {t}")
 
 
 def dims(*ds) -> tuple[Dim, ...]:

@@ -121,11 +121,13 @@ DEQUANT_FP8 = defop("dequant_fp8", "weight scale_inv", {"block": Attr(tuple, (12
 
 @DEQUANT_FP8.infer
 def _(w, s, block):
-    expect(w.dtype == "float8_e4m3fn" and w.rank == 2, f"dequant_fp8 weight must be float8_e4m3fn [N, K], got {w}")
+    expect(w.dtype == "float8_e4m3fn" and w.rank == 2,
+           lambda: f"dequant_fp8 weight must be float8_e4m3fn [N, K], got {w}")
     bn, bk = block
     n, k = w.shape
     expect(s.shape == (-(-n // bn), -(-k // bk)) and s.dtype == "float32",
-           f"dequant_fp8: scales must be float32[{-(-n // bn)}, {-(-k // bk)}] for {w} in {block} blocks, got {s}")
+           lambda: f"dequant_fp8: scales must be float32[{-(-n // bn)}, {-(-k // bk)}] for {w} in {block} blocks, "
+                   f"got {s}")
     return TensorType(w.shape, "float32")
 
 

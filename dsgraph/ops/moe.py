@@ -120,7 +120,7 @@ def _(x, weights, indices, *ws, num_experts):
     for e in range(num_experts):
         g, u, dn = ws[3 * e: 3 * e + 3]
         expect(g.rank == 2 and g.shape[1] == d and u.shape == g.shape and dn.shape == (d, g.shape[0]),
-               f"moe.experts: expert {e} weights gate {g}, up {u}, down {dn} do not fit D={d}")
+               lambda: f"moe.experts: expert {e} weights gate {g}, up {u}, down {dn} do not fit D={d}")
         same_dtype(x, g, u, dn)
     return x
 

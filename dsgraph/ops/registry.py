@@ -159,10 +159,11 @@ def all_ops(level: str | None = None) -> list[OpDef]:
     return [op for op in _REGISTRY.values() if level is None or op.level == level]
 
 
-def expect(cond: bool, message: str) -> None:
-    """Raise ShapeError(message) unless cond; type rules use it so failures read like sentences."""
+def expect(cond: bool, message: str | Callable[[], str]) -> None:
+    """Raise ShapeError(message) unless cond; type rules use it so failures read like sentences. Rules run for
+    every node of a 671B-parameter graph on each verify, so a hot rule passes a lambda, formatted only on error."""
     if not cond:
-        raise ShapeError(message)
+        raise ShapeError(message() if callable(message) else message)
 
 
 _loaded = False

@@ -1,0 +1,30 @@
+"""The benchmark scripts run (small shapes, CPU): their checks and their output stay true."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_mtp_speedup_controls_acceptance(tmp_path):
+    """Speculative output is checked equal to plain greedy inside the script; acceptance follows the corruption."""
+    run("benchmarks/mtp_speedup.py", "--device", "cpu", "--backend", "eager", "--tiny", "--layers", "3", "--dense",
+        "2", "--experts", "8", "--dtype", "float32", "--new-tokens", "12", "--prompts", "2", "--wrong", "1.0,0.0",
+        env={"OUT": str(tmp_path)})
+    rows = json.loads((tmp_path / "mtp_speedup.json").read_text())["results"]
+    assert rows[0]["acceptance"] < 0.1 and rows[1]["acceptance"] == 1.0
+    assert rows[1]["tokens_per_step"] > 1.5
+
+
+def test_pipeline_time_runs_every_default_pass():
+    out = run("benchmarks/pipeline_time.py", "deepseek-v3-tiny", "--backend", "triton")
+    assert "absorb_mla=" in out and "group_moe=" in out
