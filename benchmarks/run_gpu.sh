@@ -5,6 +5,8 @@
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
 #   bash benchmarks/run_gpu.sh v2lite   # dsgraph bench: DeepSeek-V2-Lite full size, whole model + ops
 #   bash benchmarks/run_gpu.sh v3ops    # dsgraph bench: DeepSeek-V3 layer shapes
+# The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
+# the JSON records the commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DSGRAPH_CACHE_DIR="${OUT:-/tmp}/cache"

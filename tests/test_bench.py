@@ -139,3 +139,10 @@ def test_bad_arguments_are_named(argv, match, capsys):
         rc = e.code
     assert rc != 0
     assert match in capsys.readouterr().err
+
+
+def test_git_commit_from_the_environment_for_a_tree_without_git(monkeypatch, tmp_path):
+    from dsgraph.bench.report import git_commit
+    assert git_commit(tmp_path) is None
+    monkeypatch.setenv("DSGRAPH_GIT_COMMIT", "0123abcd")
+    assert git_commit(tmp_path) == "0123abcd"
