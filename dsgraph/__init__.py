@@ -12,9 +12,9 @@ from .errors import (
     BackendUnavailable,
     CheckpointError,
     ConfigError,
+    DeviceMemoryError,
     DSGraphError,
     InputError,
-    NotBuiltYet,
     PassError,
     ShapeError,
     UnknownOpError,
@@ -30,8 +30,8 @@ from .weights import WeightStore
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "BackendUnavailable", "CheckpointError", "ConfigError", "DSGraphError", "Graph",
-    "GraphBuilder", "InputError", "Interpreter", "Node", "NotBuiltYet", "PassError", "ShapeError", "Sym",
+    "ArtifactError", "BackendUnavailable", "CheckpointError", "ConfigError", "DeviceMemoryError", "DSGraphError",
+    "Graph", "GraphBuilder", "InputError", "Interpreter", "Node", "PassError", "ShapeError", "Sym",
     "TensorType", "UnknownOpError", "Value", "VerifyError", "WeightStore", "graph_from_json", "graph_to_json",
     "load_graph", "run", "save_graph", "summarize", "to_networkx", "tt", "__version__",
 ]

@@ -5,7 +5,7 @@ import argparse
 import sys
 import time
 
-from .errors import DSGraphError, NotBuiltYet
+from .errors import DSGraphError
 
 
 def _ids(text: str) -> list[int]:
@@ -152,9 +152,9 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     from backends.onnx import OPSET, export_onnx, save_onnx
 
-    from .bench import load_prefill_model
+    from .bench import load_model
     from .dtypes import compute_dtype
-    model = load_prefill_model(args.model, compute_dtype(args.dtype or "float32"), args.seed)
+    model = load_model(args.model, compute_dtype(args.dtype or "float32"), args.seed)
     t0 = time.perf_counter()
     proto = export_onnx(model.graph, model.weights, opset=args.opset or OPSET)
     path = save_onnx(proto, args.onnx)
@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(dtype=None)
     s.add_argument("--op", default=None, metavar="NAMES",
                    help="comma-separated workloads: mla_decode, gqa_decode, prefill_attention, moe, rmsnorm, rope, "
-                        "fp8_gemm, prefill, decode (default: every one that applies to the model)")
+                        "fp8_gemm, prefill, decode (default: every one of these that applies to the model), and "
+                        "speculative (plain vs MTP-speculative generation of 32 tokens; models with an MTP module)")
     s.add_argument("--device", default="cpu", help="cpu | cuda")
     s.add_argument("--backends", default="eager,torch_compile,triton,tvm,onnx",
                    help="comma-separated; torch_compile:MODE picks a torch.compile mode (e.g. "
@@ -238,9 +239,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except NotBuiltYet as e:
-        print(f"dsgraph {args.command}: {e}", file=sys.stderr)
-        return 2
     except DSGraphError as e:
         print(f"dsgraph {args.command}: error: {e}", file=sys.stderr)
         return 1

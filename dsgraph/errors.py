@@ -41,5 +41,5 @@ class ArtifactError(DSGraphError):
     """A saved artifact is truncated, edited, or made for another backend, device or format."""
 
 
-class NotBuiltYet(DSGraphError):
-    """A command or feature that is declared but not implemented yet."""
+class DeviceMemoryError(DSGraphError):
+    """A model's weights cannot fit the device's free memory (checked before any weight is materialised)."""

@@ -146,3 +146,34 @@ def test_git_commit_from_the_environment_for_a_tree_without_git(monkeypatch, tmp
     assert git_commit(tmp_path) is None
     monkeypatch.setenv("DSGRAPH_GIT_COMMIT", "0123abcd")
     assert git_commit(tmp_path) == "0123abcd"
+
+
+def test_speculative_rows_carry_acceptance_and_lossy_speculation_is_wrong(monkeypatch):
+    from dsgraph.bench import bench
+    doc = bench("deepseek-v3-tiny", device="cpu", backends=["eager"], workloads=["speculative"], batches=[2],
+                contexts=[6], repeats=3, log=lambda msg: None)
+    assert report.validate(doc) == []
+    plain, spec = doc["rows"]
+    assert (plain["workload"], spec["workload"]) == ("generate", "speculative")
+    assert plain["status"] == spec["status"] == "ok" and spec["label"] == "speculative B=2 S=6 N=32"
+    s = spec["speculation"]
+    assert len(s["acceptance_per_position"]) == 1 and 1.0 <= s["tokens_per_main_step"] <= 2.0
+    assert s["speedup_vs_plain"] == pytest.approx(plain["median_ms"] / spec["median_ms"])
+
+    import backends.speculative as ex
+    real = ex.generate_mtp
+
+    def lossy(*args, **kw):
+        out = real(*args, **kw)
+        return (out[0] + 1, *out[1:]) if isinstance(out, tuple) else out + 1
+    monkeypatch.setattr(ex, "generate_mtp", lossy)
+    doc = bench("deepseek-v3-tiny", device="cpu", backends=["eager"], workloads=["speculative"], batches=[1],
+                contexts=[6], repeats=3, log=lambda msg: None)
+    assert [r["status"] for r in doc["rows"]] == ["ok", "WRONG"]
+
+
+def test_speculative_skipped_without_an_mtp_module():
+    from dsgraph.bench import bench
+    logs = []
+    doc = bench("deepseek-v2-lite-tiny", device="cpu", backends=["eager"], workloads=["speculative"], log=logs.append)
+    assert doc["rows"] == [] and any("no MTP module" in m for m in logs)

@@ -19,16 +19,16 @@ DEFAULTS = {
 }
 
 
-def load_prefill_model(name: str, dtype: str, seed: int = 0, device: str = "cpu"):
-    """The model without its MTP branch (the bench times plain prefill and decode); a preset's random weights
-    are drawn on `device`, so a full-size model never passes through host memory."""
+def load_model(name: str, dtype: str, seed: int = 0, device: str = "cpu", mtp: bool = False):
+    """The model, without its MTP branch unless `mtp` (plain prefill and decode do not need it); a preset's
+    random weights are drawn on `device`, so a full-size model never passes through host memory."""
     import dsgraph
     import models
     if name in models.PRESETS:
-        return models.build_model(name, seed=seed, dtype=dtype, mtp=False,
+        return models.build_model(name, seed=seed, dtype=dtype, mtp=mtp,
                                   weights_device="cuda" if str(device).startswith("cuda") else "cpu")
     model = dsgraph.load(name, dtype=dtype, seed=seed)
-    if "mtp_ids" in model.graph.inputs:
+    if "mtp_ids" in model.graph.inputs and not mtp:
         model = models.Model(model.name, model.config,
                              models.build_graph(model.config, dtype, mtp=False, name=model.graph.name), model.weights)
     return model
@@ -41,10 +41,10 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
     from ..dtypes import compute_dtype
     from . import report, roofline
     from .runner import BenchConfig, run_bench
-    from .workloads import ALL_WORKLOADS
+    from .workloads import ALL_WORKLOADS, DEFAULT_WORKLOADS
     device = resolve_device(device)
     d = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
-    workloads = list(workloads or ALL_WORKLOADS)
+    workloads = list(workloads or DEFAULT_WORKLOADS)
     unknown = [w for w in workloads if w not in ALL_WORKLOADS]
     if unknown:
         raise InputError(f"unknown workload(s) {unknown}; choose from {', '.join(ALL_WORKLOADS)}")
@@ -56,13 +56,13 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
     for name, values in (("batch", cfg.batches), ("prefill batch", cfg.prefill_batches), ("context", cfg.contexts)):
         if not values or any(v < 1 for v in values):
             raise InputError(f"--{name.replace(' ', '-')} needs positive integers, got {values}")
-    mdl = load_prefill_model(model, cfg.dtype, seed, cfg.device)
+    mdl = load_model(model, cfg.dtype, seed, cfg.device)
     limit = mdl.config.max_position_embeddings
     if max(cfg.contexts) + 1 > limit:
         raise InputError(f"--context {max(cfg.contexts)} exceeds {model}'s max_position_embeddings={limit}")
     env = report.environment(device)
     wanted = [cfg.dtype, "float32"] + (["float8_e4m3fn"] if "fp8_gemm" in workloads else [])
     peak = roofline.peaks(device, list(dict.fromkeys(wanted)))
-    rows = run_bench(cfg, mdl, peak, log)
+    rows = run_bench(cfg, mdl, peak, log, lambda: load_model(model, cfg.dtype, seed, cfg.device, mtp=True))
     config = dict(cfg.__dict__)
     return report.document(config, env, peak, rows)

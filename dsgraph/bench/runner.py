@@ -8,7 +8,9 @@ each backend compiles the model once, passes a small check (prefill logits and o
 cached decode step against eager), then prefill rows (also compared with eager's
 last logits at the timed shape) and decode rows (caches filled with random values
 in the backend's own cache layout — absorbed MLA caches differ from naive ones) are
-timed. A backend that cannot run is listed once per row as "unavailable: reason".
+timed. Speculative (asked for with --op speculative, models with an MTP module): plain greedy generation and
+MTP speculation from the same prompts, tokens required identical, both timed. A backend that cannot run is
+listed once per row as "unavailable: reason".
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from .timing import buffer_count, input_bytes, measure
 from .workloads import DECODE_SHAPED, MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op, model_costs, random_inputs
 
 CHECK_TOKENS = 8    # prefill logits compared over the last positions (they attend to everything)
+SPEC_TOKENS = 32    # tokens the generate / speculative workloads produce after the prompt
+SPEC_REPEATS = 5    # a generation is long: fewer timed repeats than the per-step rows
 
 
 @dataclass
@@ -79,8 +83,9 @@ class Runner:
         self.log(f"  {backend:<28} {w.label:<36} {tag}" + (f"  ({row['reason']})" if row["reason"] else ""))
         return row
 
-    def _timed(self, w, backend, fn, buffers, err, **extra) -> dict:
-        t = measure(fn, buffers, self.cfg.device, self.cfg.warmup, self.cfg.repeats, self.cfg.budget_s)
+    def _timed(self, w, backend, fn, buffers, err, warmup=None, repeats=None, **extra) -> dict:
+        t = measure(fn, buffers, self.cfg.device, warmup or self.cfg.warmup, repeats or self.cfg.repeats,
+                    self.cfg.budget_s)
         return self._row(w, backend, "ok", error=err, median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                          min_ms=t.min_ms, repeats=t.repeats, buffers=len(buffers), timing_method=t.method,
                          throughput=w.tokens / (t.median_ms * 1e-3), **extra)
@@ -262,6 +267,83 @@ class Runner:
                                       "correctness from the model check")
 
 
+    # speculative decoding -------------------------------------------------------------
+    def run_speculative(self, load_model) -> None:
+        """Plain greedy generation and MTP speculation from the same prompts on every backend: the tokens must
+        be identical (speculation is lossless) before both are timed; the speculative row carries the
+        acceptance per draft position, tokens per main-model step and the speedup over plain decoding."""
+        why = applicable("speculative", self.model.config)
+        if why:
+            self.log(f"skip speculative: {why}")
+            return
+        mc, summary = self.model.config, self.model.graph.summary()
+        work = []
+        for b in self.cfg.batches:
+            for c in self.cfg.contexts:
+                env = {"B": b, "S": c}
+                f0, b0 = model_costs(mc, summary, "prefill", env)
+                f1, b1 = model_costs(mc, summary, "decode", {"B": b, "S": 1, "T": c + SPEC_TOKENS // 2})
+                cost = (f0 + SPEC_TOKENS * f1, b0 + SPEC_TOKENS * b1)
+                work.append(tuple(_ModelWorkload(n, "model", env, b * SPEC_TOKENS, *cost, new_tokens=SPEC_TOKENS)
+                                  for n in ("generate", "speculative")))
+        if not work:
+            return
+        model = load_model()
+        self.log(f"speculative {self.cfg.model}: {', '.join(w.label for pair in work for w in pair)}")
+        for spec in self.backends:
+            self._speculative_backend(spec, model, work)
+
+    def _speculative_backend(self, spec, model, work) -> None:
+        import dsgraph
+        reason = self._unavailable(spec)
+        rows = [w for pair in work for w in pair]
+        if reason:
+            for w in rows:
+                self._row(w, spec, "unavailable", reason=reason)
+            return
+        name, options = parse_backend(spec)
+        try:
+            t0 = time.perf_counter()
+            exe = dsgraph.compile(model, backend=name, device=self.cfg.device, dtype=self.cfg.dtype, keep_mtp=True,
+                                  **options)
+            meta = {"compile_s": time.perf_counter() - t0, "fallbacks": len(exe.compiled.report.fallbacks)}
+        except Exception as e:
+            for w in rows:
+                self._row(w, spec, "failed", reason=_short(e))
+            return
+        timing = {"warmup": 1, "repeats": min(self.cfg.repeats, SPEC_REPEATS)}
+        for plain_w, spec_w in work:
+            plain = None
+            try:
+                buffers = [{"ids": torch.randint(0, model.config.vocab_size, (plain_w.env["B"], plain_w.env["S"]),
+                                                 generator=torch.Generator().manual_seed(self.cfg.seed + i))}
+                           for i in range(2)]
+                with torch.no_grad():
+                    ref = exe.generate(buffers[0]["ids"], SPEC_TOKENS)
+                    out, stats = exe.generate(buffers[0]["ids"], SPEC_TOKENS, speculative="mtp", return_stats=True)
+                    plain = self._timed(plain_w, spec, lambda b: exe.generate(b["ids"], SPEC_TOKENS), buffers, None,
+                                        **timing, **meta)
+                    if not torch.equal(out.cpu(), ref.cpu()):
+                        self._row(spec_w, spec, "WRONG", reason="speculative tokens differ from plain greedy", **meta)
+                        continue
+                    row = self._timed(spec_w, spec, lambda b: exe.generate(b["ids"], SPEC_TOKENS, speculative="mtp"),
+                                      buffers, None, **timing, **meta)
+            except Exception as e:
+                for w in (plain_w, spec_w) if plain is None else (spec_w,):
+                    self._row(w, spec, "failed", reason=_short(e), **meta)
+                continue
+            acc = stats.extra["acceptance_per_position"]
+            row["speculation"] = {"acceptance_per_position": acc,
+                                  "tokens_per_main_step": stats.extra["mean_tokens_per_target_step"],
+                                  "speedup_vs_plain": plain["median_ms"] / row["median_ms"]}
+            row["notes"].append(f"acceptance {', '.join(f'{a:.2f}' for a in acc)}; "
+                                f"{stats.extra['mean_tokens_per_target_step']:.2f} tokens per main step; "
+                                f"{row['speculation']['speedup_vs_plain']:.2f}x plain decoding")
+            self.log(f"    {row['notes'][-1]}")
+        if str(self.cfg.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
 @dataclass
 class _ModelWorkload:
     name: str
@@ -270,6 +352,7 @@ class _ModelWorkload:
     tokens: int
     flops: float
     bytes: float
+    new_tokens: int = 0             # generate / speculative: tokens generated after the S-token prompt
     notes: list = field(default_factory=list)
 
     @property
@@ -283,7 +366,8 @@ class _ModelWorkload:
     @property
     def label(self) -> str:
         return f"{self.name} B={self.env['B']} " + (f"T={self.env['T']}" if self.name == "decode"
-                                                     else f"S={self.env['S']}")
+                                                     else f"S={self.env['S']}") + \
+            (f" N={self.new_tokens}" if self.new_tokens else "")
 
 
 def sort_rows(rows: list[dict], backends: list[str]) -> list[dict]:
@@ -311,11 +395,14 @@ def add_speedups(rows: list[dict]) -> None:
             r[key] = t / r["median_ms"] if t and r["median_ms"] else None
 
 
-def run_bench(cfg: BenchConfig, model, peak: dict, log=None) -> list[dict]:
+def run_bench(cfg: BenchConfig, model, peak: dict, log=None, load_mtp_model=None) -> list[dict]:
+    """`load_mtp_model()` gives the model with its MTP branch, for the speculative workload."""
     runner = Runner(cfg, model, peak, log)
     for name in cfg.workloads:
         if name in OP_WORKLOADS:
             runner.run_op(name)
     runner.run_models()
+    if "speculative" in cfg.workloads:
+        runner.run_speculative(load_mtp_model)
     add_speedups(runner.rows)
     return sort_rows(runner.rows, runner.backends)

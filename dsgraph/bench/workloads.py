@@ -18,7 +18,8 @@ import torch
 
 OP_WORKLOADS = ("mla_decode", "gqa_decode", "prefill_attention", "moe", "rmsnorm", "rope", "fp8_gemm")
 MODEL_WORKLOADS = ("prefill", "decode")
-ALL_WORKLOADS = OP_WORKLOADS + MODEL_WORKLOADS
+ALL_WORKLOADS = OP_WORKLOADS + MODEL_WORKLOADS + ("speculative",)
+DEFAULT_WORKLOADS = OP_WORKLOADS + MODEL_WORKLOADS  # speculative generation is long: asked for by name
 DECODE_SHAPED = ("mla_decode", "gqa_decode", "moe", "decode")
 
 
@@ -56,6 +57,8 @@ def applicable(name: str, cfg) -> str | None:
         return "the model uses MLA attention (use mla_decode)"
     if name == "moe" and not cfg.is_moe:
         return "the model has no MoE layers"
+    if name == "speculative" and not cfg.num_nextn_predict_layers:
+        return "the model has no MTP module to draft with"
     return None
 
 
