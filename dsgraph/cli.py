@@ -129,7 +129,18 @@ def cmd_bench(args) -> int:
     if args.device == "cpu":
         # Triton runs on the CPU through its interpreter, chosen before triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .bench import bench, report
+    from .bench import bench, prebuild_tvm, report
+    if args.prebuild:
+        names = prebuild_tvm(args.model, args.prebuild, device=args.device,
+                             workloads=[w for w in args.op.split(",") if w] if args.op else None, batches=args.batch,
+                             prefill_batches=args.prefill_batch, contexts=args.context, dtype=args.dtype,
+                             seed=args.seed, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(f"{len(names)} TVM modules for {args.device} in {args.prebuild}; run them with "
+              f"dsgraph bench {args.model} --device {args.device} --prebuilt {args.prebuild} (same workloads)")
+        return 0
+    if args.prebuilt:
+        from backends.tvm.prebuilt import ENV
+        os.environ[ENV] = args.prebuilt
     doc = bench(args.model, device=args.device, backends=[b for b in args.backends.split(",") if b],
                 workloads=[w for w in args.op.split(",") if w] if args.op else None, batches=args.batch,
                 prefill_batches=args.prefill_batch, contexts=args.context, dtype=args.dtype, repeats=args.repeats,
@@ -211,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp8_gemm, prefill, decode (default: every one of these that applies to the model), and "
                         "speculative (plain vs MTP-speculative generation of 32 tokens; models with an MTP module)")
     s.add_argument("--device", default="cpu", help="cpu | cuda")
+    s.add_argument("--prebuild", default=None, metavar="DIR",
+                   help="only build, here, the TVM modules this run needs for --device into DIR (no GPU needed)")
+    s.add_argument("--prebuilt", default=None, metavar="DIR",
+                   help="the tvm backend loads modules from DIR (made with --prebuild) instead of compiling: "
+                        "for a machine whose TVM is runtime-only")
     s.add_argument("--backends", default="eager,torch_compile,triton,tvm,onnx",
                    help="comma-separated; torch_compile:MODE picks a torch.compile mode (e.g. "
                         "torch_compile:reduce-overhead)")

@@ -172,3 +172,31 @@ def test_runtime_errors(tmp_path):
     (tmp_path / "m" / "program.json").write_text(json.dumps({**program, "device": "cuda"}))
     with pytest.raises(ArtifactError, match="built for cuda"):
         be.load_compiled(tmp_path / "m", g, {}, "cpu", "float32")
+
+
+def test_bench_runs_prebuilt_modules_with_runtime_only_tvm(tmp_path):
+    """`dsgraph bench --prebuild` builds here; `--prebuilt` runs those modules where TVM is runtime-only (the GPU
+    machine's situation), and a graph nobody prebuilt is a failed row naming the command that builds it."""
+    from dsgraph.bench import prebuild_tvm
+    shape = ["--op", "rmsnorm,decode,speculative", "--batch", "1", "--context", "6"]
+    names = prebuild_tvm("deepseek-v3-tiny", tmp_path / "pb", device="cpu", workloads=["rmsnorm", "decode",
+                         "speculative"], batches=[1], contexts=[6], log=lambda msg: None)
+    assert len(names) == 4   # the rmsnorm op graph, the model, the speculative main graph and its MTP branch
+    view = runtime_only_tvm(tmp_path / "site")
+    envv = {**os.environ, "PYTHONPATH": os.pathsep.join([str(view), str(ROOT)])}
+    envv.pop("TVM_LIBRARY_PATH", None)
+
+    def bench(*extra):
+        out = tmp_path / "out.json"
+        proc = subprocess.run([sys.executable, "-m", "dsgraph.cli", "bench", "deepseek-v3-tiny", "--device", "cpu",
+                               "--backends", "eager,tvm", *shape, "--repeats", "3", "--prebuilt", str(tmp_path / "pb"),
+                               "--json", str(out), *extra], env=envv, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [r for r in json.loads(out.read_text())["rows"] if r["backend"] == "tvm"]
+
+    rows = bench()
+    assert [r["status"] for r in rows] == ["ok"] * 4, [r["reason"] for r in rows]
+    rows = bench("--dtype", "bfloat16")   # other graphs: nothing prebuilt for them
+    assert rows and all(r["status"] == "failed" and "no prebuilt TVM module" in r["reason"] and "--prebuild" in
+                        r["reason"] for r in rows), [r["reason"] for r in rows]

@@ -13,10 +13,13 @@ Options of `compile`:
   tune     {"work_dir": DIR, "trials": N}: MetaSchedule tuning, records saved in DIR and reused (tune.py)
   work_dir where the exported module goes (default: a temporary directory kept with the CompiledGraph)
 
+With $DSGRAPH_TVM_PREBUILT=DIR set, compiling loads modules built elsewhere instead (prebuilt.py).
+
 Importing this package does not import TVM's compiler: loading a saved module works with the runtime only.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -24,7 +27,9 @@ from pathlib import Path
 from dsgraph.errors import BackendUnavailable, DSGraphError
 
 from ..base import Backend, CompiledGraph, CompileReport, KernelChoice, register_backend
-from .env import unavailable_reason
+from .env import INSTALL_HINT, unavailable_reason
+from .prebuilt import ENV as PREBUILT_ENV
+from .prebuilt import graph_key, prebuilt_root
 from .runtime import load_program, save_program
 
 REPORT = "report.json"
@@ -44,12 +49,24 @@ class TVMBackend(Backend):
         return default_pipeline("tvm")
 
     def available(self, device: str) -> str | None:
+        if prebuilt_root() is not None:  # modules built elsewhere: TVM's runtime is enough
+            if importlib.util.find_spec("tvm") is None:
+                return f"apache-tvm is not installed; {INSTALL_HINT}"
+            return None if prebuilt_root().is_dir() else f"${PREBUILT_ENV}={prebuilt_root()} is not a directory"
         return unavailable_reason(device)
 
     def compile_graph(self, graph, weights, device, report, passes=None, tune=None, work_dir=None, **options):
         if options:
             raise BackendUnavailable(f"tvm backend: unknown option(s) {sorted(options)}; known: passes, tune, work_dir")
         graph, weights = _run_passes(graph, weights, passes, report)
+        if prebuilt_root() is not None:
+            path = prebuilt_root() / graph_key(graph, device)
+            if not (path / "module.so").exists():
+                raise BackendUnavailable(
+                    f"no prebuilt TVM module {path.name}: build it where TVM's compiler is, with `dsgraph bench "
+                    f"MODEL --device {device} --prebuild DIR` and this run's workloads and dtype, into "
+                    f"${PREBUILT_ENV} ({prebuilt_root()})")
+            return self._load(path, graph, weights, device, report, f"loaded prebuilt module {path.name}")
         graph, origins = _legalize(graph, weights, report)
         from .compiler import compile_program
         built = compile_program(graph, device, tune, origins)
@@ -73,10 +90,14 @@ class TVMBackend(Backend):
 
     def load_compiled(self, directory, graph, weights, device, dtype) -> CompiledGraph:
         """Runtime only: no lowering, no build — the exported module and its calling convention."""
+        return self._load(directory, graph, weights, device, CompileReport(self.name, device, dtype),
+                          "loaded a saved module")
+
+    def _load(self, directory, graph, weights, device, report, note) -> CompiledGraph:
         runner = load_program(directory, graph, weights, device)
         saved = json.loads((Path(directory) / REPORT).read_text()) if (Path(directory) / REPORT).exists() else {}
-        report = CompileReport(self.name, device, dtype, notes=saved.get("notes", []) + ["loaded a saved module"])
-        report.kernels = [KernelChoice(**{**k, "nodes": tuple(k["nodes"])}) for k in saved.get("kernels", [])]
+        report.notes.extend(saved.get("notes", []) + [note])
+        report.kernels.extend(KernelChoice(**{**k, "nodes": tuple(k["nodes"])}) for k in saved.get("kernels", []))
         compiled = CompiledGraph(graph, runner.run, report)
         compiled.tvm = {"executable": None, "program": runner.program, "dir": str(directory), "tmp": None}
         return compiled

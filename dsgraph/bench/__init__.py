@@ -9,6 +9,8 @@ Defaults keep CPU runs short; see BENCHMARKS.md for the GPU record commands.
 """
 from __future__ import annotations
 
+import time
+
 from ..errors import InputError
 
 DEFAULTS = {
@@ -37,12 +39,29 @@ def load_model(name: str, dtype: str, seed: int = 0, device: str = "cpu", mtp: b
 def bench(model: str, device: str = "cpu", backends=None, workloads=None, batches=None, prefill_batches=None,
           contexts=None, dtype=None, repeats=None, warmup=None, seed: int = 0, log=None) -> dict:
     """Run the bench; returns the JSON document (see report.py for its layout)."""
+    from . import report, roofline
+    from .runner import run_bench
+    cfg = _config(model, device, backends, workloads, batches, prefill_batches, contexts, dtype, repeats, warmup,
+                  seed)
+    mdl = load_model(model, cfg.dtype, seed, cfg.device)
+    _check_context(cfg, mdl)
+    env = report.environment(cfg.device)
+    wanted = [cfg.dtype, "float32"] + (["float8_e4m3fn"] if "fp8_gemm" in cfg.workloads else [])
+    peak = roofline.peaks(cfg.device, list(dict.fromkeys(wanted)))
+    rows = run_bench(cfg, mdl, peak, log, lambda: load_model(model, cfg.dtype, seed, cfg.device, mtp=True))
+    config = dict(cfg.__dict__)
+    return report.document(config, env, peak, rows)
+
+
+def _config(model, device, backends, workloads, batches, prefill_batches, contexts, dtype, repeats, warmup, seed,
+            here: bool = True):
+    """The run's configuration; `here` False: `device` is where modules will run, not this machine."""
     from ..api import resolve_device
     from ..dtypes import compute_dtype
-    from . import report, roofline
-    from .runner import BenchConfig, run_bench
+    from .runner import BenchConfig
     from .workloads import ALL_WORKLOADS, DEFAULT_WORKLOADS
-    device = resolve_device(device)
+    if here or device not in ("cpu", "cuda"):
+        device = resolve_device(device)
     d = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
     workloads = list(workloads or DEFAULT_WORKLOADS)
     unknown = [w for w in workloads if w not in ALL_WORKLOADS]
@@ -56,13 +75,47 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
     for name, values in (("batch", cfg.batches), ("prefill batch", cfg.prefill_batches), ("context", cfg.contexts)):
         if not values or any(v < 1 for v in values):
             raise InputError(f"--{name.replace(' ', '-')} needs positive integers, got {values}")
-    mdl = load_model(model, cfg.dtype, seed, cfg.device)
+    return cfg
+
+
+def _check_context(cfg, mdl) -> None:
     limit = mdl.config.max_position_embeddings
     if max(cfg.contexts) + 1 > limit:
-        raise InputError(f"--context {max(cfg.contexts)} exceeds {model}'s max_position_embeddings={limit}")
-    env = report.environment(device)
-    wanted = [cfg.dtype, "float32"] + (["float8_e4m3fn"] if "fp8_gemm" in workloads else [])
-    peak = roofline.peaks(device, list(dict.fromkeys(wanted)))
-    rows = run_bench(cfg, mdl, peak, log, lambda: load_model(model, cfg.dtype, seed, cfg.device, mtp=True))
-    config = dict(cfg.__dict__)
-    return report.document(config, env, peak, rows)
+        raise InputError(f"--context {max(cfg.contexts)} exceeds {cfg.model}'s max_position_embeddings={limit}")
+
+
+def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, batches=None, prefill_batches=None,
+                 contexts=None, dtype=None, seed: int = 0, log=print) -> list[str]:
+    """Build here, for `device`, every TVM module that `bench` with the same arguments compiles, into
+    `directory` (see backends/tvm/prebuilt.py); no GPU and no weights are needed. Returns the module names."""
+    from backends import get_backend
+    from backends.tvm.prebuilt import export_prebuilt
+
+    from ..api import _run_passes
+    from ..partition import split_graph
+    from .runner import Runner
+    from .workloads import MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op
+    cfg = _config(model, device, ["tvm"], workloads, batches, prefill_batches, contexts, dtype, None, None, seed,
+                  here=False)
+    mdl = load_model(model, cfg.dtype, seed, "cpu")   # lazy weights: passes derive, nothing is drawn
+    _check_context(cfg, mdl)
+    be, shapes = get_backend("tvm"), Runner(cfg, mdl, {}, log)
+    graphs = []
+    for name in cfg.workloads:
+        if name in OP_WORKLOADS and not applicable(name, mdl.config):
+            for env in shapes.op_shapes(name):
+                w = build_op(name, mdl.config, cfg.dtype, env, seed)
+                graphs.append(_run_passes(w.graph, w.weights, be, "default", True, None)[0])
+    if any(n in MODEL_WORKLOADS for n in cfg.workloads):
+        graphs.append(_run_passes(mdl.graph, mdl.weights, be, "default", False, None)[0])
+    if "speculative" in cfg.workloads and not applicable("speculative", mdl.config):
+        full = load_model(model, cfg.dtype, seed, "cpu", mtp=True)
+        graphs.extend(split_graph(_run_passes(full.graph, full.weights, be, "default", True, None)[0], {"mtp_ids"}))
+    names = []
+    for i, graph in enumerate(graphs):
+        t0 = time.perf_counter()
+        path, built = export_prebuilt(graph, cfg.device, directory)
+        names.append(path.name)
+        log(f"[{i + 1}/{len(graphs)}] {path.name}: " + (f"built in {time.perf_counter() - t0:.1f} s" if built
+                                                         else "already there"))
+    return names

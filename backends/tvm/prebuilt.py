@@ -1,0 +1,41 @@
+"""Modules built on one machine and run on another: for a GPU machine whose TVM is runtime-only.
+
+`export_prebuilt(graph, device, root)` builds `graph` (after the backend's passes) for `device` into
+`root/<key>/`, the key a hash of the graph and the device kind. With `$DSGRAPH_TVM_PREBUILT=root` set, the
+tvm backend needs only TVM's runtime: compiling a graph loads `root/<key>/` instead of lowering and building,
+and a graph nobody prebuilt is an error naming the command that builds it. `dsgraph bench --prebuild DIR`
+writes every module a bench run needs; `dsgraph bench --prebuilt DIR` runs them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from dsgraph.serialize import graph_to_json
+
+ENV = "DSGRAPH_TVM_PREBUILT"
+
+
+def prebuilt_root() -> Path | None:
+    root = os.environ.get(ENV)
+    return Path(root) if root else None
+
+
+def graph_key(graph, device: str) -> str:
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    text = json.dumps(graph_to_json(graph), sort_keys=True, default=str)
+    return f"{graph.name}-{kind}-{hashlib.sha256(f'{kind}|{text}'.encode()).hexdigest()[:16]}"
+
+
+def export_prebuilt(graph, device: str, root) -> tuple[Path, bool]:
+    """Build `graph` for `device` into root/<key>/ unless already there; returns (directory, built now)."""
+    from . import export_module
+    path = Path(root) / graph_key(graph, device)
+    if (path / "module.so").exists():
+        return path, False
+    tmp = path.with_name(path.name + ".tmp")
+    export_module(graph, device, tmp)
+    tmp.rename(path)   # a crash mid-build leaves no directory that looks complete
+    return path, True
