@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
 #   bash benchmarks/run_gpu.sh v2lite   # dsgraph bench: DeepSeek-V2-Lite full size, whole model + ops
 #   bash benchmarks/run_gpu.sh v3ops    # dsgraph bench: DeepSeek-V3 layer shapes
+#   bash benchmarks/run_gpu.sh tvm      # dsgraph bench with the tvm column, from modules prebuilt here
 # The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
 # the JSON records the commit.
 set -uo pipefail
@@ -38,5 +39,13 @@ v3ops)
         --op mla_decode,prefill_attention,moe,rmsnorm,rope,fp8_gemm \
         --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 20 \
         --json "$OUT/v3-layers-h100.json" --plot "$OUT/v3-layers-h100.png" ;;
-*) echo "usage: $0 check|attn|mtp|v2lite|v3ops" >&2; exit 2 ;;
+tvm)
+    # TVM on the device is runtime-only: build the modules here first (seconds, no GPU), carry .tvmprebuilt and a
+    # runtime-only tvm + tvm_ffi for the device's Python (backends/tvm/README.md), with the same arguments:
+    #   dsgraph bench deepseek-v2-lite --device cuda --dtype bfloat16 --op mla_decode,moe,decode --batch 1,64 \
+    #       --context 4096 --prebuild .tvmprebuilt
+    step tvm 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op mla_decode,moe,decode \
+        --backends eager,torch_compile,triton,tvm --batch 1,64 --context 4096 --repeats 20 --prebuilt .tvmprebuilt \
+        --json "$OUT/v2-lite-tvm-h100.json" --plot "$OUT/v2-lite-tvm-h100.png" ;;
+*) echo "usage: $0 check|attn|mtp|v2lite|v3ops|tvm" >&2; exit 2 ;;
 esac

@@ -115,7 +115,8 @@ def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, ba
     for i, graph in enumerate(graphs):
         t0 = time.perf_counter()
         path, built = export_prebuilt(graph, cfg.device, directory)
-        names.append(path.name)
+        if path.name not in names:
+            names.append(path.name)
         log(f"[{i + 1}/{len(graphs)}] {path.name}: " + (f"built in {time.perf_counter() - t0:.1f} s" if built
                                                          else "already there"))
     return names
