@@ -17,7 +17,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from dsgraph.errors import BackendUnavailable, UnknownOpError
+from dsgraph.errors import BackendUnavailable, DSGraphError, UnknownOpError
 
 KERNEL_KINDS = ("reference", "generated", "template", "library", "relax", "tir", "fallback")
 
@@ -91,8 +91,8 @@ class CompiledGraph:
         if not record:
             return self._run(inputs)
         if not self.records:
-            raise NotImplementedError(f"the {self.report.backend} backend runs the graph as a whole module: it "
-                                      "cannot record intermediate values (use triton or eager to localise)")
+            raise DSGraphError(f"the {self.report.backend} backend runs the graph as a whole module: it cannot "
+                               "record intermediate values; localise with the triton or eager backend")
         return self._run(inputs, record=True)
 
 

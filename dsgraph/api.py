@@ -78,7 +78,7 @@ def compile(model, backend: str = "eager", device: str | None = "cpu", dtype=Non
     if dtype != graph_dtype:
         graph = models.build_graph(model.config, dtype, mtp="mtp_ids" in graph.inputs, name=graph.name)
     graph, weights, records = _run_passes(graph, model.weights, be, passes, keep_mtp, dump_after)
-    check_weights_fit([graph], weights, torch.device(device), f"{model.name} ({backend}, {dtype})")
+    check_weights_fit(graph, weights, torch.device(device), f"{model.name} ({backend}, {dtype})")
     mtp = None
     if "mtp_ids" in graph.inputs:  # keep_mtp: the MTP branch runs as its own step after the main one
         from .partition import split_graph

@@ -130,9 +130,9 @@ def cmd_bench(args) -> int:
         # Triton runs on the CPU through its interpreter, chosen before triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from .bench import bench, prebuild_tvm, report
+    workloads = [w for w in args.op.split(",") if w] if args.op else None
     if args.prebuild:
-        names = prebuild_tvm(args.model, args.prebuild, device=args.device,
-                             workloads=[w for w in args.op.split(",") if w] if args.op else None, batches=args.batch,
+        names = prebuild_tvm(args.model, args.prebuild, device=args.device, workloads=workloads, batches=args.batch,
                              prefill_batches=args.prefill_batch, contexts=args.context, dtype=args.dtype,
                              seed=args.seed, log=lambda msg: print(msg, file=sys.stderr, flush=True))
         print(f"{len(names)} TVM modules for {args.device} in {args.prebuild}; run them with "
@@ -142,7 +142,7 @@ def cmd_bench(args) -> int:
         from backends.tvm.prebuilt import ENV
         os.environ[ENV] = args.prebuilt
     doc = bench(args.model, device=args.device, backends=[b for b in args.backends.split(",") if b],
-                workloads=[w for w in args.op.split(",") if w] if args.op else None, batches=args.batch,
+                workloads=workloads, batches=args.batch,
                 prefill_batches=args.prefill_batch, contexts=args.context, dtype=args.dtype, repeats=args.repeats,
                 warmup=args.warmup, seed=args.seed)
     env = doc["environment"]

@@ -26,34 +26,33 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def weight_bytes(graphs, weights, device: torch.device) -> int:
-    """Bytes the graphs' params will newly occupy on `device`: a weight already there in its declared dtype
+def weight_bytes(graph, weights, device: torch.device) -> int:
+    """Bytes the graph's params will newly occupy on `device`: a weight already there in its declared dtype
     costs nothing more; one elsewhere or lazy costs its declared size, once per source tensor (shared weights)."""
     total, seen = 0, set()
-    for graph in graphs:
-        for name, v in graph.params().items():
-            dtype = to_torch(v.type.dtype)
-            entry = weights.entry(name) if name in weights else None
-            if isinstance(entry, torch.Tensor):
-                if entry.device == device and entry.dtype == dtype:
-                    continue
-                key = (entry.untyped_storage().data_ptr(), entry.storage_offset(), dtype)
-            else:
-                key = name
-            if key not in seen:
-                seen.add(key)
-                total += v.type.nbytes()
+    for name, v in graph.params().items():
+        dtype = to_torch(v.type.dtype)
+        entry = weights.entry(name) if name in weights else None
+        if isinstance(entry, torch.Tensor):
+            if entry.device == device and entry.dtype == dtype:
+                continue
+            key = (entry.untyped_storage().data_ptr(), entry.storage_offset(), dtype)
+        else:
+            key = name
+        if key not in seen:
+            seen.add(key)
+            total += v.type.nbytes()
     return total
 
 
-def check_weights_fit(graphs, weights, device: torch.device, what: str) -> None:
+def check_weights_fit(graph, weights, device: torch.device, what: str) -> None:
     """Raise DeviceMemoryError if the weights cannot fit the free memory (skip with DSGRAPH_SKIP_MEMORY_CHECK=1)."""
     if os.environ.get(SKIP_ENV):
         return
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     free = available_bytes(device)
-    need = weight_bytes(graphs, weights, device)
+    need = weight_bytes(graph, weights, device)
     if free is not None and need > free:
         raise DeviceMemoryError(
             f"{what}: its weights need {need / 2**30:,.1f} GiB on {device} after the passes, but only "

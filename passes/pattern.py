@@ -187,9 +187,10 @@ def _dtype_of(node: Node) -> str:
     return floats[0] if floats else "float32"
 
 
-def apply_once(graph: Graph, rw: Rewrite, m: Match, resort: bool = True) -> bool:
-    """Build the replacement for one match and rewire; False if the builder declined. With resort=False the
-    caller restores topological order later (apply_rewrites does once per round: a re-sort walks the graph)."""
+def apply_once(graph: Graph, rw: Rewrite, m: Match) -> bool:
+    """Build the replacement for one match and rewire; False if the builder declined. Rewiring may put a use
+    before its definition: the caller restores topological order (apply_rewrites does, once per round, since a
+    re-sort walks the whole graph)."""
     b = RewriteBuilder(graph, origin=m.root_value.name, dtype=_dtype_of(m.root))
     with graph.inserting_before(m.root):
         try:
@@ -204,8 +205,6 @@ def apply_once(graph: Graph, rw: Rewrite, m: Match, resort: bool = True) -> bool
         if new.node is not None and new.node in b.created:
             mark_replaces(new, old)
         graph.replace_all_uses(old, new)
-    if resort:
-        restore_topological_order(graph)
     touched = set(m.nodes) | set(b.created) | {old.node for old in repl if old.node is not None}
     erase_dead(graph, [n for n in graph.nodes if n in touched])
     return True
@@ -225,7 +224,7 @@ def apply_rewrites(graph: Graph, rewrites: list[Rewrite], max_rounds: int = 50, 
                 if m is None:
                     continue
                 stats["matched"] += 1
-                if apply_once(graph, rw, m, resort=False):
+                if apply_once(graph, rw, m):
                     stats["rewritten"] += 1
                     stats[rw.name] = stats.get(rw.name, 0) + 1
                     changed = True

@@ -35,11 +35,11 @@ def test_full_size_preset_is_refused_quickly_on_this_machine(monkeypatch):
 def test_resident_and_shared_weights_are_not_counted_twice():
     model = dsgraph.load("deepseek-llm-tiny")
     graph, w = model.graph, model.weights
-    assert memory.weight_bytes([graph], w, CPU) == declared(graph)          # lazy: all of it
+    assert memory.weight_bytes(graph, w, CPU) == declared(graph)          # lazy: all of it
     resident = w.materialize()
-    assert memory.weight_bytes([graph], resident, CPU) == 0                 # already there, in the right dtype
+    assert memory.weight_bytes(graph, resident, CPU) == 0                 # already there, in the right dtype
     names = [n for n, v in graph.params().items() if v.type.shape == graph.params()["lm_head.weight"].type.shape]
     shared = torch.randn(graph.params()["lm_head.weight"].type.concrete({}), dtype=torch.float64)
     for n in names:
         resident.set(n, shared)                                             # one fp64 tensor for several params
-    assert memory.weight_bytes([graph], resident, CPU) == graph.params()["lm_head.weight"].type.nbytes()
+    assert memory.weight_bytes(graph, resident, CPU) == graph.params()["lm_head.weight"].type.nbytes()

@@ -16,7 +16,7 @@ import models  # noqa: E402
 from backends import get_backend  # noqa: E402
 from backends.tvm import env  # noqa: E402
 from dsgraph.builder import GraphBuilder  # noqa: E402
-from dsgraph.errors import ArtifactError, BackendUnavailable, InputError, UnknownOpError  # noqa: E402
+from dsgraph.errors import ArtifactError, BackendUnavailable, DSGraphError, InputError, UnknownOpError  # noqa: E402
 from dsgraph.ops import defop, scratch_ops  # noqa: E402
 from tests.test_tvm_ops import check, compile_tvm, rel  # noqa: E402
 
@@ -200,3 +200,9 @@ def test_bench_runs_prebuilt_modules_with_runtime_only_tvm(tmp_path):
     rows = bench("--dtype", "bfloat16")   # other graphs: nothing prebuilt for them
     assert rows and all(r["status"] == "failed" and "no prebuilt TVM module" in r["reason"] and "--prebuild" in
                         r["reason"] for r in rows), [r["reason"] for r in rows]
+
+
+def test_localize_is_a_clear_error_on_a_whole_module_backend():
+    m, exe, _ = built("deepseek-v3-tiny")
+    with pytest.raises(DSGraphError, match=r"tvm backend .* cannot record .*triton or eager"):
+        exe.localize(torch.randint(0, m.config.vocab_size, (1, 3)))

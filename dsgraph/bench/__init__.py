@@ -93,17 +93,17 @@ def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, ba
 
     from ..api import _run_passes
     from ..partition import split_graph
-    from .runner import Runner
+    from .runner import op_shapes
     from .workloads import MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op
     cfg = _config(model, device, ["tvm"], workloads, batches, prefill_batches, contexts, dtype, None, None, seed,
                   here=False)
     mdl = load_model(model, cfg.dtype, seed, "cpu")   # lazy weights: passes derive, nothing is drawn
     _check_context(cfg, mdl)
-    be, shapes = get_backend("tvm"), Runner(cfg, mdl, {}, log)
+    be = get_backend("tvm")
     graphs = []
     for name in cfg.workloads:
         if name in OP_WORKLOADS and not applicable(name, mdl.config):
-            for env in shapes.op_shapes(name):
+            for env in op_shapes(cfg, name):
                 w = build_op(name, mdl.config, cfg.dtype, env, seed)
                 graphs.append(_run_passes(w.graph, w.weights, be, "default", True, None)[0])
     if any(n in MODEL_WORKLOADS for n in cfg.workloads):

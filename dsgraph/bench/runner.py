@@ -46,6 +46,15 @@ class BenchConfig:
     budget_s: float | None = None   # CPU: cap on the time spent timing one row
 
 
+def op_shapes(cfg: BenchConfig, name: str):
+    """The symbol bindings workload `name` is run at: decode-shaped ones over batch x context (T), the rest
+    over prefill batch x context (S)."""
+    batches = cfg.batches if name in DECODE_SHAPED else cfg.prefill_batches
+    for b in batches:
+        for c in cfg.contexts:
+            yield {"B": b, "T": c} if name in DECODE_SHAPED else {"B": b, "S": c}
+
+
 def parse_backend(spec: str) -> tuple[str, dict]:
     """"torch_compile:reduce-overhead" -> ("torch_compile", {"mode": "reduce-overhead"})."""
     name, _, mode = spec.partition(":")
@@ -111,10 +120,7 @@ class Runner:
 
     # op level --------------------------------------------------------------------
     def op_shapes(self, name: str):
-        batches = self.cfg.batches if name in DECODE_SHAPED else self.cfg.prefill_batches
-        for b in batches:
-            for c in self.cfg.contexts:
-                yield {"B": b, "T": c} if name in DECODE_SHAPED else {"B": b, "S": c}
+        return op_shapes(self.cfg, name)
 
     def run_op(self, name: str) -> None:
         mc = self.model.config
