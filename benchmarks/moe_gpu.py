@@ -1,11 +1,13 @@
-"""MoE layer on the GPU: correctness and timing of the Triton grouped-GEMM MoE (routing kernel + fused_moe)
-against the eager per-expert reference and torch._grouped_mm, at DeepSeek-V2-Lite and V3 shapes, bf16.
+"""MoE layer on the GPU: correctness and timing of the Triton grouped-GEMM MoE (routing kernel + fused_moe) against the
+eager per-expert reference and torch._grouped_mm, at DeepSeek-V2-Lite and V3 shapes, bf16.
 
     python benchmarks/moe_gpu.py            # prints a table; writes $OUT/moe_gpu.json when OUT is set
+    python benchmarks/moe_gpu.py --sweep    # also every tile of TILES for each GEMM (CUDA-graph timed)
 
-Times are medians of triton.testing.do_bench. The layer is routing (moe.gate: router GEMM + top-k) followed by
-the routed experts; tile configs are swept explicitly (the autotuner's pick is timed too). Floor = the bytes of
-the experts actually hit, read once, at 3.0 TB/s. Goals (issue 5): V2-Lite 64 tokens <= 460 us, 1 token <= 150 us.
+Times are medians of triton.testing.do_bench. The layer is routing (moe.gate: router GEMM + top-k) followed by the
+routed experts, with fused_moe's tiles autotuned per GEMM; `breakdown` times its pieces from CUDA graphs. Floor =
+the bytes of the experts actually hit, read once, at 3.0 TB/s. Goals (issue 5): V2-Lite 64 tokens <= 460 us, 1 token
+<= 150 us.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from backends.triton import autotune  # noqa: E402
 from backends.triton.kernels import moe, routing  # noqa: E402
 from dsgraph.ops.moe import moe_experts_ref  # noqa: E402
 
@@ -25,8 +28,12 @@ SHAPES = [  # name, experts, top_k, hidden, inter, routing attrs, token counts
     ("v3", 256, 8, 7168, 2048, dict(scoring="sigmoid", method="noaux_tc", n_group=8, topk_group=4,
                                     norm_topk_prob=True, routed_scaling_factor=2.5), (64, 512)),
 ]
-SWEEP = [moe.MoEConfig(*t) for t in ((16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
-                                      (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3))]
+TILES = {  # block_m: (block_n, block_k, warps, stages) swept per GEMM with --sweep
+    16: [(bn, bk, 4, st) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for st in (3, 4, 5)]
+        + [(64, 128, 8, 4), (128, 128, 8, 3), (64, 256, 8, 3)],
+    32: [(bn, bk, w, st) for bn in (64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)],
+    64: [(bn, bk, w, st) for bn in (64, 128, 256) for bk in (64, 128) for w in (4, 8) for st in (3, 4)],
+}
 BANDWIDTH = 3.0e12
 
 
@@ -64,8 +71,62 @@ def grouped_mm_layer(x, w, ids, gate_up, down):
     return out.to(x.dtype)
 
 
+def breakdown(x, w, ids, gate_up, down, sweep_tiles: bool) -> dict:
+    """CUDA-graph times of fused_moe's pieces at the tuned configs: align (kernel and torch sort), each GEMM, the
+    reduce; with `sweep_tiles`, every tile of TILES for each GEMM (fastest first, each checked against the
+    default launch's output)."""
+    n, k = ids.shape
+    e, inter, m = gate_up.shape[0], gate_up.shape[1] // 2, ids.numel()
+    bm = moe.moe_block_m(m, e)
+    flat = ids.reshape(-1)
+    row_ids, block_expert = moe.align_rows(flat, e, bm)
+    act = torch.empty((row_ids.numel(), inter), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, x.shape[1]), dtype=torch.float32, device=x.device)
+    fw = w.reshape(-1).float().contiguous()
+    key = (e, inter, x.shape[1], k, moe.bucket(m), str(x.dtype))
+    up_cfg = autotune._MEMO[("fused_moe_gate_up", key)]  # fused_moe ran (and tuned) this shape already
+    down_cfg = autotune._MEMO[("fused_moe_down", key)]
+    gemm_up = lambda c: moe._launch_gemm(x, gate_up, act, row_ids, block_expert, None, m, inter, c,  # noqa: E731
+                                         a_div=k, c_padded=True, swiglu=True)
+    gemm_down = lambda c: moe._launch_gemm(act, down, y, row_ids, block_expert, fw, m, x.shape[1], c,  # noqa: E731
+                                           a_padded=True)
+    out = torch.empty_like(x)
+    res = {"block_m": bm, "gate_up_config": up_cfg.__dict__, "down_config": down_cfg.__dict__,
+           "align_kernel_graph_us": bench_graph(lambda: moe.align_rows(flat, e, bm)),
+           "align_torch_graph_us": bench_graph(lambda: moe.align(flat, torch.bincount(flat, minlength=e), m, bm)),
+           "gate_up_graph_us": bench_graph(lambda: gemm_up(up_cfg)),
+           "down_graph_us": bench_graph(lambda: gemm_down(down_cfg)),
+           "reduce_graph_us": bench_graph(lambda: moe._reduce(y, None, None, out, k))}
+    if sweep_tiles:
+        gemm_up(up_cfg)
+        act_ref = act.clone()
+        gemm_down(down_cfg)
+        y_ref = y.clone()
+        for name, fn, ref, dst in (("gate_up", gemm_up, act_ref, act), ("down", gemm_down, y_ref, y)):
+            times = []
+            for t in TILES[bm]:
+                cfg = moe.MoEConfig(bm, *t)
+                try:
+                    if name == "down":
+                        act.copy_(act_ref)
+                    fn(cfg)
+                    torch.cuda.synchronize()
+                    bad = (dst.float() - ref.float()).norm() / ref.float().norm() > 2e-2
+                    us = bench_graph(lambda: fn(cfg))
+                    times.append((us if isinstance(us, float) else float("inf"), t, "WRONG" if bad else "ok"))
+                except Exception as exc:  # noqa: BLE001 -- a tile too big for this GPU
+                    times.append((float("inf"), t, type(exc).__name__))
+            times.sort(key=lambda r: r[0])
+            res[f"{name}_sweep"] = [{"us": u, "tile": list(t), "status": st} for u, t, st in times]
+            print(f"   {name} sweep (bm={bm}): " + ", ".join(f"{t}={u:.1f}us {st}" for u, t, st in times[:5]),
+                  flush=True)
+        act.copy_(act_ref)
+    return res
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    sweep_tiles = "--sweep" in sys.argv
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     rows = []
@@ -88,17 +149,8 @@ def main() -> None:
             row["triton_autotuned_us"] = bench(lambda: moe.fused_moe(x, w, ids, gate_up, down))
             row["route_graph_us"] = bench_graph(lambda: route_layer(x, gate_w, bias, k, attrs))
             row["triton_graph_us"] = bench_graph(lambda: moe.fused_moe(x, w, ids, gate_up, down))
-            sweep = {}
-            for cfg in SWEEP:
-                try:
-                    sweep[str(tuple(cfg.__dict__.values()))] = bench(
-                        lambda: moe.fused_moe(x, w, ids, gate_up, down, config=cfg))
-                except Exception as exc:  # a tile that does not fit this GPU
-                    sweep[str(tuple(cfg.__dict__.values()))] = f"failed: {type(exc).__name__}"
-            row["sweep_us"] = sweep
-            row["triton_best_us"] = min([v for v in sweep.values() if isinstance(v, float)]
-                                        + [row["triton_autotuned_us"]])
-            row["layer_us"] = row["route_us"] + row["triton_best_us"]
+            row.update(breakdown(x, w, ids, gate_up, down, sweep_tiles))
+            row["layer_us"] = row["route_us"] + row["triton_autotuned_us"]
             if hasattr(torch, "_grouped_mm"):
                 try:
                     row["grouped_mm_us"] = bench(lambda: grouped_mm_layer(x, w, ids, gate_up, down))
@@ -106,10 +158,10 @@ def main() -> None:
                     row["grouped_mm_us"] = f"failed: {type(exc).__name__}: {exc}"[:120]
             if n <= 64 or name == "v2-lite":
                 row["eager_us"] = bench(lambda: moe_experts_ref(x, w, ids, *per_expert, num_experts=e))
-            row["floor_ratio"] = floor_us / row["triton_best_us"]
+            row["floor_ratio"] = floor_us / row["triton_autotuned_us"]
             rows.append(row)
             print(f"{name:8} N={n:4} hit={hit:3} err={err:.2e} route={row['route_us']:8.1f}us "
-                  f"moe best={row['triton_best_us']:8.1f}us auto={row['triton_autotuned_us']:8.1f}us "
+                  f"moe={row['triton_autotuned_us']:8.1f}us "
                   f"floor={floor_us:7.1f}us ({row['floor_ratio']:.0%}) grouped_mm={row.get('grouped_mm_us', '-')} "
                   f"eager={row.get('eager_us', '-')} | CUDA graph: route={row['route_graph_us']} "
                   f"moe={row['triton_graph_us']}", flush=True)

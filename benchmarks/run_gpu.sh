@@ -3,7 +3,8 @@
 #   bash benchmarks/run_gpu.sh check    # (K=, TESTS=, LIMIT=, SKIP_MOE=1 narrow it) Triton kernel/model tests on CUDA (bf16 included) + the MoE layer bench
 #   bash benchmarks/run_gpu.sh attn     # MLA decode / flash prefill bench
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
-#   bash benchmarks/run_gpu.sh v2lite   # dsgraph bench: DeepSeek-V2-Lite full size, whole model + ops
+#   bash benchmarks/run_gpu.sh v2lite   # dsgraph bench: DeepSeek-V2-Lite full size, whole model (prefill, decode)
+#   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
 #   bash benchmarks/run_gpu.sh v3ops    # dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # dsgraph bench with the tvm column, from modules prebuilt here
 # The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
@@ -31,9 +32,13 @@ attn)
 mtp)
     step mtp "${LIMIT:-560}" python benchmarks/mtp_speedup.py --device cuda --backend triton --dtype bf16 ;;
 v2lite)
-    step v2lite 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 \
-        --backends eager,torch_compile,torch_compile:reduce-overhead,triton,onnx \
-        --batch 1,64 --context 4096 --repeats 20 --json "$OUT/v2-lite-h100.json" --plot "$OUT/v2-lite-h100.png" ;;
+    step v2lite 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op prefill,decode \
+        --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 10 \
+        --json "$OUT/v2-lite-model-h100.json" --plot "$OUT/v2-lite-model-h100.png" ;;
+v2liteops)
+    step v2liteops 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op moe,mla_decode,rmsnorm,rope \
+        --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 20 \
+        --json "$OUT/v2-lite-ops-h100.json" --plot "$OUT/v2-lite-ops-h100.png" ;;
 v3ops)
     step v3ops 570 $BENCH deepseek-v3 --device cuda --dtype bfloat16 \
         --op mla_decode,prefill_attention,moe,rmsnorm,rope,fp8_gemm \
@@ -47,5 +52,5 @@ tvm)
     step tvm 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op mla_decode,moe,decode \
         --backends eager,torch_compile,triton,tvm --batch 1,64 --context 4096 --repeats 20 --prebuilt .tvmprebuilt \
         --json "$OUT/v2-lite-tvm-h100.json" --plot "$OUT/v2-lite-tvm-h100.png" ;;
-*) echo "usage: $0 check|attn|mtp|v2lite|v3ops|tvm" >&2; exit 2 ;;
+*) echo "usage: $0 check|attn|mtp|v2lite|v2liteops|v3ops|tvm" >&2; exit 2 ;;
 esac

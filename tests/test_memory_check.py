@@ -43,3 +43,15 @@ def test_resident_and_shared_weights_are_not_counted_twice():
     for n in names:
         resident.set(n, shared)                                             # one fp64 tensor for several params
     assert memory.weight_bytes(graph, resident, CPU) == graph.params()["lm_head.weight"].type.nbytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_free_memory_comes_from_the_device():
+    free = memory.available_bytes(torch.device("cuda"))
+    assert 0 < free <= torch.cuda.get_device_properties(0).total_memory
+    model = models.build_model("deepseek-v3", weights=True)
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(DeviceMemoryError, match=r"deepseek-v3 .*need [\d,.]+ GiB on cuda"):
+        dsgraph.compile(model, dtype="bf16", device="cuda", passes="none")
+    assert torch.cuda.memory_allocated() == before  # refused before any weight reached the GPU

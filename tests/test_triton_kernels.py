@@ -135,6 +135,18 @@ def test_align_pads_each_expert_to_the_tile():
     assert row_ids.tolist()[:12] == [1, 5, 6, 6, 4, 6, 6, 6, 0, 2, 3, 6]
 
 
+@pytest.mark.parametrize("rows,e,block_m", [(6, 5, 4), (1, 64, 16), (300, 160, 16), (517, 7, 32), (96, 256, 64)])
+def test_align_kernel_matches_torch_align(rows, e, block_m, monkeypatch):
+    """One-program alignment == the torch sort path, row for row (stable order, padding, tile owners), with
+    idle experts, a non-power-of-two expert count and more rows than one chunk."""
+    monkeypatch.setattr(moe, "ALIGN_KERNEL_WORK", 1 << 30)  # the kernel at every size here
+    g = torch.Generator().manual_seed(rows + e)
+    ids = torch.randint(0, max(1, e - 2), (rows,), generator=g).to(DEV)  # the last experts stay idle
+    row_ids, block_expert = moe.align_rows(ids, e, block_m)
+    want_rows, want_tiles = moe.align(ids, torch.bincount(ids, minlength=e), rows, block_m)
+    assert torch.equal(row_ids.cpu(), want_rows.cpu()) and torch.equal(block_expert.cpu(), want_tiles.cpu())
+
+
 def test_fused_moe_rejects_mismatched_weights():
     x = torch.randn(2, 8, device=DEV)
     with pytest.raises(ShapeError, match="gate_up"):
@@ -222,9 +234,12 @@ def test_autotune_times_once_and_caches_on_disk(tmp_path, monkeypatch, cands):
     import triton.testing
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), calls.append(1), 3.0 - len(calls))[2])
+    assert autotune.cached("k", (1, 2), cands) is None  # nothing known yet, and asking times nothing
     assert autotune.pick("k", (1, 2), cands, lambda cfg: None) is cands[2]  # the last timed is fastest
     assert len(calls) == 3
     monkeypatch.setattr(autotune, "_MEMO", {})
     assert autotune.pick("k", (1, 2), cands, lambda cfg: None) is cands[2]  # from disk, not timed again
+    monkeypatch.setattr(autotune, "_MEMO", {})
+    assert autotune.cached("k", (1, 2), cands) is cands[2]
     assert len(calls) == 3
     assert (tmp_path / "triton" / "tuned" / "k.json").exists()

@@ -50,30 +50,42 @@ def _write(kernel: str, entry_key: str, config) -> None:
     os.replace(tmp, _path(kernel))
 
 
-def pick(kernel: str, key: tuple, candidates: list, bench):
-    """The best of `candidates` for `key`; `bench(config)` runs the kernel once with that config."""
+def cached(kernel: str, key: tuple, candidates: list):
+    """The candidate already chosen for `key` (this process or the disk cache), or None: never times anything."""
+    memo_key = (kernel, key)
+    if memo_key not in _MEMO:
+        stored = _read(kernel).get(f"{_device_name()}|{'x'.join(str(k) for k in key)}")
+        match = next((c for c in candidates if stored is not None and _encode(c) == stored), None)
+        if match is None:
+            return None
+        _MEMO[memo_key] = match
+    return _MEMO[memo_key]
+
+
+def pick(kernel: str, key: tuple, candidates: list, bench, timer=None):
+    """The best of `candidates` for `key`; `bench(config)` runs the kernel once with that config. `timer(fn)`
+    returns milliseconds (default: triton.testing.do_bench's median). While a CUDA graph is being captured nothing
+    is timed: the known winner, else the first candidate (not remembered)."""
     if interpreting() or len(candidates) == 1:
         return candidates[0]
-    memo_key = (kernel, key)
-    if memo_key in _MEMO:
-        return _MEMO[memo_key]
-    entry_key = f"{_device_name()}|{'x'.join(str(k) for k in key)}"
-    cached = _read(kernel).get(entry_key)
-    for cfg in candidates:
-        if cached is not None and _encode(cfg) == cached:
-            _MEMO[memo_key] = cfg
-            return cfg
+    known = cached(kernel, key, candidates)
+    if known is not None:
+        return known
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return candidates[0]
     import triton.testing
+    timer = timer or (lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
     best, best_ms = candidates[0], float("inf")
     for cfg in candidates:
         try:
-            ms = triton.testing.do_bench(lambda: bench(cfg), warmup=5, rep=20, return_mode="median")
+            bench(cfg)  # compile (and fail, if it does not fit) before timing
+            ms = timer(lambda: bench(cfg))
         except Exception:  # a config that does not fit (shared memory, registers) is just not a candidate
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    _write(kernel, entry_key, best)
-    _MEMO[memo_key] = best
+    _write(kernel, f"{_device_name()}|{'x'.join(str(k) for k in key)}", best)
+    _MEMO[(kernel, key)] = best
     return best
 
 

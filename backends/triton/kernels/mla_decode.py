@@ -28,6 +28,7 @@ import triton.language as tl
 
 from dsgraph.errors import InputError, ShapeError
 
+from ..autotune import cached, pick
 from .flash_attention import LOG2E, check_tensors, dot_precision, interpreting
 
 
@@ -183,10 +184,6 @@ def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int) -> list[ML
     return [MLAConfig(bh, bn, sp, w, st) for sp in split_opts for bh, bn, w, st in tiles]
 
 
-TUNED: dict[tuple, MLAConfig] = {}
-"""Winners of `tune=True`, keyed by `tune_key`; a backend may persist and preload this map."""
-
-
 def tune_key(batch: int, rows: int, kv_len: int, head_c: int, head_r: int, dtype: torch.dtype, causal: bool,
              has_lens: bool, num_splits: int | None) -> tuple:
     """Cache lengths are bucketed to powers of two so a growing cache does not re-tune every step;
@@ -243,25 +240,11 @@ def _launch(q, cache, scale, c, cache_lens, causal, cfg: MLAConfig) -> torch.Ten
     return out
 
 
-def _tune(key, cands, run) -> MLAConfig:
-    """Time every candidate once per key (never while a CUDA graph is being captured) and keep the fastest.
-
-    Timed as CUDA-graph replays, the way the decode runtime runs them: plain launches of a ~15 us kernel pair
-    measure the host's launch overhead instead of the kernel.
-    """
-    if key not in TUNED:
-        if len(cands) == 1 or torch.cuda.is_current_stream_capturing():
-            return cands[0]
-        from triton.testing import do_bench_cudagraph
-        times = {}
-        for cfg in cands:
-            try:
-                run(cfg)  # compile outside the graph capture
-                times[cfg] = do_bench_cudagraph(lambda: run(cfg), rep=20, return_mode="median")
-            except triton.runtime.errors.OutOfResources:  # too big for this GPU: not a candidate here
-                continue
-        TUNED[key] = min(times, key=times.get)
-    return TUNED[key]
+def _graph_ms(fn) -> float:
+    """Candidates are timed as CUDA-graph replays, the way a captured decode step runs them: plain launches of a
+    ~15 us kernel pair measure the host's launch overhead instead of the kernel."""
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=20, return_mode="median")
 
 
 def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank: int,
@@ -271,8 +254,9 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
 
     cache_lens: optional [B] int32/int64 valid lengths (values above T are clamped to T; rows that see no key,
     e.g. L_b < S, come out as zeros). The launch is `config` if given, else the tuned winner for this shape if
-    one is known (`TUNED`), else the first of `mla_candidates` (with `num_splits` overriding its split count).
-    tune=True times the candidates on first use per shape; do that before capturing a CUDA graph.
+    one is known (this process or the disk cache, `autotune`), else the first of `mla_candidates` (with
+    `num_splits` overriding its split count). tune=True times the candidates on first use per shape (not during
+    a CUDA-graph capture, which gets the first candidate).
     """
     _check(q, cache, kv_lora_rank, cache_lens)
     b, s, h, _ = q.shape
@@ -286,7 +270,9 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
         key = tune_key(b, rows, t_len, kv_lora_rank, q.shape[3] - kv_lora_rank, q.dtype, causal,
                        cache_lens is not None, num_splits)
         run = lambda cfg: _launch(q, cache, scale, kv_lora_rank, cache_lens, causal, cfg)
-        config = _tune(key, list(dict.fromkeys(cands)), run) if tune else TUNED.get(key, cands[0])
+        cands = list(dict.fromkeys(cands))
+        config = (pick("mla_decode", key, cands, run, timer=_graph_ms) if tune
+                  else cached("mla_decode", key, cands) or cands[0])
     if config.num_splits < 1:
         raise InputError(f"mla_absorbed: num_splits must be >= 1, got {config.num_splits}")
     return _launch(q, cache, scale, kv_lora_rank, cache_lens, causal, config)

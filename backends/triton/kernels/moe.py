@@ -1,13 +1,16 @@
-"""Grouped-GEMM mixture of experts: align token copies by expert, gate|up GEMM with fused SwiGLU, down GEMM
-with the routing weight fused, then an un-permute that sums each token's k rows.
+"""Grouped-GEMM mixture of experts: align token copies by expert, gate|up GEMM with fused SwiGLU, down GEMM with the
+routing weight fused, then an un-permute that sums each token's k rows.
 
-Why this shape (vLLM's fused_moe, DeepSeek's naive loop as the reference): every token copy (token t, slot j)
-is a row of expert ids[t, j]'s GEMM. `align` sorts the copies by expert and pads each expert's run to a multiple
-of BLOCK_M, entirely on the device (no host sync, so it works under CUDA graphs): one M tile of a GEMM then
-belongs to one expert. Tiles past the real ones see expert -1 and exit. The gate|up GEMM reads x rows straight
-through the sorted slot ids (x_perm is never materialised) and writes silu(gate) * up for the padded rows; the
-down GEMM multiplies by the slot's routing weight and writes fp32 rows per slot; `_reduce_kernel` sums the k
-slots of each token in fp32 and casts once, as the reference accumulates.
+Why this shape (vLLM's fused_moe, DeepSeek's naive loop as the reference): every token copy (token t, slot j) is a
+row of expert ids[t, j]'s GEMM. The copies are sorted by expert and each expert's run padded to a multiple of
+BLOCK_M, entirely on the device (no host sync, so it works under CUDA graphs): one M tile of a GEMM then belongs to
+one expert. For decode and short prompts (rows x experts <= ALIGN_KERNEL_WORK) one program does it (`_align_kernel`:
+one launch instead of ~15 small torch ops, which were most of a decode step's MoE time; H100, V2-Lite, 64 tokens: 11
+us); above, its one-hot passes grow with rows x experts and `align` sorts with torch. Tiles past the real ones see
+expert -1 and exit. The gate|up GEMM reads x rows straight through the sorted slot ids (x_perm is never
+materialised) and writes silu(gate) * up for the padded rows; the down GEMM multiplies by the slot's routing weight
+and writes fp32 rows per slot; `_reduce_kernel` sums the k slots of each token in fp32 and casts once, as the
+reference accumulates.
 
 Weights are stacked per expert: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
 """
@@ -35,19 +38,31 @@ class MoEConfig:
 
 
 INTERPRETER_CONFIG = MoEConfig(16, 16, 16, 1, 1)
+ALIGN_KERNEL_WORK = 1 << 16  # rows x experts (padded) up to which one program aligns
 
 
-def moe_configs(m: int) -> list[MoEConfig]:
-    """Candidates per token-copy count: small M tiles for decode (most experts get 0-2 rows), larger for prefill."""
+def moe_block_m(m: int, num_experts: int) -> int:
+    """The M tile both GEMMs share (the alignment pads to it): about the rows an expert gets on average, so few
+    tile rows are padding."""
+    per_expert = m / num_experts
+    return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+
+
+def moe_configs(m: int, num_experts: int = 1, block_m: int | None = None) -> list[MoEConfig]:
+    """Tile candidates for one GEMM at M tile `block_m` (default `moe_block_m`): decode reads each hit expert's
+    weights once through few rows, so narrow N tiles over deep K stages keep enough loads in flight; prefill
+    tiles are compute tiles. Timed per GEMM by `pick` (the two GEMMs differ in N, K and the SwiGLU epilogue)."""
     if interpreting():
         return [INTERPRETER_CONFIG]
-    if m <= 64:
-        tiles = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4),
-                 (32, 64, 128, 4, 4), (16, 256, 128, 8, 3)]
+    bm = block_m or moe_block_m(m, num_experts)
+    if bm <= 16:
+        tiles = [(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
+                 (128, 256, 4, 4), (128, 128, 8, 3)]
+    elif bm <= 32:
+        tiles = [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 5), (128, 128, 8, 3)]
     else:
-        tiles = [(64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 128, 64, 4, 4), (128, 128, 64, 8, 3),
-                 (64, 128, 128, 8, 3), (32, 64, 128, 4, 4), (16, 128, 128, 4, 3)]
-    return [MoEConfig(*t) for t in tiles]
+        tiles = [(128, 64, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)]
+    return [MoEConfig(bm, bn, bk, w, st) for bn, bk, w, st in tiles]
 
 
 # ------------------------------------------------------------------------------------------------ alignment
@@ -81,6 +96,56 @@ def align(expert_of_row: torch.Tensor | None, counts: torch.Tensor, num_rows: in
     block_expert = torch.searchsorted(ends, tile_start, right=True)
     block_expert = torch.where(block_expert < e, block_expert, -1)
     return row_ids, block_expert
+
+
+def align_rows(expert_of_row: torch.Tensor, num_experts: int, block_m: int):
+    """`align(expert_of_row, bincount(expert_of_row), R, block_m)`, in one launch of `_align_kernel` when
+    R x experts <= ALIGN_KERNEL_WORK (same sorted order: stable, by expert)."""
+    num_rows = expert_of_row.numel()
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    if num_rows * block_e > ALIGN_KERNEL_WORK:
+        return align(expert_of_row, torch.bincount(expert_of_row, minlength=num_experts), num_rows, block_m)
+    dev = expert_of_row.device
+    cap = triton.cdiv(num_rows + num_experts * (block_m - 1), block_m) * block_m
+    row_ids = torch.empty(cap, dtype=torch.int64, device=dev)
+    block_expert = torch.empty(cap // block_m, dtype=torch.int64, device=dev)
+    _align_kernel[(1,)](expert_of_row, row_ids, block_expert, num_rows, num_experts, cap, cap // block_m,
+                        BLOCK_M=block_m, BLOCK_R=max(16, min(128, 8192 // block_e)), BLOCK_E=block_e,
+                        BLOCK_FILL=1024, num_warps=4 if block_e <= 64 else 8)
+    return row_ids, block_expert
+
+
+@triton.jit
+def _align_kernel(ids_ptr, row_ids_ptr, block_expert_ptr, num_rows, num_experts, cap, num_tiles,
+                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_FILL: tl.constexpr):
+    """One program: count rows per expert, lay out each expert's run padded to BLOCK_M, then scatter every row
+    to its place (its rank among its expert's rows, by a cumulative sum over one-hot chunks of BLOCK_R rows)."""
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for r0 in range(0, num_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=-1)
+        counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    for p0 in range(0, cap, BLOCK_FILL):  # every slot starts as padding (row id == num_rows)
+        pos = p0 + tl.arange(0, BLOCK_FILL)
+        tl.store(row_ids_ptr + pos, tl.full([BLOCK_FILL], 0, tl.int64) + num_rows, mask=pos < cap)
+    e_ok = experts < num_experts
+    for t0 in range(0, num_tiles, BLOCK_R):  # a tile's expert: how many experts' runs end at or before it
+        tiles = t0 + tl.arange(0, BLOCK_R)
+        owner = tl.sum(((ends[None, :] <= tiles[:, None] * BLOCK_M) & e_ok[None, :]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + tiles, tl.where(owner < num_experts, owner, -1).to(tl.int64),
+                 mask=tiles < num_tiles)
+    tl.debug_barrier()  # the padding fill lands before the scatter overwrites it
+    next_slot = ends - padded  # per expert: where its next row goes
+    for r0 in range(0, num_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ids = tl.load(ids_ptr + rows, mask=rows < num_rows, other=-1)
+        onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+        dest = tl.sum(onehot * (tl.cumsum(onehot, 0) - onehot + next_slot[None, :]), 1)
+        tl.store(row_ids_ptr + dest, rows.to(tl.int64), mask=rows < num_rows)
+        next_slot += tl.sum(onehot, 0)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -196,8 +261,11 @@ def _check_moe(x, weights, ids, gate_up, down):
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-              down: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
-    """sum_j weights[t, j] * SwiGLU_{ids[t, j]}(x[t]) -> [N, H] in x's dtype (`moe_experts_ref` semantics)."""
+              down: torch.Tensor, config: MoEConfig | tuple[MoEConfig, MoEConfig] | None = None) -> torch.Tensor:
+    """sum_j weights[t, j] * SwiGLU_{ids[t, j]}(x[t]) -> [N, H] in x's dtype (`moe_experts_ref` semantics).
+
+    `config`: one launch config for both GEMMs, a (gate|up, down) pair sharing block_m, or None: block_m from
+    `moe_block_m` and each GEMM's tiles autotuned on its own."""
     _check_moe(x, weights, ids, gate_up, down)
     n, h = x.shape
     e, i2, _ = gate_up.shape
@@ -206,21 +274,28 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
     out = torch.empty_like(x)
     if n == 0:
         return out
-    flat_ids = ids.reshape(-1)
+    up_cfg, down_cfg = (config, config) if isinstance(config, MoEConfig) else config or (None, None)
+    if up_cfg is not None and up_cfg.block_m != down_cfg.block_m:
+        raise ShapeError(f"fused_moe: both GEMMs share one M tile; got block_m {up_cfg.block_m} and "
+                         f"{down_cfg.block_m}")
+    block_m = up_cfg.block_m if up_cfg is not None else moe_block_m(m, e)
     flat_w = weights.reshape(-1).float().contiguous()
-    counts = torch.bincount(flat_ids, minlength=e)
+    row_ids, block_expert = align_rows(ids.reshape(-1), e, block_m)
+    act = torch.empty((row_ids.numel(), inter), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, h), dtype=torch.float32, device=x.device)
 
-    def run(cfg: MoEConfig):
-        row_ids, block_expert = align(flat_ids, counts, m, cfg.block_m)
-        act = torch.empty((row_ids.numel(), inter), dtype=x.dtype, device=x.device)
+    def gate_up_gemm(cfg):
         _launch_gemm(x, gate_up, act, row_ids, block_expert, None, m, inter, cfg, a_div=k, c_padded=True,
                      swiglu=True)
-        y = torch.empty((m, h), dtype=torch.float32, device=x.device)
-        _launch_gemm(act, down, y, row_ids, block_expert, flat_w, m, h, cfg, a_padded=True)
-        return _reduce(y, None, None, out, k)
 
-    cfg = config or pick("fused_moe", (e, inter, h, k, bucket(m), str(x.dtype)), moe_configs(m), run)
-    return run(cfg)
+    def down_gemm(cfg):
+        _launch_gemm(act, down, y, row_ids, block_expert, flat_w, m, h, cfg, a_padded=True)
+
+    key = (e, inter, h, k, bucket(m), str(x.dtype))
+    cands = moe_configs(m, e, block_m)
+    gate_up_gemm(up_cfg or pick("fused_moe_gate_up", key, cands, gate_up_gemm))
+    down_gemm(down_cfg or pick("fused_moe_down", key, cands, down_gemm))
+    return _reduce(y, None, None, out, k)
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config: MoEConfig | None = None):
@@ -240,7 +315,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, config
         _launch_gemm(x, w, out, row_ids, block_expert, None, m, n, cfg)
         return out
 
-    cfg = config or pick("grouped_gemm", (w.shape[0], n, x.shape[1], bucket(m), str(x.dtype)), moe_configs(m), run)
+    cands = moe_configs(m, w.shape[0])
+    cfg = config or pick("grouped_gemm", (w.shape[0], n, x.shape[1], bucket(m), str(x.dtype)), cands, run)
     return run(cfg)
 
 
