@@ -3,10 +3,10 @@
 #   bash benchmarks/run_gpu.sh check    # (K=, TESTS=, LIMIT=, SKIP_MOE=1 narrow it) Triton kernel/model tests on CUDA (bf16 included) + the MoE layer bench
 #   bash benchmarks/run_gpu.sh attn     # MLA decode / flash prefill bench
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
-#   bash benchmarks/run_gpu.sh v2lite   # dsgraph bench: DeepSeek-V2-Lite full size, whole model (prefill, decode)
+#   bash benchmarks/run_gpu.sh v2lite   # (BACKENDS=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
 #   bash benchmarks/run_gpu.sh v3ops    # dsgraph bench: DeepSeek-V3 layer shapes
-#   bash benchmarks/run_gpu.sh tvm      # dsgraph bench with the tvm column, from modules prebuilt here
+#   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
 # The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
 # the JSON records the commit.
 set -uo pipefail
@@ -32,8 +32,9 @@ attn)
 mtp)
     step mtp "${LIMIT:-560}" python benchmarks/mtp_speedup.py --device cuda --backend triton --dtype bf16 ;;
 v2lite)
+    # one phase fits 10 minutes only with few backends: torch.compile alone spent > 6 min compiling this model
     step v2lite 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op prefill,decode \
-        --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 10 \
+        --backends "${BACKENDS:-eager,triton,onnx}" --batch 1,64 --context 4096 --repeats 10 \
         --json "$OUT/v2-lite-model-h100.json" --plot "$OUT/v2-lite-model-h100.png" ;;
 v2liteops)
     step v2liteops 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op moe,mla_decode,rmsnorm,rope \
@@ -45,12 +46,14 @@ v3ops)
         --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 20 \
         --json "$OUT/v3-layers-h100.json" --plot "$OUT/v3-layers-h100.png" ;;
 tvm)
-    # TVM on the device is runtime-only: build the modules here first (seconds, no GPU), carry .tvmprebuilt and a
-    # runtime-only tvm + tvm_ffi for the device's Python (backends/tvm/README.md), with the same arguments:
+    # TVM on the device is runtime-only. Here, first: build the modules (seconds, no GPU) and the runtime-only
+    # tvm + tvm_ffi for the device's Python 3.12, then carry .tvmprebuilt and .tvmrt:
     #   dsgraph bench deepseek-v2-lite --device cuda --dtype bfloat16 --op mla_decode,moe,decode --batch 1,64 \
     #       --context 4096 --prebuild .tvmprebuilt
-    step tvm 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op mla_decode,moe,decode \
-        --backends eager,torch_compile,triton,tvm --batch 1,64 --context 4096 --repeats 20 --prebuilt .tvmprebuilt \
+    #   bash benchmarks/tvm_runtime_carry.sh
+    export PYTHONPATH="$PYTHONPATH:$PWD/.tvmrt/site"
+    step tvm 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op "${OPS:-mla_decode,moe,decode}" \
+        --backends "${BACKENDS:-eager,triton,tvm}" --batch 1,64 --context 4096 --repeats 10 --prebuilt .tvmprebuilt \
         --json "$OUT/v2-lite-tvm-h100.json" --plot "$OUT/v2-lite-tvm-h100.png" ;;
 *) echo "usage: $0 check|attn|mtp|v2lite|v2liteops|v3ops|tvm" >&2; exit 2 ;;
 esac

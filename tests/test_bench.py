@@ -177,3 +177,45 @@ def test_speculative_skipped_without_an_mtp_module():
     logs = []
     doc = bench("deepseek-v2-lite-tiny", device="cpu", backends=["eager"], workloads=["speculative"], log=logs.append)
     assert doc["rows"] == [] and any("no MTP module" in m for m in logs)
+
+
+def test_inputs_too_large_for_free_memory_are_refused_before_allocation(monkeypatch):
+    """A row whose inputs (decode caches) cannot fit is failed with the sizes, and nothing of it is drawn; rows
+    that fit still run."""
+    from dsgraph.bench import bench, runner, workloads
+    drawn = []
+    real = workloads.random_inputs
+    monkeypatch.setattr(runner, "random_inputs", lambda graph, env, *a, **k: drawn.append(env["B"]) or
+                        real(graph, env, *a, **k))
+    small = 4 * 2**20
+    monkeypatch.setattr(runner, "available_bytes", lambda device: small)
+    doc = bench("deepseek-v3-tiny", device="cpu", backends=["eager"], workloads=["decode", "mla_decode"],
+                batches=[1, 512], contexts=[64], repeats=3, log=lambda msg: None)
+    rows = {(r["workload"], r["batch"]): r for r in doc["rows"]}
+    for name in ("decode", "mla_decode"):
+        assert rows[(name, 1)]["status"] == "ok"
+        big = rows[(name, 512)]
+        assert big["status"] == "failed" and "GiB is free" in big["reason"] and "--batch" in big["reason"]
+    assert 512 not in drawn
+
+
+def test_inputs_nbytes_matches_the_drawn_inputs():
+    import models
+    from dsgraph.bench.workloads import build_op, inputs_nbytes, random_inputs
+    cfg = models.build_model("deepseek-v3-tiny", weights=False).config
+    w = build_op("mla_decode", cfg, "bfloat16", {"B": 3, "T": 17})
+    inputs = random_inputs(w.graph, w.env, 0, 100)
+    assert inputs_nbytes(w.graph, w.env) == sum(t.numel() * t.element_size() for t in inputs.values())
+
+
+def test_version_of_a_package_without_metadata_comes_from_the_module(monkeypatch):
+    """A runtime-only TVM copied onto the path has no dist-info: its module's __version__ is reported."""
+    import sys
+    import types
+    from importlib import metadata
+
+    def missing(dist):
+        raise metadata.PackageNotFoundError(dist)
+    monkeypatch.setattr(report.metadata, "version", missing)
+    monkeypatch.setitem(sys.modules, "tvm", types.SimpleNamespace(__version__="0.27.test"))
+    assert report._version("apache-tvm") == "0.27.test" and report._version("onnxruntime-gpu") is None

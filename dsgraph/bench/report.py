@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -40,11 +41,18 @@ TOP_FIELDS = {"schema": str, "created": str, "config": dict, "environment": dict
 
 
 # ---------------------------------------------------------------- environment
+MODULE_OF = {"apache-tvm": "tvm", "onnxruntime-gpu": None, "dsgraph": None}
+
+
 def _version(dist: str) -> str | None:
+    """The installed distribution's version, else the imported module's `__version__` (a package copied onto
+    the path without its metadata, e.g. a runtime-only TVM), else None."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
-        return None
+        module = MODULE_OF.get(dist, dist)
+        mod = sys.modules.get(module) if module else None
+        return getattr(mod, "__version__", None)
 
 
 def git_commit(start: Path | None = None) -> str | None:

@@ -21,9 +21,20 @@ from dataclasses import dataclass, field
 import torch
 
 from ..check import TOLERANCE, rel_err
+from ..errors import DeviceMemoryError
+from ..memory import available_bytes
 from .roofline import floor_ms
-from .timing import buffer_count, input_bytes, measure
-from .workloads import DECODE_SHAPED, MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op, model_costs, random_inputs
+from .timing import buffer_count, measure
+from .workloads import (
+    DECODE_SHAPED,
+    MODEL_WORKLOADS,
+    OP_WORKLOADS,
+    applicable,
+    build_op,
+    inputs_nbytes,
+    model_costs,
+    random_inputs,
+)
 
 CHECK_TOKENS = 8    # prefill logits compared over the last positions (they attend to everything)
 SPEC_TOKENS = 32    # tokens the generate / speculative workloads produce after the prompt
@@ -111,6 +122,23 @@ class Runner:
                 worst = max(worst, rel_err(out.float().to(ref.device), ref))
         return worst
 
+    def _input_buffers(self, graph, w) -> list[dict]:
+        """The input sets a row rotates through, made on the device. Sized from the graph's types first: a set
+        that cannot fit the free memory (a full-size model's decode caches at large B x T) is refused with the
+        sizes before anything is allocated, and the rotation keeps to half of what is free."""
+        one = inputs_nbytes(graph, w.env)
+        free = available_bytes(torch.device(self.cfg.device))
+        if free is not None and one > free // 2:
+            raise DeviceMemoryError(
+                f"{w.label}: one set of inputs (KV caches included) needs {one / 2**30:,.1f} GiB on "
+                f"{self.cfg.device}, but {free / 2**30:,.1f} GiB is free (at most half goes to inputs); "
+                "use a smaller --batch or --context")
+        n_buf = buffer_count(one, self.cfg.device)
+        if free is not None:
+            n_buf = max(1, min(n_buf, free // 2 // max(one, 1)))
+        vocab = self.model.config.vocab_size
+        return [random_inputs(graph, w.env, self.cfg.seed + i, vocab, self.cfg.device) for i in range(n_buf)]
+
     def _unavailable(self, spec: str) -> str | None:
         from backends import get_backend
         try:
@@ -130,9 +158,12 @@ class Runner:
             return
         for env in self.op_shapes(name):
             w = build_op(name, mc, self.cfg.dtype, env, self.cfg.seed)
-            n_buf = buffer_count(input_bytes(random_inputs(w.graph, w.env, 0, mc.vocab_size)), self.cfg.device)
-            buffers = [random_inputs(w.graph, w.env, self.cfg.seed + i, mc.vocab_size, self.cfg.device)
-                       for i in range(n_buf)]
+            try:
+                buffers = self._input_buffers(w.graph, w)
+            except DeviceMemoryError as e:
+                for spec in self.backends:
+                    self._row(w, spec, "failed", reason=_short(e))
+                continue
             refs = None
             for spec in self.backends:
                 refs = self._op_backend(w, spec, buffers, refs)
@@ -244,9 +275,8 @@ class Runner:
         return logits.float().cpu(), dec.float().cpu()
 
     def _model_row(self, exe, spec, w, refs, meta):
-        vocab, tol = self.model.config.vocab_size, TOLERANCE[self.cfg.dtype]
-        n_buf = buffer_count(input_bytes(random_inputs(exe.graph, w.env, 0, vocab)), self.cfg.device)
-        buffers = [random_inputs(exe.graph, w.env, self.cfg.seed + i, vocab, self.cfg.device) for i in range(n_buf)]
+        tol = TOLERANCE[self.cfg.dtype]
+        buffers = self._input_buffers(exe.graph, w)
         run = exe.compiled.run
         if w.name == "prefill":
             def step(inputs):

@@ -35,10 +35,6 @@ class Timing:
         return (self.p80_ms - self.p20_ms) / 2 / self.median_ms if self.median_ms else 0.0
 
 
-def input_bytes(inputs: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor))
-
-
 def buffer_count(one_set_bytes: int, device: str) -> int:
     """How many input sets to rotate through so their total exceeds the last-level cache (capped)."""
     budget = ROTATE_BYTES["cuda" if str(device).startswith("cuda") else "cpu"]

@@ -184,14 +184,22 @@ def model_costs(cfg, summary, kind: str, env: dict) -> tuple[float, float]:
     return 2 * summary.activated_params * n + attn, weight_bytes + es * B * (T + S) * kv_per_tok
 
 
+def inputs_nbytes(graph, env: dict) -> int:
+    """Bytes of one set of `random_inputs(graph, env, ...)`, from the types alone (nothing allocated)."""
+    full = {"T": 0, "S": 1, **env}
+    return sum(v.type.nbytes(full) for v in graph.inputs.values() if v.kind != "param")
+
+
 def random_inputs(graph, env: dict, seed: int, vocab: int | None = None, device="cpu") -> dict:
-    """Fresh random inputs for every non-param input of `graph` at shape `env`.
+    """Fresh random inputs for every non-param input of `graph` at shape `env`, made on `device`.
 
     Token ids are uniform in the vocabulary, `positions` continue after T cached tokens,
-    float inputs (activations, caches) are standard normal.
+    float inputs (activations, caches) are standard normal. On a GPU they are drawn there, in their own dtype:
+    a full-size model's decode caches are gigabytes, too slow to draw on the host and copy.
     """
     from dsgraph.dtypes import to_torch
-    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
     out = {}
     full = {"T": 0, "S": 1, **env}
     for name, v in graph.inputs.items():
@@ -200,10 +208,12 @@ def random_inputs(graph, env: dict, seed: int, vocab: int | None = None, device=
         shape = v.type.concrete(full)
         dt = to_torch(v.type.dtype)
         if name == "positions" or name.endswith(".positions"):
-            t = torch.arange(full["T"], full["T"] + shape[1]).expand(shape).contiguous()
+            t = torch.arange(full["T"], full["T"] + shape[1], device=dev).expand(shape).contiguous()
         elif not v.type.is_float:
-            t = torch.randint(0, vocab or 2, shape, generator=g)
-        else:
+            t = torch.randint(0, vocab or 2, shape, generator=g, device=dev)
+        elif dev.type == "cpu":
             t = torch.randn(shape, generator=g).to(dt)
-        out[name] = t.to(device)
+        else:
+            t = torch.randn(shape, generator=g, device=dev, dtype=dt)
+        out[name] = t
     return out

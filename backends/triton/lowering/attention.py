@@ -32,5 +32,5 @@ def _mla(node, ctx):
     if isinstance(fn, Decline):
         return fn
     scale, causal, rank = node.attrs["scale"], node.attrs["causal"], node.attrs["kv_lora_rank"]
-    return Lowered(lambda a, sym: [fn(a[0], a[1], scale, rank, causal=causal, tune=True)], "template",
-                   "mla_decode._mla_decode_kernel (split-KV, launch tuned per shape)")
+    return Lowered(lambda a, sym: [fn(a[0], a[1], scale, rank, causal=causal)], "template",
+                   "mla_decode._mla_decode_kernel (split-KV)")
