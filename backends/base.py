@@ -101,6 +101,7 @@ class Backend:
 
     name = "base"
     default_passes: str | list = "none"
+    grows_caches_in_place = False  # cache.append writes into spare capacity (backends/kv_cache.py)
 
     def available(self, device: str) -> str | None:
         """None if usable on `device`, else the reason with an install hint."""

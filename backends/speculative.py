@@ -21,9 +21,12 @@ import torch
 from dsgraph.errors import InputError
 from dsgraph.partition import XFER
 
+from . import kv_cache
+
 
 def _cut(state, length: int):
-    return replace(state, caches={n: t[:, :length] for n, t in state.caches.items()}, length=length)
+    """The state cut back to `length` tokens; the rejected rows are released for the next step to overwrite."""
+    return replace(state, caches={n: kv_cache.rewind(t[:, :length]) for n, t in state.caches.items()}, length=length)
 
 
 class MTPDrafter:
@@ -38,7 +41,7 @@ class MTPDrafter:
         """MTP positions start..start+S-1 from main hidden states and the tokens after them."""
         b, s = next_ids.shape
         positions = torch.arange(start, start + s, device=next_ids.device).expand(b, s)
-        caches = {n: t[:, :start] for n, t in state.caches.items()}
+        caches = {n: kv_cache.rewind(t[:, :start]) for n, t in state.caches.items()}
         out = self.compiled.run({"mtp_ids": next_ids, "positions": positions, self.hidden_input: hidden, **caches})
         new = {n: out[self.graph.cache_map[n]] for n in state.caches}
         return out, replace(state, caches=new, length=start + s)

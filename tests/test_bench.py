@@ -219,3 +219,15 @@ def test_version_of_a_package_without_metadata_comes_from_the_module(monkeypatch
     monkeypatch.setattr(report.metadata, "version", missing)
     monkeypatch.setitem(sys.modules, "tvm", types.SimpleNamespace(__version__="0.27.test"))
     assert report._version("apache-tvm") == "0.27.test" and report._version("onnxruntime-gpu") is None
+
+
+def test_triton_decode_rows_append_in_place():
+    """Decode rows give a backend that grows caches in place (triton) its caches in buffers with room, rewound
+    before each call: the timed step is generate's step, not a step plus a copy of every cache."""
+    from dsgraph.bench import bench
+    doc = bench("deepseek-v2-lite-tiny", device="cpu", backends=["eager", "triton"], workloads=["decode"],
+                batches=[2], contexts=[8], repeats=3, log=lambda msg: None)
+    rows = {r["backend"]: r for r in doc["rows"]}
+    assert rows["triton"]["status"] == rows["eager"]["status"] == "ok"
+    assert any("grow in place" in n for n in rows["triton"]["notes"])
+    assert not any("grow in place" in n for n in rows["eager"]["notes"])

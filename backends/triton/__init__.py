@@ -19,6 +19,7 @@ from .runtime import prepare, unavailable_reason
 
 class TritonBackend(Backend):
     name = "triton"
+    grows_caches_in_place = True
 
     @property
     def default_passes(self) -> list:

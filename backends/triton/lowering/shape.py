@@ -1,8 +1,9 @@
 """Data movement and small reductions as named torch library calls (views where possible, no copies).
 
-These ops move or index data rather than compute on it (reshape/split are views, concat and cache.append one
-copy), so a generated kernel would only add a launch; each is recorded as a `library` choice naming the call.
-Reductions with their own semantics (softmax, topk, argmax, ...) go to torch too, named the same way.
+These ops move or index data rather than compute on it (reshape/split are views, concat one copy, cache.append a
+write of the new rows into spare capacity: backends/kv_cache.py), so a generated kernel would only add a launch;
+each is recorded as a `library` choice naming the call. Reductions with their own semantics (softmax, topk,
+argmax, ...) go to torch too, named the same way.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from dsgraph.dtypes import to_torch
 from dsgraph.symbolic import eval_dim, parse_dim
 
+from ... import kv_cache
 from .registry import Lowered, lowering
 
 
@@ -66,7 +68,8 @@ def _(node, ctx):
 
 @lowering("cache.append")
 def _(node, ctx):
-    return _lib(node, lambda a, sym: [torch.cat(a, dim=1)], "torch.cat along the cache length")
+    return _lib(node, lambda a, sym: [kv_cache.append(a[0], a[1])],
+                "kv_cache.append (in place into spare capacity; torch copy into a new buffer when full)")
 
 
 @lowering("embed")
