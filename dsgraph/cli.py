@@ -144,7 +144,7 @@ def cmd_bench(args) -> int:
     doc = bench(args.model, device=args.device, backends=[b for b in args.backends.split(",") if b],
                 workloads=workloads, batches=args.batch,
                 prefill_batches=args.prefill_batch, contexts=args.context, dtype=args.dtype, repeats=args.repeats,
-                warmup=args.warmup, seed=args.seed)
+                warmup=args.warmup, seed=args.seed, partial_json=args.json)
     env = doc["environment"]
     print(f"dsgraph bench {args.model} on {env['gpu'] or env['cpu']} ({doc['config']['dtype']}); "
           f"peaks: {doc['peaks']['bandwidth_gbs']:.1f} GB/s, "
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=None, help="timed repeats (cpu default 5; cuda 50)")
     s.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", default=None, metavar="FILE", help="write every number and the environment here")
+    s.add_argument("--json", default=None, metavar="FILE",
+                   help="write every number and the environment here (rewritten after every row while it runs)")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="write a comparison plot (matplotlib)")
 
     s = model_cmd("export", "export a model's prefill entry (no MTP) to a standard ONNX file", cmd_export)

@@ -231,3 +231,23 @@ def test_triton_decode_rows_append_in_place():
     assert rows["triton"]["status"] == rows["eager"]["status"] == "ok"
     assert any("grow in place" in n for n in rows["triton"]["notes"])
     assert not any("grow in place" in n for n in rows["eager"]["notes"])
+
+
+def test_json_is_rewritten_after_every_row_while_the_run_goes_on(monkeypatch, tmp_path):
+    """A stopped run keeps its rows: each row rewrites the partial document (complete: false), the end the
+    final one (complete: true)."""
+    from dsgraph.bench import bench
+    seen = []
+    real = report.write_json
+
+    def spy(path, doc):
+        real(path, doc)
+        seen.append((len(doc["rows"]), doc["complete"], json.loads(open(path).read())["complete"]))
+    monkeypatch.setattr(report, "write_json", spy)
+    path = tmp_path / "partial.json"
+    doc = bench("deepseek-v3-tiny", device="cpu", backends=["eager", "onnx"], workloads=["rmsnorm", "rope"],
+                batches=[1], contexts=[8], repeats=3, log=lambda msg: None, partial_json=path)
+    assert [n for n, _, _ in seen] == list(range(1, len(doc["rows"]) + 1))
+    assert all(c is False and on_disk is False for _, c, on_disk in seen)
+    assert doc["complete"] is True and report.validate(doc) == []
+    assert report.validate({**doc, "complete": "yes"}) == ["complete must be true or false"]

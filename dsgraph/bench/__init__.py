@@ -37,8 +37,10 @@ def load_model(name: str, dtype: str, seed: int = 0, device: str = "cpu", mtp: b
 
 
 def bench(model: str, device: str = "cpu", backends=None, workloads=None, batches=None, prefill_batches=None,
-          contexts=None, dtype=None, repeats=None, warmup=None, seed: int = 0, log=None) -> dict:
-    """Run the bench; returns the JSON document (see report.py for its layout)."""
+          contexts=None, dtype=None, repeats=None, warmup=None, seed: int = 0, log=None, partial_json=None) -> dict:
+    """Run the bench; returns the JSON document (see report.py for its layout). With `partial_json`, the
+    document so far is rewritten there after every row (`"complete": false`), so a run that is stopped or
+    crashes keeps the rows it made."""
     from . import report, roofline
     from .runner import run_bench
     cfg = _config(model, device, backends, workloads, batches, prefill_batches, contexts, dtype, repeats, warmup,
@@ -48,8 +50,12 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
     env = report.environment(cfg.device)
     wanted = [cfg.dtype, "float32"] + (["float8_e4m3fn"] if "fp8_gemm" in cfg.workloads else [])
     peak = roofline.peaks(cfg.device, list(dict.fromkeys(wanted)))
-    rows = run_bench(cfg, mdl, peak, log, lambda: load_model(model, cfg.dtype, seed, cfg.device, mtp=True))
     config = dict(cfg.__dict__)
+    on_row = None
+    if partial_json:
+        def on_row(rows):
+            report.write_json(partial_json, report.document(config, env, peak, rows, complete=False))
+    rows = run_bench(cfg, mdl, peak, log, lambda: load_model(model, cfg.dtype, seed, cfg.device, mtp=True), on_row)
     return report.document(config, env, peak, rows)
 
 

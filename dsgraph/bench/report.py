@@ -108,9 +108,10 @@ def _cpu_name() -> str:
 
 
 # ---------------------------------------------------------------- JSON
-def document(config: dict, env: dict, peaks: dict, rows: list[dict]) -> dict:
+def document(config: dict, env: dict, peaks: dict, rows: list[dict], complete: bool = True) -> dict:
+    """`complete` is false in the partial documents written while a run goes on."""
     return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": config,
-            "environment": env, "peaks": peaks, "rows": rows}
+            "environment": env, "peaks": peaks, "rows": rows, "complete": complete}
 
 
 def validate(doc: dict) -> list[str]:
@@ -121,6 +122,8 @@ def validate(doc: dict) -> list[str]:
         return errs
     if doc["schema"] != SCHEMA:
         errs.append(f"schema is {doc['schema']!r}, expected {SCHEMA!r}")
+    if not isinstance(doc.get("complete", True), bool):
+        errs.append("complete must be true or false")
     for key in ("bandwidth_gbs", "flops_tflops"):
         if key not in doc["peaks"]:
             errs.append(f"peaks.{key} missing")
@@ -142,7 +145,9 @@ def write_json(path, doc: dict) -> None:
     errs = validate(doc)
     if errs:
         raise ValueError("bench JSON does not follow its schema: " + "; ".join(errs[:5]))
-    Path(path).write_text(json.dumps(doc, indent=1, default=float))
+    tmp = Path(f"{path}.{os.getpid()}.tmp")  # replaced whole: a reader never sees half a document
+    tmp.write_text(json.dumps(doc, indent=1, default=float))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- table

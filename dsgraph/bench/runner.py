@@ -80,12 +80,13 @@ def _short(e: BaseException) -> str:
 
 
 class Runner:
-    def __init__(self, cfg: BenchConfig, model, peak: dict, log=None):
+    def __init__(self, cfg: BenchConfig, model, peak: dict, log=None, on_row=None):
         self.cfg = cfg
         self.model = model
         self.peak = peak
         self.rows: list[dict] = []
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.on_row = on_row  # called with the rows so far after each new row (partial JSON)
         self.backends = list(dict.fromkeys(["eager"] + cfg.backends))
 
     # helpers ---------------------------------------------------------------------
@@ -101,6 +102,8 @@ class Runner:
                "notes": list(w.notes)}
         row.update(extra)
         self.rows.append(row)
+        if self.on_row:
+            self.on_row(self.rows)
         tag = status if status != "ok" else f"{row['median_ms']:.3f} ms"
         self.log(f"  {backend:<28} {w.label:<36} {tag}" + (f"  ({row['reason']})" if row["reason"] else ""))
         return row
@@ -438,9 +441,10 @@ def add_speedups(rows: list[dict]) -> None:
             r[key] = t / r["median_ms"] if t and r["median_ms"] else None
 
 
-def run_bench(cfg: BenchConfig, model, peak: dict, log=None, load_mtp_model=None) -> list[dict]:
-    """`load_mtp_model()` gives the model with its MTP branch, for the speculative workload."""
-    runner = Runner(cfg, model, peak, log)
+def run_bench(cfg: BenchConfig, model, peak: dict, log=None, load_mtp_model=None, on_row=None) -> list[dict]:
+    """`load_mtp_model()` gives the model with its MTP branch, for the speculative workload; `on_row(rows)` is
+    called after every row."""
+    runner = Runner(cfg, model, peak, log, on_row)
     for name in cfg.workloads:
         if name in OP_WORKLOADS:
             runner.run_op(name)
