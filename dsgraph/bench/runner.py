@@ -129,15 +129,14 @@ class Runner:
 
     def _input_buffers(self, graph, w) -> list[dict]:
         """The input sets a row rotates through, made on the device. Sized from the graph's types first: a set
-        that cannot fit the free memory (a full-size model's decode caches at large B x T) is refused with the
-        sizes before anything is allocated, and the rotation keeps to half of what is free."""
+        that cannot fit 90 % of the free memory (a full-size model's decode caches at large B x T) is refused with
+        the sizes before anything is allocated; more sets than one keep to half of what is free."""
         one = inputs_nbytes(graph, w.env)
         free = available_bytes(torch.device(self.cfg.device))
-        if free is not None and one > free // 2:
+        if free is not None and one > 0.9 * free:
             raise DeviceMemoryError(
                 f"{w.label}: one set of inputs (KV caches included) needs {one / 2**30:,.1f} GiB on "
-                f"{self.cfg.device}, but {free / 2**30:,.1f} GiB is free (at most half goes to inputs); "
-                "use a smaller --batch or --context")
+                f"{self.cfg.device}, but {free / 2**30:,.1f} GiB is free; use a smaller --batch or --context")
         n_buf = buffer_count(one, self.cfg.device)
         if free is not None:
             n_buf = max(1, min(n_buf, free // 2 // max(one, 1)))
