@@ -5,7 +5,7 @@
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
 #   bash benchmarks/run_gpu.sh v2lite   # (BACKENDS=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
-#   bash benchmarks/run_gpu.sh v3ops    # dsgraph bench: DeepSeek-V3 layer shapes
+#   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=) dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
 # The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
 # the JSON records the commit.
@@ -41,10 +41,12 @@ v2liteops)
         --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 20 \
         --json "$OUT/v2-lite-ops-h100.json" --plot "$OUT/v2-lite-ops-h100.png" ;;
 v3ops)
+    # the tvm column needs .tvmprebuilt (built here with the same arguments and --prebuild) and .tvmrt carried
+    export PYTHONPATH="$PYTHONPATH:$PWD/.tvmrt/site"
     step v3ops 570 $BENCH deepseek-v3 --device cuda --dtype bfloat16 \
-        --op mla_decode,prefill_attention,moe,rmsnorm,rope,fp8_gemm \
-        --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 20 \
-        --json "$OUT/v3-layers-h100.json" --plot "$OUT/v3-layers-h100.png" ;;
+        --op "${OPS:-mla_decode,prefill_attention,moe,rmsnorm,rope,fp8_gemm}" \
+        --backends "${BACKENDS:-eager,triton,tvm,onnx}" --batch 1,64 --context 4096 --repeats 20 \
+        --prebuilt .tvmprebuilt --json "$OUT/v3-layers-h100.json" --plot "$OUT/v3-layers-h100.png" ;;
 tvm)
     # TVM on the device is runtime-only. Here, first: build the modules (seconds, no GPU) and the runtime-only
     # tvm + tvm_ffi for the device's Python 3.12, then carry .tvmprebuilt and .tvmrt:
