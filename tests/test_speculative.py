@@ -110,10 +110,13 @@ def test_mixed_acceptance_within_a_batch_stays_exact():
     assert 0.0 < stats.extra["acceptance_per_position"][0] < 1.0
 
 
-def test_cache_rollback_equals_plain_cache():
-    model = bigram_model(True)
+@pytest.mark.parametrize("accept", [True, False], ids=["accepted", "rejected"])
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_cache_rollback_equals_plain_cache(backend, accept):
+    """triton grows caches in place: rollback rewinds them, and the next step overwrites the rejected rows."""
+    model = bigram_model(accept)
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
-    exe, ref, out, state, _ = plain_and_spec(model, prompt, 7, 2)
+    exe, ref, out, state, _ = plain_and_spec(model, prompt, 7, 2, _backend(backend))
     _, plain = exe.prefill(prompt)
     for i in range(out.shape[1] - 1):
         _, plain = exe.decode(out[:, i:i + 1], plain)
