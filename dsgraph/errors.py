@@ -42,4 +42,5 @@ class ArtifactError(DSGraphError):
 
 
 class DeviceMemoryError(DSGraphError):
-    """A model's weights cannot fit the device's free memory (checked before any weight is materialised)."""
+    """A model's weights, or a benchmark's inputs, cannot fit the device's free memory (checked before anything
+    is allocated)."""

@@ -219,6 +219,8 @@ def test_version_of_a_package_without_metadata_comes_from_the_module(monkeypatch
     monkeypatch.setattr(report.metadata, "version", missing)
     monkeypatch.setitem(sys.modules, "tvm", types.SimpleNamespace(__version__="0.27.test"))
     assert report._version("apache-tvm") == "0.27.test" and report._version("onnxruntime-gpu") is None
+    import dsgraph
+    assert report._version("dsgraph") == dsgraph.__version__   # run from a checkout on PYTHONPATH
 
 
 def test_triton_decode_rows_append_in_place():

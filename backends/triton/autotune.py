@@ -50,11 +50,16 @@ def _write(kernel: str, entry_key: str, config) -> None:
     os.replace(tmp, _path(kernel))
 
 
+def _entry_key(key: tuple) -> str:
+    """The disk cache's key: the GPU's name and the shape facts (a config tuned on one GPU is not another's)."""
+    return f"{_device_name()}|{'x'.join(str(k) for k in key)}"
+
+
 def cached(kernel: str, key: tuple, candidates: list):
     """The candidate already chosen for `key` (this process or the disk cache), or None: never times anything."""
     memo_key = (kernel, key)
     if memo_key not in _MEMO:
-        stored = _read(kernel).get(f"{_device_name()}|{'x'.join(str(k) for k in key)}")
+        stored = _read(kernel).get(_entry_key(key))
         match = next((c for c in candidates if stored is not None and _encode(c) == stored), None)
         if match is None:
             return None
@@ -84,7 +89,7 @@ def pick(kernel: str, key: tuple, candidates: list, bench, timer=None):
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
-    _write(kernel, f"{_device_name()}|{'x'.join(str(k) for k in key)}", best)
+    _write(kernel, _entry_key(key), best)
     _MEMO[(kernel, key)] = best
     return best
 

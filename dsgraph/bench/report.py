@@ -41,7 +41,7 @@ TOP_FIELDS = {"schema": str, "created": str, "config": dict, "environment": dict
 
 
 # ---------------------------------------------------------------- environment
-MODULE_OF = {"apache-tvm": "tvm", "onnxruntime-gpu": None, "dsgraph": None}
+MODULE_OF = {"apache-tvm": "tvm", "onnxruntime-gpu": None}  # None: the module would answer for another package
 
 
 def _version(dist: str) -> str | None:

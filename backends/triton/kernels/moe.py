@@ -48,7 +48,7 @@ def moe_block_m(m: int, num_experts: int) -> int:
     return 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
 
 
-def moe_configs(m: int, num_experts: int = 1, block_m: int | None = None) -> list[MoEConfig]:
+def moe_configs(m: int, num_experts: int, block_m: int | None = None) -> list[MoEConfig]:
     """Tile candidates for one GEMM at M tile `block_m` (default `moe_block_m`): decode reads each hit expert's
     weights once through few rows, so narrow N tiles over deep K stages keep enough loads in flight; prefill
     tiles are compute tiles. Timed per GEMM by `pick` (the two GEMMs differ in N, K and the SwiGLU epilogue)."""
