@@ -86,6 +86,9 @@ class CompiledGraph:
         self._run = run_fn
         self.report = report
         self.records = records
+        # optional faster path for one-token decode steps: (inputs, cached length) -> outputs, or None when the
+        # plain `run` must take this step (the triton backend's CUDA graphs set it)
+        self.decode_step: Callable[[Mapping[str, torch.Tensor], int], dict | None] | None = None
 
     def run(self, inputs: Mapping[str, torch.Tensor], record: bool = False):
         if not record:

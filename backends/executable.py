@@ -98,8 +98,13 @@ class Executable:
         return {"input_ids": ids, "positions": positions, **state.caches, **(extra or {})}
 
     def step(self, ids: torch.Tensor, state: KVState, extra: dict | None = None):
-        """Run S new tokens after `state`; returns (outputs dict, new state)."""
-        out = self.compiled.run(self.step_inputs(ids, state, extra))
+        """Run S new tokens after `state`; returns (outputs dict, new state). One-token steps take the backend's
+        `decode_step` where it has one (CUDA graphs)."""
+        inputs = self.step_inputs(ids, state, extra)
+        fast = self.compiled.decode_step if ids.shape[1] == 1 and not extra else None
+        out = fast(inputs, state.length) if fast is not None else None
+        if out is None:
+            out = self.compiled.run(inputs)
         b, s = ids.shape
         caches = {name: out[self.graph.cache_map[name]] for name in self.cache_inputs}
         return out, KVState(caches, state.length + s, b)

@@ -9,21 +9,31 @@ headroom (amortised O(S) per step).
 The contract stays functional: a view once handed out never changes. The buffer records its frontier (the longest
 length any view of it was given); only a view that ends at the frontier may write past it. Appending to an older
 view (a state someone branched from) copies into a new buffer instead of overwriting the newer state's rows.
-`rewind` releases the rows past a view, for callers that own the longer states and drop them.
+`rewind` releases the rows past a view, for callers that own the longer states and drop them. Each buffer also
+keeps weak references to the views it handed out, so an owner that must overwrite rows below the frontier (the
+CUDA-graph decode buffers, backends/triton/decode_graphs.py) can tell whether anyone still sees them (`in_use`).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 GROWTH = 1.25     # new capacity = 1.25 x the needed length, plus ...
 HEADROOM = 256    # ... at least this many spare rows, rounded up to a multiple of it
 _FRONTIER = "_dsgraph_kv_frontier"
+_VIEWS = "_dsgraph_kv_views"
 
 
-def _buffer_of(cache: torch.Tensor) -> torch.Tensor | None:
+def frontier(buf: torch.Tensor) -> int | None:
+    """The longest length any view of the buffer `buf` was given (None for a tensor that is no such buffer)."""
+    return getattr(buf, _FRONTIER, None)
+
+
+def buffer_of(cache: torch.Tensor) -> torch.Tensor | None:
     """The capacity buffer `cache` is a prefix view of (same start, same strides), else None."""
     base = cache._base
-    if base is None or getattr(base, _FRONTIER, None) is None:
+    if base is None or frontier(base) is None:
         return None
     if cache.data_ptr() != base.data_ptr() or cache.stride() != base.stride():
         return None
@@ -32,24 +42,41 @@ def _buffer_of(cache: torch.Tensor) -> torch.Tensor | None:
     return base
 
 
+def _remember(buf: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """Record (weakly) that `view` of `buf` was handed out."""
+    refs = [r for r in getattr(buf, _VIEWS, ()) if r() is not None]
+    setattr(buf, _VIEWS, refs + [weakref.ref(view)])
+    return view
+
+
+def in_use(buf: torch.Tensor) -> bool:
+    """Whether a view this buffer handed out (append, reserve, rewind, `view`) is still alive."""
+    return any(r() is not None for r in getattr(buf, _VIEWS, ()))
+
+
+def view(buf: torch.Tensor, length: int) -> torch.Tensor:
+    """The newest view of `buf`: its first `length` rows, with the frontier there."""
+    setattr(buf, _FRONTIER, length)
+    return _remember(buf, buf[:, :length])
+
+
 def capacity(cache: torch.Tensor) -> int:
     """Rows the cache's buffer holds along the length dim (its own length for a plain tensor)."""
-    buf = _buffer_of(cache)
+    buf = buffer_of(cache)
     return cache.shape[1] if buf is None else buf.shape[1]
 
 
 def append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """torch.cat((cache, new), dim=1), written in place when `cache` is the newest view of a buffer with room."""
     t, s = cache.shape[1], new.shape[1]
-    buf = _buffer_of(cache)
-    if buf is None or getattr(buf, _FRONTIER) != t or buf.shape[1] < t + s:
+    buf = buffer_of(cache)
+    if buf is None or frontier(buf) != t or buf.shape[1] < t + s:
         need = t + s
         cap = -(-int(need * GROWTH + HEADROOM) // HEADROOM) * HEADROOM
         buf = torch.empty((cache.shape[0], cap, *cache.shape[2:]), dtype=cache.dtype, device=cache.device)
         buf[:, :t].copy_(cache)
     buf[:, t:t + s].copy_(new)
-    setattr(buf, _FRONTIER, t + s)
-    return buf[:, :t + s]
+    return view(buf, t + s)
 
 
 def reserve(cache: torch.Tensor, extra: int) -> torch.Tensor:
@@ -57,15 +84,15 @@ def reserve(cache: torch.Tensor, extra: int) -> torch.Tensor:
     t = cache.shape[1]
     buf = torch.empty((cache.shape[0], t + extra, *cache.shape[2:]), dtype=cache.dtype, device=cache.device)
     buf[:, :t].copy_(cache)
-    setattr(buf, _FRONTIER, t)
-    return buf[:, :t]
+    return view(buf, t)
 
 
 def rewind(cache: torch.Tensor) -> torch.Tensor:
     """Make `cache` the newest view of its buffer, releasing the rows past it, so the next append from it writes
     in place. Only for a caller that owns the longer states and drops them (speculative decoding cutting back
     rejected drafts, a benchmark re-running one step): their views would see the rows overwritten."""
-    buf = _buffer_of(cache)
+    buf = buffer_of(cache)
     if buf is not None:
         setattr(buf, _FRONTIER, cache.shape[1])
+        _remember(buf, cache)
     return cache

@@ -3,7 +3,7 @@
 #   bash benchmarks/run_gpu.sh check    # (K=, TESTS=, LIMIT=, SKIP_MOE=1 narrow it) Triton kernel/model tests on CUDA (bf16 included) + the MoE layer bench
 #   bash benchmarks/run_gpu.sh attn     # MLA decode / flash prefill bench
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
-#   bash benchmarks/run_gpu.sh v2lite   # (BACKENDS=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
+#   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=) dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
@@ -33,9 +33,9 @@ mtp)
     step mtp "${LIMIT:-560}" python benchmarks/mtp_speedup.py --device cuda --backend triton --dtype bf16 ;;
 v2lite)
     # one phase fits 10 minutes only with few backends: torch.compile alone spent > 6 min compiling this model
-    step v2lite 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op prefill,decode \
-        --backends "${BACKENDS:-eager,triton,onnx}" --batch 1,64 --context 4096 --repeats 10 \
-        --json "$OUT/v2-lite-model-h100.json" --plot "$OUT/v2-lite-model-h100.png" ;;
+    step v2lite "${LIMIT:-570}" $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op "${OPS:-prefill,decode}" \
+        --backends "${BACKENDS:-eager,triton,onnx}" --batch "${BATCH:-1,64}" --context 4096 --repeats 10 \
+        --json "$OUT/v2-lite-model${TAG:-}-h100.json" --plot "$OUT/v2-lite-model${TAG:-}-h100.png" ;;
 v2liteops)
     step v2liteops 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op moe,mla_decode,rmsnorm,rope \
         --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 20 \

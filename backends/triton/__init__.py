@@ -10,6 +10,8 @@ Importing this package does not import triton: on the CPU the backend switches T
                  already), "default" (the triton pipeline), or a list of pass names
   emit_dir       write every generated kernel's source there
   fp8_act_quant  force FP8 activation quantisation on/off (default: on for GPUs with fp8 tensor cores)
+  decode_graphs  replay one-token decode steps from CUDA graphs (default: on for CUDA where the graph allows,
+                 decode_graphs.py); the report says which
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ class TritonBackend(Backend):
     def available(self, device: str) -> str | None:
         return unavailable_reason(device)
 
-    def compile_graph(self, graph, weights, device, report, passes=None, emit_dir=None, **options) -> CompiledGraph:
+    def compile_graph(self, graph, weights, device, report, passes=None, emit_dir=None, decode_graphs=None,
+                      **options) -> CompiledGraph:
         """Lower `graph` (after `passes`: None/"none" when the caller already ran them, as dsgraph.compile does;
         "default" for the triton pipeline; or a list of names) and bind `weights` on `device`."""
         note = prepare(device)
@@ -45,7 +48,26 @@ class TritonBackend(Backend):
         program = lower_graph(graph, weights, device, report, {**options, "emit_dir": emit_dir})
         compiled = CompiledGraph(graph, program, report, records=True)
         compiled.sources = program.sources
+        compiled.decode_step = self._decode_graphs(graph, program, device, report, decode_graphs)
         return compiled
+
+    @staticmethod
+    def _decode_graphs(graph, program, device, report, wanted):
+        """The CUDA-graph decode runner where it applies (decode_graphs None: wherever it can), else None; the
+        report says which."""
+        if wanted is False or (wanted is None and not str(device).startswith("cuda")):
+            return None
+        why = ("CUDA graphs need a CUDA device" if not str(device).startswith("cuda")
+               else None if graph.cache_map else "the graph has no KV cache")
+        from . import decode_graphs as dg
+        why = why or dg.unsupported_reason(graph)
+        if why:
+            report.notes.append(f"decode steps run without CUDA graphs: {why}")
+            return None
+        report.notes.append("one-token decode steps replay CUDA graphs (static-capacity caches, device-side "
+                            "lengths; one graph per batch size and capacity)")
+        return dg.DecodeGraphs(program, dict(graph.cache_map), graph.meta.get("max_position_embeddings"),
+                               report=report)
 
     def save_compiled(self, compiled, directory) -> None:
         from pathlib import Path

@@ -23,7 +23,7 @@ import torch
 from backends import get_backend, kv_cache
 
 from ..check import TOLERANCE, rel_err
-from ..errors import DeviceMemoryError
+from ..errors import DeviceMemoryError, DSGraphError
 from ..memory import available_bytes
 from .roofline import floor_ms
 from .timing import buffer_count, measure
@@ -299,9 +299,26 @@ class Runner:
             row["ttft_ms"] = row["median_ms"]
             return
         notes = ["decode over random caches in this backend's own layout; correctness from the model check"]
-        if getattr(get_backend(parse_backend(spec)[0]), "grows_caches_in_place", False):
+        names = [n for n, v in exe.graph.inputs.items() if v.kind == "cache"]
+        graphed = exe.compiled.decode_step
+        first = None
+        if graphed is not None:  # copy the random caches into the graph's buffers and capture, once
+            with torch.no_grad():
+                first = graphed(buffers[0], w.env["T"])
+        if first is not None:
+            views = {n: first[exe.graph.cache_map[n]][:, :w.env["T"]] for n in names}
+            buffers = [{**b, **views} for b in buffers]
+            del first
+
+            def run(inputs, _t=w.env["T"]):
+                out = graphed({**inputs, **{n: kv_cache.rewind(inputs[n]) for n in names}}, _t)
+                if out is None:
+                    raise DSGraphError(f"the decode graph declined the step ({graphed.disabled or 'plain step'})")
+                return out
+            notes.append("one-token step replayed from a CUDA graph (caches at static capacity), as generate "
+                         "runs it")
+        elif getattr(get_backend(parse_backend(spec)[0]), "grows_caches_in_place", False):
             # as generate's steps see them: caches in buffers with room, each call appending in place
-            names = [n for n, v in exe.graph.inputs.items() if v.kind == "cache"]
             buffers = [{**b, **{n: kv_cache.reserve(b[n], w.env["S"]) for n in names}} for b in buffers]
 
             def run(inputs, _run=run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from .. import decode_graphs
 from .registry import Decline, Lowered, lowering
 
 
@@ -32,5 +33,10 @@ def _mla(node, ctx):
     if isinstance(fn, Decline):
         return fn
     scale, causal, rank = node.attrs["scale"], node.attrs["causal"], node.attrs["kv_lora_rank"]
-    return Lowered(lambda a, sym: [fn(a[0], a[1], scale, rank, causal=causal)], "template",
-                   "mla_decode._mla_decode_kernel (split-KV)")
+
+    def run(a, sym):
+        static = decode_graphs.active()  # CUDA-graph decode: the valid length is on the device
+        if static is None:
+            return [fn(a[0], a[1], scale, rank, causal=causal)]
+        return [fn(a[0], a[1], scale, rank, cache_lens=static.lens, causal=causal, tune=not ctx.interpreting)]
+    return Lowered(run, "template", "mla_decode._mla_decode_kernel (split-KV)")

@@ -14,6 +14,7 @@ from dsgraph.dtypes import to_torch
 from dsgraph.symbolic import eval_dim, parse_dim
 
 from ... import kv_cache
+from .. import decode_graphs
 from .registry import Lowered, lowering
 
 
@@ -68,8 +69,11 @@ def _(node, ctx):
 
 @lowering("cache.append")
 def _(node, ctx):
-    return _lib(node, lambda a, sym: [kv_cache.append(a[0], a[1])],
-                "kv_cache.append (in place into spare capacity; torch copy into a new buffer when full)")
+    def run(a, sym):
+        static = decode_graphs.active()
+        return [kv_cache.append(a[0], a[1]) if static is None else decode_graphs.append_static(a[0], a[1], static)]
+    return _lib(node, run, "kv_cache.append (in place into spare capacity; torch copy into a new buffer when full; "
+                "index_copy_ at the device-side length in CUDA-graph decode)")
 
 
 @lowering("embed")

@@ -1,0 +1,228 @@
+"""One-token decode steps replayed from CUDA graphs.
+
+A decode step of a full model launches hundreds of small kernels; at batch 1 launching them (Python dispatch
+plus the CUDA launch) costs more than running them. A CUDA graph replays the whole step with one launch, but it
+fixes every pointer and scalar argument, and a growing cache changes both: `cache.append` writes one row further
+every step and attention reads one row more.
+
+So a graphed step runs the same lowered program in *static-capacity* form:
+- each cache lives in a buffer of fixed capacity C along the length dim, and the program is given a view of its
+  first C - 1 rows: `cache.append` then returns the whole buffer, and every shape is the same at every step;
+- the true length lives on the device: `cache.append` writes the new row at it (`index_copy_`) and
+  `attention.mla_absorbed` ignores the rows past it (the kernel's `cache_lens`).
+Between replays only those device tensors, the token ids and the positions change. There is one graph per batch
+size and capacity; a sequence that outgrows C moves to a larger capacity (copied over and captured once).
+
+This applies when every op that reads a cache is one of those two (models whose attention is absorbed MLA, as the
+triton pipeline makes of every MLA model); for the others the compile report says why decode runs without graphs.
+
+The states handed out are views of the buffers under kv_cache's rules: a step writes in place only from the newest
+view (or one `kv_cache.rewind` released); a step from an older state runs the plain program, which copies. A state
+from elsewhere (a prefill) is copied in when no view of the buffers is still alive, else into fresh buffers.
+"""
+from __future__ import annotations
+
+import contextvars
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from dsgraph.dtypes import to_torch
+from dsgraph.errors import DSGraphError
+
+from .. import kv_cache
+
+QUANTUM = 1024    # capacities are multiples of this ...
+GROWTH = 1.25     # ... at least 1.25 x the length that needs them
+MAX_BATCH_SIZES = 4  # graphs kept at once (the least recently used batch size is dropped)
+
+
+@dataclass
+class StaticLengths:
+    """The device-side lengths of a static-capacity step."""
+
+    rows: torch.Tensor  # [S] int64: the cache rows this step writes
+    lens: torch.Tensor  # [B] int32: valid cache rows once they are written
+
+
+_ACTIVE: contextvars.ContextVar[StaticLengths | None] = contextvars.ContextVar("dsgraph_static_decode",
+                                                                                default=None)
+
+
+def active() -> StaticLengths | None:
+    """The lengths of the static-capacity step being run (or captured), else None."""
+    return _ACTIVE.get()
+
+
+@contextmanager
+def static_lengths(lengths: StaticLengths):
+    token = _ACTIVE.set(lengths)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def append_static(cache: torch.Tensor, new: torch.Tensor, lengths: StaticLengths) -> torch.Tensor:
+    """`cache.append` in a static-capacity step: write `new` at the device-side rows; the result is the view of
+    `cache`'s storage extended by S rows (the whole buffer), so its shape never changes."""
+    b, t, s = cache.shape[0], cache.shape[1], new.shape[1]
+    shape = (b, t + s, *cache.shape[2:])
+    end = cache.storage_offset() + sum((n - 1) * st for n, st in zip(shape, cache.stride())) + 1
+    if cache.untyped_storage().nbytes() < end * cache.element_size():
+        raise DSGraphError(f"static-capacity decode: cache {tuple(cache.shape)} has no room for {s} more rows; "
+                           "static steps need the decode buffers of backends/triton/decode_graphs.py")
+    full = cache.as_strided(shape, cache.stride(), cache.storage_offset())
+    full.index_copy_(1, lengths.rows, new)
+    return full
+
+
+def unsupported_reason(graph) -> str | None:
+    """None if every reader of a cache is `cache.append` or `attention.mla_absorbed` (the ops that take the
+    device-side length), else which op reads the cache on the host's length."""
+    for name, v in graph.inputs.items():
+        if v.kind != "cache":
+            continue
+        for user in v.users:
+            if user.op != "cache.append" or user.inputs[0] is not v:
+                return f"{user.op} reads cache {name} (only cache.append and attention.mla_absorbed take its length " \
+                       "from the device)"
+            for reader in user.outputs[0].users:
+                if reader.op != "attention.mla_absorbed" or reader.inputs[1] is not user.outputs[0]:
+                    return f"{reader.op} reads the appended cache {name} (only attention.mla_absorbed masks by a " \
+                           "device-side length)"
+    return None
+
+
+def capacity_for(length: int, limit: int | None) -> int:
+    """The buffer capacity for a sequence that needs `length` cache rows."""
+    cap = -(-int(length * GROWTH) // QUANTUM) * QUANTUM
+    return max(length, min(cap, limit)) if limit else cap
+
+
+class _Buffers:
+    """The static inputs of one graph: cache buffers of one capacity, token ids, positions, device lengths."""
+
+    def __init__(self, program, batch: int, capacity: int, capture: bool):
+        self.program, self.batch, self.capacity = program, batch, capacity
+        dev = program.device
+        self.caches = {}
+        for name, v in program.runtime_inputs.items():
+            if v.kind == "cache":
+                shape = v.type.concrete({"B": batch, "T": capacity})
+                buf = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=dev)
+                kv_cache.view(buf, 0)
+                self.caches[name] = buf
+        self.ids = torch.zeros((batch, 1), dtype=torch.int64, device=dev)
+        self.positions = torch.zeros((batch, 1), dtype=torch.int64, device=dev)
+        self.lengths = StaticLengths(torch.zeros(1, dtype=torch.int64, device=dev),
+                                     torch.zeros(batch, dtype=torch.int32, device=dev))
+        self.capture = capture
+        self.graph = None
+        self.outputs = None
+
+    def owns(self, cache: torch.Tensor, name: str) -> bool:
+        return kv_cache.buffer_of(cache) is self.caches[name]
+
+    def in_use(self) -> bool:
+        return any(kv_cache.in_use(b) for b in self.caches.values())
+
+    def _run(self) -> dict:
+        inputs = {"input_ids": self.ids, "positions": self.positions,
+                  **{n: b[:, :self.capacity - 1] for n, b in self.caches.items()}}
+        with static_lengths(self.lengths):
+            return self.program(inputs)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> dict:
+        """Run (the first time: warm up, then capture) one step that writes cache row `length`."""
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.lengths.rows.fill_(length)
+        self.lengths.lens.fill_(length + 1)
+        if not self.capture:
+            return self._run()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.outputs
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (compiles kernels, settles autotuning, which never times inside a capture),
+        then capture. The warm-up writes the same cache row the replay then writes again."""
+        side = torch.cuda.Stream(self.program.device)
+        side.wait_stream(torch.cuda.current_stream(self.program.device))
+        with torch.cuda.stream(side):
+            self._run()
+        torch.cuda.current_stream(self.program.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self._run()
+        self.graph = graph
+
+
+class DecodeGraphs:
+    """`compiled.decode_step` of the triton backend: one-token steps through static-capacity graphs.
+
+    `capture=False` runs the same static-capacity program without capturing (the CPU tests check it that way)."""
+
+    def __init__(self, program, cache_map: dict[str, str], max_length: int | None, capture: bool = True,
+                 report=None):
+        self.program = program
+        self.cache_map = cache_map
+        self.max_length = max_length
+        self.capture = capture
+        self.report = report
+        self.buffers: dict[int, _Buffers] = {}
+        self.disabled: str | None = None
+        self.stats = {"graph_steps": 0, "plain_steps": 0, "captures": 0, "copies_in": 0}
+
+    def __call__(self, inputs: dict, length: int) -> dict | None:
+        """Outputs of one decode step (caches as views of the graph's buffers), or None where the plain program
+        must run it: a state older than its buffer's newest (kv_cache copies then) or graphs disabled."""
+        if self.disabled:
+            return None
+        ids = inputs["input_ids"]
+        caches = {n: inputs[n] for n in self.cache_map}
+        bufs = self.buffers.get(ids.shape[0])
+        own = bufs is not None and bufs.capacity > length and all(bufs.owns(c, n) for n, c in caches.items())
+        if own and any(kv_cache.frontier(bufs.caches[n]) != length for n in caches):
+            self.stats["plain_steps"] += 1
+            return None
+        try:
+            if not own:
+                bufs = self._place(ids.shape[0], caches, length)
+            new_bufs = bufs.graph is None and self.capture
+            out = bufs.step(ids, inputs["positions"], length)
+            self.stats["captures"] += new_bufs
+        except Exception as e:  # noqa: BLE001  (a failed capture must not lose the step: say so, run it plainly)
+            return self._disable(e)
+        self.stats["graph_steps"] += 1
+        result = {k: t.clone() for k, t in out.items() if k not in self.cache_map.values()}
+        for name, out_name in self.cache_map.items():
+            result[out_name] = kv_cache.view(bufs.caches[name], length + 1)
+        return result
+
+    def _place(self, batch: int, caches: dict, length: int) -> _Buffers:
+        """Buffers for `batch` that can hold `length + 1` rows, with the state's caches copied in."""
+        bufs = self.buffers.pop(batch, None)
+        if bufs is None or bufs.capacity <= length or bufs.in_use():
+            bufs = None  # outgrown, or someone still holds a view of it: keep theirs intact, start afresh
+            if len(self.buffers) >= MAX_BATCH_SIZES:
+                self.buffers.pop(next(iter(self.buffers)))
+            bufs = _Buffers(self.program, batch, capacity_for(length + 1, self.max_length), self.capture)
+        self.buffers[batch] = bufs
+        for name, c in caches.items():
+            bufs.caches[name][:, :length].copy_(c)
+        self.stats["copies_in"] += 1
+        return bufs
+
+    def _disable(self, error: Exception) -> None:
+        self.disabled = f"{type(error).__name__}: {error}"
+        self.buffers.clear()
+        msg = f"decode CUDA graphs disabled, steps run without them: {self.disabled}"
+        if self.report is not None:
+            self.report.notes.append(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return None
