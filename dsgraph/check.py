@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 3e-2}
+# Whole-model logits of two half-precision implementations drift apart layer after layer (rounding compounds, and a
+# near-tied router choice can flip): full-size models' checks allow twice the op tolerance. A wrong kernel is O(1).
+MODEL_TOLERANCE = {**TOLERANCE, "float16": 4e-2, "bfloat16": 6e-2}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -14,6 +14,7 @@ from backends import get_backend  # noqa: E402
 from dsgraph import GraphBuilder  # noqa: E402
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.interpreter import run  # noqa: E402
+from routing_helpers import decisive_routing  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -121,18 +122,6 @@ def test_tiny_preset_matches_eager(preset):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _decisive_routing(model):
-    """Spread the routers' bias correction beyond the sigmoid score range (0, 1), so that every token's choice
-    of experts is fixed. bf16 drift then cannot turn a near-tie into another expert (an O(1) change of that
-    token's output, legitimately), and the end-to-end error measures the kernels' arithmetic. The choices
-    themselves are proved by `localize`, which compares every router's expert ids exactly."""
-    for name in list(model.weights):
-        if name.endswith("e_score_correction_bias"):
-            e = model.weights[name].shape[0]
-            model.weights.set(name, 2.0 * torch.randperm(e, generator=torch.Generator().manual_seed(0)).float())
-    return model
-
-
 def _bf16_against_fp32(model, ids, **options):
     """Triton bf16 prefill + one decode step against eager fp32; the yardstick is eager's own bf16 error. Every
     kernel is first replayed against its op's reference on the kernel's own inputs, so a failure names it."""
@@ -157,7 +146,7 @@ def _bf16_against_fp32(model, ids, **options):
 @pytest.mark.parametrize("preset", models.TINY_PRESETS)
 def test_tiny_preset_bf16_gpu(preset):
     """FP8 presets run w8a16 here (the linear_fp8 reference's numerics); w8a8 is checked on its own below."""
-    model = _decisive_routing(dsgraph.load(preset))
+    model = decisive_routing(dsgraph.load(preset))
     _bf16_against_fp32(model, torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator()
                                             .manual_seed(2)), fp8_act_quant=False)
 
@@ -167,7 +156,7 @@ def test_tiny_preset_bf16_gpu(preset):
 def test_fp8_w8a8_model_within_activation_quantisation_error_gpu():
     """DeepSeek's W8A8 numerics (the GPU default) add per-token-group activation rounding: e4m3 keeps 3 mantissa
     bits, so each GEMM is within a few percent of the dequantised-weight reference, and the logits too."""
-    model = _decisive_routing(dsgraph.load("deepseek-v3-fp8-tiny"))
+    model = decisive_routing(dsgraph.load("deepseek-v3-fp8-tiny"))
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2)).cuda()
     exe = dsgraph.compile(model, backend="triton", device="cuda", dtype="bfloat16")
     assert any("w8a8" in k.note for k in exe.compiled.report.kernels)

@@ -22,7 +22,7 @@ import torch
 
 from backends import get_backend, kv_cache
 
-from ..check import TOLERANCE, rel_err
+from ..check import MODEL_TOLERANCE, TOLERANCE, rel_err
 from ..errors import DeviceMemoryError, DSGraphError
 from ..memory import available_bytes
 from .roofline import floor_ms
@@ -94,10 +94,10 @@ class Runner:
         fl, bound = floor_ms(w.flops, w.bytes, self.peak, "float8_e4m3fn" if w.name == "fp8_gemm" else self.cfg.dtype)
         row = {"workload": w.name, "level": w.level, "label": w.label, "batch": w.batch, "context": w.context,
                "shape": dict(w.env), "tokens": w.tokens, "backend": backend, "status": status, "error": None,
-               "tolerance": TOLERANCE[self.cfg.dtype], "reason": None, "median_ms": None, "p20_ms": None,
-               "p80_ms": None, "min_ms": None, "repeats": None, "buffers": None, "timing_method": None,
-               "throughput": None, "throughput_unit": "tokens/s", "flops": float(w.flops), "bytes": float(w.bytes),
-               "floor_ms": fl, "bound": bound, "frac_of_floor": None, "speedup_vs_eager": None,
+               "tolerance": (TOLERANCE if w.level == "op" else MODEL_TOLERANCE)[self.cfg.dtype], "reason": None,
+               "median_ms": None, "p20_ms": None, "p80_ms": None, "min_ms": None, "repeats": None, "buffers": None,
+               "timing_method": None, "throughput": None, "throughput_unit": "tokens/s", "flops": float(w.flops),
+               "bytes": float(w.bytes), "floor_ms": fl, "bound": bound, "frac_of_floor": None, "speedup_vs_eager": None,
                "speedup_vs_torch_compile": None, "compile_s": None, "fallbacks": None, "ttft_ms": None,
                "notes": list(w.notes)}
         row.update(extra)
@@ -238,7 +238,7 @@ class Runner:
                 self._row(w, spec, "unavailable", reason=reason)
             return
         name, options = parse_backend(spec)
-        tol = TOLERANCE[self.cfg.dtype]
+        tol = MODEL_TOLERANCE[self.cfg.dtype]
         self.log(f"compiling {self.cfg.model} for {spec}")
         try:
             t0 = time.perf_counter()
@@ -276,7 +276,7 @@ class Runner:
         return logits.float().cpu(), dec.float().cpu()
 
     def _model_row(self, exe, spec, w, refs, meta):
-        tol = TOLERANCE[self.cfg.dtype]
+        tol = MODEL_TOLERANCE[self.cfg.dtype]
         buffers = self._input_buffers(exe.graph, w)
         run = exe.compiled.run
         if w.name == "prefill":
