@@ -10,11 +10,12 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from routing_helpers import decisive_routing  # noqa: E402
+
 import dsgraph  # noqa: E402
 from backends import kv_cache  # noqa: E402
 from backends.triton import decode_graphs as dg  # noqa: E402
 from dsgraph.errors import DSGraphError  # noqa: E402
-from routing_helpers import decisive_routing  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -8,13 +8,14 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from routing_helpers import decisive_routing  # noqa: E402
+
 import dsgraph  # noqa: E402
 import models  # noqa: E402
 from backends import get_backend  # noqa: E402
 from dsgraph import GraphBuilder  # noqa: E402
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.interpreter import run  # noqa: E402
-from routing_helpers import decisive_routing  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
