@@ -5,7 +5,7 @@
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
-#   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=) dsgraph bench: DeepSeek-V3 layer shapes
+#   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
 # The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
 # the JSON records the commit.
@@ -33,8 +33,11 @@ mtp)
     step mtp "${LIMIT:-560}" python benchmarks/mtp_speedup.py --device cuda --backend triton --dtype bf16 ;;
 v2lite)
     # one phase fits 10 minutes only with few backends: torch.compile alone spent > 6 min compiling this model
+    # a tvm backend in BACKENDS needs .tvmprebuilt and .tvmrt carried (see the tvm phase)
+    export PYTHONPATH="$PYTHONPATH:$PWD/.tvmrt/site"
     step v2lite "${LIMIT:-570}" $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op "${OPS:-prefill,decode}" \
         --backends "${BACKENDS:-eager,triton,onnx}" --batch "${BATCH:-1,64}" --context 4096 --repeats 10 \
+        $( [ -d .tvmprebuilt ] && echo --prebuilt .tvmprebuilt ) \
         --json "$OUT/v2-lite-model${TAG:-}-h100.json" --plot "$OUT/v2-lite-model${TAG:-}-h100.png" ;;
 v2liteops)
     step v2liteops 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op moe,mla_decode,rmsnorm,rope \
@@ -43,9 +46,9 @@ v2liteops)
 v3ops)
     # the tvm column needs .tvmprebuilt (built here with the same arguments and --prebuild) and .tvmrt carried
     export PYTHONPATH="$PYTHONPATH:$PWD/.tvmrt/site"
-    step v3ops 570 $BENCH deepseek-v3 --device cuda --dtype bfloat16 \
+    step v3ops "${LIMIT:-570}" $BENCH deepseek-v3 --device cuda --dtype bfloat16 \
         --op "${OPS:-mla_decode,prefill_attention,moe,rmsnorm,rope,fp8_gemm}" \
-        --backends "${BACKENDS:-eager,triton,tvm,onnx}" --batch 1,64 --context 4096 --repeats 20 \
+        --backends "${BACKENDS:-eager,triton,tvm,onnx}" --batch 1,64 --context 4096 --repeats "${REPEATS:-20}" \
         --prebuilt .tvmprebuilt --json "$OUT/v3-layers-h100.json" --plot "$OUT/v3-layers-h100.png" ;;
 tvm)
     # TVM on the device is runtime-only. Here, first: build the modules (seconds, no GPU) and the runtime-only

@@ -25,7 +25,7 @@ def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.T
     bn, bk = block
     n, k = w.shape
     sn, sk = -(-n // bn), -(-k // bk)
-    padded = torch.zeros(sn * bn, sk * bk)
+    padded = w.new_zeros(sn * bn, sk * bk, dtype=torch.float32)
     padded[:n, :k] = w
     blocks = padded.view(sn, bn, sk, bk)
     scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
@@ -59,9 +59,9 @@ def random_weights(graph, seed: int = 0, device: str = "cpu") -> WeightStore:
         if name in fp8:
             scale_name, block = fp8[name]
             store.set(name, lambda n=name, s=shape, b=block: quantize_fp8_block(
-                random_tensor(n, s, "float32", seed, device).cpu(), b)[0])
+                random_tensor(n, s, "float32", seed, device), b)[0])
             store.set(scale_name, lambda n=name, s=shape, b=block: quantize_fp8_block(
-                random_tensor(n, s, "float32", seed, device).cpu(), b)[1])
+                random_tensor(n, s, "float32", seed, device), b)[1])
         elif name not in store:
             store.set(name, lambda n=name, s=shape, d=v.type.dtype: random_tensor(n, s, d, seed, device))
     return store

@@ -71,6 +71,31 @@ def test_fp8_preset_dequantises_close_to_float():
     assert ref is not None
 
 
+def test_large_fp8_weights_dequantise_in_bands(monkeypatch):
+    """A weight above BAND_ELEMENTS is dequantised band by band straight into the output dtype (the triton backend
+    folds cast(dequant_fp8) that way): the same numbers as the one-shot form, partial edge blocks included."""
+    from dsgraph.ops import mlp
+    from models import quantize_fp8_block
+    w, s = quantize_fp8_block(torch.randn(300, 200, generator=torch.Generator().manual_seed(0)), (128, 128))
+    whole = mlp.dequant_fp8_block(w, s, (128, 128))
+    monkeypatch.setattr(mlp, "BAND_ELEMENTS", 128 * 200)
+    assert torch.equal(mlp.dequant_fp8_block(w, s, (128, 128)), whole)
+    assert torch.equal(mlp.dequant_fp8_block(w, s, (128, 128), out_dtype=torch.bfloat16), whole.bfloat16())
+
+
+def test_grouped_attention_reference_equals_repeated_heads():
+    """attention_ref groups query heads over their shared K/V head; the textbook form repeats K/V per head."""
+    from dsgraph.ops.attention import attention_ref
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=gen), torch.randn(2, 5, 2, 8, generator=gen),
+               torch.randn(2, 5, 2, 4, generator=gen))
+    kr, vr = k.repeat_interleave(3, dim=2), v.repeat_interleave(3, dim=2)
+    s = torch.einsum("bshd,bthd->bhst", q, kr) * 0.3
+    s = s.masked_fill(~(torch.arange(5)[None, :] <= torch.arange(3)[:, None] + 2), float("-inf"))
+    want = torch.einsum("bhst,bthd->bshd", torch.softmax(s, -1), vr)
+    assert torch.allclose(attention_ref(q, k, v, 0.3, True), want, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_compile_runs_and_agrees_loosely():
     model = models.build_model("deepseek-v3-tiny", mtp=False)
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))

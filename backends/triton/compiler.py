@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from dsgraph.dtypes import to_torch
 from dsgraph.interpreter import load_param, run_node
 from dsgraph.ir import Graph, Node, Value
+from dsgraph.ops.mlp import dequant_fp8_block
 
 from ..base import KernelChoice
 from . import lowering as _lowerings  # noqa: F401  (registers every lowering module)
@@ -59,6 +61,10 @@ class LowerCtx:
         if id(v) not in self._const_cache:
             if v.is_input:
                 t = load_param(v, self.weights, self.device)
+            elif _is_dequant_cast(v.node):  # straight to the cast's dtype: no fp32 copy of a large weight
+                dq = v.node.inputs[0].node
+                t = dequant_fp8_block(*(self.const(u) for u in dq.inputs), dq.attrs["block"],
+                                      out_dtype=to_torch(v.node.attrs["dtype"]))
             else:
                 args = [self.const(u) for u in v.node.inputs]
                 for out, t_out in zip(v.node.outputs, run_node(v.node, args, {})):
@@ -106,6 +112,12 @@ class LowerCtx:
         graph_outs = {id(v) for v in self.graph.outputs.values()}
         return tuple(v for n in nodes for v in n.outputs
                      if id(v) in graph_outs or any(id(u) not in inside for u in v.users))
+
+
+def _is_dequant_cast(node: Node) -> bool:
+    """cast(dequant_fp8(w, s)) where the fp32 dequantised weight feeds nothing else."""
+    inner = node.inputs[0].node if node.op == "cast" else None
+    return inner is not None and inner.op == "dequant_fp8" and len(node.inputs[0].users) == 1
 
 
 def _fallback(node: Node, reason: str) -> Lowered:

@@ -160,7 +160,7 @@ class Runner:
             self.log(f"skip {name}: {why}")
             return
         for env in self.op_shapes(name):
-            w = build_op(name, mc, self.cfg.dtype, env, self.cfg.seed)
+            w = build_op(name, mc, self.cfg.dtype, env, self.cfg.seed, self.cfg.device)
             try:
                 buffers = self._input_buffers(w.graph, w)
             except DeviceMemoryError as e:

@@ -67,16 +67,16 @@ def _builder(cfg, dtype, name):
     return DecoderBuilder(cfg, dtype, name=name, mtp=False)
 
 
-def _finish(db, outputs, seed):
+def _finish(db, outputs, seed, device):
     from models import random_weights
     for name, v in outputs.items():
         db.b.output(name, v)
     graph = db.b.build()
-    return graph, random_weights(graph, seed)
+    return graph, random_weights(graph, seed, device)  # drawn where they run: V3's 256 experts are 11 G values
 
 
-def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0) -> Workload:
-    """One op-level workload at shape `env` ({"B":..., "S":..., "T":...})."""
+def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0, device: str = "cpu") -> Workload:
+    """One op-level workload at shape `env` ({"B":..., "S":..., "T":...}), its weights drawn on `device`."""
     from dsgraph.dtypes import itemsize
     es = itemsize(dtype)
     db = _builder(cfg, dtype, f"bench_{name}")
@@ -87,7 +87,7 @@ def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0) -> Workload:
         q, cache = b.input("q", ("B", 1, h, w), dtype), b.input("cache", ("B", "T", w), dtype)
         out = b.attention.mla_absorbed(q, cache, scale=db.mla_scale(), kv_lora_rank=c)
         flops, nbytes = 2 * B * h * T * (w + c), es * (B * T * w + 2 * B * h * w)
-        graph, weights = _finish(db, {"out": out}, seed)
+        graph, weights = _finish(db, {"out": out}, seed, device)
         return Workload(name, "op", {"B": B, "T": T}, B, flops, nbytes, graph, weights)
     if name in ("gqa_decode", "prefill_attention"):
         s_q, s_k = (1, "T") if name == "gqa_decode" else ("S", "S")
@@ -100,7 +100,7 @@ def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0) -> Workload:
         q = b.input("q", ("B", s_q, h, dq), dtype)
         k, v = b.input("k", ("B", s_k, hkv, dq), dtype), b.input("v", ("B", s_k, hkv, dv), dtype)
         op = b.attention.mla if cfg.is_mla else b.attention.gqa
-        graph, weights = _finish(db, {"out": op(q, k, v, scale=scale)}, seed)
+        graph, weights = _finish(db, {"out": op(q, k, v, scale=scale)}, seed, device)
         if name == "gqa_decode":
             return Workload(name, "op", {"B": B, "T": T}, B, 2 * B * h * T * (dq + dv),
                             es * (B * T * hkv * (dq + dv) + B * h * (dq + dv)), graph, weights)
@@ -109,7 +109,7 @@ def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0) -> Workload:
                         es * B * S * (h * dq + hkv * (dq + dv) + h * dv), graph, weights)
     if name == "moe":
         x = b.input("x", ("B", "S", d), dtype)
-        graph, weights = _finish(db, {"out": db.moe(x, "model.layers.1.mlp")}, seed)
+        graph, weights = _finish(db, {"out": db.moe(x, "model.layers.1.mlp")}, seed, device)
         n = B * S
         e, k, i = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
         shared = cfg.n_shared_experts or 0
@@ -120,21 +120,21 @@ def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0) -> Workload:
                         [f"{touched:.1f} of {e} experts touched on average"])
     if name == "rmsnorm":
         x = b.input("x", ("B", "S", d), dtype)
-        graph, weights = _finish(db, {"out": db.norm(x, "model.norm", d)}, seed)
+        graph, weights = _finish(db, {"out": db.norm(x, "model.norm", d)}, seed, device)
         return Workload(name, "op", {"B": B, "S": S}, B * S, 4 * B * S * d, es * (2 * B * S * d + d), graph, weights)
     if name == "rope":
         h = cfg.num_attention_heads
         r = cfg.qk_rope_head_dim if cfg.is_mla else cfg.attn_head_dim
         x, pos = b.input("x", ("B", "S", h, r), dtype), b.input("positions", ("B", "S"))
-        graph, weights = _finish(db, {"out": b.rope(x, pos, **db.rope)}, seed)
+        graph, weights = _finish(db, {"out": b.rope(x, pos, **db.rope)}, seed, device)
         return Workload(name, "op", {"B": B, "S": S}, B * S, 6 * B * S * h * r, es * 2 * B * S * h * r + 8 * B * S,
                         graph, weights)
     if name == "fp8_gemm":
-        return _fp8_gemm(cfg, dtype, env, seed)
+        return _fp8_gemm(cfg, dtype, env, seed, device)
     raise KeyError(name)
 
 
-def _fp8_gemm(cfg, dtype, env, seed) -> Workload:
+def _fp8_gemm(cfg, dtype, env, seed, device) -> Workload:
     """linear_fp8 with the dense FFN's gate projection shape [intermediate, hidden] and the model's FP8 block."""
     from dsgraph.builder import GraphBuilder
     from dsgraph.dtypes import itemsize
@@ -148,7 +148,7 @@ def _fp8_gemm(cfg, dtype, env, seed) -> Workload:
     w = b.param("w.weight", (n, k), "float8_e4m3fn")
     s = b.param("w.weight_scale_inv", (-(-n // block[0]), -(-k // block[1])), "float32")
     b.output("out", b.linear_fp8(x, w, s, block=block))
-    q, scale = quantize_fp8_block(random_tensor("w.weight", (n, k), "float32", seed), block)
+    q, scale = quantize_fp8_block(random_tensor("w.weight", (n, k), "float32", seed, device), block)
     m = env["B"] * env["S"]
     nbytes = n * k + 4 * scale.numel() + itemsize(dtype) * (m * k + m * n)
     return Workload("fp8_gemm", "op", {"B": env["B"], "S": env["S"]}, m, 2 * m * n * k, nbytes, b.build(),

@@ -81,12 +81,27 @@ def _(b, h, e, en, hn, w, eps):
     return b.linear(b.concat(b.norm.rms(e, en, eps=eps), b.norm.rms(h, hn, eps=eps), dim=-1), w)
 
 
-def dequant_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """e4m3 [N, K] with one fp32 scale per (bn x bk) block (edge blocks partial) -> fp32."""
+BAND_ELEMENTS = 1 << 24  # dequantise at most this many weights at once
+
+
+def dequant_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e4m3 [N, K] with one fp32 scale per (bn x bk) block (edge blocks partial) -> `out_dtype`, a band of block
+    rows at a time when the weight is large (a stacked V3 expert weight in fp32 would take 28 GiB)."""
     bn, bk = block
     n, k = w.shape
-    s = scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
-    return w.float() * s
+    band = max(bn, BAND_ELEMENTS // max(k, 1) // bn * bn)
+    if band >= n:
+        return (w.float() * _block_scales(scale_inv, bn, bk, n, k)).to(out_dtype)
+    out = torch.empty((n, k), dtype=out_dtype, device=w.device)
+    for r0 in range(0, n, band):
+        r1 = min(n, r0 + band)
+        out[r0:r1] = w[r0:r1].float() * _block_scales(scale_inv[r0 // bn:-(-r1 // bn)], bn, bk, r1 - r0, k)
+    return out
+
+
+def _block_scales(scale_inv, bn, bk, n, k):
+    return scale_inv.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
 
 
 LINEAR_FP8 = defop("linear_fp8", "x weight scale_inv", {"block": Attr(tuple, (128, 128))},
