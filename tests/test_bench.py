@@ -253,3 +253,15 @@ def test_json_is_rewritten_after_every_row_while_the_run_goes_on(monkeypatch, tm
     assert all(c is False and on_disk is False for _, c, on_disk in seen)
     assert doc["complete"] is True and report.validate(doc) == []
     assert report.validate({**doc, "complete": "yes"}) == ["complete must be true or false"]
+
+
+def test_w8a8_graphs_are_checked_at_the_activation_quantisation_tolerance():
+    """A backend whose FP8 GEMMs quantise activations (DeepSeek's W8A8) is within a few percent by design."""
+    from backends.base import CompileReport, KernelChoice
+    from dsgraph.check import W8A8_TOLERANCE, tolerance_for
+    report = CompileReport("triton", "cuda", "bfloat16")
+    report.kernels.append(KernelChoice(("y",), "linear_fp8", "template", "fp8_gemm", "w8a16"))
+    assert tolerance_for(report, "bfloat16") == 3e-2 and tolerance_for(report, "bfloat16", model_level=True) == 6e-2
+    report.kernels.append(KernelChoice(("z",), "linear_fp8", "template", "fp8_gemm",
+                                       "w8a8, per-token-group activation quantisation"))
+    assert tolerance_for(report, "bfloat16") == W8A8_TOLERANCE

@@ -22,7 +22,7 @@ import torch
 
 from backends import get_backend, kv_cache
 
-from ..check import MODEL_TOLERANCE, TOLERANCE, rel_err
+from ..check import MODEL_TOLERANCE, TOLERANCE, rel_err, tolerance_for
 from ..errors import DeviceMemoryError, DSGraphError
 from ..memory import available_bytes
 from .roofline import floor_ms
@@ -194,13 +194,14 @@ class Runner:
         except Exception as e:
             self._row(w, spec, "failed", reason=_short(e))
             return refs if spec != "eager" else None
-        meta = {"compile_s": compile_s, "fallbacks": len(compiled.report.fallbacks)}
+        tol = tolerance_for(compiled.report, self.cfg.dtype)
+        meta = {"compile_s": compile_s, "fallbacks": len(compiled.report.fallbacks), "tolerance": tol}
         if spec == "eager":
             refs = {k: v.detach() for k, v in outs.items()}
             err = 0.0
         else:
             err = self._compare(outs, refs)
-            if not err <= TOLERANCE[self.cfg.dtype]:
+            if not err <= tol:
                 self._row(w, spec, "WRONG", error=err, reason=f"rel err {err:.2e} vs eager exceeds tolerance", **meta)
                 return refs
         del outs
@@ -238,7 +239,6 @@ class Runner:
                 self._row(w, spec, "unavailable", reason=reason)
             return
         name, options = parse_backend(spec)
-        tol = MODEL_TOLERANCE[self.cfg.dtype]
         self.log(f"compiling {self.cfg.model} for {spec}")
         try:
             t0 = time.perf_counter()
@@ -249,7 +249,8 @@ class Runner:
             for w in work:
                 self._row(w, spec, "failed", reason=_short(e))
             return
-        meta = {"compile_s": compile_s, "fallbacks": len(exe.compiled.report.fallbacks)}
+        tol = tolerance_for(exe.compiled.report, self.cfg.dtype, model_level=True)
+        meta = {"compile_s": compile_s, "fallbacks": len(exe.compiled.report.fallbacks), "tolerance": tol}
         if spec == "eager":
             refs["small"] = small
         else:
@@ -276,7 +277,7 @@ class Runner:
         return logits.float().cpu(), dec.float().cpu()
 
     def _model_row(self, exe, spec, w, refs, meta):
-        tol = MODEL_TOLERANCE[self.cfg.dtype]
+        tol = meta["tolerance"]
         buffers = self._input_buffers(exe.graph, w)
         run = exe.compiled.run
         if w.name == "prefill":
