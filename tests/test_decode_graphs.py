@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # must precede the first triton import
 from routing_helpers import decisive_routing  # noqa: E402
 
 import dsgraph  # noqa: E402
-from backends import kv_cache  # noqa: E402
+from backends import get_backend, kv_cache  # noqa: E402
 from backends.triton import decode_graphs as dg  # noqa: E402
 from dsgraph.errors import DSGraphError  # noqa: E402
 
@@ -90,11 +90,32 @@ def test_older_and_foreign_states_never_overwrite_live_ones(exe):
 
 
 def test_which_graphs_can_take_device_side_lengths():
-    assert dg.unsupported_reason(_exe().graph) is None
-    why = dg.unsupported_reason(_exe("deepseek-llm-tiny").graph)
-    assert why is not None and "attention.gqa" in why
-    report = _exe("deepseek-llm-tiny", decode_graphs=True).compiled.report
-    assert any("without CUDA graphs" in n for n in report.notes)
+    assert dg.unsupported_reason(_exe().graph) is None                      # absorbed MLA
+    assert dg.unsupported_reason(_exe("deepseek-llm-tiny").graph) is None   # GQA
+    b = dsgraph.GraphBuilder("cache_sum", dtype="float32")
+    cache = b.cache_input("cache", ("B", "T", 4))
+    full = b.cache.append(cache, b.input("new", ("B", 1, 4), "float32"))
+    b.output("cache.next", full, cache_of=cache)
+    b.output("total", b.op("sum", full, dims=(1,)))
+    graph = b.build()
+    why = dg.unsupported_reason(graph)
+    assert why is not None and "sum reads the appended cache" in why
+    report = get_backend("triton").compile(graph, {}, device="cpu", decode_graphs=True).report
+    assert any("without CUDA graphs: CUDA graphs need a CUDA device" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("preset", ["deepseek-llm-tiny", "deepseek-v3-tiny"])
+def test_static_steps_of_other_families_equal_plain_steps(preset):
+    """GQA attention (flash kernel with kv_lens) and V3's MLA + sigmoid routing, through the static program."""
+    exe = _exe(preset)
+    ids = _ids(exe, 2, 5, 4)
+    logits, state = exe.prefill(ids)
+    tok = logits[:, -1:].argmax(-1)
+    want, _ = exe.decode(tok, state)
+    runner = _static(exe)
+    got, _ = exe.decode(tok, state)
+    assert runner.stats["graph_steps"] == 1
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_static_append_refuses_a_cache_without_room():
@@ -109,7 +130,7 @@ def test_static_append_refuses_a_cache_without_room():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-v3-tiny"])
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-v3-tiny", "deepseek-llm-tiny"])
 def test_captured_decode_equals_plain_decode_gpu(preset):
     """The same tokens fed to both, and routing that bf16 cannot flip (the static launch may split the cache
     differently from the plain one): every step's logits agree, from one capture replayed."""

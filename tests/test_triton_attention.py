@@ -138,6 +138,26 @@ def test_flash_attention_matches_reference(b, s, t, hq, hkv, d, dv, causal, dtyp
     assert rel_err(out, attention_ref(q, k, v, d ** -0.5, causal)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("s,lens", [(1, [1, 19, 33, 7]), (3, [5, 3, 40, 17])])
+def test_flash_attention_with_device_lengths_reads_only_the_valid_keys(s, lens, dtype):
+    """kv_lens: each request sees its first L_b keys with its queries at their end; the rows past L_b hold
+    garbage (NaN) that must not leak. The reference runs each request on its own valid slice."""
+    gen = torch.Generator().manual_seed(11 + s)
+    b, t, hq, hkv, d, dv = len(lens), 40, 4, 2, 24, 16
+    q, k, v = (rand(b, s, hq, d, dtype=dtype, gen=gen), rand(b, t, hkv, d, dtype=dtype, gen=gen),
+               rand(b, t, hkv, dv, dtype=dtype, gen=gen))
+    for i, n in enumerate(lens):
+        k[i, n:], v[i, n:] = float("nan"), float("nan")
+    out = flash_attention(q, k, v, d ** -0.5, config=FlashConfig(16, 16, 4, 1),
+                          kv_lens=torch.tensor(lens, device=DEV))
+    for i, n in enumerate(lens):
+        ref = attention_ref(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], d ** -0.5, True)
+        assert rel_err(out[i:i + 1], ref) < TOL[dtype]
+    with pytest.raises(InputError, match="kv_lens"):
+        flash_attention(q, k, v, 0.1, kv_lens=torch.tensor(lens[:2], device=DEV))
+
+
 def test_flash_autotuned_path_strided():
     gen = torch.Generator().manual_seed(3)
     qkv = rand(2, 20, 3, 4, 24, dtype=torch.float32, gen=gen)  # packed, so every operand is strided

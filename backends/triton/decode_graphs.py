@@ -8,8 +8,8 @@ every step and attention reads one row more.
 So a graphed step runs the same lowered program in *static-capacity* form:
 - each cache lives in a buffer of fixed capacity C along the length dim, and the program is given a view of its
   first C - 1 rows: `cache.append` then returns the whole buffer, and every shape is the same at every step;
-- the true length lives on the device: `cache.append` writes the new row at it (`index_copy_`) and
-  `attention.mla_absorbed` ignores the rows past it (the kernel's `cache_lens`).
+- the true length lives on the device: `cache.append` writes the new row at it (`index_copy_`) and the attention
+  kernels ignore the rows past it (`cache_lens` of the absorbed-MLA kernel, `kv_lens` of the flash kernel).
 Between replays only those device tensors, the token ids and the positions change. There is one graph per batch
 size and capacity; a sequence that outgrows C moves to a larger capacity (copied over and captured once).
 
@@ -79,20 +79,26 @@ def append_static(cache: torch.Tensor, new: torch.Tensor, lengths: StaticLengths
     return full
 
 
+# the ops that take a cache's length from the device, and which of their inputs may be an appended cache
+LENGTH_AWARE = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attention.mla": (1, 2)}
+
+
 def unsupported_reason(graph) -> str | None:
-    """None if every reader of a cache is `cache.append` or `attention.mla_absorbed` (the ops that take the
-    device-side length), else which op reads the cache on the host's length."""
+    """None if every reader of a cache is `cache.append` and every reader of an appended cache an attention op
+    that masks by a device-side length (LENGTH_AWARE), else which op would read the cache on the host's length."""
     for name, v in graph.inputs.items():
         if v.kind != "cache":
             continue
         for user in v.users:
             if user.op != "cache.append" or user.inputs[0] is not v:
-                return f"{user.op} reads cache {name} (only cache.append and attention.mla_absorbed take its length " \
-                       "from the device)"
-            for reader in user.outputs[0].users:
-                if reader.op != "attention.mla_absorbed" or reader.inputs[1] is not user.outputs[0]:
-                    return f"{reader.op} reads the appended cache {name} (only attention.mla_absorbed masks by a " \
-                           "device-side length)"
+                return f"{user.op} reads cache {name} (only cache.append writes at a device-side length)"
+            appended = user.outputs[0]
+            for reader in appended.users:
+                slots = LENGTH_AWARE.get(reader.op, ())
+                if not any(i < len(reader.inputs) and reader.inputs[i] is appended for i in slots) \
+                        or reader.inputs[0] is appended:
+                    return (f"{reader.op} reads the appended cache {name} (only {', '.join(LENGTH_AWARE)} mask "
+                            "by a device-side length)")
     return None
 
 

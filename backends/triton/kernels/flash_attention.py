@@ -118,7 +118,7 @@ def _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, lo, hi, offs_m, T, S,
 
 @triton.jit
 def _flash_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, S, T, HQ, GROUP,
+    q_ptr, k_ptr, v_ptr, o_ptr, lens_ptr, S, T, HQ, GROUP,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -126,12 +126,16 @@ def _flash_attention_kernel(
     qk_scale,
     HEAD_D1: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
+    kv_len = T
+    if HAS_LENS:  # this request's valid keys (clamped to the buffer); the queries sit at their end
+        kv_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), T)
     kvh = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S
@@ -146,23 +150,23 @@ def _flash_attention_kernel(
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
 
-    if CAUSAL:  # row i sees keys <= i + T - S
-        hi = tl.minimum(T, (pid_m + 1) * BLOCK_M + T - S)
-        full = tl.minimum(T, pid_m * BLOCK_M + T - S + 1)
+    if CAUSAL:  # row i sees keys <= i + kv_len - S
+        hi = tl.minimum(kv_len, (pid_m + 1) * BLOCK_M + kv_len - S)
+        full = tl.minimum(kv_len, pid_m * BLOCK_M + kv_len - S + 1)
     else:
-        hi = T
-        full = T
+        hi = kv_len
+        full = kv_len
     hi = tl.maximum(hi, 0)
     full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, 0, full, offs_m, T, S,
+    acc, l_i, m_i = _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, 0, full, offs_m, kv_len, S,
                                  stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
                                  HEAD_D1, HEAD_D2, HEAD_DV, BLOCK_D1, BLOCK_D2, BLOCK_DV,
                                  False, CAUSAL, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, full, hi, offs_m, T, S,
+    acc, l_i, m_i = _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, full, hi, offs_m, kv_len, S,
                                  stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
                                  HEAD_D1, HEAD_D2, HEAD_DV, BLOCK_D1, BLOCK_D2, BLOCK_DV,
                                  True, CAUSAL, PRECISION, BLOCK_N)
@@ -205,19 +209,23 @@ def _tuned_kernel(head_d: int, head_dv: int):
     """The autotuned kernel for one head shape, keyed on (head dims, causal) within it."""
     key = (head_d, head_dv)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=_triton_configs(head_d, head_dv),
-                                      key=["HEAD_D1", "HEAD_D2", "HEAD_DV", "CAUSAL"])(_flash_attention_kernel)
+        tune = triton.autotune(configs=_triton_configs(head_d, head_dv),
+                               key=["HEAD_D1", "HEAD_D2", "HEAD_DV", "HAS_LENS", "CAUSAL"])
+        _TUNED[key] = tune(_flash_attention_kernel)
     return _TUNED[key]
 
 
 # ----------------------------------------------------------------------------------------------------- host wrapper
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True,
-                    config: FlashConfig | None = None) -> torch.Tensor:
+                    config: FlashConfig | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (or full) attention, `attention_ref` semantics; returns [B, S, Hq, Dv] in q's dtype.
 
-    Rows with no visible key (S > T under the causal rule) come out as zeros. `config` pins one tile choice;
-    without it the tile is autotuned per head shape on first use (do that before capturing a CUDA graph).
+    kv_lens: optional [B] int32/int64 valid key counts (the rest of k/v is ignored; values above T are clamped),
+    with the queries at the end of each request's valid keys: how a decode step reads a cache buffer of fixed
+    capacity whose length lives on the device (CUDA-graph decode). Rows with no visible key (S > T under the
+    causal rule) come out as zeros. `config` pins one tile choice; without it the tile is autotuned per head
+    shape on first use (do that before capturing a CUDA graph).
     """
     dtype = check_tensors("flash_attention", q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -233,14 +241,19 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         raise ShapeError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in length or heads")
     if hkv == 0 or hq % hkv:
         raise ShapeError(f"flash_attention: {hq} query heads are not a multiple of {hkv} kv heads")
+    if kv_lens is not None and (not isinstance(kv_lens, torch.Tensor) or tuple(kv_lens.shape) != (b,)
+                                or kv_lens.dtype not in (torch.int32, torch.int64) or kv_lens.device != q.device):
+        raise InputError(f"flash_attention: kv_lens must be an int32/int64 tensor [{b}] on {q.device}")
     out = torch.empty((b, s, hq, dv), dtype=dtype, device=q.device)
     if out.numel() == 0:
         return out
     d1, d2, bd1, bd2 = pow2_split(d)
-    args = (q, k, v, out, s, t_len, hq, hq // hkv, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+    lens = kv_lens if kv_lens is not None else out  # unread without HAS_LENS
+    args = (q, k, v, out, lens, s, t_len, hq, hq // hkv, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             scale * LOG2E)
     meta = dict(HEAD_D1=d1, HEAD_D2=d2, HEAD_DV=dv, BLOCK_D1=bd1, BLOCK_D2=bd2,
-                BLOCK_DV=max(16, triton.next_power_of_2(dv)), CAUSAL=bool(causal), PRECISION=dot_precision(dtype))
+                BLOCK_DV=max(16, triton.next_power_of_2(dv)), HAS_LENS=kv_lens is not None, CAUSAL=bool(causal),
+                PRECISION=dot_precision(dtype))
     if config is None:
         grid = lambda META: (triton.cdiv(s, META["BLOCK_M"]), b * hq)
         _tuned_kernel(d, dv)[grid](*args, **meta)

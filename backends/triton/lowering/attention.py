@@ -23,8 +23,17 @@ def _flash(node, ctx):
     if isinstance(fn, Decline):
         return fn
     scale, causal = node.attrs["scale"], node.attrs["causal"]
-    return Lowered(lambda a, sym: [fn(a[0], a[1], a[2], scale, causal)], "template",
-                   "flash_attention._flash_attention_kernel")
+    cached = _reads_cache(node)
+
+    def run(a, sym):
+        static = decode_graphs.active() if cached else None  # CUDA-graph decode: the valid length is on the device
+        return [fn(a[0], a[1], a[2], scale, causal, kv_lens=None if static is None else static.lens)]
+    return Lowered(run, "template", "flash_attention._flash_attention_kernel")
+
+
+def _reads_cache(node) -> bool:
+    """Whether the node's keys come from `cache.append` (so a static-capacity step must mask by length)."""
+    return any(v.node is not None and v.node.op == "cache.append" for v in node.inputs[1:])
 
 
 @lowering("attention.mla_absorbed")
@@ -34,8 +43,10 @@ def _mla(node, ctx):
         return fn
     scale, causal, rank = node.attrs["scale"], node.attrs["causal"], node.attrs["kv_lora_rank"]
 
+    cached = _reads_cache(node)
+
     def run(a, sym):
-        static = decode_graphs.active()  # CUDA-graph decode: the valid length is on the device
+        static = decode_graphs.active() if cached else None  # CUDA-graph decode: the valid length is on the device
         if static is None:
             return [fn(a[0], a[1], scale, rank, causal=causal)]
         return [fn(a[0], a[1], scale, rank, cache_lens=static.lens, causal=causal, tune=not ctx.interpreting)]
