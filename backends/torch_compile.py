@@ -25,11 +25,19 @@ import torch
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import InputError
 from dsgraph.interpreter import load_param
+from dsgraph.ops.registry import get_op
 from dsgraph.symbolic import Sym, eval_dim, parse_dim
 
 from .base import Backend, CompiledGraph, KernelChoice, register_backend
 
 MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+# Ops whose references split the work on values read back to the host (per-expert loops over `.tolist()` counts).
+# Traced, every new routing pattern is a recompile: a 256-expert V3 MoE layer compiled for more than 5 minutes on an
+# H100 without finishing. They run eagerly between the compiled regions (torch.compiler.disable), reported as
+# fallbacks; everything around them is compiled.
+EAGER_OPS = {"moe.experts": "per-expert loop over host-side token counts",
+             "moe.grouped_gemm": "per-expert loop over host-side row offsets"}
 
 
 class GraphFunction:
@@ -46,10 +54,12 @@ class GraphFunction:
                         and len(next(iter(d.terms))) == 1:
                     self.symbols.setdefault(str(d), (n, axis))
         self.plan = []
+        eager = {op: torch.compiler.disable(get_op(op).reference_fn) for op in EAGER_OPS}
         for node in graph.nodes:
             opdef = node.opdef
-            self.plan.append((opdef.reference_fn, [v.name for v in node.inputs], dict(node.attrs), opdef.shape_attrs,
-                              [v.name for v in node.outputs], [to_torch(v.type.dtype) for v in node.outputs]))
+            self.plan.append((eager.get(node.op, opdef.reference_fn), [v.name for v in node.inputs],
+                              dict(node.attrs), opdef.shape_attrs, [v.name for v in node.outputs],
+                              [to_torch(v.type.dtype) for v in node.outputs]))
         self.outputs = {k: v.name for k, v in graph.outputs.items()}
 
     def __call__(self, inputs: dict) -> dict:
@@ -105,7 +115,12 @@ class TorchCompileBackend(Backend):
         compiled = torch.compile(fn, **kwargs)
         kernel = f"torch.compile({compiler}{', mode=' + mode if compiler == 'inductor' else ''})"
         for node in graph.nodes:
-            report.kernels.append(KernelChoice(tuple(v.name for v in node.outputs), node.op, "generated", kernel))
+            names = tuple(v.name for v in node.outputs)
+            if node.op in EAGER_OPS:
+                report.kernels.append(KernelChoice(names, node.op, "fallback", "torch reference, run eagerly "
+                                                   "(torch.compiler.disable)", EAGER_OPS[node.op]))
+            else:
+                report.kernels.append(KernelChoice(names, node.op, "generated", kernel))
         report.notes.append(f"{kernel} of the eager graph; code is generated at the first call per input shape")
         state = {"first": True}
 
@@ -138,7 +153,7 @@ def _note_graph_breaks(graph, report, before: int | None) -> None:
         report.notes.append("graph breaks: unknown (torch._dynamo.utils.graph_break_reasons is not available)")
         return
     from torch._dynamo.utils import graph_break_reasons
-    new = graph_break_reasons[before:]
+    new = [r for r in graph_break_reasons[before:] if "disable" not in r.reason]  # EAGER_OPS: reported already
     spans = _reference_spans(graph)
     found: dict[str, str] = {}
     for reason in new:
@@ -146,7 +161,9 @@ def _note_graph_breaks(graph, report, before: int | None) -> None:
                    if fr.filename == f and lo <= (fr.lineno or 0) <= hi), None)
         found.setdefault(op or "(outside op references)", reason.reason.splitlines()[0][:160])
     if not found:
-        report.notes.append("graph breaks: none (one graph per call)")
+        eager = sorted({k.op for k in report.kernels if k.op in EAGER_OPS})
+        report.notes.append(f"graph breaks: only around {', '.join(eager)} (run eagerly)" if eager
+                            else "graph breaks: none (one graph per call)")
         return
     for op, why in sorted(found.items()):
         report.notes.append(f"graph break in {op}: {why}")
@@ -158,7 +175,6 @@ def _note_graph_breaks(graph, report, before: int | None) -> None:
 def _reference_spans(graph) -> dict[str, tuple[str, int, int]]:
     spans = {}
     for op in {n.op for n in graph.nodes}:
-        from dsgraph.ops.registry import get_op
         code = get_op(op).reference_fn.__code__
         lines = [ln for _, ln in dis.findlinestarts(code) if ln]
         spans[op] = (code.co_filename, code.co_firstlineno, max(lines, default=code.co_firstlineno))
