@@ -13,8 +13,8 @@ So a graphed step runs the same lowered program in *static-capacity* form:
 Between replays only those device tensors, the token ids and the positions change. There is one graph per batch
 size and capacity; a sequence that outgrows C moves to a larger capacity (copied over and captured once).
 
-This applies when every op that reads a cache is one of those two (models whose attention is absorbed MLA, as the
-triton pipeline makes of every MLA model); for the others the compile report says why decode runs without graphs.
+This applies when every op that reads a cache is one of those (absorbed MLA, which the triton pipeline makes of
+every MLA model, and GQA/MHA attention); for any other graph the compile report says why decode runs without them.
 
 The states handed out are views of the buffers under kv_cache's rules: a step writes in place only from the newest
 view (or one `kv_cache.rewind` released); a step from an older state runs the plain program, which copies. A state
@@ -214,7 +214,7 @@ class DecodeGraphs:
         """Buffers for `batch` that can hold `length + 1` rows, with the state's caches copied in."""
         bufs = self.buffers.pop(batch, None)
         if bufs is None or bufs.capacity <= length or bufs.in_use():
-            bufs = None  # outgrown, or someone still holds a view of it: keep theirs intact, start afresh
+            # none yet, outgrown, or someone still holds a view of it (keep theirs intact): start afresh
             if len(self.buffers) >= MAX_BATCH_SIZES:
                 self.buffers.pop(next(iter(self.buffers)))
             bufs = _Buffers(self.program, batch, capacity_for(length + 1, self.max_length), self.capture)
