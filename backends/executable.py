@@ -174,7 +174,9 @@ class Executable:
         if not return_stats:
             return out
         rate = (max_new_tokens - 1) * ids.shape[0] / dt if max_new_tokens > 1 and dt > 0 else float("nan")
-        return out, GenerateStats(ids.shape[1], max_new_tokens, max_new_tokens, ttft, rate)
+        graphs = getattr(self.compiled.decode_step, "stats", None)
+        extra = {"decode_graphs": dict(graphs)} if graphs is not None else {}
+        return out, GenerateStats(ids.shape[1], max_new_tokens, max_new_tokens, ttft, rate, extra)
 
     def report(self) -> str:
         return str(self.compiled.report)

@@ -64,6 +64,10 @@ def cmd_run(args) -> int:
     print()
     print(f"time to first token {stats.time_to_first_token_s * 1e3:.1f} ms, "
           f"decode {stats.decode_tokens_per_s:.1f} tokens/s ({exe.compiled.report.backend} on {exe.device})")
+    graphs = stats.extra.get("decode_graphs")
+    if graphs:
+        print(f"decode CUDA graphs: {graphs['graph_steps']} steps replayed, {graphs['captures']} captured, "
+              f"{graphs['plain_steps']} run without a graph")
     if args.speculative:
         acc = ", ".join(f"{a:.0%}" for a in stats.extra["acceptance_per_position"])
         print(f"speculative {args.speculative}: acceptance per draft position {acc}; "
