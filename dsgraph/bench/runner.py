@@ -314,7 +314,8 @@ class Runner:
             def run(inputs, _t=w.env["T"]):
                 out = graphed({**inputs, **{n: kv_cache.rewind(inputs[n]) for n in names}}, _t)
                 if out is None:
-                    raise DSGraphError(f"the decode graph declined the step ({graphed.disabled or 'plain step'})")
+                    raise DSGraphError("the decode graph declined the step "
+                                      f"({getattr(graphed, 'disabled', None) or 'an older state'})")
                 return out
             notes.append("one-token step replayed from a CUDA graph (caches at static capacity), as generate "
                          "runs it")
