@@ -11,9 +11,10 @@ graph exactly as eager runs it.
 Options: `mode` = "default" (the default), "reduce-overhead" (CUDA graphs),
 "max-autotune-no-cudagraphs" or "max-autotune"; `compiler` = the torch.compile backend
 ("inductor", or "aot_eager" to test capture without code generation); `dynamic`.
-Compilation happens at the first call for each new input shape. Ops whose references
-break the Dynamo graph (data-dependent Python control flow such as the MoE expert
-loop's `.tolist()`) are named in the compile report's notes after that first call.
+Compilation happens at the first call for each new input shape. The MoE expert loops
+(`EAGER_OPS`: per-expert work split on counts read back to the host) run eagerly between
+compiled regions and are reported as fallbacks; any other op whose reference breaks the
+Dynamo graph is named in the compile report's notes after that first call.
 """
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ from .base import Backend, CompiledGraph, KernelChoice, register_backend
 MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 # Ops whose references split the work on values read back to the host (per-expert loops over `.tolist()` counts).
-# Traced, every new routing pattern is a recompile: a 256-expert V3 MoE layer compiled for more than 5 minutes on an
-# H100 without finishing. They run eagerly between the compiled regions (torch.compiler.disable), reported as
-# fallbacks; everything around them is compiled.
+# Traced, every new routing pattern is a recompile: the bench's torch.compile row of a 256-expert V3 MoE layer had
+# not finished after 5 minutes on an H100. They run eagerly between the compiled regions (torch.compiler.disable),
+# reported as fallbacks; everything around them is compiled.
 EAGER_OPS = {"moe.experts": "per-expert loop over host-side token counts",
              "moe.grouped_gemm": "per-expert loop over host-side row offsets"}
 

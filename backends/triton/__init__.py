@@ -55,12 +55,12 @@ class TritonBackend(Backend):
     def _decode_graphs(graph, program, device, report, wanted):
         """The CUDA-graph decode runner where it applies (decode_graphs None: wherever it can), else None; the
         report says which."""
-        if wanted is False or (wanted is None and not str(device).startswith("cuda")):
+        on_cuda = str(device).startswith("cuda")
+        if wanted is False or (wanted is None and not on_cuda):
             return None
-        why = ("CUDA graphs need a CUDA device" if not str(device).startswith("cuda")
-               else None if graph.cache_map else "the graph has no KV cache")
         from . import decode_graphs as dg
-        why = why or dg.unsupported_reason(graph)
+        why = ("CUDA graphs need a CUDA device" if not on_cuda else
+               "the graph has no KV cache" if not graph.cache_map else dg.unsupported_reason(graph))
         if why:
             report.notes.append(f"decode steps run without CUDA graphs: {why}")
             return None

@@ -36,7 +36,7 @@ from .. import kv_cache
 
 QUANTUM = 1024    # capacities are multiples of this ...
 GROWTH = 1.25     # ... at least 1.25 x the length that needs them
-MAX_BATCH_SIZES = 4  # graphs kept at once (the least recently used batch size is dropped)
+MAX_BATCH_SIZES = 4  # graphs kept at once (a new batch size drops the one placed longest ago)
 
 
 @dataclass
@@ -112,7 +112,7 @@ class _Buffers:
     """The static inputs of one graph: cache buffers of one capacity, token ids, positions, device lengths."""
 
     def __init__(self, program, batch: int, capacity: int, capture: bool):
-        self.program, self.batch, self.capacity = program, batch, capacity
+        self.program, self.capacity = program, capacity
         dev = program.device
         self.caches = {}
         for name, v in program.runtime_inputs.items():

@@ -302,10 +302,8 @@ class Runner:
         notes = ["decode over random caches in this backend's own layout; correctness from the model check"]
         names = [n for n, v in exe.graph.inputs.items() if v.kind == "cache"]
         graphed = exe.compiled.decode_step
-        first = None
-        if graphed is not None:  # copy the random caches into the graph's buffers and capture, once
-            with torch.no_grad():
-                first = graphed(buffers[0], w.env["T"])
+        with torch.no_grad():  # copy the random caches into the graph's buffers and capture, once
+            first = graphed(buffers[0], w.env["T"]) if graphed is not None else None
         if first is not None:
             views = {n: first[exe.graph.cache_map[n]][:, :w.env["T"]] for n in names}
             buffers = [{**b, **views} for b in buffers]
