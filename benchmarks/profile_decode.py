@@ -1,0 +1,122 @@
+"""Where a graphed decode step's time goes: the triton backend's one-token step, node by node, on a CUDA GPU.
+
+    python benchmarks/profile_decode.py deepseek-v2-lite --batch 1,64 --context 4096     # JSON + table to $OUT
+
+The CUDA graph replays the static-capacity program (`backends/triton/decode_graphs.py`). This script times the
+replay with CUDA events, then runs the same program once more under torch.profiler with one range per lowered
+step, so every kernel's device time is charged to the graph node it implements. The table groups that time by
+op; "gaps" is replay time minus the sum of kernel time: what launch latency and tails cost inside the graph.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dsgraph  # noqa: E402
+from dsgraph.bench.workloads import random_inputs  # noqa: E402
+
+
+def _ranged(fn, label):
+    def run(args, sym):
+        with torch.profiler.record_function(label):
+            return fn(args, sym)
+    return run
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return times
+
+
+def node_times(bufs, program, steps: int) -> tuple[dict, int]:
+    """{step label: device µs per decode step}, kernels per step, from `steps` profiled runs."""
+    plain = [s.fn for s in program.steps]
+    for s in program.steps:
+        s.fn = _ranged(s.fn, f"step:{s.label}")
+    try:
+        bufs._run()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                bufs._run()
+            torch.cuda.synchronize()
+    finally:
+        for s, fn in zip(program.steps, plain):
+            s.fn = fn
+    per_node: dict[str, float] = defaultdict(float)
+    kernels = 0
+    for ev in prof.events():  # host-side ranges carry their kernels' device time; count kernels on the device
+        if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("step:"):
+            per_node[ev.name[5:]] += ev.device_time_total / steps
+        elif ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith("step:"):
+            kernels += 1
+    return per_node, kernels // steps
+
+
+def profile(a, model, exe, graphed, batch: int) -> None:
+    """Time the replay of one batch size's graph and charge kernel time to nodes; print and write JSON."""
+    inputs = random_inputs(exe.graph, {"B": batch, "S": 1, "T": a.context}, 0, model.config.vocab_size, "cuda")
+    with torch.no_grad():
+        graphed(inputs, a.context)
+        bufs = graphed.buffers[batch]
+        times = replay_us(bufs.graph, a.replays)
+        per_node, kernels = node_times(bufs, graphed.program, a.steps)
+    replay = statistics.median(times)
+    by_op = defaultdict(float)
+    for label, us in per_node.items():
+        by_op[label.split(" -> ")[0]] += us
+    busy = sum(per_node.values())
+    print(f"{a.model} decode B={batch} T={a.context} {a.dtype}: replay {replay:.1f} us median "
+          f"({len(times)} replays), kernels {busy:.1f} us in {kernels} launches, gaps {replay - busy:.1f} us")
+    print(f"{'op':<32} {'us/step':>9} {'%':>6}")
+    for op, us in sorted(by_op.items(), key=lambda kv: -kv[1]):
+        print(f"{op:<32} {us:9.1f} {100 * us / replay:6.1f}")
+    print("\nslowest nodes:")
+    for label, us in sorted(per_node.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"  {us:8.1f} us  {label}")
+    out = Path(os.environ.get("OUT", "."))
+    (out / f"profile-decode-{a.model}-b{batch}.json").write_text(json.dumps({
+        "model": a.model, "batch": batch, "context": a.context, "dtype": a.dtype,
+        "gpu": torch.cuda.get_device_name(), "commit": os.environ.get("DSGRAPH_GIT_COMMIT"),
+        "replay_us": times, "kernel_us": busy, "kernels_per_step": kernels,
+        "by_op_us": by_op, "by_node_us": per_node}, indent=1))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", default="deepseek-v2-lite")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--replays", type=int, default=50)
+    p.add_argument("--steps", type=int, default=5, help="profiled runs of the step")
+    a = p.parse_args(argv)
+    model = dsgraph.load(a.model)
+    exe = dsgraph.compile(model, backend="triton", device="cuda", dtype=a.dtype)
+    graphed = exe.compiled.decode_step
+    if graphed is None:
+        raise SystemExit(f"{a.model}: no decode CUDA graphs ({exe.compiled.report.notes})")
+    for batch in (int(b) for b in a.batch.split(",")):
+        profile(a, model, exe, graphed, batch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
