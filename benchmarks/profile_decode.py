@@ -3,9 +3,10 @@
     python benchmarks/profile_decode.py deepseek-v2-lite --batch 1,64 --context 4096     # JSON + table to $OUT
 
 The CUDA graph replays the static-capacity program (`backends/triton/decode_graphs.py`). This script times the
-replay with CUDA events, then runs the same program once more under torch.profiler with one range per lowered
-step, so every kernel's device time is charged to the graph node it implements. The table groups that time by
-op; "gaps" is replay time minus the sum of kernel time: what launch latency and tails cost inside the graph.
+replay with CUDA events, then runs the same program under torch.profiler: one table sums device time by kernel
+name, another charges the kernels torch launches (cuBLAS, copies, cat) to the graph node of their step (Triton's
+launches are not correlated with host ranges). "gaps" is replay time minus the sum of kernel time: what launch
+latency and tails cost inside the graph.
 """
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ def replay_us(graph: torch.cuda.CUDAGraph, n: int) -> list[float]:
     return times
 
 
-def node_times(bufs, program, steps: int) -> tuple[dict, int]:
-    """{step label: device µs per decode step}, kernels per step, from `steps` profiled runs."""
+def node_times(bufs, program, steps: int) -> tuple[dict, dict]:
+    """{step label: device µs per decode step} for kernels launched through torch (a Triton kernel's launch is
+    not correlated with its host range), and {kernel name: [launches, device µs] per step} for every kernel,
+    from `steps` profiled runs."""
     plain = [s.fn for s in program.steps]
     for s in program.steps:
         s.fn = _ranged(s.fn, f"step:{s.label}")
@@ -61,13 +64,14 @@ def node_times(bufs, program, steps: int) -> tuple[dict, int]:
         for s, fn in zip(program.steps, plain):
             s.fn = fn
     per_node: dict[str, float] = defaultdict(float)
-    kernels = 0
+    kernels: dict[str, list] = defaultdict(lambda: [0.0, 0.0])
     for ev in prof.events():  # host-side ranges carry their kernels' device time; count kernels on the device
         if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith("step:"):
             per_node[ev.name[5:]] += ev.device_time_total / steps
         elif ev.device_type == torch.autograd.DeviceType.CUDA and not ev.name.startswith("step:"):
-            kernels += 1
-    return per_node, kernels // steps
+            kernels[ev.name][0] += 1 / steps
+            kernels[ev.name][1] += ev.time_range.elapsed_us() / steps
+    return per_node, kernels
 
 
 def profile(a, model, exe, graphed, batch: int) -> None:
@@ -82,20 +86,24 @@ def profile(a, model, exe, graphed, batch: int) -> None:
     by_op = defaultdict(float)
     for label, us in per_node.items():
         by_op[label.split(" -> ")[0]] += us
-    busy = sum(per_node.values())
+    busy = sum(us for _, us in kernels.values())
+    launches = sum(n for n, _ in kernels.values())
     print(f"{a.model} decode B={batch} T={a.context} {a.dtype}: replay {replay:.1f} us median "
-          f"({len(times)} replays), kernels {busy:.1f} us in {kernels} launches, gaps {replay - busy:.1f} us")
-    print(f"{'op':<32} {'us/step':>9} {'%':>6}")
+          f"({len(times)} replays), kernels {busy:.1f} us in {launches:.0f} launches, gaps {replay - busy:.1f} us")
+    print(f"{'kernel':<60} {'launches':>8} {'us/step':>9} {'%':>6}")
+    for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name[:60]:<60} {n:8.0f} {us:9.1f} {100 * us / replay:6.1f}")
+    print(f"\ntorch-launched kernels by op\n{'op':<32} {'us/step':>9} {'%':>6}")
     for op, us in sorted(by_op.items(), key=lambda kv: -kv[1]):
         print(f"{op:<32} {us:9.1f} {100 * us / replay:6.1f}")
-    print("\nslowest nodes:")
-    for label, us in sorted(per_node.items(), key=lambda kv: -kv[1])[:25]:
+    print("\nslowest torch-launched nodes:")
+    for label, us in sorted(per_node.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {us:8.1f} us  {label}")
     out = Path(os.environ.get("OUT", "."))
     (out / f"profile-decode-{a.model}-b{batch}.json").write_text(json.dumps({
         "model": a.model, "batch": batch, "context": a.context, "dtype": a.dtype,
         "gpu": torch.cuda.get_device_name(), "commit": os.environ.get("DSGRAPH_GIT_COMMIT"),
-        "replay_us": times, "kernel_us": busy, "kernels_per_step": kernels,
+        "replay_us": times, "kernel_us": busy, "launches_per_step": launches, "by_kernel": kernels,
         "by_op_us": by_op, "by_node_us": per_node}, indent=1))
 
 
