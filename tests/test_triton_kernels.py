@@ -63,6 +63,17 @@ def test_route_matches_reference(case, n, e):
     assert rel_err(w2, rw2) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,e,d", [(1, 13, 1100), (5, 64, 2048)])
+def test_router_logits_match_fp32_gemm(n, e, d, dtype):
+    """The decode router GEMV: ragged expert blocks and a hidden size past one chunk, fp32 accumulation."""
+    g = torch.Generator().manual_seed(n + e)
+    x, w = torch.randn(n, d, generator=g).to(DEV, dtype), torch.randn(e, d, generator=g).to(DEV, dtype)
+    out = routing.router_logits(x, w)
+    assert out.dtype == torch.float32 and out.shape == (n, e)
+    assert rel_err(out, x.float() @ w.float().t()) < 1e-5
+
+
 def test_route_rejects_bad_top_k():
     with pytest.raises(ShapeError, match="top_k"):
         routing.route(torch.randn(2, 4, device=DEV), top_k=5)
@@ -145,6 +156,19 @@ def test_align_kernel_matches_torch_align(rows, e, block_m, monkeypatch):
     row_ids, block_expert = moe.align_rows(ids, e, block_m)
     want_rows, want_tiles = moe.align(ids, torch.bincount(ids, minlength=e), rows, block_m)
     assert torch.equal(row_ids.cpu(), want_rows.cpu()) and torch.equal(block_expert.cpu(), want_tiles.cpu())
+
+
+@pytest.mark.parametrize("ids", [[4, 0, 2], [1, 3, 1]], ids=["distinct", "repeated"])
+def test_one_token_moe_takes_a_tile_per_slot(ids, monkeypatch):
+    """One token's slots each get their own tile, with no alignment launched; a repeated expert stays exact."""
+    monkeypatch.setattr(moe, "align_rows", lambda *a: pytest.fail("one token needs no alignment"))
+    g = torch.Generator().manual_seed(5)
+    e, h, inter = 5, 24, 20
+    x = torch.randn(1, h, generator=g).to(DEV)
+    ws, gate_up, down = _experts(e, h, inter, torch.float32, g)
+    w, idx = torch.rand(1, 3, generator=g).to(DEV), torch.tensor([ids]).to(DEV)
+    out = moe.fused_moe(x, w, idx, gate_up, down)
+    assert rel_err(out, ref("moe.experts", x, w, idx, *ws, num_experts=e)) < TOL[torch.float32]
 
 
 def test_fused_moe_rejects_mismatched_weights():

@@ -4,13 +4,14 @@ routing weight fused, then an un-permute that sums each token's k rows.
 Why this shape (vLLM's fused_moe, DeepSeek's naive loop as the reference): every token copy (token t, slot j) is a
 row of expert ids[t, j]'s GEMM. The copies are sorted by expert and each expert's run padded to a multiple of
 BLOCK_M, entirely on the device (no host sync, so it works under CUDA graphs): one M tile of a GEMM then belongs to
-one expert. For decode and short prompts (rows x experts <= ALIGN_KERNEL_WORK) one program does it (`_align_kernel`:
-one launch instead of ~15 small torch ops, which were most of a decode step's MoE time; H100, V2-Lite, 64 tokens: 11
-us); above, its one-hot passes grow with rows x experts and `align` sorts with torch. Tiles past the real ones see
-expert -1 and exit. The gate|up GEMM reads x rows straight through the sorted slot ids (x_perm is never
-materialised) and writes silu(gate) * up for the padded rows; the down GEMM multiplies by the slot's routing weight
-and writes fp32 rows per slot; `_reduce_kernel` sums the k slots of each token in fp32 and casts once, as the
-reference accumulates.
+one expert. A single token needs none of that: its k slots name k experts, so each slot is a tile of its own
+(`one_token_tiles`, no kernel). For decode batches and short prompts (rows x experts <= ALIGN_KERNEL_WORK) one
+program aligns (`_align_kernel`: one launch instead of ~15 small torch ops, which were most of a decode step's MoE
+time; H100, V2-Lite, 64 tokens: 11 us); above, its one-hot passes grow with rows x experts and `align` sorts
+with torch. Tiles past the real ones see expert -1 and exit. The gate|up GEMM reads x rows straight through the
+sorted slot ids (x_perm is never materialised) and writes silu(gate) * up for the padded rows; the down GEMM
+multiplies by the slot's routing weight and writes fp32 rows per slot; `_reduce_kernel` sums the k slots of each
+token in fp32 and casts once, as the reference accumulates.
 
 Weights are stacked per expert: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
 """
@@ -96,6 +97,24 @@ def align(expert_of_row: torch.Tensor | None, counts: torch.Tensor, num_rows: in
     block_expert = torch.searchsorted(ends, tile_start, right=True)
     block_expert = torch.where(block_expert < e, block_expert, -1)
     return row_ids, block_expert
+
+
+_ONE_TOKEN_ROWS: dict[tuple, torch.Tensor] = {}
+
+
+def one_token_tiles(expert_of_row: torch.Tensor, block_m: int):
+    """`align`'s result for one token's k rows, laid out one row per tile (row j at position j * block_m, the
+    rest padding; tile j belongs to expert_of_row[j]): top-k experts are distinct, so the weights are read once
+    each, as after sorting, and the layout is a constant (H100, V2-Lite decode: the align launch took 5.7 us of
+    the ~150 us of a layer). Repeated experts stay correct, only read twice."""
+    m = expert_of_row.numel()
+    key = (m, block_m, expert_of_row.device)
+    row_ids = _ONE_TOKEN_ROWS.get(key)
+    if row_ids is None:
+        row_ids = torch.full((m, block_m), m, dtype=torch.int64, device=expert_of_row.device)
+        row_ids[:, 0] = torch.arange(m, device=expert_of_row.device)
+        row_ids = _ONE_TOKEN_ROWS[key] = row_ids.reshape(-1)
+    return row_ids, expert_of_row
 
 
 def align_rows(expert_of_row: torch.Tensor, num_experts: int, block_m: int):
@@ -280,7 +299,8 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
                          f"{down_cfg.block_m}")
     block_m = up_cfg.block_m if up_cfg is not None else moe_block_m(m, e)
     flat_w = weights.reshape(-1).float().contiguous()
-    row_ids, block_expert = align_rows(ids.reshape(-1), e, block_m)
+    flat_ids = ids.reshape(-1)
+    row_ids, block_expert = one_token_tiles(flat_ids, block_m) if n == 1 else align_rows(flat_ids, e, block_m)
     act = torch.empty((row_ids.numel(), inter), dtype=x.dtype, device=x.device)
     y = torch.empty((m, h), dtype=torch.float32, device=x.device)
 

@@ -6,7 +6,9 @@ experts (gates come from the unbiased scores); group_limited (group score = max)
 sum of the group's top-2 biased scores) keeps the best `topk_group` groups and masks the rest with -inf; the
 top-k is taken by k rounds of argmax (ties go to the lower expert id), renormalised (+1e-20) and scaled.
 `moe.gate` also computes the router logits x @ W^T in fp32 inside the same program (W rows streamed in
-BLOCK_D chunks), so decode needs no separate router GEMM launch.
+BLOCK_D chunks), so decode needs no separate router GEMM launch. That suits the interpreter; on a GPU one program
+streaming all of W is slow (H100, V2-Lite: ~12 us), so decode there computes the logits with `router_logits`, whose
+programs each take a few experts' rows, and prefill with cuBLAS.
 """
 from __future__ import annotations
 
@@ -84,6 +86,43 @@ def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr
     gates = gates * SCALE
     tl.store(w_out_ptr + tok * TOP_K + slot, gates, mask=slot < TOP_K)
     tl.store(id_out_ptr + tok * TOP_K + slot, ids, mask=slot < TOP_K)
+
+
+@triton.jit
+def _logits_kernel(x_ptr, w_ptr, out_ptr, E, D, stride_x, stride_w, stride_o,
+                   BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t, e] = sum_d x[t, d] * w[e, d] in fp32 for BLOCK_E experts of one token."""
+    tok = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        xv = tl.load(x_ptr + tok * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None] * stride_w + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += wv.to(tl.float32) * xv[None, :]
+    tl.store(out_ptr + tok * stride_o + e, tl.sum(acc, 1), mask=e_ok)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, D] @ weight [E, D]^T in fp32 (the `moe.gate` reference's precision), for few tokens: programs of
+    4 experts x one token, each streaming its rows of the router weight once."""
+    check_device("router logits", x)
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ShapeError(f"router logits: x [N, D] and weight [E, D]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    n, d = x.shape
+    e = weight.shape[0]
+    out = torch.empty((n, e), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    block_e = 4
+    _logits_kernel[(n, triton.cdiv(e, block_e))](
+        x, weight, out, e, d, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_E=block_e, BLOCK_D=min(1024, triton.next_power_of_2(d)), num_warps=4)
+    return out
 
 
 def _check_route(e, bias, top_k, method, n_group, topk_group):

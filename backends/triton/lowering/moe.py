@@ -22,22 +22,32 @@ def _route(node, ctx):
                    "routing._route_kernel", f"{kw['scoring']}, {kw['method']}, top-{kw['top_k']}")
 
 
+ROUTER_KERNEL_TOKENS = 16  # up to this many tokens the router logits come from `routing.router_logits`
+
+
 @lowering("moe.gate")
 def _gate(node, ctx):
-    """On GPUs the router GEMM goes to cuBLAS in fp32 (the reference's precision; a GEMV over E x D is what
-    cuBLAS is for) and the routing kernel takes the logits. The one-kernel form, which streams the router weight
-    once per token in a single program, is kept for the interpreter, where launches are what costs."""
+    """On GPUs the router GEMM runs in fp32 (the reference's precision) apart from the routing kernel: for decode
+    (<= ROUTER_KERNEL_TOKENS tokens) in `router_logits`, whose programs split the experts (H100, V2-Lite, one
+    token: the cast + cuBLAS GEMV + reduce took 6.6 us), for prefill in cuBLAS. The one-kernel form, which
+    streams the router weight once per token in a single program, is kept for the interpreter, where launches are
+    what costs."""
     kw = _route_kwargs(node)
     bias = lambda a: a[2] if len(a) > 2 else None  # noqa: E731
     w = node.inputs[1]
+    how = f"{kw['scoring']}, {kw['method']}, top-{kw['top_k']}"
     if ctx.interpreting or not ctx.is_const(w):
         return Lowered(lambda a, sym: list(routing.route(None, bias(a), x=a[0], gate_weight=a[1], **kw)),
-                       "template", "routing._route_kernel (router GEMM fused)",
-                       f"{kw['scoring']}, {kw['method']}, top-{kw['top_k']}")
-    w32_t = ctx.const(w).float().t()
-    return Lowered(lambda a, sym: list(routing.route(torch.mm(a[0].float(), w32_t), bias(a), **kw)), "template",
-                   "torch.mm (cuBLAS, fp32 router GEMM) + routing._route_kernel",
-                   f"{kw['scoring']}, {kw['method']}, top-{kw['top_k']}")
+                       "template", "routing._route_kernel (router GEMM fused)", how)
+    weight = ctx.const(w)
+    w32_t = weight.float().t()
+
+    def run(a, sym):
+        x = a[0]
+        logits = routing.router_logits(x, weight) if x.shape[0] <= ROUTER_KERNEL_TOKENS else torch.mm(x.float(), w32_t)
+        return list(routing.route(logits, bias(a), **kw))
+    return Lowered(run, "template", f"routing._logits_kernel (<= {ROUTER_KERNEL_TOKENS} tokens; else torch.mm, "
+                   "cuBLAS fp32) + routing._route_kernel", how)
 
 
 def _dtype_ok(ctx, dtype: str):
