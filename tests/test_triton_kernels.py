@@ -66,12 +66,19 @@ def test_route_matches_reference(case, n, e):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,e,d", [(1, 13, 1100), (5, 64, 2048)])
 def test_router_logits_match_fp32_gemm(n, e, d, dtype):
-    """The decode router GEMV: ragged expert blocks and a hidden size past one chunk, fp32 accumulation."""
+    """The decode router GEMV (partial sums over slices of D, fp32): ragged expert blocks and a ragged last
+    slice; routing from the partials picks what routing from the summed logits picks."""
     g = torch.Generator().manual_seed(n + e)
-    x, w = torch.randn(n, d, generator=g).to(DEV, dtype), torch.randn(e, d, generator=g).to(DEV, dtype)
-    out = routing.router_logits(x, w)
-    assert out.dtype == torch.float32 and out.shape == (n, e)
-    assert rel_err(out, x.float() @ w.float().t()) < 1e-5
+    x = torch.randn(n, d, generator=g).to(DEV, dtype)
+    w = (torch.randn(e, d, generator=g) / d ** 0.5).to(DEV, dtype)  # unsaturated scores: no ties among them
+    parts = routing.router_logits(x, w)
+    assert parts.dtype == torch.float32 and parts.shape == (n, -(-d // 256), e)
+    logits = x.float() @ w.float().t()
+    assert rel_err(parts.sum(1), logits) < 1e-5
+    attrs = {**ROUTE_DEFAULTS, "top_k": 4, "scoring": "sigmoid", "norm_topk_prob": True}
+    w_got, ids_got = routing.route(parts, **attrs)
+    w_ref, ids_ref = ref("moe.route", logits, None, **attrs)
+    assert torch.equal(ids_got, ids_ref) and rel_err(w_got, w_ref) < 1e-5
 
 
 def test_route_rejects_bad_top_k():
@@ -183,6 +190,26 @@ def test_bf16_dots_refused_on_the_interpreter():
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     with pytest.raises(InputError, match="bfloat16"):
         moe.grouped_gemm(x, torch.randn(1, 4, 8, dtype=torch.bfloat16), torch.tensor([0, 2]))
+
+
+@gpu
+@needs_cuda
+def test_fused_moe_sort_path_captures_in_a_cuda_graph(monkeypatch):
+    """The torch alignment (taken past ALIGN_KERNEL_WORK) never waits for the device, so decode steps of large
+    batches still capture."""
+    monkeypatch.setattr(moe, "ALIGN_KERNEL_WORK", 0)
+    g = torch.Generator().manual_seed(9)
+    n, h, inter, e, k = 48, 256, 128, 16, 4
+    x = torch.randn(n, h, generator=g).to(DEV, torch.bfloat16)
+    ws, gate_up, down = _experts(e, h, inter, torch.bfloat16, g)
+    w, ids = _routing(n, e, k, g)
+    moe.fused_moe(x, w, ids, gate_up, down)  # tunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe.fused_moe(x, w, ids, gate_up, down)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, ref("moe.experts", x, w, ids, *ws, num_experts=e)) < 2e-2
 
 
 @gpu

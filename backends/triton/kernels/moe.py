@@ -99,6 +99,13 @@ def align(expert_of_row: torch.Tensor | None, counts: torch.Tensor, num_rows: in
     return row_ids, block_expert
 
 
+def expert_counts(expert_of_row: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert [E] int64. Unlike torch.bincount, which sizes its output from the largest id (a wait for
+    the device), this never syncs, so a CUDA graph can capture it."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_of_row.device)
+    return counts.scatter_add_(0, expert_of_row, torch.ones_like(expert_of_row))
+
+
 _ONE_TOKEN_ROWS: dict[tuple, torch.Tensor] = {}
 
 
@@ -118,12 +125,12 @@ def one_token_tiles(expert_of_row: torch.Tensor, block_m: int):
 
 
 def align_rows(expert_of_row: torch.Tensor, num_experts: int, block_m: int):
-    """`align(expert_of_row, bincount(expert_of_row), R, block_m)`, in one launch of `_align_kernel` when
+    """`align(expert_of_row, expert_counts(expert_of_row), R, block_m)`, in one launch of `_align_kernel` when
     R x experts <= ALIGN_KERNEL_WORK (same sorted order: stable, by expert)."""
     num_rows = expert_of_row.numel()
     block_e = max(16, triton.next_power_of_2(num_experts))
     if num_rows * block_e > ALIGN_KERNEL_WORK:
-        return align(expert_of_row, torch.bincount(expert_of_row, minlength=num_experts), num_rows, block_m)
+        return align(expert_of_row, expert_counts(expert_of_row, num_experts), num_rows, block_m)
     dev = expert_of_row.device
     cap = triton.cdiv(num_rows + num_experts * (block_m - 1), block_m) * block_m
     row_ids = torch.empty(cap, dtype=torch.int64, device=dev)

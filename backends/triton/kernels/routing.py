@@ -25,7 +25,7 @@ _METHODS = {"greedy": 0, "group_limited": 1, "noaux_tc": 2}
 
 @triton.jit
 def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr,
-                  stride_l, stride_x, stride_gw, D,
+                  stride_l, stride_x, stride_gw, D, PARTS: tl.constexpr,
                   E: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_S: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
                   SIGMOID: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
@@ -45,7 +45,9 @@ def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr
                          mask=valid[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
             logit += tl.sum(wv * xv[None, None, :], axis=2)
     else:
-        logit = tl.load(logits_ptr + tok * stride_l + expert, mask=valid, other=0.0).to(tl.float32)
+        logit = tl.zeros((BLOCK_G, BLOCK_S), dtype=tl.float32)
+        for p in tl.static_range(PARTS):  # partial sums of the logits (router_logits), else PARTS == 1
+            logit += tl.load(logits_ptr + tok * stride_l + p * E + expert, mask=valid, other=0.0).to(tl.float32)
     if SIGMOID:
         score = tl.sigmoid(logit)
     else:
@@ -89,39 +91,38 @@ def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr
 
 
 @triton.jit
-def _logits_kernel(x_ptr, w_ptr, out_ptr, E, D, stride_x, stride_w, stride_o,
+def _logits_kernel(x_ptr, w_ptr, out_ptr, E, D, stride_x, stride_w,
                    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t, e] = sum_d x[t, d] * w[e, d] in fp32 for BLOCK_E experts of one token."""
+    """out[t, p, e] = sum over the p-th BLOCK_D slice of d of x[t, d] * w[e, d], fp32, for BLOCK_E experts."""
     tok = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        xv = tl.load(x_ptr + tok * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)
-        wv = tl.load(w_ptr + e[:, None] * stride_w + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += wv.to(tl.float32) * xv[None, :]
-    tl.store(out_ptr + tok * stride_o + e, tl.sum(acc, 1), mask=e_ok)
+    part = tl.program_id(2)
+    d = part * BLOCK_D + tl.arange(0, BLOCK_D)
+    e_ok, d_ok = e < E, d < D
+    xv = tl.load(x_ptr + tok * stride_x + d, mask=d_ok, other=0.0).to(tl.float32)
+    wv = tl.load(w_ptr + e[:, None] * stride_w + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+    partial = tl.sum(wv.to(tl.float32) * xv[None, :], 1)
+    tl.store(out_ptr + (tok * tl.num_programs(2) + part) * E + e, partial, mask=e_ok)
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [N, D] @ weight [E, D]^T in fp32 (the `moe.gate` reference's precision), for few tokens: programs of
-    4 experts x one token, each streaming its rows of the router weight once."""
+def router_logits(x: torch.Tensor, weight: torch.Tensor, block_d: int = 256) -> torch.Tensor:
+    """Partial router logits [N, P, E] (fp32, the `moe.gate` reference's precision) whose sum over P is
+    x [N, D] @ weight [E, D]^T: one program per token x 16 experts x `block_d` slice of D, so even one token's
+    GEMV spreads over many SMs; `route` sums the P partials as it loads them (no extra launch)."""
     check_device("router logits", x)
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ShapeError(f"router logits: x [N, D] and weight [E, D]; got {tuple(x.shape)}, {tuple(weight.shape)}")
     n, d = x.shape
     e = weight.shape[0]
-    out = torch.empty((n, e), dtype=torch.float32, device=x.device)
+    block_e = 16
+    parts = triton.cdiv(d, block_d)
+    out = torch.empty((n, parts, e), dtype=torch.float32, device=x.device)
     if n == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    block_e = 4
-    _logits_kernel[(n, triton.cdiv(e, block_e))](
-        x, weight, out, e, d, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_E=block_e, BLOCK_D=min(1024, triton.next_power_of_2(d)), num_warps=4)
+    _logits_kernel[(n, triton.cdiv(e, block_e), parts)](
+        x, weight, out, e, d, x.stride(0), weight.stride(0), BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -139,17 +140,20 @@ def _check_route(e, bias, top_k, method, n_group, topk_group):
 def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_k: int, scoring: str = "softmax",
           method: str = "greedy", n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = False,
           routed_scaling_factor: float = 1.0, x: torch.Tensor | None = None, gate_weight: torch.Tensor | None = None):
-    """(gate weights [N, k] fp32, expert ids [N, k] int64) from logits [N, E], or from x [N, D] and the router
-    weight [E, D] when `logits` is None (moe.gate)."""
+    """(gate weights [N, k] fp32, expert ids [N, k] int64) from logits [N, E] (or their partial sums [N, P, E],
+    as `router_logits` gives them), or from x [N, D] and the router weight [E, D] when `logits` is None
+    (moe.gate)."""
     fused = logits is None
     src = x if fused else logits
     check_device("moe route", src)
-    if src.dim() != 2:
-        raise ShapeError(f"moe route: {'x' if fused else 'logits'} must be 2-D, got {tuple(src.shape)}")
+    partial = not fused and logits.dim() == 3
+    if src.dim() != 2 and not partial:
+        raise ShapeError(f"moe route: {'x' if fused else 'logits'} must be [N, E] or [N, P, E], got "
+                         f"{tuple(src.shape)}")
     if fused and (gate_weight is None or gate_weight.dim() != 2 or gate_weight.shape[1] != x.shape[1]):
         raise ShapeError(f"moe gate: weight must be [E, {x.shape[1]}], got "
                          f"{None if gate_weight is None else tuple(gate_weight.shape)}")
-    e = gate_weight.shape[0] if fused else logits.shape[1]
+    e = gate_weight.shape[0] if fused else logits.shape[-1]
     _check_route(e, bias, top_k, method, n_group, topk_group)
     ng = n_group if method != "greedy" else 1
     n = src.shape[0]
@@ -161,7 +165,7 @@ def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_
         x = x if x.stride(-1) == 1 else x.contiguous()
         gate_weight = gate_weight.contiguous()
     else:
-        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        logits = logits.contiguous() if partial or logits.stride(-1) != 1 else logits
     gs = e // ng
     block_d = 0
     if fused:
@@ -171,7 +175,7 @@ def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_
         logits if not fused else dummy, x if fused else dummy, gate_weight if fused else dummy,
         bias if bias is not None else dummy, weights, ids,
         logits.stride(0) if not fused else 0, x.stride(0) if fused else 0,
-        gate_weight.stride(0) if fused else 0, x.shape[1] if fused else 0,
+        gate_weight.stride(0) if fused else 0, x.shape[1] if fused else 0, PARTS=logits.shape[1] if partial else 1,
         E=e, NG=ng, GS=gs, BLOCK_G=triton.next_power_of_2(ng), BLOCK_S=triton.next_power_of_2(gs), TOP_K=top_k,
         BLOCK_K=triton.next_power_of_2(top_k), TOPK_GROUP=topk_group if method != "greedy" else 1,
         SIGMOID=scoring == "sigmoid", METHOD=_METHODS[method], HAS_BIAS=bias is not None,

@@ -113,9 +113,9 @@ def _permute(node, ctx):
         k = ids.shape[1]
         order = torch.argsort(ids.reshape(-1), stable=True)
         offsets = torch.zeros(e + 1, dtype=torch.int64, device=x.device)
-        offsets[1:] = torch.cumsum(torch.bincount(ids.reshape(-1), minlength=e), 0)
+        offsets[1:] = torch.cumsum(moe_k.expert_counts(ids.reshape(-1), e), 0)
         return [x[order // k], order, offsets]
-    return Lowered(run, "library", "torch.argsort + bincount + index (chain not fusable)")
+    return Lowered(run, "library", "torch.argsort + scatter_add count + index (chain not fusable)")
 
 
 @lowering("moe.grouped_gemm")
