@@ -93,7 +93,7 @@ def breakdown(x, w, ids, gate_up, down, sweep_tiles: bool) -> dict:
     out = torch.empty_like(x)
     res = {"block_m": bm, "gate_up_config": up_cfg.__dict__, "down_config": down_cfg.__dict__,
            "align_kernel_graph_us": bench_graph(lambda: moe.align_rows(flat, e, bm)),
-           "align_torch_graph_us": bench_graph(lambda: moe.align(flat, torch.bincount(flat, minlength=e), m, bm)),
+           "align_torch_graph_us": bench_graph(lambda: moe.align(flat, moe.expert_counts(flat, e), m, bm)),
            "gate_up_graph_us": bench_graph(lambda: gemm_up(up_cfg)),
            "down_graph_us": bench_graph(lambda: gemm_down(down_cfg)),
            "reduce_graph_us": bench_graph(lambda: moe._reduce(y, None, None, out, k))}

@@ -52,14 +52,16 @@ def node_times(bufs, program, steps: int) -> tuple[dict, dict]:
     plain = [s.fn for s in program.steps]
     for s in program.steps:
         s.fn = _ranged(s.fn, f"step:{s.label}")
+    on_cuda = program.device.type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * on_cuda
     try:
         bufs._run()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+        sync()
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(steps):
                 bufs._run()
-            torch.cuda.synchronize()
+            sync()
     finally:
         for s, fn in zip(program.steps, plain):
             s.fn = fn

@@ -28,3 +28,23 @@ def test_mtp_speedup_controls_acceptance(tmp_path):
 def test_pipeline_time_runs_every_default_pass():
     out = run("benchmarks/pipeline_time.py", "deepseek-v3-tiny", "--backend", "triton")
     assert "absorb_mla=" in out and "group_moe=" in out
+
+
+def test_profile_decode_charges_every_step_and_restores_the_program():
+    """The GPU profiler script's plumbing, on the CPU: one range per lowered step, the program left as it was."""
+    import torch
+
+    import dsgraph
+    from backends.triton.decode_graphs import DecodeGraphs
+    from benchmarks.profile_decode import node_times
+    from dsgraph.bench.workloads import random_inputs
+    model = dsgraph.load("deepseek-v2-lite-tiny")
+    exe = dsgraph.compile(model, backend="triton", device="cpu")
+    graphed = DecodeGraphs(exe.compiled._run, dict(exe.graph.cache_map), None, capture=False)
+    graphed(random_inputs(exe.graph, {"B": 1, "S": 1, "T": 5}, 0, model.config.vocab_size), 5)
+    program = graphed.program
+    fns = [s.fn for s in program.steps]
+    with torch.no_grad():
+        per_node, kernels = node_times(graphed.buffers[1], program, steps=1)
+    assert set(per_node) == {s.label for s in program.steps}
+    assert [s.fn for s in program.steps] == fns and not kernels  # no device kernels on the CPU

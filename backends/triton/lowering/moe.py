@@ -29,7 +29,7 @@ ROUTER_KERNEL_TOKENS = 16  # up to this many tokens the router logits come from 
 def _gate(node, ctx):
     """On GPUs the router GEMM runs in fp32 (the reference's precision) apart from the routing kernel: for decode
     (<= ROUTER_KERNEL_TOKENS tokens) in `router_logits`, whose programs split the experts (H100, V2-Lite, one
-    token: the cast + cuBLAS GEMV + reduce took 6.6 us), for prefill in cuBLAS. The one-kernel form, which
+    token: the cast + cuBLAS GEMV + reduce took 6.7 us), for prefill in cuBLAS. The one-kernel form, which
     streams the router weight once per token in a single program, is kept for the interpreter, where launches are
     what costs."""
     kw = _route_kwargs(node)
