@@ -7,8 +7,9 @@ sum of the group's top-2 biased scores) keeps the best `topk_group` groups and m
 top-k is taken by k rounds of argmax (ties go to the lower expert id), renormalised (+1e-20) and scaled.
 `moe.gate` also computes the router logits x @ W^T in fp32 inside the same program (W rows streamed in
 BLOCK_D chunks), so decode needs no separate router GEMM launch. That suits the interpreter; on a GPU one program
-streaming all of W is slow (H100, V2-Lite: ~12 us), so decode there computes the logits with `router_logits`, whose
-programs each take a few experts' rows, and prefill with cuBLAS.
+per token would stream all of W through one SM, so decode there computes the logits with `router_logits` (partial
+sums over slices of D, spread over many programs, added up by `_route_kernel` as it loads them), and prefill with
+cuBLAS.
 """
 from __future__ import annotations
 
