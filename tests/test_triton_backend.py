@@ -101,10 +101,10 @@ def test_inputs_are_checked_like_the_interpreter():
 
 
 @pytest.mark.parametrize("preset", models.TINY_PRESETS)
-def test_tiny_preset_matches_eager(preset):
+def test_tiny_preset_matches_eager(preset, **options):
     """Prefill logits and the greedy token of one decode step, through dsgraph.compile's Executable."""
     model = dsgraph.load(preset)
-    exe = dsgraph.compile(model, backend="triton", device=DEV)
+    exe = dsgraph.compile(model, backend="triton", device=DEV, **options)
     eager = dsgraph.compile(model, backend="eager", device="cpu")
     assert not exe.compiled.report.fallbacks, str(exe.compiled.report)
     ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))
@@ -117,6 +117,15 @@ def test_tiny_preset_matches_eager(preset):
     ref_step, _ = eager.decode(tok, ref_state)
     assert rel_err(step, ref_step) < 1e-5
     assert torch.equal(step[:, -1].argmax(-1).cpu(), ref_step[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-llm-tiny"])
+def test_gemv_template_runs_the_few_row_projections(preset):
+    """With option gemv (the CUDA default) every dense projection of a 4-token prefill and of a decode step takes
+    the GEMV template, and the model still matches eager."""
+    test_tiny_preset_matches_eager(preset, gemv=True)
+    report = str(dsgraph.compile(dsgraph.load(preset), backend="triton", device=DEV, gemv=True).compiled.report)
+    assert "gemv._gemv_kernel" in report and "library    torch.nn.functional.linear" not in report
 
 
 # ---------------------------------------------------------------------------------------------------- GPU, bf16

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from backends.triton import autotune  # noqa: E402
-from backends.triton.kernels import fp8_gemm, moe, routing  # noqa: E402
+from backends.triton.kernels import fp8_gemm, gemv, moe, routing  # noqa: E402
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.ops.mlp import dequant_fp8_block  # noqa: E402
 from dsgraph.ops.registry import get_op  # noqa: E402
@@ -79,6 +79,19 @@ def test_router_logits_match_fp32_gemm(n, e, d, dtype):
     w_got, ids_got = routing.route(parts, **attrs)
     w_ref, ids_ref = ref("moe.route", logits, None, **attrs)
     assert torch.equal(ids_got, ids_ref) and rel_err(w_got, w_ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,bias", [(1, 37, 300, False), (3, 64, 130, True), (4, 100, 2048, True)])
+def test_gemv_matches_linear(m, n, k, bias, dtype):
+    """Ragged N and K tiles, 1-4 rows, bias; fp32 sums (bf16 within its output rounding)."""
+    g = torch.Generator().manual_seed(m * n)
+    x, w = torch.randn(2, m, k, generator=g).to(DEV, dtype)[0], torch.randn(n, k, generator=g).to(DEV, dtype)
+    b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
+    y = gemv.gemv(x, w, b)
+    ref_y = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, ref_y) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_route_rejects_bad_top_k():

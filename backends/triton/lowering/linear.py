@@ -1,5 +1,6 @@
 """GEMMs: cuBLAS through torch (a recorded `library` choice: it beats a generic Triton GEMM at these shapes),
-the FP8 block GEMM template for FP8 weights, and the composite domain ops built around GEMMs.
+except for decode's few-row GEMVs, which take the `gemv` template on CUDA (option `gemv`); the FP8 block GEMM
+template for FP8 weights, and the composite domain ops built around GEMMs.
 
 `linear(x, [cast](dequant_fp8(w, s)))` with weight-only w, s takes the FP8 template directly, so FP8
 checkpoints run without a dequantised copy even when the `fuse_fp8_linear` pass has not run.
@@ -12,9 +13,22 @@ import torch.nn.functional as F
 from dsgraph.dtypes import to_torch
 
 from ..codegen import rowwise
+from ..kernels.gemv import GEMV_ROWS, gemv
 from .registry import Lowered, lowering
 
 CUBLAS = "torch.nn.functional.linear (cuBLAS on CUDA)"
+GEMV = f"gemv._gemv_kernel (<= {GEMV_ROWS} rows; more: {CUBLAS})"
+
+
+def _dense(ctx):
+    """(linear function, kernel description, kind): the GEMV template for calls with <= GEMV_ROWS rows where
+    option `gemv` is on (default: on CUDA; the interpreter pays per launch, not per byte), else cuBLAS."""
+    if not ctx.options.get("gemv", ctx.device.type == "cuda"):
+        return F.linear, CUBLAS, "library"
+
+    def linear(x, w, b=None):
+        return gemv(x, w, b) if x.numel() <= GEMV_ROWS * x.shape[-1] else F.linear(x, w, b)
+    return linear, GEMV, "template"
 
 
 def _fp8_source(ctx, w):
@@ -35,7 +49,8 @@ def _linear(node, ctx):
         from .fp8 import fp8_linear_step
         return fp8_linear_step(node, ctx, x, *fp8)
     dt = to_torch(node.outputs[0].dtype)
-    return Lowered(lambda a, sym: [F.linear(a[0], a[1], a[2] if len(a) > 2 else None).to(dt)], "library", CUBLAS)
+    dense, how, kind = _dense(ctx)
+    return Lowered(lambda a, sym: [dense(a[0], a[1], a[2] if len(a) > 2 else None).to(dt)], kind, how)
 
 
 @lowering("matmul")
@@ -58,8 +73,9 @@ def _mlp(node, ctx):
     gate_up = torch.cat([ctx.const(g), ctx.const(u)], 0)
     down = ctx.const(d)
     act = ctx.generated(rowwise.swiglu(g.shape[0], x.dtype), node)
-    return Lowered(lambda a, sym: [F.linear(act(F.linear(a[0], gate_up)), down)], "library",
-                   f"{CUBLAS} gate|up + generated {act.name} + down", inputs=(x,))
+    dense, how, kind = _dense(ctx)
+    return Lowered(lambda a, sym: [dense(act(dense(a[0], gate_up)), down)], kind,
+                   f"{how} gate|up + generated {act.name} + down", inputs=(x,))
 
 
 @lowering("mla.latent_proj")
@@ -68,12 +84,13 @@ def _latent(node, ctx):
     x, w, nw = node.inputs
     rank, eps = node.attrs["kv_lora_rank"], node.attrs["eps"]
     rms = ctx.generated(rowwise.rms_norm(rank, x.dtype, eps, residual=False), node)
+    dense, how, kind = _dense(ctx)
 
     def run(a, sym):
-        kv = F.linear(a[0], a[1])
+        kv = dense(a[0], a[1])
         c, k_pe = kv.split([rank, kv.shape[-1] - rank], dim=-1)
         return [rms(c, a[2]), k_pe]
-    return Lowered(run, "library", f"{CUBLAS} + generated {rms.name}")
+    return Lowered(run, kind, f"{how} + generated {rms.name}")
 
 
 @lowering("mla.decompress")

@@ -1,0 +1,84 @@
+"""Decode GEMV: y [M, N] = x [M, K] @ w [N, K]^T (+ bias) for a few rows of x (M <= GEMV_ROWS).
+
+Why: in a one-token decode step the dense projections are bandwidth-bound GEMVs over 1-25 MB weights. On the H100
+cuBLAS's kernels for them ran at about 55 % of the copy bandwidth (V2-Lite decode profile: 1388 us of a 3627 us
+step against a ~560 us floor; `benchmarks/profile_decode.py`). Here each program streams BLOCK_N weight rows once
+for all M rows of x, accumulating in fp32 over BLOCK_K chunks (pipelined loads keep several chunks in flight),
+and BLOCK_N is sized so the grid covers the SMs about twice. No split-K: it would need a zeroed fp32 buffer and a
+second launch, which is what cuBLAS's split-K GEMVs pay for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dsgraph.errors import ShapeError
+
+from .common import check_device
+
+GEMV_ROWS = 4  # rows of x up to which `gemv` is meant to run (beyond, tensor-core GEMMs win)
+TILE_ELEMENTS = 4096  # BLOCK_N x BLOCK_K: an 8 KB bf16 weight tile per pipelined load
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    n_ok, m_ok = n < N, m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemv_config(n: int, k: int, sm_count: int) -> GemvConfig:
+    """BLOCK_N rows per program for about two programs per SM (1..16), BLOCK_K filling a TILE_ELEMENTS tile."""
+    block_n = max(1, min(16, 1 << max(0, (n // (2 * sm_count)).bit_length() - 1)))
+    block_k = max(64, min(TILE_ELEMENTS // block_n, triton.next_power_of_2(k)))
+    return GemvConfig(block_n, block_k)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """`torch.nn.functional.linear(x, weight, bias)` for x [..., K] with few rows, in x's dtype (fp32 sums)."""
+    check_device("gemv", x)
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ShapeError(f"gemv: x [..., K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ShapeError(f"gemv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    lead, (n, k) = x.shape[:-1], weight.shape
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    cfg = config or gemv_config(n, k, sms)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, weight, bias if bias is not None else y, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y.reshape(*lead, n)
