@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
+#   bash benchmarks/run_gpu.sh gemv     # the decode GEMV template against cuBLAS, with a config sweep
 #   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=) where a triton decode step's time goes, per node
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
@@ -40,6 +41,8 @@ v2lite)
         --backends "${BACKENDS:-eager,triton,onnx}" --batch "${BATCH:-1,64}" --context 4096 --repeats 10 \
         $( [ -d .tvmprebuilt ] && echo --prebuilt .tvmprebuilt ) \
         --json "$OUT/v2-lite-model${TAG:-}-h100.json" --plot "$OUT/v2-lite-model${TAG:-}-h100.png" ;;
+gemv)
+    step gemv "${LIMIT:-300}" python benchmarks/gemv_gpu.py ;;
 profile)
     step profile "${LIMIT:-300}" python benchmarks/profile_decode.py "${MODEL:-deepseek-v2-lite}" --batch "${BATCH:-1,64}" ;;
 v2liteops)
@@ -63,5 +66,5 @@ tvm)
     step tvm 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op "${OPS:-mla_decode,moe,decode}" \
         --backends "${BACKENDS:-eager,triton,tvm}" --batch 1,64 --context 4096 --repeats 10 --prebuilt .tvmprebuilt \
         --json "$OUT/v2-lite-tvm-h100.json" --plot "$OUT/v2-lite-tvm-h100.png" ;;
-*) echo "usage: $0 check|attn|mtp|profile|v2lite|v2liteops|v3ops|tvm" >&2; exit 2 ;;
+*) echo "usage: $0 check|attn|mtp|gemv|profile|v2lite|v2liteops|v3ops|tvm" >&2; exit 2 ;;
 esac

@@ -121,8 +121,8 @@ def test_tiny_preset_matches_eager(preset, **options):
 
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-llm-tiny"])
 def test_gemv_template_runs_the_few_row_projections(preset):
-    """With option gemv (the CUDA default) every dense projection of a 4-token prefill and of a decode step takes
-    the GEMV template, and the model still matches eager."""
+    """With option gemv every dense projection of a 4-token prefill and of a decode step takes the GEMV
+    template, and the model still matches eager."""
     test_tiny_preset_matches_eager(preset, gemv=True)
     report = str(dsgraph.compile(dsgraph.load(preset), backend="triton", device=DEV, gemv=True).compiled.report)
     assert "gemv._gemv_kernel" in report and "library    torch.nn.functional.linear" not in report

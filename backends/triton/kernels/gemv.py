@@ -1,11 +1,14 @@
 """Decode GEMV: y [M, N] = x [M, K] @ w [N, K]^T (+ bias) for a few rows of x (M <= GEMV_ROWS).
 
-Why: in a one-token decode step the dense projections are bandwidth-bound GEMVs over 1-25 MB weights. On the H100
+Why: in a one-token decode step the dense projections are bandwidth-bound GEMVs over 2-420 MB weights. On the H100
 cuBLAS's kernels for them ran at about 55 % of the copy bandwidth (V2-Lite decode profile: 1388 us of a 3627 us
-step against a ~560 us floor; `benchmarks/profile_decode.py`). Here each program streams BLOCK_N weight rows once
+step against a ~760 us floor; `benchmarks/profile_decode.py`). Here each program streams BLOCK_N weight rows once
 for all M rows of x, accumulating in fp32 over BLOCK_K chunks (pipelined loads keep several chunks in flight),
 and BLOCK_N is sized so the grid covers the SMs about twice. No split-K: it would need a zeroed fp32 buffer and a
 second launch, which is what cuBLAS's split-K GEMVs pay for.
+
+Status: correct on the interpreter (tests); not yet timed on a GPU, so the triton backend takes it only with option
+`gemv=True`. `benchmarks/gemv_gpu.py` times it against cuBLAS and sweeps its launch configs.
 """
 from __future__ import annotations
 
