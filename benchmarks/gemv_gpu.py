@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,7 +35,7 @@ def us(fn) -> float:
 
 def sweep(n: int, k: int):
     for bn, tile, warps, stages in itertools.product((2, 4, 8, 16), (4096, 8192), (4, 8), (3, 4)):
-        bk = max(64, min(tile // bn, 1 << (k - 1).bit_length()))
+        bk = max(64, min(tile // bn, triton.next_power_of_2(k)))
         yield GemvConfig(bn, bk, warps, stages)
 
 

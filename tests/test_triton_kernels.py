@@ -86,12 +86,17 @@ def test_router_logits_match_fp32_gemm(n, e, d, dtype):
 def test_gemv_matches_linear(m, n, k, bias, dtype):
     """Ragged N and K tiles, 1-4 rows, bias; fp32 sums (bf16 within its output rounding)."""
     g = torch.Generator().manual_seed(m * n)
-    x, w = torch.randn(2, m, k, generator=g).to(DEV, dtype)[0], torch.randn(n, k, generator=g).to(DEV, dtype)
+    x, w = torch.randn(m, k, generator=g).to(DEV, dtype), torch.randn(n, k, generator=g).to(DEV, dtype)
     b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
     y = gemv.gemv(x, w, b)
     ref_y = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, ref_y) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_gemv_refuses_more_rows_than_it_holds():
+    with pytest.raises(ShapeError, match="more than 4 rows"):
+        gemv.gemv(torch.randn(5, 8, device=DEV), torch.randn(3, 8, device=DEV))
 
 
 def test_route_rejects_bad_top_k():
@@ -174,7 +179,9 @@ def test_align_kernel_matches_torch_align(rows, e, block_m, monkeypatch):
     g = torch.Generator().manual_seed(rows + e)
     ids = torch.randint(0, max(1, e - 2), (rows,), generator=g).to(DEV)  # the last experts stay idle
     row_ids, block_expert = moe.align_rows(ids, e, block_m)
-    want_rows, want_tiles = moe.align(ids, torch.bincount(ids, minlength=e), rows, block_m)
+    counts = moe.expert_counts(ids, e)
+    assert torch.equal(counts.cpu(), torch.bincount(ids, minlength=e).cpu())  # the sync-free count
+    want_rows, want_tiles = moe.align(ids, counts, rows, block_m)
     assert torch.equal(row_ids.cpu(), want_rows.cpu()) and torch.equal(block_expert.cpu(), want_tiles.cpu())
 
 

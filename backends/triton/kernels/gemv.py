@@ -71,6 +71,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ShapeError(f"gemv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     lead, (n, k) = x.shape[:-1], weight.shape
+    if x.numel() > GEMV_ROWS * k:
+        raise ShapeError(f"gemv: x {tuple(x.shape)} has more than {GEMV_ROWS} rows (each program holds all of them); "
+                         "use torch.nn.functional.linear for GEMMs")
     x2 = x.reshape(-1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
