@@ -94,6 +94,13 @@ def pick(kernel: str, key: tuple, candidates: list, bench, timer=None):
     return best
 
 
+def graph_ms(fn, rep: int = 20) -> float:
+    """Median milliseconds of `fn` replayed from a CUDA graph, the way a captured decode step runs it: plain
+    launches of a few-microsecond kernel measure the host's launch overhead instead of the kernel."""
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=rep, return_mode="median")
+
+
 def bucket(m: int) -> int:
     """Round a token count up to a power of two so nearby batch sizes share a tuned config."""
     return 1 << max(0, (int(m) - 1).bit_length())
