@@ -99,26 +99,10 @@ def try_time(fn):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def mla_tma_sweep(q, cache, scale, rows, b, t):
-    """The TMA kernel's tiles at the heuristic split count, with and without warp specialisation."""
-    splits = mla_num_splits(b, rows, t, torch.cuda.get_device_properties(0).multi_processor_count)
-    results = []
-    heights = (32, 64) if rows >= 64 else (16,)
-    for bh, bn, w, st, ws in itertools.product(heights, (32, 64), (4, 8), (2, 3), (False, True)):
-        cfg = MLAConfig(bh, bn, splits, w, st, tma=True, warp_specialize=ws)
-        us, err = try_time(lambda: mla_absorbed(q, cache, scale, C, config=cfg))
-        results.append({"config": cfg.__dict__, "us": us, "error": err})
-        print(f"  {cfg}: {fmt(us)} {err or ''}", flush=True)
-    return results
-
-
-def mla_sweep(q, cache, scale, rows, b, t, tma_only=False):
-    """Two stages: tiles at the heuristic split count, then split counts with the best tile; then the TMA
-    kernel's tiles where the shapes allow it (only those with tma_only)."""
+def mla_sweep(q, cache, scale, rows, b, t):
+    """Two stages: tiles at the heuristic split count, then split counts with the best tile."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     base_splits = mla_num_splits(b, rows, t, sms)
-    if tma_only:
-        return mla_tma_sweep(q, cache, scale, rows, b, t)
     results = []
     tiles = [(bh, bn, w, st) for bh, bn, w, st in itertools.product((16, 32, 64), (16, 32, 64), (4, 8), (1, 2, 3))
              if bh <= max(16, triton.next_power_of_2(rows))]
@@ -136,7 +120,7 @@ def mla_sweep(q, cache, scale, rows, b, t, tma_only=False):
         cfg = MLAConfig(**{**best, "num_splits": splits})
         us, err = try_time(lambda: mla_absorbed(q, cache, scale, C, config=cfg))
         results.append({"config": cfg.__dict__, "us": us, "error": err})
-    return results + mla_tma_sweep(q, cache, scale, rows, b, t)
+    return results
 
 
 def flash_sweep(q, k, v, scale):
@@ -153,7 +137,7 @@ def best_of(sweep):
     return min(ok, key=lambda r: r["us"]) if ok else None
 
 
-def run_mla(name, shape, sweep, tma_only=False):
+def run_mla(name, shape, sweep):
     b, s, h, t = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(b, s, h, C + R, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -172,7 +156,7 @@ def run_mla(name, shape, sweep, tma_only=False):
     row["tuned_rel_err"] = rel_err(tuned, ref)
     row["tuned_graph_us"] = graph_us(lambda: mla_absorbed(q, cache, scale, C, tune=True))
     if sweep:
-        row["sweep"] = mla_sweep(q, cache, scale, s * h, b, t, tma_only)
+        row["sweep"] = mla_sweep(q, cache, scale, s * h, b, t)
         best = best_of(row["sweep"])
         row["best_us"], row["best_config"] = (best["us"], best["config"]) if best else (None, None)
         if best:  # the best config must be right too, not just fast
@@ -213,7 +197,6 @@ def fmt(x, spec=".1f"):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip the config sweep")
-    ap.add_argument("--tma", action="store_true", help="MLA: sweep only the TMA kernel's configs")
     ap.add_argument("--only", default="", help="comma-separated workload names (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -222,7 +205,7 @@ def main():
     rows, t0 = [], time.time()
     for name, shape in MLA_SHAPES.items():
         if not only or name in only:
-            rows.append(run_mla(name, shape, not args.quick, args.tma))
+            rows.append(run_mla(name, shape, not args.quick))
             print(f"[{time.time() - t0:6.0f}s] {name} done", flush=True)
     for name, shape in FLASH_SHAPES.items():
         if not only or name in only:

@@ -113,116 +113,6 @@ def _mla_decode_kernel(
 
 
 @triton.jit
-def _online_softmax_step(qk, offs_n, limit, m_i, l_i, acc0, acc1, k0, k1, CAUSAL: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """Fold one tile of scores qk [BLOCK_H, BLOCK_N] (already scaled to base 2) into the running max, sum and the
-    two halves of the output accumulator; k0/k1 are the tile's value halves."""
-    if CAUSAL:
-        qk = tl.where(offs_n[None, :] <= limit[:, None], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet stay at zero
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(k0.dtype)
-    acc0 = tl.dot(p, k0, acc0 * alpha[:, None], input_precision=PRECISION)
-    acc1 = tl.dot(p, k1, acc1 * alpha[:, None], input_precision=PRECISION)
-    return m_new, l_i, acc0, acc1
-
-
-@triton.jit
-def _mla_decode_tma_kernel(
-    q_desc, qr_desc, c_desc, cr_desc, cache_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, M, S, H, T,
-    stride_cb, stride_ct,
-    stride_ob, stride_os, stride_oh, stride_od,
-    stride_pb, stride_pm, stride_ps,
-    qk_scale,
-    HEAD_C: tl.constexpr, HEAD_R: tl.constexpr,
-    HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-):
-    """`_mla_decode_kernel` with the cache tiles fetched by the tensor-memory accelerator (Hopper TMA).
-
-    The latent dimension is split in two halves so every box stays within TMA's 256-element limit, and the two
-    output halves [BLOCK_H, C/2] are separate accumulators (as FlashMLA's two consumer warpgroups hold them).
-    Full tiles go through TMA; the one ragged tail tile per partition is read with masked pointer loads, because
-    the rows past a request's length are whatever the buffer holds (zero-filling happens only at T).
-    """
-    HALF: tl.constexpr = HEAD_C // 2
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    split = tl.program_id(2)
-    kv_len = T
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), T)
-
-    m0 = pid_m * BLOCK_H
-    offs_m = m0 + tl.arange(0, BLOCK_H)
-    row_ok = offs_m < M
-    s_row = offs_m // H
-    h_row = offs_m % H
-    q0 = tl.reshape(q_desc.load([b, m0, 0]), [BLOCK_H, HALF])  # rows past M come back zero-filled
-    q1 = tl.reshape(q_desc.load([b, m0, HALF]), [BLOCK_H, HALF])
-    qr = tl.reshape(qr_desc.load([b, m0, HEAD_C]), [BLOCK_H, HEAD_R])
-
-    kv_end = kv_len
-    limit = offs_m  # placeholder when not causal (unused)
-    if CAUSAL:
-        last_s = tl.minimum(m0 + BLOCK_H - 1, M - 1) // H
-        kv_end = tl.minimum(kv_len, kv_len - S + last_s + 1)
-        limit = kv_len - S + s_row
-    kv_end = tl.maximum(kv_end, 0)
-    chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, kv_end)
-    full_end = tl.maximum(start + (end - start) // BLOCK_N * BLOCK_N, start)
-
-    acc0 = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        k0 = tl.reshape(c_desc.load([b, n0, 0]), [BLOCK_N, HALF])
-        k1 = tl.reshape(c_desc.load([b, n0, HALF]), [BLOCK_N, HALF])
-        kr = tl.reshape(cr_desc.load([b, n0, HEAD_C]), [BLOCK_N, HEAD_R])
-        qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
-        qk = tl.dot(qr, tl.trans(kr), qk, input_precision=PRECISION) * qk_scale
-        m_i, l_i, acc0, acc1 = _online_softmax_step(qk, n0 + tl.arange(0, BLOCK_N), limit, m_i, l_i, acc0, acc1,
-                                                    k0, k1, CAUSAL, PRECISION)
-    if full_end < end:
-        offs_n = full_end + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
-        rows = cache_ptr + b.to(tl.int64) * stride_cb + offs_n[:, None] * stride_ct
-        offs_h = tl.arange(0, HALF)
-        k0 = tl.load(rows + offs_h[None, :], mask=n_ok[:, None], other=0.0)
-        k1 = tl.load(rows + HALF + offs_h[None, :], mask=n_ok[:, None], other=0.0)
-        kr = tl.load(rows + HEAD_C + tl.arange(0, HEAD_R)[None, :], mask=n_ok[:, None], other=0.0)
-        qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
-        qk = tl.dot(qr, tl.trans(kr), qk, input_precision=PRECISION) * qk_scale
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_i, l_i, acc0, acc1 = _online_softmax_step(qk, offs_n, limit, m_i, l_i, acc0, acc1, k0, k1, CAUSAL,
-                                                    PRECISION)
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    offs_h = tl.arange(0, HALF)
-    mask = row_ok[:, None]
-    if NUM_SPLITS == 1:
-        o_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + s_row[:, None] * stride_os + h_row[:, None] * stride_oh
-                  + offs_h[None, :] * stride_od)
-        tl.store(o_ptrs, (acc0 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_ptrs + HALF * stride_od, (acc1 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        part = b.to(tl.int64) * stride_pb + offs_m * stride_pm + split * stride_ps
-        p_ptrs = po_ptr + part[:, None] * HEAD_C + offs_h[None, :]
-        tl.store(p_ptrs, acc0 / l_safe[:, None], mask=mask)
-        tl.store(p_ptrs + HALF, acc1 / l_safe[:, None], mask=mask)
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-        tl.store(plse_ptr + part, lse, mask=row_ok)
-
-
-@triton.jit
 def _mla_reduce_kernel(
     po_ptr, plse_ptr, out_ptr, H,
     stride_pb, stride_pm, stride_ps,
@@ -257,8 +147,6 @@ class MLAConfig:
     num_splits: int
     num_warps: int
     num_stages: int
-    tma: bool = False  # `_mla_decode_tma_kernel` (Hopper+, power-of-two halves; see `tma_supported`)
-    warp_specialize: bool = False  # with tma: Triton's automatic warp specialisation of the key loop
 
 
 def mla_num_splits(batch: int, rows: int, kv_len: int, sm_count: int) -> int:
@@ -328,32 +216,6 @@ def _check(q, cache, kv_lora_rank, cache_lens):
                              f"on {cache_lens.device}")
 
 
-def tma_supported(q: torch.Tensor, cache: torch.Tensor, c: int) -> bool:
-    """Whether `_mla_decode_tma_kernel` can take these tensors: power-of-two latent halves and rope width (block
-    shapes), boxes of at least 16 bytes, a unit last stride, and 16-byte aligned bases and row strides (TMA)."""
-    r, size = cache.shape[2] - c, cache.element_size()
-    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    return (c % 2 == 0 and pow2(c // 2) and pow2(r) and min(c // 2, r) * size >= 16
-            and cache.stride(2) == 1 and all(st * size % 16 == 0 for st in (*cache.stride()[:2], cache.shape[2]))
-            and cache.data_ptr() % 16 == 0 and q.data_ptr() % 16 == 0)
-
-
-def _launch_tma(q, cache, scale, c, cache_lens, causal, cfg: MLAConfig, out, po, plse, p_strides):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    b, s, h, width = q.shape
-    q3 = q.reshape(b, s * h, width).contiguous()
-    half, r = c // 2, width - c
-    desc = lambda t, rows, cols: TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, cols])  # noqa: E731
-    _mla_decode_tma_kernel[(triton.cdiv(s * h, cfg.block_h), b, cfg.num_splits)](
-        desc(q3, cfg.block_h, half), desc(q3, cfg.block_h, r), desc(cache, cfg.block_n, half),
-        desc(cache, cfg.block_n, r), cache, cache_lens if cache_lens is not None else out, out, po, plse,
-        s * h, s, h, cache.shape[1], cache.stride(0), cache.stride(1), *out.stride(), *p_strides, scale * LOG2E,
-        HEAD_C=c, HEAD_R=r, HAS_LENS=cache_lens is not None, CAUSAL=bool(causal), NUM_SPLITS=cfg.num_splits,
-        PRECISION=dot_precision(q.dtype), BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n,
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def _launch(q, cache, scale, c, cache_lens, causal, cfg: MLAConfig) -> torch.Tensor:
     b, s, h, width = q.shape
     rows, splits = s * h, cfg.num_splits
@@ -365,26 +227,17 @@ def _launch(q, cache, scale, c, cache_lens, causal, cfg: MLAConfig) -> torch.Ten
         po = plse = out  # unused: the kernel writes `out` directly
     p_strides = (rows * splits, splits, 1)  # in units of C-rows for po, of scalars for plse
     block_c = max(16, triton.next_power_of_2(c))
-    if cfg.tma:
-        if not tma_supported(q, cache, c):
-            raise ShapeError(f"mla_absorbed: the TMA kernel needs power-of-two latent halves and rope width and "
-                             f"16-byte aligned rows (cache {tuple(cache.shape)}, stride {cache.stride()}, "
-                             f"kv_lora_rank {c}); use a config with tma=False")
-        _launch_tma(q, cache, scale, c, cache_lens, causal, cfg, out, po, plse, p_strides)
-    else:
-        _mla_decode_kernel[(triton.cdiv(rows, cfg.block_h), b, splits)](
-            q, cache, cache_lens if cache_lens is not None else out, out, po, plse, rows, s, h, cache.shape[1],
-            *q.stride(), *cache.stride(), *out.stride(), *p_strides, scale * LOG2E,
-            HEAD_C=c, HEAD_R=width - c, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(width - c)),
-            HAS_LENS=cache_lens is not None, CAUSAL=bool(causal), NUM_SPLITS=splits,
-            PRECISION=dot_precision(q.dtype), BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+    _mla_decode_kernel[(triton.cdiv(rows, cfg.block_h), b, splits)](
+        q, cache, cache_lens if cache_lens is not None else out, out, po, plse, rows, s, h, cache.shape[1],
+        *q.stride(), *cache.stride(), *out.stride(), *p_strides, scale * LOG2E,
+        HEAD_C=c, HEAD_R=width - c, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(width - c)),
+        HAS_LENS=cache_lens is not None, CAUSAL=bool(causal), NUM_SPLITS=splits, PRECISION=dot_precision(q.dtype),
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         _mla_reduce_kernel[(rows, b)](po, plse, out, h, *p_strides, *out.stride(), HEAD_C=c, BLOCK_C=block_c,
                                       NUM_SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits),
                                       num_warps=4 if c >= 256 else 1)
     return out
-
 
 
 def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank: int,
