@@ -20,7 +20,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.triton.kernels.gemv import GemvConfig, gemv, gemv_config  # noqa: E402
+from backends.triton.kernels.gemv import GemvConfig, gemv, gemv_candidates  # noqa: E402
 
 BANDWIDTH = 3.0e12
 SHAPES = {  # name: (N, K) of DeepSeek-V2-Lite's one-token projections
@@ -44,7 +44,6 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=1)
     p.add_argument("--no-sweep", action="store_true")
     a = p.parse_args(argv)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for name, (n, k) in SHAPES.items():
         g = torch.Generator(device="cuda").manual_seed(n)
@@ -55,13 +54,15 @@ def main(argv=None) -> int:
         floor = n * k * 2 / BANDWIDTH * 1e6
         row = {"shape": name, "N": n, "K": k, "rows": a.rows, "rel_err": err, "floor_us": floor,
                "cublas_us": us(lambda: torch.nn.functional.linear(x, w)),
-               "default": gemv_config(n, k, sms).__dict__, "default_us": us(lambda: gemv(x, w))}
+               "default": gemv_candidates(k)[0].__dict__, "default_us": us(lambda: gemv(x, w)),
+               "tuned_us": us(lambda: gemv(x, w, tune=True))}
         if not a.no_sweep:
             best = min(((us(lambda c=c: gemv(x, w, config=c)), c) for c in sweep(n, k)), key=lambda t: t[0])
             row["best_us"], row["best"] = best[0], best[1].__dict__
         rows.append(row)
         print(f"{name:15} N={n:6} K={k:5} err={err:.1e} floor={floor:6.1f}us cublas={row['cublas_us']:6.1f}us "
-              f"gemv={row['default_us']:6.1f}us {row['default']} best={row.get('best_us', float('nan')):6.1f}us "
+              f"gemv={row['default_us']:6.1f}us {row['default']} tuned={row['tuned_us']:6.1f}us "
+              f"best={row.get('best_us', float('nan')):6.1f}us "
               f"{row.get('best')}", flush=True)
     out = os.environ.get("OUT")
     if out:

@@ -6,7 +6,7 @@
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
 #   bash benchmarks/run_gpu.sh gemv     # the decode GEMV template against cuBLAS, with a config sweep
-#   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=) where a triton decode step's time goes, per node
+#   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=, ARGS=) where a triton decode step's time goes, per node
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
 # The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
@@ -44,7 +44,7 @@ v2lite)
 gemv)
     step gemv "${LIMIT:-300}" python benchmarks/gemv_gpu.py ;;
 profile)
-    step profile "${LIMIT:-300}" python benchmarks/profile_decode.py "${MODEL:-deepseek-v2-lite}" --batch "${BATCH:-1,64}" ;;
+    step profile "${LIMIT:-300}" python benchmarks/profile_decode.py "${MODEL:-deepseek-v2-lite}" --batch "${BATCH:-1,64}" ${ARGS:-} ;;
 v2liteops)
     step v2liteops 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op moe,mla_decode,rmsnorm,rope \
         --backends eager,torch_compile,triton,onnx --batch 1,64 --context 4096 --repeats 20 \

@@ -12,8 +12,8 @@ Importing this package does not import triton: on the CPU the backend switches T
   fp8_act_quant  force FP8 activation quantisation on/off (default: on for GPUs with fp8 tensor cores)
   decode_graphs  replay one-token decode steps from CUDA graphs (default: on for CUDA where the graph allows,
                  decode_graphs.py); the report says which
-  gemv           dense projections of <= 4 rows through the `gemv` template instead of cuBLAS (default: off;
-                 not yet timed on a GPU, see benchmarks/gemv_gpu.py)
+  gemv           dense projections of <= 4 rows through the `gemv` template instead of cuBLAS (default: on
+                 for CUDA, off on the interpreter; benchmarks/gemv_gpu.py compares the two)
 """
 from __future__ import annotations
 

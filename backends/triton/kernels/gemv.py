@@ -3,12 +3,11 @@
 Why: in a one-token decode step the dense projections are bandwidth-bound GEMVs over 2-420 MB weights. On the H100
 cuBLAS's kernels for them ran at about 55 % of the copy bandwidth (V2-Lite decode profile: 1388 us of a 3627 us
 step against a ~760 us floor; `benchmarks/profile_decode.py`). Here each program streams BLOCK_N weight rows once
-for all M rows of x, accumulating in fp32 over BLOCK_K chunks (pipelined loads keep several chunks in flight),
-and BLOCK_N is sized so the grid covers the SMs about twice. No split-K: it would need a zeroed fp32 buffer and a
-second launch, which is what cuBLAS's split-K GEMVs pay for.
+for all M rows of x, accumulating in fp32 over BLOCK_K chunks (pipelined loads keep several chunks in flight).
+No split-K: it would need a zeroed fp32 buffer and a second launch, which is what cuBLAS's split-K GEMVs pay for.
 
-Status: correct on the interpreter (tests); not yet timed on a GPU, so the triton backend takes it only with option
-`gemv=True`. `benchmarks/gemv_gpu.py` times it against cuBLAS and sweeps its launch configs.
+Launch configs: `gemv_candidates` lists the tiles that won `benchmarks/gemv_gpu.py`'s sweep at V2-Lite's shapes
+on the H100 (whole 2048-wide rows, 2-4 rows a program, 4 stages); `tune=True` times them per shape (`autotune`).
 """
 from __future__ import annotations
 
@@ -20,10 +19,11 @@ import triton.language as tl
 
 from dsgraph.errors import ShapeError
 
+from ..autotune import cached, graph_ms, pick
 from .common import check_device
 
 GEMV_ROWS = 4  # rows of x up to which `gemv` is meant to run (beyond, tensor-core GEMMs win)
-TILE_ELEMENTS = 4096  # BLOCK_N x BLOCK_K: an 8 KB bf16 weight tile per pipelined load
+MAX_BLOCK_K = 2048  # the widest chunk of a weight row one load takes
 
 
 @dataclass(frozen=True)
@@ -55,16 +55,25 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def gemv_config(n: int, k: int, sm_count: int) -> GemvConfig:
-    """BLOCK_N rows per program for about two programs per SM (1..16), BLOCK_K filling a TILE_ELEMENTS tile."""
-    block_n = max(1, min(16, 1 << max(0, (n // (2 * sm_count)).bit_length() - 1)))
-    block_k = max(64, min(TILE_ELEMENTS // block_n, triton.next_power_of_2(k)))
-    return GemvConfig(block_n, block_k)
+def gemv_candidates(k: int) -> list[GemvConfig]:
+    """Launch configs, the default first. H100, bf16, one row (`benchmarks/gemv_gpu.py`, us, best vs cuBLAS):
+    q_proj 3072x2048 4.7 vs 5.4 (4 rows a program), kv_a 576x2048 2.3 vs 5.7, o_proj 2048x2048 3.8 vs 4.9,
+    lm_head 102400x2048 134.9 vs 149.5 (2 rows), shared_down 2048x2816 5.3 vs 6.5 (4 rows, 1024-wide chunks),
+    shared_gate_up 5632x2048 7.4 vs 6.8 (8 rows, 1024-wide chunks)."""
+    block_k = max(64, min(MAX_BLOCK_K, triton.next_power_of_2(k)))
+    narrow = max(64, block_k // 2)
+    return list(dict.fromkeys([GemvConfig(2, block_k, 4, 4), GemvConfig(4, block_k, 4, 4),
+                               GemvConfig(4, narrow, 4, 3), GemvConfig(8, narrow, 4, 3)]))
+
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
-    """`torch.nn.functional.linear(x, weight, bias)` for x [..., K] with few rows, in x's dtype (fp32 sums)."""
+         config: GemvConfig | None = None, tune: bool = False) -> torch.Tensor:
+    """`torch.nn.functional.linear(x, weight, bias)` for x [..., K] with few rows, in x's dtype (fp32 sums).
+
+    The launch is `config` if given, else the tuned winner for (N, K, rows, dtype) if one is known (this process
+    or the disk cache), else the first of `gemv_candidates`; tune=True times the candidates on first use of a
+    shape (not during a CUDA-graph capture)."""
     check_device("gemv", x)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ShapeError(f"gemv: x [..., K] and weight [N, K]; got {tuple(x.shape)}, {tuple(weight.shape)}")
@@ -81,10 +90,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    cfg = config or gemv_config(n, k, sms)
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x2, weight, bias if bias is not None else y, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def run(cfg: GemvConfig):
+        _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+            x2, weight, bias if bias is not None else y, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if config is None:
+        cands, key = gemv_candidates(k), (n, k, triton.next_power_of_2(m), str(x.dtype), bias is not None)
+        config = pick("gemv", key, cands, run, timer=graph_ms) if tune else cached("gemv", key, cands) or cands[0]
+    run(config)
     return y.reshape(*lead, n)

@@ -1,6 +1,6 @@
 """GEMMs: cuBLAS through torch (a recorded `library` choice: it beats a generic Triton GEMM at these shapes),
-or, with option `gemv`, the `gemv` template for decode's few-row GEMVs; the FP8 block GEMM template for FP8
-weights, and the composite domain ops built around GEMMs.
+except decode's few-row GEMVs, which take the `gemv` template on CUDA (option `gemv`); the FP8 block GEMM
+template for FP8 weights, and the composite domain ops built around GEMMs.
 
 `linear(x, [cast](dequant_fp8(w, s)))` with weight-only w, s takes the FP8 template directly, so FP8
 checkpoints run without a dequantised copy even when the `fuse_fp8_linear` pass has not run.
@@ -22,13 +22,14 @@ GEMV = f"gemv._gemv_kernel (<= {GEMV_ROWS} rows; more: {CUBLAS})"
 
 def _dense(ctx):
     """(linear function, kernel description, kind): the GEMV template for calls with <= GEMV_ROWS rows where
-    option `gemv` is on, else cuBLAS. Off by default: the template has not been timed on a GPU yet
-    (`benchmarks/gemv_gpu.py` does that); on the interpreter it would only add per-launch cost."""
-    if not ctx.options.get("gemv", False):
+    option `gemv` is on (default: on CUDA, where it beat cuBLAS at 5 of V2-Lite's 6 decode projections; off on
+    the interpreter, where it would only add per-launch cost), else cuBLAS. Its tiles are tuned per shape."""
+    if not ctx.options.get("gemv", not ctx.interpreting):
         return F.linear, CUBLAS, "library"
+    tune = not ctx.interpreting
 
     def linear(x, w, b=None):
-        return gemv(x, w, b) if x.numel() <= GEMV_ROWS * x.shape[-1] else F.linear(x, w, b)
+        return gemv(x, w, b, tune=tune) if x.numel() <= GEMV_ROWS * x.shape[-1] else F.linear(x, w, b)
     return linear, GEMV, "template"
 
 
