@@ -34,6 +34,7 @@ MLA_SHAPES = {  # name: (batch, S, heads, cache length)
     "mla_h128_b64_t4096": (64, 1, 128, 4096),
     "mla_h128_b1_t4096": (1, 1, 128, 4096),
     "mla_h16_b64_t4096": (64, 1, 16, 4096),
+    "mla_h16_b1_t4096": (1, 1, 16, 4096),
     "mla_h128_b64_t4096_mtp2": (64, 2, 128, 4096),
 }
 FLASH_SHAPES = {  # name: (batch, S, T, Hq, Hkv, D, Dv)
@@ -114,8 +115,8 @@ def mla_sweep(q, cache, scale, rows, b, t):
     if not ok:
         return results
     best = dict(min(ok, key=lambda r: r["us"])["config"])
-    for splits in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64} - {base_splits}):
-        if splits > t // 64:
+    for splits in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128} - {base_splits}):
+        if splits > t // 32:
             continue
         cfg = MLAConfig(**{**best, "num_splits": splits})
         us, err = try_time(lambda: mla_absorbed(q, cache, scale, C, config=cfg))

@@ -54,6 +54,7 @@ MLA_CASES = [  # B, S, H, T, C, R, splits, lens
     (1, 1, 20, 33, 24, 8, 2, None),  # C not a power of two: padded value block
     (3, 2, 4, 100, 32, 8, 3, [100, 37, 5]),  # ragged lengths, one shorter than a split's chunk
     (2, 1, 4, 33, 32, 8, 1, [1, 33]),
+    (2, 1, 4, 50, 160, 16, 3, [50, 20]),  # C wider than a reduce slice (128): two slices, the second ragged
 ]
 
 

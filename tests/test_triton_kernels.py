@@ -97,6 +97,25 @@ def test_gemv_matches_linear(m, n, k, bias, dtype):
 def test_gemv_refuses_more_rows_than_it_holds():
     with pytest.raises(ShapeError, match="more than 4 rows"):
         gemv.gemv(torch.randn(5, 8, device=DEV), torch.randn(3, 8, device=DEV))
+    with pytest.raises(ShapeError, match="more than 4 rows"):
+        gemv.head_gemv(torch.randn(5, 2, 8, device=DEV), torch.randn(2, 3, 8, device=DEV))
+    with pytest.raises(ShapeError, match=r"x \[\.\.\., H, K\] and weight \[H, N, K\]"):
+        gemv.head_gemv(torch.randn(1, 2, 8, device=DEV), torch.randn(3, 3, 8, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("eq", ["bshd,hdc->bshc", "bshc,hdc->bshd"])
+@pytest.mark.parametrize("b,s,h,d,c", [(1, 1, 3, 24, 40), (2, 2, 4, 16, 130)])
+def test_head_gemv_matches_mla_absorb_einsums(b, s, h, d, c, eq, dtype):
+    """Both of MLA's absorb einsums, with W [H, D, C] as stored: contracting D reads it column-major (the
+    transposed view), contracting C row-major; ragged N and K, 1-4 rows."""
+    g = torch.Generator().manual_seed(b * h * c)
+    w = torch.randn(h, d, c, generator=g).to(DEV, dtype)
+    x = torch.randn(b, s, h, d if eq.startswith("bshd") else c, generator=g).to(DEV, dtype)
+    y = gemv.head_gemv(x, w.transpose(1, 2) if eq.startswith("bshd") else w)
+    ref_y = torch.einsum(eq, x.float(), w.float())
+    assert y.dtype == dtype and y.shape == ref_y.shape
+    assert rel_err(y, ref_y) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_route_rejects_bad_top_k():

@@ -35,8 +35,16 @@ class GemvConfig:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_xh, stride_wh, stride_wn, stride_wk,
+                 stride_ym, stride_yh,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[m, h, n] = sum_k x[m, h, k] w[h, n, k] (+ bias[n]): program (i, h) takes BLOCK_N outputs of head h.
+    A weight stride of 1 is specialised by Triton, so row-major [N, K] and column-major [K, N] weights (the MLA
+    absorb einsums' W_UK) both load contiguously."""
+    h = tl.program_id(1).to(tl.int64)
+    x_ptr += h * stride_xh
+    w_ptr += h * stride_wh
+    y_ptr += h * stride_yh
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     n_ok, m_ok = n < N, m < M
@@ -44,7 +52,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :],
+        w = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :] * stride_wk,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
@@ -56,15 +64,42 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stri
 
 
 def gemv_candidates(k: int) -> list[GemvConfig]:
-    """Launch configs, the default first. H100, bf16, one row (`benchmarks/gemv_gpu.py`, us, best vs cuBLAS):
+    """Launch configs, the default first: 8 and 16 KB bf16 weight tiles, BLOCK_K as wide as the row (up to
+    MAX_BLOCK_K) or half that. H100, bf16, one row (`benchmarks/gemv_gpu.py`, us, best vs cuBLAS):
     q_proj 3072x2048 4.7 vs 5.4 (4 rows a program), kv_a 576x2048 2.3 vs 5.7, o_proj 2048x2048 3.8 vs 4.9,
     lm_head 102400x2048 134.9 vs 149.5 (2 rows), shared_down 2048x2816 5.3 vs 6.5 (4 rows, 1024-wide chunks),
     shared_gate_up 5632x2048 7.4 vs 6.8 (8 rows, 1024-wide chunks)."""
-    block_k = max(64, min(MAX_BLOCK_K, triton.next_power_of_2(k)))
-    narrow = max(64, block_k // 2)
-    return list(dict.fromkeys([GemvConfig(2, block_k, 4, 4), GemvConfig(4, block_k, 4, 4),
-                               GemvConfig(4, narrow, 4, 3), GemvConfig(8, narrow, 4, 3)]))
+    wide = max(64, min(MAX_BLOCK_K, triton.next_power_of_2(k)))
+    narrow = max(32, wide // 2)
+    return list(dict.fromkeys(GemvConfig(tile // bk, bk, 4, stages) for bk, stages in ((wide, 4), (narrow, 3))
+                              for tile in (4096, 8192)))
 
+
+def _check_rows(what: str, x: torch.Tensor, k: int) -> None:
+    if x.numel() > GEMV_ROWS * k:
+        raise ShapeError(f"{what}: x {tuple(x.shape)} has more than {GEMV_ROWS} rows (each program holds all of "
+                         "them); use torch for GEMMs")
+
+
+def _launch(what: str, x3: torch.Tensor, w3: torch.Tensor, bias, config, tune: bool) -> torch.Tensor:
+    """y [M, H, N] for x3 [M, H, K] (unit last stride) and w3 [H, N, K] (any strides)."""
+    (m, h, k), n = x3.shape, w3.shape[1]
+    y = torch.empty((m, h, n), dtype=x3.dtype, device=x3.device)
+    if y.numel() == 0:
+        return y
+
+    def run(cfg: GemvConfig):
+        _gemv_kernel[(triton.cdiv(n, cfg.block_n), h)](
+            x3, w3, bias if bias is not None else y, y, m, n, k, x3.stride(0), x3.stride(1), *w3.stride(),
+            y.stride(0), y.stride(1), HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if config is None:
+        cands = gemv_candidates(k)
+        key = (h, n, k, w3.stride(2) == 1, triton.next_power_of_2(m), str(x3.dtype), bias is not None)
+        config = pick(what, key, cands, run, timer=graph_ms) if tune else cached(what, key, cands) or cands[0]
+    run(config)
+    return y
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -80,25 +115,22 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ShapeError(f"gemv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     lead, (n, k) = x.shape[:-1], weight.shape
-    if x.numel() > GEMV_ROWS * k:
-        raise ShapeError(f"gemv: x {tuple(x.shape)} has more than {GEMV_ROWS} rows (each program holds all of them); "
-                         "use torch.nn.functional.linear for GEMMs")
-    x2 = x.reshape(-1, k)
+    _check_rows("gemv", x, k)
+    x2 = x.reshape(-1, 1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-    m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y.reshape(*lead, n)
+    return _launch("gemv", x2, weight.unsqueeze(0), bias, config, tune).reshape(*lead, n)
 
-    def run(cfg: GemvConfig):
-        _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x2, weight, bias if bias is not None else y, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    if config is None:
-        cands, key = gemv_candidates(k), (n, k, triton.next_power_of_2(m), str(x.dtype), bias is not None)
-        config = pick("gemv", key, cands, run, timer=graph_ms) if tune else cached("gemv", key, cands) or cands[0]
-    run(config)
-    return y.reshape(*lead, n)
+def head_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,
+              tune: bool = False) -> torch.Tensor:
+    """y[..., h, n] = sum_k x[..., h, k] weight[h, n, k]: one GEMV per head, for few rows of x [..., H, K].
+    weight may be any strided view, e.g. W_UK [H, K, N] transposed: MLA's absorb einsums at decode."""
+    check_device("head_gemv", x)
+    h, n, k = weight.shape if weight.dim() == 3 else (None, None, None)
+    if weight.dim() != 3 or x.dim() < 2 or tuple(x.shape[-2:]) != (h, k):
+        raise ShapeError(f"head_gemv: x [..., H, K] and weight [H, N, K]; got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}")
+    _check_rows("head_gemv", x, h * k)
+    x3 = x.reshape(-1, h, k)
+    x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
+    return _launch("head_gemv", x3, weight, None, config, tune).reshape(*x.shape[:-1], n)

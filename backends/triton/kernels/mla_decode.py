@@ -119,25 +119,29 @@ def _mla_reduce_kernel(
     stride_ob, stride_os, stride_oh, stride_od,
     HEAD_C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
 ):
-    """Merge the partitions of one query row: out = sum_i 2^(lse_i - max) * o_i / sum_i 2^(lse_i - max)."""
+    """Merge the partitions of one query row's BLOCK_C-wide slice: out = sum_i 2^(lse_i - max) * o_i /
+    sum_i 2^(lse_i - max). Slicing C spreads a batch-1 step's few rows over more SMs."""
     m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_SPLITS)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     s_ok = offs_s < NUM_SPLITS
+    c_ok = offs_c < HEAD_C
     part = b * stride_pb + m * stride_pm + offs_s * stride_ps
     lse = tl.load(plse_ptr + part, mask=s_ok, other=float("-inf"))
     top = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
     total = tl.sum(w, 0)
-    o = tl.load(po_ptr + part[:, None] * HEAD_C + offs_c[None, :], mask=s_ok[:, None] & (offs_c[None, :] < HEAD_C),
-                other=0.0)
+    o = tl.load(po_ptr + part[:, None] * HEAD_C + offs_c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     o_ptrs = out_ptr + b * stride_ob + (m // H) * stride_os + (m % H) * stride_oh + offs_c * stride_od
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_c < HEAD_C)
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=c_ok)
 
 
 # ----------------------------------------------------------------------------------------------------- configs
+
+REDUCE_SLICE = 128  # latent columns per reduce program
+MAX_SPLITS = 128
 
 @dataclass(frozen=True)
 class MLAConfig:
@@ -180,7 +184,11 @@ def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int) -> list[ML
         tiles = [(16, 64, 4, 2), (32, 64, 4, 3), (16, 16, 4, 3)]
     widest = max(16, triton.next_power_of_2(rows))
     tiles = [t for t in tiles if t[0] <= widest] or [(16, 64, 4, 2)]
-    split_opts = [splits] + sorted({max(1, splits // 2), min(64, splits * 2)} - {splits}) if splits > 1 else [1, 2]
+    if splits > 1:  # also finer partitions (down to 32 keys): batch 1's few rows leave SMs idle at 128 keys
+        most = max(splits, min(MAX_SPLITS, kv_len // 32))
+        split_opts = [splits] + sorted({max(1, splits // 2), min(most, splits * 2), min(most, splits * 4)} - {splits})
+    else:
+        split_opts = [1, 2]
     return [MLAConfig(bh, bn, sp, w, st) for sp in split_opts for bh, bn, w, st in tiles]
 
 
@@ -234,9 +242,10 @@ def _launch(q, cache, scale, c, cache_lens, causal, cfg: MLAConfig) -> torch.Ten
         HAS_LENS=cache_lens is not None, CAUSAL=bool(causal), NUM_SPLITS=splits, PRECISION=dot_precision(q.dtype),
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
-        _mla_reduce_kernel[(rows, b)](po, plse, out, h, *p_strides, *out.stride(), HEAD_C=c, BLOCK_C=block_c,
-                                      NUM_SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                      num_warps=4 if c >= 256 else 1)
+        slice_c = min(block_c, REDUCE_SLICE)
+        _mla_reduce_kernel[(rows, b, triton.cdiv(c, slice_c))](
+            po, plse, out, h, *p_strides, *out.stride(), HEAD_C=c, BLOCK_C=slice_c, NUM_SPLITS=splits,
+            BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4 if slice_c * splits >= 4096 else 1)
     return out
 
 

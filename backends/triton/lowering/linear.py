@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from dsgraph.dtypes import to_torch
+from passes.mla import O_ABS, Q_ABS
 
 from ..codegen import rowwise
-from ..kernels.gemv import GEMV_ROWS, gemv
+from ..kernels.gemv import GEMV_ROWS, gemv, head_gemv
 from .registry import Lowered, lowering
 
 CUBLAS = "torch.nn.functional.linear (cuBLAS on CUDA)"
@@ -60,10 +61,24 @@ def _(node, ctx):
     return Lowered(lambda a, sym: [torch.matmul(a[0], a[1])], "library", "torch.matmul (cuBLAS on CUDA)")
 
 
+# MLA's absorb einsums, each with the [H, N, K] view of its weight that `head_gemv` takes
+HEAD_GEMV_WEIGHT = {Q_ABS: lambda w: w.transpose(1, 2), O_ABS: lambda w: w}
+
+
 @lowering("einsum")
 def _(node, ctx):
     eq = node.attrs["equation"]
-    return Lowered(lambda a, sym: [torch.einsum(eq, a[0], a[1])], "library", f"torch.einsum {eq!r} (cuBLAS bmm)")
+    library = f"torch.einsum {eq!r} (cuBLAS bmm)"
+    as_hnk = HEAD_GEMV_WEIGHT.get(eq)
+    if as_hnk is None or not ctx.options.get("gemv", not ctx.interpreting):
+        return Lowered(lambda a, sym: [torch.einsum(eq, a[0], a[1])], "library", library)
+    tune = not ctx.interpreting
+
+    def run(a, sym):
+        x, w = a
+        few = x.numel() <= GEMV_ROWS * x.shape[-1] * x.shape[-2]
+        return [head_gemv(x, as_hnk(w), tune=tune) if few else torch.einsum(eq, x, w)]
+    return Lowered(run, "template", f"gemv._gemv_kernel per head (<= {GEMV_ROWS} rows; more: {library})")
 
 
 @lowering("mlp.swiglu")
