@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             x = torch.randn(a.rows, 1, HEADS, k, device="cuda", generator=g, dtype=torch.bfloat16)
             w = torch.randn(HEADS, NOPE, LATENT, device="cuda", generator=g, dtype=torch.bfloat16) / k ** 0.5
             ref = torch.einsum(eq, x.float(), w.float())
-            hnk = w.transpose(1, 2).contiguous() if name == "q_absorb" else w  # as the triton backend stores W_UK
+            hnk = w.transpose(1, 2) if name == "q_absorb" else w  # W_UK read column-major
             ours = lambda hnk=hnk, x=x, **kw: head_gemv(x, hnk, **kw)  # noqa: E731
             library, weight_bytes = (lambda eq=eq, x=x, w=w: torch.einsum(eq, x, w)), w.numel() * 2
         err = ((ours().float() - ref).norm() / ref.norm()).item()

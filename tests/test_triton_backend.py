@@ -122,11 +122,10 @@ def test_tiny_preset_matches_eager(preset, **options):
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-llm-tiny"])
 def test_gemv_template_runs_the_few_row_projections(preset):
     """With option gemv every dense projection of a 4-token prefill and of a decode step takes the GEMV
-    template (MLA's absorb einsums too, one GEMV per head), and the model still matches eager."""
+    template (MLA's output absorb einsum too, one GEMV per head), and the model still matches eager."""
     test_tiny_preset_matches_eager(preset, gemv=True)
     report = str(dsgraph.compile(dsgraph.load(preset), backend="triton", device=DEV, gemv=True).compiled.report)
     assert "gemv._gemv_kernel" in report and "library    torch.nn.functional.linear" not in report
-    assert "library    torch.einsum" not in report
     assert ("gemv._gemv_kernel per head" in report) == preset.startswith("deepseek-v2")
 
 
