@@ -48,3 +48,10 @@ def test_profile_decode_charges_every_step_and_restores_the_program():
         per_node, kernels = node_times(graphed.buffers[1], program, steps=1)
     assert set(per_node) == {s.label for s in program.steps}
     assert [s.fn for s in program.steps] == fns and not kernels  # no device kernels on the CPU
+
+
+def test_profile_decode_names_a_malformed_option():
+    """--option takes KEY=INT; anything else stops before the (large) model loads, with the expected form."""
+    out = subprocess.run([sys.executable, "benchmarks/profile_decode.py", "--option", "gemv"], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--option takes KEY=INT, e.g. gemv=0" in out.stderr

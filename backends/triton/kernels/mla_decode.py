@@ -141,7 +141,8 @@ def _mla_reduce_kernel(
 # ----------------------------------------------------------------------------------------------------- configs
 
 REDUCE_SLICE = 128  # latent columns per reduce program
-MAX_SPLITS = 128
+MAX_SPLITS = 128  # partitions per request the tuner may try (each at least 32 keys)
+
 
 @dataclass(frozen=True)
 class MLAConfig:
