@@ -324,7 +324,11 @@ def test_autotune_times_once_and_caches_on_disk(tmp_path, monkeypatch, cands):
     import triton.testing
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), calls.append(1), 3.0 - len(calls))[2])
+    reads = []
+    read = autotune._read
+    monkeypatch.setattr(autotune, "_read", lambda kernel: (reads.append(kernel), read(kernel))[1])
     assert autotune.cached("k", (1, 2), cands) is None  # nothing known yet, and asking times nothing
+    assert autotune.cached("k", (1, 2), cands) is None and len(reads) == 1  # the miss is remembered
     assert autotune.pick("k", (1, 2), cands, lambda cfg: None) is cands[2]  # the last timed is fastest
     assert len(calls) == 3
     monkeypatch.setattr(autotune, "_MEMO", {})

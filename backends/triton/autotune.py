@@ -15,7 +15,7 @@ import torch
 
 from .runtime import cache_dir, interpreting
 
-_MEMO: dict[tuple, dict] = {}
+_MEMO: dict[tuple, object] = {}  # (kernel, key) -> the chosen candidate, or None: known to be untuned
 
 
 def _device_name() -> str:
@@ -56,14 +56,12 @@ def _entry_key(key: tuple) -> str:
 
 
 def cached(kernel: str, key: tuple, candidates: list):
-    """The candidate already chosen for `key` (this process or the disk cache), or None: never times anything."""
+    """The candidate already chosen for `key` (this process or the disk cache), or None: never times anything.
+    A miss is remembered too, so untuned launches (tune=False) do not re-read the disk cache on every call."""
     memo_key = (kernel, key)
     if memo_key not in _MEMO:
         stored = _read(kernel).get(_entry_key(key))
-        match = next((c for c in candidates if stored is not None and _encode(c) == stored), None)
-        if match is None:
-            return None
-        _MEMO[memo_key] = match
+        _MEMO[memo_key] = next((c for c in candidates if stored is not None and _encode(c) == stored), None)
     return _MEMO[memo_key]
 
 
