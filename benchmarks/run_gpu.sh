@@ -6,6 +6,7 @@
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
 #   bash benchmarks/run_gpu.sh gemv     # the decode GEMV template against cuBLAS, with a config sweep
+#   bash benchmarks/run_gpu.sh gluon    # (ARGS=, LIMIT=) the Gluon MLA decode experiment against the Triton template
 #   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=, ARGS=) where a triton decode step's time goes, per node
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
@@ -43,6 +44,9 @@ v2lite)
         --json "$OUT/v2-lite-model${TAG:-}-h100.json" --plot "$OUT/v2-lite-model${TAG:-}-h100.png" ;;
 gemv)
     step gemv "${LIMIT:-300}" python benchmarks/gemv_gpu.py ;;
+gluon)
+    # a hang (a barrier phase gone wrong) ends at LIMIT; try ARGS="--batch 2 --context 256" first
+    step gluon "${LIMIT:-120}" python benchmarks/mla_gluon_gpu.py ${ARGS:-} ;;
 profile)
     step profile "${LIMIT:-300}" python benchmarks/profile_decode.py "${MODEL:-deepseek-v2-lite}" --batch "${BATCH:-1,64}" ${ARGS:-} ;;
 v2liteops)
@@ -66,5 +70,5 @@ tvm)
     step tvm 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op "${OPS:-mla_decode,moe,decode}" \
         --backends "${BACKENDS:-eager,triton,tvm}" --batch 1,64 --context 4096 --repeats 10 --prebuilt .tvmprebuilt \
         --json "$OUT/v2-lite-tvm-h100.json" --plot "$OUT/v2-lite-tvm-h100.png" ;;
-*) echo "usage: $0 check|attn|mtp|gemv|profile|v2lite|v2liteops|v3ops|tvm" >&2; exit 2 ;;
+*) echo "usage: $0 check|attn|mtp|gemv|gluon|profile|v2lite|v2liteops|v3ops|tvm" >&2; exit 2 ;;
 esac
