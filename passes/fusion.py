@@ -72,22 +72,26 @@ class FuseSwiGLU(PatternPass):
 @register
 @dataclass
 class MergeQKVA(PatternPass):
-    """q_a_proj(x) and mla.latent_proj(x) (kv_a_proj_with_mqa) read the same x: one GEMM over the stacked
-    weight `<attn>.q_a_kv_a_proj`, split into q_a | c_kv | k_pe, with kv_a_layernorm applied to c_kv."""
+    """The query projection that reads the attention input (q_a_proj with a q LoRA, as in V3; q_proj without, as in
+    V2-Lite) and mla.latent_proj (kv_a_proj_with_mqa) read the same x: one GEMM over the stacked weight
+    `<attn>.q_a_kv_a_proj` / `<attn>.q_kv_a_proj`, split into q | c_kv | k_pe, with kv_a_layernorm applied to
+    c_kv. At decode that is one weight stream and one launch instead of two."""
 
     name = "merge_qkv_a"
-    description = "q_a_proj + kv_a_proj_with_mqa reading the same input -> one GEMM, split after"
+    description = "q_a_proj / q_proj + kv_a_proj_with_mqa reading the same input -> one GEMM, split after"
 
     def rewrites(self, graph, weights):
         def build(b, m):
             x, kv = m["x"], weight_ref(m["kv"])
             q_lin = next((u for u in x.users if u.op == "linear" and len(u.inputs) == 2 and u.inputs[0] is x
-                          and (r := weight_ref(u.inputs[1])) is not None and r.base.endswith("q_a_proj")), None)
+                          and (r := weight_ref(u.inputs[1])) is not None
+                          and r.base.endswith((".q_a_proj", ".q_proj"))), None)
             if kv is None or q_lin is None:
                 return None
             qa = weight_ref(q_lin.inputs[1])
             prefix = kv.base.rsplit(".", 1)[0]
-            w = stack_rows(b, graph, weights, f"{prefix}.q_a_kv_a_proj", [qa, kv], x.dtype)
+            leaf = qa.base.rsplit(".", 1)[1].removesuffix("_proj")
+            w = stack_rows(b, graph, weights, f"{prefix}.{leaf}_kv_a_proj", [qa, kv], x.dtype)
             c = m.attr("kv_lora_rank")
             q, c_kv, k_pe = b.split(b.linear(x, w), sizes=(qa.value.shape[0], c, kv.value.shape[0] - c), dim=-1)
             c_kv = b.norm.rms(c_kv, m["nw"], eps=m.attr("eps"))
@@ -95,6 +99,37 @@ class MergeQKVA(PatternPass):
             return {q_lin.outputs[0]: q, c_out: c_kv, pe_out: k_pe}
 
         return [Rewrite("qkv_a", P("mla.latent_proj", X, Var("kv"), Var("nw"), kv_lora_rank=ANY, eps=ANY), build)]
+
+
+@register
+@dataclass
+class MergeQKV(PatternPass):
+    """q_proj, k_proj and v_proj reading the same x (the LLaMA/Qwen2-shape models): one GEMM over the stacked
+    weight `<attn>.qkv_proj`, split into q | k | v. Bias adds, where the checkpoint has them, stay on each part.
+    At decode that is one weight stream and one launch instead of three."""
+
+    name = "merge_qkv"
+    description = "q_proj + k_proj + v_proj reading the same input -> one GEMM, split after"
+
+    def rewrites(self, graph, weights):
+        def sibling(x, base):
+            return next((u for u in x.users if u.op == "linear" and len(u.inputs) == 2 and u.inputs[0] is x
+                         and (r := weight_ref(u.inputs[1])) is not None and r.base == base), None)
+
+        def build(b, m):
+            x, q = m["x"], weight_ref(m["w"])
+            if q is None or not q.base.endswith(".q_proj"):
+                return None
+            prefix = q.base.rsplit(".", 1)[0]
+            k_lin, v_lin = sibling(x, f"{prefix}.k_proj"), sibling(x, f"{prefix}.v_proj")
+            if k_lin is None or v_lin is None:
+                return None
+            refs = [q, weight_ref(k_lin.inputs[1]), weight_ref(v_lin.inputs[1])]
+            w = stack_rows(b, graph, weights, f"{prefix}.qkv_proj", refs, x.dtype)
+            parts = b.split(b.linear(x, w), sizes=tuple(r.value.shape[0] for r in refs), dim=-1)
+            return dict(zip((m.root_value, k_lin.outputs[0], v_lin.outputs[0]), parts))
+
+        return [Rewrite("qkv", P("linear", X, Var("w")), build)]
 
 
 def _gate(b, m):

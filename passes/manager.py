@@ -26,7 +26,7 @@ DEFAULT_PIPELINES: dict[str, list[str]] = {
     "eager": [],
     # hand-tuned templates: absorbed-MLA decode over the latent cache, grouped-GEMM MoE with fused
     # routing, fused add+RMSNorm, SwiGLU over one gate|up GEMM
-    "triton": ["cse", "fold_constants", "absorb_mla", "merge_qkv_a", "fuse_router", "group_moe",
+    "triton": ["cse", "fold_constants", "absorb_mla", "merge_qkv_a", "merge_qkv", "fuse_router", "group_moe",
                "fuse_add_rmsnorm", "fuse_swiglu", "dce"],
     "tvm": ["cse", "fold_constants", "absorb_mla", "fuse_router", "group_moe", "fuse_swiglu", "dce"],
     "torch_compile": ["cse", "fold_constants", "absorb_mla", "group_moe", "dce"],

@@ -23,7 +23,7 @@ def test_registry_lists_every_pass_with_a_description():
     listed = passes.list_passes()
     for name in ("dce", "cse", "fold_constants", "prune_mtp", "legalize", "absorb_mla", "absorb_mla_premultiplied",
                  "group_moe", "fuse_add_rmsnorm", "fuse_swiglu", "fuse_router",
-                 "merge_qkv_a", "fuse_fp8_linear"):
+                 "merge_qkv_a", "merge_qkv", "fuse_fp8_linear"):
         assert name in listed and listed[name] and "\n" not in listed[name]
     assert passes.get("group_moe", fold_shared_experts=True).fold_shared_experts is True
 

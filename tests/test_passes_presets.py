@@ -28,7 +28,7 @@ def must_change(name, cfg, graph):
     return {
         "absorb_mla": cfg.is_mla, "absorb_mla_premultiplied": cfg.is_mla, "group_moe": cfg.is_moe,
         "fuse_router": cfg.is_moe, "fuse_add_rmsnorm": True, "fuse_swiglu": True, "legalize": True,
-        "merge_qkv_a": cfg.is_mla and bool(cfg.q_lora_rank), "prune_mtp": "mtp_ids" in graph.inputs,
+        "merge_qkv_a": cfg.is_mla, "merge_qkv": not cfg.is_mla, "prune_mtp": "mtp_ids" in graph.inputs,
         "fuse_fp8_linear": "dequant_fp8" in ops, "fuse_rope_attention": True,
     }.get(name)
 
