@@ -86,6 +86,22 @@ def test_mla_default_launch_non_causal_and_strided_inputs():
     assert rel_err(out, mla_absorbed_ref(q, cache, 0.3, True, c)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mla_query_in_two_parts_matches_the_concatenated_query(dtype):
+    """q_rope passed apart (as the triton backend does instead of launching the concat), each part a strided view
+    of its own wider tensor; ragged lengths and two splits."""
+    gen = torch.Generator().manual_seed(3)
+    b, s, h, t, c, r = 2, 2, 4, 45, 32, 8
+    q_lat = rand(b, s, h, c + 3, dtype=dtype, gen=gen)[..., 1:1 + c]
+    q_pe = rand(b, s, h, 2 * r, dtype=dtype, gen=gen)[..., ::2]
+    cache = rand(b, t, c + r, dtype=dtype, gen=gen)
+    lens = torch.tensor([45, 17], dtype=torch.int32, device=DEV)
+    whole = torch.cat([q_lat, q_pe], dim=-1)
+    out = mla_absorbed(q_lat, cache, 0.3, c, cache_lens=lens, config=cfg(2), q_rope=q_pe)
+    assert torch.equal(out, mla_absorbed(whole, cache, 0.3, c, cache_lens=lens, config=cfg(2)))
+    assert rel_err(out, mla_ref_lens(whole, cache, 0.3, c, lens)) < TOL[dtype]
+
+
 def test_mla_rows_without_visible_keys_are_zero():
     """L_b < S: query 0 of a request with one cached row sees nothing (the reference would give NaN)."""
     gen = torch.Generator().manual_seed(2)
@@ -107,6 +123,10 @@ def test_mla_bad_inputs_raise():
         mla_absorbed(q, cache, 0.1, 32, cache_lens=torch.tensor([3], device=DEV))
     with pytest.raises(InputError, match="dtype"):
         mla_absorbed(q.half(), cache, 0.1, 32)
+    with pytest.raises(ShapeError, match="q_rope"):  # the latent part must be exactly kv_lora_rank wide
+        mla_absorbed(q[..., :30], cache, 0.1, 32, q_rope=q[..., 30:])
+    with pytest.raises(ShapeError, match="q_rope"):
+        mla_absorbed(q[..., :32], cache, 0.1, 32, q_rope=q[:, :, :2, 32:])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only guard")

@@ -148,11 +148,11 @@ def lower_graph(graph: Graph, weights, device: str, report, options: dict) -> Pr
             ctx.claimed.add(id(n))
         outputs = lw.outputs if lw.outputs is not None else node.outputs
         inputs = lw.inputs if lw.inputs is not None else node.inputs
-        label = f"{node.op} -> %{outputs[0].name}"
+        op = node.op if len(nodes) == 1 else "+".join(dict.fromkeys(n.op for n in nodes))
+        label = f"{op} -> %{outputs[0].name}"
         if len(nodes) > 1:
             label += f" (fused region of {len(nodes)} nodes)"
         placed.append((max(ctx.index[id(n)] for n in nodes), Step(lw.fn, tuple(inputs), tuple(outputs), label)))
-        op = node.op if len(nodes) == 1 else "+".join(dict.fromkeys(n.op for n in nodes))
         report.kernels.append(KernelChoice(tuple(v.name for n in nodes for v in n.outputs), op, lw.kind,
                                            lw.kernel, lw.note))
     placed.sort(key=lambda p: p[0])

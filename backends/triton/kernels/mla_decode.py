@@ -1,8 +1,9 @@
 """Absorbed MLA attention over the latent cache (op `attention.mla_absorbed`), split-KV flash-decoding.
 
-q [B,S,H,C+R] (q_nope @ W_UK | q_rope), cache [B,T,C+R] shared by every head, values = cache[..., :C],
-out [B,S,H,C]. Causal with the query block at the end of each request's cache: with valid length L_b
-(`cache_lens[b]`, default T) query s sits at position L_b - S + s; cache rows at or beyond L_b are ignored.
+q [B,S,H,C+R] (q_nope @ W_UK | q_rope; or the two parts as separate tensors), cache [B,T,C+R] shared by every
+head, values = cache[..., :C], out [B,S,H,C]. Causal with the query block at the end of each request's cache:
+with valid length L_b (`cache_lens[b]`, default T) query s sits at position L_b - S + s; cache rows at or beyond
+L_b are ignored.
 
 Why this shape: all heads read the same cache row, so one program takes BLOCK_H query rows and loads each
 [BLOCK_N, C+R] cache tile once for all of them. The scores are [BLOCK_H x C] @ [C x BLOCK_N] plus the rope
@@ -34,8 +35,9 @@ from .flash_attention import LOG2E, check_tensors, dot_precision, interpreting
 
 @triton.jit
 def _mla_decode_kernel(
-    q_ptr, cache_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, M, S, H, T,
+    q_ptr, qr_ptr, cache_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, M, S, H, T,
     stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_rb, stride_rs, stride_rh, stride_rd,
     stride_cb, stride_ct, stride_cd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_pb, stride_pm, stride_ps,
@@ -61,7 +63,8 @@ def _mla_decode_kernel(
     r_ok = offs_r < HEAD_R
     q_rows = q_ptr + b * stride_qb + s_row[:, None] * stride_qs + h_row[:, None] * stride_qh
     q_c = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-    q_r = tl.load(q_rows + (HEAD_C + offs_r[None, :]) * stride_qd, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    r_rows = qr_ptr + b * stride_rb + s_row[:, None] * stride_rs + h_row[:, None] * stride_rh
+    q_r = tl.load(r_rows + offs_r[None, :] * stride_rd, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
 
     kv_end = kv_len
     if CAUSAL:
@@ -206,12 +209,18 @@ def _sm_count(device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------------------------------- host wrapper
 
-def _check(q, cache, kv_lora_rank, cache_lens):
-    check_tensors("mla_absorbed", q=q, cache=cache)
-    if q.dim() != 4 or cache.dim() != 3:
-        raise ShapeError(f"mla_absorbed: q must be [B,S,H,C+R] and cache [B,T,C+R], got q {tuple(q.shape)}, "
-                         f"cache {tuple(cache.shape)}")
-    b, width = q.shape[0], q.shape[3]
+def _check(q, cache, kv_lora_rank, cache_lens, q_rope):
+    """Shapes, dtypes and devices; returns the query's two parts (latent [B,S,H,C], rope [B,S,H,R])."""
+    check_tensors("mla_absorbed", q=q, cache=cache, **({} if q_rope is None else {"q_rope": q_rope}))
+    whole = q_rope is None
+    if q.dim() != 4 or cache.dim() != 3 or not (whole or q_rope.dim() == 4):
+        raise ShapeError(f"mla_absorbed: q must be [B,S,H,C+R] (or [B,S,H,C] with q_rope [B,S,H,R]) and cache "
+                         f"[B,T,C+R], got q {tuple(q.shape)}, cache {tuple(cache.shape)}"
+                         + ("" if whole else f", q_rope {tuple(q_rope.shape)}"))
+    b, width = q.shape[0], q.shape[3] + (0 if whole else q_rope.shape[3])
+    if not whole and (q_rope.shape[:3] != q.shape[:3] or q.shape[3] != kv_lora_rank):
+        raise ShapeError(f"mla_absorbed: q {tuple(q.shape)} must be [B,S,H,{kv_lora_rank}] and q_rope "
+                         f"{tuple(q_rope.shape)} share its B,S,H")
     if cache.shape[0] != b or cache.shape[2] != width:
         raise ShapeError(f"mla_absorbed: cache {tuple(cache.shape)} does not match q {tuple(q.shape)} "
                          "(batch and C+R width must agree)")
@@ -223,24 +232,25 @@ def _check(q, cache, kv_lora_rank, cache_lens):
         if tuple(cache_lens.shape) != (b,) or cache_lens.device != q.device:
             raise InputError(f"mla_absorbed: cache_lens must be [{b}] on {q.device}, got {tuple(cache_lens.shape)} "
                              f"on {cache_lens.device}")
+    return (q[..., :kv_lora_rank], q[..., kv_lora_rank:]) if whole else (q, q_rope)
 
 
-def _launch(q, cache, scale, c, cache_lens, causal, cfg: MLAConfig) -> torch.Tensor:
-    b, s, h, width = q.shape
+def _launch(qc, qr, cache, scale, cache_lens, causal, cfg: MLAConfig) -> torch.Tensor:
+    (b, s, h, c), r = qc.shape, qr.shape[3]
     rows, splits = s * h, cfg.num_splits
-    out = torch.empty((b, s, h, c), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, s, h, c), dtype=qc.dtype, device=qc.device)
     if splits > 1:
-        po = torch.empty((b, rows, splits, c), dtype=torch.float32, device=q.device)
-        plse = torch.empty((b, rows, splits), dtype=torch.float32, device=q.device)
+        po = torch.empty((b, rows, splits, c), dtype=torch.float32, device=qc.device)
+        plse = torch.empty((b, rows, splits), dtype=torch.float32, device=qc.device)
     else:
         po = plse = out  # unused: the kernel writes `out` directly
     p_strides = (rows * splits, splits, 1)  # in units of C-rows for po, of scalars for plse
     block_c = max(16, triton.next_power_of_2(c))
     _mla_decode_kernel[(triton.cdiv(rows, cfg.block_h), b, splits)](
-        q, cache, cache_lens if cache_lens is not None else out, out, po, plse, rows, s, h, cache.shape[1],
-        *q.stride(), *cache.stride(), *out.stride(), *p_strides, scale * LOG2E,
-        HEAD_C=c, HEAD_R=width - c, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(width - c)),
-        HAS_LENS=cache_lens is not None, CAUSAL=bool(causal), NUM_SPLITS=splits, PRECISION=dot_precision(q.dtype),
+        qc, qr, cache, cache_lens if cache_lens is not None else out, out, po, plse, rows, s, h, cache.shape[1],
+        *qc.stride(), *qr.stride(), *cache.stride(), *out.stride(), *p_strides, scale * LOG2E,
+        HEAD_C=c, HEAD_R=r, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        HAS_LENS=cache_lens is not None, CAUSAL=bool(causal), NUM_SPLITS=splits, PRECISION=dot_precision(qc.dtype),
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         slice_c = min(block_c, REDUCE_SLICE)
@@ -252,30 +262,33 @@ def _launch(q, cache, scale, c, cache_lens, causal, cfg: MLAConfig) -> torch.Ten
 
 def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank: int,
                  cache_lens: torch.Tensor | None = None, causal: bool = True,
-                 config: MLAConfig | None = None, num_splits: int | None = None, tune: bool = False) -> torch.Tensor:
+                 config: MLAConfig | None = None, num_splits: int | None = None, tune: bool = False,
+                 q_rope: torch.Tensor | None = None) -> torch.Tensor:
     """`attention.mla_absorbed` over a latent cache; returns [B, S, H, kv_lora_rank] in q's dtype.
 
-    cache_lens: optional [B] int32/int64 valid lengths (values above T are clamped to T; rows that see no key,
-    e.g. L_b < S, come out as zeros). The launch is `config` if given, else the tuned winner for this shape if
-    one is known (this process or the disk cache, `autotune`), else the first of `mla_candidates` (with
-    `num_splits` overriding its split count). tune=True times the candidates on first use per shape (not during
-    a CUDA-graph capture, which gets the first candidate).
+    q is [B,S,H,C+R], or only its latent part [B,S,H,C] with the rope part passed as q_rope [B,S,H,R]: the kernel
+    reads the two where they lie, so a caller holding them apart needs no concat. cache_lens: optional [B]
+    int32/int64 valid lengths (values above T are clamped to T; rows that see no key, e.g. L_b < S, come out as
+    zeros). The launch is `config` if given, else the tuned winner for this shape if one is known (this process
+    or the disk cache, `autotune`), else the first of `mla_candidates` (with `num_splits` overriding its split
+    count). tune=True times the candidates on first use per shape (not during a CUDA-graph capture, which gets
+    the first candidate).
     """
-    _check(q, cache, kv_lora_rank, cache_lens)
+    qc, qr = _check(q, cache, kv_lora_rank, cache_lens, q_rope)
     b, s, h, _ = q.shape
-    if q.numel() == 0:
+    if qc.numel() == 0:
         return torch.empty((b, s, h, kv_lora_rank), dtype=q.dtype, device=q.device)
     if config is None:
         rows, t_len = s * h, cache.shape[1]
         cands = mla_candidates(b, rows, t_len, _sm_count(q.device))
         if num_splits is not None:
             cands = [MLAConfig(c.block_h, c.block_n, num_splits, c.num_warps, c.num_stages) for c in cands]
-        key = tune_key(b, rows, t_len, kv_lora_rank, q.shape[3] - kv_lora_rank, q.dtype, causal,
-                       cache_lens is not None, num_splits)
-        run = lambda cfg: _launch(q, cache, scale, kv_lora_rank, cache_lens, causal, cfg)
+        key = tune_key(b, rows, t_len, kv_lora_rank, qr.shape[3], q.dtype, causal, cache_lens is not None,
+                       num_splits)
+        run = lambda cfg: _launch(qc, qr, cache, scale, cache_lens, causal, cfg)
         cands = list(dict.fromkeys(cands))
         config = (pick("mla_decode", key, cands, run, timer=graph_ms) if tune
                   else cached("mla_decode", key, cands) or cands[0])
     if config.num_splits < 1:
         raise InputError(f"mla_absorbed: num_splits must be >= 1, got {config.num_splits}")
-    return _launch(q, cache, scale, kv_lora_rank, cache_lens, causal, config)
+    return _launch(qc, qr, cache, scale, cache_lens, causal, config)

@@ -36,18 +36,42 @@ def _reads_cache(node) -> bool:
     return any(v.node is not None and v.node.op == "cache.append" for v in node.inputs[1:])
 
 
-@lowering("attention.mla_absorbed")
-def _mla(node, ctx):
-    fn = _kernel(ctx, "mla_decode", "mla_absorbed", node.inputs[0].dtype)
+def _mla_step(attn, ctx, split_q: bool):
+    """The absorbed-MLA decode template for `attn`; with split_q its step takes (q latent, q rope, cache)."""
+    fn = _kernel(ctx, "mla_decode", "mla_absorbed", attn.inputs[0].dtype)
     if isinstance(fn, Decline):
         return fn
-    scale, causal, rank = node.attrs["scale"], node.attrs["causal"], node.attrs["kv_lora_rank"]
-
-    cached = _reads_cache(node)
+    scale, causal, rank = attn.attrs["scale"], attn.attrs["causal"], attn.attrs["kv_lora_rank"]
+    cached = _reads_cache(attn)
 
     def run(a, sym):
+        q, q_rope, cache = (a[0], a[1], a[2]) if split_q else (a[0], None, a[1])
         static = decode_graphs.active() if cached else None  # CUDA-graph decode: the valid length is on the device
         if static is None:
-            return [fn(a[0], a[1], scale, rank, causal=causal)]
-        return [fn(a[0], a[1], scale, rank, cache_lens=static.lens, causal=causal, tune=not ctx.interpreting)]
+            return [fn(q, cache, scale, rank, causal=causal, q_rope=q_rope)]
+        return [fn(q, cache, scale, rank, cache_lens=static.lens, causal=causal, tune=not ctx.interpreting,
+                   q_rope=q_rope)]
     return Lowered(run, "template", "mla_decode._mla_decode_kernel (split-KV)")
+
+
+@lowering("attention.mla_absorbed")
+def _mla(node, ctx):
+    return _mla_step(node, ctx, split_q=False)
+
+
+@lowering("concat")
+def _q_into_mla(node, ctx):
+    """concat(q_latent, q_rope) read only by attention.mla_absorbed as its query (what `absorb_mla` emits): the
+    kernel reads the two parts where they lie, so the concat is never launched. A region of both nodes."""
+    users = ctx.users(node.outputs[0])
+    attn = users[0] if len(users) == 1 else None
+    if (attn is None or attn.op != "attention.mla_absorbed" or attn.inputs[0] is not node.outputs[0]
+            or len(node.inputs) != 2 or node.attrs["dim"] not in (-1, 3)
+            or node.inputs[0].type.shape[-1] != attn.attrs["kv_lora_rank"]
+            or not ctx.free(attn) or not ctx.region_ok([node, attn])):
+        return None
+    step = _mla_step(attn, ctx, split_q=True)
+    if isinstance(step, Decline):
+        return None
+    return Lowered(step.fn, step.kind, f"{step.kernel}, q read in two parts (no concat)", nodes=(node, attn),
+                   inputs=(node.inputs[0], node.inputs[1], attn.inputs[1]), outputs=attn.outputs)
