@@ -119,11 +119,15 @@ def test_tiny_preset_matches_eager(preset, **options):
     assert torch.equal(step[:, -1].argmax(-1).cpu(), ref_step[:, -1].argmax(-1))
 
 
-def test_absorbed_mla_reads_the_query_without_a_concat():
-    """The concat of q_latent | q_rope that absorb_mla emits runs inside the MLA decode kernel's region."""
+def test_absorbed_mla_launches_no_concat():
+    """The concat of q_latent | q_rope that absorb_mla emits runs inside the MLA decode kernel's region, and the
+    cache row (RMSNorm of c_kv | RoPE of k_pe) is one generated kernel."""
     report = dsgraph.compile(dsgraph.load("deepseek-v2-lite-tiny"), backend="triton", device=DEV).compiled.report
     fused = [k for k in report.kernels if k.op == "concat+attention.mla_absorbed"]
     assert len(fused) == 3 and all("q read in two parts" in k.kernel for k in fused)
+    rows = [k for k in report.kernels if k.op == "norm.rms+reshape+rope+concat"]
+    assert len(rows) == 3 and all(k.kernel.startswith("mla_cache_row") for k in rows)
+    assert not [k for k in report.kernels if k.op == "concat"]
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-llm-tiny"])

@@ -89,6 +89,27 @@ def test_rope_reads_strided_views():
     assert rel_err(fn(view, pos, rope_frequencies(full, 8)[0].to(DEV)), ref("rope", view, pos, **full)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("attrs", ROPES[1:3], ids=["interleaved", "yarn"])
+def test_mla_cache_row_equals_rms_rope_concat(attrs, dtype):
+    """One program per token writes [RMSNorm(c_kv) | RoPE(k_pe)]; c_kv and k_pe are views into one projection's
+    output (as merge_qkv_a leaves them), ragged widths (C=40, R=12)."""
+    from dsgraph.ops.rope import rope_frequencies
+    full = {k: a.default for k, a in ROPE_ATTRS.items()}
+    full.update(attrs)
+    g = torch.Generator().manual_seed(11)
+    kv = torch.randn(2, 3, 24 + 40 + 12, generator=g).to(DEV, dtype)
+    c_kv, k_pe = kv[..., 24:64], kv[..., 64:]
+    w = torch.randn(40, generator=g).to(DEV, dtype)
+    pos = torch.randint(0, 300, (2, 3), generator=g).to(DEV)
+    inv_freq, mult = rope_frequencies(full, 12)
+    fn = load_kernel(rope.mla_cache_row(40, 12, NAMES[dtype], 1e-6, full["interleaved"], mult))
+    row = fn(c_kv, k_pe, w, pos, inv_freq.to(DEV))
+    want = torch.cat([ref("norm.rms", c_kv, w, eps=1e-6), ref("rope", k_pe[:, :, None], pos, **full)[:, :, 0]], -1)
+    assert row.shape == (2, 3, 52) and row.dtype == dtype
+    assert rel_err(row, want) < TOL[dtype]
+
+
 def test_elementwise_chain_source_and_numerics():
     ins = [elementwise.EwInput("in0", "float32", "full", label="%x"),
            elementwise.EwInput("in1", "float32", "suffix", 5, "%b")]

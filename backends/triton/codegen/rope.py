@@ -7,7 +7,7 @@ Layouts: half-split pairs (i, i + D/2) (LLaMA/Qwen) or interleaved pairs (2i, 2i
 """
 from __future__ import annotations
 
-from .rowwise import _next_pow2
+from .rowwise import _next_pow2, _row_warps
 from .source import TRITON_DTYPES, KernelSource
 
 
@@ -60,3 +60,61 @@ def launch(x, positions, inv_freq):
     name = f"rope_d{dim}_h{heads}_{'il' if interleaved else 'hs'}_{dtype}"
     return KernelSource(name, f"RoPE ({layout} pairs) over {heads} heads of dim {dim}, {dtype}, "
                               f"cos/sin multiplier {mult:.6g}", body)
+
+
+def mla_cache_row(rank: int, dim: int, dtype: str, eps: float, interleaved: bool, mult: float) -> KernelSource:
+    """Absorbed MLA's cache row in one program per token: [RMSNorm(c_kv) * w | RoPE(k_pe)].
+
+    launch(c_kv [..., C], k_pe [..., R], w [C], positions [...], inv_freq [R/2] fp32) -> [..., C+R]. The same
+    numerics as `rowwise.rms_norm` and `rope` above, so the row equals norm.rms + rope + concat launched apart.
+    """
+    tdt, half = TRITON_DTYPES[dtype], dim // 2
+    block_c, block_d = _next_pow2(rank), _next_pow2(half)
+    first, second = ("2 * d", "2 * d + 1") if interleaved else ("d", f"d + {half}")
+    body = f'''
+import torch
+
+
+@triton.jit
+def _kernel(c_ptr, k_ptr, w_ptr, pos_ptr, freq_ptr, out_ptr, stride_c, stride_k, C: tl.constexpr, R: tl.constexpr,
+            HALF: tl.constexpr, EPS: tl.constexpr, MULT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    out_row = out_ptr + tok * (C + R)
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    x = tl.load(c_ptr + tok * stride_c + cols, mask=c_ok, other=0.0).to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / C + EPS)
+    w = tl.load(w_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+    tl.store(out_row + cols, ((x * inv_rms).to({tdt}).to(tl.float32) * w).to({tdt}), mask=c_ok)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HALF
+    angle = tl.load(pos_ptr + tok).to(tl.float32) * tl.load(freq_ptr + d, mask=d_ok, other=0.0)
+    cos = tl.cos(angle) * MULT
+    sin = tl.sin(angle) * MULT
+    x1 = tl.load(k_ptr + tok * stride_k + {first}, mask=d_ok, other=0.0).to(tl.float32)
+    x2 = tl.load(k_ptr + tok * stride_k + {second}, mask=d_ok, other=0.0).to(tl.float32)
+    tl.store(out_row + C + {first}, (x1 * cos - x2 * sin).to({tdt}), mask=d_ok)
+    tl.store(out_row + C + {second}, (x2 * cos + x1 * sin).to({tdt}), mask=d_ok)
+
+
+def _rows(t, n):
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def launch(c_kv, k_pe, w, positions, inv_freq):
+    c2, k2 = _rows(c_kv, {rank}), _rows(k_pe, {dim})
+    pos = positions.reshape(-1)
+    if not pos.is_contiguous():
+        pos = pos.contiguous()
+    out = torch.empty((*c_kv.shape[:-1], {rank + dim}), dtype=c_kv.dtype, device=c_kv.device)
+    if c2.shape[0]:
+        _kernel[(c2.shape[0],)](c2, k2, w, pos, inv_freq, out, c2.stride(0), k2.stride(0), C={rank}, R={dim},
+                                HALF={half}, EPS={eps!r}, MULT={float(mult)!r}, BLOCK_C={block_c},
+                                BLOCK_D={block_d}, num_warps={_row_warps(block_c)})
+    return out
+'''
+    layout = "interleaved" if interleaved else "half-split"
+    name = f"mla_cache_row_c{rank}_r{dim}_{'il' if interleaved else 'hs'}_{dtype}"
+    return KernelSource(name, f"absorbed-MLA cache row: RMSNorm over {rank} + RoPE ({layout} pairs) over {dim}, "
+                              f"concatenated, {dtype}, eps={eps}, cos/sin multiplier {mult:.6g}", body)
