@@ -91,6 +91,11 @@ class LowerCtx:
     def users(self, v: Value) -> list[Node]:
         return sorted(v.users, key=lambda n: self.index[id(n)])
 
+    def sole_user(self, v: Value) -> Node | None:
+        """The one node that reads v, or None (no reader, several, or v is a graph output)."""
+        outs = {id(o) for o in self.graph.outputs.values()}
+        return next(iter(v.users)) if len(v.users) == 1 and id(v) not in outs else None
+
     def free(self, n: Node) -> bool:
         return id(n) not in self.claimed and id(n) not in self.const_nodes
 

@@ -63,8 +63,7 @@ def _mla(node, ctx):
 def _q_into_mla(node, ctx):
     """concat(q_latent, q_rope) read only by attention.mla_absorbed as its query (what `absorb_mla` emits): the
     kernel reads the two parts where they lie, so the concat is never launched. A region of both nodes."""
-    users = ctx.users(node.outputs[0])
-    attn = users[0] if len(users) == 1 else None
+    attn = ctx.sole_user(node.outputs[0])
     if (attn is None or attn.op != "attention.mla_absorbed" or attn.inputs[0] is not node.outputs[0]
             or len(node.inputs) != 2 or node.attrs["dim"] not in (-1, 3)
             or node.inputs[0].type.shape[-1] != attn.attrs["kv_lora_rank"]

@@ -71,18 +71,19 @@ def _experts(node, ctx):
                    f"{e} experts stacked at compile time", inputs=(x, w, idx))
 
 
-def _only_user(v, op):
-    users = list(v.users)
-    return users[0] if len(users) == 1 and users[0].op == op else None
+def _next_op(ctx, v, op):
+    """The node that alone reads v, if it is an `op`."""
+    user = ctx.sole_user(v)
+    return user if user is not None and user.op == op else None
 
 
 def _match_chain(p, ctx):
     """permute -> grouped_gemm(gate_up) -> act.swiglu -> grouped_gemm(down) -> unpermute, or None."""
     x_perm, order, offsets = p.outputs
-    g1 = _only_user(x_perm, "moe.grouped_gemm")
-    act = g1 and _only_user(g1.outputs[0], "act.swiglu")
-    g2 = act and _only_user(act.outputs[0], "moe.grouped_gemm")
-    un = g2 and _only_user(g2.outputs[0], "moe.unpermute")
+    g1 = _next_op(ctx, x_perm, "moe.grouped_gemm")
+    act = g1 and _next_op(ctx, g1.outputs[0], "act.swiglu")
+    g2 = act and _next_op(ctx, act.outputs[0], "moe.grouped_gemm")
+    un = g2 and _next_op(ctx, g2.outputs[0], "moe.unpermute")
     if not un or g1.inputs[0] is not x_perm or g1.inputs[2] is not offsets or g2.inputs[2] is not offsets:
         return None
     if un.inputs[0] is not g2.outputs[0] or un.inputs[2] is not order or set(order.users) != {un}:

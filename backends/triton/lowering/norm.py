@@ -17,17 +17,12 @@ def _width(node) -> int | None:
     return d if isinstance(d, int) else None
 
 
-def _only_user(v, ctx):
-    users = ctx.users(v)
-    return users[0] if len(users) == 1 else None
-
-
 @lowering("norm.rms")
 def _mla_cache_row(node, ctx):
     """Absorbed MLA's cache row, concat(norm.rms(c_kv), reshape(rope(reshape(k_pe)))) as `absorb_mla` builds it,
     in one generated kernel instead of three launches (RMSNorm, RoPE, concat). Claimed from the RMSNorm, the
     region's first node; every value inside it must feed only the next node."""
-    cat = _only_user(node.outputs[0], ctx)
+    cat = ctx.sole_user(node.outputs[0])
     flat = cat.inputs[1].node if cat is not None and cat.op == "concat" and len(cat.inputs) == 2 else None
     rope = flat.inputs[0].node if flat is not None and flat.op == "reshape" else None
     heads = rope.inputs[0].node if rope is not None and rope.op == "rope" else None
@@ -37,7 +32,7 @@ def _mla_cache_row(node, ctx):
     rank, dim, dtype = node.inputs[0].shape[-1], heads.inputs[0].shape[-1], node.inputs[0].dtype
     if (not all(isinstance(d, int) for d in (rank, dim)) or dtype not in _FLOATS or rope.inputs[0].shape[-2] != 1
             or cat.attrs["dim"] not in (-1, len(cat.outputs[0].shape) - 1)
-            or any(_only_user(a.outputs[0], ctx) is not b for a, b in ((heads, rope), (rope, flat), (flat, cat)))
+            or any(ctx.sole_user(a.outputs[0]) is not b for a, b in ((heads, rope), (rope, flat), (flat, cat)))
             or not all(ctx.free(n) for n in chain[1:]) or not ctx.region_ok(chain)):
         return None
     inv_freq, mult = rope_frequencies(rope.attrs, dim)
