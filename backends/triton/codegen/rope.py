@@ -11,6 +11,16 @@ from .rowwise import _next_pow2, _row_warps
 from .source import TRITON_DTYPES, KernelSource
 
 
+def _rotate_pairs(src: str, dst: str, first: str, second: str, mask: str, tdt: str) -> str:
+    """Kernel lines rotating the pairs (first, second) read at `src` by (cos, sin), written to `dst` in `tdt`:
+    one text for `rope` and `mla_cache_row`, so the two stay numerically identical."""
+    return f"""
+    x1 = tl.load({src} + {first}, mask={mask}, other=0.0).to(tl.float32)
+    x2 = tl.load({src} + {second}, mask={mask}, other=0.0).to(tl.float32)
+    tl.store({dst} + {first}, (x1 * cos - x2 * sin).to({tdt}), mask={mask})
+    tl.store({dst} + {second}, (x2 * cos + x1 * sin).to({tdt}), mask={mask})"""
+
+
 def rope(dim: int, heads: int, dtype: str, interleaved: bool, mult: float) -> KernelSource:
     """launch(x [B, S, *H, D], positions [B, S], inv_freq [D/2] fp32) -> rotated x (same shape and dtype)."""
     tdt, half = TRITON_DTYPES[dtype], dim // 2
@@ -33,11 +43,8 @@ def _kernel(x_ptr, pos_ptr, freq_ptr, out_ptr, stride_xt, stride_xh, HEADS: tl.c
     cos = (tl.cos(angle) * MULT)[None, :]
     sin = (tl.sin(angle) * MULT)[None, :]
     x_row = x_ptr + tok * stride_xt + h[:, None] * stride_xh
-    x1 = tl.load(x_row + ({first})[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + ({second})[None, :], mask=mask, other=0.0).to(tl.float32)
-    o_row = out_ptr + tok * (HEADS * {dim}) + h[:, None] * {dim}
-    tl.store(o_row + ({first})[None, :], (x1 * cos - x2 * sin).to({tdt}), mask=mask)
-    tl.store(o_row + ({second})[None, :], (x2 * cos + x1 * sin).to({tdt}), mask=mask)
+    o_row = out_ptr + tok * (HEADS * {dim}) + h[:, None] * {dim}{_rotate_pairs("x_row", "o_row", f"({first})[None, :]",
+                                                                      f"({second})[None, :]", "mask", tdt)}
 
 
 def launch(x, positions, inv_freq):
@@ -91,10 +98,7 @@ def _kernel(c_ptr, k_ptr, w_ptr, pos_ptr, freq_ptr, out_ptr, stride_c, stride_k,
     angle = tl.load(pos_ptr + tok).to(tl.float32) * tl.load(freq_ptr + d, mask=d_ok, other=0.0)
     cos = tl.cos(angle) * MULT
     sin = tl.sin(angle) * MULT
-    x1 = tl.load(k_ptr + tok * stride_k + {first}, mask=d_ok, other=0.0).to(tl.float32)
-    x2 = tl.load(k_ptr + tok * stride_k + {second}, mask=d_ok, other=0.0).to(tl.float32)
-    tl.store(out_row + C + {first}, (x1 * cos - x2 * sin).to({tdt}), mask=d_ok)
-    tl.store(out_row + C + {second}, (x2 * cos + x1 * sin).to({tdt}), mask=d_ok)
+    k_row = k_ptr + tok * stride_k{_rotate_pairs("k_row", "out_row + C", f"({first})", f"({second})", "d_ok", tdt)}
 
 
 def _rows(t, n):

@@ -76,10 +76,10 @@ def gemv_candidates(k: int) -> list[GemvConfig]:
                               for tile in (4096, 8192)))
 
 
-def _check_rows(what: str, x: torch.Tensor, k: int) -> None:
+def _check_rows(what: str, x: torch.Tensor, k: int, fix: str) -> None:
     if x.numel() > GEMV_ROWS * k:
         raise ShapeError(f"{what}: x {tuple(x.shape)} has more than {GEMV_ROWS} rows (each program holds all of "
-                         "them); use torch for GEMMs")
+                         f"them); use {fix} for GEMMs")
 
 
 def _launch(what: str, x3: torch.Tensor, w3: torch.Tensor, bias, config, tune: bool) -> torch.Tensor:
@@ -116,7 +116,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ShapeError(f"gemv: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     lead, (n, k) = x.shape[:-1], weight.shape
-    _check_rows("gemv", x, k)
+    _check_rows("gemv", x, k, "torch.nn.functional.linear")
     x2 = x.reshape(-1, 1, k)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     return _launch("gemv", x2, weight.unsqueeze(0), bias, config, tune).reshape(*lead, n)
@@ -132,7 +132,7 @@ def head_gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None =
     if weight.dim() != 3 or x.dim() < 2 or tuple(x.shape[-2:]) != (h, k):
         raise ShapeError(f"head_gemv: x [..., H, K] and weight [H, N, K]; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}")
-    _check_rows("head_gemv", x, h * k)
+    _check_rows("head_gemv", x, h * k, "torch.einsum")
     x3 = x.reshape(-1, h, k)
     x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
     return _launch("head_gemv", x3, weight, None, config, tune).reshape(*x.shape[:-1], n)

@@ -21,13 +21,19 @@ CUBLAS = "torch.nn.functional.linear (cuBLAS on CUDA)"
 GEMV = f"gemv._gemv_kernel (<= {GEMV_ROWS} rows; more: {CUBLAS})"
 
 
+def _gemv_tune(ctx) -> bool | None:
+    """None when few-row projections stay with cuBLAS, else whether the GEMV template tunes its tiles. Option
+    `gemv` defaults on for CUDA (it beat cuBLAS at 5 of V2-Lite's 6 decode projections) and off on the
+    interpreter, where it would only add per-launch cost; tiles are tuned per shape on a GPU."""
+    return not ctx.interpreting if ctx.options.get("gemv", not ctx.interpreting) else None
+
+
 def _dense(ctx):
     """(linear function, kernel description, kind): the GEMV template for calls with <= GEMV_ROWS rows where
-    option `gemv` is on (default: on CUDA, where it beat cuBLAS at 5 of V2-Lite's 6 decode projections; off on
-    the interpreter, where it would only add per-launch cost), else cuBLAS. Its tiles are tuned per shape."""
-    if not ctx.options.get("gemv", not ctx.interpreting):
+    `_gemv_tune` allows it, else cuBLAS."""
+    tune = _gemv_tune(ctx)
+    if tune is None:
         return F.linear, CUBLAS, "library"
-    tune = not ctx.interpreting
 
     def linear(x, w, b=None):
         return gemv(x, w, b, tune=tune) if x.numel() <= GEMV_ROWS * x.shape[-1] else F.linear(x, w, b)
@@ -69,9 +75,9 @@ def _(node, ctx):
     2.7-2.8 us against 3.2 (W_UK read column-major) and 3.5 (transposed at compile time)."""
     eq = node.attrs["equation"]
     library = f"torch.einsum {eq!r} (cuBLAS bmm)"
-    if eq != O_ABS or not ctx.options.get("gemv", not ctx.interpreting):
+    tune = _gemv_tune(ctx)
+    if eq != O_ABS or tune is None:
         return Lowered(lambda a, sym: [torch.einsum(eq, a[0], a[1])], "library", library)
-    tune = not ctx.interpreting
 
     def run(a, sym):
         x, w = a
