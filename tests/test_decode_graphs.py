@@ -13,8 +13,10 @@ if not torch.cuda.is_available():  # must precede the first triton import
 from routing_helpers import decisive_routing  # noqa: E402
 
 import dsgraph  # noqa: E402
+import models  # noqa: E402
 from backends import get_backend, kv_cache  # noqa: E402
 from backends.triton import decode_graphs as dg  # noqa: E402
+from backends.triton.kernels import mla_decode, mla_decode_gluon  # noqa: E402
 from dsgraph.errors import DSGraphError  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -153,3 +155,37 @@ def test_captured_decode_equals_plain_decode_gpu(preset):
         ref, state = exe.decode(toks[:, i:i + 1], state)
         err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         assert err < 2e-2, (i, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs an sm_90 GPU")
+def test_captured_decode_with_the_gluon_mla_kernel_equals_eager_gpu(monkeypatch):
+    """A V3-tiny with 64 heads and the real latent widths (C=512, R=64), the Gluon MLA kernel the only candidate
+    where it fits: the report names it, captured steps run it over the zero-initialised static buffers, and every
+    step's logits agree with eager fp32 within eager bf16's own error."""
+    cfg = {**models.preset_config("deepseek-v3-tiny"), "num_attention_heads": 64, "num_key_value_heads": 64,
+           "kv_lora_rank": 512, "qk_rope_head_dim": 64}
+    conf = models.from_hf(cfg)
+    graph = models.build_graph(conf, "float32", mtp=False, name="v3_tiny_64_heads")
+    model = decisive_routing(models.Model("v3-tiny-64-heads", conf, graph, models.random_weights(graph, 0, "cpu")))
+    plain = mla_decode.mla_candidates
+    monkeypatch.setattr(mla_decode, "mla_candidates",
+                        lambda *a, gluon=False: [mla_decode_gluon.GLUON_CONFIG] if gluon else plain(*a))
+    launches = []
+    kernel = mla_decode_gluon.mla_decode_gluon
+    monkeypatch.setattr(mla_decode_gluon, "mla_decode_gluon", lambda *a, **k: launches.append(1) or kernel(*a, **k))
+    exe = dsgraph.compile(model, backend="triton", device="cuda", dtype="bfloat16")
+    assert "mla_decode_gluon._mla_decode_gluon" in str(exe.compiled.report)
+    ref = dsgraph.compile(model, backend="eager", device="cuda", dtype="float32")
+    e16 = dsgraph.compile(model, backend="eager", device="cuda", dtype="bfloat16")
+    toks = _ids(exe, 2, 21, 5).cuda()
+    (_, state), (_, ref_state), (_, e16_state) = (x.prefill(toks[:, :9]) for x in (exe, ref, e16))
+    for i in range(9, 21):
+        tok = toks[:, i:i + 1]
+        (out, state), (want, ref_state), (bf16, e16_state) = (
+            exe.decode(tok, state), ref.decode(tok, ref_state), e16.decode(tok, e16_state))
+        err = lambda x: ((x.float() - want.float()).norm() / want.float().norm()).item()  # noqa: E731
+        assert err(out) < max(2e-2, 2 * err(bf16)), (i, err(out), err(bf16))
+    assert exe.compiled.decode_step.stats["graph_steps"] == 12 and launches
+

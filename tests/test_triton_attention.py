@@ -4,7 +4,12 @@ lengths, MTP-style S > 1) and flash prefill (GQA groups, D != Dv, head dims that
 On the CPU these run through Triton's interpreter (tests/conftest.py switches it on), which is slow and
 computes bf16 dots wrongly: shapes are tiny and dtypes fp32/fp16 here; bf16 at real shapes is `-m gpu`.
 """
+import dataclasses
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,14 +17,17 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import, also when run without conftest
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from backends.triton.kernels import mla_decode  # noqa: E402
 from backends.triton.kernels.flash_attention import FlashConfig, flash_attention, pow2_split  # noqa: E402
 from backends.triton.kernels.mla_decode import MLAConfig, mla_absorbed  # noqa: E402
+from backends.triton.kernels.mla_decode_gluon import GLUON_CONFIG, fits  # noqa: E402
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.ops.attention import attention_ref, mla_absorbed_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 SMALL = MLAConfig(block_h=16, block_n=16, num_splits=1, num_warps=4, num_stages=1)
+ROOT = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -129,6 +137,66 @@ def test_mla_bad_inputs_raise():
         mla_absorbed(q[..., :32], cache, 0.1, 32, q_rope=q[:, :, :2, 32:])
 
 
+# ------------------------------------------------------------------------------------- MLA decode, Gluon (Hopper)
+
+def _mla_parts(b, h, t, dtype=torch.bfloat16, device=DEV):
+    """Shapes only (the CPU tests never launch the Gluon kernel): q's latent and rope views, and a cache."""
+    q = torch.empty(b, 1, h, 576, dtype=dtype, device=device)
+    return q[..., :512], q[..., 512:], torch.empty(b, t, 576, dtype=dtype, device=device)
+
+
+def test_gluon_mla_scope_names_why_a_call_is_outside_it():
+    qc, qr, cache = _mla_parts(2, 128, 100)
+    assert fits(qc, qr, cache, None, False) is None
+    lens = torch.tensor([5, 100], dtype=torch.int32)
+    assert fits(qc, qr, cache, lens, True) is None
+    assert "finite_tail" in fits(qc, qr, cache, lens, False)
+    assert "heads a multiple of 64" in fits(*_mla_parts(2, 16, 100), None, False)
+    q2 = torch.empty(2, 2, 128, 576, dtype=torch.bfloat16)
+    assert "one query row" in fits(q2[..., :512], q2[..., 512:], cache, None, False)
+    assert "bf16 or fp16" in fits(*_mla_parts(2, 128, 100, torch.float32), None, False)
+    gapped = torch.empty(4, 1, 128, 576, dtype=torch.bfloat16)[::2]  # batch stride 2 H rows: no [B*H, W] view
+    assert "TMA" in fits(gapped[..., :512], gapped[..., 512:], cache, None, False)
+    odd = torch.empty(2, 100, 577, dtype=torch.bfloat16)[..., :576]  # 1154-byte rows: not 16-byte multiples
+    assert "TMA" in fits(qc, qr, odd, None, False)
+
+
+def test_gluon_mla_config_leads_where_one_split_would(monkeypatch):
+    """Batches that fill the GPU get the Gluon kernel by default; batch 1 keeps the split-KV tiles first and
+    offers the Gluon kernel to the tuner last; it is never offered where the call does not fit."""
+    monkeypatch.setattr(mla_decode, "interpreting", lambda: False)
+    full = mla_decode.mla_candidates(64, 128, 4096, 132, gluon=True)
+    assert full[0] == GLUON_CONFIG and GLUON_CONFIG not in full[1:]
+    one = mla_decode.mla_candidates(1, 128, 4096, 132, gluon=True)
+    assert one[0].kernel == "triton" and one[0].num_splits > 1 and one[-1] == GLUON_CONFIG
+    assert all(c.kernel == "triton" for c in mla_decode.mla_candidates(64, 128, 4096, 132, gluon=False))
+
+
+def test_gluon_mla_config_refused_where_it_cannot_run():
+    q, cache = torch.randn(2, 1, 4, 40, device=DEV), torch.randn(2, 9, 40, device=DEV)
+    why = "sm_90" if DEV == "cpu" else "."
+    with pytest.raises(InputError, match=f"Gluon kernel cannot run this call.*{why}"):
+        mla_absorbed(q, cache, 0.1, 32, config=GLUON_CONFIG)
+    with pytest.raises(InputError, match="MLAConfig.kernel"):
+        mla_absorbed(q, cache, 0.1, 32, config=dataclasses.replace(SMALL, kernel="cuda"))
+
+
+def test_gluon_mla_compiles_for_hopper_with_one_score_tile_per_warpgroup():
+    """Built for sm_90 on any machine (a subprocess: this one runs Triton's interpreter): warp-specialised
+    (setmaxnreg), each warpgroup's score product a whole 64 x 64 tile (m64n64k16, not the m64n32k16 halves of the
+    Triton template), PV in 256-column halves, within the H100's 227 KB of shared memory; with and without
+    device-side lengths."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json; from backends.triton.kernels.mla_decode_gluon import compile_for_hopper as c; "
+            "print(json.dumps([c(True), c(False)]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**env, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for report in json.loads(out.stdout.strip().splitlines()[-1]):
+        assert report["wgmma"] == ["m64n256k16", "m64n64k16"] and report["setmaxnreg"] > 0
+        assert report["shared_bytes"] <= 232448
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only guard")
 def test_bf16_refused_on_interpreter():
     q = torch.randn(1, 1, 2, 40, dtype=torch.bfloat16)
@@ -213,6 +281,54 @@ def test_mla_absorbed_bf16_gpu(b, s, h, t, splits):
     q, cache = rand(b, s, h, 576, dtype=torch.bfloat16, gen=gen), rand(b, t, 576, dtype=torch.bfloat16, gen=gen)
     lens = torch.randint(s, t + 1, (b,), generator=gen).to(device=DEV, dtype=torch.int32)
     out = mla_absorbed(q, cache, 576 ** -0.5, 512, cache_lens=lens, num_splits=splits, tune=splits is None)
+    assert rel_err(out, mla_ref_lens(q, cache, 576 ** -0.5, 512, lens)) < TOL[torch.bfloat16]
+
+
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                  reason="needs an sm_90 GPU")
+
+
+@gpu
+@needs_hopper
+@pytest.mark.parametrize("b,h,t,lens,split_q,dtype", [
+    (3, 128, 300, [300, 1, 129], False, torch.bfloat16),  # T and two lengths not multiples of the 64-key tile
+    (2, 64, 1000, None, True, torch.float16),             # q in two parts; all rows valid
+    (64, 128, 4096, "ragged", False, torch.bfloat16),     # the benchmark shape
+    (2, 128, 70, [0, 70], True, torch.bfloat16),          # a request with no cached row gives zeros
+])
+def test_mla_gluon_matches_reference_gpu(b, h, t, lens, split_q, dtype):
+    """The Gluon kernel against the fp32-accumulating torch reference. The cache is the prefix of a buffer whose
+    spare rows hold NaN, so a tile read past T must come in as TMA's zeros; with lengths, rows in [L_b, T) hold
+    finite values (finite_tail), which the kernel reads and masks."""
+    gen = torch.Generator().manual_seed(b * h + t)
+    buf = torch.full((b, t + 64, 576), float("nan"), dtype=dtype, device=DEV)
+    buf[:, :t] = rand(b, t, 576, dtype=dtype, gen=gen)
+    cache = buf[:, :t]
+    if lens == "ragged":
+        lens = torch.randint(1, t + 1, (b,), generator=gen).tolist()
+    lens_t = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q = rand(b, 1, h, 576 + (16 if split_q else 0), dtype=dtype, gen=gen)[..., :576]
+    parts = dict(q=q[..., :512], q_rope=q[..., 512:]) if split_q else dict(q=q)
+    out = mla_absorbed(**parts, cache=cache, scale=576 ** -0.5, kv_lora_rank=512, cache_lens=lens_t,
+                       config=GLUON_CONFIG, finite_tail=True)
+    assert out.shape == (b, 1, h, 512) and out.dtype == dtype
+    if lens is not None and 0 in lens:
+        assert torch.all(out[lens.index(0)] == 0)
+        keep = [i for i, n in enumerate(lens) if n > 0]
+        out, q, cache, lens_t = out[keep], q[keep], cache[keep], lens_t[keep]
+    assert rel_err(out, mla_ref_lens(q, cache, 576 ** -0.5, 512, lens_t)) < TOL[dtype]
+
+
+@gpu
+@needs_hopper
+def test_mla_tail_that_may_be_nan_keeps_the_template_gpu():
+    """Without finite_tail, lengths and NaN past them: the Gluon kernel is not a candidate and the output is right."""
+    gen = torch.Generator().manual_seed(6)
+    q, cache = rand(64, 1, 128, 576, dtype=torch.bfloat16, gen=gen), rand(64, 256, 576, dtype=torch.bfloat16, gen=gen)
+    lens = torch.randint(1, 200, (64,), generator=gen).to(device=DEV, dtype=torch.int32)
+    cache[:, 200:] = float("nan")
+    assert "finite_tail" in mla_decode.gluon_unfit(q[..., :512], q[..., 512:], cache, lens, False)
+    out = mla_absorbed(q, cache, 576 ** -0.5, 512, cache_lens=lens, tune=True)
     assert rel_err(out, mla_ref_lens(q, cache, 576 ** -0.5, 512, lens)) < TOL[torch.bfloat16]
 
 

@@ -18,9 +18,14 @@ can see. (Prefill without a cache uses `flash_attention` on the decompressed hea
 Split-KV: each request's visible keys are cut into NUM_SPLITS partitions handled by separate programs, each
 writing its normalised partial output and log-sum-exp (base 2); `_mla_reduce_kernel` merges them. This is
 what fills the GPU at batch 1. NUM_SPLITS == 1 writes the output directly, with no partial buffers.
+
+On Hopper, one-token decode at batches that fill the GPU has a second kernel, `mla_decode_gluon` (warp-specialised,
+each warpgroup computing the whole score tile); it is one more candidate config (`MLAConfig.kernel == "gluon"`),
+the default where one split would be, so the tuner and the disk cache choose between the two like any tiles.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +160,7 @@ class MLAConfig:
     num_splits: int
     num_warps: int
     num_stages: int
+    kernel: str = "triton"  # or "gluon": mla_decode_gluon, which has fixed tiles and one split
 
 
 def mla_num_splits(batch: int, rows: int, kv_len: int, sm_count: int) -> int:
@@ -169,9 +175,10 @@ def mla_num_splits(batch: int, rows: int, kv_len: int, sm_count: int) -> int:
     return max(1, min(2 * sm_count // programs, kv_len // 128, 64))
 
 
-def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int) -> list[MLAConfig]:
+def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int, gluon: bool = False) -> list[MLAConfig]:
     """Launch configs for a shape, the default first; `tune=True` times them all. Keyed on the shape because the
-    split count decides the grid and the partial buffers, which triton.autotune cannot vary.
+    split count decides the grid and the partial buffers, which triton.autotune cannot vary. gluon: the call fits
+    `mla_decode_gluon` (its config leads where one split would, else it comes last).
 
     Tiles measured on H100 (bf16, C=512, R=64, cache 4096; benchmarks/attention_gpu.py): one split with
     64-row blocks (BLOCK_H=64 fills a wgmma tile, its fp32 [64 x 512] accumulator wants 8 warps) for large
@@ -193,14 +200,19 @@ def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int) -> list[ML
         split_opts = [splits] + sorted({max(1, splits // 2), min(most, splits * 2), min(most, splits * 4)} - {splits})
     else:
         split_opts = [1, 2]
-    return [MLAConfig(bh, bn, sp, w, st) for sp in split_opts for bh, bn, w, st in tiles]
+    cands = [MLAConfig(bh, bn, sp, w, st) for sp in split_opts for bh, bn, w, st in tiles]
+    if gluon:  # 128 heads, batch 64: 176 us against the best tiles' 272
+        from .mla_decode_gluon import GLUON_CONFIG
+        cands = [GLUON_CONFIG] + cands if splits == 1 else cands + [GLUON_CONFIG]
+    return cands
 
 
 def tune_key(batch: int, rows: int, kv_len: int, head_c: int, head_r: int, dtype: torch.dtype, causal: bool,
-             has_lens: bool, num_splits: int | None) -> tuple:
+             has_lens: bool, num_splits: int | None, gluon: bool) -> tuple:
     """Cache lengths are bucketed to powers of two so a growing cache does not re-tune every step;
-    num_splits is the caller's override (None when the candidates choose)."""
-    return (batch, rows, triton.next_power_of_2(kv_len), head_c, head_r, str(dtype), causal, has_lens, num_splits)
+    num_splits is the caller's override (None when the candidates choose); gluon: the Gluon kernel was a candidate."""
+    return (batch, rows, triton.next_power_of_2(kv_len), head_c, head_r, str(dtype), causal, has_lens, num_splits,
+            gluon)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -235,7 +247,21 @@ def _check(q, cache, kv_lora_rank, cache_lens, q_rope):
     return (q[..., :kv_lora_rank], q[..., kv_lora_rank:]) if whole else (q, q_rope)
 
 
+def gluon_unfit(qc, qr, cache, cache_lens, finite_tail: bool) -> str | None:
+    """None if `mla_decode_gluon` can run this call, else why not."""
+    if qc.device.type != "cuda" or torch.cuda.get_device_capability(qc.device) != (9, 0):
+        return "needs an sm_90 (Hopper) GPU"
+    try:
+        from .mla_decode_gluon import fits
+    except ImportError as e:  # a Triton without Gluon (or without its Hopper ops)
+        return f"this Triton has no Gluon Hopper ops ({e})"
+    return fits(qc, qr, cache, cache_lens, finite_tail)
+
+
 def _launch(qc, qr, cache, scale, cache_lens, causal, cfg: MLAConfig) -> torch.Tensor:
+    if cfg.kernel == "gluon":  # one query row, so causal masking is the length mask
+        from .mla_decode_gluon import mla_decode_gluon
+        return mla_decode_gluon(qc, qr, cache, scale, cache_lens)
     (b, s, h, c), r = qc.shape, qr.shape[3]
     rows, splits = s * h, cfg.num_splits
     out = torch.empty((b, s, h, c), dtype=qc.dtype, device=qc.device)
@@ -263,32 +289,38 @@ def _launch(qc, qr, cache, scale, cache_lens, causal, cfg: MLAConfig) -> torch.T
 def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank: int,
                  cache_lens: torch.Tensor | None = None, causal: bool = True,
                  config: MLAConfig | None = None, num_splits: int | None = None, tune: bool = False,
-                 q_rope: torch.Tensor | None = None) -> torch.Tensor:
+                 q_rope: torch.Tensor | None = None, finite_tail: bool = False) -> torch.Tensor:
     """`attention.mla_absorbed` over a latent cache; returns [B, S, H, kv_lora_rank] in q's dtype.
 
     q is [B,S,H,C+R], or only its latent part [B,S,H,C] with the rope part passed as q_rope [B,S,H,R]: the kernel
     reads the two where they lie, so a caller holding them apart needs no concat. cache_lens: optional [B]
     int32/int64 valid lengths (values above T are clamped to T; rows that see no key, e.g. L_b < S, come out as
-    zeros). The launch is `config` if given, else the tuned winner for this shape if one is known (this process
-    or the disk cache, `autotune`), else the first of `mla_candidates` (with `num_splits` overriding its split
-    count). tune=True times the candidates on first use per shape (not during a CUDA-graph capture, which gets
-    the first candidate).
+    zeros). finite_tail: the caller vouches that cache rows at or past cache_lens hold finite values (true of
+    the runtime's zero-initialised decode buffers), which the Gluon kernel needs. The launch is `config` if
+    given, else the tuned winner for this shape if one is known (this process or the disk cache, `autotune`),
+    else the first of `mla_candidates` (with `num_splits` overriding its split count). tune=True times the
+    candidates on first use per shape (not during a CUDA-graph capture, which gets the first candidate).
     """
     qc, qr = _check(q, cache, kv_lora_rank, cache_lens, q_rope)
     b, s, h, _ = q.shape
     if qc.numel() == 0:
         return torch.empty((b, s, h, kv_lora_rank), dtype=q.dtype, device=q.device)
+    unfit = gluon_unfit(qc, qr, cache, cache_lens, finite_tail) if num_splits in (None, 1) else "num_splits > 1"
     if config is None:
         rows, t_len = s * h, cache.shape[1]
-        cands = mla_candidates(b, rows, t_len, _sm_count(q.device))
+        cands = mla_candidates(b, rows, t_len, _sm_count(q.device), gluon=unfit is None)
         if num_splits is not None:
-            cands = [MLAConfig(c.block_h, c.block_n, num_splits, c.num_warps, c.num_stages) for c in cands]
+            cands = [dataclasses.replace(c, num_splits=num_splits) for c in cands]
         key = tune_key(b, rows, t_len, kv_lora_rank, qr.shape[3], q.dtype, causal, cache_lens is not None,
-                       num_splits)
+                       num_splits, unfit is None)
         run = lambda cfg: _launch(qc, qr, cache, scale, cache_lens, causal, cfg)
         cands = list(dict.fromkeys(cands))
         config = (pick("mla_decode", key, cands, run, timer=graph_ms) if tune
                   else cached("mla_decode", key, cands) or cands[0])
     if config.num_splits < 1:
         raise InputError(f"mla_absorbed: num_splits must be >= 1, got {config.num_splits}")
+    if config.kernel == "gluon" and unfit is not None:
+        raise InputError(f"mla_absorbed: the Gluon kernel cannot run this call: {unfit}")
+    if config.kernel not in ("triton", "gluon"):
+        raise InputError(f"mla_absorbed: MLAConfig.kernel must be 'triton' or 'gluon', got {config.kernel!r}")
     return _launch(qc, qr, cache, scale, cache_lens, causal, config)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from .. import decode_graphs
 from .registry import Decline, Lowered, lowering
 
@@ -49,9 +51,20 @@ def _mla_step(attn, ctx, split_q: bool):
         static = decode_graphs.active() if cached else None  # CUDA-graph decode: the valid length is on the device
         if static is None:
             return [fn(q, cache, scale, rank, causal=causal, q_rope=q_rope)]
+        # the static buffers start zeroed and only ever receive computed rows, so rows past a length are finite
         return [fn(q, cache, scale, rank, cache_lens=static.lens, causal=causal, tune=not ctx.interpreting,
-                   q_rope=q_rope)]
-    return Lowered(run, "template", "mla_decode._mla_decode_kernel (split-KV)")
+                   q_rope=q_rope, finite_tail=True)]
+    return Lowered(run, "template", f"mla_decode._mla_decode_kernel (split-KV){_gluon_note(attn, ctx)}")
+
+
+def _gluon_note(attn, ctx) -> str:
+    """What the report says of the Hopper Gluon kernel, which `mla_absorbed` picks per call where it fits."""
+    heads, width = attn.inputs[0].type.shape[2], attn.inputs[0].type.shape[3]
+    if not isinstance(heads, int) or heads % 64 or (attn.attrs["kv_lora_rank"], width) != (512, 576):
+        return ""  # outside the kernel's shapes: no note
+    if ctx.device.type != "cuda" or torch.cuda.get_device_capability(ctx.device) != (9, 0):
+        return "; Gluon kernel off (needs an sm_90 GPU)"
+    return "; one-token steps that fit: mla_decode_gluon._mla_decode_gluon (Hopper, warp-specialised)"
 
 
 @lowering("attention.mla_absorbed")
