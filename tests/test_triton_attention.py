@@ -155,8 +155,10 @@ def test_gluon_mla_scope_names_why_a_call_is_outside_it():
     q2 = torch.empty(2, 2, 128, 576, dtype=torch.bfloat16)
     assert "one query row" in fits(q2[..., :512], q2[..., 512:], cache, None, False)
     assert "bf16 or fp16" in fits(*_mla_parts(2, 128, 100, torch.float32), None, False)
-    gapped = torch.empty(4, 1, 128, 576, dtype=torch.bfloat16)[::2]  # batch stride 2 H rows: no [B*H, W] view
-    assert "TMA" in fits(gapped[..., :512], gapped[..., 512:], cache, None, False)
+    gapped = torch.empty(4, 1, 128, 576, dtype=torch.bfloat16)[::2]  # any batch stride TMA can step is fine
+    assert fits(gapped[..., :512], gapped[..., 512:], cache, None, False) is None
+    shifted = torch.empty(2, 1, 128, 577, dtype=torch.bfloat16)[..., 1:]  # base 2 bytes off a 16-byte boundary
+    assert "TMA" in fits(shifted[..., :512], shifted[..., 512:], cache, None, False)
     odd = torch.empty(2, 100, 577, dtype=torch.bfloat16)[..., :576]  # 1154-byte rows: not 16-byte multiples
     assert "TMA" in fits(qc, qr, odd, None, False)
 
@@ -292,7 +294,7 @@ needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.ge
 @needs_hopper
 @pytest.mark.parametrize("b,h,t,lens,split_q,dtype", [
     (3, 128, 300, [300, 1, 129], False, torch.bfloat16),  # T and two lengths not multiples of the 64-key tile
-    (2, 64, 1000, None, True, torch.float16),             # q in two parts; all rows valid
+    (2, 64, 1000, None, True, torch.float16),             # q in two parts, head-major; all rows valid
     (64, 128, 4096, "ragged", False, torch.bfloat16),     # the benchmark shape
     (2, 128, 70, [0, 70], True, torch.bfloat16),          # a request with no cached row gives zeros
 ])
@@ -307,8 +309,13 @@ def test_mla_gluon_matches_reference_gpu(b, h, t, lens, split_q, dtype):
     if lens == "ragged":
         lens = torch.randint(1, t + 1, (b,), generator=gen).tolist()
     lens_t = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=DEV)
-    q = rand(b, 1, h, 576 + (16 if split_q else 0), dtype=dtype, gen=gen)[..., :576]
-    parts = dict(q=q[..., :512], q_rope=q[..., 512:]) if split_q else dict(q=q)
+    if split_q:  # head-major latent part (as a batched einsum leaves it), rope part strided in a wider tensor
+        parts = dict(q=rand(h, b, 512, dtype=dtype, gen=gen).permute(1, 0, 2)[:, None],
+                     q_rope=rand(b, 1, h, 80, dtype=dtype, gen=gen)[..., 8:72])
+        q = torch.cat([parts["q"], parts["q_rope"]], dim=-1)
+    else:
+        q = rand(b, 1, h, 576, dtype=dtype, gen=gen)
+        parts = dict(q=q)
     out = mla_absorbed(**parts, cache=cache, scale=576 ** -0.5, kv_lora_rank=512, cache_lens=lens_t,
                        config=GLUON_CONFIG, finite_tail=True)
     assert out.shape == (b, 1, h, 512) and out.dtype == dtype

@@ -14,9 +14,10 @@ the whole score tile itself and owns one 256-column half of the output (176 us o
 The score tile is computed twice (~1.5x the tensor work of one pass), which buys no cross-warpgroup traffic.
 
 Scope (`fits` says why a call is outside it): sm_90, one query row (S=1), heads a multiple of 64, C=512, R=64,
-bf16 or fp16, one split (so it is for batches that fill the GPU; the split-KV template serves batch 1). The
-cache is read through a 3-D descriptor [B, T, C+R], so rows past T come in as zeros; rows in [cache_lens[b], T)
-are read and masked out of the softmax, so they must hold finite values (`finite_tail`).
+bf16 or fp16, one split (so it is for batches that fill the GPU; the split-KV template serves batch 1). q and
+the cache are read through 3-D descriptors ([B, H, W] and [B, T, C+R], any batch and head strides); rows past T
+come in as zeros; rows in [cache_lens[b], T) are read and masked out of the softmax, so they must hold finite
+values (`finite_tail`).
 """
 from __future__ import annotations
 
@@ -108,11 +109,13 @@ def _consume(SIDE: gl.constexpr, q0_s, q1_s, qr_s, k0_s, k1_s, kr_s, q_bar, read
 @gluon.jit
 def _mla_decode_gluon(q_desc, qr_desc, c_desc, cr_desc, lens_ptr, out_ptr, H, T, qk_scale,
                       HAS_LENS: gl.constexpr, STAGES: gl.constexpr):
-    BH: gl.constexpr = q_desc.block_type.shape[0]
-    HALF_C: gl.constexpr = q_desc.block_type.shape[1]
-    R: gl.constexpr = qr_desc.block_type.shape[1]
+    BH: gl.constexpr = q_desc.block_type.shape[1]
+    HALF_C: gl.constexpr = q_desc.block_type.shape[2]
+    R: gl.constexpr = qr_desc.block_type.shape[2]
     BN: gl.constexpr = c_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
+    wide: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, HALF_C], dtype)  # the MMAs' 2-D view
+    narrow: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BH, R], dtype)
     pid_m = gl.program_id(0)
     b = gl.program_id(1)
     if HAS_LENS:
@@ -121,12 +124,12 @@ def _mla_decode_gluon(q_desc, qr_desc, c_desc, cr_desc, lens_ptr, out_ptr, H, T,
         kv_len = T
     n_tiles = gl.cdiv(kv_len, BN)
 
-    q0_s = gl.allocate_shared_memory(dtype, [BH, HALF_C], q_desc.layout)
-    q1_s = gl.allocate_shared_memory(dtype, [BH, HALF_C], q_desc.layout)
-    qr_s = gl.allocate_shared_memory(dtype, [BH, R], qr_desc.layout)
-    k0_s = gl.allocate_shared_memory(dtype, [STAGES, BN, HALF_C], q_desc.layout)  # BN == BH: q's layout fits
-    k1_s = gl.allocate_shared_memory(dtype, [STAGES, BN, HALF_C], q_desc.layout)
-    kr_s = gl.allocate_shared_memory(dtype, [STAGES, BN, R], qr_desc.layout)
+    q0_s = gl.allocate_shared_memory(dtype, [BH, HALF_C], wide)
+    q1_s = gl.allocate_shared_memory(dtype, [BH, HALF_C], wide)
+    qr_s = gl.allocate_shared_memory(dtype, [BH, R], narrow)
+    k0_s = gl.allocate_shared_memory(dtype, [STAGES, BN, HALF_C], wide)  # BN == BH: the same layouts fit
+    k1_s = gl.allocate_shared_memory(dtype, [STAGES, BN, HALF_C], wide)
+    kr_s = gl.allocate_shared_memory(dtype, [STAGES, BN, R], narrow)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -135,13 +138,14 @@ def _mla_decode_gluon(q_desc, qr_desc, c_desc, cr_desc, lens_ptr, out_ptr, H, T,
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(free.index(s), count=2)  # both consumers release a slot
 
-    q_row = b * H + pid_m * BH
+    head0 = pid_m * BH
+    q_row = b * H + head0  # of the [B*H, C] output
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes + qr_desc.block_type.nbytes)
-    _tma_load(q_desc, [q_row, 0], q_bar, q0_s)
-    _tma_load(q_desc, [q_row, HALF_C], q_bar, q1_s)
-    _tma_load(qr_desc, [q_row, 0], q_bar, qr_s)
+    _tma_load(q_desc, [b, head0, 0], q_bar, q0_s.reshape([1, BH, HALF_C]))
+    _tma_load(q_desc, [b, head0, HALF_C], q_bar, q1_s.reshape([1, BH, HALF_C]))
+    _tma_load(qr_desc, [b, head0, 0], q_bar, qr_s.reshape([1, BH, R]))
 
-    rows_valid = gl.minimum(H - pid_m * BH, BH)
+    rows_valid = gl.minimum(H - head0, BH)
     gl.warp_specialize([
         (_consume, (0, q0_s, q1_s, qr_s, k0_s, k1_s, kr_s, q_bar, ready, free, out_ptr, q_row, rows_valid, kv_len,
                     n_tiles, qk_scale, STAGES)),
@@ -152,10 +156,9 @@ def _mla_decode_gluon(q_desc, qr_desc, c_desc, cr_desc, lens_ptr, out_ptr, H, T,
 
 
 def _layouts(dtype):
-    """Shared-memory layouts: (q/K latent halves, q/K rope part), 2-D for the MMAs and 3-D for the cache's TMA."""
+    """The TMA descriptors' shared-memory layouts (3-D: one request's rows), for latent halves and rope parts."""
     get = gl.NVMMASharedLayout.get_default_for
-    return ([get([BLOCK_H, HALF], dtype), get([BLOCK_H, ROPE], dtype)],
-            [get([1, BLOCK_N, HALF], dtype), get([1, BLOCK_N, ROPE], dtype)])
+    return get([1, BLOCK_N, HALF], dtype), get([1, BLOCK_N, ROPE], dtype)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -163,14 +166,6 @@ def _aligned(t: torch.Tensor) -> bool:
     size = t.element_size()
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
             and all(s * size % 16 == 0 for s in t.stride()[:-1]))
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor | None:
-    """x [B, 1, H, W] as [B*H, W] without a copy, or None when its batch stride is not H times its head stride."""
-    b, _, h, w = x.shape
-    if b > 1 and x.stride(0) != h * x.stride(2):
-        return None
-    return x.as_strided((b * h, w), (x.stride(2), x.stride(3)))
 
 
 def fits(qc: torch.Tensor, qr: torch.Tensor, cache: torch.Tensor, cache_lens, finite_tail: bool) -> str | None:
@@ -183,8 +178,8 @@ def fits(qc: torch.Tensor, qr: torch.Tensor, cache: torch.Tensor, cache_lens, fi
         return "needs bf16 or fp16"
     if cache_lens is not None and not finite_tail:
         return "rows past cache_lens may hold non-finite values (finite_tail=False)"
-    if _rows(qc) is None or _rows(qr) is None or not all(map(_aligned, (_rows(qc), _rows(qr), cache))):
-        return "q or the cache is not laid out for TMA (16-byte aligned rows, unit last stride)"
+    if not all(map(_aligned, (qc[:, 0], qr[:, 0], cache))):
+        return "q or the cache is not laid out for TMA (16-byte aligned base and strides, unit last stride)"
     return None
 
 
@@ -195,13 +190,13 @@ def mla_decode_gluon(qc: torch.Tensor, qr: torch.Tensor, cache: torch.Tensor, sc
 
     b, _, h, c = qc.shape
     t = cache.shape[1]
-    (wide, narrow), (wide3, narrow3) = _layouts(_GL_DTYPES[qc.dtype])
-    q2, qr2 = _rows(qc), _rows(qr)
+    wide, narrow = _layouts(_GL_DTYPES[qc.dtype])
     desc = lambda x, block, lay: TensorDescriptor(x, list(x.shape), list(x.stride()), block, lay)  # noqa: E731
+    q3, qr3 = qc[:, 0], qr[:, 0]  # [B, H, W]: any batch and head strides TMA can step
     out = torch.empty((b, 1, h, c), dtype=qc.dtype, device=qc.device)
     _mla_decode_gluon[(h // BLOCK_H, b)](
-        desc(q2, [BLOCK_H, HALF], wide), desc(qr2, [BLOCK_H, ROPE], narrow),
-        desc(cache, [1, BLOCK_N, HALF], wide3), desc(cache, [1, BLOCK_N, ROPE], narrow3),
+        desc(q3, [1, BLOCK_H, HALF], wide), desc(qr3, [1, BLOCK_H, ROPE], narrow),
+        desc(cache, [1, BLOCK_N, HALF], wide), desc(cache, [1, BLOCK_N, ROPE], narrow),
         cache_lens if cache_lens is not None else out, out, h, t, scale * LOG2E,
         HAS_LENS=cache_lens is not None, STAGES=STAGES, num_warps=4)
     return out
@@ -215,11 +210,11 @@ def compile_for_hopper(has_lens: bool = True) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    (wide, narrow), (wide3, narrow3) = _layouts(gl.bfloat16)
-    sig = {"q_desc": f"tensordesc<bf16[{BLOCK_H},{HALF}],{wide!r}>",
-           "qr_desc": f"tensordesc<bf16[{BLOCK_H},{ROPE}],{narrow!r}>",
-           "c_desc": f"tensordesc<bf16[1,{BLOCK_N},{HALF}],{wide3!r}>",
-           "cr_desc": f"tensordesc<bf16[1,{BLOCK_N},{ROPE}],{narrow3!r}>",
+    wide, narrow = _layouts(gl.bfloat16)
+    sig = {"q_desc": f"tensordesc<bf16[1,{BLOCK_H},{HALF}],{wide!r}>",
+           "qr_desc": f"tensordesc<bf16[1,{BLOCK_H},{ROPE}],{narrow!r}>",
+           "c_desc": f"tensordesc<bf16[1,{BLOCK_N},{HALF}],{wide!r}>",
+           "cr_desc": f"tensordesc<bf16[1,{BLOCK_N},{ROPE}],{narrow!r}>",
            "lens_ptr": "*i32", "out_ptr": "*bf16", "H": "i32", "T": "i32", "qk_scale": "fp32",
            "HAS_LENS": "constexpr", "STAGES": "constexpr"}
     names = _mla_decode_gluon.arg_names
