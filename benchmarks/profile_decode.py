@@ -2,6 +2,7 @@
 
     python benchmarks/profile_decode.py deepseek-v2-lite --batch 1,64 --context 4096     # JSON + table to $OUT
     python benchmarks/profile_decode.py deepseek-v2-lite --option gemv=0                  # a backend option off
+    python benchmarks/profile_decode.py deepseek-v2-lite --fold-shared-experts            # shared experts grouped
 
 The CUDA graph replays the static-capacity program (`backends/triton/decode_graphs.py`). This script times the
 replay with CUDA events, then runs the same program under torch.profiler: one table sums device time by kernel
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsgraph  # noqa: E402
+import passes  # noqa: E402
 from dsgraph.bench.workloads import random_inputs  # noqa: E402
 
 
@@ -91,7 +93,8 @@ def profile(a, model, exe, graphed, batch: int) -> None:
         by_op[label.split(" -> ")[0]] += us
     busy = sum(us for _, us in kernels.values())
     launches = sum(n for n, _ in kernels.values())
-    print(f"{a.model} decode B={batch} T={a.context} {a.dtype} options {a.options}: replay {replay:.1f} us median "
+    print(f"{a.model} decode B={batch} T={a.context} {a.dtype} options {a.options}"
+          f"{' fold_shared_experts' if a.fold_shared_experts else ''}: replay {replay:.1f} us median "
           f"({len(times)} replays), kernels {busy:.1f} us in {launches:.0f} launches, gaps {replay - busy:.1f} us")
     print(f"{'kernel':<60} {'launches':>8} {'us/step':>9} {'%':>6}")
     for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
@@ -103,9 +106,10 @@ def profile(a, model, exe, graphed, batch: int) -> None:
     for label, us in sorted(per_node.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {us:8.1f} us  {label}")
     out = Path(os.environ.get("OUT", "."))
-    tag = "".join(f"-{k}{v}" for k, v in a.options.items())
+    tag = "".join(f"-{k}{v}" for k, v in a.options.items()) + ("-fold" if a.fold_shared_experts else "")
     (out / f"profile-decode-{a.model}-b{batch}{tag}.json").write_text(json.dumps({
         "model": a.model, "batch": batch, "context": a.context, "dtype": a.dtype, "options": a.options,
+        "fold_shared_experts": a.fold_shared_experts,
         "gpu": torch.cuda.get_device_name(), "commit": os.environ.get("DSGRAPH_GIT_COMMIT"),
         "replay_us": times, "kernel_us": busy, "launches_per_step": launches, "by_kernel": kernels,
         "by_op_us": by_op, "by_node_us": per_node}, indent=1))
@@ -121,13 +125,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="profiled runs of the step")
     p.add_argument("--option", action="append", default=[], metavar="KEY=INT",
                    help="a triton backend option, e.g. gemv=0 (repeatable); the JSON's name carries it")
+    p.add_argument("--fold-shared-experts", action="store_true",
+                   help="run group_moe(fold_shared_experts=True) in the triton pipeline: the shared experts become "
+                        "grouped-GEMM experts every token picks")
     a = p.parse_args(argv)
     try:
         a.options = {k: int(v) for k, v in (o.split("=", 1) for o in a.option)}
     except ValueError:
         p.error(f"--option takes KEY=INT, e.g. gemv=0; got {a.option}")
     model = dsgraph.load(a.model)
-    exe = dsgraph.compile(model, backend="triton", device="cuda", dtype=a.dtype, **a.options)
+    pipeline = [("group_moe", {"fold_shared_experts": True}) if p == "group_moe" else p
+                for p in passes.default_pipeline("triton")] if a.fold_shared_experts else "default"
+    exe = dsgraph.compile(model, backend="triton", device="cuda", dtype=a.dtype, passes=pipeline, **a.options)
     graphed = exe.compiled.decode_step
     if graphed is None:
         raise SystemExit(f"{a.model}: no decode CUDA graphs ({exe.compiled.report.notes})")

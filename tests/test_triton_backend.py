@@ -12,6 +12,7 @@ from routing_helpers import decisive_routing  # noqa: E402
 
 import dsgraph  # noqa: E402
 import models  # noqa: E402
+import passes  # noqa: E402
 from backends import get_backend  # noqa: E402
 from dsgraph import GraphBuilder  # noqa: E402
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
@@ -128,6 +129,15 @@ def test_absorbed_mla_launches_no_concat():
     rows = [k for k in report.kernels if k.op == "norm.rms+reshape+rope+concat"]
     assert len(rows) == 3 and all(k.kernel.startswith("mla_cache_row") for k in rows)
     assert not [k for k in report.kernels if k.op == "concat"]
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-v3-tiny"])
+def test_folded_shared_experts_match_eager(preset):
+    """group_moe(fold_shared_experts=True) in the triton pipeline: the shared experts' ids and weights, expanded to
+    the run's token count, are computed per run (a shape with a dim symbol is never a compile-time constant)."""
+    pipeline = [("group_moe", {"fold_shared_experts": True}) if p == "group_moe" else p
+                for p in passes.default_pipeline("triton")]
+    test_tiny_preset_matches_eager(preset, passes=pipeline)
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-llm-tiny"])

@@ -46,8 +46,9 @@ class LowerCtx:
     def _find_const_nodes(self) -> set[int]:
         const: set[int] = {id(v) for v in self.graph.inputs.values() if v.kind == "param"}
         nodes: set[int] = set()
-        for n in self.graph.nodes:
-            if all(id(v) in const for v in n.inputs):
+        for n in self.graph.nodes:  # a shape that names a dim symbol (a token count) is known only at run time
+            if all(id(v) in const for v in n.inputs) and all(isinstance(d, int) for v in n.outputs
+                                                               for d in v.type.shape):
                 nodes.add(id(n))
                 const.update(id(v) for v in n.outputs)
         self._const_values = const
