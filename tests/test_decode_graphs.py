@@ -171,7 +171,7 @@ def test_captured_decode_with_the_gluon_mla_kernel_equals_eager_gpu(monkeypatch)
     model = decisive_routing(models.Model("v3-tiny-64-heads", conf, graph, models.random_weights(graph, 0, "cpu")))
     plain = mla_decode.mla_candidates
     monkeypatch.setattr(mla_decode, "mla_candidates",
-                        lambda *a, gluon=False: [mla_decode_gluon.GLUON_CONFIG] if gluon else plain(*a))
+                        lambda *a, gluon=False, **k: [mla_decode_gluon.GLUON_CONFIG] if gluon else plain(*a, **k))
     launches = []
     kernel = mla_decode_gluon.mla_decode_gluon
     monkeypatch.setattr(mla_decode_gluon, "mla_decode_gluon", lambda *a, **k: launches.append(1) or kernel(*a, **k))

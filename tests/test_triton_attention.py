@@ -164,14 +164,17 @@ def test_gluon_mla_scope_names_why_a_call_is_outside_it():
 
 
 def test_gluon_mla_config_leads_where_one_split_would(monkeypatch):
-    """Batches that fill the GPU get the Gluon kernel by default; batch 1 keeps the split-KV tiles first and
-    offers the Gluon kernel to the tuner last; it is never offered where the call does not fit."""
+    """Batches that fill the GPU get the Gluon kernel by default in a CUDA-graph capture; plain launches (its host
+    cost) and batch 1 (split-KV) keep the Triton tiles first and offer the Gluon kernel to the tuner last; it is
+    never offered where the call does not fit."""
     monkeypatch.setattr(mla_decode, "interpreting", lambda: False)
-    full = mla_decode.mla_candidates(64, 128, 4096, 132, gluon=True)
+    full = mla_decode.mla_candidates(64, 128, 4096, 132, gluon=True, graphed=True)
     assert full[0] == GLUON_CONFIG and GLUON_CONFIG not in full[1:]
-    one = mla_decode.mla_candidates(1, 128, 4096, 132, gluon=True)
+    plain = mla_decode.mla_candidates(64, 128, 4096, 132, gluon=True)
+    assert plain[0].kernel == "triton" and plain[-1] == GLUON_CONFIG
+    one = mla_decode.mla_candidates(1, 128, 4096, 132, gluon=True, graphed=True)
     assert one[0].kernel == "triton" and one[0].num_splits > 1 and one[-1] == GLUON_CONFIG
-    assert all(c.kernel == "triton" for c in mla_decode.mla_candidates(64, 128, 4096, 132, gluon=False))
+    assert all(c.kernel == "triton" for c in mla_decode.mla_candidates(64, 128, 4096, 132, graphed=True))
 
 
 def test_gluon_mla_config_refused_where_it_cannot_run():

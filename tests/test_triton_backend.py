@@ -131,6 +131,22 @@ def test_absorbed_mla_launches_no_concat():
     assert not [k for k in report.kernels if k.op == "concat"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the report of a machine without an sm_90 GPU")
+def test_report_says_why_the_gluon_mla_kernel_is_off():
+    """A model inside the Gluon kernel's shapes (64 heads, C=512, R=64) names the kernel's absence and why; one
+    outside them (the tiny presets) gets no note."""
+    cfg = {**models.preset_config("deepseek-v3-tiny"), "num_attention_heads": 64, "num_key_value_heads": 64,
+           "kv_lora_rank": 512, "qk_rope_head_dim": 64}
+    conf = models.from_hf(cfg)
+    graph = models.build_graph(conf, "float32", mtp=False, name="v3_tiny_64_heads")
+    model = models.Model("v3-tiny-64-heads", conf, graph, models.random_weights(graph, 0, "cpu"))
+    mla = [k.kernel for k in dsgraph.compile(model, backend="triton", device=DEV).compiled.report.kernels
+           if "attention.mla_absorbed" in k.op]
+    assert len(mla) == 3 and all("Gluon kernel off (needs an sm_90 GPU)" in k for k in mla)
+    tiny = dsgraph.compile(dsgraph.load("deepseek-v3-tiny"), backend="triton", device=DEV).compiled.report
+    assert "Gluon" not in str(tiny)
+
+
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-v3-tiny"])
 def test_folded_shared_experts_match_eager(preset):
     """group_moe(fold_shared_experts=True) in the triton pipeline: the shared experts' ids and weights, expanded to

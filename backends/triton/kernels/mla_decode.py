@@ -21,7 +21,8 @@ what fills the GPU at batch 1. NUM_SPLITS == 1 writes the output directly, with 
 
 On Hopper, one-token decode at batches that fill the GPU has a second kernel, `mla_decode_gluon` (warp-specialised,
 each warpgroup computing the whole score tile); it is one more candidate config (`MLAConfig.kernel == "gluon"`),
-the default where one split would be, so the tuner and the disk cache choose between the two like any tiles.
+the default where one split would be in a CUDA-graph capture, so the tuner and the disk cache choose between the
+two like any tiles.
 """
 from __future__ import annotations
 
@@ -175,10 +176,12 @@ def mla_num_splits(batch: int, rows: int, kv_len: int, sm_count: int) -> int:
     return max(1, min(2 * sm_count // programs, kv_len // 128, 64))
 
 
-def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int, gluon: bool = False) -> list[MLAConfig]:
+def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int, gluon: bool = False,
+                   graphed: bool = False) -> list[MLAConfig]:
     """Launch configs for a shape, the default first; `tune=True` times them all. Keyed on the shape because the
     split count decides the grid and the partial buffers, which triton.autotune cannot vary. gluon: the call fits
-    `mla_decode_gluon` (its config leads where one split would, else it comes last).
+    `mla_decode_gluon`; its config leads where one split would and the launch is being captured in a CUDA graph
+    (graphed), else it comes last.
 
     Tiles measured on H100 (bf16, C=512, R=64, cache 4096; benchmarks/attention_gpu.py): one split with
     64-row blocks (BLOCK_H=64 fills a wgmma tile, its fp32 [64 x 512] accumulator wants 8 warps) for large
@@ -201,9 +204,10 @@ def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int, gluon: boo
     else:
         split_opts = [1, 2]
     cands = [MLAConfig(bh, bn, sp, w, st) for sp in split_opts for bh, bn, w, st in tiles]
-    if gluon:  # 128 heads, batch 64: 176 us against the best tiles' 272
+    if gluon:  # 128 heads, batch 64, graph replay: 175 us against the best tiles' 272. A plain launch of it spends
+        # ~85 us more on the host (4 TMA descriptors), which a graph replay does not repeat
         from .mla_decode_gluon import GLUON_CONFIG
-        cands = [GLUON_CONFIG] + cands if splits == 1 else cands + [GLUON_CONFIG]
+        cands = [GLUON_CONFIG] + cands if splits == 1 and graphed else cands + [GLUON_CONFIG]
     return cands
 
 
@@ -308,7 +312,8 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
     unfit = gluon_unfit(qc, qr, cache, cache_lens, finite_tail) if num_splits in (None, 1) else "num_splits > 1"
     if config is None:
         rows, t_len = s * h, cache.shape[1]
-        cands = mla_candidates(b, rows, t_len, _sm_count(q.device), gluon=unfit is None)
+        graphed = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        cands = mla_candidates(b, rows, t_len, _sm_count(q.device), gluon=unfit is None, graphed=graphed)
         if num_splits is not None:
             cands = [dataclasses.replace(c, num_splits=num_splits) for c in cands]
         key = tune_key(b, rows, t_len, kv_lora_rank, qr.shape[3], q.dtype, causal, cache_lens is not None,

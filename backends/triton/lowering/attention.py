@@ -64,7 +64,8 @@ def _gluon_note(attn, ctx) -> str:
         return ""  # outside the kernel's shapes: no note
     if ctx.device.type != "cuda" or torch.cuda.get_device_capability(ctx.device) != (9, 0):
         return "; Gluon kernel off (needs an sm_90 GPU)"
-    return "; one-token steps that fit: mla_decode_gluon._mla_decode_gluon (Hopper, warp-specialised)"
+    return ("; CUDA-graph decode steps whose batch fills the GPU: mla_decode_gluon._mla_decode_gluon (Hopper, "
+            "warp-specialised), where the tuner confirms it")
 
 
 @lowering("attention.mla_absorbed")
