@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--option takes KEY=INT, e.g. gemv=0; got {a.option}")
     model = dsgraph.load(a.model)
-    pipeline = [("group_moe", {"fold_shared_experts": True}) if p == "group_moe" else p
-                for p in passes.default_pipeline("triton")] if a.fold_shared_experts else "default"
+    pipeline = (passes.default_pipeline("triton", group_moe={"fold_shared_experts": True})
+                if a.fold_shared_experts else "default")
     exe = dsgraph.compile(model, backend="triton", device="cuda", dtype=a.dtype, passes=pipeline, **a.options)
     graphed = exe.compiled.decode_step
     if graphed is None:

@@ -34,9 +34,15 @@ DEFAULT_PIPELINES: dict[str, list[str]] = {
 }
 
 
-def default_pipeline(backend: str) -> list[str]:
-    """The documented default pass list for `backend` (a copy); unknown backends get cleanups only."""
-    return list(DEFAULT_PIPELINES.get(backend, ["cse", "fold_constants", "dce"]))
+def default_pipeline(backend: str, **options: dict) -> list:
+    """The documented default pass list for `backend` (a copy); unknown backends get cleanups only. `options`
+    sets passes of that list to run with options, in place:
+    `default_pipeline("triton", group_moe={"fold_shared_experts": True})`."""
+    names = list(DEFAULT_PIPELINES.get(backend, ["cse", "fold_constants", "dce"]))
+    missing = sorted(set(options) - set(names))
+    if missing:
+        raise PassError(f"default_pipeline({backend!r}): {', '.join(missing)} is not in its pipeline {names}")
+    return [(n, options[n]) if n in options else n for n in names]
 
 
 @dataclass

@@ -70,6 +70,18 @@ def test_pipeline_specs_disabled_and_default():
         passes.run_pipeline(g, w, ["dce"], dump_after="absorb_mla")
 
 
+def test_default_pipeline_with_one_pass_optioned():
+    """Options for a pass of the default list replace its name in place; a pass not in the list is an error."""
+    plain = passes.default_pipeline("triton")
+    folded = passes.default_pipeline("triton", group_moe={"fold_shared_experts": True})
+    i = plain.index("group_moe")
+    assert folded[i] == ("group_moe", {"fold_shared_experts": True})
+    assert folded[:i] + folded[i + 1:] == plain[:i] + plain[i + 1:]
+    assert passes.resolve(folded)[i].fold_shared_experts is True
+    with pytest.raises(PassError, match="merge_qkv is not in its pipeline"):
+        passes.default_pipeline("tvm", merge_qkv={})
+
+
 @passes.register
 @dataclass
 class _BreaksTypes(passes.Pass):

@@ -151,9 +151,8 @@ def test_report_says_why_the_gluon_mla_kernel_is_off():
 def test_folded_shared_experts_match_eager(preset):
     """group_moe(fold_shared_experts=True) in the triton pipeline: the shared experts' ids and weights, expanded to
     the run's token count, are computed per run (a shape with a dim symbol is never a compile-time constant)."""
-    pipeline = [("group_moe", {"fold_shared_experts": True}) if p == "group_moe" else p
-                for p in passes.default_pipeline("triton")]
-    test_tiny_preset_matches_eager(preset, passes=pipeline)
+    folded = passes.default_pipeline("triton", group_moe={"fold_shared_experts": True})
+    test_tiny_preset_matches_eager(preset, passes=folded)
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-llm-tiny"])
