@@ -28,14 +28,11 @@ from backends.speculative import speculate
 
 
 def build(args):
-    cfg = models.preset_config("deepseek-v3-tiny" if args.tiny else "deepseek-v3")
-    cfg.update(vocab_size=args.vocab, num_hidden_layers=args.layers,
-               first_k_dense_replace=min(args.dense, args.layers - 1), quantization_config=None)
-    if args.experts:
-        cfg.update(n_routed_experts=args.experts)
-    conf = models.from_hf(cfg)
-    graph = models.build_graph(conf, args.dtype, mtp=True, name="v3_wide_small_vocab")
-    return models.Model("v3-wide", conf, graph, models.random_weights(graph, seed=0, device=args.device))
+    overrides = dict(vocab_size=args.vocab, num_hidden_layers=args.layers,
+                     first_k_dense_replace=min(args.dense, args.layers - 1), quantization_config=None,
+                     **({"n_routed_experts": args.experts} if args.experts else {}))
+    return models.build_model("deepseek-v3-tiny" if args.tiny else "deepseek-v3", dtype=args.dtype,
+                              weights_device=args.device, overrides=overrides)
 
 
 def make_counter(model):

@@ -24,12 +24,9 @@ FULL = "deepseek-v2-lite-2layers"
 
 
 def model_for(name: str, device: str = "cpu", dtype: str = "float32"):
-    if name == FULL:
-        cfg = models.preset_config("deepseek-v2-lite")
-        cfg["num_hidden_layers"] = 2                      # layer 0 dense, layer 1 MoE (64 experts)
-        conf = models.from_hf(cfg)
-        graph = models.build_graph(conf, dtype, mtp=False, name="v2_lite_2layers")
-        return models.Model(name, conf, graph, models.random_weights(graph, 0, device))
+    if name == FULL:  # layer 0 dense, layer 1 MoE (64 experts)
+        return models.build_model("deepseek-v2-lite", dtype=dtype, mtp=False, weights_device=device,
+                                  overrides={"num_hidden_layers": 2})
     return models.build_model(name, seed=0, dtype=dtype, mtp=False, weights_device=device)
 
 

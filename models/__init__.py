@@ -2,6 +2,7 @@
 the Hugging Face checkpoint loader.
 
     model = models.build_model("deepseek-v3-tiny", seed=0)     # random weights, lazy
+    model = models.build_model("deepseek-v2-lite", overrides={"num_hidden_layers": 2})  # a preset, cut down
     model = models.load_checkpoint("/path/to/DeepSeek-V2-Lite")  # see models/hf_loader.py
 """
 from __future__ import annotations
@@ -37,8 +38,10 @@ def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, n
 
 
 def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = True,
-                weights: bool = True, weights_device: str = "cpu") -> Model:
-    """A preset with deterministic random weights (generated lazily, per tensor, on `weights_device`)."""
-    cfg = from_hf(preset_config(name), source=f"preset {name}")
+                weights: bool = True, weights_device: str = "cpu", overrides: dict | None = None) -> Model:
+    """A preset with deterministic random weights (generated lazily, per tensor, on `weights_device`);
+    `overrides` replaces config.json keys of the preset (fewer layers, other head counts)."""
+    source = f"preset {name}" + (f" with {overrides}" if overrides else "")
+    cfg = from_hf({**preset_config(name), **(overrides or {})}, source=source)
     graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
     return Model(name, cfg, graph, random_weights(graph, seed, weights_device) if weights else WeightStore())

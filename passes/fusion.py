@@ -69,6 +69,12 @@ class FuseSwiGLU(PatternPass):
         return [Rewrite("swiglu", P("mlp.swiglu", X, Var("g"), Var("u"), D), build)]
 
 
+def _linear_reading(x, matches):
+    """The bias-free linear that reads x through a weight whose base name `matches`, or None."""
+    return next((u for u in x.users if u.op == "linear" and len(u.inputs) == 2 and u.inputs[0] is x
+                 and (r := weight_ref(u.inputs[1])) is not None and matches(r.base)), None)
+
+
 @register
 @dataclass
 class MergeQKVA(PatternPass):
@@ -83,9 +89,7 @@ class MergeQKVA(PatternPass):
     def rewrites(self, graph, weights):
         def build(b, m):
             x, kv = m["x"], weight_ref(m["kv"])
-            q_lin = next((u for u in x.users if u.op == "linear" and len(u.inputs) == 2 and u.inputs[0] is x
-                          and (r := weight_ref(u.inputs[1])) is not None
-                          and r.base.endswith((".q_a_proj", ".q_proj"))), None)
+            q_lin = _linear_reading(x, lambda base: base.endswith((".q_a_proj", ".q_proj")))
             if kv is None or q_lin is None:
                 return None
             qa = weight_ref(q_lin.inputs[1])
@@ -112,16 +116,12 @@ class MergeQKV(PatternPass):
     description = "q_proj + k_proj + v_proj reading the same input -> one GEMM, split after"
 
     def rewrites(self, graph, weights):
-        def sibling(x, base):
-            return next((u for u in x.users if u.op == "linear" and len(u.inputs) == 2 and u.inputs[0] is x
-                         and (r := weight_ref(u.inputs[1])) is not None and r.base == base), None)
-
         def build(b, m):
             x, q = m["x"], weight_ref(m["w"])
             if q is None or not q.base.endswith(".q_proj"):
                 return None
             prefix = q.base.rsplit(".", 1)[0]
-            k_lin, v_lin = sibling(x, f"{prefix}.k_proj"), sibling(x, f"{prefix}.v_proj")
+            k_lin, v_lin = (_linear_reading(x, f"{prefix}.{name}".__eq__) for name in ("k_proj", "v_proj"))
             if k_lin is None or v_lin is None:
                 return None
             refs = [q, weight_ref(k_lin.inputs[1]), weight_ref(v_lin.inputs[1])]

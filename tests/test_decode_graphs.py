@@ -164,11 +164,8 @@ def test_captured_decode_with_the_gluon_mla_kernel_equals_eager_gpu(monkeypatch)
     """A V3-tiny with 64 heads and the real latent widths (C=512, R=64), the Gluon MLA kernel the only candidate
     where it fits: the report names it, captured steps run it over the zero-initialised static buffers, and every
     step's logits agree with eager fp32 within eager bf16's own error."""
-    cfg = {**models.preset_config("deepseek-v3-tiny"), "num_attention_heads": 64, "num_key_value_heads": 64,
-           "kv_lora_rank": 512, "qk_rope_head_dim": 64}
-    conf = models.from_hf(cfg)
-    graph = models.build_graph(conf, "float32", mtp=False, name="v3_tiny_64_heads")
-    model = decisive_routing(models.Model("v3-tiny-64-heads", conf, graph, models.random_weights(graph, 0, "cpu")))
+    model = decisive_routing(models.build_model("deepseek-v3-tiny", mtp=False, overrides={
+        "num_attention_heads": 64, "num_key_value_heads": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64}))
     plain = mla_decode.mla_candidates
     monkeypatch.setattr(mla_decode, "mla_candidates",
                         lambda *a, gluon=False, **k: [mla_decode_gluon.GLUON_CONFIG] if gluon else plain(*a, **k))

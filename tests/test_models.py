@@ -117,3 +117,12 @@ def test_config_errors_name_the_key():
         models.from_hf(cfg)
     with pytest.raises(ConfigError, match="model_type"):
         models.from_hf({**cfg, "model_type": "gpt2"})
+
+
+def test_preset_overrides_replace_config_keys_and_bad_ones_name_the_preset():
+    model = models.build_model("deepseek-v3-tiny", mtp=False, overrides={"num_hidden_layers": 2,
+                                                                         "num_attention_heads": 8})
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads) == (2, 8)
+    assert sum(name.endswith("q_b_proj.weight") for name in model.graph.params()) == 2
+    with pytest.raises(ConfigError, match="preset deepseek-v3-tiny with"):
+        models.build_model("deepseek-v3-tiny", overrides={"model_type": "gpt2"})

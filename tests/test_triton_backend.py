@@ -135,11 +135,8 @@ def test_absorbed_mla_launches_no_concat():
 def test_report_says_why_the_gluon_mla_kernel_is_off():
     """A model inside the Gluon kernel's shapes (64 heads, C=512, R=64) names the kernel's absence and why; one
     outside them (the tiny presets) gets no note."""
-    cfg = {**models.preset_config("deepseek-v3-tiny"), "num_attention_heads": 64, "num_key_value_heads": 64,
-           "kv_lora_rank": 512, "qk_rope_head_dim": 64}
-    conf = models.from_hf(cfg)
-    graph = models.build_graph(conf, "float32", mtp=False, name="v3_tiny_64_heads")
-    model = models.Model("v3-tiny-64-heads", conf, graph, models.random_weights(graph, 0, "cpu"))
+    model = models.build_model("deepseek-v3-tiny", mtp=False, overrides={
+        "num_attention_heads": 64, "num_key_value_heads": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64})
     mla = [k.kernel for k in dsgraph.compile(model, backend="triton", device=DEV).compiled.report.kernels
            if "attention.mla_absorbed" in k.op]
     assert len(mla) == 3 and all("Gluon kernel off (needs an sm_90 GPU)" in k for k in mla)
@@ -215,12 +212,9 @@ def test_fp8_w8a8_model_within_activation_quantisation_error_gpu():
 @needs_cuda
 def test_full_size_v2_lite_layers_bf16_gpu():
     """Two full-width DeepSeek-V2-Lite layers (one dense, one with 64 experts), real head and vocabulary sizes."""
-    cfg = models.preset_config("deepseek-v2-lite")
-    cfg["num_hidden_layers"] = 2
-    conf = models.from_hf(cfg)
-    graph = models.build_graph(conf, "float32", mtp=False, name="v2_lite_2layers")
-    model = models.Model("v2-lite-2layers", conf, graph, models.random_weights(graph, 0, "cuda"))
-    _bf16_against_fp32(model, torch.randint(0, conf.vocab_size, (2, 37), generator=torch.Generator().manual_seed(3)))
+    model = models.build_model("deepseek-v2-lite", mtp=False, weights_device="cuda", overrides={"num_hidden_layers": 2})
+    ids = torch.randint(0, model.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(3))
+    _bf16_against_fp32(model, ids)
 
 
 def test_localize_names_the_broken_kernel():

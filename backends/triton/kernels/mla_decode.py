@@ -251,9 +251,15 @@ def _check(q, cache, kv_lora_rank, cache_lens, q_rope):
     return (q[..., :kv_lora_rank], q[..., kv_lora_rank:]) if whole else (q, q_rope)
 
 
+def hopper(device) -> bool:
+    """Whether `device` is an sm_90 GPU, the one `mla_decode_gluon` is built for."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def gluon_unfit(qc, qr, cache, cache_lens, finite_tail: bool) -> str | None:
     """None if `mla_decode_gluon` can run this call, else why not."""
-    if qc.device.type != "cuda" or torch.cuda.get_device_capability(qc.device) != (9, 0):
+    if not hopper(qc.device):
         return "needs an sm_90 (Hopper) GPU"
     try:
         from .mla_decode_gluon import fits

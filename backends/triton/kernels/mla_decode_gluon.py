@@ -168,12 +168,20 @@ def _aligned(t: torch.Tensor) -> bool:
             and all(s * size % 16 == 0 for s in t.stride()[:-1]))
 
 
+def shape_unfit(s: int, h: int, c: int, r: int) -> str | None:
+    """None if query rows S, heads H, latent C and rope R are the kernel's shapes, else which it needs."""
+    if s != 1 or h % BLOCK_H or c != 2 * HALF or r != ROPE:
+        return f"needs one query row, heads a multiple of {BLOCK_H}, C={2 * HALF}, R={ROPE}"
+    return None
+
+
 def fits(qc: torch.Tensor, qr: torch.Tensor, cache: torch.Tensor, cache_lens, finite_tail: bool) -> str | None:
     """None if the kernel can run this call on its (Hopper) GPU, else why not (qc [B,S,H,C], qr [B,S,H,R], cache
     [B,T,C+R])."""
     (_, s, h, c), r = qc.shape, qr.shape[3]
-    if s != 1 or h % BLOCK_H or c != 2 * HALF or r != ROPE:
-        return f"needs one query row, heads a multiple of {BLOCK_H}, C={2 * HALF}, R={ROPE}"
+    unfit = shape_unfit(s, h, c, r)
+    if unfit is not None:
+        return unfit
     if qc.dtype not in _GL_DTYPES:
         return "needs bf16 or fp16"
     if cache_lens is not None and not finite_tail:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
 from .. import decode_graphs
 from .registry import Decline, Lowered, lowering
 
@@ -59,10 +57,15 @@ def _mla_step(attn, ctx, split_q: bool):
 
 def _gluon_note(attn, ctx) -> str:
     """What the report says of the Hopper Gluon kernel, which `mla_absorbed` picks per call where it fits."""
-    heads, width = attn.inputs[0].type.shape[2], attn.inputs[0].type.shape[3]
-    if not isinstance(heads, int) or heads % 64 or (attn.attrs["kv_lora_rank"], width) != (512, 576):
+    from ..kernels.mla_decode import hopper
+    try:
+        from ..kernels.mla_decode_gluon import shape_unfit
+    except ImportError as e:
+        return f"; Gluon kernel off (this Triton has no Gluon Hopper ops: {e})" if hopper(ctx.device) else ""
+    heads, rank = attn.inputs[0].type.shape[2], attn.attrs["kv_lora_rank"]
+    if not isinstance(heads, int) or shape_unfit(1, heads, rank, attn.inputs[0].type.shape[3] - rank):
         return ""  # outside the kernel's shapes: no note
-    if ctx.device.type != "cuda" or torch.cuda.get_device_capability(ctx.device) != (9, 0):
+    if not hopper(ctx.device):
         return "; Gluon kernel off (needs an sm_90 GPU)"
     return ("; CUDA-graph decode steps whose batch fills the GPU: mla_decode_gluon._mla_decode_gluon (Hopper, "
             "warp-specialised), where the tuner confirms it")
