@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -79,7 +80,7 @@ class CompiledGraph:
 
     Backends that execute the graph value by value (eager, triton) also pass `run_fn` a `record` flag: then
     `run(inputs, record=True)` returns (outputs, {value name: tensor}) for every value the backend materialised,
-    which `dsgraph.check.localize` replays node by node to find the kernel that is wrong."""
+    which `dsgraph.app.check.localize` replays node by node to find the kernel that is wrong."""
 
     def __init__(self, graph, run_fn: Callable[..., dict], report: CompileReport, records: bool = False):
         self.graph = graph
@@ -115,7 +116,6 @@ class Backend:
 
     def save_compiled(self, compiled: CompiledGraph, directory) -> None:
         """Write what loading needs to skip compilation (kernel sources, tuned configs, libraries)."""
-        from pathlib import Path
         Path(directory).mkdir(parents=True, exist_ok=True)
 
     def load_compiled(self, directory, graph, weights, device: str, dtype: str) -> CompiledGraph:
@@ -140,18 +140,7 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _BACKENDS[name] = factory
 
 
-def _load_builtin() -> None:
-    from . import eager  # noqa: F401
-    for mod in ("triton", "tvm", "torch_compile", "onnx"):
-        try:
-            __import__(f"backends.{mod}")
-        except ModuleNotFoundError as e:
-            if not e.name or not e.name.startswith("backends"):
-                raise
-
-
 def get_backend(name: str) -> Backend:
-    _load_builtin()
     if name not in _BACKENDS:
         raise UnknownOpError(f"unknown backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name]()
@@ -159,5 +148,4 @@ def get_backend(name: str) -> Backend:
 
 def available_backends(device: str = "cpu") -> list[str]:
     """Backends that can run on `device` on this machine."""
-    _load_builtin()
     return [n for n, f in _BACKENDS.items() if f().available(device) is None]

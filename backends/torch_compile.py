@@ -89,7 +89,7 @@ class TorchCompileBackend(Backend):
         the same graph as triton and tvm; without the package the graph compiles as written (the report's pass
         list is then empty)."""
         try:
-            from passes import default_pipeline
+            from dsgraph.passes import default_pipeline
         except ImportError:
             return "none"
         return default_pipeline("torch_compile")

@@ -24,8 +24,9 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.triton.kernels.flash_attention import FlashConfig, flash_attention  # noqa: E402
-from backends.triton.kernels.mla_decode import MLAConfig, mla_absorbed, mla_num_splits  # noqa: E402
+from dsgraph.backends.triton.kernels.flash_attention import FlashConfig, flash_attention  # noqa: E402
+from dsgraph.backends.triton.kernels.mla_decode import MLAConfig, mla_absorbed, mla_num_splits  # noqa: E402
+
 from dsgraph.ops.attention import attention_ref, mla_absorbed_ref  # noqa: E402
 
 BANDWIDTH = 3.0e12

@@ -22,7 +22,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.triton.kernels.gemv import GemvConfig, gemv, gemv_candidates, head_gemv  # noqa: E402
+from dsgraph.backends.triton.kernels.gemv import GemvConfig, gemv, gemv_candidates, head_gemv  # noqa: E402
 
 BANDWIDTH = 3.0e12
 SHAPES = {  # name: (N, K) of DeepSeek-V2-Lite's one-token projections

@@ -39,15 +39,14 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=128)
     p.add_argument("--context", type=int, default=4096)
     a = p.parse_args(argv)
-    from backends.triton.kernels.mla_decode_gluon import GLUON_CONFIG, compile_for_hopper
+    from dsgraph.backends.triton.kernels.mla_decode_gluon import GLUON_CONFIG, compile_for_hopper
     if a.compile_only:
         print(json.dumps(compile_for_hopper()))
         return 0
     if not torch.cuda.is_available():
         sys.exit("mla_gluon_gpu.py needs a Hopper GPU (or --compile-only)")
+    from dsgraph.backends.triton.kernels.mla_decode import mla_absorbed, mla_candidates
     from triton.testing import do_bench_cudagraph
-
-    from backends.triton.kernels.mla_decode import mla_absorbed, mla_candidates
     gen = torch.Generator(device="cuda").manual_seed(0)
     b, h, t, c, r = a.batch, a.heads, a.context, 512, 64
     q = torch.randn(b, 1, h, c + r, device="cuda", dtype=torch.bfloat16, generator=gen)

@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from backends.triton import autotune  # noqa: E402
-from backends.triton.kernels import moe, routing  # noqa: E402
+from dsgraph.backends.triton import autotune  # noqa: E402
+from dsgraph.backends.triton.kernels import moe, routing  # noqa: E402
+
 from dsgraph.ops.moe import moe_experts_ref  # noqa: E402
 
 SHAPES = [  # name, experts, top_k, hidden, inter, routing attrs, token counts

@@ -20,11 +20,11 @@ import json
 import os
 import time
 
+import dsgraph.models as models
 import torch
 
 import dsgraph
-import models
-from backends.speculative import speculate
+from dsgraph.runtime.speculative import speculate
 
 
 def build(args):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import models
-import passes
+import dsgraph.models as models
+import dsgraph.passes as passes
 
 
 def main() -> None:

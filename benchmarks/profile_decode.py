@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dsgraph  # noqa: E402
-import passes  # noqa: E402
-from dsgraph.bench.workloads import random_inputs  # noqa: E402
+from dsgraph import passes  # noqa: E402
+from dsgraph.app.bench.workloads import random_inputs  # noqa: E402
 
 
 def _ranged(fn, label):

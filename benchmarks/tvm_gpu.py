@@ -16,9 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import dsgraph.models as models
 import torch
-
-import models
 
 FULL = "deepseek-v2-lite-2layers"
 
@@ -31,12 +30,12 @@ def model_for(name: str, device: str = "cpu", dtype: str = "float32"):
 
 
 def pipeline_graph(model):
-    import passes
+    import dsgraph.passes as passes
     return passes.run_pipeline(model.graph, model.weights, passes.default_pipeline("tvm"))[:2]
 
 
 def build(out: Path) -> None:
-    from backends.tvm import export_module
+    from dsgraph.backends.tvm import export_module
     for name in list(models.TINY_PRESETS) + [FULL]:
         t0 = time.perf_counter()
         graph, _ = pipeline_graph(model_for(name))
@@ -45,10 +44,11 @@ def build(out: Path) -> None:
 
 
 def run(out: Path) -> None:
+    from dsgraph.backends.tvm import TVMBackend
+
     import dsgraph
-    from backends.executable import Executable
-    from backends.tvm import TVMBackend
-    from dsgraph.check import rel_err
+    from dsgraph.app.check import rel_err
+    from dsgraph.runtime.executable import Executable
     results = []
     for d in sorted(p for p in out.iterdir() if p.is_dir()):
         name = d.name

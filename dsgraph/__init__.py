@@ -4,8 +4,13 @@
     model = dsgraph.load("deepseek-v3-tiny")
     exe = dsgraph.compile(model, backend="eager")
     tokens = exe.generate(prompt_ids, max_new_tokens=16)
+
+The package is layered (docs/architecture.md): the core IR (this folder's modules), `dsgraph.passes`,
+`dsgraph.backends`, `dsgraph.runtime`, `dsgraph.models` and the application layer `dsgraph.app`, whose public
+functions this module re-exports. Nothing inside the package imports this module: it is the users' entry point.
 """
 from .analysis import summarize, to_networkx
+from .app.api import compile, compile_graph, load, load_artifact
 from .builder import GraphBuilder
 from .errors import (
     ArtifactError,
@@ -22,25 +27,18 @@ from .errors import (
 )
 from .interpreter import Interpreter, run
 from .ir import Graph, Node, Value
+from .models import Model
+from .runtime.executable import Executable
 from .serialize import graph_from_json, graph_to_json, load_graph, save_graph
 from .symbolic import Sym
 from .types import TensorType, tt
+from .version import __version__
 from .weights import WeightStore
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError", "BackendUnavailable", "CheckpointError", "ConfigError", "DeviceMemoryError", "DSGraphError",
-    "Graph", "GraphBuilder", "InputError", "Interpreter", "Node", "PassError", "ShapeError", "Sym",
-    "TensorType", "UnknownOpError", "Value", "VerifyError", "WeightStore", "graph_from_json", "graph_to_json",
-    "load_graph", "run", "save_graph", "summarize", "to_networkx", "tt", "__version__",
+    "Executable", "Graph", "GraphBuilder", "InputError", "Interpreter", "Model", "Node", "PassError", "ShapeError",
+    "Sym", "TensorType", "UnknownOpError", "Value", "VerifyError", "WeightStore", "compile", "compile_graph",
+    "graph_from_json", "graph_to_json", "load", "load_artifact", "load_graph", "run", "save_graph", "summarize",
+    "to_networkx", "tt", "__version__",
 ]
-
-
-def __getattr__(name):
-    # the public API layer wires models/passes/backends together; import lazily so the
-    # IR core never depends on them (DESIGN: no back edges into dsgraph).
-    if name in ("load", "compile", "load_artifact", "Model", "Executable"):
-        from . import api
-        return getattr(api, name)
-    raise AttributeError(f"module 'dsgraph' has no attribute {name!r}")

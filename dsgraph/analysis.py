@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import networkx as nx
-
 from .dtypes import itemsize
 
 
-def to_networkx(graph) -> nx.DiGraph:
+def to_networkx(graph):
     """Nodes are graph nodes (by index) and inputs (by name); edges carry the value name."""
+    import networkx as nx  # optional dependency (the [graph] extra): only this view needs it
     g = nx.DiGraph()
     producer = {}
     for name, v in graph.inputs.items():

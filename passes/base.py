@@ -93,7 +93,6 @@ def unregister(name: str) -> None:
 
 def get(name: str, **options) -> Pass:
     """A fresh instance of the pass registered as `name`, with `options` as its fields."""
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise UnknownOpError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(_REGISTRY))}")
     try:
@@ -109,9 +108,4 @@ def info(name: str) -> PassInfo:
 
 def list_passes() -> dict[str, str]:
     """{name: one-line description} of every registered pass."""
-    _ensure_loaded()
     return {n: p.description for n, p in sorted(_REGISTRY.items())}
-
-
-def _ensure_loaded() -> None:
-    from . import library  # noqa: F401  (registers the built-in passes)

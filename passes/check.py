@@ -20,21 +20,12 @@ from dsgraph.dtypes import to_torch
 from dsgraph.errors import PassError
 from dsgraph.interpreter import Interpreter
 from dsgraph.ir import Graph
+from dsgraph.numerics import TOLERANCE, rel_err
 from dsgraph.weights import WeightStore
 
 from .manager import run_pipeline
 
 OTHER_DIM = 7  # size given to symbols other than B (batch) and S (new tokens): odd on purpose
-RTOL = {"float32": 2e-5, "float64": 1e-10, "bfloat16": 2e-2, "float16": 1e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    denom = ref.norm()
-    diff = (out - ref).norm()
-    return float(diff / denom) if denom > 0 else float(diff)
-
-
 @dataclass
 class CheckResult:
     """Per-output relative errors for each step, the tolerance, and the first diverging node if any."""
@@ -71,7 +62,8 @@ class CheckResult:
 
 def _tolerance(graph: Graph) -> float:
     dts = {v.type.dtype for v in graph.values() if v.type.is_float and v.kind != "param"}
-    return max(RTOL.get(d, 2e-5) for d in dts) if dts else RTOL["float32"]
+    table = TOLERANCE["pass"]
+    return max(table.get(d, table["float32"]) for d in dts) if dts else table["float32"]
 
 
 def _vocab(graph: Graph, weights, name: str) -> int:

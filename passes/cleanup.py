@@ -9,11 +9,11 @@ import torch
 from dsgraph.dtypes import dtype_name, to_torch
 from dsgraph.interpreter import run_node
 from dsgraph.ir import Graph, Node
+from dsgraph.pattern import ANY, P, Rewrite, Var, apply_rewrites
+from dsgraph.rewriter import RewriteBuilder, mark_replaces
 from dsgraph.weights import WeightStore
 
 from .base import Pass, register
-from .pattern import ANY, P, Rewrite, Var, apply_rewrites
-from .rewriter import RewriteBuilder, mark_replaces
 
 X = Var("x")
 

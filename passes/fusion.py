@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsgraph.ir import Graph
+from dsgraph.pattern import ANY, P, Rewrite, Var, apply_rewrites
 from dsgraph.weights import WeightStore
 
 from .base import Pass, register
-from .pattern import ANY, P, Rewrite, Var, apply_rewrites
 from .weightref import stack_rows, weight_ref
 
 X, R, W, D = Var("x"), Var("r"), Var("w"), Var("d")

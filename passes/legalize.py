@@ -1,18 +1,18 @@
 """Legalization: lower the domain ops a backend has no kernel for into primitives,
 through each op's registered `.decomposition` (dsgraph/ops/*, inserted by
-dsgraph.ops.decompose.decompose_node, which stamps meta["origin"] for the harness)."""
+dsgraph.decompose.decompose_node, which stamps meta["origin"] for the harness)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dsgraph.decompose import decompose_node
 from dsgraph.errors import PassError, VerifyError
 from dsgraph.ir import Graph, Node
-from dsgraph.ops.decompose import decompose_node
 from dsgraph.ops.registry import get_op
+from dsgraph.rewriter import mark_replaces
 from dsgraph.weights import WeightStore
 
 from .base import Pass, register
-from .rewriter import mark_replaces
 
 MAX_DEPTH = 16  # decompositions may emit other domain ops (add_rms -> rms); bounded to catch cycles
 

@@ -22,12 +22,12 @@ import torch
 
 from dsgraph.errors import PassError
 from dsgraph.ir import Graph
+from dsgraph.pattern import ANY, P, Rewrite, Var
 from dsgraph.types import TensorType
 from dsgraph.weights import WeightStore
 
 from .base import register
 from .fusion import PatternPass
-from .pattern import ANY, P, Rewrite, Var
 from .weightref import WeightRef, dense_param, weight_ref
 
 Q_ABS, O_ABS = "bshd,hdc->bshc", "bshc,hdc->bshd"

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from dsgraph.ir import Graph, Value
+from dsgraph.pattern import ANY, P, Rewrite, Var, apply_rewrites
 from dsgraph.weights import WeightStore
 
 from .base import register
 from .fusion import PatternPass
-from .pattern import ANY, P, Rewrite, Var, apply_rewrites
 from .weightref import dense_param, stack_rows, weight_ref
 
 X, WT, IDX = Var("x"), Var("w"), Var("idx")

@@ -17,10 +17,9 @@ import re
 from pathlib import Path
 
 import torch
+from dsgraph.models import quantize_fp8_block
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from models import quantize_fp8_block
 
 # The linear weights DeepSeek-V3 stores in FP8 (norms, router, embeddings, heads and eh_proj stay bf16).
 FP8_LINEAR = re.compile(r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|"

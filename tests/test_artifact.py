@@ -4,11 +4,11 @@ import subprocess
 import sys
 import textwrap
 
+import dsgraph.models as models
 import pytest
 import torch
 
 import dsgraph
-import models
 from dsgraph.errors import ArtifactError
 
 PROMPT = [[3, 14, 15, 92, 65]]
@@ -27,7 +27,7 @@ ROUND_TRIPS = [("eager", "deepseek-v3-tiny"), ("triton", "deepseek-v3-tiny"), ("
 
 @pytest.mark.parametrize("backend,preset", ROUND_TRIPS)
 def test_round_trip_in_fresh_process(backend, preset, tmp_path):
-    from backends import available_backends
+    from dsgraph.backends import available_backends
     if backend not in available_backends("cpu"):
         pytest.skip(f"{backend} backend unavailable here")
     exe = dsgraph.compile(models.build_model(preset, seed=2), backend=backend, device="cpu")
@@ -51,7 +51,7 @@ def test_round_trip_in_fresh_process(backend, preset, tmp_path):
 
 @pytest.mark.parametrize("backend,pattern", [("triton", "backend/main/generated/*.py"), ("tvm", "backend/main/*.so")])
 def test_deleted_kernel_file_refused(backend, pattern, tmp_path):
-    from backends import available_backends
+    from dsgraph.backends import available_backends
     if backend not in available_backends("cpu"):
         pytest.skip(f"{backend} backend unavailable here")
     exe = dsgraph.compile(models.build_model("deepseek-llm-tiny"), backend=backend, device="cpu")
@@ -112,7 +112,7 @@ def test_newer_format_and_wrong_target_refused(saved, tmp_path):
 
 
 def test_crash_mid_save_leaves_nothing(tmp_path, monkeypatch):
-    import backends.artifact as art
+    import dsgraph.runtime.artifact as art
     exe = dsgraph.compile(models.build_model("deepseek-llm-tiny"), backend="eager")
 
     def boom(*a, **k):

@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from dsgraph.backends.base import CompiledGraph, register_backend
+from dsgraph.backends.eager import EagerBackend
 
-from backends.base import CompiledGraph, register_backend
-from backends.eager import EagerBackend
-from dsgraph.bench import report, roofline
-from dsgraph.bench.timing import buffer_count, measure
-from dsgraph.cli import main
+from dsgraph.app.bench import report, roofline
+from dsgraph.app.bench.timing import buffer_count, measure
+from dsgraph.app.cli import main
 
 
 class BrokenBackend(EagerBackend):
@@ -142,14 +142,14 @@ def test_bad_arguments_are_named(argv, match, capsys):
 
 
 def test_git_commit_from_the_environment_for_a_tree_without_git(monkeypatch, tmp_path):
-    from dsgraph.bench.report import git_commit
+    from dsgraph.app.bench.report import git_commit
     assert git_commit(tmp_path) is None
     monkeypatch.setenv("DSGRAPH_GIT_COMMIT", "0123abcd")
     assert git_commit(tmp_path) == "0123abcd"
 
 
 def test_speculative_rows_carry_acceptance_and_lossy_speculation_is_wrong(monkeypatch):
-    from dsgraph.bench import bench
+    from dsgraph.app.bench import bench
     doc = bench("deepseek-v3-tiny", device="cpu", backends=["eager"], workloads=["speculative"], batches=[2],
                 contexts=[6], repeats=3, log=lambda msg: None)
     assert report.validate(doc) == []
@@ -160,7 +160,7 @@ def test_speculative_rows_carry_acceptance_and_lossy_speculation_is_wrong(monkey
     assert len(s["acceptance_per_position"]) == 1 and 1.0 <= s["tokens_per_main_step"] <= 2.0
     assert s["speedup_vs_plain"] == pytest.approx(plain["median_ms"] / spec["median_ms"])
 
-    import backends.speculative as ex
+    import dsgraph.runtime.speculative as ex
     real = ex.generate_mtp
 
     def lossy(*args, **kw):
@@ -173,7 +173,7 @@ def test_speculative_rows_carry_acceptance_and_lossy_speculation_is_wrong(monkey
 
 
 def test_speculative_skipped_without_an_mtp_module():
-    from dsgraph.bench import bench
+    from dsgraph.app.bench import bench
     logs = []
     doc = bench("deepseek-v2-lite-tiny", device="cpu", backends=["eager"], workloads=["speculative"], log=logs.append)
     assert doc["rows"] == [] and any("no MTP module" in m for m in logs)
@@ -182,7 +182,7 @@ def test_speculative_skipped_without_an_mtp_module():
 def test_inputs_too_large_for_free_memory_are_refused_before_allocation(monkeypatch):
     """A row whose inputs (decode caches) cannot fit is failed with the sizes, and nothing of it is drawn; rows
     that fit still run."""
-    from dsgraph.bench import bench, runner, workloads
+    from dsgraph.app.bench import bench, runner, workloads
     drawn = []
     real = workloads.random_inputs
     monkeypatch.setattr(runner, "random_inputs", lambda graph, env, *a, **k: drawn.append(env["B"]) or
@@ -200,8 +200,9 @@ def test_inputs_too_large_for_free_memory_are_refused_before_allocation(monkeypa
 
 
 def test_inputs_nbytes_matches_the_drawn_inputs():
-    import models
-    from dsgraph.bench.workloads import build_op, inputs_nbytes, random_inputs
+    import dsgraph.models as models
+
+    from dsgraph.app.bench.workloads import build_op, inputs_nbytes, random_inputs
     cfg = models.build_model("deepseek-v3-tiny", weights=False).config
     w = build_op("mla_decode", cfg, "bfloat16", {"B": 3, "T": 17})
     inputs = random_inputs(w.graph, w.env, 0, 100)
@@ -226,7 +227,7 @@ def test_version_of_a_package_without_metadata_comes_from_the_module(monkeypatch
 def test_triton_decode_rows_append_in_place():
     """Decode rows give a backend that grows caches in place (triton) its caches in buffers with room, rewound
     before each call: the timed step is generate's step, not a step plus a copy of every cache."""
-    from dsgraph.bench import bench
+    from dsgraph.app.bench import bench
     doc = bench("deepseek-v2-lite-tiny", device="cpu", backends=["eager", "triton"], workloads=["decode"],
                 batches=[2], contexts=[8], repeats=3, log=lambda msg: None)
     rows = {r["backend"]: r for r in doc["rows"]}
@@ -238,7 +239,7 @@ def test_triton_decode_rows_append_in_place():
 def test_json_is_rewritten_after_every_row_while_the_run_goes_on(monkeypatch, tmp_path):
     """A stopped run keeps its rows: each row rewrites the partial document (complete: false), the end the
     final one (complete: true)."""
-    from dsgraph.bench import bench
+    from dsgraph.app.bench import bench
     seen = []
     real = report.write_json
 
@@ -257,11 +258,12 @@ def test_json_is_rewritten_after_every_row_while_the_run_goes_on(monkeypatch, tm
 
 def test_w8a8_graphs_are_checked_at_the_activation_quantisation_tolerance():
     """A backend whose FP8 GEMMs quantise activations (DeepSeek's W8A8) is within a few percent by design."""
-    from backends.base import CompileReport, KernelChoice
-    from dsgraph.check import W8A8_TOLERANCE, tolerance_for
+    from dsgraph.backends.base import CompileReport, KernelChoice
+
+    from dsgraph.numerics import W8A8_TOLERANCE, tolerance
     report = CompileReport("triton", "cuda", "bfloat16")
     report.kernels.append(KernelChoice(("y",), "linear_fp8", "template", "fp8_gemm", "w8a16"))
-    assert tolerance_for(report, "bfloat16") == 3e-2 and tolerance_for(report, "bfloat16", model_level=True) == 6e-2
+    assert tolerance("bfloat16", report=report) == 3e-2 and tolerance("bfloat16", "model", report) == 6e-2
     report.kernels.append(KernelChoice(("z",), "linear_fp8", "template", "fp8_gemm",
                                        "w8a8, per-token-group activation quantisation"))
-    assert tolerance_for(report, "bfloat16") == W8A8_TOLERANCE
+    assert tolerance("bfloat16", report=report) == W8A8_TOLERANCE

@@ -33,11 +33,11 @@ def test_pipeline_time_runs_every_default_pass():
 def test_profile_decode_charges_every_step_and_restores_the_program():
     """The GPU profiler script's plumbing, on the CPU: one range per lowered step, the program left as it was."""
     import torch
+    from dsgraph.backends.triton.decode_graphs import DecodeGraphs
 
     import dsgraph
-    from backends.triton.decode_graphs import DecodeGraphs
     from benchmarks.profile_decode import node_times
-    from dsgraph.bench.workloads import random_inputs
+    from dsgraph.app.bench.workloads import random_inputs
     model = dsgraph.load("deepseek-v2-lite-tiny")
     exe = dsgraph.compile(model, backend="triton", device="cpu")
     graphed = DecodeGraphs(exe.compiled._run, dict(exe.graph.cache_map), None, capture=False)

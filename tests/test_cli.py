@@ -3,12 +3,12 @@ import shutil
 import subprocess
 import sys
 
-from dsgraph.cli import main
+from dsgraph.app.cli import main
 
 
 def test_console_script_help():
     exe = shutil.which("dsgraph")
-    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "dsgraph.cli", "--help"]
+    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "dsgraph.app.cli", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     for sub in ("show", "compile", "run", "check", "bench", "demo"):
         assert sub in out

@@ -10,13 +10,13 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from dsgraph.backends import get_backend, kv_cache  # noqa: E402
+from dsgraph.backends.triton import decode_graphs as dg  # noqa: E402
+from dsgraph.backends.triton.kernels import mla_decode, mla_decode_gluon  # noqa: E402
 from routing_helpers import decisive_routing  # noqa: E402
 
 import dsgraph  # noqa: E402
-import models  # noqa: E402
-from backends import get_backend, kv_cache  # noqa: E402
-from backends.triton import decode_graphs as dg  # noqa: E402
-from backends.triton.kernels import mla_decode, mla_decode_gluon  # noqa: E402
+from dsgraph import models  # noqa: E402
 from dsgraph.errors import DSGraphError  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

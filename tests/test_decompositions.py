@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from dsgraph import GraphBuilder, run
+from dsgraph.decompose import decompose_node
 from dsgraph.errors import UnknownOpError, VerifyError
 from dsgraph.ops import all_ops, defop, get_op, scratch_ops
-from dsgraph.ops.decompose import decompose_node
 
 GEN = torch.Generator().manual_seed(1234)
 

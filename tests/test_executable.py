@@ -1,9 +1,9 @@
 """The shared runtime: input validation and generation on the eager backend."""
+import dsgraph.models as models
 import pytest
 import torch
 
 import dsgraph
-import models
 from dsgraph.errors import BackendUnavailable, InputError
 
 

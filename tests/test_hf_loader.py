@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 
+import dsgraph.models as models
 import hf_fixtures as fx
 import pytest
 import torch
+from dsgraph.models import hf_shards
 
 import dsgraph
-import models
 from dsgraph.errors import CheckpointError, ConfigError
-from models import hf_shards
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(fx.one_thread)
 IDS = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))

@@ -171,7 +171,8 @@ def test_copy_is_deep_and_networkx_view():
 
 
 def test_copy_equals_a_serialisation_round_trip_and_shares_nothing_mutable():
-    import models
+    import dsgraph.models as models
+
     from dsgraph.serialize import graph_to_json
     g = models.build_model("deepseek-v3-tiny", weights=False).graph
     g.nodes[3].meta["replaces"] = {0: "x"}

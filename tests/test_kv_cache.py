@@ -1,8 +1,7 @@
 """In-place KV-cache appends keep cache.append's functional contract: every result equals torch.cat, and a view
 once handed out never changes, whichever state later appends."""
 import torch
-
-from backends import kv_cache
+from dsgraph.backends import kv_cache
 
 
 def rows(b, s, gen, width=(3, 5)):

@@ -1,11 +1,11 @@
 """A model whose weights cannot fit the device is refused before any weight is materialised."""
+import dsgraph.models as models
 import pytest
 import torch
 
 import dsgraph
-import models
-from dsgraph import memory
 from dsgraph.errors import DeviceMemoryError
+from dsgraph.runtime import memory
 
 CPU = torch.device("cpu")
 

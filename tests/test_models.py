@@ -2,11 +2,11 @@
 every tiny preset runs and its cached decode equals full recompute."""
 import time
 
+import dsgraph.models as models
 import pytest
 import torch
 
 import dsgraph
-import models
 from dsgraph.errors import ConfigError
 
 
@@ -63,8 +63,9 @@ def test_fp8_preset_dequantises_close_to_float():
     s = m.weights["model.layers.0.self_attn.q_a_proj.weight_scale_inv"]
     assert w.dtype == torch.float8_e4m3fn and s.shape == (2, 4)      # 24 x 64 in 16 x 16 blocks: a partial edge
     ref = models.random_weights(m.graph, 0)  # same seed: same fp32 draw before quantisation
+    from dsgraph.models.random_weights import random_tensor
+
     from dsgraph.ops.mlp import dequant_fp8_block
-    from models.random_weights import random_tensor
     exact = random_tensor("model.layers.0.self_attn.q_a_proj.weight", (24, 64), "float32", 0)
     deq = dequant_fp8_block(w, s, (16, 16))
     assert (deq - exact).norm() / exact.norm() < 0.05
@@ -74,8 +75,9 @@ def test_fp8_preset_dequantises_close_to_float():
 def test_large_fp8_weights_dequantise_in_bands(monkeypatch):
     """A weight above BAND_ELEMENTS is dequantised band by band straight into the output dtype (the triton backend
     folds cast(dequant_fp8) that way): the same numbers as the one-shot form, partial edge blocks included."""
+    from dsgraph.models import quantize_fp8_block
+
     from dsgraph.ops import mlp
-    from models import quantize_fp8_block
     w, s = quantize_fp8_block(torch.randn(300, 200, generator=torch.Generator().manual_seed(0)), (128, 128))
     whole = mlp.dequant_fp8_block(w, s, (128, 128))
     monkeypatch.setattr(mlp, "BAND_ELEMENTS", 128 * 200)

@@ -1,15 +1,15 @@
 """ONNX export: every tiny preset's prefill entry as standard ONNX, run by ONNX Runtime, equal to eager."""
+import dsgraph.models as models
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from dsgraph.backends.onnx.export import export_onnx, save_onnx
 
 import dsgraph
-import models
-from backends.onnx import export_onnx, save_onnx
+from dsgraph.app.check import check_backend, rel_err
 from dsgraph.builder import GraphBuilder
-from dsgraph.check import check_backend, rel_err
 from dsgraph.errors import UnknownOpError
 from dsgraph.interpreter import run
 from dsgraph.ops import defop, scratch_ops
@@ -141,8 +141,9 @@ def test_op_without_converter_or_decomposition_is_named():
 @pytest.mark.parametrize("tokens", [1, 5, 13])
 def test_grouped_moe_exports_through_decompositions(tokens):
     """group_moe's permute / grouped GEMM / unpermute lower via argsort, bincount and cumsum converters."""
-    from dsgraph.bench.workloads import build_op
-    from passes import run_pipeline
+    from dsgraph.passes import run_pipeline
+
+    from dsgraph.app.bench.workloads import build_op
     cfg = models.build_model("deepseek-v3-tiny", weights=False).config
     w = build_op("moe", cfg, "float32", {"B": tokens, "S": 1})
     graph, weights, _ = run_pipeline(w.graph, w.weights, ["group_moe"])
@@ -154,7 +155,7 @@ def test_grouped_moe_exports_through_decompositions(tokens):
 
 
 def test_export_cli_writes_a_loadable_file(tmp_path, capsys):
-    from dsgraph.cli import main
+    from dsgraph.app.cli import main
     out = tmp_path / "llm.onnx"
     assert main(["export", "deepseek-llm-tiny", "--onnx", str(out)]) == 0
     assert "opset 21" in capsys.readouterr().out

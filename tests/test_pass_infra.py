@@ -2,10 +2,10 @@
 and the structural-equality helper."""
 from dataclasses import dataclass
 
+import dsgraph.passes as passes
 import pytest
 import torch
 
-import passes
 from dsgraph import GraphBuilder, PassError, UnknownOpError, WeightStore, graph_to_json
 
 
@@ -105,7 +105,7 @@ def test_failure_names_the_pass_and_those_before():
 
 
 def test_preconditions_are_checked_and_explained():
-    import models
+    import dsgraph.models as models
     m = models.build_model("deepseek-v2-lite-tiny", mtp=False)
     with pytest.raises(PassError, match=r"needs absorb_mla first"):
         passes.run_pipeline(m.graph, m.weights, ["absorb_mla_premultiplied"])

@@ -1,10 +1,10 @@
 """Structural golden tests (TVM assert_structural_equal style): a small input graph, the expected
 graph after the pass, compared structurally — plus the numeric proof harness on the same graph."""
+import dsgraph.passes as passes
 import torch
+from dsgraph.models import quantize_fp8_block
 
-import passes
 from dsgraph import GraphBuilder, WeightStore
-from models import quantize_fp8_block
 
 D, INTER, E, K = 16, 12, 3, 2
 

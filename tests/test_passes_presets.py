@@ -2,13 +2,13 @@
 absorption shrinks the KV cache as computed; deliberately wrong passes are caught with the node named."""
 from dataclasses import dataclass
 
+import dsgraph.models as models
+import dsgraph.passes as passes
 import pytest
 import torch
+from dsgraph.passes import ANY, P, Rewrite, Var, apply_rewrites
 
 import dsgraph
-import models
-import passes
-from passes import ANY, P, Rewrite, Var, apply_rewrites
 
 PRESETS = models.TINY_PRESETS
 

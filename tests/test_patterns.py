@@ -1,9 +1,9 @@
 """The pattern language and its rewrite engine."""
 import pytest
 import torch
+from dsgraph.passes import ANY, P, Rewrite, Var, apply_rewrites, check, match
 
 from dsgraph import GraphBuilder, WeightStore, run
-from passes import ANY, P, Rewrite, Var, apply_rewrites, check, match
 
 X, Y = Var("x"), Var("y")
 
@@ -126,8 +126,7 @@ def test_multi_output_and_harness_on_a_pattern_pass():
 
     from dataclasses import dataclass
 
-    import passes
-
+    import dsgraph.passes as passes
     @dataclass
     class Unsplit(passes.Pass):
         name = "test_unsplit"

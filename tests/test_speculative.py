@@ -1,12 +1,12 @@
 """MTP speculative decoding gives exactly the plain greedy tokens, with drafts that are all
 rejected, all accepted, or a mix; cache rollback leaves the cache a plain run would build."""
+import dsgraph.models as models
 import pytest
 import torch
 
 import dsgraph
-import models
-from backends.speculative import speculate
 from dsgraph.errors import InputError
+from dsgraph.runtime.speculative import speculate
 
 V3 = "deepseek-v3-tiny"
 
@@ -46,7 +46,7 @@ def plain_and_spec(model, prompt, n, depth, backend="eager", device="cpu"):
 
 
 def _backend(name):
-    from backends import available_backends
+    from dsgraph.backends import available_backends
     if name not in available_backends("cpu"):
         pytest.skip(f"{name} backend unavailable here")
     return name

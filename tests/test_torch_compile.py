@@ -1,12 +1,12 @@
 """The torch_compile comparison backend: same numbers as eager, graph breaks named in the report."""
+import dsgraph.models as models
 import pytest
 import torch
+from dsgraph.backends import get_backend
 
 import dsgraph
-import models
-from backends import get_backend
-from dsgraph.bench.workloads import build_op, random_inputs
-from dsgraph.check import rel_err
+from dsgraph.app.bench.workloads import build_op, random_inputs
+from dsgraph.app.check import rel_err
 from dsgraph.errors import InputError
 from dsgraph.interpreter import run
 

@@ -17,10 +17,11 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import, also when run without conftest
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from backends.triton.kernels import mla_decode  # noqa: E402
-from backends.triton.kernels.flash_attention import FlashConfig, flash_attention, pow2_split  # noqa: E402
-from backends.triton.kernels.mla_decode import MLAConfig, mla_absorbed  # noqa: E402
-from backends.triton.kernels.mla_decode_gluon import GLUON_CONFIG, fits  # noqa: E402
+from dsgraph.backends.triton.kernels import mla_decode  # noqa: E402
+from dsgraph.backends.triton.kernels.flash_attention import FlashConfig, flash_attention, pow2_split  # noqa: E402
+from dsgraph.backends.triton.kernels.mla_decode import MLAConfig, mla_absorbed  # noqa: E402
+from dsgraph.backends.triton.kernels.mla_decode_gluon import GLUON_CONFIG, fits  # noqa: E402
+
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.ops.attention import attention_ref, mla_absorbed_ref  # noqa: E402
 

@@ -8,13 +8,15 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from dsgraph.backends import get_backend  # noqa: E402
 from routing_helpers import decisive_routing  # noqa: E402
 
 import dsgraph  # noqa: E402
-import models  # noqa: E402
-import passes  # noqa: E402
-from backends import get_backend  # noqa: E402
-from dsgraph import GraphBuilder  # noqa: E402
+from dsgraph import (
+    GraphBuilder,  # noqa: E402
+    models,  # noqa: E402
+    passes,  # noqa: E402
+)
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.interpreter import run  # noqa: E402
 
@@ -40,7 +42,7 @@ def _moe_graph(grouped: bool):
     gen = torch.Generator().manual_seed(0)
     weights = {v: torch.randn(t.type.concrete({}), generator=gen) / 4 for v, t in g.params().items()}
     if grouped:
-        import passes
+        import dsgraph.passes as passes
         g, weights, _ = passes.run_pipeline(g, dsgraph.WeightStore(weights), ["group_moe"])
     return g, weights
 
@@ -218,7 +220,7 @@ def test_full_size_v2_lite_layers_bf16_gpu():
 
 
 def test_localize_names_the_broken_kernel():
-    """dsgraph.check.localize replays each node on the backend's own inputs: a corrupted step is named, and
+    """dsgraph.app.check.localize replays each node on the backend's own inputs: a corrupted step is named, and
     the nodes after it (which see its wrong output as input) are not blamed."""
     model = dsgraph.load("deepseek-v3-tiny")
     exe = dsgraph.compile(model, backend="triton", device=DEV)

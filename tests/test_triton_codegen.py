@@ -8,9 +8,10 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from backends import get_backend  # noqa: E402
-from backends.triton.codegen import elementwise, rope, rowwise  # noqa: E402
-from backends.triton.codegen.source import load_kernel  # noqa: E402
+from dsgraph.backends import get_backend  # noqa: E402
+from dsgraph.backends.triton.codegen import elementwise, rope, rowwise  # noqa: E402
+from dsgraph.backends.triton.codegen.source import load_kernel  # noqa: E402
+
 from dsgraph import GraphBuilder  # noqa: E402
 from dsgraph.interpreter import run  # noqa: E402
 from dsgraph.ops.registry import get_op  # noqa: E402

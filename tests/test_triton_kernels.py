@@ -9,8 +9,9 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from backends.triton import autotune  # noqa: E402
-from backends.triton.kernels import fp8_gemm, gemv, moe, routing  # noqa: E402
+from dsgraph.backends.triton import autotune  # noqa: E402
+from dsgraph.backends.triton.kernels import fp8_gemm, gemv, moe, routing  # noqa: E402
+
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.ops.mlp import dequant_fp8_block  # noqa: E402
 from dsgraph.ops.registry import get_op  # noqa: E402

@@ -11,10 +11,11 @@ import torch
 
 tvm = pytest.importorskip("tvm")
 
+from dsgraph.backends import get_backend  # noqa: E402
+from dsgraph.backends.tvm import env  # noqa: E402
+
 import dsgraph  # noqa: E402
-import models  # noqa: E402
-from backends import get_backend  # noqa: E402
-from backends.tvm import env  # noqa: E402
+from dsgraph import models  # noqa: E402
 from dsgraph.builder import GraphBuilder  # noqa: E402
 from dsgraph.errors import ArtifactError, BackendUnavailable, DSGraphError, InputError, UnknownOpError  # noqa: E402
 from dsgraph.ops import defop, scratch_ops  # noqa: E402
@@ -177,7 +178,7 @@ def test_runtime_errors(tmp_path):
 def test_bench_runs_prebuilt_modules_with_runtime_only_tvm(tmp_path):
     """`dsgraph bench --prebuild` builds here; `--prebuilt` runs those modules where TVM is runtime-only (the GPU
     machine's situation), and a graph nobody prebuilt is a failed row naming the command that builds it."""
-    from dsgraph.bench import prebuild_tvm
+    from dsgraph.app.bench import prebuild_tvm
     shape = ["--op", "rmsnorm,decode,speculative", "--batch", "1", "--context", "6"]
     names = prebuild_tvm("deepseek-v3-tiny", tmp_path / "pb", device="cpu", workloads=["rmsnorm", "decode",
                          "speculative"], batches=[1], contexts=[6], log=lambda msg: None)
@@ -188,7 +189,7 @@ def test_bench_runs_prebuilt_modules_with_runtime_only_tvm(tmp_path):
 
     def bench(*extra):
         out = tmp_path / "out.json"
-        proc = subprocess.run([sys.executable, "-m", "dsgraph.cli", "bench", "deepseek-v3-tiny", "--device", "cpu",
+        proc = subprocess.run([sys.executable, "-m", "dsgraph.app.cli", "bench", "deepseek-v3-tiny", "--device", "cpu",
                                "--backends", "eager,tvm", *shape, "--repeats", "3", "--prebuilt", str(tmp_path / "pb"),
                                "--json", str(out), *extra], env=envv, cwd=tmp_path, capture_output=True, text=True,
                               timeout=400)

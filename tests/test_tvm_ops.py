@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("tvm")
 
-from backends import get_backend  # noqa: E402
+from dsgraph.backends import get_backend  # noqa: E402
+
 from dsgraph.builder import GraphBuilder  # noqa: E402
 from dsgraph.interpreter import run as eager_run  # noqa: E402
 

@@ -19,7 +19,6 @@ from dsgraph.dtypes import dtype_name
 from dsgraph.errors import BackendUnavailable, InputError
 
 from ..base import Backend, CompiledGraph, KernelChoice, register_backend
-from .export import EXTERNAL_DATA_BYTES, OPSET, export_onnx, model_bytes, save_onnx
 
 _NUMPY_OK = {"float32", "float16", "float64", "int64", "int32", "bool"}
 
@@ -38,7 +37,7 @@ class OnnxBackend(Backend):
         the same graph as triton and tvm; without the package the graph compiles as written (the report's pass
         list is then empty)."""
         try:
-            from passes import default_pipeline
+            from dsgraph.passes import default_pipeline
         except ImportError:
             return "none"
         return default_pipeline("onnx")
@@ -54,9 +53,12 @@ class OnnxBackend(Backend):
                     + "); pip install onnxruntime-gpu")
         return None
 
-    def compile_graph(self, graph, weights, device, report, opset: int = OPSET, threads: int | None = None,
+    def compile_graph(self, graph, weights, device, report, opset: int | None = None, threads: int | None = None,
                       **options):
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional dependencies: onnx, onnxruntime (the [onnx] extra)
+
+        from .export import EXTERNAL_DATA_BYTES, OPSET, export_onnx, model_bytes, save_onnx
+        opset = opset or OPSET
         if options:
             raise InputError(f"onnx backend: unknown options {sorted(options)}; it takes opset, threads")
         records: list = []

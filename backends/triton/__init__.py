@@ -30,7 +30,7 @@ class TritonBackend(Backend):
         """The documented triton pipeline (passes.DEFAULT_PIPELINES["triton"]): `dsgraph.compile` runs it before
         `compile_graph`, so the Executable sees the graph (and cache layout) the kernels were built for."""
         try:
-            import passes as passlib
+            import dsgraph.passes as passlib
             return passlib.default_pipeline("triton")
         except (ImportError, AttributeError):
             return []
@@ -99,7 +99,7 @@ class TritonBackend(Backend):
         if pipeline in (None, "none", ()):
             return graph, weights
         try:
-            import passes as passlib
+            import dsgraph.passes as passlib
             run_pipeline = passlib.run_pipeline
         except (ImportError, AttributeError):  # the passes package is optional for this backend
             report.notes.append(f"passes package not importable: pipeline {pipeline!r} skipped, "

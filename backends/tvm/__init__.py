@@ -43,7 +43,7 @@ class TVMBackend(Backend):
         """The passes package's "tvm" pipeline when it is installed; the lowering covers both MLA and MoE forms,
         so without it the graph compiles as written."""
         try:
-            from passes import default_pipeline
+            from dsgraph.passes import default_pipeline
         except ImportError:
             return "none"
         return default_pipeline("tvm")
@@ -123,7 +123,7 @@ def export_module(graph, device: str, directory, tune: dict | None = None) -> di
 def _run_passes(graph, weights, pipeline, report):
     if pipeline in (None, "none", ()):
         return graph, weights
-    import passes as passlib
+    import dsgraph.passes as passlib
     graph, weights, records = passlib.run_pipeline(graph, weights, pipeline, backend="tvm")
     report.passes.extend((r.name, r.summary()) for r in records)
     return graph, weights
@@ -141,7 +141,7 @@ def _legalize(graph, weights, report):
     if not todo:
         return graph, {}
     try:
-        import passes as passlib
+        import dsgraph.passes as passlib
         legalize = passlib.get("legalize", keep=lowered_ops())
     except (ImportError, DSGraphError) as e:
         report.notes.append(f"no legalization available ({type(e).__name__}): {sorted({n.op for n in todo})} "

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.base import KernelChoice
+from dsgraph.backends.base import KernelChoice
+
 from dsgraph.errors import BackendUnavailable
 
 from .build import build, make_target

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ..errors import ShapeError, UnknownOpError
+from ..symbolic import Sym, simplify
 
 _REQUIRED = object()
 
@@ -109,7 +110,6 @@ class OpDef:
 
 def _freeze(value: Any) -> Any:
     """Attributes are plain data: lists become tuples, symbolic dims their text ("B*S")."""
-    from ..symbolic import Sym, simplify
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     if isinstance(value, Sym):
@@ -137,7 +137,6 @@ def scratch_ops():
 
     The registry is global and other code walks it (completeness checks, exporters), so
     tests and experiments that declare throw-away ops do it here."""
-    _ensure_loaded()
     before = set(_REGISTRY)
     try:
         yield
@@ -147,7 +146,6 @@ def scratch_ops():
 
 
 def get_op(name: str) -> OpDef:
-    _ensure_loaded()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -155,7 +153,6 @@ def get_op(name: str) -> OpDef:
 
 
 def all_ops(level: str | None = None) -> list[OpDef]:
-    _ensure_loaded()
     return [op for op in _REGISTRY.values() if level is None or op.level == level]
 
 
@@ -166,16 +163,5 @@ def expect(cond: bool, message: str | Callable[[], str]) -> None:
         raise ShapeError(message() if callable(message) else message)
 
 
-_loaded = False
-
-
-def _ensure_loaded() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import load_all  # noqa: F401  (registers every op module)
-
-
 def iter_registered() -> Iterable[str]:
-    _ensure_loaded()
     return iter(_REGISTRY)

@@ -27,7 +27,6 @@ two like any tiles.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,6 +36,7 @@ from dsgraph.errors import InputError, ShapeError
 
 from ..autotune import cached, graph_ms, pick
 from .flash_attention import LOG2E, check_tensors, dot_precision, interpreting
+from .mla_config import MLAConfig  # noqa: F401  (re-exported: the launch choices)
 
 
 @triton.jit
@@ -151,17 +151,6 @@ def _mla_reduce_kernel(
 
 REDUCE_SLICE = 128  # latent columns per reduce program
 MAX_SPLITS = 128  # partitions per request the tuner may try (each at least 32 keys)
-
-
-@dataclass(frozen=True)
-class MLAConfig:
-    """One launch choice; `mla_absorbed(..., config=...)` runs exactly it (benchmarks sweep these)."""
-    block_h: int
-    block_n: int
-    num_splits: int
-    num_warps: int
-    num_stages: int
-    kernel: str = "triton"  # or "gluon": mla_decode_gluon, which has fixed tiles and one split
 
 
 def mla_num_splits(batch: int, rows: int, kv_len: int, sm_count: int) -> int:

@@ -28,7 +28,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from .flash_attention import LOG2E
-from .mla_decode import MLAConfig
+from .mla_config import MLAConfig
 
 BLOCK_H, BLOCK_N, HALF, ROPE = 64, 64, 256, 64  # heads and keys a tile, latent half, rope width
 STAGES = 2  # cache tiles in flight: 2 x 72 KB plus q's 72 KB fill the 227 KB of shared memory

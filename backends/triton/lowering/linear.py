@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dsgraph.passes.mla import O_ABS
 
 from dsgraph.dtypes import to_torch
-from passes.mla import O_ABS
 
 from ..codegen import rowwise
 from ..kernels.gemv import GEMV_ROWS, gemv, head_gemv

@@ -14,10 +14,10 @@ otherwise `replace_all_uses` would change the graph's types behind the caller.
 """
 from __future__ import annotations
 
-from ..builder import GraphBuilder
-from ..errors import UnknownOpError, VerifyError
-from ..ir import Graph, Node, Value
-from .registry import get_op
+from .builder import GraphBuilder
+from .errors import UnknownOpError, VerifyError
+from .ir import Graph, Node, Value
+from .ops.registry import get_op
 
 
 class _InsertingBuilder(GraphBuilder):

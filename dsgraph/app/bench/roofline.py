@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..cache import cache_root
-from ..dtypes import to_torch
+from dsgraph.cache import cache_root
+from dsgraph.dtypes import to_torch
 
 
 def cache_path() -> Path:

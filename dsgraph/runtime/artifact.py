@@ -18,11 +18,18 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from dsgraph.backends import get_backend
 from dsgraph.errors import ArtifactError
+from dsgraph.serialize import graph_from_json, graph_to_json
+from dsgraph.version import __version__
+from dsgraph.weights import WeightStore
 
 FORMAT = "dsgraph.artifact"
 FORMAT_VERSION = 1
@@ -42,7 +49,6 @@ def _graph_hash(graph_json: dict) -> str:
 
 
 def _save_weights(graph_list, weights, path: Path) -> None:
-    from safetensors.torch import save_file
     names = sorted({n for g in graph_list for n in g.params()})
     tensors = {n: weights[n].detach().to("cpu").contiguous() for n in names}
     save_file(tensors, str(path))
@@ -50,10 +56,6 @@ def _save_weights(graph_list, weights, path: Path) -> None:
 
 def save_artifact(exe, path, overwrite: bool = False) -> Path:
     """Write `exe` as an artifact directory at `path` (atomically)."""
-    import dsgraph
-    from dsgraph.serialize import graph_to_json
-
-    from . import get_backend
     dest = Path(path)
     if dest.exists() and not overwrite:
         raise ArtifactError(f"{dest} already exists; pass overwrite=True or choose another directory")
@@ -77,7 +79,7 @@ def save_artifact(exe, path, overwrite: bool = False) -> Path:
         files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "dsgraph_version": dsgraph.__version__,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "dsgraph_version": __version__,
             "backend": exe.compiled.report.backend, "device": exe.device.type, "dtype": exe.dtype,
             "model": {"name": exe.model.name, "config": exe.model.config.to_dict()},
             "graph_hash": _graph_hash(main_json),
@@ -127,16 +129,22 @@ def verify_files(root: Path, manifest: dict) -> None:
                                 "recompile the artifact")
 
 
-def load_artifact(path, device: str | None = None, backend: str | None = None):
-    """Load a saved artifact into an Executable in this process (no model builder code needed)."""
-    from safetensors import safe_open
+@dataclass
+class ArtifactParts:
+    """What an artifact directory holds, verified and ready to run; the application layer wraps it in an
+    Executable with the model's config (dsgraph.load_artifact)."""
 
-    import models
-    from dsgraph.serialize import graph_from_json
-    from dsgraph.weights import WeightStore
+    manifest: dict
+    graph: object
+    weights: WeightStore
+    compiled: object
+    mtp: tuple | None
+    device: str
+    dtype: str
 
-    from . import get_backend
-    from .executable import Executable
+
+def load_parts(path, device: str | None = None, backend: str | None = None) -> ArtifactParts:
+    """Read and verify a saved artifact: its graphs, lazy weights and the backend's compiled code."""
     root = Path(path)
     manifest = read_manifest(root)
     if backend is not None and backend != manifest["backend"]:
@@ -160,12 +168,9 @@ def load_artifact(path, device: str | None = None, backend: str | None = None):
     if (root / "mtp_graph.json").exists():
         branch = graph_from_json(json.loads((root / "mtp_graph.json").read_text()))
         mtp = (branch, be.load_compiled(root / "backend" / "mtp", branch, weights, device, dtype))
-    cfg = models.ModelConfig.from_dict(manifest["model"]["config"])
-    model = models.Model(manifest["model"]["name"], cfg, graph, weights)
-    return Executable(model, graph, compiled, device, dtype, manifest["passes"], mtp=mtp, weights=weights)
+    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype)
 
 
 def _read(path: Path, key: str):
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor(key)

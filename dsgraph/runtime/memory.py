@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from .dtypes import to_torch
-from .errors import DeviceMemoryError
+from dsgraph.dtypes import to_torch
+from dsgraph.errors import DeviceMemoryError
 
 SKIP_ENV = "DSGRAPH_SKIP_MEMORY_CHECK"
 

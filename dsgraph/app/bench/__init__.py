@@ -1,7 +1,7 @@
 """`dsgraph bench`: compare backends side by side on op-level and model-level workloads.
 
-    doc = dsgraph.bench.bench("deepseek-v3-tiny", device="cpu", backends=["eager", "onnx"])
-    print(dsgraph.bench.report.table(doc["rows"]))
+    doc = dsgraph.app.bench.bench("deepseek-v3-tiny", device="cpu", backends=["eager", "onnx"])
+    print(dsgraph.app.bench.report.table(doc["rows"]))
 
 Modules: workloads (what is measured), timing (how), roofline (the floor each row is
 compared with), runner (the check-then-time loop), report (table, JSON, plot).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import InputError
+from dsgraph.errors import InputError
 
 DEFAULTS = {
     "cpu": {"batches": [1, 4], "prefill_batches": [1], "contexts": [64], "repeats": 5, "warmup": 2,
@@ -24,12 +24,13 @@ DEFAULTS = {
 def load_model(name: str, dtype: str, seed: int = 0, device: str = "cpu", mtp: bool = False):
     """The model, without its MTP branch unless `mtp` (plain prefill and decode do not need it); a preset's
     random weights are drawn on `device`, so a full-size model never passes through host memory."""
-    import dsgraph
-    import models
+    import dsgraph.models as models
+
+    from .. import api
     if name in models.PRESETS:
         return models.build_model(name, seed=seed, dtype=dtype, mtp=mtp,
                                   weights_device="cuda" if str(device).startswith("cuda") else "cpu")
-    model = dsgraph.load(name, dtype=dtype, seed=seed)
+    model = api.load(name, dtype=dtype, seed=seed)
     if "mtp_ids" in model.graph.inputs and not mtp:
         model = models.Model(model.name, model.config,
                              models.build_graph(model.config, dtype, mtp=False, name=model.graph.name), model.weights)
@@ -62,8 +63,9 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
 def _config(model, device, backends, workloads, batches, prefill_batches, contexts, dtype, repeats, warmup, seed,
             here: bool = True):
     """The run's configuration; `here` False: `device` is where modules will run, not this machine."""
+    from dsgraph.dtypes import compute_dtype
+
     from ..api import resolve_device
-    from ..dtypes import compute_dtype
     from .runner import BenchConfig
     from .workloads import ALL_WORKLOADS, DEFAULT_WORKLOADS
     if here or device not in ("cpu", "cuda"):
@@ -94,11 +96,11 @@ def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, ba
                  contexts=None, dtype=None, seed: int = 0, log=print) -> list[str]:
     """Build here, for `device`, every TVM module that `bench` with the same arguments compiles, into
     `directory` (see backends/tvm/prebuilt.py); no GPU and no weights are needed. Returns the module names."""
-    from backends import get_backend
-    from backends.tvm.prebuilt import export_prebuilt
+    from dsgraph.backends import get_backend
+    from dsgraph.backends.tvm.prebuilt import export_prebuilt
+    from dsgraph.partition import split_graph
 
     from ..api import _run_passes
-    from ..partition import split_graph
     from .runner import op_shapes
     from .workloads import MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op
     cfg = _config(model, device, ["tvm"], workloads, batches, prefill_batches, contexts, dtype, None, None, seed,

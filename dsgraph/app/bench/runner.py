@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backends import get_backend, kv_cache
+from dsgraph.backends import get_backend, kv_cache
+from dsgraph.errors import DeviceMemoryError, DSGraphError
+from dsgraph.numerics import rel_err, tolerance
+from dsgraph.runtime.memory import available_bytes
 
-from ..check import MODEL_TOLERANCE, TOLERANCE, rel_err, tolerance_for
-from ..errors import DeviceMemoryError, DSGraphError
-from ..memory import available_bytes
 from .roofline import floor_ms
 from .timing import buffer_count, measure
 from .workloads import (
@@ -94,7 +94,7 @@ class Runner:
         fl, bound = floor_ms(w.flops, w.bytes, self.peak, "float8_e4m3fn" if w.name == "fp8_gemm" else self.cfg.dtype)
         row = {"workload": w.name, "level": w.level, "label": w.label, "batch": w.batch, "context": w.context,
                "shape": dict(w.env), "tokens": w.tokens, "backend": backend, "status": status, "error": None,
-               "tolerance": (TOLERANCE if w.level == "op" else MODEL_TOLERANCE)[self.cfg.dtype], "reason": None,
+               "tolerance": tolerance(self.cfg.dtype, "op" if w.level == "op" else "model"), "reason": None,
                "median_ms": None, "p20_ms": None, "p80_ms": None, "min_ms": None, "repeats": None, "buffers": None,
                "timing_method": None, "throughput": None, "throughput_unit": "tokens/s", "flops": float(w.flops),
                "bytes": float(w.bytes), "floor_ms": fl, "bound": bound, "frac_of_floor": None, "speedup_vs_eager": None,
@@ -194,7 +194,7 @@ class Runner:
         except Exception as e:
             self._row(w, spec, "failed", reason=_short(e))
             return refs if spec != "eager" else None
-        tol = tolerance_for(compiled.report, self.cfg.dtype)
+        tol = tolerance(self.cfg.dtype, report=compiled.report)
         meta = {"compile_s": compile_s, "fallbacks": len(compiled.report.fallbacks), "tolerance": tol}
         if spec == "eager":
             refs = {k: v.detach() for k, v in outs.items()}
@@ -232,7 +232,7 @@ class Runner:
             self._model_backend(spec, work, refs)
 
     def _model_backend(self, spec, work, refs) -> None:
-        import dsgraph
+        from .. import api
         reason = self._unavailable(spec)
         if reason:
             for w in work:
@@ -242,14 +242,14 @@ class Runner:
         self.log(f"compiling {self.cfg.model} for {spec}")
         try:
             t0 = time.perf_counter()
-            exe = dsgraph.compile(self.model, backend=name, device=self.cfg.device, dtype=self.cfg.dtype, **options)
+            exe = api.compile(self.model, backend=name, device=self.cfg.device, dtype=self.cfg.dtype, **options)
             compile_s = time.perf_counter() - t0
             small = self._small_check(exe)
         except Exception as e:
             for w in work:
                 self._row(w, spec, "failed", reason=_short(e))
             return
-        tol = tolerance_for(exe.compiled.report, self.cfg.dtype, model_level=True)
+        tol = tolerance(self.cfg.dtype, "model", exe.compiled.report)
         meta = {"compile_s": compile_s, "fallbacks": len(exe.compiled.report.fallbacks), "tolerance": tol}
         if spec == "eager":
             refs["small"] = small
@@ -356,7 +356,7 @@ class Runner:
             self._speculative_backend(spec, model, work)
 
     def _speculative_backend(self, spec, model, work) -> None:
-        import dsgraph
+        from .. import api
         reason = self._unavailable(spec)
         rows = [w for pair in work for w in pair]
         if reason:
@@ -366,7 +366,7 @@ class Runner:
         name, options = parse_backend(spec)
         try:
             t0 = time.perf_counter()
-            exe = dsgraph.compile(model, backend=name, device=self.cfg.device, dtype=self.cfg.dtype, keep_mtp=True,
+            exe = api.compile(model, backend=name, device=self.cfg.device, dtype=self.cfg.dtype, keep_mtp=True,
                                   **options)
             meta = {"compile_s": time.perf_counter() - t0, "fallbacks": len(exe.compiled.report.fallbacks)}
         except Exception as e:

@@ -1,26 +1,35 @@
-"""The thin public layer that wires models, passes and backends together
-(the only part of dsgraph that imports them — DESIGN.md: no back edges)."""
+"""The public entry points: `load` a model, `compile` it into an Executable, `load_artifact` a saved one.
+
+This is the application layer: the one place where models, passes, backends and the runtime meet.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from .dtypes import compute_dtype
-from .errors import BackendUnavailable, ConfigError, InputError
-from .memory import check_weights_fit
+from dsgraph import models
+from dsgraph import passes as passlib
+from dsgraph.backends import Backend, get_backend
+from dsgraph.dtypes import compute_dtype
+from dsgraph.errors import BackendUnavailable, ConfigError, InputError
+from dsgraph.partition import split_graph
+from dsgraph.runtime import artifact
+from dsgraph.runtime.executable import Executable
+from dsgraph.runtime.memory import check_weights_fit
+from dsgraph.serialize import load_graph
+from dsgraph.weights import WeightStore
 
 
-def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options):
+def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options) -> models.Model:
     """A preset name, a Hugging Face checkpoint directory, or a saved graph JSON -> models.Model."""
-    import models
     p = Path(str(path_or_preset))
     if p.is_dir():
         if (p / "config.json").exists():
-            from models.hf_loader import load_checkpoint
-            return load_checkpoint(p, dtype=dtype, **options)
-        if (p / "manifest.json").exists():
+            return models.load_checkpoint(p, dtype=dtype, **options)
+        if (p / artifact.MANIFEST).exists():
             raise ConfigError(f"{p} is a compiled artifact: load it with dsgraph.load_artifact({str(p)!r})")
         raise ConfigError(f"{p} is a directory without config.json: not a Hugging Face checkpoint")
     if p.suffix == ".json" and p.exists():
@@ -28,20 +37,13 @@ def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options):
     return models.build_model(str(path_or_preset), seed=seed, dtype=dtype, **options)
 
 
-def _load_saved_graph(path: Path):
-    import models
-
-    from .serialize import load_graph
-    from .weights import WeightStore
+def _load_saved_graph(path: Path) -> models.Model:
     graph = load_graph(path)
     cfg_dict = graph.meta.get("config")
     if cfg_dict is None:
         raise ConfigError(f"{path}: graph has no meta.config; save graphs built by dsgraph models")
     weights_file = path.with_suffix(".safetensors")
-    weights = WeightStore()
-    if weights_file.exists():
-        from safetensors.torch import load_file
-        weights = WeightStore(load_file(str(weights_file)))
+    weights = WeightStore(load_file(str(weights_file))) if weights_file.exists() else WeightStore()
     return models.Model(graph.name, models.ModelConfig.from_dict(cfg_dict), graph, weights)
 
 
@@ -55,17 +57,13 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def compile(model, backend: str = "eager", device: str | None = "cpu", dtype=None, passes="default",
-            keep_mtp: bool = False, dump_after: str | None = None, **options):
-    """Compile a model for `backend` on `device` in `dtype`; returns a backends.Executable.
+def compile(model: models.Model, backend: str = "eager", device: str | None = "cpu", dtype=None, passes="default",
+            keep_mtp: bool = False, dump_after: str | None = None, **options) -> Executable:
+    """Compile a model for `backend` on `device` in `dtype`; returns a dsgraph.runtime.Executable.
 
     `passes` is "default" (the backend's pipeline), "none", or a list of pass names.
     The MTP branch is pruned unless keep_mtp (plain decoding does not need it).
     """
-    import models
-    from backends import get_backend
-    from backends.executable import Executable
-
     device = resolve_device(device)
     be = get_backend(backend)
     reason = be.available(device)
@@ -77,11 +75,10 @@ def compile(model, backend: str = "eager", device: str | None = "cpu", dtype=Non
     graph = model.graph
     if dtype != graph_dtype:
         graph = models.build_graph(model.config, dtype, mtp="mtp_ids" in graph.inputs, name=graph.name)
-    graph, weights, records = _run_passes(graph, model.weights, be, passes, keep_mtp, dump_after)
+    graph, weights, records = compile_graph(graph, model.weights, be, passes, keep_mtp, dump_after)
     check_weights_fit(graph, weights, torch.device(device), f"{model.name} ({backend}, {dtype})")
     mtp = None
     if "mtp_ids" in graph.inputs:  # keep_mtp: the MTP branch runs as its own step after the main one
-        from .partition import split_graph
         graph, branch = split_graph(graph, {"mtp_ids"})
         mtp = (branch, be.compile(branch, weights, device=device, dtype=dtype, **options))
     compiled = be.compile(graph, weights, device=device, dtype=dtype, **options)
@@ -89,13 +86,13 @@ def compile(model, backend: str = "eager", device: str | None = "cpu", dtype=Non
     return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
 
 
-def _run_passes(graph, weights, backend, pipeline, keep_mtp, dump_after):
-    try:
-        import passes as passlib
-    except ModuleNotFoundError:
-        passlib = None
-    if pipeline == "default":
-        pipeline = backend.default_passes
+def compile_graph(graph, weights, backend: str | Backend, passes="default", keep_mtp: bool = True,
+                  dump_after: str | None = None):
+    """Run `backend`'s pass pipeline (or `passes`: "default" | "none" | names) on a bare graph; returns
+    (graph, weights, pass records). The MTP branch is pruned unless keep_mtp. For tools that lower graphs that
+    are not whole models (op workloads in `dsgraph bench`, prebuilt TVM modules)."""
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    pipeline = be.default_passes if passes == "default" else passes
     names = [] if pipeline in ("none", None) else ([pipeline] if isinstance(pipeline, str) else list(pipeline))
     if not keep_mtp and "mtp_ids" in graph.inputs:
         names = ["prune_mtp"] + [n for n in names if n != "prune_mtp"]
@@ -103,13 +100,14 @@ def _run_passes(graph, weights, backend, pipeline, keep_mtp, dump_after):
         names = [n for n in names if n != "prune_mtp"]
     if not names:
         return graph, weights, []
-    if passlib is None:
-        raise BackendUnavailable(f"passes {names} asked for, but the passes package is not installed")
     return passlib.run_pipeline(graph, weights, names, dump_after=dump_after)
 
 
-def load_artifact(path: str | os.PathLike, device: str | None = None, backend: str | None = None):
+def load_artifact(path: str | os.PathLike, device: str | None = None, backend: str | None = None) -> Executable:
     """Load a directory written by `exe.save` / `dsgraph compile -o`: checksums verified, no recompiling
     where the backend saved its compiled code."""
-    from backends.artifact import load_artifact as _load
-    return _load(path, device=device, backend=backend)
+    parts = artifact.load_parts(path, device=device, backend=backend)
+    info = parts.manifest["model"]
+    model = models.Model(info["name"], models.ModelConfig.from_dict(info["config"]), parts.graph, parts.weights)
+    return Executable(model, parts.graph, parts.compiled, parts.device, parts.dtype, parts.manifest["passes"],
+                      mtp=parts.mtp, weights=parts.weights)

@@ -2,10 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
-from .errors import DSGraphError
+import torch
+
+from dsgraph import models
+from dsgraph.backends import available_backends
+from dsgraph.backends.tvm.prebuilt import ENV as TVM_PREBUILT_ENV
+from dsgraph.dtypes import compute_dtype
+from dsgraph.errors import DSGraphError
+
+from . import api
+from .bench import bench, load_model, prebuild_tvm, report
+from .check import check_backend, make_prompt
 
 
 def _ids(text: str) -> list[int]:
@@ -16,9 +28,8 @@ def _ids(text: str) -> list[int]:
 
 
 def cmd_show(args) -> int:
-    import dsgraph
-    model = dsgraph.load(args.model, dtype=args.dtype, weights=False) if _is_preset(args.model) else \
-        dsgraph.load(args.model, dtype=args.dtype)
+    model = api.load(args.model, dtype=args.dtype, weights=False) if _is_preset(args.model) else \
+        api.load(args.model, dtype=args.dtype)
     print(model.summary())
     if args.graph:
         print(model.graph)
@@ -26,15 +37,13 @@ def cmd_show(args) -> int:
 
 
 def _is_preset(name: str) -> bool:
-    import models
     return name in models.PRESETS
 
 
 def cmd_compile(args) -> int:
-    import dsgraph
-    model = dsgraph.load(args.model, dtype=args.dtype)
+    model = api.load(args.model, dtype=args.dtype)
     opts = {"emit_dir": args.emit_dir} if args.emit_dir else {}
-    exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
+    exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
                           passes=args.passes.split(",") if args.passes not in ("default", "none") else args.passes,
                           dump_after=args.dump_after, keep_mtp=args.keep_mtp, **opts)
     print(exe.report())
@@ -45,15 +54,12 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pathlib import Path
-
-    import dsgraph
     if (Path(args.model) / "manifest.json").exists():
-        exe = dsgraph.load_artifact(args.model, device=args.device)
+        exe = api.load_artifact(args.model, device=args.device)
         print(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
     else:
-        model = dsgraph.load(args.model, dtype=args.dtype)
-        exe = dsgraph.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
+        model = api.load(args.model, dtype=args.dtype)
+        exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
                               keep_mtp=args.speculative == "mtp")
     prompt = args.prompt_ids or [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
@@ -77,10 +83,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_check(args) -> int:
-    import dsgraph
 
-    from .check import check_backend
-    model = dsgraph.load(args.model)
+    model = api.load(args.model)
     ok = True
     for backend in args.backend.split(","):
         r = check_backend(model, backend, device=args.device, dtype=args.dtype)
@@ -92,15 +96,10 @@ def cmd_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import torch
 
-    import dsgraph
-    from backends import available_backends
-
-    from .check import check_backend, make_prompt
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    model = dsgraph.load("deepseek-v3-tiny", seed=0)
+    model = api.load("deepseek-v3-tiny", seed=0)
     print(f"dsgraph demo: deepseek-v3-tiny with deterministic random weights on {device}")
     print(model.summary())
     prompt = make_prompt(model.config.vocab_size, batch=1, length=8)
@@ -129,11 +128,9 @@ def _pos_ints(text: str) -> list[int]:
 
 
 def cmd_bench(args) -> int:
-    import os
     if args.device == "cpu":
         # Triton runs on the CPU through its interpreter, chosen before triton is first imported
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .bench import bench, prebuild_tvm, report
     workloads = [w for w in args.op.split(",") if w] if args.op else None
     if args.prebuild:
         names = prebuild_tvm(args.model, args.prebuild, device=args.device, workloads=workloads, batches=args.batch,
@@ -143,8 +140,7 @@ def cmd_bench(args) -> int:
               f"dsgraph bench {args.model} --device {args.device} --prebuilt {args.prebuild} (same workloads)")
         return 0
     if args.prebuilt:
-        from backends.tvm.prebuilt import ENV
-        os.environ[ENV] = args.prebuilt
+        os.environ[TVM_PREBUILT_ENV] = args.prebuilt
     doc = bench(args.model, device=args.device, backends=[b for b in args.backends.split(",") if b],
                 workloads=workloads, batches=args.batch,
                 prefill_batches=args.prefill_batch, contexts=args.context, dtype=args.dtype, repeats=args.repeats,
@@ -165,10 +161,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from backends.onnx import OPSET, export_onnx, save_onnx
+    from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx  # optional dependency: onnx
 
-    from .bench import load_model
-    from .dtypes import compute_dtype
     model = load_model(args.model, compute_dtype(args.dtype or "float32"), args.seed)
     t0 = time.perf_counter()
     proto = export_onnx(model.graph, model.weights, opset=args.opset or OPSET)

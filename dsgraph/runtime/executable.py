@@ -7,7 +7,6 @@ threads them from step to step, so a backend only has to compute one step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -15,24 +14,10 @@ import torch
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import InputError
 
-
-@dataclass
-class KVState:
-    """Caches after `length` tokens, for a batch of `batch` sequences."""
-
-    caches: dict[str, torch.Tensor]
-    length: int
-    batch: int
-
-
-@dataclass
-class GenerateStats:
-    prompt_tokens: int
-    new_tokens: int
-    target_steps: int
-    time_to_first_token_s: float
-    decode_tokens_per_s: float
-    extra: dict = field(default_factory=dict)
+from .artifact import save_artifact
+from .localize import localize
+from .speculative import generate_mtp
+from .state import GenerateStats, KVState
 
 
 class Executable:
@@ -127,8 +112,7 @@ class Executable:
 
     def localize(self, input_ids, state: KVState | None = None, tolerance: float | None = None):
         """The nodes whose kernels disagree with their op's torch reference on this step (see
-        dsgraph.check.localize); `state` None means a prefill from an empty cache."""
-        from dsgraph.check import localize
+        dsgraph.runtime.localize); `state` None means a prefill from an empty cache."""
         ids = self._ids(input_ids)
         state = state or self.empty_state(ids.shape[0])
         return localize(self.compiled, self.step_inputs(ids, state), tolerance, self.weights)
@@ -140,10 +124,9 @@ class Executable:
         """Greedy decoding with the KV cache; returns the new tokens [B, max_new_tokens].
 
         speculative="mtp" drafts with the MTP branch (draft_depth tokens a step) and verifies with
-        the main model: the same tokens, fewer main-model steps (backends/speculative.py).
+        the main model: the same tokens, fewer main-model steps (dsgraph/runtime/speculative.py).
         """
         if speculative == "mtp":
-            from .speculative import generate_mtp
             return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token)
         if speculative is not None:
             raise InputError(f"speculative={speculative!r}: the only speculative mode is 'mtp'")
@@ -182,6 +165,5 @@ class Executable:
         return str(self.compiled.report)
 
     def save(self, path, overwrite: bool = False):
-        """Write a deployable artifact directory (backends/artifact.py); load it with dsgraph.load_artifact."""
-        from .artifact import save_artifact
+        """Write a deployable artifact directory (dsgraph/runtime/artifact.py); load it with dsgraph.load_artifact."""
         return save_artifact(self, path, overwrite=overwrite)

@@ -63,12 +63,12 @@ def applicable(name: str, cfg) -> str | None:
 
 
 def _builder(cfg, dtype, name):
-    from models.builder import DecoderBuilder
+    from dsgraph.models.builder import DecoderBuilder
     return DecoderBuilder(cfg, dtype, name=name, mtp=False)
 
 
 def _finish(db, outputs, seed, device):
-    from models import random_weights
+    from dsgraph.models import random_weights
     for name, v in outputs.items():
         db.b.output(name, v)
     graph = db.b.build()
@@ -138,9 +138,9 @@ def _fp8_gemm(cfg, dtype, env, seed, device) -> Workload:
     """linear_fp8 with the dense FFN's gate projection shape [intermediate, hidden] and the model's FP8 block."""
     from dsgraph.builder import GraphBuilder
     from dsgraph.dtypes import itemsize
+    from dsgraph.models import quantize_fp8_block
+    from dsgraph.models.random_weights import random_tensor
     from dsgraph.weights import WeightStore
-    from models import quantize_fp8_block
-    from models.random_weights import random_tensor
     block = tuple(cfg.fp8_block_size or (128, 128))
     n, k = cfg.intermediate_size, cfg.hidden_size
     b = GraphBuilder("bench_fp8_gemm", dtype)

@@ -18,10 +18,11 @@ from dataclasses import replace
 
 import torch
 
+from dsgraph.backends import kv_cache
 from dsgraph.errors import InputError
 from dsgraph.partition import XFER
 
-from . import kv_cache
+from .state import GenerateStats
 
 
 def _cut(state, length: int):
@@ -65,7 +66,6 @@ def generate_mtp(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, ret
 
 def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_token=None):
     """The speculative loop; returns (new tokens [B, N], main KVState, GenerateStats)."""
-    from .executable import GenerateStats
     if exe.mtp is None:
         raise InputError("speculative='mtp' needs a model with an MTP module compiled with keep_mtp=True "
                          "(DeepSeek-V3/R1 checkpoints carry one; this model has none)")

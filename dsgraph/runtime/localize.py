@@ -1,0 +1,68 @@
+"""Find the kernel that is wrong: replay a backend's recorded step node by node through the op references."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsgraph import numerics
+from dsgraph.interpreter import load_param, run_node
+from dsgraph.numerics import rel_err
+from dsgraph.types import bind_symbols
+
+
+@dataclass
+class NodeError:
+    node: str        # the node, as the printer writes it
+    error: float     # relative error of its float outputs, or the fraction of integer outputs that differ
+    tolerance: float
+
+    def __str__(self) -> str:
+        return f"{self.error:.2e} (tolerance {self.tolerance:.0e})  {self.node}"
+
+
+def localize(compiled, inputs, tolerance: float | None = None, weights=None) -> list[NodeError]:
+    """Replay every node whose outputs the backend materialised through the op's torch reference, fed the
+    backend's own inputs; return the nodes whose outputs differ beyond `tolerance`, in graph order.
+
+    Errors do not compound here: each node sees what the backend's kernel saw, so the first entry is the kernel
+    that is wrong, not the place where drift became visible. A fused region's unmaterialised intermediates are
+    recomputed by the references from the region's materialised inputs, so the region is judged as a whole at
+    its outputs (a weight only such a region reads comes from `weights`). Integer outputs (expert ids) count
+    the fraction that differ."""
+    graph = compiled.graph
+    _, seen = compiled.run(inputs, record=True)
+    tolerance = tolerance or numerics.tolerance(compiled.report.dtype)
+    env: dict[str, int] = {}
+    for name, v in graph.inputs.items():
+        if name in seen:
+            bind_symbols(v.type, seen[name], env, f"input %{name}")
+    producer = {v.name: (n, i) for n in graph.nodes for i, v in enumerate(n.outputs)}
+    replayed: dict[str, torch.Tensor] = {}
+
+    def value(v) -> torch.Tensor:
+        """The backend's tensor where it has one, else the reference's recomputation from such tensors."""
+        if v.name in seen:
+            return seen[v.name]
+        if v.name not in replayed and v.name not in producer:  # a param folded into a fused kernel
+            if weights is None:
+                raise ValueError(f"localize needs `weights` to replay the fused region that reads %{v.name}")
+            replayed[v.name] = load_param(v, weights, next(iter(seen.values())).device)
+        if v.name not in replayed:
+            node, _ = producer[v.name]
+            for out, t in zip(node.outputs, run_node(node, [value(a) for a in node.inputs], dict(env))):
+                replayed[out.name] = t
+        return replayed[v.name]
+
+    bad = []
+    for node in graph.nodes:
+        if not all(v.name in seen for v in node.outputs):
+            continue  # inside a fused region: judged through the region's outputs
+        ref = run_node(node, [value(v) for v in node.inputs], dict(env))
+        worst = 0.0
+        for v, r in zip(node.outputs, ref):
+            got = seen[v.name].to(r.device)
+            worst = max(worst, rel_err(got, r) if r.is_floating_point() else float((got != r).float().mean()))
+        if worst > tolerance:
+            bad.append(NodeError(node.format(6), worst, tolerance))
+    return bad

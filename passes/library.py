@@ -1,2 +1,0 @@
-"""Importing this module registers every built-in pass."""
-from . import cleanup, fusion, legalize, mla, moe  # noqa: F401
