@@ -100,7 +100,7 @@ def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, ba
     from dsgraph.backends.tvm.prebuilt import export_prebuilt
     from dsgraph.partition import split_graph
 
-    from ..api import _run_passes
+    from ..api import compile_graph
     from .runner import op_shapes
     from .workloads import MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op
     cfg = _config(model, device, ["tvm"], workloads, batches, prefill_batches, contexts, dtype, None, None, seed,
@@ -113,12 +113,12 @@ def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, ba
         if name in OP_WORKLOADS and not applicable(name, mdl.config):
             for env in op_shapes(cfg, name):
                 w = build_op(name, mdl.config, cfg.dtype, env, seed)
-                graphs.append(_run_passes(w.graph, w.weights, be, "default", True, None)[0])
+                graphs.append(compile_graph(w.graph, w.weights, be, "default", True, None)[0])
     if any(n in MODEL_WORKLOADS for n in cfg.workloads):
-        graphs.append(_run_passes(mdl.graph, mdl.weights, be, "default", False, None)[0])
+        graphs.append(compile_graph(mdl.graph, mdl.weights, be, "default", False, None)[0])
     if "speculative" in cfg.workloads and not applicable("speculative", mdl.config):
         full = load_model(model, cfg.dtype, seed, "cpu", mtp=True)
-        graphs.extend(split_graph(_run_passes(full.graph, full.weights, be, "default", True, None)[0], {"mtp_ids"}))
+        graphs.extend(split_graph(compile_graph(full.graph, full.weights, be, "default", True, None)[0], {"mtp_ids"}))
     names = []
     for i, graph in enumerate(graphs):
         t0 = time.perf_counter()

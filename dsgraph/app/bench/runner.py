@@ -175,7 +175,7 @@ class Runner:
                 torch.cuda.empty_cache()
 
     def _op_backend(self, w, spec, buffers, refs):
-        from ..api import _run_passes
+        from ..api import compile_graph
         reason = self._unavailable(spec)
         if reason:
             self._row(w, spec, "unavailable", reason=reason)
@@ -187,7 +187,7 @@ class Runner:
         try:
             be = get_backend(name)
             t0 = time.perf_counter()
-            graph, weights, _ = _run_passes(w.graph, w.weights, be, "default", True, None)
+            graph, weights, _ = compile_graph(w.graph, w.weights, be, "default", True, None)
             compiled = be.compile(graph, weights, device=self.cfg.device, dtype=self.cfg.dtype, **options)
             outs = compiled.run(buffers[0])
             compile_s = time.perf_counter() - t0
