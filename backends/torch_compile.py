@@ -23,11 +23,10 @@ import shutil
 
 import torch
 
-from dsgraph.dtypes import to_torch
 from dsgraph.errors import InputError
-from dsgraph.interpreter import load_param
+from dsgraph.interpreter import Interpreter, Step, reference_fn
 from dsgraph.ops.registry import get_op
-from dsgraph.symbolic import Sym, eval_dim, parse_dim
+from dsgraph.symbolic import Sym
 
 from .base import Backend, CompiledGraph, KernelChoice, register_backend
 
@@ -41,58 +40,48 @@ EAGER_OPS = {"moe.experts": "per-expert loop over host-side token counts",
              "moe.grouped_gemm": "per-expert loop over host-side row offsets"}
 
 
-class GraphFunction:
-    """The graph as a plain function inputs -> outputs over each op's torch reference."""
+class GraphFunction(Interpreter):
+    """The graph as one plain function inputs -> outputs over each op's torch reference, for torch.compile to
+    trace. The executor base gives the steps (EAGER_OPS' references wrapped in `torch.compiler.disable`), the
+    params and the input check (`check_inputs`, run by the caller outside the compiled function); only the hot
+    loop is its own, kept free of what Dynamo would guard on or break at: no symbol binding from tensors, no
+    output checks, no try/except, no freeing (Inductor plans the buffers)."""
 
     def __init__(self, graph, weights, device):
-        self.graph = graph
-        self.params = {n: load_param(v, weights, torch.device(device)) for n, v in graph.params().items() if v.users}
-        self.feeds = [n for n, v in graph.inputs.items() if v.kind != "param"]
-        self.symbols = {}
-        for n in self.feeds:
-            for axis, d in enumerate(graph.inputs[n].type.shape):
+        super().__init__(graph, weights, device)
+        self._consts_now = self.consts  # now: loading inside the traced call would trace the weight casts
+        self._feeds = [(id(v), n) for n, v in self.runtime_inputs.items()]
+        self._symbols = {}  # symbol -> (input, axis) of a dim that is the bare symbol
+        for n, v in self.runtime_inputs.items():
+            for axis, d in enumerate(v.type.shape):
                 if isinstance(d, Sym) and len(d.terms) == 1 and list(d.terms.values()) == [1] \
                         and len(next(iter(d.terms))) == 1:
-                    self.symbols.setdefault(str(d), (n, axis))
-        self.plan = []
-        eager = {op: torch.compiler.disable(get_op(op).reference_fn) for op in EAGER_OPS}
-        for node in graph.nodes:
-            opdef = node.opdef
-            self.plan.append((eager.get(node.op, opdef.reference_fn), [v.name for v in node.inputs],
-                              dict(node.attrs), opdef.shape_attrs, [v.name for v in node.outputs],
-                              [to_torch(v.type.dtype) for v in node.outputs]))
-        self.outputs = {k: v.name for k, v in graph.outputs.items()}
+                    self._symbols.setdefault(str(d), (n, axis))
+        self._plan = [(s.fn, [id(v) for v in s.inputs], [id(v) for v in s.outputs]) for s in self.steps]
+        self._outputs = [(k, id(v)) for k, v in graph.outputs.items()]
+
+    def node_step(self, node) -> Step:
+        step = super().node_step(node)
+        if node.op in EAGER_OPS:
+            step.fn = reference_fn(node, torch.compiler.disable(get_op(node.op).reference_fn))
+        return step
 
     def __call__(self, inputs: dict) -> dict:
-        vals = dict(self.params)
-        for n in self.feeds:
-            vals[n] = inputs[n]
-        env = {s: vals[n].shape[axis] for s, (n, axis) in self.symbols.items()}
-        for fn, ins, attrs, shape_attrs, outs, dtypes in self.plan:
-            if shape_attrs:
-                attrs = dict(attrs)
-                for key in shape_attrs:
-                    attrs[key] = tuple(eval_dim(parse_dim(d), env) for d in attrs[key])
-            out = fn(*[vals[i] for i in ins], **attrs)
-            out = out if isinstance(out, (tuple, list)) else (out,)
-            for name, t, dt in zip(outs, out, dtypes):
-                vals[name] = t if t.dtype == dt else t.to(dt)
-        return {k: vals[v] for k, v in self.outputs.items()}
+        vals = dict(self._consts_now)
+        for key, name in self._feeds:
+            vals[key] = inputs[name]
+        sym = {s: inputs[n].shape[axis] for s, (n, axis) in self._symbols.items()}
+        for fn, ins, outs in self._plan:
+            for key, t in zip(outs, fn([vals[k] for k in ins], sym)):
+                vals[key] = t
+        return {name: vals[key] for name, key in self._outputs}
 
 
 class TorchCompileBackend(Backend):
     name = "torch_compile"
 
-    @property
-    def default_passes(self):
-        """The passes package's "torch_compile" pipeline (absorbed MLA, grouped MoE, cleanups), so the comparison runs
-        the same graph as triton and tvm; without the package the graph compiles as written (the report's pass
-        list is then empty)."""
-        try:
-            from dsgraph.passes import default_pipeline
-        except ImportError:
-            return "none"
-        return default_pipeline("torch_compile")
+    # absorbed MLA, grouped MoE and cleanups, so the comparison runs the same graph as triton and tvm
+    pipeline = ("cse", "fold_constants", "absorb_mla", "group_moe", "dce")
 
     def available(self, device: str) -> str | None:
         if not str(device).startswith("cuda") and not (shutil.which("g++") or shutil.which("c++")
@@ -126,9 +115,7 @@ class TorchCompileBackend(Backend):
         state = {"first": True}
 
         def run(inputs):
-            missing = [n for n in fn.feeds if n not in inputs]
-            if missing:
-                raise InputError(f"graph {graph.name} needs inputs {missing}; got {sorted(inputs)}")
+            fn.check_inputs(inputs)
             if not state["first"]:
                 return compiled(inputs)
             state["first"] = False
@@ -140,12 +127,18 @@ class TorchCompileBackend(Backend):
         return CompiledGraph(graph, run, report)
 
 
-def _break_count() -> int | None:
+def _graph_break_reasons() -> list | None:
+    """Dynamo's running record of graph breaks; None where this torch version has no such record."""
     try:
-        from torch._dynamo.utils import graph_break_reasons
-        return len(graph_break_reasons)
+        from torch._dynamo.utils import graph_break_reasons  # torch.compile's internals: loaded once compiling
     except ImportError:
         return None
+    return graph_break_reasons
+
+
+def _break_count() -> int | None:
+    reasons = _graph_break_reasons()
+    return None if reasons is None else len(reasons)
 
 
 def _note_graph_breaks(graph, report, before: int | None) -> None:
@@ -153,8 +146,7 @@ def _note_graph_breaks(graph, report, before: int | None) -> None:
     if before is None:
         report.notes.append("graph breaks: unknown (torch._dynamo.utils.graph_break_reasons is not available)")
         return
-    from torch._dynamo.utils import graph_break_reasons
-    new = [r for r in graph_break_reasons[before:] if "disable" not in r.reason]  # EAGER_OPS: reported already
+    new = [r for r in _graph_break_reasons()[before:] if "disable" not in r.reason]  # EAGER_OPS: reported already
     spans = _reference_spans(graph)
     found: dict[str, str] = {}
     for reason in new:

@@ -12,6 +12,7 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from dsgraph.backends import get_backend  # noqa: E402
+from dsgraph.backends.optional import optional  # noqa: E402
 from dsgraph.backends.tvm import env  # noqa: E402
 
 import dsgraph  # noqa: E402
@@ -141,8 +142,23 @@ def test_unknown_op_is_named(test_ops):
         compile_tvm(_one_op_graph("test.tvm_no_lowering"), {})
 
 
+def test_declined_lowering_is_an_error_with_its_reason():
+    """The cast lowering declines casts to FP8; with the table's "error" fallback that names the node and why."""
+    b = GraphBuilder("to_fp8")
+    b.output("y", b.cast(b.input("x", ("B", 5), "float32"), dtype="float8_e4m3fn"))
+    with pytest.raises(UnknownOpError, match=r"cannot lower %cast = cast.*float8_e4m3fn is not supported"):
+        compile_tvm(b.build(), {})
+
+
+def test_missing_optional_dependency_names_its_extra():
+    """The compiler half names TVM's modules at import (backends/optional.py); a missing one fails at first use."""
+    missing = optional("dsgraph_test_absent_module", extra="tvm")
+    assert "not imported yet" in repr(missing)
+    with pytest.raises(BackendUnavailable, match=r"pip install 'dsgraph\[tvm\]'"):
+        missing.anything
+
+
 def test_legalized_op_is_a_reported_fallback(test_ops):
-    pytest.importorskip("passes")
     g = _one_op_graph("test.tvm_legalized")
     c = compile_tvm(g, {})
     fb = c.report.fallbacks

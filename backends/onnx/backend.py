@@ -19,33 +19,26 @@ from dsgraph.dtypes import dtype_name
 from dsgraph.errors import BackendUnavailable, InputError
 
 from ..base import Backend, CompiledGraph, KernelChoice, register_backend
+from .export import EXTERNAL_DATA_BYTES, OPSET, export_onnx, model_bytes, save_onnx
 
 _NUMPY_OK = {"float32", "float16", "float64", "int64", "int32", "bool"}
 
 
 def _providers() -> list[str]:
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (the [onnx] extra)
     return ort.get_available_providers()
 
 
 class OnnxBackend(Backend):
     name = "onnx"
 
-    @property
-    def default_passes(self):
-        """The passes package's "onnx" pipeline (absorbed MLA, grouped MoE, cleanups), so the comparison runs
-        the same graph as triton and tvm; without the package the graph compiles as written (the report's pass
-        list is then empty)."""
-        try:
-            from dsgraph.passes import default_pipeline
-        except ImportError:
-            return "none"
-        return default_pipeline("onnx")
+    # absorbed MLA, grouped MoE and cleanups, so the comparison runs the same graph as triton and tvm
+    pipeline = ("cse", "fold_constants", "absorb_mla", "group_moe", "dce")
 
     def available(self, device: str) -> str | None:
         try:
-            import onnx  # noqa: F401
-            import onnxruntime  # noqa: F401
+            import onnx  # noqa: F401  (optional dependencies, the [onnx] extra: are they installed?)
+            import onnxruntime  # noqa: F401  (the same)
         except ImportError as e:
             return f"{e.name} is not installed; pip install onnx onnxruntime"
         if str(device).startswith("cuda") and "CUDAExecutionProvider" not in _providers():
@@ -55,18 +48,15 @@ class OnnxBackend(Backend):
 
     def compile_graph(self, graph, weights, device, report, opset: int | None = None, threads: int | None = None,
                       **options):
-        import onnxruntime as ort  # optional dependencies: onnx, onnxruntime (the [onnx] extra)
-
-        from .export import EXTERNAL_DATA_BYTES, OPSET, export_onnx, model_bytes, save_onnx
+        import onnxruntime as ort  # optional dependency (the [onnx] extra)
         opset = opset or OPSET
         if options:
             raise InputError(f"onnx backend: unknown options {sorted(options)}; it takes opset, threads")
         records: list = []
         model = export_onnx(graph, weights, opset=opset, records=records)
-        for node, how, ops in records:
-            report.kernels.append(KernelChoice(tuple(v.name for v in node.outputs), node.op, "library",
-                                               f"onnxruntime: {'+'.join(sorted(set(ops))) or 'Identity'}",
-                                               "decomposed into primitives" if how == "decomposed" else ""))
+        for node, res in records:
+            report.kernels.append(KernelChoice(tuple(v.name for v in node.outputs), node.op, res.kind, res.kernel,
+                                               res.note))
         cuda = str(device).startswith("cuda")
         providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         opts = ort.SessionOptions()

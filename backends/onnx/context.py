@@ -1,7 +1,8 @@
 """The state one ONNX export builds up: node list, initializers, symbolic dims.
 
-Converters (converters.py, domain.py) receive an `OnnxContext` and emit ONNX nodes
-through `ctx.emit`, constants through `ctx.const`, and runtime sizes through
+Converters (converters.py, domain.py) receive an `OnnxContext`, read their inputs' ONNX
+names with `ctx.inputs(node)`, emit ONNX nodes through `ctx.emit`, constants through
+`ctx.const`, and runtime sizes through
 `ctx.dim` / `ctx.shape`: a symbolic dsgraph dim ("B", "T+S", "B*S") becomes an
 int64 [1] tensor computed from the `Shape` of the graph input that binds each
 symbol, so one exported model serves every batch size and sequence length.
@@ -11,28 +12,32 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import onnx
 import torch
-from onnx import TensorProto, helper
 
+from dsgraph.dtypes import dtype_name, to_torch
 from dsgraph.errors import ShapeError
+from dsgraph.ir import Node
 from dsgraph.symbolic import Sym, parse_dim
 
-ONNX_DTYPES = {
-    "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
-    "float64": TensorProto.DOUBLE, "float8_e4m3fn": TensorProto.FLOAT8E4M3FN, "int64": TensorProto.INT64,
-    "int32": TensorProto.INT32, "bool": TensorProto.BOOL,
-}
+from .deps import onnx
+
+# dsgraph dtype -> the name of its onnx.TensorProto data type (looked up when exporting: naming them imports no onnx)
+_TENSOR_TYPES = {"float32": "FLOAT", "float16": "FLOAT16", "bfloat16": "BFLOAT16", "float64": "DOUBLE",
+                 "float8_e4m3fn": "FLOAT8E4M3FN", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
 _RAW_VIEW = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8}
 INT64_MAX = 2**63 - 1
 
 
-def tensor_proto(t: torch.Tensor, name: str) -> TensorProto:
+def onnx_dtype(dtype: str) -> int:
+    """The ONNX tensor data type of a dsgraph dtype name."""
+    return getattr(onnx.TensorProto, _TENSOR_TYPES[dtype])
+
+
+def tensor_proto(t: torch.Tensor, name: str) -> onnx.TensorProto:
     """A torch tensor as an ONNX TensorProto (bf16 and fp8 go through their raw bytes)."""
     t = t.detach().cpu().contiguous()
     if t.dtype in _RAW_VIEW:
-        from dsgraph.dtypes import dtype_name
-        proto = TensorProto(name=name, data_type=ONNX_DTYPES[dtype_name(t.dtype)], dims=list(t.shape))
+        proto = onnx.TensorProto(name=name, data_type=onnx_dtype(dtype_name(t.dtype)), dims=list(t.shape))
         proto.raw_data = t.view(_RAW_VIEW[t.dtype]).numpy().tobytes()
         return proto
     return onnx.numpy_helper.from_array(t.numpy(), name)
@@ -45,7 +50,7 @@ class OnnxContext:
         self.graph = graph
         self.prefix = ""                         # the dsgraph value being converted, for readable names
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
+        self.initializers: list[onnx.TensorProto] = []
         self.names: dict[int, str] = {}          # id(dsgraph Value) -> ONNX tensor name
         self._used: set[str] = set()
         self._counter = itertools.count()
@@ -61,6 +66,10 @@ class OnnxContext:
                     self._symbol_source.setdefault(sym, (name, axis))
 
     # names ---------------------------------------------------------------------
+    def inputs(self, node: Node) -> list[str]:
+        """The ONNX names of the node's inputs, in order."""
+        return [self.names[id(v)] for v in node.inputs]
+
     def fresh(self, hint: str) -> str:
         name = hint
         while name in self._used:
@@ -77,7 +86,7 @@ class OnnxContext:
         """Append one ONNX node; returns its output name (or list of names if outputs > 1)."""
         hint = f"{self.prefix}/{hint}" if self.prefix else hint
         outs = [self.fresh(hint if outputs == 1 else f"{hint}.{i}") for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], outs,
+        self.nodes.append(onnx.helper.make_node(op_type, [i or "" for i in inputs], outs,
                                            name=self.fresh(f"n.{hint}"), domain=domain, **attrs))
         return outs[0] if outputs == 1 else outs
 
@@ -86,7 +95,6 @@ class OnnxContext:
         if isinstance(value, torch.Tensor):
             t = value
         else:
-            from dsgraph.dtypes import to_torch
             t = torch.tensor(np.asarray(value).tolist(), dtype=to_torch(dtype))
         key = None
         if t.numel() <= 16:

@@ -1,25 +1,18 @@
-"""ONNX converters for dsgraph's primitive ops: one function per op, in a registry.
+"""ONNX converters for dsgraph's primitive ops: one lowering per op in the onnx table (registry.py).
 
-A converter gets the export context, the dsgraph node and the ONNX names of its
-inputs, emits standard ONNX nodes and returns its output names (one per node output).
+A converter `(ctx, node)` reads the ONNX names of the node's inputs from the export context,
+emits standard ONNX nodes and returns their output names (one per node output) as `converted(...)`.
 Domain ops register theirs in domain.py; an op without a converter is lowered with its
 `.decomposition` by the exporter, and an op with neither is an explicit error.
 """
 from __future__ import annotations
 
-from typing import Callable
+import torch
 
-from .context import INT64_MAX, ONNX_DTYPES, OnnxContext
+from dsgraph.dtypes import to_torch
 
-CONVERTERS: dict[str, Callable] = {}
-
-
-def converts(*ops: str):
-    def register(fn):
-        for op in ops:
-            CONVERTERS[op] = fn
-        return fn
-    return register
+from .context import INT64_MAX, onnx_dtype
+from .registry import TABLE, converted
 
 
 def dtype_of(value) -> str:
@@ -33,61 +26,64 @@ _UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "sigmoid": "
           "cos": "Cos", "sin": "Sin", "abs": "Abs"}
 
 
-@converts(*_BINARY)
-def _binary(ctx: OnnxContext, node, ins):
-    return ctx.emit(_BINARY[node.op], ins, node.op)
+# ops that are one ONNX operator over the same inputs, as they are or along attribute `dim`
+_DIRECT = {**_BINARY, **_UNARY, "where": "Where", "matmul": "MatMul"}
+_ALONG_DIM = {"softmax": "Softmax", "concat": "Concat", "gather": "GatherElements", "scatter": "ScatterElements",
+              "index_select": "Gather"}
 
 
-@converts(*_UNARY)
-def _unary(ctx, node, ins):
-    return ctx.emit(_UNARY[node.op], ins, node.op)
+@TABLE.register(*_DIRECT)
+def _direct(ctx, node):
+    return converted(ctx.emit(_DIRECT[node.op], ctx.inputs(node), node.op))
 
 
-@converts("rsqrt")
-def _rsqrt(ctx, node, ins):
-    return ctx.emit("Reciprocal", [ctx.emit("Sqrt", ins, "sqrt")], "rsqrt")
+@TABLE.register(*_ALONG_DIM)
+def _along_dim(ctx, node):
+    return converted(ctx.emit(_ALONG_DIM[node.op], ctx.inputs(node), node.op, axis=node.attrs["dim"]))
 
 
-@converts("silu")
-def _silu(ctx, node, ins):
-    return silu(ctx, ins[0])
+@TABLE.register("rsqrt")
+def _rsqrt(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("Reciprocal", [ctx.emit("Sqrt", ins, "sqrt")], "rsqrt"))
+
+
+@TABLE.register("silu")
+def _silu(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(silu(ctx, ins[0]))
 
 
 def silu(ctx, x: str) -> str:
     return ctx.emit("Mul", [x, ctx.emit("Sigmoid", [x], "sigmoid")], "silu")
 
 
-@converts("gelu")
-def _gelu(ctx, node, ins):
-    return ctx.emit("Gelu", ins, "gelu", approximate=node.attrs["approximate"])
+@TABLE.register("gelu")
+def _gelu(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("Gelu", ins, "gelu", approximate=node.attrs["approximate"]))
 
 
-@converts("pow")
-def _pow(ctx, node, ins):
-    return ctx.emit("Pow", [ins[0], ctx.const(node.attrs["exponent"], dtype_of(node.inputs[0]))], "pow")
+@TABLE.register("pow")
+def _pow(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("Pow", [ins[0], ctx.const(node.attrs["exponent"], dtype_of(node.inputs[0]))], "pow"))
 
 
-@converts("where")
-def _where(ctx, node, ins):
-    return ctx.emit("Where", ins, "where")
+@TABLE.register("cast")
+def _cast(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("Cast", ins, "cast", to=onnx_dtype(node.outputs[0].type.dtype)))
 
 
-@converts("cast")
-def _cast(ctx, node, ins):
-    return ctx.emit("Cast", ins, "cast", to=ONNX_DTYPES[node.outputs[0].type.dtype])
-
-
-@converts("constant")
-def _constant(ctx, node, ins):
+@TABLE.register("constant")
+def _constant(ctx, node):
     a = node.attrs
-    import torch
-
-    from dsgraph.dtypes import to_torch
     if isinstance(a["value"], tuple):
         t = torch.tensor(a["value"], dtype=to_torch(a["dtype"])).reshape(a["shape"])
     else:
         t = torch.full(a["shape"], a["value"], dtype=to_torch(a["dtype"]))
-    return ctx.const(t, hint="constant")
+    return converted(ctx.const(t, hint="constant"))
 
 
 # ---------------------------------------------------------------- linear algebra
@@ -97,102 +93,86 @@ def linear(ctx, x: str, w: str, bias: str | None = None) -> str:
     return ctx.emit("Add", [y, bias], "linear_bias") if bias else y
 
 
-@converts("linear")
-def _linear(ctx, node, ins):
-    return linear(ctx, ins[0], ins[1], ins[2] if len(ins) > 2 else None)
+@TABLE.register("linear")
+def _linear(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(linear(ctx, ins[0], ins[1], ins[2] if len(ins) > 2 else None))
 
 
-@converts("matmul")
-def _matmul(ctx, node, ins):
-    return ctx.emit("MatMul", ins, "matmul")
-
-
-@converts("einsum")
-def _einsum(ctx, node, ins):
-    return ctx.emit("Einsum", ins, "einsum", equation=node.attrs["equation"].replace(" ", ""))
+@TABLE.register("einsum")
+def _einsum(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("Einsum", ins, "einsum", equation=node.attrs["equation"].replace(" ", "")))
 
 
 # ---------------------------------------------------------------- reductions
-@converts("softmax")
-def _softmax(ctx, node, ins):
-    return ctx.emit("Softmax", ins, "softmax", axis=node.attrs["dim"])
-
-
 _REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "amax": "ReduceMax"}
 
 
-@converts(*_REDUCE)
-def _reduce(ctx, node, ins):
+@TABLE.register(*_REDUCE)
+def _reduce(ctx, node):
+    ins = ctx.inputs(node)
     a = node.attrs
-    return ctx.emit(_REDUCE[node.op], [ins[0], ctx.ints(a["dims"])], node.op, keepdims=int(a["keepdim"]))
+    return converted(ctx.emit(_REDUCE[node.op], [ins[0], ctx.ints(a["dims"])], node.op, keepdims=int(a["keepdim"])))
 
 
-@converts("argmax")
-def _argmax(ctx, node, ins):
-    return ctx.emit("ArgMax", ins, "argmax", axis=node.attrs["dim"], keepdims=int(node.attrs["keepdim"]))
+@TABLE.register("argmax")
+def _argmax(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("ArgMax", ins, "argmax", axis=node.attrs["dim"], keepdims=int(node.attrs["keepdim"])))
 
 
-@converts("topk")
-def _topk(ctx, node, ins):
+@TABLE.register("topk")
+def _topk(ctx, node):
+    ins = ctx.inputs(node)
     a = node.attrs
-    return ctx.emit("TopK", [ins[0], ctx.ints([a["k"]])], "topk", outputs=2, axis=a["dim"],
-                    largest=int(a["largest"]), sorted=1)
+    return converted(ctx.emit("TopK", [ins[0], ctx.ints([a["k"]])], "topk", outputs=2, axis=a["dim"],
+                              largest=int(a["largest"]), sorted=1))
 
 
 # ---------------------------------------------------------------- shapes
-@converts("reshape")
-def _reshape(ctx, node, ins):
-    return ctx.emit("Reshape", [ins[0], ctx.shape(node.attrs["shape"])], "reshape")
+@TABLE.register("reshape", "expand")
+def _to_shape(ctx, node):
+    x, = ctx.inputs(node)
+    op = {"reshape": "Reshape", "expand": "Expand"}[node.op]
+    return converted(ctx.emit(op, [x, ctx.shape(node.attrs["shape"])], node.op))
 
 
-@converts("permute")
-def _permute(ctx, node, ins):
+@TABLE.register("permute")
+def _permute(ctx, node):
+    ins = ctx.inputs(node)
     rank = node.inputs[0].type.rank
-    return ctx.emit("Transpose", ins, "permute", perm=[d % rank for d in node.attrs["dims"]])
+    return converted(ctx.emit("Transpose", ins, "permute", perm=[d % rank for d in node.attrs["dims"]]))
 
 
-@converts("expand")
-def _expand(ctx, node, ins):
-    return ctx.emit("Expand", [ins[0], ctx.shape(node.attrs["shape"])], "expand")
-
-
-@converts("split")
-def _split(ctx, node, ins):
+@TABLE.register("split")
+def _split(ctx, node):
+    ins = ctx.inputs(node)
     a = node.attrs
-    return ctx.emit("Split", [ins[0], ctx.shape(a["sizes"])], "split", outputs=len(a["sizes"]), axis=a["dim"])
+    return converted(ctx.emit("Split", [ins[0], ctx.shape(a["sizes"])], "split", outputs=len(a["sizes"]),
+                              axis=a["dim"]))
 
 
-@converts("slice")
-def _slice(ctx, node, ins):
+@TABLE.register("slice")
+def _slice(ctx, node):
+    ins = ctx.inputs(node)
     a = node.attrs
     end = INT64_MAX if a["end"] is None else a["end"]
-    return ctx.emit("Slice", [ins[0], ctx.ints([a["start"]]), ctx.ints([end]), ctx.ints([a["dim"]])], "slice")
-
-
-@converts("concat")
-def _concat(ctx, node, ins):
-    return ctx.emit("Concat", ins, "concat", axis=node.attrs["dim"])
+    return converted(ctx.emit("Slice", [ins[0], ctx.ints([a["start"]]), ctx.ints([end]), ctx.ints([a["dim"]])],
+                              "slice"))
 
 
 # ---------------------------------------------------------------- indexing
-@converts("embed")
-def _embed(ctx, node, ins):
-    return ctx.emit("Gather", [ins[1], ins[0]], "embed", axis=0)
+@TABLE.register("embed")
+def _embed(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("Gather", [ins[1], ins[0]], "embed", axis=0))
 
 
-@converts("gather")
-def _gather(ctx, node, ins):
-    return ctx.emit("GatherElements", ins, "gather", axis=node.attrs["dim"])
-
-
-@converts("scatter")
-def _scatter(ctx, node, ins):
-    return ctx.emit("ScatterElements", ins, "scatter", axis=node.attrs["dim"])
-
-
-@converts("index_add")
-def _index_add(ctx, node, ins):
+@TABLE.register("index_add")
+def _index_add(ctx, node):
     """x[index[i]] += src[i] along dim: ScatterND(reduction=add) with dim moved to the front."""
+    ins = ctx.inputs(node)
     rank = node.inputs[0].type.rank
     d = node.attrs["dim"] % rank
     perm = [d] + [i for i in range(rank) if i != d]
@@ -203,12 +183,7 @@ def _index_add(ctx, node, ins):
         src = ctx.emit("Transpose", [src], "ia_src", perm=perm)
     idx = ctx.emit("Unsqueeze", [ins[1], ctx.ints([-1])], "ia_idx")
     out = ctx.emit("ScatterND", [x, idx, src], "index_add", reduction="add")
-    return ctx.emit("Transpose", [out], "index_add_t", perm=inv) if d else out
-
-
-@converts("index_select")
-def _index_select(ctx, node, ins):
-    return ctx.emit("Gather", ins, "index_select", axis=node.attrs["dim"])
+    return converted(ctx.emit("Transpose", [out], "index_add_t", perm=inv) if d else out)
 
 
 def arange(ctx, size_1d: str, hint: str = "arange") -> str:
@@ -222,9 +197,10 @@ def dim_of(ctx, x: str, axis: int, hint: str = "size") -> str:
     return ctx.emit("Shape", [x], hint, start=axis, end=axis + 1)
 
 
-@converts("arange_like")
-def _arange_like(ctx, node, ins):
-    return arange(ctx, dim_of(ctx, ins[0], node.attrs["dim"] % node.inputs[0].type.rank))
+@TABLE.register("arange_like")
+def _arange_like(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(arange(ctx, dim_of(ctx, ins[0], node.attrs["dim"] % node.inputs[0].type.rank)))
 
 
 def causal_mask(ctx, q: str, q_axis: int, k: str, k_axis: int) -> str:
@@ -235,32 +211,37 @@ def causal_mask(ctx, q: str, q_axis: int, k: str, k_axis: int) -> str:
     return ctx.emit("LessOrEqual", [arange(ctx, sk, "kpos"), qi], "causal")
 
 
-@converts("causal_mask")
-def _causal_mask(ctx, node, ins):
+@TABLE.register("causal_mask")
+def _causal_mask(ctx, node):
+    ins = ctx.inputs(node)
     a = node.attrs
-    return causal_mask(ctx, ins[0], a["q_dim"] % node.inputs[0].type.rank, ins[1],
-                       a["k_dim"] % node.inputs[1].type.rank)
+    return converted(causal_mask(ctx, ins[0], a["q_dim"] % node.inputs[0].type.rank, ins[1],
+                                 a["k_dim"] % node.inputs[1].type.rank))
 
 
 # ---------------------------------------------------------------- sorting and counting
-@converts("argsort")
-def _argsort(ctx, node, ins):
+@TABLE.register("argsort")
+def _argsort(ctx, node):
     """Stable argsort = TopK over the whole axis (ONNX TopK puts the lower index first on ties)."""
+    ins = ctx.inputs(node)
     a = node.attrs
     axis = a["dim"] % node.inputs[0].type.rank
-    return ctx.emit("TopK", [ins[0], dim_of(ctx, ins[0], axis, "sort_len")], "argsort", outputs=2, axis=axis,
-                    largest=int(a["descending"]), sorted=1)[1]
+    _, order = ctx.emit("TopK", [ins[0], dim_of(ctx, ins[0], axis, "sort_len")], "argsort", outputs=2, axis=axis,
+                        largest=int(a["descending"]), sorted=1)
+    return converted(order)
 
 
-@converts("cumsum")
-def _cumsum(ctx, node, ins):
-    return ctx.emit("CumSum", [ins[0], ctx.const(node.attrs["dim"], "int64")], "cumsum")
+@TABLE.register("cumsum")
+def _cumsum(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("CumSum", [ins[0], ctx.const(node.attrs["dim"], "int64")], "cumsum"))
 
 
-@converts("bincount")
-def _bincount(ctx, node, ins):
+@TABLE.register("bincount")
+def _bincount(ctx, node):
     """One-hot count: values outside 0..length-1 are not counted (the reference raises InputError)."""
+    ins = ctx.inputs(node)
     bins = arange(ctx, ctx.ints([node.attrs["length"]]), "bins")
     hits = ctx.emit("Equal", [ctx.emit("Unsqueeze", [ins[0], ctx.ints([-1])], "bc_col"), bins], "bc_hits")
-    return ctx.emit("ReduceSum", [ctx.emit("Cast", [hits], "bc_int", to=ONNX_DTYPES["int64"]), ctx.ints([0])],
-                    "bincount", keepdims=0)
+    counts = ctx.emit("Cast", [hits], "bc_int", to=onnx_dtype("int64"))
+    return converted(ctx.emit("ReduceSum", [counts, ctx.ints([0])], "bincount", keepdims=0))

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from dsgraph.ops.rope import rope_frequencies
 
-from .context import ONNX_DTYPES
-from .converters import arange, causal_mask, converts, linear, silu
+from .context import onnx_dtype
+from .converters import arange, causal_mask, linear, silu
+from .registry import TABLE, converted
 
 
 def f32(ctx, x: str, dtype: str) -> str:
-    return x if dtype in ("float32", "float64") else ctx.emit("Cast", [x], "f32", to=ONNX_DTYPES["float32"])
+    return x if dtype in ("float32", "float64") else ctx.emit("Cast", [x], "f32", to=onnx_dtype("float32"))
 
 
 def cast(ctx, x: str, dtype: str) -> str:
-    return x if dtype == "float32" else ctx.emit("Cast", [x], "cast", to=ONNX_DTYPES[dtype])
+    return x if dtype == "float32" else ctx.emit("Cast", [x], "cast", to=onnx_dtype(dtype))
 
 
 def rms(ctx, x: str, w: str, eps: float, dtype: str) -> str:
@@ -36,12 +37,13 @@ def rms(ctx, x: str, w: str, eps: float, dtype: str) -> str:
 
 
 # ---------------------------------------------------------------- rope and cache
-@converts("rope")
-def _rope(ctx, node, ins):
+@TABLE.register("rope")
+def _rope(ctx, node):
+    ins = ctx.inputs(node)
     xt = node.inputs[0].type
     dim, rank = xt.shape[-1], xt.rank
     inv_freq, mult = rope_frequencies(node.attrs, dim)
-    pos = ctx.emit("Cast", [ins[1]], "pos_f", to=ONNX_DTYPES["float32"])
+    pos = ctx.emit("Cast", [ins[1]], "pos_f", to=onnx_dtype("float32"))
     freqs = ctx.emit("Mul", [ctx.emit("Unsqueeze", [pos, ctx.ints([-1])], "pos_col"), ctx.const(inv_freq)], "freqs")
     cos, sin = ctx.emit("Cos", [freqs], "cos"), ctx.emit("Sin", [freqs], "sin")
     if mult != 1.0:
@@ -62,12 +64,13 @@ def _rope(ctx, node, ins):
     out = ctx.emit("Concat", [o1, o2], "rope", axis=-1)
     if node.attrs["interleaved"]:
         out = ctx.emit("Reshape", [out, ctx.ints([0] * (rank - 1) + [dim])], "rope_flat")
-    return cast(ctx, out, xt.dtype)
+    return converted(cast(ctx, out, xt.dtype))
 
 
-@converts("cache.append")
-def _cache_append(ctx, node, ins):
-    return ctx.emit("Concat", ins, "cache_next", axis=1)
+@TABLE.register("cache.append")
+def _cache_append(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(ctx.emit("Concat", ins, "cache_next", axis=1))
 
 
 # ---------------------------------------------------------------- attention
@@ -78,9 +81,10 @@ def _softmax_attention(ctx, scores: str, q: str, k: str, scale: float, causal: b
     return ctx.emit("Softmax", [s], "probs", axis=-1)
 
 
-@converts("attention.gqa", "attention.mla")
-def _attention(ctx, node, ins):
+@TABLE.register("attention.gqa", "attention.mla")
+def _attention(ctx, node):
     """Grouped heads without repeating K/V: q [B,S,Hkv*rep,D] is viewed as [B,S,Hkv,rep,D]."""
+    ins = ctx.inputs(node)
     qt, kt, vt = (v.type for v in node.inputs)
     hq, hkv, d, dv = qt.shape[2], kt.shape[2], qt.shape[3], vt.shape[3]
     q, k, v = (f32(ctx, x, qt.dtype) for x in ins)
@@ -88,33 +92,36 @@ def _attention(ctx, node, ins):
     scores = ctx.emit("Einsum", [q5, k], "scores", equation="bsgrd,btgd->bgrst")
     p = _softmax_attention(ctx, scores, ins[0], ins[1], node.attrs["scale"], node.attrs["causal"])
     o = ctx.emit("Einsum", [p, v], "attn", equation="bgrst,btgd->bsgrd")
-    return cast(ctx, ctx.emit("Reshape", [o, ctx.ints([0, 0, hq, dv])], "attn_out"), qt.dtype)
+    return converted(cast(ctx, ctx.emit("Reshape", [o, ctx.ints([0, 0, hq, dv])], "attn_out"), qt.dtype))
 
 
-@converts("attention.mla_absorbed")
-def _mla_absorbed(ctx, node, ins):
+@TABLE.register("attention.mla_absorbed")
+def _mla_absorbed(ctx, node):
+    ins = ctx.inputs(node)
     qt = node.inputs[0].type
     q, cache = (f32(ctx, x, qt.dtype) for x in ins)
     scores = ctx.emit("Einsum", [q, cache], "scores", equation="bshd,btd->bhst")
     p = _softmax_attention(ctx, scores, ins[0], ins[1], node.attrs["scale"], node.attrs["causal"])
     c = node.attrs["kv_lora_rank"]
     v = ctx.emit("Slice", [cache, ctx.ints([0]), ctx.ints([c]), ctx.ints([2])], "latent_v")
-    return cast(ctx, ctx.emit("Einsum", [p, v], "attn", equation="bhst,btc->bshc"), qt.dtype)
+    return converted(cast(ctx, ctx.emit("Einsum", [p, v], "attn", equation="bhst,btc->bshc"), qt.dtype))
 
 
 # ---------------------------------------------------------------- MLA projections
-@converts("mla.latent_proj")
-def _latent_proj(ctx, node, ins):
+@TABLE.register("mla.latent_proj")
+def _latent_proj(ctx, node):
+    ins = ctx.inputs(node)
     dt = node.inputs[0].type.dtype
     a = node.attrs
     kv = cast(ctx, linear(ctx, f32(ctx, ins[0], dt), f32(ctx, ins[1], dt)), dt)
     rope = node.outputs[1].type.shape[-1]
     c, k_pe = ctx.emit("Split", [kv, ctx.ints([a["kv_lora_rank"], rope])], "kv_a", outputs=2, axis=-1)
-    return [cast(ctx, rms(ctx, c, ins[2], a["eps"], dt), dt), k_pe]
+    return converted([cast(ctx, rms(ctx, c, ins[2], a["eps"], dt), dt), k_pe])
 
 
-@converts("mla.decompress")
-def _decompress(ctx, node, ins):
+@TABLE.register("mla.decompress")
+def _decompress(ctx, node):
+    ins = ctx.inputs(node)
     dt = node.inputs[0].type.dtype
     a = node.attrs
     h, dn, dv = a["num_heads"], a["qk_nope_dim"], a["v_dim"]
@@ -122,7 +129,7 @@ def _decompress(ctx, node, ins):
     kv = ctx.emit("Reshape", [kv, ctx.ints([0, 0, h, dn + dv])], "kv_heads")
     k_nope, v = ctx.emit("Split", [kv, ctx.ints([dn, dv])], "kv_b", outputs=2, axis=-1)
     k_pe = ctx.emit("Expand", [ins[1], ctx.ints([1, 1, h, 1])], "k_pe_heads")
-    return [ctx.emit("Concat", [k_nope, k_pe], "k", axis=-1), v]
+    return converted([ctx.emit("Concat", [k_nope, k_pe], "k", axis=-1), v])
 
 
 # ---------------------------------------------------------------- MoE
@@ -158,24 +165,27 @@ def _route(ctx, logits: str, bias: str | None, a: dict, n_experts: int):
     return [w, idx]
 
 
-@converts("moe.route")
-def _moe_route(ctx, node, ins):
+@TABLE.register("moe.route")
+def _moe_route(ctx, node):
+    ins = ctx.inputs(node)
     dt = node.inputs[0].type.dtype
     bias = f32(ctx, ins[1], dt) if len(ins) > 1 else None
-    return _route(ctx, f32(ctx, ins[0], dt), bias, node.attrs, node.inputs[0].type.shape[1])
+    return converted(_route(ctx, f32(ctx, ins[0], dt), bias, node.attrs, node.inputs[0].type.shape[1]))
 
 
-@converts("moe.gate")
-def _moe_gate(ctx, node, ins):
+@TABLE.register("moe.gate")
+def _moe_gate(ctx, node):
+    ins = ctx.inputs(node)
     dt = node.inputs[0].type.dtype
     logits = linear(ctx, f32(ctx, ins[0], dt), f32(ctx, ins[1], dt))
     bias = f32(ctx, ins[2], dt) if len(ins) > 2 else None
-    return _route(ctx, logits, bias, node.attrs, node.inputs[1].type.shape[0])
+    return converted(_route(ctx, logits, bias, node.attrs, node.inputs[1].type.shape[0]))
 
 
-@converts("moe.experts")
-def _moe_experts(ctx, node, ins):
+@TABLE.register("moe.experts")
+def _moe_experts(ctx, node):
     """Dense experts: stack [E, D, I] gate/up and [E, I, D] down, run all, weight by the one-hot gates."""
+    ins = ctx.inputs(node)
     dt = node.inputs[0].type.dtype
     e = node.attrs["num_experts"]
     x, weights, indices, ws = f32(ctx, ins[0], dt), ins[1], ins[2], ins[3:]
@@ -192,11 +202,11 @@ def _moe_experts(ctx, node, ins):
     y = ctx.emit("MatMul", [f32(ctx, h, dt), stack(2, "down")], "ex_out")   # [E, N, D]
     experts = ctx.emit("Reshape", [arange(ctx, ctx.ints([e]), "expert_ids"), ctx.ints([e, 1, 1])], "eid")
     hit = ctx.emit("Equal", [ctx.emit("Unsqueeze", [indices, zero], "idx_e"), experts], "hit")   # [E, N, k]
-    gates = ctx.emit("Mul", [ctx.emit("Cast", [hit], "hit_f", to=ONNX_DTYPES["float32"]),
+    gates = ctx.emit("Mul", [ctx.emit("Cast", [hit], "hit_f", to=onnx_dtype("float32")),
                              ctx.emit("Unsqueeze", [weights, zero], "w_e")], "dense_w")
     gates = ctx.emit("ReduceSum", [gates, ctx.ints([2])], "expert_gate", keepdims=1)          # [E, N, 1]
     out = ctx.emit("ReduceSum", [ctx.emit("Mul", [y, gates], "weighted"), zero], "routed", keepdims=0)
-    return cast(ctx, out, dt)
+    return converted(cast(ctx, out, dt))
 
 
 # ---------------------------------------------------------------- FP8 block weights
@@ -204,7 +214,7 @@ def dequant_fp8(ctx, w: str, s: str, shape, block) -> str:
     n, k = shape
     bn, bk = block
     sn, sk = -(-n // bn), -(-k // bk)
-    wf = ctx.emit("Cast", [w], "w_f32", to=ONNX_DTYPES["float32"])
+    wf = ctx.emit("Cast", [w], "w_f32", to=onnx_dtype("float32"))
     scale = ctx.emit("Unsqueeze", [s, ctx.ints([1, 3])], "s4")
     scale = ctx.emit("Expand", [scale, ctx.ints([sn, bn, sk, bk])], "s_blk")
     scale = ctx.emit("Reshape", [scale, ctx.ints([sn * bn, sk * bk])], "s_full")
@@ -213,13 +223,15 @@ def dequant_fp8(ctx, w: str, s: str, shape, block) -> str:
     return ctx.emit("Mul", [wf, scale], "dequant")
 
 
-@converts("dequant_fp8")
-def _dequant_fp8(ctx, node, ins):
-    return dequant_fp8(ctx, ins[0], ins[1], node.inputs[0].type.shape, node.attrs["block"])
+@TABLE.register("dequant_fp8")
+def _dequant_fp8(ctx, node):
+    ins = ctx.inputs(node)
+    return converted(dequant_fp8(ctx, ins[0], ins[1], node.inputs[0].type.shape, node.attrs["block"]))
 
 
-@converts("linear_fp8")
-def _linear_fp8(ctx, node, ins):
+@TABLE.register("linear_fp8")
+def _linear_fp8(ctx, node):
+    ins = ctx.inputs(node)
     dt = node.inputs[0].type.dtype
     w = dequant_fp8(ctx, ins[1], ins[2], node.inputs[1].type.shape, node.attrs["block"])
-    return cast(ctx, linear(ctx, f32(ctx, ins[0], dt), w), dt)
+    return converted(cast(ctx, linear(ctx, f32(ctx, ins[0], dt), w), dt))

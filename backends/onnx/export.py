@@ -3,8 +3,8 @@
     model = export_onnx(graph, weights)            # onnx.ModelProto
     save_onnx(model, "model.onnx")                 # external data file beside it when > 2 GB
 
-Every node goes through the converter registry (converters.py for primitives,
-domain.py for domain ops); a domain op without a converter is lowered with its
+Every node goes through the onnx lowering table (registry.py; converters.py for primitives,
+domain.py for domain ops); an op without a converter is lowered with its
 registered `.decomposition` into primitives and those are converted. No custom
 ONNX domain is used: everything maps onto standard operators (MoE experts run in
 dense form, see domain.py). An op with neither a converter nor a decomposition
@@ -13,24 +13,25 @@ is an UnknownOpError naming it.
 Graph inputs keep their names and symbolic dims become ONNX dim_params ("B", "S",
 "T"); params become initializers under their checkpoint names; outputs keep their
 names (logits, cache.L.k.next, ...). `export_onnx(..., records=list)` collects
-which ONNX operators each dsgraph node became, for the compile report.
+(node, Converted) per dsgraph node: which ONNX operators it became, for the compile report.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
-import onnx
 import torch
-from onnx import helper
 
+from dsgraph.builder import GraphBuilder
 from dsgraph.errors import UnknownOpError
 from dsgraph.interpreter import load_param
 from dsgraph.symbolic import Sym
 
-from . import domain  # noqa: F401  (registers the domain converters)
-from .context import ONNX_DTYPES, OnnxContext
-from .converters import CONVERTERS
+from . import converters, domain  # noqa: F401  (register the primitive and domain converters in TABLE)
+from .context import OnnxContext, onnx_dtype, tensor_proto
+from .deps import onnx
+from .registry import TABLE, Converted
 
 OPSET = 21
 IR_VERSION = 10
@@ -46,45 +47,44 @@ def _value_info(name: str, ty) -> onnx.ValueInfoProto:
             dims.append(str(d))
         else:
             dims.append(None)  # composite dims (T+S, B*S) stay unnamed: ONNX dim_params are plain names
-    return helper.make_tensor_value_info(name, ONNX_DTYPES[ty.dtype], dims)
+    return onnx.helper.make_tensor_value_info(name, onnx_dtype(ty.dtype), dims)
 
 
-def convert_node(ctx: OnnxContext, node, names: dict, records: list | None = None) -> None:
-    """Emit ONNX nodes for one dsgraph node; `names` maps id(Value) -> ONNX name and is extended."""
-    ins = [names[id(v)] for v in node.inputs]
+def convert_node(ctx: OnnxContext, node, records: list | None = None) -> None:
+    """Emit ONNX nodes for one dsgraph node and name its outputs in `ctx.names`. An op without a converter is
+    legalized here, through its decomposition; the table's fallback policy ("error") covers the rest."""
     first = len(ctx.nodes)
     saved, ctx.prefix = ctx.prefix, node.outputs[0].name
     try:
-        if node.op in CONVERTERS:
-            outs, how = CONVERTERS[node.op](ctx, node, ins), "direct"
+        if TABLE.candidates(node.op):
+            res, _ = TABLE.lower(ctx, node)
         elif node.opdef.decompose_fn is not None:
-            outs, how = _decompose(ctx, node, ins), "decomposed"
+            res = Converted(note="decomposed into primitives", outputs=_decompose(ctx, node))
         else:
             raise UnknownOpError(f"ONNX export: no converter for {node.format(4)} and the op has no decomposition; "
                                  f"add one in backends/onnx/domain.py or run a pass that removes {node.op}")
     finally:
         ctx.prefix = saved
-    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-    if len(outs) != len(node.outputs):
-        raise UnknownOpError(f"ONNX converter for {node.op} returned {len(outs)} outputs, the node has "
+    if len(res.outputs) != len(node.outputs):
+        raise UnknownOpError(f"ONNX converter for {node.op} returned {len(res.outputs)} outputs, the node has "
                              f"{len(node.outputs)}")
-    for v, name in zip(node.outputs, outs):
-        names[id(v)] = name
+    for v, name in zip(node.outputs, res.outputs):
+        ctx.names[id(v)] = name
     if records is not None:
-        records.append((node, how, [n.op_type for n in ctx.nodes[first:]]))
+        ops = sorted({n.op_type for n in ctx.nodes[first:]})
+        records.append((node, replace(res, kernel=f"onnxruntime: {'+'.join(ops) or 'Identity'}")))
 
 
-def _decompose(ctx: OnnxContext, node, ins: list[str]) -> list[str]:
+def _decompose(ctx: OnnxContext, node) -> list[str]:
     """Build the op's decomposition as a small graph over the node's input types, then convert it."""
-    from dsgraph.builder import GraphBuilder
     b = GraphBuilder(f"decompose_{node.op}")
     sub_inputs = [b.graph.add_input(f"in{i}", v.type, "activation") for i, v in enumerate(node.inputs)]
     outs = node.opdef.decompose_fn(b, *sub_inputs, **node.attrs)
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-    names = {id(sv): name for sv, name in zip(sub_inputs, ins)}
+    ctx.names.update({id(sv): name for sv, name in zip(sub_inputs, ctx.inputs(node))})
     for sub in b.graph.nodes:
-        convert_node(ctx, sub, names)
-    return [names[id(o)] for o in outs]
+        convert_node(ctx, sub)
+    return [ctx.names[id(o)] for o in outs]
 
 
 def export_onnx(graph, weights, opset: int = OPSET, records: list | None = None) -> onnx.ModelProto:
@@ -92,31 +92,29 @@ def export_onnx(graph, weights, opset: int = OPSET, records: list | None = None)
     if opset < 17:
         raise UnknownOpError(f"ONNX export targets opset >= 17 (uses Split/Reduce axes as inputs); got {opset}")
     ctx = OnnxContext(graph)
-    names: dict[int, str] = {}
     inputs, initializers = [], []
     for name in list(graph.inputs) + list(graph.outputs):
         ctx.reserve(name)
     for name, v in graph.inputs.items():
-        names[id(v)] = name
+        ctx.names[id(v)] = name
         if v.kind != "param":
             inputs.append(_value_info(name, v.type))
         elif v.users:
             initializers.append(_param_proto(v, weights))
     for node in graph.nodes:
-        convert_node(ctx, node, names, records)
+        convert_node(ctx, node, records)
     outputs = []
     for name, v in graph.outputs.items():
-        ctx.nodes.append(helper.make_node("Identity", [names[id(v)]], [name], name=ctx.fresh(f"out/{name}")))
+        ctx.nodes.append(onnx.helper.make_node("Identity", [ctx.names[id(v)]], [name], name=ctx.fresh(f"out/{name}")))
         outputs.append(_value_info(name, v.type))
-    g = helper.make_graph(ctx.nodes, graph.name, inputs, outputs, initializer=initializers + ctx.initializers)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="dsgraph",
-                              ir_version=IR_VERSION)
+    g = onnx.helper.make_graph(ctx.nodes, graph.name, inputs, outputs, initializer=initializers + ctx.initializers)
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", opset)], producer_name="dsgraph",
+                                   ir_version=IR_VERSION)
     model.doc_string = f"dsgraph prefill/step entry of {graph.name}: inputs {list(n.name for n in inputs)}"
     return model
 
 
 def _param_proto(v, weights) -> onnx.TensorProto:
-    from .context import tensor_proto
     return tensor_proto(load_param(v, weights, torch.device("cpu")), v.name)
 
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 
-import tvm
-from tvm import relax
-from tvm.s_tir import dlight as dl
+from .deps import dlight as dl
+from .deps import relax, tvm
 
 
 def make_target(device: str, tuning: bool = False) -> tvm.target.Target:

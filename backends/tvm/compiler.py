@@ -1,23 +1,30 @@
 """Graph -> built TVM module + calling convention + report entries (needs TVM's compiler library).
 
-    built = compile_program(graph, "cpu")          # translate, schedule, build
+    graph, built = build_graph(graph, weights, "cpu", report)   # legalize, translate, schedule, build
     save_program(directory, built.executable, built.program)
 
-`compile_program` does not touch weights: a module for `cuda` can be built on a machine without a GPU
-and run elsewhere with TVM's runtime alone (backends/tvm/runtime.py).
+Building does not touch weight values: a module for `cuda` can be built on a machine without a GPU and run
+elsewhere with TVM's runtime alone (backends/tvm/runtime.py); `export_module` does exactly that.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsgraph.backends.base import KernelChoice
+from dsgraph.passes import get as get_pass
+from dsgraph.passes import run_pipeline
 
 from dsgraph.errors import BackendUnavailable
+from dsgraph.ops.registry import get_op
 
+from ..base import CompileReport, KernelChoice
 from .build import build, make_target
+from .env import unavailable_reason
+from .lower import TABLE
+from .runtime import LIBRARY, REPORT, save_program
 from .translate import translate
 
 
@@ -27,6 +34,45 @@ class Built:
     program: dict
     kernels: list[KernelChoice]
     notes: list[str] = field(default_factory=list)
+
+
+def build_graph(graph, weights, device: str, report: CompileReport, tune: dict | None = None):
+    """Legalize what TVM has no lowering for, then translate and build for `device`; the kernels and notes go
+    into `report`. Returns (the legalized graph, Built)."""
+    graph, origins = legalize(graph, weights, report)
+    built = compile_program(graph, device, tune, origins)
+    report.kernels.extend(built.kernels)
+    report.notes.extend(built.notes)
+    return graph, built
+
+
+def legalize(graph, weights, report):
+    """Domain ops without a TVM lowering go through their decomposition (the `legalize` pass), reported as
+    fallbacks; returns (graph, {origin output name: op}). Ops nothing can lower are left for the translator
+    to name in an UnknownOpError."""
+    todo = [n for n in graph.nodes if n.op not in TABLE.ops() and get_op(n.op).level == "domain"
+            and get_op(n.op).decompose_fn is not None]
+    if not todo:
+        return graph, {}
+    origins = {n.outputs[0].name: n.op for n in todo}
+    graph, _, records = run_pipeline(graph, weights, [get_pass("legalize", keep=TABLE.ops())])
+    report.passes.extend((r.name, r.summary()) for r in records)
+    report.notes.append(f"legalized without a TVM kernel: {', '.join(sorted(set(origins.values())))}")
+    return graph, origins
+
+
+def export_module(graph, device: str, directory, tune: dict | None = None) -> dict:
+    """Build `graph` for `device` ("cpu" or "cuda" = sm_90) and write module.so + program.json to `directory`,
+    without weights or a GPU; returns the report as JSON. Load it with `load_compiled` where it runs."""
+    reason = unavailable_reason(device)
+    if reason:
+        raise BackendUnavailable(f"backend 'tvm' cannot build for {device}: {reason}")
+    report = CompileReport("tvm", device, "n/a")
+    _, built = build_graph(graph, None, device, report, tune)
+    save_program(directory, built.executable, built.program)
+    report.notes.append(f"module.so {(Path(directory) / LIBRARY).stat().st_size / 1024:.0f} KiB")
+    (Path(directory) / REPORT).write_text(json.dumps(report.to_json()))
+    return report.to_json()
 
 
 def compile_program(graph, device: str, tune: dict | None = None, fallback_origins: dict | None = None) -> Built:

@@ -27,7 +27,7 @@ def unavailable_reason(device: str) -> str | None:
     dev = str(device)
     if dev not in ("cpu",) and not dev.startswith("cuda"):
         return f"unknown device {device!r}; use 'cpu' (llvm) or 'cuda' (sm_90)"
-    import tvm
+    import tvm  # optional dependency (the [tvm] extra), known to be installed here
     if tvm.base._RUNTIME_ONLY:
         return ("TVM's compiler library (libtvm_compiler.so) is not loaded, so this install can only run saved "
                 f"modules (dsgraph.load_artifact); for building, {INSTALL_HINT} (the full wheel)")

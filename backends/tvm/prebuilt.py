@@ -15,6 +15,9 @@ from pathlib import Path
 
 from dsgraph.serialize import graph_to_json
 
+from .compiler import export_module
+from .runtime import LIBRARY
+
 ENV = "DSGRAPH_TVM_PREBUILT"
 
 
@@ -31,9 +34,8 @@ def graph_key(graph, device: str) -> str:
 
 def export_prebuilt(graph, device: str, root) -> tuple[Path, bool]:
     """Build `graph` for `device` into root/<key>/ unless already there; returns (directory, built now)."""
-    from . import export_module
     path = Path(root) / graph_key(graph, device)
-    if (path / "module.so").exists():
+    if (path / LIBRARY).exists():
         return path, False
     tmp = path.with_name(path.name + ".tmp")
     export_module(graph, device, tmp)

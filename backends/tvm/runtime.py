@@ -17,19 +17,21 @@ from typing import Mapping
 
 import torch
 
+from dsgraph.dtypes import dtype_name
 from dsgraph.errors import ArtifactError, InputError
 from dsgraph.interpreter import load_param
 from dsgraph.types import bind_symbols
 
 LIBRARY = "module.so"
 PROGRAM = "program.json"
+REPORT = "report.json"   # the compile report saved beside them (kernels and notes, shown again when loaded)
 
 # Derived parameters are rebuilt from graph weights by name, so a runtime-only process needs no lowering code.
 RECIPES = {"stack": lambda *ts: torch.stack(ts, dim=0)}
 
 
 def tvm_device(device: torch.device):
-    import tvm
+    import tvm  # optional dependency (the [tvm] extra): TVM's runtime only
     if device.type == "cuda":
         return tvm.cuda(device.index or 0)
     return tvm.cpu(0)
@@ -38,9 +40,7 @@ def tvm_device(device: torch.device):
 def to_tvm(t: torch.Tensor):
     """torch -> (TVM tensor, torch owner of its memory), without a copy when the tensor is contiguous and
     64-byte aligned. Empty tensors (an empty KV cache) are made by TVM: torch gives them non-compact strides."""
-    import tvm
-
-    from dsgraph.dtypes import dtype_name
+    import tvm  # optional dependency (the [tvm] extra): TVM's runtime only
     if t.numel() == 0:
         return tvm.runtime.empty(tuple(t.shape), dtype_name(t.dtype), tvm_device(t.device)), t
     t = t.contiguous()
@@ -53,7 +53,7 @@ class ProgramRunner:
     """A loaded VM executable with its weights bound; `run(inputs)` maps named tensors to named outputs."""
 
     def __init__(self, library, program: dict, graph, weights: Mapping[str, torch.Tensor], device: str):
-        from tvm.runtime.vm import VirtualMachine
+        from tvm.runtime.vm import VirtualMachine  # optional dependency (the [tvm] extra): TVM's runtime only
         self.graph = graph
         self.program = program
         self.device = torch.device(device)
@@ -106,8 +106,8 @@ def load_runtime_sidecars(device: str) -> list[str]:
     """In runtime-only mode TVM loads libtvm_runtime.so alone, skipping its sidecar libraries; load those the
     module needs: libtvm_runtime_extra.so (the CPU sort/scan kernels argsort and top-k call) and, for CUDA,
     libtvm_runtime_cuda.so (the CUDA device API). With the compiler present TVM has loaded them already."""
-    import tvm
-    from tvm_ffi.libinfo import load_lib_ctypes
+    import tvm  # optional dependency (the [tvm] extra): TVM's runtime only
+    from tvm_ffi.libinfo import load_lib_ctypes  # TVM's FFI package, installed with it
     loaded = tvm.base._LOADED_LIBS
     runtime_dir = Path(loaded["tvm_runtime"]._name).resolve().parent
     wanted = ["tvm_runtime_extra"] + (["tvm_runtime_cuda"] if torch.device(device).type == "cuda" else [])
@@ -127,8 +127,8 @@ def register_cuda_jit() -> None:
     """TVM 0.27 keeps CUDA kernels as source in the exported module and compiles them with NVRTC when the
     module is loaded, through the `tvm_callback_cuda_compile` hook. Its default hook asks the compiler's
     target registry for the architecture, which a runtime-only TVM lacks; this one asks the GPU instead."""
-    import tvm_ffi
-    from tvm.support import nvcc
+    import tvm_ffi  # TVM's FFI package, installed with it
+    from tvm.support import nvcc  # optional dependency (the [tvm] extra): its NVRTC wrapper
 
     def compile_for_this_gpu(code, *_):
         major, minor = torch.cuda.get_device_capability()
@@ -138,7 +138,7 @@ def register_cuda_jit() -> None:
 
 def load_program(directory, graph, weights, device: str) -> ProgramRunner:
     """Load `module.so` + `program.json` with TVM's runtime only and bind `weights`."""
-    import tvm
+    import tvm  # optional dependency (the [tvm] extra): TVM's runtime only
     load_runtime_sidecars(device)
     d = Path(directory)
     for f in (LIBRARY, PROGRAM):

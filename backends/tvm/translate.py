@@ -3,21 +3,19 @@
     main(activations and caches..., params..., derived params...) -> (outputs...)
 
 in graph-input order. Weights are parameters, never constants baked into the module, so one build
-serves any checkpoint of the same shapes. Every node goes through the lowering registry; each lowered
-output is checked against the node's declared type (dtype, rank, and each dim proven equal by TVM's
-arithmetic analyser) so a lowering bug is reported at the node, not as wrong numbers later.
+serves any checkpoint of the same shapes. Every node goes through the lowering table (lower/registry.py);
+each lowered output is checked against the node's declared type (dtype, rank, and each dim proven equal
+by TVM's arithmetic analyser) so a lowering bug is reported at the node, not as wrong numbers later.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import tvm
-from tvm import relax
-
 from dsgraph.errors import ShapeError, UnknownOpError
 from dsgraph.ir import Graph
 
-from .lower import DerivedParam, LowerCtx, lowering_for
+from .deps import relax, tvm
+from .lower import TABLE, DerivedParam, LowerCtx
 
 
 @dataclass
@@ -40,18 +38,17 @@ def translate(graph: Graph, target: tvm.target.Target) -> Translation:
     params = [n for n, v in graph.inputs.items() if v.kind == "param"]
     rvars = {n: relax.Var(n, relax.TensorType(ctx.dims(graph.inputs[n].shape), graph.inputs[n].dtype))
              for n in inputs + params}
-    env = {id(graph.inputs[n]): rvars[n] for n in rvars}
+    ctx.values.update({id(graph.inputs[n]): rvars[n] for n in rvars})
     kernels = []
-    missing = sorted({n.op for n in graph.nodes if lowering_for(n.op) is None})
+    missing = sorted({n.op for n in graph.nodes} - TABLE.ops())
     if missing:
         raise UnknownOpError(f"tvm backend has no lowering for op(s) {', '.join(missing)}; add one in "
                              "backends/tvm/lower/, or give the op a decomposition so legalization can lower it")
     with bb.function("main"):
         with bb.dataflow():
             for node in graph.nodes:
-                args = [env[id(v)] for v in node.inputs]
                 try:
-                    res = lowering_for(node.op)(ctx, node, *args)
+                    res, _ = TABLE.lower(ctx, node)  # fallback "error": a node no candidate takes raises, naming it
                     outs = [_check(ctx, node, i, e) for i, e in enumerate(res.outputs)]
                 except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, AssertionError,
                         ShapeError) as e:
@@ -61,9 +58,9 @@ def translate(graph: Graph, target: tvm.target.Target) -> Translation:
                     raise ShapeError(f"tvm lowering of {node.op} gave {len(outs)} outputs, the node has "
                                      f"{len(node.outputs)}")
                 for v, e in zip(node.outputs, outs):
-                    env[id(v)] = e
+                    ctx.values[id(v)] = e
                 kernels.append((node, res))
-            result = bb.emit_output(relax.Tuple([env[id(v)] for v in graph.outputs.values()]))
+            result = bb.emit_output(relax.Tuple([ctx.values[id(v)] for v in graph.outputs.values()]))
         all_params = [rvars[n] for n in inputs + params] + [ctx.derived_vars[d.name] for d in ctx.derived]
         bb.emit_func_output(result, params=all_params)
     return Translation(bb.get(), inputs, params, list(ctx.derived), list(graph.outputs), kernels)

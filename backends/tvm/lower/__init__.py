@@ -1,7 +1,8 @@
-"""dsgraph op -> Relax lowerings, one module per op family (importing this package registers them all).
+"""dsgraph op -> Relax lowerings, one module per op family (importing this package registers them all in TABLE).
 
-Needs TVM's compiler (`tvm.relax`); the runtime-only loader (backends/tvm/runtime.py) never imports it.
+Importing it does not import TVM (backends/optional.py): the lowerings need TVM's compiler (`tvm.relax`) only
+when they run; the runtime-only loader (backends/tvm/runtime.py) never runs them.
 """
 from . import attention, elementwise, fp8, index, linalg, mlp, moe, norm, reduce, rope, routing, shape  # noqa: F401
 from .context import DerivedParam, LowerCtx  # noqa: F401
-from .registry import Lowered, lower, lowered_ops, lowering_for  # noqa: F401
+from .registry import TABLE, Lowered  # noqa: F401

@@ -7,11 +7,10 @@ Relax op: it is a TE function written here (scores, masked softmax, latent-weigh
 """
 from __future__ import annotations
 
-from tvm import relax, te, tirx
-
+from ..deps import relax, te, tirx
 from .linalg import linear
 from .norm import rms_norm
-from .registry import Lowered, lower
+from .registry import TABLE, Lowered
 from .shape import causal_mask_te, split_sizes
 
 
@@ -33,11 +32,11 @@ def attention(ctx, q, k, v, scale: float, causal: bool, out_dtype: str):
     return ctx.astype(emit(op.reshape(o, [b, s, hq, dv])), out_dtype)
 
 
-@lower("attention.gqa", "attention.mla")
-def _(ctx, node, q, k, v):
+@TABLE.register("attention.gqa", "attention.mla")
+def _(ctx, node):
     a = node.attrs
-    return Lowered([attention(ctx, q, k, v, a["scale"], a["causal"], node.outputs[0].dtype)], "relax",
-                   "relax.matmul + where(causal) + nn.softmax + matmul")
+    out = attention(ctx, *ctx.inputs(node), a["scale"], a["causal"], node.outputs[0].dtype)
+    return Lowered("relax", "relax.matmul + where(causal) + nn.softmax + matmul", outputs=[out])
 
 
 def mla_absorbed_te(q, cache, scale: float, causal: bool, c: int, out_dtype: str):
@@ -67,30 +66,33 @@ def mla_absorbed_te(q, cache, scale: float, causal: bool, c: int, out_dtype: str
                       name="mla_out")
 
 
-@lower("attention.mla_absorbed")
-def _(ctx, node, q, cache):
+@TABLE.register("attention.mla_absorbed")
+def _(ctx, node):
     a = node.attrs
+    q, cache = ctx.inputs(node)
     out = ctx.emit_te(mla_absorbed_te, q, cache, a["scale"], a["causal"], a["kv_lora_rank"],
                       node.outputs[0].dtype, name="mla_absorbed")
-    return Lowered([out], "tir", "te.mla_absorbed (latent-cache MQA)")
+    return Lowered("tir", "te.mla_absorbed (latent-cache MQA)", outputs=[out])
 
 
-@lower("mla.latent_proj")
-def _(ctx, node, x, w, nw):
+@TABLE.register("mla.latent_proj")
+def _(ctx, node):
     a = node.attrs
+    x, w, nw = ctx.inputs(node)
     kv = linear(ctx, x, w)
     c, k_pe = split_sizes(ctx, kv, (a["kv_lora_rank"], int(ctx.shape_of(w)[0]) - a["kv_lora_rank"]), -1)
-    return Lowered([rms_norm(ctx, c, nw, a["eps"], node.outputs[0].dtype), k_pe], "relax",
-                   "relax.linear + split + nn.rms_norm")
+    return Lowered("relax", "relax.linear + split + nn.rms_norm",
+                   outputs=[rms_norm(ctx, c, nw, a["eps"], node.outputs[0].dtype), k_pe])
 
 
-@lower("mla.decompress")
-def _(ctx, node, c, k_pe, w):
+@TABLE.register("mla.decompress")
+def _(ctx, node):
     a = node.attrs
+    c, k_pe, w = ctx.inputs(node)
     h, dn, dv = a["num_heads"], a["qk_nope_dim"], a["v_dim"]
     b, s = ctx.shape_of(c)[:2]
     kv = ctx.emit(relax.op.reshape(linear(ctx, c, w), [b, s, h, dn + dv]))
     k_nope, v = split_sizes(ctx, kv, (dn, dv), -1)
     k_rope = ctx.emit(relax.op.broadcast_to(k_pe, [b, s, h, ctx.shape_of(k_pe)[3]]))
     k = ctx.emit(relax.op.concat([k_nope, k_rope], axis=3))
-    return Lowered([k, v], "relax", "relax.linear + reshape + split + concat")
+    return Lowered("relax", "relax.linear + reshape + split + concat", outputs=[k, v])

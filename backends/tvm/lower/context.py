@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import tvm
-from tvm import relax, tirx
 
 from dsgraph.errors import ShapeError
+from dsgraph.ir import Node
 from dsgraph.symbolic import Sym, parse_dim
+
+from ..deps import relax, tirx, tvm
 
 
 @dataclass
@@ -36,8 +37,13 @@ class LowerCtx:
         self.bb = bb
         self.target = target
         self.syms: dict[str, tirx.Var] = {}
+        self.values: dict[int, relax.Expr] = {}  # id(dsgraph Value) -> its Relax expression, set by the translator
         self.derived: list[DerivedParam] = []
         self.derived_vars: dict[str, relax.Var] = {}
+
+    def inputs(self, node: Node) -> list[relax.Expr]:
+        """The Relax expressions of the node's inputs, in order."""
+        return [self.values[id(v)] for v in node.inputs]
 
     @property
     def is_gpu(self) -> bool:

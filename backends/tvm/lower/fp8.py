@@ -6,10 +6,9 @@ instead of NaN, and real FP8 checkpoints hold subnormals; so the bits are decode
 """
 from __future__ import annotations
 
-from tvm import te, tirx
-
+from ..deps import te, tirx
 from .linalg import linear
-from .registry import Lowered, lower
+from .registry import TABLE, Lowered
 
 FP8 = "float8_e4m3fn"
 
@@ -33,14 +32,17 @@ def dequant_fp8_te(w, s, block):
                       name="dequant_fp8")
 
 
-@lower("dequant_fp8")
-def _(ctx, node, w, s):
-    return Lowered([ctx.emit_te(dequant_fp8_te, w, s, node.attrs["block"], name="dequant_fp8")], "tir",
-                   "te.dequant_fp8 (exact e4m3 decode, block scales)")
+@TABLE.register("dequant_fp8")
+def _(ctx, node):
+    w, s = ctx.inputs(node)
+    return Lowered("tir", "te.dequant_fp8 (exact e4m3 decode, block scales)",
+                   outputs=[ctx.emit_te(dequant_fp8_te, w, s, node.attrs["block"], name="dequant_fp8")])
 
 
-@lower("linear_fp8")
-def _(ctx, node, x, w, s):
+@TABLE.register("linear_fp8")
+def _(ctx, node):
+    x, w, s = ctx.inputs(node)
     wf = ctx.emit_te(dequant_fp8_te, w, s, node.attrs["block"], name="dequant_fp8")
     y = linear(ctx, ctx.f32(x), wf, out_dtype=node.outputs[0].dtype)
-    return Lowered([y], "tir", "te.dequant_fp8 + relax.linear", "weights dequantised on every call (no FP8 GEMM)")
+    return Lowered("tir", "te.dequant_fp8 + relax.linear", "weights dequantised on every call (no FP8 GEMM)",
+                   outputs=[y])

@@ -2,9 +2,8 @@
 use the ops as they are, other dtypes accumulate in fp32 (`out_dtype`) and cast back."""
 from __future__ import annotations
 
-from tvm import relax
-
-from .registry import Lowered, lower
+from ..deps import relax
+from .registry import TABLE, Lowered
 
 
 def linear(ctx, x, w, bias=None, out_dtype: str | None = None):
@@ -19,18 +18,18 @@ def linear(ctx, x, w, bias=None, out_dtype: str | None = None):
     return ctx.astype(y, out_dtype)
 
 
-@lower("linear")
-def _(ctx, node, x, w, b=None):
-    return Lowered([linear(ctx, x, w, b, node.outputs[0].dtype)], "relax", "relax.linear")
+@TABLE.register("linear")
+def _(ctx, node):
+    return Lowered("relax", "relax.linear", outputs=[linear(ctx, *ctx.inputs(node), out_dtype=node.outputs[0].dtype)])
 
 
-@lower("matmul")
-def _(ctx, node, a, b):
-    y = ctx.emit(relax.op.matmul(a, b, out_dtype="float32"))
-    return Lowered([ctx.astype(y, node.outputs[0].dtype)], "relax", "relax.matmul")
+@TABLE.register("matmul")
+def _(ctx, node):
+    y = ctx.emit(relax.op.matmul(*ctx.inputs(node), out_dtype="float32"))
+    return Lowered("relax", "relax.matmul", outputs=[ctx.astype(y, node.outputs[0].dtype)])
 
 
-@lower("einsum")
-def _(ctx, node, a, b):
-    y = ctx.emit(relax.op.einsum([ctx.f32(a), ctx.f32(b)], node.attrs["equation"].replace(" ", "")))
-    return Lowered([ctx.astype(y, node.outputs[0].dtype)], "relax", "relax.einsum")
+@TABLE.register("einsum")
+def _(ctx, node):
+    y = ctx.emit(relax.op.einsum([ctx.f32(v) for v in ctx.inputs(node)], node.attrs["equation"].replace(" ", "")))
+    return Lowered("relax", "relax.einsum", outputs=[ctx.astype(y, node.outputs[0].dtype)])

@@ -9,10 +9,9 @@ inverse permutation (argsort of the order) so no scatter is needed.
 """
 from __future__ import annotations
 
-from tvm import relax, te, tirx
-
+from ..deps import relax, te, tirx
 from .reduce import bincount_te
-from .registry import Lowered, lower
+from .registry import TABLE, Lowered
 
 
 def grouped_gemm_te(x, w, offsets, out_dtype: str):
@@ -29,15 +28,17 @@ def grouped_gemm_te(x, w, offsets, out_dtype: str):
                                                          name="grouped_gemm_cast")
 
 
-@lower("moe.grouped_gemm")
-def _(ctx, node, x, w, offsets):
+@TABLE.register("moe.grouped_gemm")
+def _(ctx, node):
+    x, w, offsets = ctx.inputs(node)
     out = ctx.emit_te(grouped_gemm_te, x, w, ctx.astype(offsets, "int64"), node.outputs[0].dtype,
                       name="grouped_gemm")
-    return Lowered([out], "tir", "te.grouped_gemm")
+    return Lowered("tir", "te.grouped_gemm", outputs=[out])
 
 
-@lower("moe.permute")
-def _(ctx, node, x, indices):
+@TABLE.register("moe.permute")
+def _(ctx, node):
+    x, indices = ctx.inputs(node)
     n, k = ctx.shape_of(indices)
     e = node.attrs["num_experts"]
     flat = ctx.emit(relax.op.reshape(indices, [n * k]))
@@ -46,18 +47,19 @@ def _(ctx, node, x, indices):
     x_perm = ctx.emit(relax.op.take(x, tok, axis=0, mode="clip"))
     counts = ctx.emit_te(bincount_te, flat, e, name="bincount")
     offsets = ctx.emit(relax.op.concat([ctx.const([0], "int64"), ctx.emit(relax.op.cumsum(counts, 0, "int64"))], 0))
-    return Lowered([x_perm, order, offsets], "relax", "relax.argsort + take + te.bincount + cumsum")
+    return Lowered("relax", "relax.argsort + take + te.bincount + cumsum", outputs=[x_perm, order, offsets])
 
 
-@lower("moe.unpermute")
-def _(ctx, node, y, weights, order):
+@TABLE.register("moe.unpermute")
+def _(ctx, node):
+    y, weights, order = ctx.inputs(node)
     n, k = ctx.shape_of(weights)
     d = ctx.shape_of(y)[1]
     inverse = ctx.emit(relax.op.argsort(order, 0, False, "int64"))
     back = ctx.emit(relax.op.reshape(ctx.emit(relax.op.take(ctx.f32(y), inverse, axis=0, mode="clip")), [n, k, d]))
     wk = ctx.emit(relax.op.reshape(ctx.f32(weights), [n, k, 1]))
     out = ctx.emit(relax.op.sum(ctx.emit(relax.op.multiply(back, wk)), [1]))
-    return Lowered([ctx.astype(out, node.outputs[0].dtype)], "relax", "relax.argsort + take + mul + sum")
+    return Lowered("relax", "relax.argsort + take + mul + sum", outputs=[ctx.astype(out, node.outputs[0].dtype)])
 
 
 def experts_te(x, weights, indices, gate, up, down, out_dtype: str):
@@ -84,10 +86,11 @@ def experts_te(x, weights, indices, gate, up, down, out_dtype: str):
                                                          name="experts_cast")
 
 
-@lower("moe.experts")
-def _(ctx, node, x, weights, indices, *expert_ws):
+@TABLE.register("moe.experts")
+def _(ctx, node):
     """Expert matrices that are plain parameters are stacked once at bind time; computed ones (an FP8
     checkpoint dequantised in the graph) are stacked in the graph on every call."""
+    x, weights, indices, *expert_ws = ctx.inputs(node)
     e = node.attrs["num_experts"]
     params = node.inputs[3:]
     stacked, note = [], f"{e} experts' weights stacked into [E, ...] parameters at bind time"
@@ -101,4 +104,4 @@ def _(ctx, node, x, weights, indices, *expert_ws):
             stacked.append(ctx.emit(relax.op.stack(list(exprs), axis=0)))
             note = "computed expert weights stacked in the graph on every call (relax.stack)"
     out = ctx.emit_te(experts_te, x, weights, indices, *stacked, node.outputs[0].dtype, name="moe_experts")
-    return Lowered([out], "tir", "te.moe_experts (gather-GEMM over token slots)", note)
+    return Lowered("tir", "te.moe_experts (gather-GEMM over token slots)", note, outputs=[out])

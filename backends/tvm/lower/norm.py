@@ -1,9 +1,8 @@
 """RMSNorm -> Relax's built-in `nn.rms_norm` (dlight has a GPU rule for it)."""
 from __future__ import annotations
 
-from tvm import relax
-
-from .registry import Lowered, lower
+from ..deps import relax
+from .registry import TABLE, Lowered
 
 
 def rms_norm(ctx, x, w, eps: float, out_dtype: str):
@@ -16,13 +15,16 @@ def rms_norm(ctx, x, w, eps: float, out_dtype: str):
     return ctx.astype(ctx.emit(relax.op.multiply(y, ctx.f32(w))), out_dtype)
 
 
-@lower("norm.rms")
-def _(ctx, node, x, w):
-    return Lowered([rms_norm(ctx, x, w, node.attrs["eps"], node.outputs[0].dtype)], "relax", "relax.nn.rms_norm")
+@TABLE.register("norm.rms")
+def _(ctx, node):
+    x, w = ctx.inputs(node)
+    return Lowered("relax", "relax.nn.rms_norm",
+                   outputs=[rms_norm(ctx, x, w, node.attrs["eps"], node.outputs[0].dtype)])
 
 
-@lower("norm.add_rms")
-def _(ctx, node, x, r, w):
+@TABLE.register("norm.add_rms")
+def _(ctx, node):
+    x, r, w = ctx.inputs(node)
     s = ctx.astype(ctx.emit(relax.op.add(ctx.f32(x), ctx.f32(r))), ctx.dtype_of(x))
-    return Lowered([rms_norm(ctx, s, w, node.attrs["eps"], node.outputs[0].dtype), s], "relax",
-                   "relax.add + relax.nn.rms_norm")
+    return Lowered("relax", "relax.add + relax.nn.rms_norm",
+                   outputs=[rms_norm(ctx, s, w, node.attrs["eps"], node.outputs[0].dtype), s])

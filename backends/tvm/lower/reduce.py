@@ -1,55 +1,60 @@
 """Reductions, sorting and counting -> Relax built-ins; bincount (no Relax op) is a TE reduction."""
 from __future__ import annotations
 
-from tvm import relax, te, tirx
+from ..deps import relax, te, tirx
+from .registry import TABLE, Lowered
 
-from .registry import Lowered, lower
 
-
-@lower("softmax")
-def _(ctx, node, x):
+@TABLE.register("softmax")
+def _(ctx, node):
+    x, = ctx.inputs(node)
     y = ctx.emit(relax.op.nn.softmax(ctx.f32(x), axis=node.attrs["dim"]))
-    return Lowered([ctx.astype(y, node.outputs[0].dtype)], "relax", "relax.nn.softmax")
+    return Lowered("relax", "relax.nn.softmax", outputs=[ctx.astype(y, node.outputs[0].dtype)])
 
 
-def _reduce(op, fn, fp32):
-    @lower(op)
-    def _(ctx, node, x):
-        rank = len(ctx.shape_of(x))
-        axes = sorted({d % rank for d in node.attrs["dims"]})
-        y = ctx.emit(fn(ctx.f32(x) if fp32 else x, axes, node.attrs["keepdim"]))
-        return Lowered([ctx.astype(y, node.outputs[0].dtype)], "relax", f"relax.{fn.__name__}")
+# dsgraph op -> (the Relax op's name under relax.op, reduce in fp32)
+_REDUCE = {"sum": ("sum", False), "mean": ("mean", True), "amax": ("max", False)}
 
 
-_reduce("sum", relax.op.sum, False)
-_reduce("mean", relax.op.mean, True)
-_reduce("amax", relax.op.max, False)
+@TABLE.register(*_REDUCE)
+def _(ctx, node):
+    name, fp32 = _REDUCE[node.op]
+    x, = ctx.inputs(node)
+    rank = len(ctx.shape_of(x))
+    axes = sorted({d % rank for d in node.attrs["dims"]})
+    y = ctx.emit(getattr(relax.op, name)(ctx.f32(x) if fp32 else x, axes, node.attrs["keepdim"]))
+    return Lowered("relax", f"relax.{name}", outputs=[ctx.astype(y, node.outputs[0].dtype)])
 
 
-@lower("argmax")
-def _(ctx, node, x):
+@TABLE.register("argmax")
+def _(ctx, node):
+    x, = ctx.inputs(node)
     y = ctx.emit(relax.op.argmax(x, node.attrs["dim"], node.attrs["keepdim"]))
-    return Lowered([ctx.astype(y, "int64")], "relax", "relax.argmax")
+    return Lowered("relax", "relax.argmax", outputs=[ctx.astype(y, "int64")])
 
 
-@lower("topk")
-def _(ctx, node, x):
+@TABLE.register("topk")
+def _(ctx, node):
     a = node.attrs
+    x, = ctx.inputs(node)
     both = ctx.emit(relax.op.topk(x, a["k"], a["dim"], "both", a["largest"], "int64"))
-    return Lowered([ctx.emit(relax.TupleGetItem(both, 0)), ctx.emit(relax.TupleGetItem(both, 1))], "relax",
-                   "relax.topk")
+    return Lowered("relax", "relax.topk",
+                   outputs=[ctx.emit(relax.TupleGetItem(both, 0)), ctx.emit(relax.TupleGetItem(both, 1))])
 
 
-@lower("argsort")
-def _(ctx, node, x):
+@TABLE.register("argsort")
+def _(ctx, node):
     """TVM's argsort is stable (std::stable_sort on the CPU), as the reference is."""
     a = node.attrs
-    return Lowered([ctx.emit(relax.op.argsort(x, a["dim"], a["descending"], "int64"))], "relax", "relax.argsort")
+    x, = ctx.inputs(node)
+    out = ctx.emit(relax.op.argsort(x, a["dim"], a["descending"], "int64"))
+    return Lowered("relax", "relax.argsort", outputs=[out])
 
 
-@lower("cumsum")
-def _(ctx, node, x):
-    return Lowered([ctx.emit(relax.op.cumsum(x, node.attrs["dim"], ctx.dtype_of(x)))], "relax", "relax.cumsum")
+@TABLE.register("cumsum")
+def _(ctx, node):
+    x, = ctx.inputs(node)
+    return Lowered("relax", "relax.cumsum", outputs=[ctx.emit(relax.op.cumsum(x, node.attrs["dim"], ctx.dtype_of(x)))])
 
 
 def bincount_te(x, length: int):
@@ -59,6 +64,7 @@ def bincount_te(x, length: int):
                                                                 tirx.const(0, "int64")), axis=i), name="bincount")
 
 
-@lower("bincount")
-def _(ctx, node, x):
-    return Lowered([ctx.emit_te(bincount_te, x, node.attrs["length"], name="bincount")], "tir", "te.bincount")
+@TABLE.register("bincount")
+def _(ctx, node):
+    x, = ctx.inputs(node)
+    return Lowered("tir", "te.bincount", outputs=[ctx.emit_te(bincount_te, x, node.attrs["length"], name="bincount")])

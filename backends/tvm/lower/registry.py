@@ -1,47 +1,29 @@
-"""The lowering registry: dsgraph op -> a function that emits Relax for one node.
+"""What is TVM-specific in the lowering protocol of backends/lowering.py: the table and the Relax payload.
 
-    @lower("norm.rms")
-    def _(ctx, node, x, weight):
-        return Lowered([ctx.emit(relax.op.nn.rms_norm(x, weight, [-1], node.attrs["eps"]))],
-                       "relax", "relax.nn.rms_norm")
+    @TABLE.register("norm.rms")
+    def _(ctx, node):
+        x, weight = ctx.inputs(node)
+        return Lowered("relax", "relax.nn.rms_norm",
+                       outputs=[ctx.emit(relax.op.nn.rms_norm(x, weight, [-1], node.attrs["eps"]))])
 
-A lowering gets the node and the Relax expressions of its inputs and returns a `Lowered`: one Relax
-expression per node output plus how the compile report describes it — kind "relax" when it emits Relax
-built-in ops (legalised by TVM's own TOPI rules), "tir" when it emits a TE/TIR function written here for
-an op Relax has nothing fitting for. One module per op family registers its lowerings on import.
+A lowering reads the Relax expressions of the node's inputs from the context and returns a `Lowered`: one Relax
+expression per node output plus how the compile report describes it — kind "relax" when it emits Relax built-in
+ops (legalised by TVM's own TOPI rules), "tir" when it emits a TE/TIR function written here for an op Relax has
+nothing fitting for. One module per op family registers its lowerings on import. The fallback policy is "error":
+the backend legalizes (decomposes) the domain ops nothing here lowers before translating, so a node no lowering
+takes is an UnknownOpError naming it and every candidate's reason.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
-_LOWERINGS: dict[str, Callable] = {}
+from dsgraph.backends import lowering as protocol
+
+TABLE = protocol.LoweringTable("tvm", fallback="error")
 
 
-@dataclass
-class Lowered:
-    """Relax expressions for the node's outputs and the report entry (kind: "relax" | "tir")."""
+@dataclass(kw_only=True)
+class Lowered(protocol.Lowered):
+    """The Relax expressions of the node's outputs, in order (kind: "relax" | "tir")."""
 
     outputs: list
-    kind: str
-    kernel: str
-    note: str = ""
-
-
-def lower(*ops: str):
-    """Register the lowering of one or more ops (one lowering per op: a second is a bug)."""
-    def deco(fn):
-        for op in ops:
-            if op in _LOWERINGS:
-                raise ValueError(f"tvm lowering for {op!r} registered twice")
-            _LOWERINGS[op] = fn
-        return fn
-    return deco
-
-
-def lowering_for(op: str) -> Callable | None:
-    return _LOWERINGS.get(op)
-
-
-def lowered_ops() -> frozenset[str]:
-    return frozenset(_LOWERINGS)

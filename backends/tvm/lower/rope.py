@@ -3,11 +3,10 @@
 `dsgraph.ops.rope.rope_frequencies` — the same table the reference uses — folded in as a constant."""
 from __future__ import annotations
 
-from tvm import te, tirx
-
 from dsgraph.ops.rope import rope_frequencies
 
-from .registry import Lowered, lower
+from ..deps import te, tirx
+from .registry import TABLE, Lowered
 
 
 def rope_te(x, positions, inv_freq, mult: float, interleaved: bool, out_dtype: str):
@@ -37,12 +36,13 @@ def rope_te(x, positions, inv_freq, mult: float, interleaved: bool, out_dtype: s
     return te.compute(x.shape, f, name="rope")
 
 
-@lower("rope")
-def _(ctx, node, x, positions):
+@TABLE.register("rope")
+def _(ctx, node):
     a = node.attrs
+    x, positions = ctx.inputs(node)
     d = node.inputs[0].shape[-1]
     inv_freq, mult = rope_frequencies(a, d)
     table = ctx.const(inv_freq.float(), "float32")
     out = ctx.emit_te(rope_te, x, positions, table, float(mult), a["interleaved"], node.outputs[0].dtype, name="rope")
     layout = "interleaved" if a["interleaved"] else "half-split"
-    return Lowered([out], "tir", f"te.rope ({layout}, {a['scaling']})")
+    return Lowered("tir", f"te.rope ({layout}, {a['scaling']})", outputs=[out])

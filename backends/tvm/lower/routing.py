@@ -8,12 +8,13 @@ index.
 """
 from __future__ import annotations
 
-from tvm import relax, te, tirx
-
+from ..deps import relax, te, tirx
 from .linalg import linear
-from .registry import Lowered, lower
+from .registry import TABLE, Lowered
 
-_NEG_INF = tirx.const(float("-inf"), "float32")
+
+def _neg_inf():
+    return tirx.const(float("-inf"), "float32")
 
 
 def _argmax_reducer():
@@ -44,7 +45,7 @@ def _argmax_round(argmax, values, prev, n, width: int, name: str):
         skip = tirx.const(False, "bool")
         for c in prev:
             skip = skip | (c[t] == e)
-        return tirx.Select(skip, _NEG_INF, values(t, e))
+        return tirx.Select(skip, _neg_inf(), values(t, e))
 
     idx, _ = te.compute((n,), lambda t: argmax((r.var.astype("int64"), val(t, r)), axis=r), name=name)
     return idx
@@ -78,7 +79,7 @@ def route_te(logits, bias, *, top_k, scoring, method, n_group, topk_group, norm_
             inside = tirx.const(False, "bool")
             for kg in keep:
                 inside = inside | (kg[t] == i // gs)
-            return tirx.Select(inside, choice[t, i], _NEG_INF)
+            return tirx.Select(inside, choice[t, i], _neg_inf())
 
         choice = te.compute((n, e), masked, name="masked_choice")
     picked = _topk_rounds(lambda t, i: choice[t, i], n, e, top_k, "expert")
@@ -110,7 +111,7 @@ def _group_scores(choice, n, n_group: int, gs: int, method: str):
         return first_v
     r2 = te.reduce_axis((0, gs), name="g_r2")
     _, second_v = te.compute((n, n_group), lambda t, g: argmax(
-        (r2.var.astype("int64"), tirx.Select(first_i[t, g] == r2, _NEG_INF, choice[t, g * gs + r2])), axis=r2),
+        (r2.var.astype("int64"), tirx.Select(first_i[t, g] == r2, _neg_inf(), choice[t, g * gs + r2])), axis=r2),
         name="group_top2")
     return te.compute((n, n_group), lambda t, g: first_v[t, g] + second_v[t, g], name="group_score")
 
@@ -125,19 +126,21 @@ def _describe(a) -> str:
     return f"te.moe_route ({a['scoring']}, {a['method']}{bias}, top-{a['top_k']})"
 
 
-@lower("moe.route")
-def _(ctx, node, logits, bias=None):
+@TABLE.register("moe.route")
+def _(ctx, node):
     a = _route_attrs(node)
+    logits, bias = (ctx.inputs(node) + [None])[:2]
     w, idx = _emit_route(ctx, logits, bias, a)
-    return Lowered([w, idx], "tir", _describe({**a, "bias": bias is not None}))
+    return Lowered("tir", _describe({**a, "bias": bias is not None}), outputs=[w, idx])
 
 
-@lower("moe.gate")
-def _(ctx, node, x, w, bias=None):
+@TABLE.register("moe.gate")
+def _(ctx, node):
     a = _route_attrs(node)
+    x, w, bias = (ctx.inputs(node) + [None])[:3]
     logits = linear(ctx, ctx.f32(x), ctx.f32(w), out_dtype="float32")
     gw, idx = _emit_route(ctx, logits, bias, a)
-    return Lowered([gw, idx], "tir", "relax.linear + " + _describe({**a, "bias": bias is not None}))
+    return Lowered("tir", "relax.linear + " + _describe({**a, "bias": bias is not None}), outputs=[gw, idx])
 
 
 def _emit_route(ctx, logits, bias, a):

@@ -2,25 +2,28 @@
 (arange over a symbolic length, the causal mask) that Relax would need several ops for."""
 from __future__ import annotations
 
-from tvm import relax, te
-
-from .registry import Lowered, lower
-
-
-@lower("reshape")
-def _(ctx, node, x):
-    return Lowered([ctx.emit(relax.op.reshape(x, ctx.dims(node.attrs["shape"])))], "relax", "relax.reshape")
+from ..deps import relax, te
+from .registry import TABLE, Lowered
 
 
-@lower("permute")
-def _(ctx, node, x):
-    return Lowered([ctx.emit(relax.op.permute_dims(x, list(node.attrs["dims"])))], "relax", "relax.permute_dims")
+@TABLE.register("reshape")
+def _(ctx, node):
+    x, = ctx.inputs(node)
+    return Lowered("relax", "relax.reshape", outputs=[ctx.emit(relax.op.reshape(x, ctx.dims(node.attrs["shape"])))])
 
 
-@lower("expand")
-def _(ctx, node, x):
-    return Lowered([ctx.emit(relax.op.broadcast_to(x, ctx.dims(node.attrs["shape"])))], "relax",
-                   "relax.broadcast_to")
+@TABLE.register("permute")
+def _(ctx, node):
+    x, = ctx.inputs(node)
+    return Lowered("relax", "relax.permute_dims",
+                   outputs=[ctx.emit(relax.op.permute_dims(x, list(node.attrs["dims"])))])
+
+
+@TABLE.register("expand")
+def _(ctx, node):
+    x, = ctx.inputs(node)
+    return Lowered("relax", "relax.broadcast_to",
+                   outputs=[ctx.emit(relax.op.broadcast_to(x, ctx.dims(node.attrs["shape"])))])
 
 
 def split_sizes(ctx, x, sizes, dim):
@@ -36,9 +39,10 @@ def split_sizes(ctx, x, sizes, dim):
     return [ctx.emit(relax.TupleGetItem(parts, i)) for i in range(len(sizes))]
 
 
-@lower("split")
-def _(ctx, node, x):
-    return Lowered(split_sizes(ctx, x, node.attrs["sizes"], node.attrs["dim"]), "relax", "relax.split")
+@TABLE.register("split")
+def _(ctx, node):
+    x, = ctx.inputs(node)
+    return Lowered("relax", "relax.split", outputs=split_sizes(ctx, x, node.attrs["sizes"], node.attrs["dim"]))
 
 
 def slice_dim(ctx, x, dim, start, end):
@@ -52,29 +56,32 @@ def slice_dim(ctx, x, dim, start, end):
     return ctx.emit(relax.op.strided_slice(x, axes=[dim], begin=[begin], end=[stop], assume_inbound=True))
 
 
-@lower("slice")
-def _(ctx, node, x):
+@TABLE.register("slice")
+def _(ctx, node):
     a = node.attrs
-    return Lowered([slice_dim(ctx, x, a["dim"], a["start"], a["end"])], "relax", "relax.strided_slice")
+    x, = ctx.inputs(node)
+    return Lowered("relax", "relax.strided_slice", outputs=[slice_dim(ctx, x, a["dim"], a["start"], a["end"])])
 
 
-@lower("concat")
-def _(ctx, node, *xs):
+@TABLE.register("concat")
+def _(ctx, node):
+    xs = ctx.inputs(node)
     rank = len(ctx.shape_of(xs[0]))
-    return Lowered([ctx.emit(relax.op.concat(list(xs), axis=node.attrs["dim"] % rank))], "relax", "relax.concat")
+    return Lowered("relax", "relax.concat", outputs=[ctx.emit(relax.op.concat(xs, axis=node.attrs["dim"] % rank))])
 
 
-@lower("cache.append")
-def _(ctx, node, cache, new):
-    return Lowered([ctx.emit(relax.op.concat([cache, new], axis=1))], "relax", "relax.concat",
-                   "functional cache update (new cache tensor each step)")
+@TABLE.register("cache.append")
+def _(ctx, node):
+    return Lowered("relax", "relax.concat", "functional cache update (new cache tensor each step)",
+                   outputs=[ctx.emit(relax.op.concat(ctx.inputs(node), axis=1))])
 
 
-@lower("arange_like")
-def _(ctx, node, x):
+@TABLE.register("arange_like")
+def _(ctx, node):
+    x, = ctx.inputs(node)
     n = ctx.shape_of(x)[node.attrs["dim"] % len(ctx.shape_of(x))]
     out = ctx.emit_te(lambda: te.compute((n,), lambda i: i.astype("int64"), name="arange"), name="arange")
-    return Lowered([out], "tir", "te.arange")
+    return Lowered("tir", "te.arange", outputs=[out])
 
 
 def causal_mask_te(sq, sk):
@@ -82,10 +89,11 @@ def causal_mask_te(sq, sk):
     return te.compute((sq, sk), lambda i, j: j <= i + (sk - sq), name="causal_mask")
 
 
-@lower("causal_mask")
-def _(ctx, node, q, k):
+@TABLE.register("causal_mask")
+def _(ctx, node):
     a = node.attrs
+    q, k = ctx.inputs(node)
     sq = ctx.shape_of(q)[a["q_dim"] % len(ctx.shape_of(q))]
     sk = ctx.shape_of(k)[a["k_dim"] % len(ctx.shape_of(k))]
-    return Lowered([ctx.emit_te(lambda: causal_mask_te(sq, sk), name="causal_mask")], "tir", "te.causal_mask")
+    return Lowered("tir", "te.causal_mask", outputs=[ctx.emit_te(lambda: causal_mask_te(sq, sk), name="causal_mask")])
 
