@@ -20,12 +20,9 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from dsgraph.backends.triton.kernels.flash_attention import FlashConfig, flash_attention  # noqa: E402
 from dsgraph.backends.triton.kernels.mla_decode import MLAConfig, mla_absorbed, mla_num_splits  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph
 
 from dsgraph.ops.attention import attention_ref, mla_absorbed_ref  # noqa: E402
 

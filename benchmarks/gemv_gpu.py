@@ -18,11 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench_cudagraph
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from dsgraph.backends.triton.kernels.gemv import GemvConfig, gemv, gemv_candidates, head_gemv  # noqa: E402
+from triton.testing import do_bench_cudagraph
 
 BANDWIDTH = 3.0e12
 SHAPES = {  # name: (N, K) of DeepSeek-V2-Lite's one-token projections

@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def host_us(run, calls: int = 20) -> float:
     """Host microseconds a call spends enqueueing (Python, argument handling, the launch): what a plain launch

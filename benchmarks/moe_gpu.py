@@ -16,9 +16,6 @@ import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from dsgraph.backends.triton import autotune  # noqa: E402
 from dsgraph.backends.triton.kernels import moe, routing  # noqa: E402
 

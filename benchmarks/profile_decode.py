@@ -21,11 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dsgraph.backends import get_backend  # noqa: E402
 
 import dsgraph  # noqa: E402
-from dsgraph import passes  # noqa: E402
 from dsgraph.app.bench.workloads import random_inputs  # noqa: E402
 
 
@@ -134,7 +132,7 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--option takes KEY=INT, e.g. gemv=0; got {a.option}")
     model = dsgraph.load(a.model)
-    pipeline = (passes.default_pipeline("triton", group_moe={"fold_shared_experts": True})
+    pipeline = (get_backend("triton").default_pipeline(group_moe={"fold_shared_experts": True})
                 if a.fold_shared_experts else "default")
     exe = dsgraph.compile(model, backend="triton", device="cuda", dtype=a.dtype, passes=pipeline, **a.options)
     graphed = exe.compiled.decode_step

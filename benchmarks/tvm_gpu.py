@@ -18,6 +18,7 @@ from pathlib import Path
 
 import dsgraph.models as models
 import torch
+from dsgraph.backends import get_backend
 
 FULL = "deepseek-v2-lite-2layers"
 
@@ -31,7 +32,7 @@ def model_for(name: str, device: str = "cpu", dtype: str = "float32"):
 
 def pipeline_graph(model):
     import dsgraph.passes as passes
-    return passes.run_pipeline(model.graph, model.weights, passes.default_pipeline("tvm"))[:2]
+    return passes.run_pipeline(model.graph, model.weights, get_backend("tvm").default_pipeline())[:2]
 
 
 def build(out: Path) -> None:

@@ -193,7 +193,7 @@ def test_gluon_mla_compiles_for_hopper_with_one_score_tile_per_warpgroup():
     Triton template), PV in 256-column halves, within the H100's 227 KB of shared memory; with and without
     device-side lengths."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from backends.triton.kernels.mla_decode_gluon import compile_for_hopper as c; "
+    code = ("import json; from dsgraph.backends.triton.kernels.mla_decode_gluon import compile_for_hopper as c; "
             "print(json.dumps([c(True), c(False)]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**env, "PYTHONPATH": str(ROOT)})

@@ -8,6 +8,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dsgraph.passes as passes  # noqa: E402
 from dsgraph.backends import get_backend  # noqa: E402
 from routing_helpers import decisive_routing  # noqa: E402
 
@@ -15,8 +16,7 @@ import dsgraph  # noqa: E402
 from dsgraph import (
     GraphBuilder,  # noqa: E402
     models,  # noqa: E402
-    passes,  # noqa: E402
-)
+    )
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.interpreter import run  # noqa: E402
 
@@ -42,22 +42,42 @@ def _moe_graph(grouped: bool):
     gen = torch.Generator().manual_seed(0)
     weights = {v: torch.randn(t.type.concrete({}), generator=gen) / 4 for v, t in g.params().items()}
     if grouped:
-        import dsgraph.passes as passes
         g, weights, _ = passes.run_pipeline(g, dsgraph.WeightStore(weights), ["group_moe"])
     return g, weights
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["per-expert", "grouped-chain"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-expert+pipeline", "grouped-chain"])
 @pytest.mark.parametrize("n", [1, 6])
 def test_moe_layer_matches_eager(grouped, n):
+    """The grouped chain group_moe emits is one fused-MoE region; the per-expert form gets there through the
+    triton pipeline (the lowering stacks no experts itself)."""
     g, weights = _moe_graph(grouped)
-    compiled = get_backend("triton").compile(g, weights, device=DEV)
+    pipeline = [] if grouped else get_backend("triton").default_pipeline()
+    fused, fused_weights, _ = passes.run_pipeline(g, dsgraph.WeightStore(weights), pipeline)
+    compiled = get_backend("triton").compile(fused, fused_weights, device=DEV)
     x = torch.randn(n, 24)
     assert rel_err(compiled.run({"x": x})["y"], run(g, weights, {"x": x})["y"]) < 1e-5
     kinds = {k.op: k.kind for k in compiled.report.kernels}
     assert kinds["moe.gate"] == "template" and not compiled.report.fallbacks
-    assert (kinds.get("moe.experts") if not grouped else
-            kinds["moe.permute+moe.grouped_gemm+act.swiglu+moe.unpermute"]) == "template"
+    assert kinds["moe.permute+moe.grouped_gemm+act.swiglu+moe.unpermute"] == "template"
+
+
+def test_unfused_forms_decline_naming_their_pass():
+    """Expert stacking, gate|up concatenation and the FP8 GEMM live in their passes: without them the lowerings
+    decline (a reported fallback) and say which pass to run."""
+    g, weights = _moe_graph(grouped=False)
+    b = GraphBuilder("unfused", dtype="float32")
+    x = b.input("x", ("B", 32), "float32")
+    w8 = b.dequant_fp8(b.param("w", (48, 32), "float8_e4m3fn"), b.param("s", (3, 2), "float32"), block=(16, 16))
+    b.output("y", b.mlp.swiglu(b.linear(x, w8), b.param("g", (8, 48)), b.param("u", (8, 48)), b.param("d", (48, 8))))
+    mlp = b.build()
+    mlp_weights = {"w": torch.randn(48, 32).to(torch.float8_e4m3fn), "s": torch.rand(3, 2) + 0.5,
+                   **{n: torch.randn(t.type.concrete({})) for n, t in mlp.params().items() if n not in ("w", "s")}}
+    reasons = {k.op: k.note for graph, ws in ((g, weights), (mlp, mlp_weights))
+               for k in get_backend("triton").compile(graph, ws, device=DEV).report.fallbacks}
+    assert "run group_moe first" in reasons["moe.experts"]
+    assert "run fuse_swiglu first" in reasons["mlp.swiglu"]
+    assert "run fuse_fp8_linear first" in reasons["linear"]
 
 
 def test_unlowered_op_is_a_reported_fallback():
@@ -80,9 +100,10 @@ def test_weight_only_subgraphs_fold_and_fp8_linear_uses_the_template():
     b.output("w2", b.mul(b.param("a", (4,)), b.param("a", (4,))))
     g = b.build()
     weights = {"w": torch.randn(48, 32).to(torch.float8_e4m3fn), "s": torch.rand(3, 2) + 0.5, "a": torch.randn(4)}
-    compiled = get_backend("triton").compile(g, weights, device=DEV)
+    fused, fused_weights, _ = passes.run_pipeline(g, dsgraph.WeightStore(weights), ["fuse_fp8_linear"])
+    compiled = get_backend("triton").compile(fused, fused_weights, device=DEV)
     by_op = {k.op: k for k in compiled.report.kernels}
-    assert by_op["linear"].kind == "template" and "fp8" in by_op["linear"].kernel
+    assert by_op["linear_fp8"].kind == "template" and "fp8" in by_op["linear_fp8"].kernel
     assert by_op["mul"].kind == "reference" and "folded" in by_op["mul"].kernel
     assert "dequant_fp8" not in by_op  # the FP8 weight is never dequantised to a full copy
     x = torch.randn(5, 32)
@@ -150,7 +171,7 @@ def test_report_says_why_the_gluon_mla_kernel_is_off():
 def test_folded_shared_experts_match_eager(preset):
     """group_moe(fold_shared_experts=True) in the triton pipeline: the shared experts' ids and weights, expanded to
     the run's token count, are computed per run (a shape with a dim symbol is never a compile-time constant)."""
-    folded = passes.default_pipeline("triton", group_moe={"fold_shared_experts": True})
+    folded = get_backend("triton").default_pipeline(group_moe={"fold_shared_experts": True})
     test_tiny_preset_matches_eager(preset, passes=folded)
 
 

@@ -6,7 +6,7 @@ Triton source, a kernel template, a named library call, or a reported torch fall
 
 Importing this package does not import triton: on the CPU the backend switches Triton's interpreter on first
 (TRITON_INTERPRET=1 must precede the triton import), see runtime.py. Options of `compile`:
-  passes         pipeline run before lowering: None (default; dsgraph.compile has run `default_passes`
+  passes         pipeline run before lowering: None (default; dsgraph.compile has run `pipeline`
                  already), "default" (the triton pipeline), or a list of pass names
   emit_dir       write every generated kernel's source there
   fp8_act_quant  force FP8 activation quantisation on/off (default: on for GPUs with fp8 tensor cores)
@@ -17,7 +17,13 @@ Importing this package does not import triton: on the CPU the backend switches T
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from dsgraph.errors import ArtifactError
+
 from ..base import Backend, CompiledGraph, register_backend
+from . import artifact
+from . import decode_graphs as dg
 from .runtime import prepare, unavailable_reason
 
 
@@ -25,15 +31,12 @@ class TritonBackend(Backend):
     name = "triton"
     grows_caches_in_place = True
 
-    @property
-    def default_passes(self) -> list:
-        """The documented triton pipeline (passes.DEFAULT_PIPELINES["triton"]): `dsgraph.compile` runs it before
-        `compile_graph`, so the Executable sees the graph (and cache layout) the kernels were built for."""
-        try:
-            import dsgraph.passes as passlib
-            return passlib.default_pipeline("triton")
-        except (ImportError, AttributeError):
-            return []
+    # hand-tuned templates: absorbed-MLA decode over the latent cache, grouped-GEMM MoE with fused routing,
+    # fused add+RMSNorm, SwiGLU over one gate|up GEMM, the FP8 block GEMM. The lowerings take the fused forms only
+    # (group_moe, fuse_swiglu and fuse_fp8_linear make them). `dsgraph.compile` runs it before `compile_graph`, so
+    # the Executable sees the graph (and cache layout) the kernels were built for.
+    pipeline = ("cse", "fold_constants", "absorb_mla", "merge_qkv_a", "merge_qkv", "fuse_router", "group_moe",
+                "fuse_add_rmsnorm", "fuse_swiglu", "fuse_fp8_linear", "dce")
 
     def available(self, device: str) -> str | None:
         return unavailable_reason(device)
@@ -45,7 +48,7 @@ class TritonBackend(Backend):
         note = prepare(device)
         if note:
             report.notes.append(note)
-        graph, weights = self._run_passes(graph, weights, passes, report)
+        graph, weights = self.run_passes(graph, weights, passes, report)
         from .compiler import lower_graph  # imports triton: only after `prepare`
         program = lower_graph(graph, weights, device, report, {**options, "emit_dir": emit_dir})
         compiled = CompiledGraph(graph, program, report, records=True)
@@ -60,7 +63,6 @@ class TritonBackend(Backend):
         on_cuda = str(device).startswith("cuda")
         if wanted is False or (wanted is None and not on_cuda):
             return None
-        from . import decode_graphs as dg
         why = ("CUDA graphs need a CUDA device" if not on_cuda else
                "the graph has no KV cache" if not graph.cache_map else dg.unsupported_reason(graph))
         if why:
@@ -72,20 +74,12 @@ class TritonBackend(Backend):
                                report=report)
 
     def save_compiled(self, compiled, directory) -> None:
-        from pathlib import Path
-
-        from .artifact import save
-        save(compiled, Path(directory))
+        artifact.save(compiled, Path(directory))
 
     def load_compiled(self, directory, graph, weights, device, dtype) -> CompiledGraph:
         """Lower again with the artifact's kernel sources and tuned configs (no autotuning), and check that
         lowering asked for exactly the kernels the artifact holds."""
-        from pathlib import Path
-
-        from dsgraph.errors import ArtifactError
-
-        from .artifact import seed_cache
-        listed = seed_cache(Path(directory))
+        listed = artifact.seed_cache(Path(directory))
         compiled = self.compile(graph, weights, device=device, dtype=dtype)
         made = sorted(s.filename for s in compiled.sources)
         if made != sorted(listed):
@@ -93,21 +87,6 @@ class TritonBackend(Backend):
                                 "it was made by another dsgraph version — recompile it")
         compiled.report.notes.append(f"loaded {len(listed)} generated kernels and tuned configs from the artifact")
         return compiled
-
-    @staticmethod
-    def _run_passes(graph, weights, pipeline, report):
-        if pipeline in (None, "none", ()):
-            return graph, weights
-        try:
-            import dsgraph.passes as passlib
-            run_pipeline = passlib.run_pipeline
-        except (ImportError, AttributeError):  # the passes package is optional for this backend
-            report.notes.append(f"passes package not importable: pipeline {pipeline!r} skipped, "
-                                "graph compiled as given")
-            return graph, weights
-        graph, weights, records = run_pipeline(graph, weights, pipeline, backend="triton")
-        report.passes.extend((r.name, r.summary()) if hasattr(r, "summary") else r for r in records)
-        return graph, weights
 
 
 register_backend("triton", TritonBackend)

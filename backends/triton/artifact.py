@@ -12,11 +12,11 @@ from pathlib import Path
 
 from dsgraph.errors import ArtifactError
 
+from .codegen.source import emit
 from .runtime import cache_dir
 
 
 def save(compiled, directory: Path) -> None:
-    from .codegen.source import emit
     directory.mkdir(parents=True, exist_ok=True)
     emit(list(getattr(compiled, "sources", [])), str(directory / "generated"))
     tuned = directory / "tuned"

@@ -12,6 +12,7 @@ import json
 import os
 
 import torch
+import triton.testing
 
 from .runtime import cache_dir, interpreting
 
@@ -76,7 +77,6 @@ def pick(kernel: str, key: tuple, candidates: list, bench, timer=None):
         return known
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    import triton.testing
     timer = timer or (lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
     best, best_ms = candidates[0], float("inf")
     for cfg in candidates:
@@ -95,8 +95,7 @@ def pick(kernel: str, key: tuple, candidates: list, bench, timer=None):
 def graph_ms(fn, rep: int = 20) -> float:
     """Median milliseconds of `fn` replayed from a CUDA graph, the way a captured decode step runs it: plain
     launches of a few-microsecond kernel measure the host's launch overhead instead of the kernel."""
-    from triton.testing import do_bench_cudagraph
-    return do_bench_cudagraph(fn, rep=rep, return_mode="median")
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def bucket(m: int) -> int:

@@ -3,7 +3,7 @@
 Order of work:
 1. Values computed from weights alone (dequant/cast/stack of params) are *constant*: they are evaluated once at
    compile time with the torch references, when some kernel needs them, and listed in the report as folded.
-2. Each remaining node, in graph order, goes to the first registered lowering that accepts it; a lowering may
+2. Each remaining node, in graph order, goes to the first lowering of `TABLE` that accepts it; a lowering may
    claim a fused region of later nodes. Nodes no lowering accepts run their torch reference, reported as
    `fallback` with the reason.
 3. Generated sources (deduplicated by text, headed by every node they implement) are written, imported and
@@ -12,17 +12,20 @@ Order of work:
 from __future__ import annotations
 
 import torch
+from dsgraph.passes.weightref import WeightRef, weight_ref
 
 from dsgraph.dtypes import to_torch
-from dsgraph.interpreter import load_param, run_node
+from dsgraph.interpreter import Step, load_param, reference_fn, run_node
 from dsgraph.ir import Graph, Node, Value
 from dsgraph.ops.mlp import dequant_fp8_block
+from dsgraph.pattern import Match, P, Roots, match_region
 
 from ..base import KernelChoice
+from . import decode_graphs
 from . import lowering as _lowerings  # noqa: F401  (registers every lowering module)
 from .codegen.source import KernelSource, emit, load_kernel
-from .lowering.registry import Decline, Lowered, lowerings_for
-from .program import Program, Step
+from .lowering.registry import TABLE, Lowered
+from .program import Program
 from .runtime import interpreting
 
 
@@ -39,6 +42,7 @@ class LowerCtx:
         self.claimed: set[int] = set()
         self.sources: dict[str, KernelSource] = {}
         self.notes: list[str] = []
+        self.lengths = decode_graphs.length_inputs()  # the static-capacity decode step's optional inputs
         self._const_cache: dict[int, torch.Tensor] = {}
         self.const_nodes = self._find_const_nodes()
 
@@ -62,10 +66,8 @@ class LowerCtx:
         if id(v) not in self._const_cache:
             if v.is_input:
                 t = load_param(v, self.weights, self.device)
-            elif _is_dequant_cast(v.node):  # straight to the cast's dtype: no fp32 copy of a large weight
-                dq = v.node.inputs[0].node
-                t = dequant_fp8_block(*(self.const(u) for u in dq.inputs), dq.attrs["block"],
-                                      out_dtype=to_torch(v.node.attrs["dtype"]))
+            elif (ref := _fp8_cast(v)) is not None:  # straight to the cast's dtype: no fp32 copy of a large weight
+                t = dequant_fp8_block(self.const(ref.w), self.const(ref.s), ref.block, out_dtype=to_torch(v.dtype))
             else:
                 args = [self.const(u) for u in v.node.inputs]
                 for out, t_out in zip(v.node.outputs, run_node(v.node, args, {})):
@@ -73,12 +75,6 @@ class LowerCtx:
                 return self._const_cache[id(v)]
             self._const_cache[id(v)] = t
         return self._const_cache[id(v)]
-
-    def const_uncached(self, v: Value) -> torch.Tensor:
-        """Like `const` for a value consumed once at compile time (stacked expert weights): not kept around."""
-        if id(v) in self._const_cache or not v.is_input:
-            return self.const(v)
-        return load_param(v, self.weights, self.device)
 
     # generated kernels ----------------------------------------------------------------------------
     def generated(self, src: KernelSource, *nodes: Node) -> KernelSource:
@@ -92,10 +88,18 @@ class LowerCtx:
     def users(self, v: Value) -> list[Node]:
         return sorted(v.users, key=lambda n: self.index[id(n)])
 
-    def sole_user(self, v: Value) -> Node | None:
-        """The one node that reads v, or None (no reader, several, or v is a graph output)."""
-        outs = {id(o) for o in self.graph.outputs.values()}
-        return next(iter(v.users)) if len(v.users) == 1 and id(v) not in outs else None
+    def region(self, pattern: P | Roots, node: Node, anchor: str) -> Match | None:
+        """The fused region `pattern` declares (dsgraph.pattern, the passes' matcher), claimed from `node`, the
+        region's first node in graph order and the pattern's sub-pattern `anchor`. None unless it matches (single
+        use inside is the pattern's rule), its other nodes are free and it can run where its last node stands.
+        The match's `nodes` come back in graph order."""
+        m = match_region(pattern, node, self.graph, anchor)
+        if m is None:
+            return None
+        m.nodes = sorted(m.nodes, key=lambda n: self.index[id(n)])
+        if m.nodes[0] is not node or not all(self.free(n) for n in m.nodes[1:]) or not self.region_ok(m.nodes):
+            return None
+        return m
 
     def free(self, n: Node) -> bool:
         return id(n) not in self.claimed and id(n) not in self.const_nodes
@@ -120,25 +124,22 @@ class LowerCtx:
                      if id(v) in graph_outs or any(id(u) not in inside for u in v.users))
 
 
-def _is_dequant_cast(node: Node) -> bool:
-    """cast(dequant_fp8(w, s)) where the fp32 dequantised weight feeds nothing else."""
-    inner = node.inputs[0].node if node.op == "cast" else None
-    return inner is not None and inner.op == "dequant_fp8" and len(node.inputs[0].users) == 1
+def _fp8_cast(v: Value) -> WeightRef | None:
+    """The FP8 weight behind v = cast(dequant_fp8(w, s)) when the fp32 dequantised weight feeds nothing else."""
+    ref = weight_ref(v)
+    if ref is None or ref.s is None or v.node.op != "cast" or len(ref.dequant.outputs[0].users) != 1:
+        return None
+    return ref
 
 
-def _fallback(node: Node, reason: str) -> Lowered:
-    return Lowered(lambda args, sym: run_node(node, args, sym), "fallback", f"torch reference of {node.op}", reason)
-
-
-def lower_node(node: Node, ctx: LowerCtx) -> Lowered:
-    reason = "no Triton lowering registered for this op"
-    for fn in lowerings_for(node.op):
-        out = fn(node, ctx)
-        if isinstance(out, Lowered):
-            return out
-        if isinstance(out, Decline):
-            reason = out.reason
-    return _fallback(node, reason)
+def lower_node(ctx: LowerCtx, node: Node) -> Lowered:
+    """The first candidate of TABLE that accepts `node`, else its torch reference (the table's "reference"
+    fallback), reported as `fallback` with every candidate's reason."""
+    lowered, reasons = TABLE.lower(ctx, node)
+    if lowered is not None:
+        return lowered
+    return Lowered("fallback", f"torch reference of {node.op}", "; ".join(reasons),
+                   fn=reference_fn(node))
 
 
 def lower_graph(graph: Graph, weights, device: str, report, options: dict) -> Program:
@@ -148,7 +149,7 @@ def lower_graph(graph: Graph, weights, device: str, report, options: dict) -> Pr
     for node in graph.nodes:
         if not ctx.free(node):
             continue
-        lw = lower_node(node, ctx)
+        lw = lower_node(ctx, node)
         nodes = lw.nodes or (node,)
         for n in nodes:
             ctx.claimed.add(id(n))
@@ -170,7 +171,7 @@ def lower_graph(graph: Graph, weights, device: str, report, options: dict) -> Pr
         paths = emit(list(ctx.sources.values()), options["emit_dir"])
         report.notes.append(f"wrote {len(paths)} generated kernel sources to {options['emit_dir']}")
     report.notes.extend(ctx.notes)
-    program = Program(graph, steps, consts, dev)
+    program = Program(graph, steps, consts, dev, optional_inputs=ctx.lengths)
     program.sources = list(ctx.sources.values())
     return program
 

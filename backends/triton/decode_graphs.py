@@ -10,6 +10,8 @@ So a graphed step runs the same lowered program in *static-capacity* form:
   first C - 1 rows: `cache.append` then returns the whole buffer, and every shape is the same at every step;
 - the true length lives on the device: `cache.append` writes the new row at it (`index_copy_`) and the attention
   kernels ignore the rows past it (`cache_lens` of the absorbed-MLA kernel, `kv_lens` of the flash kernel).
+  The program takes those device tensors as two optional inputs (LENGTH_INPUTS: the steps of `cache.append` and
+  of the attention ops read them); called without them, it runs the plain growing-cache step.
 Between replays only those device tensors, the token ids and the positions change. There is one graph per batch
 size and capacity; a sequence that outgrows C moves to a larger capacity (copied over and captured once).
 
@@ -22,15 +24,15 @@ from elsewhere (a prefill) is copied in when no view of the buffers is still ali
 """
 from __future__ import annotations
 
-import contextvars
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import DSGraphError
+from dsgraph.ir import Value
+from dsgraph.types import TensorType
 
 from .. import kv_cache
 
@@ -47,26 +49,20 @@ class StaticLengths:
     lens: torch.Tensor  # [B] int32: valid cache rows once they are written
 
 
-_ACTIVE: contextvars.ContextVar[StaticLengths | None] = contextvars.ContextVar("dsgraph_static_decode",
-                                                                                default=None)
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The program's optional inputs that make a step static-capacity."""
+        return {"cache_rows": self.rows, "cache_lens": self.lens}
 
 
-def active() -> StaticLengths | None:
-    """The lengths of the static-capacity step being run (or captured), else None."""
-    return _ACTIVE.get()
+def length_inputs() -> dict[str, Value]:
+    """The values of a lowered program's optional inputs `cache_rows` [S] and `cache_lens` [B] (a fresh pair per
+    program: steps read them like any value)."""
+    return {"cache_rows": Value("cache_rows", TensorType(("S",), "int64"), kind="activation"),
+            "cache_lens": Value("cache_lens", TensorType(("B",), "int32"), kind="activation")}
 
 
-@contextmanager
-def static_lengths(lengths: StaticLengths):
-    token = _ACTIVE.set(lengths)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def append_static(cache: torch.Tensor, new: torch.Tensor, lengths: StaticLengths) -> torch.Tensor:
-    """`cache.append` in a static-capacity step: write `new` at the device-side rows; the result is the view of
+def append_static(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`cache.append` in a static-capacity step: write `new` at the device-side `rows`; the result is the view of
     `cache`'s storage extended by S rows (the whole buffer), so its shape never changes."""
     b, t, s = cache.shape[0], cache.shape[1], new.shape[1]
     shape = (b, t + s, *cache.shape[2:])
@@ -75,7 +71,7 @@ def append_static(cache: torch.Tensor, new: torch.Tensor, lengths: StaticLengths
         raise DSGraphError(f"static-capacity decode: cache {tuple(cache.shape)} has no room for {s} more rows; "
                            "static steps need the decode buffers of backends/triton/decode_graphs.py")
     full = cache.as_strided(shape, cache.stride(), cache.storage_offset())
-    full.index_copy_(1, lengths.rows, new)
+    full.index_copy_(1, rows, new)
     return full
 
 
@@ -136,10 +132,8 @@ class _Buffers:
         return any(kv_cache.in_use(b) for b in self.caches.values())
 
     def _run(self) -> dict:
-        inputs = {"input_ids": self.ids, "positions": self.positions,
-                  **{n: b[:, :self.capacity - 1] for n, b in self.caches.items()}}
-        with static_lengths(self.lengths):
-            return self.program(inputs)
+        return self.program({"input_ids": self.ids, "positions": self.positions, **self.lengths.inputs(),
+                             **{n: b[:, :self.capacity - 1] for n, b in self.caches.items()}})
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> dict:
         """Run (the first time: warm up, then capture) one step that writes cache row `length`."""

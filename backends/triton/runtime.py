@@ -6,6 +6,7 @@ the fix) if triton was already imported without it. Kernel modules are only impo
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -23,7 +24,6 @@ def interpreting() -> bool:
 def unavailable_reason(device: str) -> str | None:
     """None if Triton kernels can run on `device`, else why not and what to do."""
     try:
-        import importlib.util
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed; pip install triton"
     except ValueError:  # triton imported without a spec (unusual); it is there

@@ -38,6 +38,12 @@ from ..autotune import cached, graph_ms, pick
 from .flash_attention import LOG2E, check_tensors, dot_precision, interpreting
 from .mla_config import MLAConfig  # noqa: F401  (re-exported: the launch choices)
 
+try:  # the Hopper Gluon kernel needs a Triton with Gluon and its Hopper ops; without, split-KV serves every call
+    from . import mla_decode_gluon as gluon_kernel
+    NO_GLUON = None
+except ImportError as e:
+    gluon_kernel, NO_GLUON = None, f"this Triton has no Gluon Hopper ops ({e})"
+
 
 @triton.jit
 def _mla_decode_kernel(
@@ -195,8 +201,8 @@ def mla_candidates(batch: int, rows: int, kv_len: int, sm_count: int, gluon: boo
     cands = [MLAConfig(bh, bn, sp, w, st) for sp in split_opts for bh, bn, w, st in tiles]
     if gluon:  # 128 heads, batch 64, graph replay: 175 us against the best tiles' 272. A plain launch of it spends
         # ~85 us more on the host (4 TMA descriptors), which a graph replay does not repeat
-        from .mla_decode_gluon import GLUON_CONFIG
-        cands = [GLUON_CONFIG] + cands if splits == 1 and graphed else cands + [GLUON_CONFIG]
+        gluon_cfg = gluon_kernel.GLUON_CONFIG
+        cands = [gluon_cfg] + cands if splits == 1 and graphed else cands + [gluon_cfg]
     return cands
 
 
@@ -250,17 +256,14 @@ def gluon_unfit(qc, qr, cache, cache_lens, finite_tail: bool) -> str | None:
     """None if `mla_decode_gluon` can run this call, else why not."""
     if not hopper(qc.device):
         return "needs an sm_90 (Hopper) GPU"
-    try:
-        from .mla_decode_gluon import fits
-    except ImportError as e:  # a Triton without Gluon (or without its Hopper ops)
-        return f"this Triton has no Gluon Hopper ops ({e})"
-    return fits(qc, qr, cache, cache_lens, finite_tail)
+    if gluon_kernel is None:
+        return NO_GLUON
+    return gluon_kernel.fits(qc, qr, cache, cache_lens, finite_tail)
 
 
 def _launch(qc, qr, cache, scale, cache_lens, causal, cfg: MLAConfig) -> torch.Tensor:
     if cfg.kernel == "gluon":  # one query row, so causal masking is the length mask
-        from .mla_decode_gluon import mla_decode_gluon
-        return mla_decode_gluon(qc, qr, cache, scale, cache_lens)
+        return gluon_kernel.mla_decode_gluon(qc, qr, cache, scale, cache_lens)
     (b, s, h, c), r = qc.shape, qr.shape[3]
     rows, splits = s * h, cfg.num_splits
     out = torch.empty((b, s, h, c), dtype=qc.dtype, device=qc.device)

@@ -21,11 +21,16 @@ values (`finite_tail`).
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import triton
+from triton.backends.compiler import GPUTarget
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .flash_attention import LOG2E
 from .mla_config import MLAConfig
@@ -194,8 +199,6 @@ def fits(qc: torch.Tensor, qr: torch.Tensor, cache: torch.Tensor, cache_lens, fi
 def mla_decode_gluon(qc: torch.Tensor, qr: torch.Tensor, cache: torch.Tensor, scale: float,
                      cache_lens: torch.Tensor | None = None) -> torch.Tensor:
     """qc [B,1,H,512], qr [B,1,H,64], cache [B,T,576] -> [B,1,H,512]; the caller checked `fits`."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     b, _, h, c = qc.shape
     t = cache.shape[1]
     wide, narrow = _layouts(_GL_DTYPES[qc.dtype])
@@ -213,11 +216,6 @@ def mla_decode_gluon(qc: torch.Tensor, qr: torch.Tensor, cache: torch.Tensor, sc
 def compile_for_hopper(has_lens: bool = True) -> dict:
     """Compile for sm_90 without a GPU; returns the kernel's shared memory, the wgmma shapes in its PTX and
     whether it is warp-specialised (CI checks these on a CPU machine)."""
-    import re
-
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     wide, narrow = _layouts(gl.bfloat16)
     sig = {"q_desc": f"tensordesc<bf16[1,{BLOCK_H},{HALF}],{wide!r}>",
            "qr_desc": f"tensordesc<bf16[1,{BLOCK_H},{ROPE}],{narrow!r}>",

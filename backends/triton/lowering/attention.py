@@ -2,92 +2,97 @@
 template (attention.mla_absorbed). Both kernels live in kernels/flash_attention.py and kernels/mla_decode.py."""
 from __future__ import annotations
 
-import importlib
+from dsgraph.backends.lowering import Decline
 
-from .. import decode_graphs
-from .registry import Decline, Lowered, lowering
+from dsgraph.pattern import ANY, P, Var
+
+from ..kernels import mla_decode
+from ..kernels.flash_attention import flash_attention
+from ..kernels.mla_decode import mla_absorbed
+from .registry import TABLE, Lowered
 
 
-def _kernel(ctx, module: str, fn: str, dtype: str):
+def _kernel(ctx, fn, dtype: str):
     if ctx.interpreting and dtype == "bfloat16":
         return Decline("Triton's interpreter computes bf16 tl.dot wrongly; bf16 attention runs on CUDA")
-    try:
-        return getattr(importlib.import_module(f"backends.triton.kernels.{module}"), fn)
-    except (ImportError, AttributeError) as e:
-        return Decline(f"attention template {module}.{fn} is not available ({e})")
+    return fn
 
 
-@lowering("attention.gqa", "attention.mla")
-def _flash(node, ctx):
-    fn = _kernel(ctx, "flash_attention", "flash_attention", node.inputs[0].dtype)
+@TABLE.register("attention.gqa", "attention.mla")
+def _flash(ctx, node):
+    fn = _kernel(ctx, flash_attention, node.inputs[0].dtype)
     if isinstance(fn, Decline):
         return fn
     scale, causal = node.attrs["scale"], node.attrs["causal"]
-    cached = _reads_cache(node)
+    lens = _lengths(ctx, node)
 
-    def run(a, sym):
-        static = decode_graphs.active() if cached else None  # CUDA-graph decode: the valid length is on the device
-        return [fn(a[0], a[1], a[2], scale, causal, kv_lens=None if static is None else static.lens)]
-    return Lowered(run, "template", "flash_attention._flash_attention_kernel")
+    def run(a, sym):  # a[-1] with `lens`: the device-side lengths of a static-capacity decode step, else None
+        return [fn(a[0], a[1], a[2], scale, causal, kv_lens=a[-1] if lens else None)]
+    return Lowered("template", "flash_attention._flash_attention_kernel", inputs=(*node.inputs, *lens), fn=run)
 
 
-def _reads_cache(node) -> bool:
-    """Whether the node's keys come from `cache.append` (so a static-capacity step must mask by length)."""
-    return any(v.node is not None and v.node.op == "cache.append" for v in node.inputs[1:])
+def _lengths(ctx, node) -> tuple:
+    """The step input `cache_lens` where the node's keys come from `cache.append` (a static-capacity decode step
+    must then mask by that length), else nothing."""
+    cached = any(v.node is not None and v.node.op == "cache.append" for v in node.inputs[1:])
+    return (ctx.lengths["cache_lens"],) if cached else ()
 
 
 def _mla_step(attn, ctx, split_q: bool):
-    """The absorbed-MLA decode template for `attn`; with split_q its step takes (q latent, q rope, cache)."""
-    fn = _kernel(ctx, "mla_decode", "mla_absorbed", attn.inputs[0].dtype)
+    """The absorbed-MLA decode template for `attn`; its step takes (q, cache[, cache_lens]), with split_q
+    (q latent, q rope, cache[, cache_lens]): the two inputs of the concat that makes q."""
+    fn = _kernel(ctx, mla_absorbed, attn.inputs[0].dtype)
     if isinstance(fn, Decline):
         return fn
     scale, causal, rank = attn.attrs["scale"], attn.attrs["causal"], attn.attrs["kv_lora_rank"]
-    cached = _reads_cache(attn)
+    q = tuple(attn.inputs[0].node.inputs) if split_q else (attn.inputs[0],)
+    lens = _lengths(ctx, attn)
 
     def run(a, sym):
         q, q_rope, cache = (a[0], a[1], a[2]) if split_q else (a[0], None, a[1])
-        static = decode_graphs.active() if cached else None  # CUDA-graph decode: the valid length is on the device
+        static = a[-1] if lens else None  # the device-side lengths of a static-capacity decode step, else None
         if static is None:
             return [fn(q, cache, scale, rank, causal=causal, q_rope=q_rope)]
         # the static buffers start zeroed and only ever receive computed rows, so rows past a length are finite
-        return [fn(q, cache, scale, rank, cache_lens=static.lens, causal=causal, tune=not ctx.interpreting,
+        return [fn(q, cache, scale, rank, cache_lens=static, causal=causal, tune=not ctx.interpreting,
                    q_rope=q_rope, finite_tail=True)]
-    return Lowered(run, "template", f"mla_decode._mla_decode_kernel (split-KV){_gluon_note(attn, ctx)}")
+    return Lowered("template", f"mla_decode._mla_decode_kernel (split-KV){_gluon_note(attn, ctx)}",
+                   inputs=(*q, attn.inputs[1], *lens), fn=run)
 
 
 def _gluon_note(attn, ctx) -> str:
     """What the report says of the Hopper Gluon kernel, which `mla_absorbed` picks per call where it fits."""
-    from ..kernels.mla_decode import hopper
-    try:
-        from ..kernels.mla_decode_gluon import shape_unfit
-    except ImportError as e:
-        return f"; Gluon kernel off (this Triton has no Gluon Hopper ops: {e})" if hopper(ctx.device) else ""
-    heads, rank = attn.inputs[0].type.shape[2], attn.attrs["kv_lora_rank"]
-    if not isinstance(heads, int) or shape_unfit(1, heads, rank, attn.inputs[0].type.shape[3] - rank):
+    gluon = mla_decode.gluon_kernel
+    if gluon is None:
+        return f"; Gluon kernel off ({mla_decode.NO_GLUON})" if mla_decode.hopper(ctx.device) else ""
+    q_shape, rank = attn.inputs[0].type.shape, attn.attrs["kv_lora_rank"]
+    if not isinstance(q_shape[2], int) or gluon.shape_unfit(1, q_shape[2], rank, q_shape[3] - rank):
         return ""  # outside the kernel's shapes: no note
-    if not hopper(ctx.device):
+    if not mla_decode.hopper(ctx.device):
         return "; Gluon kernel off (needs an sm_90 GPU)"
     return ("; CUDA-graph decode steps whose batch fills the GPU: mla_decode_gluon._mla_decode_gluon (Hopper, "
             "warp-specialised), where the tuner confirms it")
 
 
-@lowering("attention.mla_absorbed")
-def _mla(node, ctx):
+@TABLE.register("attention.mla_absorbed")
+def _mla(ctx, node):
     return _mla_step(node, ctx, split_q=False)
 
 
-@lowering("concat")
-def _q_into_mla(node, ctx):
-    """concat(q_latent, q_rope) read only by attention.mla_absorbed as its query (what `absorb_mla` emits): the
-    kernel reads the two parts where they lie, so the concat is never launched. A region of both nodes."""
-    attn = ctx.sole_user(node.outputs[0])
-    if (attn is None or attn.op != "attention.mla_absorbed" or attn.inputs[0] is not node.outputs[0]
-            or len(node.inputs) != 2 or node.attrs["dim"] not in (-1, 3)
-            or node.inputs[0].type.shape[-1] != attn.attrs["kv_lora_rank"]
-            or not ctx.free(attn) or not ctx.region_ok([node, attn])):
-        return None
-    step = _mla_step(attn, ctx, split_q=True)
+# the query absorbed MLA reads as `absorb_mla` emits it: concat(q_latent, q_rope), read by nothing else
+Q_INTO_MLA = P("attention.mla_absorbed", P("concat", Var("q_lat"), Var("q_rope"), dim=lambda d: d in (-1, 3), name="q"),
+               Var("cache"), kv_lora_rank=ANY)
+
+
+@TABLE.register("concat")
+def _q_into_mla(ctx, node):
+    """The region Q_INTO_MLA: the kernel reads the two query parts where they lie, so the concat is never
+    launched."""
+    m = ctx.region(Q_INTO_MLA, node, anchor="q")
+    if m is None or m["q_lat"].type.shape[-1] != m.attr("kv_lora_rank"):
+        return Decline("not the query concat(q_latent, q_rope) read only by attention.mla_absorbed")
+    step = _mla_step(m.root, ctx, split_q=True)
     if isinstance(step, Decline):
-        return None
-    return Lowered(step.fn, step.kind, f"{step.kernel}, q read in two parts (no concat)", nodes=(node, attn),
-                   inputs=(node.inputs[0], node.inputs[1], attn.inputs[1]), outputs=attn.outputs)
+        return step
+    return Lowered(step.kind, f"{step.kernel}, q read in two parts (no concat)", nodes=tuple(m.nodes),
+                   inputs=step.inputs, outputs=m.root.outputs, fn=step.fn)

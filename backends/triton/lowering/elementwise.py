@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 
+from dsgraph.backends.lowering import Decline
+
 from dsgraph.symbolic import eval_dim
 
 from ..codegen.elementwise import EXPRESSIONS, POW_EXPRESSIONS, EwInput, EwOp, fused_elementwise
-from .registry import Lowered, Region, lowering
+from .registry import TABLE, Lowered, Region
 
 _FLOATS = ("float32", "float16", "bfloat16")
 
@@ -76,11 +78,11 @@ def grow(node, ctx) -> list:
     return sorted(region, key=lambda n: ctx.index[id(n)])
 
 
-@lowering(*EXPRESSIONS, "pow")
-def _(node, ctx):
+@TABLE.register(*EXPRESSIONS, "pow")
+def _(ctx, node):
     shape = node.outputs[0].shape
     if not _fusable(node, shape):
-        return None
+        return Decline("not a float elementwise node over full-shape, suffix-broadcast or scalar inputs")
     nodes = grow(node, ctx)
     names: dict[int, str] = {}
     inputs, ext = [], []
@@ -103,5 +105,5 @@ def _(node, ctx):
     name = "ew_" + "_".join(dict.fromkeys(n.op for n in nodes))[:40]
     src = ctx.generated(fused_elementwise(name, inputs, ops, [(names[id(v)], v.dtype) for v in outputs], title),
                         *nodes)
-    return Lowered(lambda args, sym: src(tuple(eval_dim(d, sym) for d in shape), *args), "generated", src.name,
-                   nodes=tuple(nodes), inputs=tuple(ext), outputs=outputs)
+    return Lowered("generated", src.name, nodes=tuple(nodes), inputs=tuple(ext), outputs=outputs,
+                   fn=lambda args, sym: src(tuple(eval_dim(d, sym) for d in shape), *args))

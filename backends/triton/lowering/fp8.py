@@ -1,4 +1,5 @@
-"""`linear_fp8` (and linear over a dequantised FP8 weight) on the FP8 block GEMM template.
+"""`linear_fp8` (what the `fuse_fp8_linear` pass makes of a linear over a dequantised FP8 weight) on the FP8 block
+GEMM template.
 
 Activation quantisation (w8a8) is DeepSeek's inference numerics and what Hopper's fp8 tensor cores want; it is
 on by default on GPUs with fp8 support (compute capability >= 8.9) and off elsewhere, where the weight tile is
@@ -7,9 +8,10 @@ dequantised in registers instead (w8a16, the `linear_fp8` reference's numerics).
 from __future__ import annotations
 
 import torch
+from dsgraph.backends.lowering import Decline
 
 from ..kernels.fp8_gemm import fp8_linear
-from .registry import Decline, Lowered, lowering
+from .registry import TABLE, Lowered
 
 
 def _act_quant(ctx) -> bool:
@@ -19,22 +21,16 @@ def _act_quant(ctx) -> bool:
     return ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) >= (8, 9)
 
 
-def fp8_linear_step(node, ctx, x, w, s, block) -> Lowered | Decline:
+@TABLE.register("linear_fp8")
+def _(ctx, node):
+    x = node.inputs[0]
+    block = tuple(node.attrs["block"])
     bk = block[1]
     if bk < 16 or bk & (bk - 1):
         return Decline(f"FP8 K block {bk} is not a power of two >= 16")
     if ctx.interpreting and x.dtype == "bfloat16":
         return Decline("Triton's interpreter computes bf16 tl.dot wrongly; bf16 FP8 GEMM runs on CUDA")
-    weight, scale = ctx.const(w), ctx.const(s)
     quant = _act_quant(ctx)
     mode = "w8a8, per-token-group activation quantisation" if quant else "w8a16"
-    return Lowered(lambda a, sym: [fp8_linear(a[0], weight, scale, block, quant)], "template",
-                   "fp8_gemm._fp8_gemm_kernel", f"{mode}, {block[0]}x{block[1]} weight blocks", inputs=(x,))
-
-
-@lowering("linear_fp8")
-def _(node, ctx):
-    x, w, s = node.inputs
-    if not (ctx.is_const(w) and ctx.is_const(s)):
-        return Decline("FP8 weight and scales must be compile-time weights")
-    return fp8_linear_step(node, ctx, x, w, s, tuple(node.attrs["block"]))
+    return Lowered("template", "fp8_gemm._fp8_gemm_kernel", f"{mode}, {block[0]}x{block[1]} weight blocks",
+                   fn=lambda a, sym: [fp8_linear(a[0], a[1], a[2], block, quant)])

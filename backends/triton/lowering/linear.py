@@ -1,21 +1,21 @@
 """GEMMs: cuBLAS through torch (a recorded `library` choice: it beats a generic Triton GEMM at these shapes),
-except decode's few-row GEMVs, which take the `gemv` template on CUDA (option `gemv`); the FP8 block GEMM
-template for FP8 weights, and the composite domain ops built around GEMMs.
-
-`linear(x, [cast](dequant_fp8(w, s)))` with weight-only w, s takes the FP8 template directly, so FP8
-checkpoints run without a dequantised copy even when the `fuse_fp8_linear` pass has not run.
+except decode's few-row GEMVs, which take the `gemv` template on CUDA (option `gemv`), and the composite domain
+ops built around GEMMs. FP8 GEMMs are `linear_fp8` (fp8.py), made by the `fuse_fp8_linear` pass; SwiGLU's one
+gate|up GEMM is made by `fuse_swiglu`. The unfused forms decline here and say which pass to run.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from dsgraph.backends.lowering import Decline
 from dsgraph.passes.mla import O_ABS
+from dsgraph.passes.weightref import weight_ref
 
 from dsgraph.dtypes import to_torch
 
 from ..codegen import rowwise
 from ..kernels.gemv import GEMV_ROWS, gemv, head_gemv
-from .registry import Lowered, lowering
+from .registry import TABLE, Lowered
 
 CUBLAS = "torch.nn.functional.linear (cuBLAS on CUDA)"
 GEMV = f"gemv._gemv_kernel (<= {GEMV_ROWS} rows; more: {CUBLAS})"
@@ -40,35 +40,24 @@ def _dense(ctx):
     return linear, GEMV, "template"
 
 
-def _fp8_source(ctx, w):
-    """(fp8 weight value, scale value, block) when w = [cast](dequant_fp8(param, param)), else None."""
-    n = w.node
-    if n is not None and n.op == "cast":
-        n = n.inputs[0].node
-    if n is None or n.op != "dequant_fp8" or not all(ctx.is_const(v) for v in n.inputs):
-        return None
-    return n.inputs[0], n.inputs[1], tuple(n.attrs["block"])
-
-
-@lowering("linear")
-def _linear(node, ctx):
-    x, w = node.inputs[0], node.inputs[1]
-    fp8 = _fp8_source(ctx, w)
-    if fp8 is not None and len(node.inputs) == 2 and ctx.options.get("fp8", True):
-        from .fp8 import fp8_linear_step
-        return fp8_linear_step(node, ctx, x, *fp8)
+@TABLE.register("linear")
+def _linear(ctx, node):
+    ref = weight_ref(node.inputs[1])
+    if ref is not None and ref.s is not None and len(node.inputs) == 2:
+        return Decline("linear over a dequantised FP8 weight: run fuse_fp8_linear first (it makes linear_fp8, "
+                       "the FP8 block GEMM template, without a dequantised copy of the weight)")
     dt = to_torch(node.outputs[0].dtype)
     dense, how, kind = _dense(ctx)
-    return Lowered(lambda a, sym: [dense(a[0], a[1], a[2] if len(a) > 2 else None).to(dt)], kind, how)
+    return Lowered(kind, how, fn=lambda a, sym: [dense(a[0], a[1], a[2] if len(a) > 2 else None).to(dt)])
 
 
-@lowering("matmul")
-def _(node, ctx):
-    return Lowered(lambda a, sym: [torch.matmul(a[0], a[1])], "library", "torch.matmul (cuBLAS on CUDA)")
+@TABLE.register("matmul")
+def _(ctx, node):
+    return Lowered("library", "torch.matmul (cuBLAS on CUDA)", fn=lambda a, sym: [torch.matmul(a[0], a[1])])
 
 
-@lowering("einsum")
-def _(node, ctx):
+@TABLE.register("einsum")
+def _(ctx, node):
     """torch.einsum (cuBLAS), except MLA's output absorb einsum (O_ABS, W_UV [H, D, C] contracting C: [H, N, K]
     row-major as stored) at <= GEMV_ROWS rows, which takes `head_gemv`: H100, V2-Lite's 16 heads, 2.4 us
     against cuBLAS's 3.0-3.1. The query absorb (Q_ABS, contracting D) stays with cuBLAS, which won there at
@@ -77,31 +66,23 @@ def _(node, ctx):
     library = f"torch.einsum {eq!r} (cuBLAS bmm)"
     tune = _gemv_tune(ctx)
     if eq != O_ABS or tune is None:
-        return Lowered(lambda a, sym: [torch.einsum(eq, a[0], a[1])], "library", library)
+        return Lowered("library", library, fn=lambda a, sym: [torch.einsum(eq, a[0], a[1])])
 
     def run(a, sym):
         x, w = a
         few = x.numel() <= GEMV_ROWS * x.shape[-1] * x.shape[-2]
         return [head_gemv(x, w, tune=tune) if few else torch.einsum(eq, x, w)]
-    return Lowered(run, "template", f"gemv._gemv_kernel per head (<= {GEMV_ROWS} rows; more: {library})")
+    return Lowered("template", f"gemv._gemv_kernel per head (<= {GEMV_ROWS} rows; more: {library})", fn=run)
 
 
-@lowering("mlp.swiglu")
-def _mlp(node, ctx):
-    """gate|up as one GEMM over weights concatenated at compile time, the generated SwiGLU, then down."""
-    x, g, u, d = node.inputs
-    if not all(ctx.is_const(v) for v in (g, u, d)):
-        return None
-    gate_up = torch.cat([ctx.const(g), ctx.const(u)], 0)
-    down = ctx.const(d)
-    act = ctx.generated(rowwise.swiglu(g.shape[0], x.dtype), node)
-    dense, how, kind = _dense(ctx)
-    return Lowered(lambda a, sym: [dense(act(dense(a[0], gate_up)), down)], kind,
-                   f"{how} gate|up + generated {act.name} + down", inputs=(x,))
+@TABLE.register("mlp.swiglu")
+def _mlp(ctx, node):
+    return Decline("mlp.swiglu: run fuse_swiglu first (it stacks gate|up into one GEMM's weight, then the "
+                   "generated act.swiglu and the down GEMM lower on their own)")
 
 
-@lowering("mla.latent_proj")
-def _latent(node, ctx):
+@TABLE.register("mla.latent_proj")
+def _latent(ctx, node):
     """kv_a GEMM (library) then the generated RMSNorm on the latent half; k_pe is a view."""
     x, w, nw = node.inputs
     rank, eps = node.attrs["kv_lora_rank"], node.attrs["eps"]
@@ -112,11 +93,11 @@ def _latent(node, ctx):
         kv = dense(a[0], a[1])
         c, k_pe = kv.split([rank, kv.shape[-1] - rank], dim=-1)
         return [rms(c, a[2]), k_pe]
-    return Lowered(run, kind, f"{how} + generated {rms.name}")
+    return Lowered(kind, f"{how} + generated {rms.name}", fn=run)
 
 
-@lowering("mla.decompress")
-def _decompress(node, ctx):
+@TABLE.register("mla.decompress")
+def _decompress(ctx, node):
     h, dn, dv = node.attrs["num_heads"], node.attrs["qk_nope_dim"], node.attrs["v_dim"]
 
     def run(a, sym):
@@ -124,13 +105,13 @@ def _decompress(node, ctx):
         kv = F.linear(c, w).view(c.shape[0], c.shape[1], h, dn + dv)
         k_nope, v = kv.split([dn, dv], dim=-1)
         return [torch.cat((k_nope, k_pe.expand(-1, -1, h, -1)), dim=-1), v]
-    return Lowered(run, "library", f"{CUBLAS} kv_b + torch.cat of the rope key")
+    return Lowered("library", f"{CUBLAS} kv_b + torch.cat of the rope key", fn=run)
 
 
-@lowering("mtp.branch")
-def _mtp(node, ctx):
+@TABLE.register("mtp.branch")
+def _mtp(ctx, node):
     h, e, en, hn, w = node.inputs
     d, eps = h.shape[-1], node.attrs["eps"]
     rms = ctx.generated(rowwise.rms_norm(d, h.dtype, eps, residual=False), node)
-    return Lowered(lambda a, sym: [F.linear(torch.cat((rms(a[1], a[2]), rms(a[0], a[3])), dim=-1), a[4])],
-                   "library", f"generated {rms.name} x2 + {CUBLAS} eh_proj")
+    return Lowered("library", f"generated {rms.name} x2 + {CUBLAS} eh_proj",
+                   fn=lambda a, sym: [F.linear(torch.cat((rms(a[1], a[2]), rms(a[0], a[3])), dim=-1), a[4])])

@@ -1,67 +1,40 @@
-"""The lowering registry: op name -> functions that map a node (or a fused region starting at it) to a kernel.
+"""What is triton-specific in the lowering protocol of backends/lowering.py: the table and the step payload.
 
-    @lowering("norm.rms")
-    def _(node, ctx):
+    @TABLE.register("norm.rms")
+    def _(ctx, node):
         src = ctx.generated(codegen.rowwise.rms_norm(...), node)
-        return Lowered(lambda args, sym: [src(*args)], "generated", src.name)
+        return Lowered("generated", src.name, fn=lambda args, sym: [src(*args)])
 
-A lowering returns a `Lowered` (a runnable step plus its report entry) or None when it does not apply (say, a
-dtype the kernel lacks); the backend then tries the next lowering registered for the op and, last, the torch
-reference — as a `fallback` entry in the compile report, never silently. A lowering may claim more nodes than the
-one it was called on (a fused region); `LowerCtx.region_ok` checks that doing so keeps the program valid.
+A lowering returns a `Lowered` (a runnable step plus its report entry) or `Decline(reason)` when it does not
+apply (say, a dtype the kernel lacks); the table tries the next lowering registered for the op and, last, the
+torch reference — a `fallback` entry in the compile report with every candidate's reason, never silent. A
+lowering may claim more nodes than the one it was called on (a fused region); `LowerCtx.region_ok` checks that
+doing so keeps the program valid.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
+from dsgraph.backends import lowering as protocol
+
+from dsgraph.interpreter import StepFn
 from dsgraph.ir import Node, Value
 
-StepFn = Callable[[list, dict], list]  # (argument tensors, symbol env) -> output tensors
-
-_LOWERINGS: dict[str, list[Callable]] = {}
+TABLE = protocol.LoweringTable("triton", fallback="reference")
 
 
-def lowering(*ops: str):
-    """Register a lowering for one or more ops (tried in registration order)."""
-    def deco(fn):
-        for op in ops:
-            _LOWERINGS.setdefault(op, []).append(fn)
-        return fn
-    return deco
-
-
-def lowerings_for(op: str) -> list[Callable]:
-    return _LOWERINGS.get(op, [])
-
-
-def registered_ops() -> list[str]:
-    return sorted(_LOWERINGS)
-
-
-@dataclass
-class Lowered:
+@dataclass(kw_only=True)
+class Lowered(protocol.Lowered):
     """A step of the lowered program and how the report describes it.
 
     `fn(args, sym)` gets the tensors of `inputs` (default: the node's inputs) and the bound symbols, and returns
     the tensors of `outputs` (default: the node's outputs). `nodes` lists every node the step implements (default:
-    the node alone). `const_inputs` are inputs bound once at compile time (weights, folded values).
+    the node alone).
     """
 
     fn: StepFn
-    kind: str
-    kernel: str
-    note: str = ""
-    nodes: tuple[Node, ...] = ()
     inputs: tuple[Value, ...] | None = None
     outputs: tuple[Value, ...] | None = None
-
-
-class Decline:
-    """Returned by a lowering that does not apply, with the reason the report shows if nothing else does."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dsgraph.symbolic import eval_dim, parse_dim
 
 from ... import kv_cache
 from .. import decode_graphs
-from .registry import Lowered, lowering
+from .registry import TABLE, Lowered
 
 
 def _dims(spec, sym):
@@ -23,35 +23,35 @@ def _dims(spec, sym):
 
 
 def _lib(node, fn, call: str) -> Lowered:
-    return Lowered(fn, "library", call)
+    return Lowered("library", call, fn=fn)
 
 
-@lowering("reshape")
-def _(node, ctx):
+@TABLE.register("reshape")
+def _(ctx, node):
     shape = node.attrs["shape"]
     return _lib(node, lambda a, sym: [a[0].reshape(_dims(shape, sym))], "torch.reshape (view when possible)")
 
 
-@lowering("expand")
-def _(node, ctx):
+@TABLE.register("expand")
+def _(ctx, node):
     shape = node.attrs["shape"]
     return _lib(node, lambda a, sym: [a[0].expand(*_dims(shape, sym))], "torch.expand (view)")
 
 
-@lowering("permute")
-def _(node, ctx):
+@TABLE.register("permute")
+def _(ctx, node):
     dims = node.attrs["dims"]
     return _lib(node, lambda a, sym: [a[0].permute(*dims)], "torch.permute (view)")
 
 
-@lowering("split")
-def _(node, ctx):
+@TABLE.register("split")
+def _(ctx, node):
     sizes, dim = node.attrs["sizes"], node.attrs["dim"]
     return _lib(node, lambda a, sym: list(torch.split(a[0], list(_dims(sizes, sym)), dim=dim)), "torch.split (views)")
 
 
-@lowering("slice")
-def _(node, ctx):
+@TABLE.register("slice")
+def _(ctx, node):
     dim, start, end = node.attrs["dim"], node.attrs["start"], node.attrs["end"]
 
     def run(a, sym):
@@ -61,59 +61,59 @@ def _(node, ctx):
     return _lib(node, run, "tensor slicing (view)")
 
 
-@lowering("concat")
-def _(node, ctx):
+@TABLE.register("concat")
+def _(ctx, node):
     dim = node.attrs["dim"]
     return _lib(node, lambda a, sym: [torch.cat(a, dim=dim)], "torch.cat")
 
 
-@lowering("cache.append")
-def _(node, ctx):
-    def run(a, sym):
-        static = decode_graphs.active()
-        return [kv_cache.append(a[0], a[1]) if static is None else decode_graphs.append_static(a[0], a[1], static)]
-    return _lib(node, run, "kv_cache.append (in place into spare capacity; torch copy into a new buffer when full; "
-                "index_copy_ at the device-side length in CUDA-graph decode)")
+@TABLE.register("cache.append")
+def _(ctx, node):
+    def run(a, sym):  # a[2]: the device-side rows of a static-capacity decode step, else None
+        return [kv_cache.append(a[0], a[1]) if a[2] is None else decode_graphs.append_static(a[0], a[1], a[2])]
+    return Lowered("library", "kv_cache.append (in place into spare capacity; torch copy into a new buffer when full; "
+                   "index_copy_ at the device-side length in CUDA-graph decode)",
+                   inputs=(*node.inputs, ctx.lengths["cache_rows"]), fn=run)
 
 
-@lowering("embed")
-def _(node, ctx):
+@TABLE.register("embed")
+def _(ctx, node):
     return _lib(node, lambda a, sym: [F.embedding(a[0], a[1])], "torch.nn.functional.embedding")
 
 
-@lowering("gather")
-def _(node, ctx):
+@TABLE.register("gather")
+def _(ctx, node):
     dim = node.attrs["dim"]
     return _lib(node, lambda a, sym: [torch.gather(a[0], dim, a[1])], "torch.gather")
 
 
-@lowering("index_select")
-def _(node, ctx):
+@TABLE.register("index_select")
+def _(ctx, node):
     dim = node.attrs["dim"]
     return _lib(node, lambda a, sym: [torch.index_select(a[0], dim, a[1])], "torch.index_select")
 
 
-@lowering("scatter")
-def _(node, ctx):
+@TABLE.register("scatter")
+def _(ctx, node):
     dim = node.attrs["dim"]
     return _lib(node, lambda a, sym: [torch.scatter(a[0], dim, a[1], a[2])], "torch.scatter")
 
 
-@lowering("index_add")
-def _(node, ctx):
+@TABLE.register("index_add")
+def _(ctx, node):
     dim, dt = node.attrs["dim"], to_torch(node.outputs[0].dtype)
     return _lib(node, lambda a, sym: [torch.index_add(a[0].float(), dim, a[1], a[2].float()).to(dt)],
                 "torch.index_add (fp32 accumulation)")
 
 
-@lowering("arange_like")
-def _(node, ctx):
+@TABLE.register("arange_like")
+def _(ctx, node):
     dim = node.attrs["dim"]
     return _lib(node, lambda a, sym: [torch.arange(a[0].shape[dim], device=a[0].device)], "torch.arange")
 
 
-@lowering("causal_mask")
-def _(node, ctx):
+@TABLE.register("causal_mask")
+def _(ctx, node):
     qd, kd = node.attrs["q_dim"], node.attrs["k_dim"]
 
     def run(a, sym):
@@ -123,15 +123,15 @@ def _(node, ctx):
     return _lib(node, run, "torch.arange comparison")
 
 
-@lowering("softmax")
-def _(node, ctx):
+@TABLE.register("softmax")
+def _(ctx, node):
     dim, dt = node.attrs["dim"], to_torch(node.outputs[0].dtype)
     return _lib(node, lambda a, sym: [torch.softmax(a[0].float(), dim).to(dt)], "torch.softmax (fp32)")
 
 
 def _reduction(op, fn):
-    @lowering(op)
-    def _(node, ctx):
+    @TABLE.register(op)
+    def _(ctx, node):
         dims, keep, dt = node.attrs["dims"], node.attrs["keepdim"], to_torch(node.outputs[0].dtype)
         return _lib(node, lambda a, sym: [fn(a[0], dim=dims, keepdim=keep).to(dt)], f"torch.{op}")
 
@@ -141,26 +141,26 @@ _reduction("mean", lambda x, dim, keepdim: torch.mean(x.float(), dim=dim, keepdi
 _reduction("amax", torch.amax)
 
 
-@lowering("argmax")
-def _(node, ctx):
+@TABLE.register("argmax")
+def _(ctx, node):
     dim, keep = node.attrs["dim"], node.attrs["keepdim"]
     return _lib(node, lambda a, sym: [torch.argmax(a[0], dim=dim, keepdim=keep)], "torch.argmax")
 
 
-@lowering("topk")
-def _(node, ctx):
+@TABLE.register("topk")
+def _(ctx, node):
     k, dim, largest = node.attrs["k"], node.attrs["dim"], node.attrs["largest"]
     return _lib(node, lambda a, sym: list(torch.topk(a[0], k, dim=dim, largest=largest, sorted=True)), "torch.topk")
 
 
-@lowering("where")
-def _(node, ctx):
+@TABLE.register("where")
+def _(ctx, node):
     return _lib(node, lambda a, sym: [torch.where(a[0], a[1], a[2])], "torch.where")
 
 
 for _name, _fn in {"eq": torch.eq, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge}.items():
     def _make(fn, name):
-        @lowering(name)
-        def _(node, ctx):
+        @TABLE.register(name)
+        def _(ctx, node):
             return _lib(node, lambda a, sym: [fn(a[0], a[1])], f"torch.{name}")
     _make(_fn, _name)
