@@ -9,8 +9,8 @@ import torch
 from dsgraph.dtypes import dtype_name, to_torch
 from dsgraph.interpreter import run_node
 from dsgraph.ir import Graph, Node
-from dsgraph.pattern import ANY, P, Rewrite, Var, apply_rewrites
-from dsgraph.rewriter import RewriteBuilder, mark_replaces
+from dsgraph.pattern import ANY, P, Var
+from dsgraph.rewriter import Rewrite, RewriteBuilder, apply_rewrites, mark_replaces
 from dsgraph.weights import WeightStore
 
 from .base import Pass, register
@@ -141,13 +141,14 @@ class PruneMTP(Pass):
         dropped = [k for k in graph.outputs if k.startswith(self.prefix)]
         if not dropped:
             return {"rewritten": 0}
+        b = RewriteBuilder(graph)
         for k in dropped:
-            del graph.outputs[k]
+            b.remove_output(k)
         # the branch's caches are those whose next state depends on a mtp_* input (the MTP block's tokens)
         downstream = _downstream(graph, [v for n, v in graph.activations().items() if n.startswith(self.prefix)])
         caches = [cin for cin, cout in graph.cache_map.items() if id(graph.outputs[cout]) in downstream]
         for cin in caches:
-            del graph.outputs[graph.cache_map.pop(cin)]
+            b.retire_cache(graph.inputs[cin])
         nodes = graph.eliminate_dead_code()
         for cin in caches:
             graph.remove_input(cin)

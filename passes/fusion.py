@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsgraph.ir import Graph
-from dsgraph.pattern import ANY, P, Rewrite, Var, apply_rewrites
+from dsgraph.pattern import ANY, P, Roots, Var
+from dsgraph.rewriter import Rewrite, apply_rewrites
 from dsgraph.weights import WeightStore
 
 from .base import Pass, register
@@ -63,16 +64,15 @@ class FuseSwiGLU(PatternPass):
             if g is None or u is None:
                 return None
             prefix = g.base.rsplit(".", 1)[0]
-            gu = stack_rows(b, graph, weights, f"{prefix}.gate_up_proj", [g, u], m["x"].dtype)
+            gu = stack_rows(b, weights, f"{prefix}.gate_up_proj", [g, u], m["x"].dtype)
             return {m.root_value: b.linear(b.act.swiglu(b.linear(m["x"], gu)), m["d"])}
 
         return [Rewrite("swiglu", P("mlp.swiglu", X, Var("g"), Var("u"), D), build)]
 
 
-def _linear_reading(x, matches):
-    """The bias-free linear that reads x through a weight whose base name `matches`, or None."""
-    return next((u for u in x.users if u.op == "linear" and len(u.inputs) == 2 and u.inputs[0] is x
-                 and (r := weight_ref(u.inputs[1])) is not None and matches(r.base)), None)
+def _named(*leaves: str):
+    """Var predicate: a weight (see weight_ref) whose checkpoint name ends in one of `leaves`."""
+    return lambda v: (r := weight_ref(v)) is not None and r.base.endswith(leaves)
 
 
 @register
@@ -81,28 +81,28 @@ class MergeQKVA(PatternPass):
     """The query projection that reads the attention input (q_a_proj with a q LoRA, as in V3; q_proj without, as in
     V2-Lite) and mla.latent_proj (kv_a_proj_with_mqa) read the same x: one GEMM over the stacked weight
     `<attn>.q_a_kv_a_proj` / `<attn>.q_kv_a_proj`, split into q | c_kv | k_pe, with kv_a_layernorm applied to
-    c_kv. At decode that is one weight stream and one launch instead of two."""
+    c_kv. At decode that is one weight stream and one launch instead of two. A two-root pattern."""
 
     name = "merge_qkv_a"
     description = "q_a_proj / q_proj + kv_a_proj_with_mqa reading the same input -> one GEMM, split after"
 
     def rewrites(self, graph, weights):
         def build(b, m):
-            x, kv = m["x"], weight_ref(m["kv"])
-            q_lin = _linear_reading(x, lambda base: base.endswith((".q_a_proj", ".q_proj")))
-            if kv is None or q_lin is None:
+            x, kv, qa = m["x"], weight_ref(m["kv"]), weight_ref(m["wq"])
+            if kv is None:
                 return None
-            qa = weight_ref(q_lin.inputs[1])
             prefix = kv.base.rsplit(".", 1)[0]
             leaf = qa.base.rsplit(".", 1)[1].removesuffix("_proj")
-            w = stack_rows(b, graph, weights, f"{prefix}.{leaf}_kv_a_proj", [qa, kv], x.dtype)
+            w = stack_rows(b, weights, f"{prefix}.{leaf}_kv_a_proj", [qa, kv], x.dtype)
             c = m.attr("kv_lora_rank")
             q, c_kv, k_pe = b.split(b.linear(x, w), sizes=(qa.value.shape[0], c, kv.value.shape[0] - c), dim=-1)
             c_kv = b.norm.rms(c_kv, m["nw"], eps=m.attr("eps"))
             c_out, pe_out = m.root.outputs
-            return {q_lin.outputs[0]: q, c_out: c_kv, pe_out: k_pe}
+            return {m["q"]: q, c_out: c_kv, pe_out: k_pe}
 
-        return [Rewrite("qkv_a", P("mla.latent_proj", X, Var("kv"), Var("nw"), kv_lora_rank=ANY, eps=ANY), build)]
+        latent = P("mla.latent_proj", X, Var("kv"), Var("nw"), kv_lora_rank=ANY, eps=ANY)
+        query = P("linear", X, Var("wq", where=_named(".q_a_proj", ".q_proj")), name="q")
+        return [Rewrite("qkv_a", Roots(latent, query), build)]
 
 
 @register
@@ -110,26 +110,23 @@ class MergeQKVA(PatternPass):
 class MergeQKV(PatternPass):
     """q_proj, k_proj and v_proj reading the same x (the LLaMA/Qwen2-shape models): one GEMM over the stacked
     weight `<attn>.qkv_proj`, split into q | k | v. Bias adds, where the checkpoint has them, stay on each part.
-    At decode that is one weight stream and one launch instead of three."""
+    At decode that is one weight stream and one launch instead of three. A three-root pattern."""
 
     name = "merge_qkv"
     description = "q_proj + k_proj + v_proj reading the same input -> one GEMM, split after"
 
     def rewrites(self, graph, weights):
         def build(b, m):
-            x, q = m["x"], weight_ref(m["w"])
-            if q is None or not q.base.endswith(".q_proj"):
-                return None
-            prefix = q.base.rsplit(".", 1)[0]
-            k_lin, v_lin = (_linear_reading(x, f"{prefix}.{name}".__eq__) for name in ("k_proj", "v_proj"))
-            if k_lin is None or v_lin is None:
-                return None
-            refs = [q, weight_ref(k_lin.inputs[1]), weight_ref(v_lin.inputs[1])]
-            w = stack_rows(b, graph, weights, f"{prefix}.qkv_proj", refs, x.dtype)
-            parts = b.split(b.linear(x, w), sizes=tuple(r.value.shape[0] for r in refs), dim=-1)
-            return dict(zip((m.root_value, k_lin.outputs[0], v_lin.outputs[0]), parts))
+            refs = [weight_ref(m[f"w{p}"]) for p in "qkv"]
+            prefix = {r.base.rsplit(".", 1)[0] for r in refs}
+            if len(prefix) != 1:
+                return None  # projections of different attention modules
+            w = stack_rows(b, weights, f"{prefix.pop()}.qkv_proj", refs, m["x"].dtype)
+            parts = b.split(b.linear(m["x"], w), sizes=tuple(r.value.shape[0] for r in refs), dim=-1)
+            return dict(zip((m["q"], m["k"], m["v"]), parts))
 
-        return [Rewrite("qkv", P("linear", X, Var("w")), build)]
+        q, k, v = (P("linear", X, Var(f"w{p}", where=_named(f".{p}_proj")), name=p) for p in "qkv")
+        return [Rewrite("qkv", Roots(q, k, v), build)]
 
 
 def _gate(b, m):
@@ -156,22 +153,22 @@ class FuseRouter(PatternPass):
 
 
 def _fp8(b, m):
-    return {m.root_value: b.linear_fp8(m["x"], m["q"], m["s"], block=m.attr("block", "dq"))}
+    ref = weight_ref(m["w"])
+    return {m.root_value: b.linear_fp8(m["x"], ref.w, ref.s, block=ref.block)}
 
 
 @register
 @dataclass
 class FuseFP8Linear(PatternPass):
     """linear(x, [cast](dequant_fp8(w, s))) -> linear_fp8(x, w, s): a block-scaled FP8 GEMM for backends
-    that have one (the weight is never dequantised in memory)."""
+    that have one (the weight is never dequantised in memory). The FP8 weight is what `weight_ref` recognises."""
 
     name = "fuse_fp8_linear"
     description = "linear over a dequantised FP8 weight -> linear_fp8"
 
     def rewrites(self, graph, weights):
-        dq = P("dequant_fp8", Var("q"), Var("s"), block=ANY, name="dq")
-        return [Rewrite("fp8_cast", P("linear", X, P("cast", dq, dtype=ANY)), _fp8),
-                Rewrite("fp8", P("linear", X, dq), _fp8)]
+        fp8 = Var("w", where=lambda v: (r := weight_ref(v)) is not None and r.s is not None)
+        return [Rewrite("fp8", P("linear", X, fp8), _fp8)]
 
 
 _ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed")

@@ -1,8 +1,7 @@
 """Pipelines: an explicit list of passes run in order, verifying after each (TVM
 `Sequential` under a `PassContext`, fx `PassManager`).
 
-A pipeline is "none", "default" (the backend's list, `default_pipeline(backend)`),
-or a list whose items are pass names, `(name, {options})` pairs or Pass instances.
+A pipeline is "none" or a list whose items are pass names, `(name, {options})` pairs or Pass instances.
 Each pass's effect is recorded (`PassRecord`) for the compile report; a pass that
 raises or leaves an invalid graph fails with PassError naming it and the passes
 that ran before it.
@@ -19,29 +18,13 @@ from dsgraph.weights import WeightStore
 
 from .base import Pass, get
 
-# What each backend runs by default, in order. Backends append `legalize` with the set
-# of domain ops they have kernels for (`("legalize", {"keep": {...}})`).
-DEFAULT_PIPELINES: dict[str, list[str]] = {
-    # the oracle runs graphs as the model wrote them
-    "eager": [],
-    # hand-tuned templates: absorbed-MLA decode over the latent cache, grouped-GEMM MoE with fused
-    # routing, fused add+RMSNorm, SwiGLU over one gate|up GEMM
-    "triton": ["cse", "fold_constants", "absorb_mla", "merge_qkv_a", "merge_qkv", "fuse_router", "group_moe",
-               "fuse_add_rmsnorm", "fuse_swiglu", "dce"],
-    "tvm": ["cse", "fold_constants", "absorb_mla", "fuse_router", "group_moe", "fuse_swiglu", "dce"],
-    "torch_compile": ["cse", "fold_constants", "absorb_mla", "group_moe", "dce"],
-    "onnx": ["cse", "fold_constants", "absorb_mla", "group_moe", "dce"],
-}
 
-
-def default_pipeline(backend: str, **options: dict) -> list:
-    """The documented default pass list for `backend` (a copy); unknown backends get cleanups only. `options`
-    sets passes of that list to run with options, in place:
-    `default_pipeline("triton", group_moe={"fold_shared_experts": True})`."""
-    names = list(DEFAULT_PIPELINES.get(backend, ["cse", "fold_constants", "dce"]))
+def with_options(name: str, names: list, options: dict) -> list:
+    """`names` with some of its passes set to run with options, in place (`{"group_moe": {...}}`); a pass that is
+    not in the list is an error naming the pipeline `name`."""
     missing = sorted(set(options) - set(names))
     if missing:
-        raise PassError(f"default_pipeline({backend!r}): {', '.join(missing)} is not in its pipeline {names}")
+        raise PassError(f"{name} pipeline: {', '.join(missing)} is not in it {names}")
     return [(n, options[n]) if n in options else n for n in names]
 
 
@@ -72,14 +55,13 @@ class PassRecord:
         return ", ".join(parts)
 
 
-def resolve(pipeline, backend: str | None = None) -> list[Pass]:
+def resolve(pipeline) -> list[Pass]:
     """Turn a pipeline spec into pass instances (checks every name before anything runs)."""
     if pipeline is None or pipeline == "none":
         return []
     if pipeline == "default":
-        if backend is None:
-            raise PassError("pipeline 'default' needs a backend name: run_pipeline(..., backend='triton')")
-        pipeline = default_pipeline(backend)
+        raise PassError("pipeline 'default' is a backend's: pass get_backend(name).default_pipeline(), or "
+                        "dsgraph.compile_graph(graph, weights, backend)")
     if isinstance(pipeline, (str, Pass)):
         pipeline = [pipeline]
     out = []
@@ -96,9 +78,9 @@ def resolve(pipeline, backend: str | None = None) -> list[Pass]:
 
 
 def run_pipeline(graph: Graph, weights: WeightStore | None, pipeline, dump_after: str | None = None,
-                 disabled=(), verify: bool = True, backend: str | None = None, out=print):
+                 disabled=(), verify: bool = True, out=print):
     """Run `pipeline` on (graph, weights); returns (graph, weights, [PassRecord]). Inputs are untouched."""
-    passes = [p for p in resolve(pipeline, backend) if p.name not in set(disabled)]
+    passes = [p for p in resolve(pipeline) if p.name not in set(disabled)]
     if dump_after is not None and dump_after not in {p.name for p in passes}:
         raise PassError(f"--dump-after {dump_after!r}: no such pass in the pipeline "
                         f"{[p.name for p in passes]}")

@@ -22,13 +22,13 @@ import torch
 
 from dsgraph.errors import PassError
 from dsgraph.ir import Graph
-from dsgraph.pattern import ANY, P, Rewrite, Var
-from dsgraph.types import TensorType
+from dsgraph.pattern import ANY, P, Var
+from dsgraph.rewriter import Rewrite
 from dsgraph.weights import WeightStore
 
 from .base import register
 from .fusion import PatternPass
-from .weightref import WeightRef, dense_param, weight_ref
+from .weightref import dense_param, weight_ref
 
 Q_ABS, O_ABS = "bshd,hdc->bshc", "bshc,hdc->bshd"
 
@@ -70,20 +70,19 @@ class AbsorbMLA(PatternPass):
                     or graph.outputs.get(v_out) is not m["v_all"]:
                 return None
             c, r, dtype = m["ckv"].shape[-1], m["kpe"].shape[-1], m["ckv"].dtype
-            w_uk = dense_param(graph, weights, f"{ref.base}.w_uk", (h, dn, c), dtype,
+            w_uk = dense_param(b, weights, f"{ref.base}.w_uk", (h, dn, c), dtype,
                                lambda w: w.view(h, dn + dv, c)[:, :dn], ref)
-            w_uv = dense_param(graph, weights, f"{ref.base}.w_uv", (h, dv, c), dtype,
+            w_uv = dense_param(b, weights, f"{ref.base}.w_uv", (h, dv, c), dtype,
                                lambda w: w.view(h, dn + dv, c)[:, dn:], ref)
             q = b.concat(b.einsum(m["q_nope"], w_uk, equation=Q_ABS), m["q_pe"], dim=-1)
             bsz, seq = m["ckv"].shape[:2]
             new = b.concat(m["ckv"], b.reshape(m["kpe"], shape=(bsz, seq, r)), dim=-1)
             name = _latent_name(m["kc"].name)
-            cache = graph.add_input(name, TensorType(m["kc"].shape[:2] + (c + r,), dtype), "cache")
+            cache = b.cache_input(name, m["kc"].shape[:2] + (c + r,), dtype)
             latent = b.cache.append(cache, new)
-            for cin, cout in ((m["kc"].name, k_out), (m["vc"].name, v_out)):
-                del graph.outputs[cout], graph.cache_map[cin]
-            graph.set_output(f"{name}.next", latent)
-            graph.cache_map[name] = f"{name}.next"
+            b.retire_cache(m["kc"])
+            b.retire_cache(m["vc"])
+            b.output(f"{name}.next", latent, cache_of=cache)
             o = b.attention.mla_absorbed(q, latent, scale=m.attr("scale"), causal=m.attr("causal"), kv_lora_rank=c)
             return {m.root_value: b.einsum(o, w_uv, equation=O_ABS)}
 
@@ -140,9 +139,8 @@ class AbsorbMLAPremultiplied(PatternPass):
             if ref is None or len(split.attrs["sizes"]) != 2:
                 return None
             (h, dn, c), dr = m["w_uk"].shape, split.outputs[1].shape[-1]
-            w = dense_param(graph, weights, f"{ref.base}.absorbed", ((c + dr) * h, ref.value.shape[1]),
-                            m["xq"].dtype, lambda wq, wuk: _fold_q(wq, wuk, h, dn, dr), ref, WeightRef(m["w_uk"],
-                                                                                                   m["w_uk"].name))
+            w = dense_param(b, weights, f"{ref.base}.absorbed", ((c + dr) * h, ref.value.shape[1]),
+                            m["xq"].dtype, lambda wq, wuk: _fold_q(wq, wuk, h, dn, dr), ref, weight_ref(m["w_uk"]))
             bsz, seq = split.outputs[0].shape[:2]
             q_lat, q_pe = b.split(b.reshape(b.linear(m["xq"], w), shape=(bsz, seq, h, c + dr)), sizes=(c, dr), dim=-1)
             return {m.root_value: q_lat, split.outputs[1]: q_pe}
@@ -152,8 +150,8 @@ class AbsorbMLAPremultiplied(PatternPass):
             if ref is None:
                 return None
             h, dv, c = m["w_uv"].shape
-            w = dense_param(graph, weights, f"{ref.base}.absorbed", (ref.value.shape[0], h * c), m["o_lat"].dtype,
-                            _fold_o, ref, WeightRef(m["w_uv"], m["w_uv"].name))
+            w = dense_param(b, weights, f"{ref.base}.absorbed", (ref.value.shape[0], h * c), m["o_lat"].dtype,
+                            _fold_o, ref, weight_ref(m["w_uv"]))
             bsz, seq = m["o_lat"].shape[:2]
             return {m.root_value: b.linear(b.reshape(m["o_lat"], shape=(bsz, seq, h * c)), w)}
 

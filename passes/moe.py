@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from dsgraph.ir import Graph, Value
-from dsgraph.pattern import ANY, P, Rewrite, Var, apply_rewrites
+from dsgraph.pattern import ANY, P, Var
+from dsgraph.rewriter import Rewrite, apply_rewrites
 from dsgraph.weights import WeightStore
 
 from .base import register
@@ -62,9 +63,9 @@ class GroupMoE(PatternPass):
                 return None
             e, dtype = m.attr("num_experts", "routed"), m["x"].dtype
             inter, d = refs[0].value.shape
-            gu = stack_rows(b, graph, weights, f"{_prefix(refs[0])}.gate_up_proj",
+            gu = stack_rows(b, weights, f"{_prefix(refs[0])}.gate_up_proj",
                             [r for i, r in enumerate(refs) if i % 3 != 2], dtype)
-            dn = stack_rows(b, graph, weights, f"{_prefix(refs[0])}.down_proj", refs[2::3], dtype)
+            dn = stack_rows(b, weights, f"{_prefix(refs[0])}.down_proj", refs[2::3], dtype)
             gu, dn = b.reshape(gu, shape=(e, 2 * inter, d)), b.reshape(dn, shape=(e, d, inter))
             out = _grouped(b, m["x"], m["w"], m["idx"], gu, dn, e, m["idx"].shape[1])
             return {m["routed"]: out}
@@ -89,9 +90,9 @@ class GroupMoE(PatternPass):
             def stack_down(*ts):  # (d0, ..., d_{E-1}, shared_d [D, n_sh*I])
                 return torch.stack(list(ts[:-1]) + list(ts[-1].view(d, n_sh, inter).unbind(1)))
 
-            gu = dense_param(graph, weights, f"{prefix}.gate_up_proj_with_shared.weight", (e + n_sh, 2 * inter, d),
+            gu = dense_param(b, weights, f"{prefix}.gate_up_proj_with_shared.weight", (e + n_sh, 2 * inter, d),
                              dtype, stack_gate_up, *[r for i, r in enumerate(refs) if i % 3 != 2], *shared[:2])
-            dn = dense_param(graph, weights, f"{prefix}.down_proj_with_shared.weight", (e + n_sh, d, inter), dtype,
+            dn = dense_param(b, weights, f"{prefix}.down_proj_with_shared.weight", (e + n_sh, d, inter), dtype,
                              stack_down, *refs[2::3], shared[2])
             n = x.shape[0]
             ids = b.expand(b.constant(value=tuple(range(e, e + n_sh)), shape=(1, n_sh), dtype="int64"), shape=(n, n_sh))

@@ -1,12 +1,12 @@
 """Weight transforms that travel with a rewrite.
 
 A weight the graph reads is either a param or, for FP8 checkpoints,
-`[cast](dequant_fp8(w_e4m3, scale_inv))`. `weight_ref` sees through that form;
-`new_param` adds a param whose tensor is derived lazily (WeightStore.derive) from
-other weights, so the same pass works on a tiny random model and on a full
-checkpoint that was never materialised. Passes that fold weights into each other
-(absorption) use `dense_fn` (dequantising FP8); passes that only concatenate or
-stack rows keep FP8 when the row blocks line up (`stack_rows`).
+`[cast](dequant_fp8(w_e4m3, scale_inv))`. `weight_ref` sees through that form (the one
+recogniser: passes and backends alike use it); `new_param` adds a param whose tensor
+is derived lazily (WeightStore.derive) from other weights, so the same pass works on
+a tiny random model and on a full checkpoint that was never materialised. Passes that
+fold weights into each other (absorption) use `dense_param` (dequantising FP8); passes
+that only concatenate or stack rows keep FP8 when the row blocks line up (`stack_rows`).
 """
 from __future__ import annotations
 
@@ -16,20 +16,29 @@ from typing import Callable
 import torch
 
 from dsgraph.dtypes import to_torch
-from dsgraph.ir import Graph, Value
+from dsgraph.ir import Node, Value
 from dsgraph.ops.mlp import dequant_fp8_block
+from dsgraph.rewriter import RewriteBuilder
 from dsgraph.types import TensorType
 from dsgraph.weights import WeightStore
 
 
 @dataclass(frozen=True)
 class WeightRef:
-    """Where a weight value comes from: a dense param, or an FP8 param with block scales."""
+    """Where a weight value comes from: a dense param `w`, or an FP8 param `w` with block scales `s`."""
 
     value: Value
-    param: str
-    scale: str | None = None
+    w: Value
+    s: Value | None = None
     block: tuple[int, int] | None = None
+
+    @property
+    def param(self) -> str:
+        return self.w.name
+
+    @property
+    def scale(self) -> str | None:
+        return None if self.s is None else self.s.name
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -40,18 +49,27 @@ class WeightRef:
         """The checkpoint prefix, e.g. 'model.layers.0.self_attn.kv_b_proj'."""
         return self.param[: -len(".weight")] if self.param.endswith(".weight") else self.param
 
+    @property
+    def dequant(self) -> Node | None:
+        """The dequant_fp8 node of an FP8 weight (under the cast, if there is one)."""
+        if self.s is None:
+            return None
+        node = self.value.node
+        return node if node.op == "dequant_fp8" else node.inputs[0].node
+
 
 def weight_ref(v: Value) -> WeightRef | None:
-    """Recognise a param or [cast](dequant_fp8(param, param)); None for anything computed otherwise."""
+    """The one recogniser of weights, for passes and backends: a param, or [cast](dequant_fp8(param, param));
+    None for anything computed otherwise."""
     if v.kind == "param":
-        return WeightRef(v, v.name)
+        return WeightRef(v, v)
     node = v.node
     if node is not None and node.op == "cast" and node.inputs[0].node is not None:
         inner = node.inputs[0].node
         if inner.op == "dequant_fp8":
             node = inner
     if node is not None and node.op == "dequant_fp8" and all(i.kind == "param" for i in node.inputs):
-        return WeightRef(v, node.inputs[0].name, node.inputs[1].name, tuple(node.attrs["block"]))
+        return WeightRef(v, node.inputs[0], node.inputs[1], tuple(node.attrs["block"]))
     return None
 
 
@@ -60,12 +78,13 @@ def dense(ref: WeightRef, w: torch.Tensor, s: torch.Tensor | None = None) -> tor
     return w.float() if s is None else dequant_fp8_block(w, s, ref.block)
 
 
-def new_param(graph: Graph, weights: WeightStore, name: str, type: TensorType, fn: Callable[..., torch.Tensor],
-              *sources: str) -> Value:
-    """Add param `name` of `type`, its tensor fn(*weights[sources]) cast to type.dtype, computed lazily."""
+def new_param(b: RewriteBuilder, weights: WeightStore, name: str, type: TensorType,
+              fn: Callable[..., torch.Tensor], *sources: str) -> Value:
+    """Add param `name` of `type` (through the rewrite's builder), its tensor fn(*weights[sources]) cast to
+    type.dtype, computed lazily."""
     dt = to_torch(type.dtype)
-    if name in graph.inputs:
-        return graph.inputs[name]
+    if name in b.graph.inputs:
+        return b.graph.inputs[name]
 
     def make(*ts):
         return fn(*ts).to(dt).contiguous()
@@ -74,11 +93,11 @@ def new_param(graph: Graph, weights: WeightStore, name: str, type: TensorType, f
         weights.derive(name, make, *sources)
     else:  # a graph without weights (e.g. a full-size preset being shown): fail only when materialised
         weights.set(name, lambda: make(*(weights[s] for s in sources)))
-    return graph.add_input(name, type, "param")
+    return b.add_input(name, type, "param")
 
 
-def dense_param(graph: Graph, weights: WeightStore, name: str, shape, dtype: str, fn: Callable[..., torch.Tensor],
-                *refs: WeightRef) -> Value:
+def dense_param(b: RewriteBuilder, weights: WeightStore, name: str, shape, dtype: str,
+                fn: Callable[..., torch.Tensor], *refs: WeightRef) -> Value:
     """A param computed by fn(*dense fp32 tensors of refs) — FP8 refs are dequantised first."""
     sources = [s for r in refs for s in r.sources]
 
@@ -86,10 +105,10 @@ def dense_param(graph: Graph, weights: WeightStore, name: str, shape, dtype: str
         it = iter(ts)
         return fn(*(dense(r, *(next(it) for _ in r.sources)) for r in refs))
 
-    return new_param(graph, weights, name, TensorType(tuple(shape), dtype), combined, *sources)
+    return new_param(b, weights, name, TensorType(tuple(shape), dtype), combined, *sources)
 
 
-def stack_rows(b, graph: Graph, weights: WeightStore, name: str, refs: list[WeightRef], dtype: str) -> Value:
+def stack_rows(b: RewriteBuilder, weights: WeightStore, name: str, refs: list[WeightRef], dtype: str) -> Value:
     """Rows of every ref concatenated: [sum N_i, K] in `dtype`. FP8 stays FP8 when every N_i but the last
     is a multiple of the block height (the scales then concatenate too; the last block may be partial);
     otherwise the result is a dense (dequantised) param."""
@@ -100,12 +119,12 @@ def stack_rows(b, graph: Graph, weights: WeightStore, name: str, refs: list[Weig
     blocks = {r.block for r in refs}
     if None not in blocks and len(blocks) == 1 and all(r.value.type.shape[0] % r.block[0] == 0 for r in refs[:-1]):
         block = refs[0].block
-        w = new_param(graph, weights, f"{name}.weight", TensorType((rows, k), "float8_e4m3fn"),
+        w = new_param(b, weights, f"{name}.weight", TensorType((rows, k), "float8_e4m3fn"),
                       lambda *ts: torch.cat([t.view(torch.uint8) for t in ts]).view(torch.float8_e4m3fn),
                       *(r.param for r in refs))
         s_shape = (-(-rows // block[0]), -(-k // block[1]))
-        s = new_param(graph, weights, f"{name}.weight_scale_inv", TensorType(s_shape, "float32"),
+        s = new_param(b, weights, f"{name}.weight_scale_inv", TensorType(s_shape, "float32"),
                       lambda *ts: torch.cat(ts), *(r.scale for r in refs))
         out = b.dequant_fp8(w, s, block=block)
         return out if dtype == "float32" else b.cast(out, dtype=dtype)
-    return dense_param(graph, weights, f"{name}.weight", (rows, k), dtype, lambda *ts: torch.cat(ts), *refs)
+    return dense_param(b, weights, f"{name}.weight", (rows, k), dtype, lambda *ts: torch.cat(ts), *refs)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import dsgraph.passes as passes
 import pytest
 import torch
+from dsgraph.backends import get_backend
 
 from dsgraph import GraphBuilder, PassError, UnknownOpError, WeightStore, graph_to_json
 
@@ -62,8 +63,8 @@ def test_pipeline_specs_disabled_and_default():
     _, _, recs = passes.run_pipeline(g, w, ["cse", ("dce", {}), passes.get("fold_constants")], disabled=("cse",))
     assert [r.name for r in recs] == ["dce", "fold_constants"]
     assert passes.run_pipeline(g, w, "none")[2] == []
-    _, _, recs = passes.run_pipeline(g, w, "default", backend="triton")
-    assert [r.name for r in recs] == passes.default_pipeline("triton")
+    _, _, recs = passes.run_pipeline(g, w, get_backend("triton").default_pipeline())
+    assert [r.name for r in recs] == list(get_backend("triton").pipeline)
     with pytest.raises(PassError, match="backend"):
         passes.run_pipeline(g, w, "default")
     with pytest.raises(PassError, match="dump-after 'absorb_mla'"):
@@ -72,14 +73,14 @@ def test_pipeline_specs_disabled_and_default():
 
 def test_default_pipeline_with_one_pass_optioned():
     """Options for a pass of the default list replace its name in place; a pass not in the list is an error."""
-    plain = passes.default_pipeline("triton")
-    folded = passes.default_pipeline("triton", group_moe={"fold_shared_experts": True})
+    plain = get_backend("triton").default_pipeline()
+    folded = get_backend("triton").default_pipeline(group_moe={"fold_shared_experts": True})
     i = plain.index("group_moe")
     assert folded[i] == ("group_moe", {"fold_shared_experts": True})
     assert folded[:i] + folded[i + 1:] == plain[:i] + plain[i + 1:]
     assert passes.resolve(folded)[i].fold_shared_experts is True
-    with pytest.raises(PassError, match="merge_qkv is not in its pipeline"):
-        passes.default_pipeline("tvm", merge_qkv={})
+    with pytest.raises(PassError, match="merge_qkv is not in it"):
+        get_backend("tvm").default_pipeline(merge_qkv={})
 
 
 @passes.register
