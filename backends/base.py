@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+from dsgraph.passes import run_pipeline, with_options
 
 from dsgraph.errors import BackendUnavailable, DSGraphError, UnknownOpError
 
@@ -101,11 +102,27 @@ class CompiledGraph:
 
 
 class Backend:
-    """Subclasses set `name`, `default_passes` and implement `compile_graph`."""
+    """Subclasses set `name` and `pipeline` (the pass names `dsgraph.compile` runs first, in order) and implement
+    `compile_graph`. Each backend owns its pipeline; the passes package knows no backend."""
 
     name = "base"
-    default_passes: str | list = "none"
+    pipeline: tuple[str, ...] = ("cse", "fold_constants", "dce")
     grows_caches_in_place = False  # cache.append writes into spare capacity (backends/kv_cache.py)
+
+    def default_pipeline(self, **options: dict) -> list:
+        """The backend's pass list, with `options` set on passes of it in place:
+        `get_backend("triton").default_pipeline(group_moe={"fold_shared_experts": True})`."""
+        return with_options(self.name, list(self.pipeline), options)
+
+    def run_passes(self, graph, weights, pipeline, report):
+        """A `passes` option of `compile_graph`: None or "none" (dsgraph.compile has run `pipeline` already),
+        "default" (this backend's pipeline) or a list of pass names, run as given; recorded in the report."""
+        if pipeline in (None, "none", ()):
+            return graph, weights
+        graph, weights, records = run_pipeline(graph, weights, self.default_pipeline() if pipeline == "default"
+                                               else pipeline)
+        report.passes.extend((r.name, r.summary()) for r in records)
+        return graph, weights
 
     def available(self, device: str) -> str | None:
         """None if usable on `device`, else the reason with an install hint."""

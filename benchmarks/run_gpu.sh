@@ -14,7 +14,10 @@
 # the JSON records the commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" DSGRAPH_CACHE_DIR="${OUT:-/tmp}/cache"
+# passes/ backends/ models/ install under the dsgraph namespace: a plain PYTHONPATH=$PWD cannot import them
+SITE=/tmp/dsgraph-site
+[ -d "$SITE/dsgraph" ] || python -m pip install -q --no-deps --no-build-isolation --target "$SITE" . > /dev/null
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" DSGRAPH_CACHE_DIR="${OUT:-/tmp}/cache"
 OUT="${OUT:-/tmp/dsgraph-gpu}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, record the exit status
@@ -23,7 +26,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
     echo "$name rc=$rc" | tee -a "$OUT/status.txt"; tail -n 25 "$OUT/$name.log"
 }
-BENCH="python -m dsgraph.cli bench"
+BENCH="python -m dsgraph bench"
 case "${1:-}" in
 check)
     step tests "${LIMIT:-400}" python -m pytest -q -p no:cacheprovider -ra --tb=short --timeout 150 -k "${K:-not nothing}" \

@@ -25,7 +25,7 @@ def to_networkx(graph):
     return g
 
 
-def _numel(ty) -> int:
+def numel(ty) -> int:
     n = 1
     for d in ty.shape:
         n *= d if isinstance(d, int) else 0
@@ -62,26 +62,26 @@ class Summary:
 def summarize(graph) -> Summary:
     """Totals from the graph alone (no weights needed)."""
     params = graph.params()
-    total = sum(_numel(v.type) for v in params.values())
-    pbytes = sum(_numel(v.type) * itemsize(v.type.dtype) for v in params.values())
+    total = sum(numel(v.type) for v in params.values())
+    pbytes = sum(numel(v.type) * itemsize(v.type.dtype) for v in params.values())
     inactive = 0
     for node in graph.nodes:
         if node.op == "moe.experts":
             n_exp = node.attrs["num_experts"]
             k = node.inputs[2].type.shape[1]
-            per_expert = sum(_numel(v.type) for v in node.inputs[3:6])
+            per_expert = sum(numel(v.type) for v in node.inputs[3:6])
             inactive += per_expert * (n_exp - k)
         elif node.op == "moe.grouped_gemm":
             e = node.inputs[1].type.shape[0]
             k = node.meta.get("top_k", e)
-            inactive += _numel(node.inputs[1].type) * (e - k) // e
+            inactive += numel(node.inputs[1].type) * (e - k) // e
     # an embedding lookup reads one row per token: the table is not "activated" compute
-    embed = sum(_numel(n.inputs[1].type) for n in graph.nodes
+    embed = sum(numel(n.inputs[1].type) for n in graph.nodes
                 if n.op == "embed" and n.inputs[1].is_input and len(n.inputs[1].users) == 1)
     activated = total - inactive - embed
     caches = {n: v for n, v in graph.inputs.items() if v.kind == "cache"}
-    kv_vals = sum(_numel(v.type.with_shape(v.type.shape[2:])) for v in caches.values())
-    kv_bytes = sum(_numel(v.type.with_shape(v.type.shape[2:])) * itemsize(v.type.dtype) for v in caches.values())
+    kv_vals = sum(numel(v.type.with_shape(v.type.shape[2:])) for v in caches.values())
+    kv_bytes = sum(numel(v.type.with_shape(v.type.shape[2:])) * itemsize(v.type.dtype) for v in caches.values())
     return Summary(graph.name, Counter(n.op for n in graph.nodes), total, activated, pbytes,
                    2 * activated, kv_bytes, kv_vals,
                    {n: str(v.type) for n, v in caches.items()})

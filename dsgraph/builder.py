@@ -43,7 +43,7 @@ class GraphBuilder:
 
     # inputs and outputs ----------------------------------------------------
     def input(self, name: str, shape, dtype: str = "int64") -> Value:
-        return self.graph.add_input(name, TensorType(tuple(shape), dtype), "activation")
+        return self.add_input(name, TensorType(tuple(shape), dtype), "activation")
 
     def param(self, name: str, shape, dtype: str | None = None) -> Value:
         """A weight: shape and dtype only; the tensor lives in the model's WeightStore."""
@@ -53,10 +53,16 @@ class GraphBuilder:
             if v.type != want or v.kind != "param":
                 raise ValueError(f"param {name!r} declared twice with types {v.type} and {want}")
             return v
-        return self.graph.add_input(name, TensorType(tuple(shape), dtype or self.dtype), "param")
+        if dtype is not None:  # chosen, not the compute dtype: the retype pass leaves it alone
+            self.graph.meta.setdefault("pinned_dtypes", []).append(name)
+        return self.add_input(name, TensorType(tuple(shape), dtype or self.dtype), "param")
 
     def cache_input(self, name: str, shape, dtype: str | None = None) -> Value:
-        return self.graph.add_input(name, TensorType(tuple(shape), dtype or self.dtype), "cache")
+        return self.add_input(name, TensorType(tuple(shape), dtype or self.dtype), "cache")
+
+    def add_input(self, name: str, type: TensorType, kind: str) -> Value:
+        """Every graph input the builder makes goes through here (a RewriteBuilder records it to undo)."""
+        return self.graph.add_input(name, type, kind)
 
     def output(self, name: str, value: Value, cache_of: Value | None = None) -> None:
         """Mark a graph output; `cache_of` pairs it with the cache input it updates."""
@@ -89,5 +95,6 @@ class GraphBuilder:
             self._scope.pop()
 
     def build(self) -> Graph:
+        self.graph.meta.setdefault("dtype", self.dtype)  # the compute dtype (what `retype` changes)
         self.graph.verify()
         return self.graph

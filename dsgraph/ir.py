@@ -11,9 +11,12 @@ import copy
 import itertools
 from typing import Any, Iterator
 
+from .analysis import summarize
 from .errors import ShapeError, VerifyError
 from .ops.registry import get_op
+from .printer import format_graph
 from .types import TensorType
+from .verify import verify as verify_graph
 
 INPUT_KINDS = ("activation", "param", "cache")
 
@@ -263,8 +266,7 @@ class Graph:
 
     # checking and copying ----------------------------------------------------
     def verify(self) -> None:
-        from .verify import verify
-        verify(self)
+        verify_graph(self)
 
     def copy(self) -> "Graph":
         """A deep copy of the structure (weights are not part of a graph). Types and attribute values are
@@ -290,9 +292,7 @@ class Graph:
         return g
 
     def __str__(self) -> str:
-        from .printer import format_graph
         return format_graph(self)
 
     def summary(self, **kw):
-        from .analysis import summarize
         return summarize(self, **kw)

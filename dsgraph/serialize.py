@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .errors import VerifyError
+from .ir import Graph, Node, Value
 from .types import TensorType
 
 FORMAT_VERSION = 1
@@ -49,8 +51,6 @@ def graph_to_json(graph) -> dict:
 
 
 def graph_from_json(obj: dict):
-    from .errors import VerifyError
-    from .ir import Graph, Node, Value
     if obj.get("format") != "dsgraph.graph":
         raise VerifyError("not a dsgraph graph JSON (missing format: dsgraph.graph)")
     if obj.get("version", 0) > FORMAT_VERSION:

@@ -33,6 +33,7 @@ from dsgraph.weights import WeightStore
 
 from .config import from_hf
 from .hf_shards import FLOAT_DTYPES, Shards
+from .model import Model, build_graph
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 # tensors some checkpoints carry that are not weights (old LLaMA exports saved the rope table)
@@ -43,8 +44,6 @@ _SHOW = 20  # list at most this many names per problem kind
 def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: bool = True,
                     progress: bool = True):
     """Read a checkpoint directory into a Model with lazy weights (see the module doc)."""
-    from . import Model, build_graph
-
     root = Path(path)
     cfg = from_hf(_read_config(root), source=str(root / "config.json"))
     shards = Shards(root, progress=progress)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsgraph.analysis import numel
+from dsgraph.dtypes import itemsize
+
 
 @dataclass
 class ModelSummary:
@@ -49,14 +52,12 @@ def _count(n: int) -> str:
 
 
 def model_summary(model) -> ModelSummary:
-    from dsgraph.analysis import _numel
-    from dsgraph.dtypes import itemsize
     c, g = model.config, model.graph
     s = g.summary()
     mtp_prefix = f"model.layers.{c.num_hidden_layers}."
-    mtp = sum(_numel(v.type) for n, v in g.params().items() if n.startswith(mtp_prefix))
+    mtp = sum(numel(v.type) for n, v in g.params().items() if n.startswith(mtp_prefix))
     # the MTP embedding table is a lookup, excluded from the graph's activated count already
-    mtp_inactive = sum(_numel(v.type) for n, v in g.params().items() if n == f"{mtp_prefix}embed_tokens.weight")
+    mtp_inactive = sum(numel(v.type) for n, v in g.params().items() if n == f"{mtp_prefix}embed_tokens.weight")
     if mtp and c.is_moe:
         per_expert = 3 * c.hidden_size * c.moe_intermediate_size
         mtp_inactive += per_expert * (c.n_routed_experts - c.num_experts_per_tok)
@@ -67,7 +68,7 @@ def model_summary(model) -> ModelSummary:
         kv_abs = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
     experts = (f"{c.n_routed_experts} routed + {c.n_shared_experts} shared experts, top-{c.num_experts_per_tok}"
                if c.is_moe else "dense")
-    main_layers_kv = sum(_numel(v.type.with_shape(v.type.shape[2:])) for n, v in g.caches().items()
+    main_layers_kv = sum(numel(v.type.with_shape(v.type.shape[2:])) for n, v in g.caches().items()
                          if not n.startswith("cache.mtp"))
     return ModelSummary(model.name, c.model_type, c.num_hidden_layers, experts, s.params - mtp,
                         s.activated_params - (mtp - mtp_inactive), mtp, kv_naive, kv_abs, main_layers_kv,

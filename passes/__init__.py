@@ -7,17 +7,17 @@
 
 Writing a pass: docs/writing-a-pass.md.
 """
-from dsgraph.pattern import ANY, Match, P, Rewrite, Var, apply_rewrites, match
-from dsgraph.rewriter import RewriteBuilder
+from dsgraph.pattern import ANY, Match, P, Roots, Var, match, match_region
+from dsgraph.rewriter import Rewrite, RewriteBuilder, apply_rewrites
 
-from . import cleanup, fusion, legalize, mla, moe  # noqa: F401  (registers the built-in passes)
+from . import cleanup, fusion, legalize, mla, moe, retype  # noqa: F401  (registers the built-in passes)
 from .base import Pass, PassInfo, PassResult, get, info, list_passes, register, unregister
 from .check import CheckResult, check
-from .manager import DEFAULT_PIPELINES, PassRecord, default_pipeline, resolve, run_pipeline
+from .manager import PassRecord, resolve, run_pipeline, with_options
 from .structural import assert_structural_equal, structural_equal
 
 __all__ = [
-    "ANY", "CheckResult", "DEFAULT_PIPELINES", "Match", "P", "Pass", "PassInfo", "PassRecord", "PassResult",
-    "Rewrite", "RewriteBuilder", "Var", "apply_rewrites", "assert_structural_equal", "check", "default_pipeline",
-    "get", "info", "list_passes", "match", "register", "resolve", "run_pipeline", "structural_equal", "unregister",
+    "ANY", "CheckResult", "Match", "P", "Pass", "PassInfo", "PassRecord", "PassResult", "Rewrite", "RewriteBuilder",
+    "Roots", "Var", "apply_rewrites", "assert_structural_equal", "check", "get", "info", "list_passes", "match",
+    "match_region", "register", "resolve", "run_pipeline", "structural_equal", "unregister", "with_options",
 ]

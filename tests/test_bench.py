@@ -160,7 +160,7 @@ def test_speculative_rows_carry_acceptance_and_lossy_speculation_is_wrong(monkey
     assert len(s["acceptance_per_position"]) == 1 and 1.0 <= s["tokens_per_main_step"] <= 2.0
     assert s["speedup_vs_plain"] == pytest.approx(plain["median_ms"] / spec["median_ms"])
 
-    import dsgraph.runtime.speculative as ex
+    import dsgraph.runtime.executable as ex  # where the Executable looks the speculative loop up
     real = ex.generate_mtp
 
     def lossy(*args, **kw):

@@ -240,6 +240,6 @@ def test_transformers_v3_config_defaults_to_sigmoid_noaux_tc():
 
 def test_public_entry_points(tmp_path):
     write_preset(tmp_path, "deepseek-llm-tiny")
-    assert models.load_checkpoint.__module__ == "models.hf_loader"
+    assert models.load_checkpoint.__module__ == "dsgraph.models.hf_loader"
     m = dsgraph.load(str(tmp_path))
     assert isinstance(m, models.Model) and m.config.model_type == "llama"

@@ -4,10 +4,10 @@ heavy dependencies. The layer contract itself is import-linter's (pyproject.toml
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"dsgraph": "dsgraph", "passes": "dsgraph.passes", "backends": "dsgraph.backends", "models": "dsgraph.models"}
@@ -54,34 +54,58 @@ def test_import_dsgraph_is_light_and_generic_names_are_not_installed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def _imports(tree):
-    """(node, module name, inside a function) for every import statement."""
+def _imports(tree, module: str):
+    """(node, absolute module name, inside a function) for every import statement of `module`."""
+    package = module.removesuffix(".__init__") if module.endswith(".__init__") else module.rsplit(".", 1)[0]
+    def absolute(node):
+        if isinstance(node, ast.Import):
+            return [a.name for a in node.names]
+        base = package.split(".")
+        base = base[:len(base) - node.level + 1] if node.level else []
+        mod = ".".join(base + ([node.module] if node.module else []))
+        return [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
+
     def walk(node, in_fn):
         for child in ast.iter_child_nodes(node):
             fn = in_fn or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
-            if isinstance(child, ast.Import):
-                for a in child.names:
-                    yield child, a.name, fn
-            elif isinstance(child, ast.ImportFrom):
-                yield child, ("." * child.level) + (child.module or ""), fn
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                for mod in absolute(child):
+                    yield child, mod, fn
             yield from walk(child, fn)
     yield from walk(tree, False)
+
+
+def _heavy_modules(trees) -> set[str]:
+    """Project modules that import an optional dependency at their top, directly or through other such modules:
+    importing one of them inside a function is deferring that dependency."""
+    def optional(mod):
+        return any(mod == o or mod.startswith(o + ".") for o in OPTIONAL)
+    top = {m: [i for _, i, fn in _imports(t, m) if not fn] for m, t in trees.items()}
+    heavy = {m for m, imps in top.items() if any(optional(i) for i in imps)}
+    while True:
+        more = {m for m, imps in top.items()
+                if m not in heavy and any(i in heavy or f"{i}.__init__" in heavy for i in imps)}
+        if not more:
+            return heavy | {m.removesuffix(".__init__") for m in heavy}
+        heavy |= more
+
+
+def _trees():
+    return {_module_name(p) + (".__init__" if p.name == "__init__.py" else ""): (p, ast.parse(p.read_text()))
+            for p in _package_files()}
 
 
 def test_nothing_inside_the_package_imports_its_root():
     """dsgraph/__init__.py re-exports the application layer; a module importing it would close a cycle."""
     bad = []
-    for path in _package_files():
-        if path == ROOT / "dsgraph" / "__init__.py":
+    for module, (path, tree) in _trees().items():
+        if module == "dsgraph.__init__":
             continue
-        for node, mod, _ in _imports(ast.parse(path.read_text())):
-            if mod == "dsgraph" and isinstance(node, ast.Import):
-                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} import dsgraph")
-            elif mod == "dsgraph" and isinstance(node, ast.ImportFrom):
-                subs = {a.name for a in node.names}
-                not_modules = [s for s in subs if not _is_submodule(s)]
-                if not_modules:
-                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} from dsgraph import {', '.join(not_modules)}")
+        for node, mod, _ in _imports(tree, module):
+            root_names = isinstance(node, ast.ImportFrom) and node.module == "dsgraph" and not node.level \
+                and not all(_is_submodule(a.name) for a in node.names)
+            if root_names or (isinstance(node, ast.Import) and mod == "dsgraph"):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert not bad, "import what you need from its module, not the package root:\n" + "\n".join(bad)
 
 
@@ -92,13 +116,14 @@ def _is_submodule(name: str) -> bool:
 
 def test_function_level_imports_are_only_for_optional_dependencies():
     bad = []
-    for path in _package_files():
-        src = path.read_text()
-        lines = src.splitlines()
-        for node, mod, in_fn in _imports(ast.parse(src)):
+    trees = _trees()
+    heavy = _heavy_modules({m: t for m, (_, t) in trees.items()})
+    for module, (path, tree) in trees.items():
+        lines = path.read_text().splitlines()
+        for node, mod, in_fn in _imports(tree, module):
             if not in_fn:
                 continue
-            optional = any(mod == o or mod.startswith(o + ".") for o in OPTIONAL)
+            optional = mod in heavy or any(mod == o or mod.startswith(o + ".") for o in OPTIONAL)
             commented = "#" in lines[node.lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
             if not (optional and commented):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {lines[node.lineno - 1].strip()}")

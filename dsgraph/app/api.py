@@ -69,13 +69,9 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
     reason = be.available(device)
     if reason:
         raise BackendUnavailable(f"backend {backend!r} cannot run on {device}: {reason}")
-    graph_dtype = next((v.type.dtype for n, v in model.graph.params().items() if n == "model.embed_tokens.weight"),
-                       "float32")
-    dtype = compute_dtype(dtype or graph_dtype)
-    graph = model.graph
-    if dtype != graph_dtype:
-        graph = models.build_graph(model.config, dtype, mtp="mtp_ids" in graph.inputs, name=graph.name)
-    graph, weights, records = compile_graph(graph, model.weights, be, passes, keep_mtp, dump_after)
+    dtype = compute_dtype(dtype or model.graph.meta.get("dtype", "float32"))
+    model.graph.meta.setdefault("dtype", _embed_dtype(model.graph))  # graphs saved before the key existed
+    graph, weights, records = compile_graph(model.graph, model.weights, be, passes, keep_mtp, dump_after, dtype)
     check_weights_fit(graph, weights, torch.device(device), f"{model.name} ({backend}, {dtype})")
     mtp = None
     if "mtp_ids" in graph.inputs:  # keep_mtp: the MTP branch runs as its own step after the main one
@@ -86,18 +82,26 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
     return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
 
 
+def _embed_dtype(graph) -> str:
+    emb = graph.inputs.get("model.embed_tokens.weight")
+    return emb.type.dtype if emb is not None else "float32"
+
+
 def compile_graph(graph, weights, backend: str | Backend, passes="default", keep_mtp: bool = True,
-                  dump_after: str | None = None):
+                  dump_after: str | None = None, dtype: str | None = None):
     """Run `backend`'s pass pipeline (or `passes`: "default" | "none" | names) on a bare graph; returns
-    (graph, weights, pass records). The MTP branch is pruned unless keep_mtp. For tools that lower graphs that
-    are not whole models (op workloads in `dsgraph bench`, prebuilt TVM modules)."""
+    (graph, weights, pass records). The MTP branch is pruned unless keep_mtp; a `dtype` other than the graph's
+    compute dtype runs `retype` first. For tools that lower graphs that are not whole models (op workloads in
+    `dsgraph bench`, prebuilt TVM modules) as well as for `compile`."""
     be = get_backend(backend) if isinstance(backend, str) else backend
-    pipeline = be.default_passes if passes == "default" else passes
+    pipeline = be.default_pipeline() if passes == "default" else passes
     names = [] if pipeline in ("none", None) else ([pipeline] if isinstance(pipeline, str) else list(pipeline))
     if not keep_mtp and "mtp_ids" in graph.inputs:
         names = ["prune_mtp"] + [n for n in names if n != "prune_mtp"]
     elif keep_mtp:
         names = [n for n in names if n != "prune_mtp"]
+    if dtype is not None and dtype != graph.meta.get("dtype", dtype):
+        names = [("retype", {"dtype": dtype})] + names
     if not names:
         return graph, weights, []
     return passlib.run_pipeline(graph, weights, names, dump_after=dump_after)

@@ -9,9 +9,14 @@ import torch
 
 from dsgraph.numerics import rel_err, tolerance
 
+from . import api
+
 
 @dataclass
-class CheckResult:
+class BackendCheck:
+    """A backend against the eager fp32 oracle on one model: logits of a prefill and a cached decode step, and greedy
+    tokens (`passes.CheckResult` is the other comparison: a graph before and after a pass)."""
+
     backend: str
     device: str
     dtype: str
@@ -34,9 +39,8 @@ def make_prompt(vocab: int, batch: int = 2, length: int = 6, seed: int = 0) -> t
 
 
 def check_backend(model, backend: str, device: str = "cpu", dtype: str = "float32", prompt=None,
-                  new_tokens: int = 4, reference=None, **compile_options) -> CheckResult:
+                  new_tokens: int = 4, reference=None, **compile_options) -> BackendCheck:
     """Compile `model` for `backend` and compare it with eager (fp32 reference)."""
-    from . import api
     prompt = make_prompt(model.config.vocab_size) if prompt is None else prompt
     ref = reference or api.compile(model, backend="eager", device="cpu", dtype="float32")
     ref_logits, ref_state = ref.prefill(prompt)
@@ -52,7 +56,7 @@ def check_backend(model, backend: str, device: str = "cpu", dtype: str = "float3
     dec, _ = exe.decode(nxt, state)
     tokens = exe.generate(prompt, max_new_tokens=new_tokens)
     secs = time.perf_counter() - t1
-    return CheckResult(backend, device, dtype, rel_err(logits.cpu(), ref_logits), rel_err(dec.cpu(), ref_dec),
+    return BackendCheck(backend, device, dtype, rel_err(logits.cpu(), ref_logits), rel_err(dec.cpu(), ref_dec),
                        tokens.cpu().tolist(), bool(torch.equal(tokens.cpu(), ref_tokens)), secs, compile_s,
                        len(exe.compiled.report.fallbacks))
 

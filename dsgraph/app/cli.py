@@ -11,6 +11,7 @@ import torch
 
 from dsgraph import models
 from dsgraph.backends import available_backends
+from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx
 from dsgraph.backends.tvm.prebuilt import ENV as TVM_PREBUILT_ENV
 from dsgraph.dtypes import compute_dtype
 from dsgraph.errors import DSGraphError
@@ -161,8 +162,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx  # optional dependency: onnx
-
     model = load_model(args.model, compute_dtype(args.dtype or "float32"), args.seed)
     t0 = time.perf_counter()
     proto = export_onnx(model.graph, model.weights, opset=args.opset or OPSET)

@@ -12,6 +12,7 @@ import torch
 
 from ..types import TensorType
 from .common import expect_float, expect_int, expect_rank, f32, same_dtype
+from .norm import rms_norm_ref
 from .registry import Attr, defop, expect
 from .rope import ROPE_ATTRS, rope_ref
 
@@ -135,7 +136,6 @@ def _(x, w, nw, kv_lora_rank, eps):
 
 @LATENT.reference
 def _(x, w, nw, kv_lora_rank, eps):
-    from .norm import rms_norm_ref
     kv = torch.nn.functional.linear(f32(x), f32(w)).to(x.dtype)
     c, k_pe = kv.split([kv_lora_rank, kv.shape[-1] - kv_lora_rank], dim=-1)
     return rms_norm_ref(c, nw, eps), k_pe

@@ -115,7 +115,7 @@ class Executable:
         dsgraph.runtime.localize); `state` None means a prefill from an empty cache."""
         ids = self._ids(input_ids)
         state = state or self.empty_state(ids.shape[0])
-        return localize(self.compiled, self.step_inputs(ids, state), tolerance, self.weights)
+        return localize(self.compiled, self.step_inputs(ids, state), tolerance)
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int = 32, speculative: str | None = None,

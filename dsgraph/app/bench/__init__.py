@@ -11,7 +11,18 @@ from __future__ import annotations
 
 import time
 
+import dsgraph.models as models
+from dsgraph.backends import get_backend
+from dsgraph.backends.tvm.prebuilt import export_prebuilt
+from dsgraph.dtypes import compute_dtype
 from dsgraph.errors import InputError
+from dsgraph.partition import split_graph
+
+from .. import api
+from ..api import compile_graph, resolve_device
+from . import report, roofline
+from .runner import BenchConfig, op_shapes, run_bench
+from .workloads import ALL_WORKLOADS, DEFAULT_WORKLOADS, MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op
 
 DEFAULTS = {
     "cpu": {"batches": [1, 4], "prefill_batches": [1], "contexts": [64], "repeats": 5, "warmup": 2,
@@ -24,9 +35,7 @@ DEFAULTS = {
 def load_model(name: str, dtype: str, seed: int = 0, device: str = "cpu", mtp: bool = False):
     """The model, without its MTP branch unless `mtp` (plain prefill and decode do not need it); a preset's
     random weights are drawn on `device`, so a full-size model never passes through host memory."""
-    import dsgraph.models as models
 
-    from .. import api
     if name in models.PRESETS:
         return models.build_model(name, seed=seed, dtype=dtype, mtp=mtp,
                                   weights_device="cuda" if str(device).startswith("cuda") else "cpu")
@@ -42,8 +51,6 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
     """Run the bench; returns the JSON document (see report.py for its layout). With `partial_json`, the
     document so far is rewritten there after every row (`"complete": false`), so a run that is stopped or
     crashes keeps the rows it made."""
-    from . import report, roofline
-    from .runner import run_bench
     cfg = _config(model, device, backends, workloads, batches, prefill_batches, contexts, dtype, repeats, warmup,
                   seed)
     mdl = load_model(model, cfg.dtype, seed, cfg.device)
@@ -63,11 +70,7 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
 def _config(model, device, backends, workloads, batches, prefill_batches, contexts, dtype, repeats, warmup, seed,
             here: bool = True):
     """The run's configuration; `here` False: `device` is where modules will run, not this machine."""
-    from dsgraph.dtypes import compute_dtype
 
-    from ..api import resolve_device
-    from .runner import BenchConfig
-    from .workloads import ALL_WORKLOADS, DEFAULT_WORKLOADS
     if here or device not in ("cpu", "cuda"):
         device = resolve_device(device)
     d = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
@@ -96,13 +99,7 @@ def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, ba
                  contexts=None, dtype=None, seed: int = 0, log=print) -> list[str]:
     """Build here, for `device`, every TVM module that `bench` with the same arguments compiles, into
     `directory` (see backends/tvm/prebuilt.py); no GPU and no weights are needed. Returns the module names."""
-    from dsgraph.backends import get_backend
-    from dsgraph.backends.tvm.prebuilt import export_prebuilt
-    from dsgraph.partition import split_graph
 
-    from ..api import compile_graph
-    from .runner import op_shapes
-    from .workloads import MODEL_WORKLOADS, OP_WORKLOADS, applicable, build_op
     cfg = _config(model, device, ["tvm"], workloads, batches, prefill_batches, contexts, dtype, None, None, seed,
                   here=False)
     mdl = load_model(model, cfg.dtype, seed, "cpu")   # lazy weights: passes derive, nothing is drawn

@@ -182,9 +182,9 @@ def table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- plot
 def plot(rows: list[dict], path, title: str) -> None:
     """Two panels per level: median time (log) and fraction of the roofline floor, grouped by workload."""
-    import matplotlib
+    import matplotlib  # optional dependency (the [plot] extra): only plots need it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
     levels = [lv for lv in ("op", "model") if any(r["level"] == lv for r in rows)]
     fig, axes = plt.subplots(2, max(len(levels), 1), figsize=(7 * max(len(levels), 1), 8), squeeze=False)
     backends = list(dict.fromkeys(r["backend"] for r in rows))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 
 from dsgraph.cache import cache_root
 from dsgraph.dtypes import to_torch
+
+from .timing import measure
 
 
 def cache_path() -> Path:
@@ -35,21 +36,9 @@ def machine_key(device: str) -> str:
     return f"{platform.node()}|{device_name(device)}|torch {torch.__version__}"
 
 
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _best_ms(fn, device: str, repeats: int) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median ms of fn() under the bench's one timing discipline (timing.measure)."""
+    return measure(lambda _: fn(), [{}], device, warmup=1, repeats=repeats).median_ms
 
 
 def measure_peaks(device: str, dtypes: list[str]) -> dict:

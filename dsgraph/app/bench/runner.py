@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,12 +25,15 @@ from dsgraph.errors import DeviceMemoryError, DSGraphError
 from dsgraph.numerics import rel_err, tolerance
 from dsgraph.runtime.memory import available_bytes
 
+from .. import api
+from ..api import compile_graph
 from .roofline import floor_ms
 from .timing import buffer_count, measure
 from .workloads import (
     DECODE_SHAPED,
     MODEL_WORKLOADS,
     OP_WORKLOADS,
+    Workload,
     applicable,
     build_op,
     inputs_nbytes,
@@ -175,7 +178,6 @@ class Runner:
                 torch.cuda.empty_cache()
 
     def _op_backend(self, w, spec, buffers, refs):
-        from ..api import compile_graph
         reason = self._unavailable(spec)
         if reason:
             self._row(w, spec, "unavailable", reason=reason)
@@ -232,7 +234,6 @@ class Runner:
             self._model_backend(spec, work, refs)
 
     def _model_backend(self, spec, work, refs) -> None:
-        from .. import api
         reason = self._unavailable(spec)
         if reason:
             for w in work:
@@ -356,7 +357,6 @@ class Runner:
             self._speculative_backend(spec, model, work)
 
     def _speculative_backend(self, spec, model, work) -> None:
-        from .. import api
         reason = self._unavailable(spec)
         rows = [w for pair in work for w in pair]
         if reason:
@@ -407,19 +407,8 @@ class Runner:
 
 
 @dataclass
-class _ModelWorkload:
-    name: str
-    level: str
-    env: dict
-    tokens: int
-    flops: float
-    bytes: float
+class _ModelWorkload(Workload):
     new_tokens: int = 0             # generate / speculative: tokens generated after the S-token prompt
-    notes: list = field(default_factory=list)
-
-    @property
-    def batch(self) -> int:
-        return self.env["B"]
 
     @property
     def context(self) -> int:

@@ -83,7 +83,7 @@ def _measure_cuda(step, warmup: int, repeats: int) -> Timing:
         step()
     torch.cuda.synchronize()
     try:
-        from triton.testing import do_bench
+        from triton.testing import do_bench  # triton loads only once the bench knows it runs on a GPU
     except ImportError:
         do_bench = None
     if do_bench is not None:

@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsgraph.builder import GraphBuilder
+from dsgraph.dtypes import itemsize, to_torch
+from dsgraph.models import quantize_fp8_block, random_weights
+from dsgraph.models.builder import DecoderBuilder
+from dsgraph.models.random_weights import random_tensor
+from dsgraph.weights import WeightStore
+
 OP_WORKLOADS = ("mla_decode", "gqa_decode", "prefill_attention", "moe", "rmsnorm", "rope", "fp8_gemm")
 MODEL_WORKLOADS = ("prefill", "decode")
 ALL_WORKLOADS = OP_WORKLOADS + MODEL_WORKLOADS + ("speculative",)
@@ -63,12 +70,10 @@ def applicable(name: str, cfg) -> str | None:
 
 
 def _builder(cfg, dtype, name):
-    from dsgraph.models.builder import DecoderBuilder
     return DecoderBuilder(cfg, dtype, name=name, mtp=False)
 
 
 def _finish(db, outputs, seed, device):
-    from dsgraph.models import random_weights
     for name, v in outputs.items():
         db.b.output(name, v)
     graph = db.b.build()
@@ -77,7 +82,6 @@ def _finish(db, outputs, seed, device):
 
 def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0, device: str = "cpu") -> Workload:
     """One op-level workload at shape `env` ({"B":..., "S":..., "T":...}), its weights drawn on `device`."""
-    from dsgraph.dtypes import itemsize
     es = itemsize(dtype)
     db = _builder(cfg, dtype, f"bench_{name}")
     b, d = db.b, cfg.hidden_size
@@ -136,11 +140,6 @@ def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0, device: str =
 
 def _fp8_gemm(cfg, dtype, env, seed, device) -> Workload:
     """linear_fp8 with the dense FFN's gate projection shape [intermediate, hidden] and the model's FP8 block."""
-    from dsgraph.builder import GraphBuilder
-    from dsgraph.dtypes import itemsize
-    from dsgraph.models import quantize_fp8_block
-    from dsgraph.models.random_weights import random_tensor
-    from dsgraph.weights import WeightStore
     block = tuple(cfg.fp8_block_size or (128, 128))
     n, k = cfg.intermediate_size, cfg.hidden_size
     b = GraphBuilder("bench_fp8_gemm", dtype)
@@ -197,7 +196,6 @@ def random_inputs(graph, env: dict, seed: int, vocab: int | None = None, device=
     float inputs (activations, caches) are standard normal. On a GPU they are drawn there, in their own dtype:
     a full-size model's decode caches are gigabytes, too slow to draw on the host and copy.
     """
-    from dsgraph.dtypes import to_torch
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
     out = {}
