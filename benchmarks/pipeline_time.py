@@ -9,6 +9,7 @@ import time
 
 import dsgraph.models as models
 import dsgraph.passes as passes
+from dsgraph.backends import get_backend
 
 
 def main() -> None:
@@ -20,8 +21,8 @@ def main() -> None:
     model = models.build_model(args.model, weights=False)
     built = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _, _, records = passes.run_pipeline(model.graph, model.weights, "default", backend=args.backend,
-                                        out=lambda *a: None)
+    _, _, records = passes.run_pipeline(model.graph, model.weights,
+                                        get_backend(args.backend).default_pipeline(), out=lambda *a: None)
     total = time.perf_counter() - t0
     print(f"{args.model}: {len(model.graph.nodes)} nodes built in {built:.1f} s; {args.backend} default pipeline "
           f"{total:.1f} s: " + " ".join(f"{r.name}={r.seconds:.1f}" for r in records))
