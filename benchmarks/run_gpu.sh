@@ -14,7 +14,9 @@
 # the JSON records the commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# passes/ backends/ models/ install under the dsgraph namespace: a plain PYTHONPATH=$PWD cannot import them
+# passes/ backends/ models/ install under the dsgraph namespace: a plain PYTHONPATH=$PWD cannot import them, and
+# the source folder dsgraph/ in the working directory must not shadow the install (PYTHONSAFEPATH: no cwd on sys.path)
+export PYTHONSAFEPATH=1
 SITE=/tmp/dsgraph-site
 [ -d "$SITE/dsgraph" ] || python -m pip install -q --no-deps --no-build-isolation --target "$SITE" . > /dev/null
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" DSGRAPH_CACHE_DIR="${OUT:-/tmp}/cache"

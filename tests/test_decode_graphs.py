@@ -20,9 +20,10 @@ from dsgraph import models  # noqa: E402
 from dsgraph.errors import DSGraphError  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # triton runs its interpreter only where there is no GPU
 
 
-def _exe(preset="deepseek-v2-lite-tiny", device="cpu", dtype="float32", **options):
+def _exe(preset="deepseek-v2-lite-tiny", device=DEV, dtype="float32", **options):
     model = decisive_routing(dsgraph.load(preset))
     return dsgraph.compile(model, backend="triton", device=device, dtype=dtype, **options)
 

@@ -187,7 +187,7 @@ def test_gluon_mla_config_refused_where_it_cannot_run():
         mla_absorbed(q, cache, 0.1, 32, config=dataclasses.replace(SMALL, kernel="cuda"))
 
 
-def test_gluon_mla_compiles_for_hopper_with_one_score_tile_per_warpgroup():
+def test_gluon_mla_compiles_for_hopper_with_one_score_tile_per_warpgroup(tmp_path):
     """Built for sm_90 on any machine (a subprocess: this one runs Triton's interpreter): warp-specialised
     (setmaxnreg), each warpgroup's score product a whole 64 x 64 tile (m64n64k16, not the m64n32k16 halves of the
     Triton template), PV in 256-column halves, within the H100's 227 KB of shared memory; with and without
@@ -195,8 +195,8 @@ def test_gluon_mla_compiles_for_hopper_with_one_score_tile_per_warpgroup():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json; from dsgraph.backends.triton.kernels.mla_decode_gluon import compile_for_hopper as c; "
             "print(json.dumps([c(True), c(False)]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**env, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=env)  # the installed dsgraph, not a source folder in the working directory
     assert out.returncode == 0, out.stderr[-3000:]
     for report in json.loads(out.stdout.strip().splitlines()[-1]):
         assert report["wgmma"] == ["m64n256k16", "m64n64k16"] and report["setmaxnreg"] > 0

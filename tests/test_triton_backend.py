@@ -13,10 +13,7 @@ from dsgraph.backends import get_backend  # noqa: E402
 from routing_helpers import decisive_routing  # noqa: E402
 
 import dsgraph  # noqa: E402
-from dsgraph import (
-    GraphBuilder,  # noqa: E402
-    models,  # noqa: E402
-    )
+from dsgraph import GraphBuilder, models  # noqa: E402
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.interpreter import run  # noqa: E402
 
@@ -89,7 +86,7 @@ def test_unlowered_op_is_a_reported_fallback():
     assert [k.op for k in compiled.report.fallbacks] == ["gelu"]
     assert "fallbacks: 1 — gelu" in str(compiled.report)
     x = torch.randn(3, 8)
-    assert torch.allclose(compiled.run({"x": x})["y"], torch.nn.functional.gelu(x))
+    assert torch.allclose(compiled.run({"x": x})["y"].cpu(), torch.nn.functional.gelu(x))
 
 
 def test_weight_only_subgraphs_fold_and_fp8_linear_uses_the_template():
@@ -101,7 +98,8 @@ def test_weight_only_subgraphs_fold_and_fp8_linear_uses_the_template():
     g = b.build()
     weights = {"w": torch.randn(48, 32).to(torch.float8_e4m3fn), "s": torch.rand(3, 2) + 0.5, "a": torch.randn(4)}
     fused, fused_weights, _ = passes.run_pipeline(g, dsgraph.WeightStore(weights), ["fuse_fp8_linear"])
-    compiled = get_backend("triton").compile(fused, fused_weights, device=DEV)
+    # w8a16 (the reference's numerics) on every device; w8a8 is held to its tolerance in the bf16 GPU test below
+    compiled = get_backend("triton").compile(fused, fused_weights, device=DEV, fp8_act_quant=False)
     by_op = {k.op: k for k in compiled.report.kernels}
     assert by_op["linear_fp8"].kind == "template" and "fp8" in by_op["linear_fp8"].kernel
     assert by_op["mul"].kind == "reference" and "folded" in by_op["mul"].kernel
@@ -128,7 +126,8 @@ def test_inputs_are_checked_like_the_interpreter():
 def test_tiny_preset_matches_eager(preset, **options):
     """Prefill logits and the greedy token of one decode step, through dsgraph.compile's Executable."""
     model = dsgraph.load(preset)
-    exe = dsgraph.compile(model, backend="triton", device=DEV, **options)
+    # w8a16 FP8 GEMMs (the reference's numerics) on GPUs too: w8a8 is the bf16 test's, at its tolerance
+    exe = dsgraph.compile(model, backend="triton", device=DEV, **{"fp8_act_quant": False, **options})
     eager = dsgraph.compile(model, backend="eager", device="cpu")
     assert not exe.compiled.report.fallbacks, str(exe.compiled.report)
     ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(1))

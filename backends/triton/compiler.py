@@ -71,7 +71,7 @@ class LowerCtx:
             else:
                 args = [self.const(u) for u in v.node.inputs]
                 for out, t_out in zip(v.node.outputs, run_node(v.node, args, {})):
-                    self._const_cache[id(out)] = t_out
+                    self._const_cache[id(out)] = t_out.to(self.device)  # a `constant` reference makes it on the CPU
                 return self._const_cache[id(v)]
             self._const_cache[id(v)] = t
         return self._const_cache[id(v)]
