@@ -33,15 +33,37 @@ def function_level_imports(root: Path) -> int:
     return count
 
 
-def lowering_registries(root: Path) -> int:
-    """Module-level tables that map op names to lowering functions: `LoweringTable(...)` instances, or the dicts
-    the old registries kept (`_LOWERINGS`, `CONVERTERS`)."""
-    pat = re.compile(r"^(\w+)\s*(:[^=]+)?=\s*(LoweringTable\(|\{\}|dict\()", re.M)
+def lowering_tables(root: Path) -> tuple[int, int]:
+    """(tables, protocols): module-level tables that map op names to lowering functions, and how many distinct
+    mechanisms they are built on. Old-style tables were dicts with their own decorator and signature
+    (`_LOWERINGS`, `CONVERTERS`, `TABLE = {}`), one protocol each; `LoweringTable(...)` instances share one."""
+    pat = re.compile(r"^(\w+)\s*(:[^=]+)?=\s*((?:\w+\.)?LoweringTable\(|\{\}|dict\()", re.M)
     names = ("_LOWERINGS", "CONVERTERS", "TABLE", "LOWERINGS")
-    found = 0
+    tables = shared = 0
     for path in _py_files(root):
         for m in pat.finditer(path.read_text()):
-            found += m.group(1) in names or m.group(3) == "LoweringTable("
+            if m.group(3).endswith("LoweringTable("):
+                shared += 1
+            elif m.group(1) in names:
+                tables += 1
+    return tables + shared, tables + (1 if shared else 0)
+
+
+def executors(root: Path) -> list[str]:
+    """Classes (other than passes) that walk a graph's nodes or a plan's steps in a run method of their own,
+    rather than extending the Interpreter (a subclass that overrides only the per-step hook is not one)."""
+    found = []
+    for path in _py_files(root):
+        for cls in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(cls, ast.ClassDef) or any(ast.unparse(b).endswith(("Interpreter", "Pass"))
+                                                        for b in cls.bases):
+                continue
+            for fn in cls.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name in ("run", "__call__") and any(
+                        isinstance(n, ast.For) and re.search(r"\.(nodes|steps|plan)\b", ast.unparse(n.iter))
+                        for n in ast.walk(fn)):
+                    found.append(f"{path.relative_to(root)}:{cls.name}")
+                    break
     return found
 
 
@@ -112,7 +134,10 @@ def main(argv=None) -> int:
     print(f"{root}")
     print(f"  import cycles (module SCCs)   {len(cyc)}" + "".join(f"\n    {' <-> '.join(c[:6])}" for c in cyc))
     print(f"  function-level imports        {function_level_imports(root)}")
-    print(f"  lowering registries           {lowering_registries(root)}")
+    tables, protocols = lowering_tables(root)
+    print(f"  lowering tables / protocols   {tables} / {protocols}")
+    execs = executors(root)
+    print(f"  step executors                {len(execs)}  ({', '.join(execs)})")
     print(f"  lines of Python (4 packages)  {lines(root)}")
     return 0
 
