@@ -22,7 +22,6 @@ from dsgraph.parallel import ParallelPlan
 from dsgraph.weights import WeightStore
 
 
-
 @dataclass(frozen=True)
 class Layout:
     """How a rank holds a value: kind 'rep' | 'split' | 'partial'; a split has its `dim` and `parts` (pieces

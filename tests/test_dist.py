@@ -5,13 +5,13 @@ import dsgraph.models as models
 import dsgraph.passes as passes
 import pytest
 import torch
-from dsgraph.multirank import MultiRankInterpreter
-from dsgraph.ops.dist import SIMULATE
-from dsgraph.parallel import ParallelPlan
 from dsgraph.passes.check_sharded import check_sharded
 from dsgraph.passes.shard import shard_all
 
 from dsgraph import ConfigError, DSGraphError, GraphBuilder, ShapeError, TensorType, run
+from dsgraph.multirank import MultiRankInterpreter
+from dsgraph.ops.dist import SIMULATE
+from dsgraph.parallel import ParallelPlan
 
 G = torch.Generator().manual_seed(3)
 
@@ -110,7 +110,8 @@ def built():
     return lambda name: cache.setdefault(name, models.build_model(name, overrides={"num_hidden_layers": 2}))
 
 
-@pytest.mark.parametrize("preset,plan,pipeline", CASES, ids=lambda c: str(c) if not isinstance(c, list) else "+".join(c))
+@pytest.mark.parametrize("preset,plan,pipeline", CASES,
+                         ids=lambda c: str(c) if not isinstance(c, list) else "+".join(c))
 def test_sharded_graphs_equal_the_unsharded_one(built, preset, plan, pipeline):
     m = built(preset)
     res = check_sharded(m.graph, m.weights, plan, pipeline=pipeline, seq=3)
