@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import time
@@ -14,7 +16,9 @@ from dsgraph.backends import available_backends
 from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx
 from dsgraph.backends.tvm.prebuilt import ENV as TVM_PREBUILT_ENV
 from dsgraph.dtypes import compute_dtype
-from dsgraph.errors import DSGraphError
+from dsgraph.errors import ConfigError, DSGraphError
+from dsgraph.parallel import ParallelPlan
+from dsgraph.runtime import distributed
 
 from . import api
 from .bench import bench, load_model, prebuild_tvm, report
@@ -55,13 +59,28 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """Under torchrun with --tp / --ep every rank runs its shard of the model; only rank 0 prints."""
+    if args.tp == 1 and args.ep == 1 and not args.dp_attention:
+        return _run(args, None)
+    plan = ParallelPlan(tp=args.tp, ep=args.ep, dp_attention=args.dp_attention)
+    if (Path(args.model) / "manifest.json").exists():
+        raise ConfigError(f"{args.model} is a compiled artifact of one process; --tp/--ep shard a model: "
+                          "give a preset or checkpoint")
+    rank, _ = distributed.init(api.resolve_device(args.device))
+    with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
+        return _run(args, plan)
+
+
+def _run(args, plan: ParallelPlan | None) -> int:
     if (Path(args.model) / "manifest.json").exists():
         exe = api.load_artifact(args.model, device=args.device)
         print(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
     else:
         model = api.load(args.model, dtype=args.dtype)
         exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
-                              keep_mtp=args.speculative == "mtp")
+                          keep_mtp=args.speculative == "mtp", parallel=plan)
+        if plan is not None:
+            print(exe.compiled.report.notes[-1])
     prompt = args.prompt_ids or [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
     print("tokens:", end="", flush=True)
@@ -206,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cpu)")
     s.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP branch")
     s.add_argument("--draft-depth", type=int, default=1)
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (run under torchrun)")
+    s.add_argument("--dp-attention", action="store_true",
+                   help="attention data-parallel per rank (each rank its own requests; here the same prompt), "
+                        "MoE expert-parallel with all_to_all")
 
     s = model_cmd("check", "compare backends against eager (logits and greedy tokens)", cmd_check)
     s.add_argument("--backend", default="eager", help="backend or comma-separated list")
