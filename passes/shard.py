@@ -56,7 +56,7 @@ class Shard(Pass):
                               "caches": sh.cache_layouts, "batch_split": self.plan.dp_attention}
         sh.g.remove_unused_inputs(("param",))
         graph.__dict__.update(sh.g.__dict__)  # the pass's own copy becomes the new graph
-        for name in list(weights):
+        for name in list(weights):  # the store the pass was given holds this rank's weights only
             weights.pop(name)
         for name in sh.new_weights:
             weights.set(name, sh.new_weights.entry(name))

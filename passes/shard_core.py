@@ -59,7 +59,7 @@ class Sharder:
     def __init__(self, src: Graph, weights: WeightStore, plan: ParallelPlan, rank: int):
         self.src, self.weights, self.plan, self.rank = src, weights, plan, rank
         self.g = Graph(src.name)
-        self.new_weights = WeightStore()
+        self.new_weights = WeightStore(reader=weights.reader)
         self.env: dict[int, tuple[Value, Layout]] = {}
         self.params: dict[tuple[str, Layout], Value] = {}
         self.slices: dict[str, list] = {}
@@ -166,7 +166,7 @@ class Sharder:
         else:
             self.slices[name] = spec
             src, d, start, stop = spec
-            self.new_weights.set(name, lambda: self.weights[src].narrow(d, start, stop - start).contiguous())
+            self.new_weights.set(name, lambda: self.weights.slice(src, d, start, stop))
         return v
 
     def weight_expr(self, old: Value, want: Layout) -> Value:

@@ -88,6 +88,9 @@ def _run(args, plan: ParallelPlan | None) -> int:
                               speculative=args.speculative, draft_depth=args.draft_depth,
                               on_token=lambda i, t: print(f" {int(t[0])}", end="", flush=True))
     print()
+    note = distributed.read_note(exe.weights, exe.graph.meta["shard"]["rank"]) if plan is not None else None
+    if note:
+        print(note)
     print(f"time to first token {stats.time_to_first_token_s * 1e3:.1f} ms, "
           f"decode {stats.decode_tokens_per_s:.1f} tokens/s ({exe.compiled.report.backend} on {exe.device})")
     graphs = stats.extra.get("decode_graphs")

@@ -62,3 +62,14 @@ def shard_note(graph, full_graph) -> str:
             f"({mine.param_bytes / 2**20:.1f} MiB) of {full.params:,} ({full.param_bytes / 2**20:.1f} MiB); "
             f"KV cache {mine.kv_bytes_per_token} B/token (unsharded {full.kv_bytes_per_token}); "
             f"collectives per step: {', '.join(f'{k}x{v}' for k, v in sorted(colls.items())) or 'none'}")
+
+
+def read_note(weights, rank: int) -> str | None:
+    """What this rank read of its checkpoint (None for weights that come from no checkpoint)."""
+    reader = getattr(weights, "reader", None)
+    if reader is None or not hasattr(reader, "bytes_read"):
+        return None
+    done, total = reader.bytes_read, reader.total_bytes
+    return (f"rank {rank} read {done / 2**20:.2f} MiB of the checkpoint's {total / 2**20:.2f} MiB "
+            f"({done / max(total, 1):.0%})")
+
