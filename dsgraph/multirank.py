@@ -9,6 +9,7 @@ SPMD programs do; the constructor checks that and names the first mismatch.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Mapping, Sequence
 
 import torch
@@ -32,6 +33,7 @@ class MultiRankInterpreter:
             raise DSGraphError(f"MultiRankInterpreter: {len(graphs)} graphs for {len(weights)} weight maps")
         self.ranks = [Interpreter(g, w, device) for g, w in zip(graphs, weights)]
         self.world = len(graphs)
+        self.moved: Counter = Counter()  # payload bytes rank 0 handed to each collective op, over all runs
         first = _collective_nodes(graphs[0])
         for r, g in enumerate(graphs[1:], 1):
             mine = _collective_nodes(g)
@@ -80,6 +82,7 @@ class MultiRankInterpreter:
             args = [[env[id(v)] for v in seg[0][1].inputs] for seg, env in zip(segs, envs)]
             node = segs[0][0][2]
             results = SIMULATE[node.op](args, node.attrs)
+            self.moved[node.op] += args[0][0].numel() * args[0][0].element_size()
         for r, (it, seg, env) in enumerate(zip(self.ranks, segs, envs)):
             for i, step, _node in seg:
                 a = [env[id(v)] for v in step.inputs]

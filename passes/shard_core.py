@@ -68,6 +68,7 @@ class Sharder:
         self.symbols = 0
         self.weight_nodes = weight_nodes(src)
         self.config = src.meta.get("config", {})
+        self.pinned = set(src.meta.get("pinned_dtypes", ()))
 
     # emitting ----------------------------------------------------------------------------------------
     def emit(self, op: str, inputs, attrs: dict | None = None, name: str | None = None):
@@ -158,7 +159,7 @@ class Sharder:
         if name in self.g.inputs:  # the same weight in another layout (a tied embedding read whole)
             name = f"{name}.{'full' if spec is None else f'part{spec[1]}'}"
         v = self.g.add_input(name, old.type.with_shape(shape), "param")
-        if old.name in self.src.meta.get("pinned_dtypes", ()):
+        if old.name in self.pinned:
             self.g.meta.setdefault("pinned_dtypes", []).append(name)
         if spec is None:
             if old.name in self.weights:

@@ -7,6 +7,7 @@ import io
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from dsgraph.parallel import ParallelPlan
 from dsgraph.runtime import distributed
 
 from . import api
+from . import plan as planner
 from .bench import bench, load_model, prebuild_tvm, report
 from .check import check_backend, make_prompt
 
@@ -102,6 +104,17 @@ def _run(args, plan: ParallelPlan | None) -> int:
         print(f"speculative {args.speculative}: acceptance per draft position {acc}; "
               f"{stats.extra['mean_tokens_per_target_step']:.2f} tokens per main-model step "
               f"({stats.target_steps} steps)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """Memory, collectives and a tokens/s bound of each candidate plan on `--gpus` GPUs (dsgraph/app/plan.py)."""
+    hw = planner.GPUS.get(args.gpu)
+    if hw is None:
+        raise ConfigError(f"unknown --gpu {args.gpu!r}; known: {', '.join(planner.GPUS)}")
+    hw = replace(hw, **{k: v for k, v in (("nvlink_gbs", args.nvlink_gbs), ("ib_gbs", args.ib_gbs)) if v})
+    rows = planner.plan_model(args.model, args.gpus, hw, args.nodes, args.batch, args.context, args.prefill)
+    print(planner.format_rows(args.model, rows, hw, args.gpus, args.nodes, args.batch, args.context))
     return 0
 
 
@@ -233,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dp-attention", action="store_true",
                    help="attention data-parallel per rank (each rank its own requests; here the same prompt), "
                         "MoE expert-parallel with all_to_all")
+
+    s = model_cmd("plan", "memory per GPU, collective bytes and time per step, tokens/s bound of TP / EP / "
+                  "DP-attention plans", cmd_plan)
+    s.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    s.add_argument("--gpu", default="h200", help="h200 | h100 | b200 (defaults in docs/distributed.md)")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--batch", type=int, default=64, help="decode batch (sequences)")
+    s.add_argument("--context", type=int, default=4096, help="cached tokens per sequence")
+    s.add_argument("--prefill", type=int, default=4096, help="prompt tokens of a prefill step")
+    s.add_argument("--nvlink-gbs", type=float, default=None, help="NVLink GB/s per direction per GPU")
+    s.add_argument("--ib-gbs", type=float, default=None, help="InfiniBand GB/s per GPU")
 
     s = model_cmd("check", "compare backends against eager (logits and greedy tokens)", cmd_check)
     s.add_argument("--backend", default="eager", help="backend or comma-separated list")
