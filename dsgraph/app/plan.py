@@ -218,10 +218,10 @@ def format_rows(name: str, rows: list[PlanRow], hw: GPU, gpus: int, nodes: int, 
     head = (f"{name} on {gpus}x {hw.name} ({nodes} node{'s' if nodes > 1 else ''}; {hw.memory_gb:g} GB, HBM "
             f"{hw.hbm_gbs:g} GB/s, NVLink {hw.nvlink_gbs:g} GB/s, IB {hw.ib_gbs:g} GB/s per GPU); decode batch "
             f"{batch} at context {context}")
-    lines = [head, f"{'plan':<42} {'weights':>8} {'KV':>7} {'act':>6} {'fits':>5} {'comm/step':>10} "
+    lines = [head, f"{'plan':<46} {'weights':>8} {'KV':>7} {'act':>6} {'fits':>5} {'comm/step':>10} "
                    f"{'comm ms':>8} {'mem ms':>7} {'decode tok/s':>12} {'prefill tok/s':>13}"]
     for r in rows:
-        lines.append(f"{str(r.plan):<42} {r.weights_gib:7.1f}G {r.kv_gib:6.1f}G {r.activations_gib:5.1f}G "
+        lines.append(f"{str(r.plan):<46} {r.weights_gib:7.1f}G {r.kv_gib:6.1f}G {r.activations_gib:5.1f}G "
                      f"{'yes' if r.fits else 'NO':>5} {r.decode.link_bytes / 2**20:8.2f}Mi "
                      f"{r.decode.comm_s * 1e3:8.3f} {r.decode.memory_s * 1e3:7.3f} {r.decode.tokens_per_s:12,.0f} "
                      f"{r.prefill.tokens_per_s:13,.0f}")
