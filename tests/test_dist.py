@@ -12,6 +12,7 @@ from dsgraph import ConfigError, DSGraphError, GraphBuilder, ShapeError, TensorT
 from dsgraph.multirank import MultiRankInterpreter
 from dsgraph.ops.dist import SIMULATE
 from dsgraph.parallel import ParallelPlan
+from dsgraph.weights import WeightStore
 
 G = torch.Generator().manual_seed(3)
 
@@ -151,3 +152,24 @@ def test_a_wrong_rank_is_caught(built, monkeypatch):
     monkeypatch.setattr("dsgraph.passes.check_sharded.shard_all", swapped)
     res = check_sharded(m.graph, m.weights, ParallelPlan(ep=2, dp_attention=True), seq=3)
     assert not res.ok
+
+
+# ---------------------------------------------------------------- structure
+def attention_block(heads, dim=8, head=4):
+    """x -> q_proj -> heads -> merged -> o_proj, as the builder writes attention's projections."""
+    b = GraphBuilder("block")
+    x = b.input("x", ("B", "S", dim), "float32")
+    q = b.linear(x, b.param("self_attn.q_proj.weight", (heads * head, dim)))
+    o = b.reshape(b.reshape(q, shape=("B", "S", heads, head)), shape=("B", "S", heads * head))
+    return b, b.linear(o, b.param("self_attn.o_proj.weight", (dim, heads * head)))
+
+
+def test_tp_splits_columns_then_rows_with_one_all_reduce():
+    b, y = attention_block(4)
+    b.output("y", y)
+    res = passes.get("shard", plan=ParallelPlan(tp=2), rank=1)(b.build(), WeightStore())
+    want, y = attention_block(2)
+    want.output("y", want.op("dist.all_reduce", y, group_size=2))
+    passes.assert_structural_equal(res.graph, want.build())
+    assert res.graph.meta["shard"]["params"] == {"self_attn.q_proj.weight": ["self_attn.q_proj.weight", 0, 8, 16],
+                                                 "self_attn.o_proj.weight": ["self_attn.o_proj.weight", 1, 8, 16]}
