@@ -64,7 +64,6 @@ class Sharder:
         self.params: dict[tuple[str, Layout], Value] = {}
         self.slices: dict[str, list] = {}
         self.cache_layouts: dict[str, str] = {}
-        self.converted = 0
         self.symbols = 0
         self.weight_nodes = weight_nodes(src)
         self.config = src.meta.get("config", {})
@@ -79,7 +78,6 @@ class Sharder:
         return self.emit("constant", [], {"value": value, "shape": shape, "dtype": dtype}, "c")
 
     def collective(self, op: str, *xs: Value, **attrs):
-        self.converted += 1
         return self.emit(op, xs, {"group_size": self.plan.world, **attrs}, f"{xs[0].name}.{op.split('.')[1]}")
 
     def fresh_symbol(self) -> str:
