@@ -8,6 +8,7 @@ import torch
 from dsgraph.passes.check_sharded import check_sharded
 from dsgraph.passes.shard import shard_all
 
+import dsgraph
 from dsgraph import ConfigError, DSGraphError, GraphBuilder, ShapeError, TensorType, run
 from dsgraph.multirank import MultiRankInterpreter
 from dsgraph.ops.dist import SIMULATE
@@ -173,3 +174,9 @@ def test_tp_splits_columns_then_rows_with_one_all_reduce():
     passes.assert_structural_equal(res.graph, want.build())
     assert res.graph.meta["shard"]["params"] == {"self_attn.q_proj.weight": ["self_attn.q_proj.weight", 0, 8, 16],
                                                  "self_attn.o_proj.weight": ["self_attn.o_proj.weight", 1, 8, 16]}
+
+
+def test_compiling_a_plan_without_its_ranks_says_how_to_launch():
+    m = models.build_model("deepseek-v3-tiny", weights=False)
+    with pytest.raises(ConfigError, match="needs 2 ranks, this process group has 1: launch with torchrun"):
+        dsgraph.compile(m, parallel=ParallelPlan(tp=2))
