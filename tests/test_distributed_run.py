@@ -1,6 +1,7 @@
 """Real multi-process runs: two ranks on gloo (torchrun --standalone, in a subprocess) whose logits and greedy
 tokens equal the single-process run, through the Python API (eager, and triton's interpreter for one plan) and
-through the CLI (`torchrun -m dsgraph run --tp --ep`, printing on rank 0 only)."""
+through the CLI (`torchrun -m dsgraph run --tp --ep`, printing on rank 0 only); a collective's one-process
+reference (reduce_scatter, which no plan emits yet) equals its simulation."""
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 import dsgraph
 from dsgraph.numerics import rel_err, tolerance
+from dsgraph.ops.dist import SIMULATE
 from dsgraph.parallel import ParallelPlan
 
 MODEL, PROMPT, NEW = "deepseek-v3-tiny", [5, 17, 3, 99], 4
@@ -31,6 +33,10 @@ for i, (backend, plan) in enumerate(%(plans)r):
     exe = dsgraph.compile(model, backend=backend, parallel=ParallelPlan(**plan))
     out[f"logits{i}"] = exe(torch.tensor([%(prompt)r]))
     tokens[i] = exe.generate([%(prompt)r], max_new_tokens=%(new)d)[0].tolist()
+b = dsgraph.GraphBuilder("rs")
+b.output("y", b.op("dist.reduce_scatter", b.input("x", (4, 3), "float32"), group_size=world, dim=0))
+x = torch.Generator().manual_seed(rank)
+out["reduce_scatter"] = dsgraph.run(b.build(), {}, {"x": torch.randn(4, 3, generator=x)})["y"]
 if rank == 0:
     save_file(out, sys.argv[1] + "/logits.safetensors")
     json.dump({"tokens": tokens, "world": world}, open(sys.argv[1] + "/tokens.json", "w"))
@@ -58,6 +64,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, single):
     assert got["world"] == 2
     want = single(torch.tensor([PROMPT]))
     tokens = single.generate([PROMPT], max_new_tokens=NEW)[0].tolist()
+    xs = [[torch.randn(4, 3, generator=torch.Generator().manual_seed(r))] for r in range(2)]
+    simulated = SIMULATE["dist.reduce_scatter"](xs, {"dim": 0, "group_size": 2})
+    assert torch.allclose(logits["reduce_scatter"], simulated[0][0])  # gloo: all-reduce, keep rank 0's piece
     for i, (backend, plan) in enumerate(PLANS):
         assert rel_err(logits[f"logits{i}"], want) <= tolerance("float32", "model"), (backend, plan)
         assert got["tokens"][str(i)] == tokens, (backend, plan)
