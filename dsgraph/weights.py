@@ -17,9 +17,23 @@ from .errors import CheckpointError
 Entry = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
+class SliceableEntry:
+    """A lazy entry that can read part of its tensor: `read(index)` with `index` a tuple of slices (None: all of
+    it), so a rank of a sharded model reads only its slice from a checkpoint."""
+
+    def __init__(self, read: Callable[[tuple | None], torch.Tensor]):
+        self.read = read
+
+    def __call__(self) -> torch.Tensor:
+        return self.read(None)
+
+
 class WeightStore(Mapping[str, torch.Tensor]):
-    def __init__(self, entries: Mapping[str, Entry] | None = None):
+    """`reader` is what the entries read from (a checkpoint's `Shards`, with `bytes_read`), or None."""
+
+    def __init__(self, entries: Mapping[str, Entry] | None = None, reader=None):
         self._entries: dict[str, Entry] = dict(entries or {})
+        self.reader = reader
 
     def __getitem__(self, name: str) -> torch.Tensor:
         try:
@@ -54,7 +68,14 @@ class WeightStore(Mapping[str, torch.Tensor]):
         self._entries[name] = lambda: fn(*(self[s] for s in sources))
 
     def copy(self) -> "WeightStore":
-        return WeightStore(self._entries)
+        return WeightStore(self._entries, self.reader)
+
+    def slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """weights[name] narrowed to [start, stop) along dim, reading only that part where the entry can."""
+        entry = self._entries.get(name)
+        if isinstance(entry, SliceableEntry):
+            return entry.read((slice(None),) * dim + (slice(start, stop),))
+        return self[name].narrow(dim, start, stop - start).contiguous()
 
     def is_lazy(self, name: str) -> bool:
         return callable(self._entries[name])
@@ -64,4 +85,4 @@ class WeightStore(Mapping[str, torch.Tensor]):
         out = dict(self._entries)
         for n in names if names is not None else list(out):
             out[n] = self[n]
-        return WeightStore(out)
+        return WeightStore(out, self.reader)

@@ -28,11 +28,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from dsgraph.errors import CheckpointError, ConfigError
-from dsgraph.ops.mlp import dequant_fp8_block
-from dsgraph.weights import WeightStore
+from dsgraph.weights import SliceableEntry, WeightStore
 
 from .config import from_hf
-from .hf_shards import FLOAT_DTYPES, Shards
+from .hf_shards import FLOAT_DTYPES, Shards, dequant_read
 from .model import Model, build_graph
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -96,7 +95,7 @@ def _ignored_layers(cfg, shards: Shards, mtp: bool, notes: list[str]) -> dict:
 
 def _bind(graph, shards: Shards, cfg, ignored_prefixes: tuple[str, ...]) -> WeightStore:
     """One lazy entry per graph param; raises CheckpointError listing every problem found."""
-    store, used = WeightStore(), set()
+    store, used = WeightStore(reader=shards), set()
     missing, wrong = [], []
     for name, v in graph.params().items():
         want, want_dtype = v.type.concrete({}), v.type.dtype
@@ -133,7 +132,7 @@ def _direct_entry(name, want, want_dtype, shards: Shards, wrong: list):
         hint = " (an FP8 weight without its weight_scale_inv)" if info.dtype == "float8_e4m3fn" else ""
         wrong.append(f"{name}: checkpoint dtype {info.dtype}{hint}, model expects a float weight")
         return None
-    return lambda: shards.read(name)
+    return SliceableEntry(lambda index: shards.read(name, index))
 
 
 def _dequant_entry(name, scale, want, shards: Shards, cfg, wrong: list):
@@ -147,7 +146,7 @@ def _dequant_entry(name, scale, want, shards: Shards, cfg, wrong: list):
         wrong.append(f"{name}: checkpoint {w.dtype}{list(w.shape)} with scales {list(s.shape)}, model expects "
                      f"float8_e4m3fn{list(want)} with scales {list(grid or ())} ({block[0]}x{block[1]} blocks)")
         return None
-    return lambda: dequant_fp8_block(shards.read(name), shards.read(scale), block)
+    return SliceableEntry(lambda index: dequant_read(shards, name, scale, block, index))
 
 
 def _fused_key(name: str, shards: Shards) -> str | None:

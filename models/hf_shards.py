@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from dsgraph.errors import CheckpointError
+from dsgraph.ops.mlp import dequant_fp8_block
 
 # safetensors header dtype -> dsgraph dtype name (FP8 e4m3 is DeepSeek-V3's weight format)
 ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
@@ -132,3 +133,26 @@ class Shards:
         t = h.get_tensor(key) if index is None else h.get_slice(key)[index]
         self.progress.add(t.numel() * t.element_size())
         return t
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes of tensor data read so far (slices count their own size): what a sharded rank's load costs."""
+        return self.progress.done
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.info.values())
+
+
+def dequant_read(shards: Shards, name: str, scale: str, block: tuple[int, int], index) -> torch.Tensor:
+    """FP8 weight `name` (all of it, or `tensor[index]` for slices along one dim) times its block scales, reading
+    only the weight's slice and the scale blocks that cover it."""
+    if index is None:
+        return dequant_fp8_block(shards.read(name), shards.read(scale), block)
+    d = len(index) - 1
+    cut, b = index[d], block[d]
+    lo = cut.start // b * b  # read from the block boundary, trim after dequantising
+    w = shards.read(name, index[:d] + (slice(lo, cut.stop),))
+    s = shards.read(scale, index[:d] + (slice(lo // b, -(-cut.stop // b)),))
+    return dequant_fp8_block(w, s, block).narrow(d, cut.start - lo, cut.stop - cut.start).contiguous()
+

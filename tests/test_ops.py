@@ -369,7 +369,7 @@ def test_every_primitive_op_has_cases():
 def test_ops_are_documented_and_complete():
     for op in all_ops():
         assert op.doc and op.infer_fn and op.reference_fn, op.name
-        assert op.level in ("primitive", "domain")
+        assert op.level in ("primitive", "domain", "collective")
 
 
 # ---------------------------------------------------------------- broadcasting (property test)

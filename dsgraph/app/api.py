@@ -15,8 +15,9 @@ from dsgraph import passes as passlib
 from dsgraph.backends import Backend, get_backend
 from dsgraph.dtypes import compute_dtype
 from dsgraph.errors import BackendUnavailable, ConfigError, InputError
+from dsgraph.parallel import ParallelPlan
 from dsgraph.partition import split_graph
-from dsgraph.runtime import artifact
+from dsgraph.runtime import artifact, distributed
 from dsgraph.runtime.executable import Executable
 from dsgraph.runtime.memory import check_weights_fit
 from dsgraph.serialize import load_graph
@@ -58,11 +59,15 @@ def resolve_device(device: str | None) -> str:
 
 
 def compile(model: models.Model, backend: str = "eager", device: str | None = "cpu", dtype=None, passes="default",
-            keep_mtp: bool = False, dump_after: str | None = None, **options) -> Executable:
+            keep_mtp: bool = False, dump_after: str | None = None, parallel: ParallelPlan | None = None,
+            rank: int | None = None, **options) -> Executable:
     """Compile a model for `backend` on `device` in `dtype`; returns a dsgraph.runtime.Executable.
 
     `passes` is "default" (the backend's pipeline), "none", or a list of pass names.
     The MTP branch is pruned unless keep_mtp (plain decoding does not need it).
+    With `parallel` (a ParallelPlan), this process's rank of the plan (`rank`, default the process group's) is
+    compiled: the shard pass runs first, the backend's pipeline after it, and the collectives go through
+    torch.distributed (dsgraph.runtime.distributed.init joins torchrun's process group).
     """
     device = resolve_device(device)
     be = get_backend(backend)
@@ -71,6 +76,10 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
         raise BackendUnavailable(f"backend {backend!r} cannot run on {device}: {reason}")
     dtype = compute_dtype(dtype or model.graph.meta.get("dtype", "float32"))
     model.graph.meta.setdefault("dtype", _embed_dtype(model.graph))  # graphs saved before the key existed
+    if parallel is not None:
+        pipeline = be.default_pipeline() if passes == "default" else passes
+        pipeline = [] if pipeline in ("none", None) else ([pipeline] if isinstance(pipeline, str) else list(pipeline))
+        passes = [("shard", {"plan": parallel, "rank": distributed.rank_for(parallel, rank)}), *pipeline]
     graph, weights, records = compile_graph(model.graph, model.weights, be, passes, keep_mtp, dump_after, dtype)
     check_weights_fit(graph, weights, torch.device(device), f"{model.name} ({backend}, {dtype})")
     mtp = None
@@ -79,6 +88,9 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
         mtp = (branch, be.compile(branch, weights, device=device, dtype=dtype, **options))
     compiled = be.compile(graph, weights, device=device, dtype=dtype, **options)
     compiled.report.passes = [(r.name, r.summary()) if hasattr(r, "summary") else r for r in records]
+    if parallel is not None:
+        whole = compile_graph(model.graph, model.weights, be, "none", keep_mtp)[0]
+        compiled.report.notes.append(distributed.shard_note(graph, whole))
     return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
 
 

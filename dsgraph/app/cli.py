@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -14,9 +17,12 @@ from dsgraph.backends import available_backends
 from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx
 from dsgraph.backends.tvm.prebuilt import ENV as TVM_PREBUILT_ENV
 from dsgraph.dtypes import compute_dtype
-from dsgraph.errors import DSGraphError
+from dsgraph.errors import ConfigError, DSGraphError
+from dsgraph.parallel import ParallelPlan
+from dsgraph.runtime import distributed
 
 from . import api
+from . import plan as planner
 from .bench import bench, load_model, prebuild_tvm, report
 from .check import check_backend, make_prompt
 
@@ -55,13 +61,28 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """Under torchrun with --tp / --ep every rank runs its shard of the model; only rank 0 prints."""
+    if args.tp == 1 and args.ep == 1 and not args.dp_attention:
+        return _run(args, None)
+    plan = ParallelPlan(tp=args.tp, ep=args.ep, dp_attention=args.dp_attention)
+    if (Path(args.model) / "manifest.json").exists():
+        raise ConfigError(f"{args.model} is a compiled artifact of one process; --tp/--ep shard a model: "
+                          "give a preset or checkpoint")
+    rank, _ = distributed.init(api.resolve_device(args.device))
+    with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
+        return _run(args, plan)
+
+
+def _run(args, plan: ParallelPlan | None) -> int:
     if (Path(args.model) / "manifest.json").exists():
         exe = api.load_artifact(args.model, device=args.device)
         print(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
     else:
         model = api.load(args.model, dtype=args.dtype)
         exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
-                              keep_mtp=args.speculative == "mtp")
+                          keep_mtp=args.speculative == "mtp", parallel=plan)
+        if plan is not None:
+            print(exe.compiled.report.notes[-1])
     prompt = args.prompt_ids or [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
     print("tokens:", end="", flush=True)
@@ -69,6 +90,9 @@ def cmd_run(args) -> int:
                               speculative=args.speculative, draft_depth=args.draft_depth,
                               on_token=lambda i, t: print(f" {int(t[0])}", end="", flush=True))
     print()
+    note = distributed.read_note(exe.weights, exe.graph.meta["shard"]["rank"]) if plan is not None else None
+    if note:
+        print(note)
     print(f"time to first token {stats.time_to_first_token_s * 1e3:.1f} ms, "
           f"decode {stats.decode_tokens_per_s:.1f} tokens/s ({exe.compiled.report.backend} on {exe.device})")
     graphs = stats.extra.get("decode_graphs")
@@ -80,6 +104,17 @@ def cmd_run(args) -> int:
         print(f"speculative {args.speculative}: acceptance per draft position {acc}; "
               f"{stats.extra['mean_tokens_per_target_step']:.2f} tokens per main-model step "
               f"({stats.target_steps} steps)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """Memory, collectives and a tokens/s bound of each candidate plan on `--gpus` GPUs (dsgraph/app/plan.py)."""
+    hw = planner.GPUS.get(args.gpu)
+    if hw is None:
+        raise ConfigError(f"unknown --gpu {args.gpu!r}; known: {', '.join(planner.GPUS)}")
+    hw = replace(hw, **{k: v for k, v in (("nvlink_gbs", args.nvlink_gbs), ("ib_gbs", args.ib_gbs)) if v})
+    rows = planner.plan_model(args.model, args.gpus, hw, args.nodes, args.batch, args.context, args.prefill)
+    print(planner.format_rows(args.model, rows, hw, args.gpus, args.nodes, args.batch, args.context))
     return 0
 
 
@@ -206,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cpu)")
     s.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP branch")
     s.add_argument("--draft-depth", type=int, default=1)
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (run under torchrun)")
+    s.add_argument("--dp-attention", action="store_true",
+                   help="attention data-parallel per rank (each rank its own requests; here the same prompt), "
+                        "MoE expert-parallel with all_to_all")
+
+    s = model_cmd("plan", "memory per GPU, collective bytes and time per step, tokens/s bound of TP / EP / "
+                  "DP-attention plans", cmd_plan)
+    s.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    s.add_argument("--gpu", default="h200", help="h200 | h100 | b200 (defaults in docs/distributed.md)")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--batch", type=int, default=64, help="decode batch (sequences)")
+    s.add_argument("--context", type=int, default=4096, help="cached tokens per sequence")
+    s.add_argument("--prefill", type=int, default=4096, help="prompt tokens of a prefill step")
+    s.add_argument("--nvlink-gbs", type=float, default=None, help="NVLink GB/s per direction per GPU")
+    s.add_argument("--ib-gbs", type=float, default=None, help="InfiniBand GB/s per GPU")
 
     s = model_cmd("check", "compare backends against eager (logits and greedy tokens)", cmd_check)
     s.add_argument("--backend", default="eager", help="backend or comma-separated list")

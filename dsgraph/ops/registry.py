@@ -45,7 +45,7 @@ class OpDef:
     attrs: dict[str, Attr]
     doc: str
     num_outputs: int = 1
-    level: str = "primitive"  # "primitive" | "domain"
+    level: str = "primitive"  # "primitive" | "domain" | "collective" (ops/dist.py)
     infer_fn: Callable | None = None
     reference_fn: Callable | None = None
     decompose_fn: Callable | None = None
