@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from dsa_loops import causal_topk_indices, indexer_logits_loop, layer_norm_loop, sparse_attention_loop, topk_loop
 from test_ops import assert_close, one_node
 
 from dsgraph import GraphBuilder, ShapeError, TensorType
@@ -172,6 +173,25 @@ def decompress_loop(c, k_pe, w, h, dn, dv):
 
 ref("mla.decompress", lambda: (R(2, 3, 12), R(2, 3, 1, 4), R(3 * (6 + 5), 12)),
     lambda c, kp, w: decompress_loop(c, kp, w, 3, 6, 5), num_heads=3, qk_nope_dim=6, v_dim=5)
+
+
+# ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
+for _s in [(3, 16), (2, 5, 7)]:
+    ref("norm.layer", lambda s=_s: (R(*s), R(s[-1]), R(s[-1])), lambda x, w, b: layer_norm_loop(x, w, b, 1e-6))
+for _s, _t in [(3, 3), (1, 6), (4, 9)]:
+    ref("indexer.logits", lambda s=_s, t=_t: (R(2, s, 3, 8), R(2, t, 8), R(2, s, 3)),
+        lambda q, k, w: indexer_logits_loop(q, k, w, 0.25, causal=False), scale=0.25, causal=False)
+for _t, _k in [(3, 5), (6, 2), (9, 4)]:        # T below and above k
+    ref("indexer.topk", lambda t=_t: (indexer_logits_loop(R(2, 3, 2, 4), R(2, t, 4), R(2, 3, 2), 1.0),),
+        lambda x, k=_k: topk_loop(x, k), k=_k)
+for _s, _t, _k in [(3, 3, 2), (1, 7, 3), (4, 9, 12)]:
+    ref("attention.mla_sparse", lambda s=_s, t=_t, k=_k: (R(2, s, 3, 10), R(2, t, 3, 10), R(2, t, 3, 6),
+                                                           causal_topk_indices(2, s, t, k, G)),
+        lambda q, k, v, i: sparse_attention_loop(q, k, v, i, 0.3), scale=0.3)
+    ref("attention.mla_sparse_absorbed", lambda s=_s, t=_t, k=_k: (R(2, s, 4, 12), R(2, t, 12),
+                                                                    causal_topk_indices(2, s, t, k, G)),
+        lambda q, c, i: sparse_attention_loop(q, c[:, :, None], c[:, :, None, :9], i, 0.3), scale=0.3,
+        kv_lora_rank=9)
 
 
 # ---------------------------------------------------------------- MoE
@@ -368,6 +388,13 @@ GOOD = [
      {"inner": "attention.mla_absorbed", "rope_dims": 4, "scale": 0.1, "kv_lora_rank": 32}, [T("B", "S", 4, 32)]),
     ("attention.with_rope", [T("B", "S", 8, 16), T("B", "S", dt=L), T("B", "T", 2, 16), T("B", "T", 2, 8)],
      {"inner": "attention.gqa", "rope_dims": 16, "scale": 0.1}, [T("B", "S", 8, 8)]),
+    ("norm.layer", [T("B", "S", 8), T(8), T(8)], {}, [T("B", "S", 8)]),
+    ("indexer.logits", [T("B", "S", 4, 16), T("B", "T", 16), T("B", "S", 4)], {"scale": 0.1}, [T("B", "S", "T")]),
+    ("indexer.topk", [T("B", "S", "T")], {"k": 8}, [T("B", "S", 8, dt=L)]),
+    ("attention.mla_sparse", [T("B", "S", 4, 24), T("B", "T", 4, 24), T("B", "T", 4, 16), T("B", "S", 8, dt=L)],
+     {"scale": 0.1}, [T("B", "S", 4, 16)]),
+    ("attention.mla_sparse_absorbed", [T("B", "S", 4, 36), T("B", "T", 36), T("B", "S", 8, dt="int32")],
+     {"scale": 0.1, "kv_lora_rank": 32}, [T("B", "S", 4, 32)]),
     ("cache.append", [T("B", "T", 4, 8), T("B", "S", 4, 8)], {}, [T("B", "S+T", 4, 8)]),
     ("mla.latent_proj", [T("B", "S", 16), T(20, 16), T(16)], {"kv_lora_rank": 16}, [T("B", "S", 16), T("B", "S", 4)]),
     ("mla.decompress", [T("B", "S", 16), T("B", "S", 1, 4), T(2 * 14, 16)], {"num_heads": 2, "qk_nope_dim": 8,
@@ -409,6 +436,15 @@ BAD = [
      {"inner": "attention.mla", "rope_dims": 4, "scale": 1.0}, r"positions .* must be \[B, S\]"),
     ("attention.with_rope", [T(1, 2, 4, 8), T(1, 2, dt=L), T(1, 3, 4, 8), T(1, 3, 4, 8)],
      {"inner": "attention.flash", "rope_dims": 4, "scale": 1.0}, r"inner='attention.flash' not in"),
+    ("norm.layer", [T(2, 8), T(8), T(7)], {}, r"weight and bias must be \[8\]"),
+    ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 9), T(1, 2, 4)], {"scale": 1.0}, r"differ in batch or head dim"),
+    ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 3)], {"scale": 1.0}, r"must be \[B,S,H\]"),
+    ("indexer.topk", [T(1, 2, 3, dt=L)], {"k": 2}, r"must be a float tensor"),
+    ("indexer.topk", [T(1, 2, 3)], {"k": 0}, r"k=0 must be positive"),
+    ("attention.mla_sparse", [T(1, 2, 4, 8), T(1, 3, 4, 8), T(1, 3, 4, 8), T(1, 3, 2, dt=L)], {"scale": 1.0},
+     r"must be \[B,S,K\] of q"),
+    ("attention.mla_sparse_absorbed", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 2)], {"scale": 1.0, "kv_lora_rank": 4},
+     r"must be int64 or int32"),
     ("cache.append", [T(1, 3, 4), T(1, 3, 5)], {}, r"differ off the length dim"),
     ("mla.latent_proj", [T(2, 16), T(20, 16), T(8)], {"kv_lora_rank": 16}, r"norm weight must be \[16\]"),
     ("mla.decompress", [T(1, 2, 16), T(1, 2, 2, 4), T(28, 16)], {"num_heads": 2, "qk_nope_dim": 8, "v_dim": 6},

@@ -4,6 +4,7 @@ Importing the package registers every op (primitives first, then the domain ops)
 from . import (  # noqa: F401
     attention,
     counting,
+    dsa,
     mlp,
     moe,
     norm,

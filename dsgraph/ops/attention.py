@@ -175,8 +175,9 @@ def _f32(b, v):
     return v if v.dtype == "float32" else b.cast(v, dtype="float32")
 
 
-def attention_decomposition(b, q, k, v, scale, causal):
-    """q [B,S,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] -> [B,S,Hq,Dv] in primitives, fp32 inside.
+def attention_decomposition(b, q, k, v, scale, causal, keep=None):
+    """q [B,S,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] -> [B,S,Hq,Dv] in primitives, fp32 inside; `keep`, a bool
+    [B,S,T], masks out the keys a sparse attention did not select.
 
     Query head h reads kv head h // (Hq/Hkv), as repeat_interleave does: q is viewed
     as [B,Hkv,g,S,D] so one batched matmul serves the g query heads of each kv head
@@ -190,6 +191,8 @@ def attention_decomposition(b, q, k, v, scale, causal):
     scores = b.mul(b.matmul(qg, kt), b.constant(value=scale))
     if causal:
         scores = b.where(b.causal_mask(q, k), scores, b.constant(value=float("-inf")))
+    if keep is not None:
+        scores = b.where(b.reshape(keep, shape=(bs, 1, 1, s, t)), scores, b.constant(value=float("-inf")))
     p = b.softmax(scores, dim=-1)
     vv = b.reshape(b.permute(_f32(b, v), dims=(0, 2, 1, 3)), shape=(bs, hkv, 1, t, dv))
     o = b.permute(b.matmul(p, vv), dims=(0, 3, 1, 2, 4))

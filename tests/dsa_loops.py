@@ -1,0 +1,61 @@
+"""DeepSeek Sparse Attention written as plain loops (per query, per head), the yardstick of the op references and
+kernels: indexer scores, their top-k, sparse MLA, LayerNorm. Slow on purpose; tiny sizes only."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def indexer_logits_loop(q, k, w, scale, causal=True):
+    b, s, h, _ = q.shape
+    t = k.shape[1]
+    out = torch.full((b, s, t), float("-inf"))
+    for i in range(b):
+        for j in range(s):
+            for p in range(t if not causal else t - s + j + 1):
+                out[i, j, p] = sum(float(w[i, j, n]) * max(float(q[i, j, n] @ k[i, p]), 0.0) for n in range(h)) * scale
+    return out
+
+
+def topk_loop(logits, k):
+    b, s, _ = logits.shape
+    out = torch.full((b, s, k), -1, dtype=torch.int64)
+    for i in range(b):
+        for j in range(s):
+            row = [(-float(v), p) for p, v in enumerate(logits[i, j]) if math.isfinite(float(v))]
+            for slot, (_, p) in enumerate(sorted(row)[:k]):
+                out[i, j, slot] = p
+    return out
+
+
+def sparse_attention_loop(q, k, v, idx, scale, causal=True):
+    """q [B,S,H,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv]; only the selected (and causal) positions are attended."""
+    b, s, h, _ = q.shape
+    t, hkv = k.shape[1], k.shape[2]
+    out = torch.zeros(b, s, h, v.shape[3])
+    for i in range(b):
+        for j in range(s):
+            pos = sorted({int(p) for p in idx[i, j] if p >= 0 and (not causal or p <= t - s + j)})
+            for n in range(h):
+                kv = n // (h // hkv)
+                sc = torch.stack([q[i, j, n] @ k[i, p, kv] for p in pos]) * scale
+                out[i, j, n] = torch.softmax(sc, 0) @ torch.stack([v[i, p, kv] for p in pos])
+    return out
+
+
+def layer_norm_loop(x, w, bias, eps):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps) * w + bias
+
+
+def causal_topk_indices(b, s, t, k, gen):
+    """Random distinct causal positions per query (fewer than k where the horizon is short, -1 after)."""
+    out = torch.full((b, s, k), -1, dtype=torch.int64)
+    for i in range(b):
+        for j in range(s):
+            horizon = t - s + j + 1
+            n = min(k, horizon)
+            out[i, j, :n] = torch.randperm(horizon, generator=gen)[:n]
+    return out
