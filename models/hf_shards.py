@@ -20,7 +20,8 @@ from dsgraph.errors import CheckpointError
 
 # safetensors header dtype -> dsgraph dtype name (FP8 e4m3 is DeepSeek-V3's weight format)
 ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-             "F64": "float64", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+             "F64": "float64",
+             "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_FILE = "model.safetensors.index.json"
 # show progress when a load reads at least this much, or the checkpoint has at least this many files
@@ -39,7 +40,7 @@ class TensorInfo:
         n = 1
         for d in self.shape:
             n *= d
-        return n * (1 if self.dtype in ("float8_e4m3fn", "int8", "uint8", "bool") else
+        return n * (1 if self.dtype in ("float8_e4m3fn", "float8_e8m0fnu", "int8", "uint8", "bool") else
                     2 if self.dtype in ("float16", "bfloat16") else 8 if self.dtype in ("float64", "int64") else 4)
 
 
