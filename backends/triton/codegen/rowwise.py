@@ -1,4 +1,4 @@
-"""Generated row kernels: RMSNorm, residual add + RMSNorm, and the SwiGLU activation of a fused gate|up GEMM.
+"""Generated row kernels: RMSNorm, residual add + RMSNorm, LayerNorm, and the SwiGLU activation of a fused gate|up GEMM.
 
 One program per row (the row width is a compile-time constant, so the whole row sits in registers and the
 reduction is one `tl.sum`). Numerics follow the op references: fp32 math, the normalised row rounded to the
@@ -106,3 +106,37 @@ def launch(gu):
     return out
 '''
     return KernelSource(f"swiglu_i{inter}_{dtype}", f"SwiGLU activation silu(gate) * up, I={inter}, {dtype}", body)
+
+
+def layer_norm(n: int, dtype: str, eps: float) -> KernelSource:
+    """norm.layer: launch(x, w, b) -> (x - mean) * rsqrt(var + eps) * w + b over rows of n, fp32 inside."""
+    tdt, block = TRITON_DTYPES[dtype], _next_pow2(n)
+    body = f'''
+import torch
+
+
+@triton.jit
+def _kernel(x_ptr, w_ptr, b_ptr, y_ptr, stride_x, stride_y, N: tl.constexpr, EPS: tl.constexpr,
+            BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    centred = tl.where(mask, x - tl.sum(x, axis=0) / N, 0.0)
+    inv_std = tl.rsqrt(tl.sum(centred * centred, axis=0) / N + EPS)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (centred * inv_std * w + b).to({tdt}), mask=mask)
+
+
+def launch(x, w, b):
+    x2 = x.reshape(-1, {n})
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _kernel[(x2.shape[0],)](x2, w, b, y, x2.stride(0), {n}, N={n}, EPS={eps!r}, BLOCK={block},
+                                num_warps={_row_warps(block)})
+    return y
+'''
+    return KernelSource(f"layer_norm_n{n}_{dtype}", f"LayerNorm over rows of {n} {dtype} values, eps={eps}", body)

@@ -1,0 +1,61 @@
+"""DeepSeek Sparse Attention (V3.2): the indexer's LayerNorm (generated), its scores and the sparse absorbed MLA
+(templates in kernels/dsa.py), and its top-k (torch's stable sort on the device: no host sync, ties to the lower
+position as the op defines). Naive `attention.mla_sparse` has no kernel: the triton pipeline absorbs it first,
+and without absorb_mla it runs its torch reference, listed as a fallback in the report."""
+from __future__ import annotations
+
+import torch
+from dsgraph.backends.lowering import Decline
+
+from ..codegen import rowwise
+from ..kernels.dsa import indexer_logits, sparse_mla
+from .registry import TABLE, Lowered
+
+_FLOATS = ("float32", "float16", "bfloat16")
+
+
+def _interpreter_bf16(ctx, *values) -> Decline | None:
+    if ctx.interpreting and any(v.dtype == "bfloat16" for v in values):
+        return Decline("Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on CUDA")
+    return None
+
+
+@TABLE.register("norm.layer")
+def _layer_norm(ctx, node):
+    n, dtype = node.inputs[0].shape[-1], node.inputs[0].dtype
+    if not isinstance(n, int) or dtype not in _FLOATS:
+        return Decline(f"row width {n} / dtype {dtype} not supported by the generated kernel")
+    src = ctx.generated(rowwise.layer_norm(n, dtype, node.attrs["eps"]), node)
+    return Lowered("generated", src.name, fn=lambda a, sym: [src(*a)])
+
+
+@TABLE.register("indexer.logits")
+def _indexer_logits(ctx, node):
+    refused = _interpreter_bf16(ctx, *node.inputs[:2])
+    if refused:
+        return refused
+    scale, causal = node.attrs["scale"], node.attrs["causal"]
+    return Lowered("template", "dsa._indexer_logits_kernel",
+                   fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal)])
+
+
+@TABLE.register("indexer.topk")
+def _topk(ctx, node):
+    k = node.attrs["k"]
+
+    def run(a, sym):
+        logits = a[0]
+        pad = logits.new_full(logits.shape[:2] + (k,), float("-inf"))
+        vals, idx = torch.sort(torch.cat((logits.float(), pad.float()), -1), dim=-1, descending=True, stable=True)
+        return [torch.where(torch.isneginf(vals[..., :k]), -1, idx[..., :k])]
+    return Lowered("library", "torch.sort (stable, on the device)", fn=run)
+
+
+@TABLE.register("attention.mla_sparse_absorbed")
+def _sparse_mla(ctx, node):
+    refused = _interpreter_bf16(ctx, *node.inputs[:2])
+    if refused:
+        return refused
+    scale, causal, rank = node.attrs["scale"], node.attrs["causal"], node.attrs["kv_lora_rank"]
+    return Lowered("template", "dsa._sparse_mla_kernel (gathers the selected latent rows)",
+                   fn=lambda a, sym: [sparse_mla(a[0], a[1], a[2], scale, rank, causal)])

@@ -1,0 +1,58 @@
+"""The DSA Triton kernels (backends/triton/kernels/dsa.py) against their ops' torch references, on the interpreter:
+odd head counts and widths, T below and above the top-k (and T = 4 x top-k), ragged valid counts per request
+(-1 slots), fp32 and fp16; and the tiny V3.2 preset's report naming them."""
+from __future__ import annotations
+
+import pytest
+import torch
+from dsa_loops import causal_topk_indices
+from dsgraph.backends.triton.kernels.dsa import indexer_logits, sparse_mla
+
+import dsgraph
+from dsgraph.numerics import rel_err, tolerance
+from dsgraph.ops import get_op
+
+G = torch.Generator().manual_seed(7)
+
+
+def R(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=G).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("s,t,h,d", [(1, 9, 5, 24), (4, 4, 3, 16), (3, 70, 8, 32)])
+def test_indexer_logits(s, t, h, d, dtype):
+    q, k, w = R(2, s, h, d, dtype=dtype), R(2, t, d, dtype=dtype), R(2, s, h)
+    got = indexer_logits(q, k, w, 0.2)
+    want = get_op("indexer.logits").reference_fn(q, k, w, scale=0.2, causal=True)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert rel_err(got[fin], want[fin]) < tolerance(str(dtype).removeprefix("torch."), "op")
+
+
+def _ragged(b, s, t, k):
+    """Causal picks per query, then fewer valid slots for the second request (its tail set to -1)."""
+    idx = causal_topk_indices(b, s, t, k, G)
+    idx[1, :, k // 2:] = -1
+    return idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("s,t,h,k", [(1, 7, 3, 16), (5, 5, 4, 3), (2, 33, 6, 8), (1, 32, 2, 8)])
+def test_sparse_mla(s, t, h, k, dtype):
+    """(1, 32, 2, 8): T = 4 x top-k, decode."""
+    c, r = 20, 6
+    q, cache, idx = R(2, s, h, c + r, dtype=dtype), R(2, t, c + r, dtype=dtype), _ragged(2, s, t, k)
+    got = sparse_mla(q, cache, idx, 0.3, c)
+    want = get_op("attention.mla_sparse_absorbed").reference_fn(q, cache, idx, scale=0.3, causal=True, kv_lora_rank=c)
+    assert rel_err(got, want) < tolerance(str(dtype).removeprefix("torch."), "op")
+    assert torch.equal(sparse_mla(q, cache, idx.int(), 0.3, c), got)     # int32 indices read alike
+
+
+def test_tiny_v32_report_names_the_dsa_kernels():
+    report = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="triton", device="cpu").compiled.report
+    kernels = {k.op: k.kernel for k in report.kernels}
+    assert kernels["indexer.logits"] == "dsa._indexer_logits_kernel"
+    assert kernels["attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
+    assert kernels["norm.layer"].startswith("layer_norm_n16")
+    assert "torch.sort" in kernels["indexer.topk"] and not report.fallbacks
