@@ -59,3 +59,16 @@ def causal_topk_indices(b, s, t, k, gen):
             n = min(k, horizon)
             out[i, j, :n] = torch.randperm(horizon, generator=gen)[:n]
     return out
+
+
+def quant_fp8_loop(x, group):
+    """Per row and group of `group` values: scale = amax / 448, values divided by it and rounded to e4m3."""
+    rows = x.reshape(-1, x.shape[-1])
+    q = torch.empty(rows.shape, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(rows.shape[0], x.shape[-1] // group)
+    for i in range(rows.shape[0]):
+        for g in range(scales.shape[1]):
+            part = rows[i, g * group:(g + 1) * group]
+            scales[i, g] = max(float(part.abs().max()), 1e-12) / 448.0
+            q[i, g * group:(g + 1) * group] = (part / scales[i, g]).to(torch.float8_e4m3fn)
+    return q.reshape(x.shape), scales.reshape(x.shape[:-1] + (scales.shape[1],))

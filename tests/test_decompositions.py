@@ -369,3 +369,11 @@ def test_sparse_attention(s, t, k):
                                    "i": idx}, sym, scale=0.3)
     check("attention.mla_sparse_absorbed", {"q": randn(2, s, 4, 12), "c": randn(2, t, 12), "i": idx.int()},
           {"q": ("B", "S", 4, 12), "c": ("B", "T", 12), "i": ("B", "S", k)}, scale=0.3, kv_lora_rank=9)
+
+
+@covers("kv.quant_fp8", "kv.dequant_fp8")
+def test_fp8_kv_rows():
+    x = randn(2, 3, 32) * 4
+    lowered = check("kv.quant_fp8", {"x": x}, {"x": ("B", "S", 32)}, group=16)
+    q, s = run(lowered, {}, {"x": x})["out0"], run(lowered, {}, {"x": x})["out1"]
+    check("kv.dequant_fp8", {"q": q, "s": s}, {"q": ("B", "T", 32), "s": ("B", "T", 2)}, group=16)

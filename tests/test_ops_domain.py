@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from dsa_loops import causal_topk_indices, indexer_logits_loop, layer_norm_loop, sparse_attention_loop, topk_loop
+from dsa_loops import (causal_topk_indices, indexer_logits_loop, layer_norm_loop, quant_fp8_loop,
+                       sparse_attention_loop, topk_loop)
 from test_ops import assert_close, one_node
 
 from dsgraph import GraphBuilder, ShapeError, TensorType
@@ -192,6 +193,12 @@ for _s, _t, _k in [(3, 3, 2), (1, 7, 3), (4, 9, 12)]:
                                                                     causal_topk_indices(2, s, t, k, G)),
         lambda q, c, i: sparse_attention_loop(q, c[:, :, None], c[:, :, None, :9], i, 0.3), scale=0.3,
         kv_lora_rank=9)
+
+
+for _s, _g in [((3, 16), 8), ((2, 5, 12), 12)]:
+    ref("kv.quant_fp8", lambda s=_s: (R(*s),), lambda x, g=_g: quant_fp8_loop(x, g), group=_g)
+    ref("kv.dequant_fp8", lambda s=_s, g=_g: quant_fp8_loop(R(*s), g),
+        lambda q, sc, g=_g: q.float() * sc.repeat_interleave(g, -1), group=_g)
 
 
 # ---------------------------------------------------------------- MoE
@@ -395,6 +402,9 @@ GOOD = [
      {"scale": 0.1}, [T("B", "S", 4, 16)]),
     ("attention.mla_sparse_absorbed", [T("B", "S", 4, 36), T("B", "T", 36), T("B", "S", 8, dt="int32")],
      {"scale": 0.1, "kv_lora_rank": 32}, [T("B", "S", 4, 32)]),
+    ("kv.quant_fp8", [T("B", "S", 256)], {}, [T("B", "S", 256, dt=F8), T("B", "S", 2)]),
+    ("kv.dequant_fp8", [T("B", "T", 32, dt=F8), T("B", "T", 1)], {"group": 32, "dtype": "bfloat16"},
+     [T("B", "T", 32, dt="bfloat16")]),
     ("cache.append", [T("B", "T", 4, 8), T("B", "S", 4, 8)], {}, [T("B", "S+T", 4, 8)]),
     ("mla.latent_proj", [T("B", "S", 16), T(20, 16), T(16)], {"kv_lora_rank": 16}, [T("B", "S", 16), T("B", "S", 4)]),
     ("mla.decompress", [T("B", "S", 16), T("B", "S", 1, 4), T(2 * 14, 16)], {"num_heads": 2, "qk_nope_dim": 8,
@@ -445,6 +455,9 @@ BAD = [
      r"must be \[B,S,K\] of q"),
     ("attention.mla_sparse_absorbed", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 2)], {"scale": 1.0, "kv_lora_rank": 4},
      r"must be int64 or int32"),
+    ("kv.quant_fp8", [T(2, 96)], {}, r"row width 96 is not a multiple of group 128"),
+    ("kv.dequant_fp8", [T(2, 32), T(2, 1)], {"group": 32}, r"rows must be float8_e4m3fn"),
+    ("kv.dequant_fp8", [T(2, 32, dt=F8), T(2, 2)], {"group": 32}, r"scales must be float32 \[..., 1\]"),
     ("cache.append", [T(1, 3, 4), T(1, 3, 5)], {}, r"differ off the length dim"),
     ("mla.latent_proj", [T(2, 16), T(20, 16), T(8)], {"kv_lora_rank": 16}, r"norm weight must be \[16\]"),
     ("mla.decompress", [T(1, 2, 16), T(1, 2, 2, 4), T(28, 16)], {"num_heads": 2, "qk_nope_dim": 8, "v_dim": 6},

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     attention,
     counting,
     dsa,
+    kvquant,
     mlp,
     moe,
     norm,
