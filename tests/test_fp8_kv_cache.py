@@ -42,7 +42,8 @@ def test_decode_with_fp8_cache_within_tolerance(preset):
         (a, s0), (b, s1) = ref.decode(ids[:, i:i + 1], s0), fp8.decode(ids[:, i:i + 1], s1)
         errs.append(rel_err(b, a))
     assert 0 < max(errs) < TOL, errs
-    assert s1.caches["cache.0.latent_fp8"].dtype == torch.float8_e4m3fn and s1.caches["cache.0.latent_fp8"].shape[1] == 12
+    cached = s1.caches["cache.0.latent_fp8"]
+    assert cached.dtype == torch.float8_e4m3fn and cached.shape[1] == 12
 
 
 def test_full_size_rows_are_656_bytes():

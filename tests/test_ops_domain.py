@@ -7,8 +7,14 @@ import math
 
 import pytest
 import torch
-from dsa_loops import (causal_topk_indices, indexer_logits_loop, layer_norm_loop, quant_fp8_loop,
-                       sparse_attention_loop, topk_loop)
+from dsa_loops import (
+    causal_topk_indices,
+    indexer_logits_loop,
+    layer_norm_loop,
+    quant_fp8_loop,
+    sparse_attention_loop,
+    topk_loop,
+)
 from test_ops import assert_close, one_node
 
 from dsgraph import GraphBuilder, ShapeError, TensorType
