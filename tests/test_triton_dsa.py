@@ -56,3 +56,21 @@ def test_tiny_v32_report_names_the_dsa_kernels():
     assert kernels["attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
     assert kernels["norm.layer"].startswith("layer_norm_n16")
     assert "torch.sort" in kernels["indexer.topk"] and not report.fallbacks
+
+
+def test_device_lengths_of_a_static_capacity_step():
+    """kv_lens (CUDA-graph decode: caches at a fixed capacity, rows past a request's length are stale): the scores
+    past the length are -inf and the attention equals the reference on the cache cut to that length."""
+    lens, cap, s, h, d, c, r = torch.tensor([5, 9]), 12, 1, 3, 16, 20, 6
+    q, k, w = R(2, s, h, d), R(2, cap, d), R(2, s, h)
+    got = indexer_logits(q, k, w, 0.2, kv_lens=lens)
+    lq, cache = R(2, s, h, c + r), R(2, cap, c + r)
+    for b, n in enumerate(lens.tolist()):
+        want = get_op("indexer.logits").reference_fn(q[b:b + 1], k[b:b + 1, :n], w[b:b + 1], scale=0.2, causal=True)
+        assert rel_err(got[b:b + 1, :, :n], want) < 1e-5 and torch.isneginf(got[b, :, n:]).all()
+    idx = torch.stack([causal_topk_indices(1, s, n, 4, G)[0] for n in lens.tolist()])
+    out = sparse_mla(lq, cache, idx, 0.3, c, kv_lens=lens)
+    for b, n in enumerate(lens.tolist()):
+        want = get_op("attention.mla_sparse_absorbed").reference_fn(lq[b:b + 1], cache[b:b + 1, :n], idx[b:b + 1],
+                                                                     scale=0.3, causal=True, kv_lora_rank=c)
+        assert rel_err(out[b:b + 1], want) < 1e-5

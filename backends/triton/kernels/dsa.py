@@ -8,6 +8,9 @@ Sparse MLA: one program per (query, BLOCK_H heads). All heads of a query share i
 C+R] tile of gathered latent rows is loaded once for BLOCK_H heads and serves as keys (all C+R columns) and values
 (the first C). `-1` slots and slots past the query's causal horizon are masked; the softmax is the online one in
 fp32. Prefill (S queries) and decode (S = 1) are the same launch; the work is O(S * K), not O(S * T).
+
+Both take `kv_lens` [B] (the device-side lengths of a static-capacity CUDA-graph decode step): rows at or past a
+request's length score -inf in the indexer, so the top-k never selects them, and are masked in the attention.
 """
 from __future__ import annotations
 
@@ -26,17 +29,20 @@ def _pow2(n: int, least: int = 16) -> int:
 
 @triton.jit
 def _indexer_logits_kernel(
-    q_ptr, k_ptr, w_ptr, out_ptr, S, T,
+    q_ptr, k_ptr, w_ptr, lens_ptr, out_ptr, S, T,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
     stride_wb, stride_ws, stride_wh,
     stride_ob, stride_os, stride_ot,
     scale,
     HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    kv_len = T
+    if HAS_LENS:
+        kv_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), T)
     offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -48,14 +54,16 @@ def _indexer_logits_kernel(
     w = tl.load(w_ptr + b * stride_wb + row * stride_ws + offs_h * stride_wh, mask=h_ok, other=0.0).to(tl.float32)
     scores = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)        # [BLOCK_H, BLOCK_T]
     logits = tl.sum(scores * w[:, None], axis=0) * scale
+    visible = offs_t < kv_len
     if CAUSAL:
-        logits = tl.where(offs_t <= T - S + row, logits, float("-inf"))
+        visible = visible & (offs_t <= kv_len - S + row)
+    logits = tl.where(visible, logits, float("-inf"))
     tl.store(out_ptr + b * stride_ob + row * stride_os + offs_t * stride_ot, logits, mask=t_ok)
 
 
-def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float,
-                   causal: bool = True) -> torch.Tensor:
-    """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py)."""
+def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float, causal: bool = True,
+                   kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py); kv_lens: see above."""
     dtype = check_float("indexer_logits", q=q, k=k)
     b, s, h, d = q.shape
     t = k.shape[1]
@@ -66,39 +74,43 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
     if out.numel():
         block_t = min(64, _pow2(t))
         _indexer_logits_kernel[(s, b, triton.cdiv(t, block_t))](
-            q, k, weights, out, s, t, *q.stride(), *k.stride(), *weights.stride(), *out.stride(), scale,
-            HEADS=h, DIM=d, BLOCK_H=_pow2(h), BLOCK_D=_pow2(d), BLOCK_T=block_t, CAUSAL=causal,
-            PRECISION=dot_precision(dtype))
+            q, k, weights, out if kv_lens is None else kv_lens, out, s, t, *q.stride(), *k.stride(),
+            *weights.stride(), *out.stride(), scale, HEADS=h, DIM=d, BLOCK_H=_pow2(h), BLOCK_D=_pow2(d),
+            BLOCK_T=block_t, CAUSAL=causal, HAS_LENS=kv_lens is not None, PRECISION=dot_precision(dtype))
     return out
 
 
 @triton.jit
 def _sparse_mla_kernel(
-    q_ptr, c_ptr, idx_ptr, out_ptr, S, T, K, H,
+    q_ptr, c_ptr, idx_ptr, lens_ptr, out_ptr, S, T, K, H,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_cb, stride_ct, stride_cd,
     stride_ib, stride_is, stride_ik,
     stride_ob, stride_os, stride_oh, stride_od,
     qk_scale,
     HEAD_C: tl.constexpr, HEAD_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    kv_len = T
+    if HAS_LENS:
+        kv_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), T)
     offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c, offs_r = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
     h_ok, c_ok, r_ok = offs_h < H, offs_c < HEAD_C, offs_r < HEAD_R
     q_rows = q_ptr + b * stride_qb + row * stride_qs + offs_h[:, None] * stride_qh
     q_c = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=h_ok[:, None] & c_ok[None, :], other=0.0)
     q_r = tl.load(q_rows + (HEAD_C + offs_r[None, :]) * stride_qd, mask=h_ok[:, None] & r_ok[None, :], other=0.0)
-    limit = T - S + row
+    limit = kv_len - S + row
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         slots = k0 + tl.arange(0, BLOCK_K)
         idx = tl.load(idx_ptr + b * stride_ib + row * stride_is + slots * stride_ik, mask=slots < K, other=-1)
-        ok = (idx >= 0) & (idx < T)
+        ok = (idx >= 0) & (idx < kv_len)
         if CAUSAL:
             ok = ok & (idx <= limit)
         rows = c_ptr + b * stride_cb + tl.where(ok, idx, 0).to(tl.int64)[:, None] * stride_ct
@@ -120,7 +132,7 @@ def _sparse_mla_kernel(
 
 
 def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float, kv_lora_rank: int,
-               causal: bool = True) -> torch.Tensor:
+               causal: bool = True, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
     """q [B,S,H,C+R], cache [B,T,C+R], indices int [B,S,K] -> [B,S,H,C] (see dsgraph/ops/dsa.py)."""
     dtype = check_float("sparse_mla", q=q, cache=cache)
     b, s, h, width = q.shape
@@ -133,8 +145,9 @@ def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scal
     if out.numel():
         block_h = min(64, _pow2(h))
         _sparse_mla_kernel[(s, b, triton.cdiv(h, block_h))](
-            q, cache, indices, out, s, t, n, h, *q.stride(), *cache.stride(), *indices.stride(), *out.stride(), scale,
+            q, cache, indices, out if kv_lens is None else kv_lens, out, s, t, n, h, *q.stride(), *cache.stride(),
+            *indices.stride(), *out.stride(), scale,
             HEAD_C=kv_lora_rank, HEAD_R=width - kv_lora_rank, BLOCK_C=_pow2(kv_lora_rank),
             BLOCK_R=_pow2(width - kv_lora_rank), BLOCK_H=block_h, BLOCK_K=min(64, _pow2(n)), CAUSAL=causal,
-            PRECISION=dot_precision(dtype))
+            HAS_LENS=kv_lens is not None, PRECISION=dot_precision(dtype))
     return out

@@ -9,9 +9,12 @@ from dsgraph.backends.lowering import Decline
 
 from ..codegen import rowwise
 from ..kernels.dsa import indexer_logits, sparse_mla
+from .attention import cached_lengths
 from .registry import TABLE, Lowered
 
 _FLOATS = ("float32", "float16", "bfloat16")
+NO_ROTATION = ("scores in the activation dtype, without the reference's Hadamard rotation and FP8 quantisation "
+               "(transformers' path; the rotation is orthogonal)")
 
 
 def _interpreter_bf16(ctx, *values) -> Decline | None:
@@ -35,8 +38,9 @@ def _indexer_logits(ctx, node):
     if refused:
         return refused
     scale, causal = node.attrs["scale"], node.attrs["causal"]
-    return Lowered("template", "dsa._indexer_logits_kernel",
-                   fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal)])
+    lens = cached_lengths(ctx, node)   # a static-capacity decode step's lengths, when k is an appended cache
+    return Lowered("template", "dsa._indexer_logits_kernel", note=NO_ROTATION, inputs=(*node.inputs, *lens),
+                   fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3] if lens else None)])
 
 
 @TABLE.register("indexer.topk")
@@ -57,5 +61,9 @@ def _sparse_mla(ctx, node):
     if refused:
         return refused
     scale, causal, rank = node.attrs["scale"], node.attrs["causal"], node.attrs["kv_lora_rank"]
+    lens = cached_lengths(ctx, node)
+
+    def run(a, sym):
+        return [sparse_mla(a[0], a[1], a[2], scale, rank, causal, kv_lens=a[3] if lens else None)]
     return Lowered("template", "dsa._sparse_mla_kernel (gathers the selected latent rows)",
-                   fn=lambda a, sym: [sparse_mla(a[0], a[1], a[2], scale, rank, causal)])
+                   inputs=(*node.inputs, *lens), fn=run)
