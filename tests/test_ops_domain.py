@@ -207,6 +207,13 @@ for _s, _g in [((3, 16), 8), ((2, 5, 12), 12)]:
         lambda q, sc, g=_g: q.float() * sc.repeat_interleave(g, -1), group=_g)
 
 
+ref("attention.with_rope", lambda: (R(2, 3, 3, 14), torch.tensor([[4, 5, 6], [0, 1, 2]]), R(2, 7, 14),
+                                    causal_topk_indices(2, 3, 7, 3, G)),
+    lambda q, p, c, i: sparse_attention_loop(rope_tail(q, p, 4, {"interleaved": True}), c[:, :, None],
+                                             c[:, :, None, :10], i, 0.2),
+    inner="attention.mla_sparse_absorbed", rope_dims=4, scale=0.2, kv_lora_rank=10, interleaved=True)
+
+
 # ---------------------------------------------------------------- MoE
 def route_loop(logits, bias=None, *, top_k, scoring="softmax", method="greedy", n_group=1, topk_group=1,
                norm_topk_prob=False, routed_scaling_factor=1.0):

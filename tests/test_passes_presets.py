@@ -30,7 +30,7 @@ def must_change(name, cfg, graph):
         "fuse_router": cfg.is_moe, "fuse_add_rmsnorm": True, "fuse_swiglu": True, "legalize": True,
         "merge_qkv_a": cfg.is_mla, "merge_qkv": not cfg.is_mla, "prune_mtp": "mtp_ids" in graph.inputs,
         "fuse_fp8_linear": "dequant_fp8" in ops,
-        "fuse_rope_attention": not cfg.is_dsa,   # attention.with_rope has no sparse inner attention yet
+        "fuse_rope_attention": True,
     }.get(name)
 
 
@@ -148,15 +148,14 @@ def test_a_wrong_replacement_is_named_through_its_origin():
     assert "(replaces %L0.rms of the original)" in res.first_divergence, res.report()
 
 
-ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed")
+ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed", "attention.mla_sparse",
+             "attention.mla_sparse_absorbed")
 
 
 @pytest.mark.parametrize("first", [[], ["absorb_mla"]])
 def test_rope_folds_into_every_attention(model, first):
     """Naive, absorbed and GQA attention alike: no attention op is left reading a separately rotated query, the
     proof harness passes, and a backend without a kernel for attention.with_rope gets it decomposed back."""
-    if model.config.is_dsa:
-        pytest.skip("attention.with_rope has no sparse inner attention (V3.2's mla_sparse) yet")
     pipeline = first + ["fuse_rope_attention"]
     graph, _, _ = passes.run_pipeline(model.graph, model.weights, pipeline, out=lambda *a: None)
     before = sum(n.op in ATTENTION for n in passes.run_pipeline(model.graph, model.weights, first,
