@@ -82,7 +82,7 @@ def _(logits, k):
 
 
 @TOPK.reference
-def _(logits, k):
+def topk_ref(logits, k):
     pad = logits.new_full(logits.shape[:2] + (k,), float("-inf"))
     vals, idx = torch.sort(torch.cat((f32(logits), pad.float()), -1), dim=-1, descending=True, stable=True)
     return torch.where(torch.isneginf(vals[..., :k]), -1, idx[..., :k])

@@ -28,6 +28,14 @@ def _pow2(n: int, least: int = 16) -> int:
 
 
 @triton.jit
+def _kv_len(lens_ptr, b, T, HAS_LENS: tl.constexpr):
+    """Request b's cache length: T, or its device-side length (clamped: never read past the buffer)."""
+    if HAS_LENS:
+        return tl.minimum(tl.load(lens_ptr + b).to(tl.int32), T)
+    return T
+
+
+@triton.jit
 def _indexer_logits_kernel(
     q_ptr, k_ptr, w_ptr, lens_ptr, out_ptr, S, T,
     stride_qb, stride_qs, stride_qh, stride_qd,
@@ -40,9 +48,7 @@ def _indexer_logits_kernel(
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    kv_len = T
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), T)
+    kv_len = _kv_len(lens_ptr, b, T, HAS_LENS)
     offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -94,9 +100,7 @@ def _sparse_mla_kernel(
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    kv_len = T
-    if HAS_LENS:
-        kv_len = tl.minimum(tl.load(lens_ptr + b).to(tl.int32), T)
+    kv_len = _kv_len(lens_ptr, b, T, HAS_LENS)
     offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c, offs_r = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_R)
     h_ok, c_ok, r_ok = offs_h < H, offs_c < HEAD_C, offs_r < HEAD_R

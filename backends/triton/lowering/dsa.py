@@ -4,8 +4,9 @@ position as the op defines). Naive `attention.mla_sparse` has no kernel: the tri
 and without absorb_mla it runs its torch reference, listed as a fallback in the report."""
 from __future__ import annotations
 
-import torch
 from dsgraph.backends.lowering import Decline
+
+from dsgraph.ops.dsa import topk_ref
 
 from ..codegen import rowwise
 from ..kernels.dsa import indexer_logits, sparse_mla
@@ -46,13 +47,8 @@ def _indexer_logits(ctx, node):
 @TABLE.register("indexer.topk")
 def _topk(ctx, node):
     k = node.attrs["k"]
-
-    def run(a, sym):
-        logits = a[0]
-        pad = logits.new_full(logits.shape[:2] + (k,), float("-inf"))
-        vals, idx = torch.sort(torch.cat((logits.float(), pad.float()), -1), dim=-1, descending=True, stable=True)
-        return [torch.where(torch.isneginf(vals[..., :k]), -1, idx[..., :k])]
-    return Lowered("library", "torch.sort (stable, on the device)", fn=run)
+    return Lowered("library", "torch.sort (stable, on the device; the op's reference code)",
+                   fn=lambda a, sym: [topk_ref(a[0], k)])
 
 
 @TABLE.register("attention.mla_sparse_absorbed")
