@@ -3,6 +3,7 @@ odd head counts and widths, T below and above the top-k (and T = 4 x top-k), rag
 (-1 slots), fp32 and fp16; and the tiny V3.2 preset's report naming them."""
 from __future__ import annotations
 
+import dsgraph.models as models
 import pytest
 import torch
 from dsa_loops import causal_topk_indices
@@ -74,3 +75,13 @@ def test_device_lengths_of_a_static_capacity_step():
         want = get_op("attention.mla_sparse_absorbed").reference_fn(lq[b:b + 1], cache[b:b + 1, :n], idx[b:b + 1],
                                                                      scale=0.3, causal=True, kv_lora_rank=c)
         assert rel_err(out[b:b + 1], want) < 1e-5
+
+
+def test_fp8_cache_reads_run_the_generated_kernel():
+    """kv.dequant_fp8 as a generated row kernel equals its reference; kv.quant_fp8 is a reported fallback."""
+    m = models.build_model("deepseek-v3.2-tiny", mtp=False, overrides={"num_hidden_layers": 1})
+    exe = dsgraph.compile(m, backend="triton", device="cpu", kv_cache_dtype="fp8")
+    report = exe.compiled.report
+    assert [k.kernel for k in report.kernels if k.op == "kv.dequant_fp8"] == ["fp8_dequant_n32_g32_float32"]
+    assert [k.op for k in report.fallbacks] == ["kv.quant_fp8"]
+    assert not exe.localize(torch.randint(0, 256, (2, 5), generator=G))

@@ -140,3 +140,31 @@ def launch(x, w, b):
     return y
 '''
     return KernelSource(f"layer_norm_n{n}_{dtype}", f"LayerNorm over rows of {n} {dtype} values, eps={eps}", body)
+
+
+def fp8_dequant_rows(n: int, group: int, dtype: str) -> KernelSource:
+    """kv.dequant_fp8: launch(q, scale) -> e4m3 rows [..., n] times their per-`group` fp32 scales, in `dtype`."""
+    tdt, block = TRITON_DTYPES[dtype], _next_pow2(n)
+    body = f'''
+import torch
+
+
+@triton.jit
+def _kernel(q_ptr, s_ptr, y_ptr, N: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    q = tl.load(q_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + row * (N // GROUP) + cols // GROUP, mask=mask, other=0.0)
+    tl.store(y_ptr + row * N + cols, (q * s).to({tdt}), mask=mask)
+
+
+def launch(q, s):
+    q2, s2 = q.reshape(-1, {n}).contiguous(), s.reshape(-1, {n // group}).contiguous()
+    y = torch.empty(q.shape, dtype=torch.{dtype}, device=q.device)
+    if q2.shape[0]:
+        _kernel[(q2.shape[0],)](q2, s2, y, N={n}, GROUP={group}, BLOCK={block}, num_warps={_row_warps(block)})
+    return y
+'''
+    return KernelSource(f"fp8_dequant_n{n}_g{group}_{dtype}", f"e4m3 rows of {n} x fp32 scales per {group}, to {dtype}",
+                        body)

@@ -1,7 +1,9 @@
 """DeepSeek Sparse Attention (V3.2): the indexer's LayerNorm (generated), its scores and the sparse absorbed MLA
 (templates in kernels/dsa.py), and its top-k (torch's stable sort on the device: no host sync, ties to the lower
 position as the op defines). Naive `attention.mla_sparse` has no kernel: the triton pipeline absorbs it first,
-and without absorb_mla it runs its torch reference, listed as a fallback in the report."""
+and without absorb_mla it runs its torch reference, listed as a fallback in the report. The FP8 latent cache's
+reads (kv.dequant_fp8) are a generated row kernel; its writes (kv.quant_fp8) run the torch reference, reported:
+Triton's interpreter rounds fp32 -> e4m3 wrongly, so a kernel could not be checked on the CPU."""
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
@@ -63,3 +65,12 @@ def _sparse_mla(ctx, node):
         return [sparse_mla(a[0], a[1], a[2], scale, rank, causal, kv_lens=a[3] if lens else None)]
     return Lowered("template", "dsa._sparse_mla_kernel (gathers the selected latent rows)",
                    inputs=(*node.inputs, *lens), fn=run)
+
+
+@TABLE.register("kv.dequant_fp8")
+def _fp8_rows(ctx, node):
+    n, dtype = node.inputs[0].shape[-1], node.attrs["dtype"]
+    if not isinstance(n, int) or dtype not in _FLOATS:
+        return Decline(f"row width {n} / dtype {dtype} not supported by the generated kernel")
+    src = ctx.generated(rowwise.fp8_dequant_rows(n, node.attrs["group"], dtype), node)
+    return Lowered("generated", src.name, fn=lambda a, sym: [src(*a)])
