@@ -12,6 +12,7 @@ from dsa_loops import (
     indexer_logits_loop,
     layer_norm_loop,
     quant_fp8_loop,
+    rotate_quant_loop,
     sparse_attention_loop,
     topk_loop,
 )
@@ -188,6 +189,9 @@ for _s in [(3, 16), (2, 5, 7)]:
 for _s, _t in [(3, 3), (1, 6), (4, 9)]:
     ref("indexer.logits", lambda s=_s, t=_t: (R(2, s, 3, 8), R(2, t, 8), R(2, s, 3)),
         lambda q, k, w: indexer_logits_loop(q, k, w, 0.25, causal=False), scale=0.25, causal=False)
+    ref("indexer.logits", lambda s=_s, t=_t: (R(2, s, 3, 16), R(2, t, 16), R(2, s, 3)),   # DeepSeek's FP8 numerics
+        lambda q, k, w: indexer_logits_loop(rotate_quant_loop(q), rotate_quant_loop(k), w, 0.25, causal=False),
+        scale=0.25, causal=False, fp8=True)
 for _t, _k in [(3, 5), (6, 2), (9, 4)]:        # T below and above k
     ref("indexer.topk", lambda t=_t: (indexer_logits_loop(R(2, 3, 2, 4), R(2, t, 4), R(2, 3, 2), 1.0),),
         lambda x, k=_k: topk_loop(x, k), k=_k)
@@ -462,6 +466,8 @@ BAD = [
     ("norm.layer", [T(2, 8), T(8), T(7)], {}, r"weight and bias must be \[8\]"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 9), T(1, 2, 4)], {"scale": 1.0}, r"differ in batch or head dim"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 3)], {"scale": 1.0}, r"must be \[B,S,H\]"),
+    ("indexer.logits", [T(1, 2, 4, 12), T(1, 3, 12), T(1, 2, 4)], {"scale": 1.0, "fp8": True},
+     r"fp8 needs a power-of-two head dim"),
     ("indexer.topk", [T(1, 2, 3, dt=L)], {"k": 2}, r"must be a float tensor"),
     ("indexer.topk", [T(1, 2, 3)], {"k": 0}, r"k=0 must be positive"),
     ("attention.mla_sparse", [T(1, 2, 4, 8), T(1, 3, 4, 8), T(1, 3, 4, 8), T(1, 3, 2, dt=L)], {"scale": 1.0},

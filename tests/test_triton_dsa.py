@@ -7,6 +7,7 @@ import dsgraph.models as models
 import pytest
 import torch
 from dsa_loops import causal_topk_indices
+from dsgraph.backends import get_backend
 from dsgraph.backends.triton.kernels.dsa import indexer_logits, sparse_mla
 
 import dsgraph
@@ -85,3 +86,17 @@ def test_fp8_cache_reads_run_the_generated_kernel():
     assert [k.kernel for k in report.kernels if k.op == "kv.dequant_fp8"] == ["fp8_dequant_n32_g32_float32"]
     assert [k.op for k in report.fallbacks] == ["kv.quant_fp8"]
     assert not exe.localize(torch.randint(0, 256, (2, 5), generator=G))
+
+
+def test_fp8_indexer_numerics_are_a_reported_fallback():
+    """indexer.logits(fp8=True), DeepSeek's Hadamard + e4m3 scores: the torch reference runs, the report says why."""
+    b = dsgraph.GraphBuilder("fp8_indexer", dtype="float32")
+    q, k, w = b.input("q", ("B", 1, 4, 16), "float32"), b.input("k", ("B", "T", 16), "float32"), \
+        b.input("w", ("B", 1, 4), "float32")
+    b.output("logits", b.indexer.logits(q, k, w, scale=0.1, fp8=True))
+    compiled = get_backend("triton").compile(b.build(), {}, device="cpu")
+    (fallback,) = compiled.report.fallbacks
+    assert "Hadamard + e4m3" in fallback.note
+    ins = {"q": R(2, 1, 4, 16), "k": R(2, 9, 16), "w": R(2, 1, 4)}
+    want = get_op("indexer.logits").reference_fn(*ins.values(), scale=0.1, causal=True, fp8=True)
+    assert torch.equal(compiled.run(ins)["logits"], want)

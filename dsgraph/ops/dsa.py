@@ -8,8 +8,10 @@ As DeepSeek-V3.2-Exp's `inference/model.py` (class `Indexer`) and transformers' 
 
 `scale` carries softmax_scale * index_n_heads**-0.5 (ReLU commutes with a positive factor). The reference's
 Hadamard rotation of q and k is orthogonal, so q . k is unchanged without it; it matters only before FP8
-quantisation, which this bf16/fp32 path (like transformers') does not do. Ties among equal logits go to the lower
-position (a stable sort), which the kernels follow; transformers' `torch.topk` leaves tie order unspecified.
+quantisation, which the default path (like transformers') does not do. `fp8=True` follows the reference's FP8
+numerics instead (rotation, e4m3 with power-of-two scales: dsa_fp8.py); the model builder emits fp8=False.
+Ties among equal logits go to the lower position (a stable sort), which the kernels follow; transformers'
+`torch.topk` leaves tie order unspecified.
 """
 from __future__ import annotations
 
@@ -18,16 +20,18 @@ import torch
 from ..types import TensorType
 from .attention import ATTN_ATTRS, _attn_types, attention_decomposition
 from .common import expect_float, expect_int, expect_rank, f32, same_dtype
+from .dsa_fp8 import GROUP, rotate_quant_decomposition, rotate_quant_ref
 from .registry import Attr, defop, expect
 
-LOGITS = defop("indexer.logits", "q k weights", {"scale": Attr(float), "causal": Attr(bool, True)},
+LOGITS = defop("indexer.logits", "q k weights",
+               {"scale": Attr(float), "causal": Attr(bool, True), "fp8": Attr(bool, False)},
                "DSA lightning indexer scores: q [B,S,H,D], key cache k [B,T,D], per-head weights [B,S,H] -> fp32 "
-               "[B,S,T] = sum_h weights * relu(q_h . k) * scale, -inf past each query's causal horizon.",
-               level="domain")
+               "[B,S,T] = sum_h weights * relu(q_h . k) * scale, -inf past each query's causal horizon; fp8: q and "
+               "k Hadamard-rotated and rounded to e4m3 first, as DeepSeek's reference does.", level="domain")
 
 
 @LOGITS.infer
-def _(q, k, weights, scale, causal):
+def _(q, k, weights, scale, causal, fp8):
     expect_rank(q, 4, "indexer.logits q [B,S,H,D]")
     expect_rank(k, 3, "indexer.logits k [B,T,D]")
     expect_rank(weights, 3, "indexer.logits weights [B,S,H]")
@@ -37,6 +41,9 @@ def _(q, k, weights, scale, causal):
     expect(q.shape[0] == k.shape[0] and q.shape[3] == k.shape[2],
            lambda: f"indexer.logits: q {q} and key cache {k} differ in batch or head dim")
     expect(weights.shape == q.shape[:3], lambda: f"indexer.logits: weights {weights} must be [B,S,H] of q {q}")
+    d = q.shape[3]
+    expect(not fp8 or (isinstance(d, int) and d & (d - 1) == 0 and (d <= GROUP or d % GROUP == 0)),
+           lambda: f"indexer.logits: fp8 needs a power-of-two head dim (the Hadamard rotation), got {q}")
     return TensorType((q.shape[0], q.shape[1], k.shape[1]), "float32")
 
 
@@ -46,7 +53,9 @@ def causal_keep(s: int, t: int, device) -> torch.Tensor:
 
 
 @LOGITS.reference
-def _(q, k, weights, scale, causal):
+def _(q, k, weights, scale, causal, fp8):
+    if fp8:
+        q, k = rotate_quant_ref(q), rotate_quant_ref(k)
     scores = torch.relu(torch.einsum("bshd,btd->bsht", f32(q), f32(k)))
     logits = torch.einsum("bsht,bsh->bst", scores, f32(weights)) * scale
     if causal:
@@ -55,11 +64,13 @@ def _(q, k, weights, scale, causal):
 
 
 @LOGITS.decomposition
-def _(b, q, k, weights, scale, causal):
+def _(b, q, k, weights, scale, causal, fp8):
     bs, s, h, d = q.shape
     t = k.shape[1]
-    kt = b.reshape(b.permute(b.cast(k, dtype="float32"), dims=(0, 2, 1)), shape=(bs, 1, d, t))
-    scores = b.maximum(b.matmul(b.cast(q, dtype="float32"), kt), b.constant(value=0.0))        # [B,S,H,T]
+    qf, kf = (rotate_quant_decomposition(b, q), rotate_quant_decomposition(b, k)) if fp8 else \
+        (b.cast(q, dtype="float32"), b.cast(k, dtype="float32"))
+    kt = b.reshape(b.permute(kf, dims=(0, 2, 1)), shape=(bs, 1, d, t))
+    scores = b.maximum(b.matmul(qf, kt), b.constant(value=0.0))        # [B,S,H,T]
     w = b.reshape(b.cast(weights, dtype="float32"), shape=(bs, s, 1, h))
     logits = b.mul(b.reshape(b.matmul(w, scores), shape=(bs, s, t)), b.constant(value=scale))
     if causal:

@@ -40,6 +40,8 @@ def _indexer_logits(ctx, node):
     refused = _interpreter_bf16(ctx, *node.inputs[:2])
     if refused:
         return refused
+    if node.attrs["fp8"]:
+        return Decline("fp8=True (DeepSeek's Hadamard + e4m3 indexer numerics) has no kernel yet; its reference runs")
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     lens = cached_lengths(ctx, node)   # a static-capacity decode step's lengths, when k is an appended cache
     return Lowered("template", "dsa._indexer_logits_kernel", note=NO_ROTATION, inputs=(*node.inputs, *lens),

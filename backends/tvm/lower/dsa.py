@@ -4,6 +4,8 @@ defines) over the logits padded with -inf to at least k columns. Naive `attentio
 pipeline absorbs it first)."""
 from __future__ import annotations
 
+from dsgraph.backends.lowering import Decline
+
 from ..deps import relax, te, tirx
 from .registry import TABLE, Lowered
 
@@ -35,6 +37,9 @@ def indexer_logits_te(q, k, w, scale: float, causal: bool):
 
 @TABLE.register("indexer.logits")
 def _(ctx, node):
+    if node.attrs["fp8"]:
+        return Decline("fp8=True (DeepSeek's Hadamard + e4m3 indexer numerics): the tvm backend casts to no FP8 "
+                       "format; compile the default fp8=False graph")
     out = ctx.emit_te(indexer_logits_te, *ctx.inputs(node), node.attrs["scale"], node.attrs["causal"],
                       name="indexer_logits")
     return Lowered("tir", "te.indexer_logits (weighted ReLU over heads)", outputs=[out])
