@@ -31,7 +31,7 @@ LOGITS = defop("indexer.logits", "q k weights",
 
 
 @LOGITS.infer
-def _(q, k, weights, scale, causal, fp8):
+def _(q, k, weights, scale, causal, fp8=False):
     expect_rank(q, 4, "indexer.logits q [B,S,H,D]")
     expect_rank(k, 3, "indexer.logits k [B,T,D]")
     expect_rank(weights, 3, "indexer.logits weights [B,S,H]")
@@ -53,7 +53,7 @@ def causal_keep(s: int, t: int, device) -> torch.Tensor:
 
 
 @LOGITS.reference
-def _(q, k, weights, scale, causal, fp8):
+def _(q, k, weights, scale, causal, fp8=False):
     if fp8:
         q, k = rotate_quant_ref(q), rotate_quant_ref(k)
     scores = torch.relu(torch.einsum("bshd,btd->bsht", f32(q), f32(k)))
@@ -64,7 +64,7 @@ def _(q, k, weights, scale, causal, fp8):
 
 
 @LOGITS.decomposition
-def _(b, q, k, weights, scale, causal, fp8):
+def _(b, q, k, weights, scale, causal, fp8=False):
     bs, s, h, d = q.shape
     t = k.shape[1]
     qf, kf = (rotate_quant_decomposition(b, q), rotate_quant_decomposition(b, k)) if fp8 else \
