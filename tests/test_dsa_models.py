@@ -65,3 +65,13 @@ def test_ue8m0_scales_that_are_not_powers_of_two_are_refused(tmp_path):
     model = dsgraph.load(str(tmp_path), mtp=False)
     with pytest.raises(CheckpointError, match="not powers of two.*scale_fmt 'ue8m0'"):
         model.weights["model.layers.0.self_attn.q_a_proj.weight"]
+
+
+def test_mtp_speculation_keeps_greedy_tokens():
+    """V3.2's MTP module has its own indexer and key cache: drafting, verifying k+1 tokens and rolling the caches
+    back (the indexer's included) leaves plain greedy decoding's tokens."""
+    exe = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="eager", keep_mtp=True)
+    assert "cache.mtp.index_k" in exe.mtp[0].inputs
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    plain = exe.generate(ids, max_new_tokens=8)
+    assert torch.equal(exe.generate(ids, max_new_tokens=8, speculative="mtp", draft_depth=2), plain)
