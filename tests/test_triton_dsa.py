@@ -49,13 +49,16 @@ def test_sparse_mla(s, t, h, k, dtype):
     want = get_op("attention.mla_sparse_absorbed").reference_fn(q, cache, idx, scale=0.3, causal=True, kv_lora_rank=c)
     assert rel_err(got, want) < tolerance(str(dtype).removeprefix("torch."), "op")
     assert torch.equal(sparse_mla(q, cache, idx.int(), 0.3, c), got)     # int32 indices read alike
+    parts = sparse_mla(q[..., :c].contiguous(), cache, idx, 0.3, c, q_rope=q[..., c:].contiguous())
+    assert torch.equal(parts, got)                                        # the query in two parts (concat region)
 
 
 def test_tiny_v32_report_names_the_dsa_kernels():
     report = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="triton", device="cpu").compiled.report
     kernels = {k.op: k.kernel for k in report.kernels}
     assert kernels["indexer.logits"] == "dsa._indexer_logits_kernel"
-    assert kernels["attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
+    assert kernels["concat+attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
+    assert kernels["concat+attention.mla_sparse_absorbed"].endswith("q read in two parts (no concat)")
     assert kernels["norm.layer"].startswith("layer_norm_n16")
     assert "torch.sort" in kernels["indexer.topk"] and not report.fallbacks
 

@@ -88,8 +88,9 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
 
 @triton.jit
 def _sparse_mla_kernel(
-    q_ptr, c_ptr, idx_ptr, lens_ptr, out_ptr, S, T, K, H,
+    q_ptr, qr_ptr, c_ptr, idx_ptr, lens_ptr, out_ptr, S, T, K, H,
     stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_rb, stride_rs, stride_rh, stride_rd,
     stride_cb, stride_ct, stride_cd,
     stride_ib, stride_is, stride_ik,
     stride_ob, stride_os, stride_oh, stride_od,
@@ -106,7 +107,8 @@ def _sparse_mla_kernel(
     h_ok, c_ok, r_ok = offs_h < H, offs_c < HEAD_C, offs_r < HEAD_R
     q_rows = q_ptr + b * stride_qb + row * stride_qs + offs_h[:, None] * stride_qh
     q_c = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-    q_r = tl.load(q_rows + (HEAD_C + offs_r[None, :]) * stride_qd, mask=h_ok[:, None] & r_ok[None, :], other=0.0)
+    r_rows = qr_ptr + b * stride_rb + row * stride_rs + offs_h[:, None] * stride_rh
+    q_r = tl.load(r_rows + offs_r[None, :] * stride_rd, mask=h_ok[:, None] & r_ok[None, :], other=0.0)
     limit = kv_len - S + row
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -136,12 +138,18 @@ def _sparse_mla_kernel(
 
 
 def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float, kv_lora_rank: int,
-               causal: bool = True, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B,S,H,C+R], cache [B,T,C+R], indices int [B,S,K] -> [B,S,H,C] (see dsgraph/ops/dsa.py)."""
+               causal: bool = True, kv_lens: torch.Tensor | None = None, q_rope: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """q [B,S,H,C+R], cache [B,T,C+R], indices int [B,S,K] -> [B,S,H,C] (see dsgraph/ops/dsa.py); with q_rope
+    [B,S,H,R], q is the latent part [B,S,H,C] alone (the two inputs of absorb_mla's concat, read where they lie)."""
     dtype = check_float("sparse_mla", q=q, cache=cache)
-    b, s, h, width = q.shape
+    if q_rope is None:
+        q_rope = q[..., kv_lora_rank:]
+    b, s, h = q.shape[:3]
+    width = kv_lora_rank + q_rope.shape[-1]
     t, n = cache.shape[1], indices.shape[-1]
-    if cache.shape != (b, t, width) or indices.shape[:2] != (b, s) or not 0 < kv_lora_rank < width:
+    if cache.shape != (b, t, width) or indices.shape[:2] != (b, s) or q_rope.shape[:3] != (b, s, h) \
+            or q.shape[-1] not in (kv_lora_rank, width) or not 0 < kv_lora_rank < width:
         raise ShapeError(f"sparse_mla: q {tuple(q.shape)}, cache {tuple(cache.shape)}, indices "
                          f"{tuple(indices.shape)} must be [B,S,H,C+R], [B,T,C+R], [B,S,K] with 0 < C={kv_lora_rank} "
                          "< C+R")
@@ -149,8 +157,8 @@ def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scal
     if out.numel():
         block_h = min(64, _pow2(h))
         _sparse_mla_kernel[(s, b, triton.cdiv(h, block_h))](
-            q, cache, indices, out if kv_lens is None else kv_lens, out, s, t, n, h, *q.stride(), *cache.stride(),
-            *indices.stride(), *out.stride(), scale,
+            q, q_rope, cache, indices, out if kv_lens is None else kv_lens, out, s, t, n, h, *q.stride(),
+            *q_rope.stride(), *cache.stride(), *indices.stride(), *out.stride(), scale,
             HEAD_C=kv_lora_rank, HEAD_R=width - kv_lora_rank, BLOCK_C=_pow2(kv_lora_rank),
             BLOCK_R=_pow2(width - kv_lora_rank), BLOCK_H=block_h, BLOCK_K=min(64, _pow2(n)), CAUSAL=causal,
             HAS_LENS=kv_lens is not None, PRECISION=dot_precision(dtype))

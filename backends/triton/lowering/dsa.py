@@ -9,6 +9,7 @@ from __future__ import annotations
 from dsgraph.backends.lowering import Decline
 
 from dsgraph.ops.dsa import topk_ref
+from dsgraph.pattern import ANY, P, Var
 
 from ..codegen import rowwise
 from ..kernels.dsa import indexer_logits, sparse_mla
@@ -55,18 +56,45 @@ def _topk(ctx, node):
                    fn=lambda a, sym: [topk_ref(a[0], k)])
 
 
-@TABLE.register("attention.mla_sparse_absorbed")
-def _sparse_mla(ctx, node):
-    refused = _interpreter_bf16(ctx, *node.inputs[:2])
+def _sparse_step(ctx, attn, split_q: bool):
+    """The sparse-MLA template for `attn`; its step takes (q, cache, indices[, cache_lens]), with split_q (q latent,
+    q rope, cache, indices[, cache_lens]): the two inputs of the concat that makes q."""
+    refused = _interpreter_bf16(ctx, *attn.inputs[:2])
     if refused:
         return refused
-    scale, causal, rank = node.attrs["scale"], node.attrs["causal"], node.attrs["kv_lora_rank"]
-    lens = cached_lengths(ctx, node)
+    scale, causal, rank = attn.attrs["scale"], attn.attrs["causal"], attn.attrs["kv_lora_rank"]
+    q = tuple(attn.inputs[0].node.inputs) if split_q else (attn.inputs[0],)
+    lens = cached_lengths(ctx, attn)
 
     def run(a, sym):
-        return [sparse_mla(a[0], a[1], a[2], scale, rank, causal, kv_lens=a[3] if lens else None)]
+        q_rope, rest = (a[1], a[2:]) if split_q else (None, a[1:])
+        return [sparse_mla(a[0], rest[0], rest[1], scale, rank, causal, kv_lens=rest[2] if lens else None,
+                           q_rope=q_rope)]
     return Lowered("template", "dsa._sparse_mla_kernel (gathers the selected latent rows)",
-                   inputs=(*node.inputs, *lens), fn=run)
+                   inputs=(*q, *attn.inputs[1:], *lens), fn=run)
+
+
+@TABLE.register("attention.mla_sparse_absorbed")
+def _sparse_mla(ctx, node):
+    return _sparse_step(ctx, node, split_q=False)
+
+
+# the query as absorb_mla emits it: concat(q_latent, q_rope), read by nothing but the sparse attention
+Q_INTO_SPARSE = P("attention.mla_sparse_absorbed", P("concat", Var("q_lat"), Var("q_rope"), dim=lambda d: d in (-1, 3),
+                                                     name="q"), Var("cache"), Var("idx"), kv_lora_rank=ANY)
+
+
+@TABLE.register("concat")
+def _q_into_sparse(ctx, node):
+    """The region Q_INTO_SPARSE: the kernel reads the two query parts where they lie (no concat launch)."""
+    m = ctx.region(Q_INTO_SPARSE, node, anchor="q")
+    if m is None or m["q_lat"].type.shape[-1] != m.attr("kv_lora_rank"):
+        return Decline("not the query concat(q_latent, q_rope) read only by attention.mla_sparse_absorbed")
+    step = _sparse_step(ctx, m.root, split_q=True)
+    if isinstance(step, Decline):
+        return step
+    return Lowered(step.kind, f"{step.kernel}, q read in two parts (no concat)", nodes=tuple(m.nodes),
+                   inputs=step.inputs, outputs=m.root.outputs, fn=step.fn)
 
 
 @TABLE.register("kv.dequant_fp8")
