@@ -17,6 +17,7 @@ from dsgraph.builder import GraphBuilder
 from dsgraph.ops.rope import yarn_mscale
 
 from .config import ModelConfig, rope_attrs
+from .dsa import indexer
 
 
 class DecoderBuilder:
@@ -82,6 +83,7 @@ class DecoderBuilder:
         c, b = self.cfg, self.b
         h, d = c.num_attention_heads, c.hidden_size
         dn, dr, dv, kvr = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+        cq = None
         if c.q_lora_rank:
             cq = self.norm(self.linear(x, f"{p}.q_a_proj", c.q_lora_rank, d), f"{p}.q_a_layernorm", c.q_lora_rank)
             q = self.linear(cq, f"{p}.q_b_proj", h * (dn + dr), c.q_lora_rank)
@@ -100,7 +102,12 @@ class DecoderBuilder:
         k_all, v_all = b.cache.append(kc, k), b.cache.append(vc, v)
         b.output(f"{cache}.k.next", k_all, cache_of=kc)
         b.output(f"{cache}.v.next", v_all, cache_of=vc)
-        o = b.attention.mla(b.concat(q_nope, q_pe, dim=-1), k_all, v_all, scale=self.mla_scale())
+        q = b.concat(q_nope, q_pe, dim=-1)
+        if c.is_dsa:  # V3.2: attend only to the positions the lightning indexer selects (models/dsa.py)
+            o = b.attention.mla_sparse(q, k_all, v_all, indexer(self, x, cq, positions, p, cache),
+                                       scale=self.mla_scale())
+        else:
+            o = b.attention.mla(q, k_all, v_all, scale=self.mla_scale())
         return self.linear(b.reshape(o, shape=("B", "S", h * dv)), f"{p}.o_proj", d, h * dv)
 
     # FFN -----------------------------------------------------------------------

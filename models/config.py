@@ -10,7 +10,7 @@ from dsgraph.errors import ConfigError
 FAMILIES = {
     # model_type -> family builder shape
     "llama": "llama", "qwen2": "llama", "deepseek": "deepseek_moe",
-    "deepseek_v2": "mla", "deepseek_v3": "mla",
+    "deepseek_v2": "mla", "deepseek_v3": "mla", "deepseek_v32": "mla",
 }
 
 
@@ -54,6 +54,11 @@ class ModelConfig:
     # MTP and quantisation
     num_nextn_predict_layers: int = 0
     fp8_block_size: tuple | None = None   # (128, 128) for FP8 block-quantised checkpoints
+    fp8_scale_fmt: str | None = None      # "ue8m0" (V3.1 / V3.2): block scales are powers of two
+    # DeepSeek Sparse Attention (V3.2): the lightning indexer's heads, head dim and top-k (models/dsa.py)
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     extra: dict = field(default_factory=dict)
 
     # derived -----------------------------------------------------------------
@@ -64,6 +69,10 @@ class ModelConfig:
     @property
     def is_mla(self) -> bool:
         return self.family == "mla"
+
+    @property
+    def is_dsa(self) -> bool:
+        return bool(self.index_topk)
 
     @property
     def is_moe(self) -> bool:
@@ -96,7 +105,9 @@ _MOE_REQUIRED = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_si
 
 
 # transformers' DeepseekV3 hard-codes sigmoid + noaux_tc routing and writes no such keys to config.json
-_TYPE_DEFAULTS = {"deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
+_TYPE_DEFAULTS = {"deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+                  "deepseek_v32": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
+_DSA_REQUIRED = ("index_n_heads", "index_head_dim", "index_topk", "q_lora_rank")
 
 
 def from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
@@ -114,7 +125,11 @@ def from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         for key in _MLA_REQUIRED:
             if cfg.get(key) is None:
                 raise ConfigError(f"{source}: missing MLA key {key!r} for {mt}")
-    if mt in ("deepseek", "deepseek_v2", "deepseek_v3"):
+    if mt == "deepseek_v32":
+        for key in _DSA_REQUIRED:
+            if not cfg.get(key):
+                raise ConfigError(f"{source}: missing DeepSeek Sparse Attention key {key!r} for {mt}")
+    if mt in ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32"):
         for key in _MOE_REQUIRED:
             if cfg.get(key) is None:
                 raise ConfigError(f"{source}: missing MoE key {key!r} for {mt}")
@@ -139,6 +154,9 @@ def from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     if qc:
         if qc.get("quant_method") != "fp8" or qc.get("fmt", "e4m3") != "e4m3":
             raise ConfigError(f"{source}: quantization_config {qc} is not FP8 e4m3 block quantisation")
+        if qc.get("scale_fmt") not in (None, "ue8m0"):
+            raise ConfigError(f"{source}: quantization_config scale_fmt {qc['scale_fmt']!r} is not supported; "
+                              "dsgraph reads float block scales (no scale_fmt) and power-of-two 'ue8m0' ones")
         fp8 = tuple(qc.get("weight_block_size") or (128, 128))
     n_heads = cfg["num_attention_heads"]
     out = ModelConfig(
@@ -162,6 +180,8 @@ def from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         qk_nope_head_dim=cfg.get("qk_nope_head_dim"), qk_rope_head_dim=cfg.get("qk_rope_head_dim"),
         v_head_dim=cfg.get("v_head_dim"), rope_interleave=bool(cfg.get("rope_interleave", True)),
         num_nextn_predict_layers=cfg.get("num_nextn_predict_layers", 0) or 0, fp8_block_size=fp8,
+        fp8_scale_fmt=qc.get("scale_fmt") if fp8 else None,
+        **({k: cfg[k] for k in _DSA_REQUIRED[:3]} if mt == "deepseek_v32" else {}),
     )
     if out.scoring_func not in ("softmax", "sigmoid"):
         raise ConfigError(f"{source}: scoring_func {out.scoring_func!r} not in ['sigmoid', 'softmax']")

@@ -11,8 +11,10 @@ What it accepts (param names of the graph are the hub keys, so most map 1:1):
     = cat(gate, up) and `mlp.experts.down_proj` [E, D, I], what transformers 5 holds in memory and writes with
     `save_pretrained(save_original_format=False)`), split per expert lazily;
   * FP8 e4m3 weights with `weight_scale_inv` block scales (`quantization_config.weight_block_size`, partial edge
-    blocks): kept as FP8 params (`keep_fp8=True`; the graph dequantises them with `dequant_fp8` nodes) or
-    dequantised per tensor as it is read (default; the graph is built without FP8);
+    blocks; float32, or V3.1 / V3.2's power-of-two `scale_fmt: ue8m0` ones, see hf_scales.py): kept as FP8
+    params (`keep_fp8=True`; the graph dequantises them with `dequant_fp8` nodes) or dequantised per tensor as
+    it is read (default; the graph is built without FP8);
+  * V3.2's lightning indexer under each layer's attention (`self_attn.indexer.{wq_b,wk,k_norm,weights_proj}`);
   * the MTP module stored as layer `num_hidden_layers` (built when present and `mtp=True`);
   * tied embeddings (no `lm_head.weight`).
 
@@ -31,6 +33,7 @@ from dsgraph.errors import CheckpointError, ConfigError
 from dsgraph.weights import SliceableEntry, WeightStore
 
 from .config import from_hf
+from .hf_scales import SCALE_DTYPES, read_scale
 from .hf_shards import FLOAT_DTYPES, Shards, dequant_read
 from .model import Model, build_graph
 
@@ -103,6 +106,9 @@ def _bind(graph, shards: Shards, cfg, ignored_prefixes: tuple[str, ...]) -> Weig
         if name in shards and scale in shards and want_dtype != "float8_e4m3fn":
             entry = _dequant_entry(name, scale, want, shards, cfg, wrong)
             used.update((name, scale))
+        elif name.endswith("_scale_inv") and name in shards:
+            entry = _scale_entry(name, want, shards, cfg, wrong)
+            used.add(name)
         elif name in shards:
             entry = _direct_entry(name, want, want_dtype, shards, wrong)
             used.add(name)
@@ -142,11 +148,21 @@ def _dequant_entry(name, scale, want, shards: Shards, cfg, wrong: list):
         wrong.append(f"{name}: has {scale} but config.json has no FP8 quantization_config (weight_block_size)")
         return None
     grid = (-(-want[0] // block[0]), -(-want[1] // block[1])) if len(want) == 2 else None
-    if w.shape != want or w.dtype != "float8_e4m3fn" or s.shape != grid:
+    if w.shape != want or w.dtype != "float8_e4m3fn" or s.shape != grid or s.dtype not in SCALE_DTYPES:
         wrong.append(f"{name}: checkpoint {w.dtype}{list(w.shape)} with scales {list(s.shape)}, model expects "
                      f"float8_e4m3fn{list(want)} with scales {list(grid or ())} ({block[0]}x{block[1]} blocks)")
         return None
-    return SliceableEntry(lambda index: dequant_read(shards, name, scale, block, index))
+    return SliceableEntry(lambda index: dequant_read(shards, name, scale, block, index, cfg.fp8_scale_fmt))
+
+
+def _scale_entry(name, want, shards: Shards, cfg, wrong: list):
+    """A kept FP8 weight's block scales (keep_fp8=True), float32 whatever their stored format."""
+    info = shards.info[name]
+    if info.shape != want or info.dtype not in SCALE_DTYPES:
+        wrong.append(f"{name}: checkpoint {info.dtype}{list(info.shape)}, model expects scales {list(want)} "
+                     f"as one of {list(SCALE_DTYPES)}")
+        return None
+    return SliceableEntry(lambda index: read_scale(shards, name, cfg.fp8_scale_fmt, index))
 
 
 def _fused_key(name: str, shards: Shards) -> str | None:

@@ -19,9 +19,12 @@ from safetensors import safe_open
 from dsgraph.errors import CheckpointError
 from dsgraph.ops.mlp import dequant_fp8_block
 
+from .hf_scales import read_scale
+
 # safetensors header dtype -> dsgraph dtype name (FP8 e4m3 is DeepSeek-V3's weight format)
 ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-             "F64": "float64", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+             "F64": "float64",
+             "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_FILE = "model.safetensors.index.json"
 # show progress when a load reads at least this much, or the checkpoint has at least this many files
@@ -40,7 +43,7 @@ class TensorInfo:
         n = 1
         for d in self.shape:
             n *= d
-        return n * (1 if self.dtype in ("float8_e4m3fn", "int8", "uint8", "bool") else
+        return n * (1 if self.dtype in ("float8_e4m3fn", "float8_e8m0fnu", "int8", "uint8", "bool") else
                     2 if self.dtype in ("float16", "bfloat16") else 8 if self.dtype in ("float64", "int64") else 4)
 
 
@@ -144,15 +147,16 @@ class Shards:
         return sum(i.nbytes for i in self.info.values())
 
 
-def dequant_read(shards: Shards, name: str, scale: str, block: tuple[int, int], index) -> torch.Tensor:
-    """FP8 weight `name` (all of it, or `tensor[index]` for slices along one dim) times its block scales, reading
-    only the weight's slice and the scale blocks that cover it."""
+def dequant_read(shards: Shards, name: str, scale: str, block: tuple[int, int], index,
+                 scale_fmt: str | None = None) -> torch.Tensor:
+    """FP8 weight `name` (all of it, or `tensor[index]` for slices along one dim) times its block scales (in
+    `scale_fmt`, hf_scales.py), reading only the weight's slice and the scale blocks that cover it."""
     if index is None:
-        return dequant_fp8_block(shards.read(name), shards.read(scale), block)
+        return dequant_fp8_block(shards.read(name), read_scale(shards, scale, scale_fmt), block)
     d = len(index) - 1
     cut, b = index[d], block[d]
     lo = cut.start // b * b  # read from the block boundary, trim after dequantising
     w = shards.read(name, index[:d] + (slice(lo, cut.stop),))
-    s = shards.read(scale, index[:d] + (slice(lo // b, -(-cut.stop // b)),))
+    s = read_scale(shards, scale, scale_fmt, index[:d] + (slice(lo // b, -(-cut.stop // b)),))
     return dequant_fp8_block(w, s, block).narrow(d, cut.start - lo, cut.stop - cut.start).contiguous()
 

@@ -47,6 +47,12 @@ _V3 = {**_V2, "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 
        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                "weight_block_size": [128, 128]}}
 
+# V3.1 / V3.1-Terminus: V3's architecture, FP8 block scales that are powers of two (`scale_fmt: ue8m0`)
+_UE8M0 = {**_V3["quantization_config"], "scale_fmt": "ue8m0"}
+_V31 = {**_V3, "quantization_config": _UE8M0}
+# V3.2-Exp / V3.2: V3.1 plus DeepSeek Sparse Attention (a lightning indexer per layer, top-2048 sparse MLA)
+_V32 = {**_V31, "model_type": "deepseek_v32", "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048}
+
 PRESETS: dict[str, dict] = {
     "deepseek-llm-7b": _llama(4096, 11008, 30, 32, 32),
     "deepseek-llm-67b": _llama(8192, 22016, 95, 64, 8),
@@ -71,6 +77,8 @@ PRESETS: dict[str, dict] = {
     "deepseek-coder-v2-lite": _V2_LITE,
     "deepseek-v3": _V3,
     "deepseek-r1": _V3,
+    "deepseek-v3.1": _V31,
+    "deepseek-v3.2": _V32,
 }
 
 _TINY_MLA = {"hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 3,
@@ -102,6 +110,11 @@ TINY: dict[str, dict] = {
                              "rope_scaling": {**_YARN_V3, "factor": 4, "original_max_position_embeddings": 64},
                              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
                                                      "weight_block_size": [16, 16]}},
+    # index_topk 3 < the tests' 4-token prompts and cached lengths: the sparsity changes every layer's output
+    "deepseek-v3.2-tiny": {**_V32, **_TINY_MLA, "q_lora_rank": 24, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                           "n_group": 4, "topk_group": 2, "quantization_config": None, "index_n_heads": 4,
+                           "index_head_dim": 16, "index_topk": 3,
+                           "rope_scaling": {**_YARN_V3, "factor": 4, "original_max_position_embeddings": 64}},
 }
 PRESETS.update(TINY)
 TINY_PRESETS = tuple(TINY)

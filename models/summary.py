@@ -1,5 +1,5 @@
 """`dsgraph show`: parameters (total / activated, MTP apart), layers, experts and the KV
-cache per token for naive and absorbed MLA — from the graph alone, no weights."""
+cache per token for naive and absorbed MLA (and V3.2's indexer keys) — from the graph alone, no weights."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ class ModelSummary:
     kv_graph: int              # what this graph's caches hold
     dtype_bytes: int
     graph_summary: object
+    kv_indexer: int | None = None   # V3.2's indexer key cache, values per token, all layers
 
     def __str__(self) -> str:
         g = self.graph_summary
@@ -38,6 +39,11 @@ class ModelSummary:
             lines.append(f"    absorbed MLA    {self.kv_absorbed:,} values = "
                          f"{self.kv_absorbed * self.dtype_bytes / 1024:,.1f} KiB ({self.kv_absorbed // self.layers:,} "
                          f"per layer, {self.kv_naive / self.kv_absorbed:.1f}x smaller)")
+        if self.kv_indexer:
+            total, kib = self.kv_absorbed + self.kv_indexer, self.dtype_bytes / 1024
+            lines.append(f"    indexer keys    {self.kv_indexer:,} values = {self.kv_indexer * kib:,.1f} KiB "
+                         f"({self.kv_indexer // self.layers:,} per layer); absorbed MLA + indexer {total:,} values "
+                         f"= {total * kib:,.1f} KiB")
         ops = ", ".join(f"{op}×{n}" for op, n in sorted(g.op_counts.items()))
         lines.append(f"  graph             {sum(g.op_counts.values())} nodes: {ops}")
         return "\n".join(lines)
@@ -72,4 +78,5 @@ def model_summary(model) -> ModelSummary:
                          if not n.startswith("cache.mtp"))
     return ModelSummary(model.name, c.model_type, c.num_hidden_layers, experts, s.params - mtp,
                         s.activated_params - (mtp - mtp_inactive), mtp, kv_naive, kv_abs, main_layers_kv,
-                        itemsize(g.params()["model.embed_tokens.weight"].type.dtype), s)
+                        itemsize(g.params()["model.embed_tokens.weight"].type.dtype), s,
+                        c.num_hidden_layers * c.index_head_dim if c.is_dsa else None)

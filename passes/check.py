@@ -23,6 +23,7 @@ from dsgraph.ir import Graph
 from dsgraph.numerics import TOLERANCE, rel_err
 from dsgraph.weights import WeightStore
 
+from .base import info, list_passes
 from .manager import run_pipeline
 
 OTHER_DIM = 7  # size given to symbols other than B (batch) and S (new tokens): odd on purpose
@@ -60,10 +61,14 @@ class CheckResult:
         return self
 
 
-def _tolerance(graph: Graph) -> float:
+def _tolerance(graph: Graph, names: list[str]) -> float:
+    """The dtype's pass tolerance, widened to what a lossy pass of the pipeline declares (class attribute
+    `tolerance`, e.g. fp8_latent_cache's FP8 rounding)."""
     dts = {v.type.dtype for v in graph.values() if v.type.is_float and v.kind != "param"}
     table = TOLERANCE["pass"]
-    return max(table.get(d, table["float32"]) for d in dts) if dts else table["float32"]
+    registered = list_passes()
+    lossy = [getattr(info(n).factory, "tolerance", 0.0) for n in names if n in registered]
+    return max(([table.get(d, table["float32"]) for d in dts] or [table["float32"]]) + lossy)
 
 
 def _vocab(graph: Graph, weights, name: str) -> int:
@@ -131,8 +136,9 @@ def check(pass_or_pipeline, graph: Graph, weights: WeightStore, inputs: dict | N
     spec = pass_or_pipeline if isinstance(pass_or_pipeline, list) else [pass_or_pipeline]
     after, weights1, records = run_pipeline(graph, weights, spec)
     names = [r.name for r in records]
-    # a pass that lowers precision (retype) is held to the less precise graph's tolerance
-    res = CheckResult(names, rtol if rtol is not None else max(_tolerance(graph), _tolerance(after)), records=records,
+    # a pass that lowers precision (retype) is held to the less precise graph's tolerance, a lossy one to its own
+    res = CheckResult(names, rtol if rtol is not None else max(_tolerance(graph, names), _tolerance(after, names)),
+                      records=records,
                       changed=any(r.changed for r in records))
     gen = torch.Generator().manual_seed(seed)
     acts = inputs if inputs is not None else make_inputs([graph, after], weights, batch, seq, 0, gen)

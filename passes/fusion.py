@@ -171,13 +171,14 @@ class FuseFP8Linear(PatternPass):
         return [Rewrite("fp8", P("linear", X, fp8), _fp8)]
 
 
-_ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed")
+_ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed", "attention.mla_sparse",
+              "attention.mla_sparse_absorbed")
 
 
 def _with_rope(b, m):
     att, rot = m.root, m["q"]
     q = rot if "keep" not in m else b.concat(m["keep"], rot, dim=-1)
-    extra = {"kv_lora_rank": att.attrs["kv_lora_rank"]} if att.op == "attention.mla_absorbed" else {}
+    extra = {"kv_lora_rank": att.attrs["kv_lora_rank"]} if "kv_lora_rank" in att.attrs else {}
     out = b.op("attention.with_rope", q, m["pos"], *m["kv"], inner=att.op, rope_dims=rot.shape[-1],
                scale=att.attrs["scale"], causal=att.attrs["causal"], **extra, **m.node("rope").attrs)
     return {m.root_value: out}

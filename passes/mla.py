@@ -10,7 +10,9 @@ into
     latent = cache.append(cache.L.latent [B,T,C+R], concat(c_kv, k_pe))
     o      = einsum("bshc,hdc->bshd", attention.mla_absorbed(concat(q_lat, q_pe), latent), W_UV)
 
-so the cache holds C+R values per token per layer instead of H*(dn+R+dv).
+so the cache holds C+R values per token per layer instead of H*(dn+R+dv). V3.2's sparse form,
+attention.mla_sparse(q, k_all, v_all, indices), becomes attention.mla_sparse_absorbed(q, latent, indices) the
+same way (the indexer and its key cache are untouched).
 `absorb_mla_premultiplied` then folds W_UK into q_b_proj / q_proj and W_UV into o_proj
 offline, leaving no per-step einsum. FP8 weights are dequantised where they are folded.
 """
@@ -53,13 +55,13 @@ class AbsorbMLA(PatternPass):
     def rewrites(self, graph: Graph, weights: WeightStore) -> list[Rewrite]:
         ckv, kpe, kvb = Var("ckv"), Var("kpe"), Var("kvb")
         kc, vc = Var("kc", kind="cache"), Var("vc", kind="cache")
-        pattern = P("attention.mla",
-                    P("concat", Var("q_nope"), Var("q_pe"), dim=lambda d: d in (-1, 3)),
+        operands = (P("concat", Var("q_nope"), Var("q_pe"), dim=lambda d: d in (-1, 3)),
                     P("cache.append", kc, P("mla.decompress", ckv, kpe, kvb, out=0, name="dec", num_heads=ANY,
                                             qk_nope_dim=ANY, v_dim=ANY), name="k_all", single_use=False),
                     P("cache.append", vc, P("mla.decompress", ckv, kpe, kvb, out=1), name="v_all",
-                      single_use=False),
-                    scale=ANY, causal=ANY)
+                      single_use=False))
+        dense = P("attention.mla", *operands, scale=ANY, causal=ANY)
+        sparse = P("attention.mla_sparse", *operands, Var("idx"), scale=ANY, causal=ANY)
 
         def build(b, m):
             ref = weight_ref(m["kvb"])
@@ -83,10 +85,12 @@ class AbsorbMLA(PatternPass):
             b.retire_cache(m["kc"])
             b.retire_cache(m["vc"])
             b.output(f"{name}.next", latent, cache_of=cache)
-            o = b.attention.mla_absorbed(q, latent, scale=m.attr("scale"), causal=m.attr("causal"), kv_lora_rank=c)
+            attrs = {"scale": m.attr("scale"), "causal": m.attr("causal"), "kv_lora_rank": c}
+            o = (b.attention.mla_sparse_absorbed(q, latent, m["idx"], **attrs) if "idx" in m
+                 else b.attention.mla_absorbed(q, latent, **attrs))
             return {m.root_value: b.einsum(o, w_uv, equation=O_ABS)}
 
-        return [Rewrite("absorb", pattern, build)]
+        return [Rewrite("absorb", dense, build), Rewrite("absorb_sparse", sparse, build)]
 
     def run(self, graph: Graph, weights: WeightStore) -> dict:
         stats = super().run(graph, weights)
@@ -122,7 +126,7 @@ class AbsorbMLAPremultiplied(PatternPass):
     requires = ("absorb_mla",)
 
     def check_preconditions(self, graph: Graph) -> None:
-        if graph.find("attention.mla"):
+        if graph.find("attention.mla") or graph.find("attention.mla_sparse"):
             raise PassError("absorb_mla_premultiplied needs absorb_mla first: the graph still has naive "
                             "attention.mla nodes; run the pipeline ['absorb_mla', 'absorb_mla_premultiplied']")
 

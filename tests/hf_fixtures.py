@@ -22,8 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # The linear weights DeepSeek-V3 stores in FP8 (norms, router, embeddings, heads and eh_proj stay bf16).
+# V3.2's indexer stores wq_b and wk in FP8 too; its weights_proj and k_norm stay bf16.
 FP8_LINEAR = re.compile(r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|"
-                        r"down_proj)\.weight$")
+                        r"down_proj|wq_b|wk)\.weight$")
 
 
 _LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -156,32 +157,47 @@ def unfuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def fp8_roundtrip_(model: torch.nn.Module, block) -> None:
+def quantize_ue8m0(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """V3.1 / V3.2's FP8 blocks: each block's scale rounded up to a power of two (`scale_fmt: ue8m0`), stored in the
+    one-byte exponent format F8_E8M0."""
+    _, scale = quantize_fp8_block(w, block)
+    scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    bn, bk = block
+    full = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:w.shape[0], :w.shape[1]]
+    return (w / full).to(torch.float8_e4m3fn), scale.to(torch.float8_e8m0fnu)
+
+
+def fp8_roundtrip_(model: torch.nn.Module, block, ue8m0: bool = False) -> None:
     """Put the model's FP8-quantisable weights on the e4m3 block grid, so that quantising the saved
     checkpoint reproduces the values the transformers model runs with (the dequantised weights)."""
     from dsgraph.ops.mlp import dequant_fp8_block
+    quant = quantize_ue8m0 if ue8m0 else quantize_fp8_block
+
+    def grid(w):
+        q, s = quant(w.float(), block)
+        return dequant_fp8_block(q, s.float(), block)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if FP8_LINEAR.search(name):
-                p.copy_(dequant_fp8_block(*quantize_fp8_block(p.float(), block), block))
+                p.copy_(grid(p))
             elif name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
                 for e in range(p.shape[0]):
-                    p[e].copy_(dequant_fp8_block(*quantize_fp8_block(p[e].float(), block), block))
+                    p[e].copy_(grid(p[e]))
 
 
-def quantize_checkpoint_fp8(path: Path, block=(16, 16), shards: int = 1) -> None:
-    """Store the linear weights as e4m3 + `weight_scale_inv` and declare it in config.json, as DeepSeek-V3 does."""
+def quantize_checkpoint_fp8(path: Path, block=(16, 16), shards: int = 1, ue8m0: bool = False) -> None:
+    """Store the linear weights as e4m3 + `weight_scale_inv` and declare it in config.json, as DeepSeek-V3 does
+    (V3.1 / V3.2 with `ue8m0`: power-of-two scales, `scale_fmt: ue8m0`)."""
     tensors = read_tensors(path)
     out = {}
     for k, t in tensors.items():
         if FP8_LINEAR.search(k):
-            out[k], out[k + "_scale_inv"] = quantize_fp8_block(t.float(), block)
+            out[k], out[k + "_scale_inv"] = (quantize_ue8m0 if ue8m0 else quantize_fp8_block)(t.float(), block)
         else:
             out[k] = t
     write_tensors(path, out, shards)
-    edit_config(path, lambda c: {**c, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
-                                                              "activation_scheme": "dynamic",
-                                                              "weight_block_size": list(block)}})
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    edit_config(path, lambda c: {**c, "quantization_config": {**qc, **({"scale_fmt": "ue8m0"} if ue8m0 else {})}})
 
 
 def mtp_layer_tensors(config, seed: int) -> dict[str, torch.Tensor]:

@@ -267,3 +267,16 @@ def test_w8a8_graphs_are_checked_at_the_activation_quantisation_tolerance():
     report.kernels.append(KernelChoice(("z",), "linear_fp8", "template", "fp8_gemm",
                                        "w8a8, per-token-group activation quantisation"))
     assert tolerance("bfloat16", report=report) == W8A8_TOLERANCE
+
+
+def test_dsa_decode_rows_beside_dense_mla():
+    """V3.2's sparse decode attention (indexer + top-k + sparse MLA) and dense MLA at the same context, one run."""
+    from dsgraph.app.bench import bench
+    doc = bench("deepseek-v3.2-tiny", device="cpu", backends=["eager", "triton"],
+                workloads=["dsa_decode", "mla_decode"], batches=[2], contexts=[16], repeats=1, log=lambda msg: None)
+    rows = {(r["workload"], r["backend"]): r for r in doc["rows"]}
+    assert all(rows[(w, be)]["status"] == "ok" for w in ("dsa_decode", "mla_decode") for be in ("eager", "triton"))
+    said = []
+    bench("deepseek-v3-tiny", device="cpu", backends=["eager"], workloads=["dsa_decode"], batches=[1], contexts=[8],
+          repeats=1, log=said.append)
+    assert any("skip dsa_decode: the model has no DeepSeek Sparse Attention" in m for m in said)

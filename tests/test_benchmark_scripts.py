@@ -55,3 +55,11 @@ def test_profile_decode_names_a_malformed_option():
     out = subprocess.run([sys.executable, "benchmarks/profile_decode.py", "--option", "gemv"], cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--option takes KEY=INT, e.g. gemv=0" in out.stderr
+
+
+def test_dsa_gpu_rows_check_their_kernels(tmp_path):
+    """The V3.2 kernel benchmark at toy sizes on the interpreter: every row checked against its op reference."""
+    run("benchmarks/dsa_gpu.py", "--tiny", "--device", "cpu", env={"OUT": str(tmp_path), "TRITON_INTERPRET": "1"})
+    rows = json.loads((tmp_path / "dsa_gpu.json").read_text())["results"]
+    assert [r["kernel"] for r in rows] == ["sparse_mla", "indexer_logits", "dense_mla"]
+    assert all(r["rel_err"] < 1e-4 for r in rows)

@@ -110,9 +110,11 @@ def test_which_graphs_can_take_device_side_lengths():
     assert any("without CUDA graphs: CUDA graphs need a CUDA device" in n for n in report.notes)
 
 
-@pytest.mark.parametrize("preset", ["deepseek-llm-tiny", "deepseek-v3-tiny"])
+@pytest.mark.parametrize("preset", ["deepseek-llm-tiny", "deepseek-v3-tiny", "deepseek-v3.2-tiny"])
 def test_static_steps_of_other_families_equal_plain_steps(preset):
-    """GQA attention (flash kernel with kv_lens) and V3's MLA + sigmoid routing, through the static program."""
+    """GQA attention (flash kernel with kv_lens), V3's MLA + sigmoid routing, and V3.2's indexer + sparse MLA (both
+    with kv_lens), through the static program."""
+    assert dg.unsupported_reason(_exe(preset).graph) is None
     exe = _exe(preset)
     ids = _ids(exe, 2, 5, 4)
     logits, state = exe.prefill(ids)

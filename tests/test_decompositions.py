@@ -351,3 +351,32 @@ def test_whole_tiny_model_lowered_to_primitives(preset):
     want, got = run(graph, model.weights, ins), run(lower(graph), model.weights, ins)
     for k in want:
         assert rel(got[k], want[k]) <= 1e-5, k
+
+
+# ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
+@covers("norm.layer", "indexer.logits", "indexer.topk", "attention.mla_sparse", "attention.mla_sparse_absorbed")
+@pytest.mark.parametrize("s,t,k", [(3, 3, 2), (2, 7, 3), (4, 9, 12)])   # T above and below k
+def test_sparse_attention(s, t, k):
+    check("norm.layer", {"x": randn(2, s, 16), "w": randn(16), "b": randn(16)}, {"x": ("B", "S", 16)})
+    ins = {"q": randn(2, s, 3, 8), "k": randn(2, t, 8), "w": randn(2, s, 3)}
+    sym = {"q": ("B", "S", 3, 8), "k": ("B", "T", 8), "w": ("B", "S", 3)}
+    check("indexer.logits", ins, sym, scale=0.3, causal=False)
+    fp8 = {"q": randn(2, s, 3, 256), "k": randn(2, t, 256), "w": ins["w"]}        # two groups of 128 per row
+    check("indexer.logits", fp8, {"q": ("B", "S", 3, 256), "k": ("B", "T", 256), "w": ("B", "S", 3)}, scale=0.3,
+          causal=False, fp8=True)
+    logits = run(build("indexer.logits", ins, sym, scale=0.3), {}, ins)["out0"]      # causal: -inf past horizons
+    idx = run(check("indexer.topk", {"x": logits}, {"x": ("B", "S", "T")}, k=k), {}, {"x": logits})["out0"]
+    assert bool((idx == -1).any()) == (t - s + 1 < k)          # the first queries' horizons leave empty slots
+    sym = {"q": ("B", "S", 3, 10), "k": ("B", "T", 3, 10), "v": ("B", "T", 3, 6), "i": ("B", "S", k)}
+    check("attention.mla_sparse", {"q": randn(2, s, 3, 10), "k": randn(2, t, 3, 10), "v": randn(2, t, 3, 6),
+                                   "i": idx}, sym, scale=0.3)
+    check("attention.mla_sparse_absorbed", {"q": randn(2, s, 4, 12), "c": randn(2, t, 12), "i": idx.int()},
+          {"q": ("B", "S", 4, 12), "c": ("B", "T", 12), "i": ("B", "S", k)}, scale=0.3, kv_lora_rank=9)
+
+
+@covers("kv.quant_fp8", "kv.dequant_fp8")
+def test_fp8_kv_rows():
+    x = randn(2, 3, 32) * 4
+    lowered = check("kv.quant_fp8", {"x": x}, {"x": ("B", "S", 32)}, group=16)
+    q, s = run(lowered, {}, {"x": x})["out0"], run(lowered, {}, {"x": x})["out1"]
+    check("kv.dequant_fp8", {"q": q, "s": s}, {"q": ("B", "T", 32), "s": ("B", "T", 2)}, group=16)

@@ -7,6 +7,15 @@ import math
 
 import pytest
 import torch
+from dsa_loops import (
+    causal_topk_indices,
+    indexer_logits_loop,
+    layer_norm_loop,
+    quant_fp8_loop,
+    rotate_quant_loop,
+    sparse_attention_loop,
+    topk_loop,
+)
 from test_ops import assert_close, one_node
 
 from dsgraph import GraphBuilder, ShapeError, TensorType
@@ -172,6 +181,41 @@ def decompress_loop(c, k_pe, w, h, dn, dv):
 
 ref("mla.decompress", lambda: (R(2, 3, 12), R(2, 3, 1, 4), R(3 * (6 + 5), 12)),
     lambda c, kp, w: decompress_loop(c, kp, w, 3, 6, 5), num_heads=3, qk_nope_dim=6, v_dim=5)
+
+
+# ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
+for _s in [(3, 16), (2, 5, 7)]:
+    ref("norm.layer", lambda s=_s: (R(*s), R(s[-1]), R(s[-1])), lambda x, w, b: layer_norm_loop(x, w, b, 1e-6))
+for _s, _t in [(3, 3), (1, 6), (4, 9)]:
+    ref("indexer.logits", lambda s=_s, t=_t: (R(2, s, 3, 8), R(2, t, 8), R(2, s, 3)),
+        lambda q, k, w: indexer_logits_loop(q, k, w, 0.25, causal=False), scale=0.25, causal=False)
+    ref("indexer.logits", lambda s=_s, t=_t: (R(2, s, 3, 16), R(2, t, 16), R(2, s, 3)),   # DeepSeek's FP8 numerics
+        lambda q, k, w: indexer_logits_loop(rotate_quant_loop(q), rotate_quant_loop(k), w, 0.25, causal=False),
+        scale=0.25, causal=False, fp8=True)
+for _t, _k in [(3, 5), (6, 2), (9, 4)]:        # T below and above k
+    ref("indexer.topk", lambda t=_t: (indexer_logits_loop(R(2, 3, 2, 4), R(2, t, 4), R(2, 3, 2), 1.0),),
+        lambda x, k=_k: topk_loop(x, k), k=_k)
+for _s, _t, _k in [(3, 3, 2), (1, 7, 3), (4, 9, 12)]:
+    ref("attention.mla_sparse", lambda s=_s, t=_t, k=_k: (R(2, s, 3, 10), R(2, t, 3, 10), R(2, t, 3, 6),
+                                                           causal_topk_indices(2, s, t, k, G)),
+        lambda q, k, v, i: sparse_attention_loop(q, k, v, i, 0.3), scale=0.3)
+    ref("attention.mla_sparse_absorbed", lambda s=_s, t=_t, k=_k: (R(2, s, 4, 12), R(2, t, 12),
+                                                                    causal_topk_indices(2, s, t, k, G)),
+        lambda q, c, i: sparse_attention_loop(q, c[:, :, None], c[:, :, None, :9], i, 0.3), scale=0.3,
+        kv_lora_rank=9)
+
+
+for _s, _g in [((3, 16), 8), ((2, 5, 12), 12)]:
+    ref("kv.quant_fp8", lambda s=_s: (R(*s),), lambda x, g=_g: quant_fp8_loop(x, g), group=_g)
+    ref("kv.dequant_fp8", lambda s=_s, g=_g: quant_fp8_loop(R(*s), g),
+        lambda q, sc, g=_g: q.float() * sc.repeat_interleave(g, -1), group=_g)
+
+
+ref("attention.with_rope", lambda: (R(2, 3, 3, 14), torch.tensor([[4, 5, 6], [0, 1, 2]]), R(2, 7, 14),
+                                    causal_topk_indices(2, 3, 7, 3, G)),
+    lambda q, p, c, i: sparse_attention_loop(rope_tail(q, p, 4, {"interleaved": True}), c[:, :, None],
+                                             c[:, :, None, :10], i, 0.2),
+    inner="attention.mla_sparse_absorbed", rope_dims=4, scale=0.2, kv_lora_rank=10, interleaved=True)
 
 
 # ---------------------------------------------------------------- MoE
@@ -368,6 +412,16 @@ GOOD = [
      {"inner": "attention.mla_absorbed", "rope_dims": 4, "scale": 0.1, "kv_lora_rank": 32}, [T("B", "S", 4, 32)]),
     ("attention.with_rope", [T("B", "S", 8, 16), T("B", "S", dt=L), T("B", "T", 2, 16), T("B", "T", 2, 8)],
      {"inner": "attention.gqa", "rope_dims": 16, "scale": 0.1}, [T("B", "S", 8, 8)]),
+    ("norm.layer", [T("B", "S", 8), T(8), T(8)], {}, [T("B", "S", 8)]),
+    ("indexer.logits", [T("B", "S", 4, 16), T("B", "T", 16), T("B", "S", 4)], {"scale": 0.1}, [T("B", "S", "T")]),
+    ("indexer.topk", [T("B", "S", "T")], {"k": 8}, [T("B", "S", 8, dt=L)]),
+    ("attention.mla_sparse", [T("B", "S", 4, 24), T("B", "T", 4, 24), T("B", "T", 4, 16), T("B", "S", 8, dt=L)],
+     {"scale": 0.1}, [T("B", "S", 4, 16)]),
+    ("attention.mla_sparse_absorbed", [T("B", "S", 4, 36), T("B", "T", 36), T("B", "S", 8, dt="int32")],
+     {"scale": 0.1, "kv_lora_rank": 32}, [T("B", "S", 4, 32)]),
+    ("kv.quant_fp8", [T("B", "S", 256)], {}, [T("B", "S", 256, dt=F8), T("B", "S", 2)]),
+    ("kv.dequant_fp8", [T("B", "T", 32, dt=F8), T("B", "T", 1)], {"group": 32, "dtype": "bfloat16"},
+     [T("B", "T", 32, dt="bfloat16")]),
     ("cache.append", [T("B", "T", 4, 8), T("B", "S", 4, 8)], {}, [T("B", "S+T", 4, 8)]),
     ("mla.latent_proj", [T("B", "S", 16), T(20, 16), T(16)], {"kv_lora_rank": 16}, [T("B", "S", 16), T("B", "S", 4)]),
     ("mla.decompress", [T("B", "S", 16), T("B", "S", 1, 4), T(2 * 14, 16)], {"num_heads": 2, "qk_nope_dim": 8,
@@ -409,6 +463,20 @@ BAD = [
      {"inner": "attention.mla", "rope_dims": 4, "scale": 1.0}, r"positions .* must be \[B, S\]"),
     ("attention.with_rope", [T(1, 2, 4, 8), T(1, 2, dt=L), T(1, 3, 4, 8), T(1, 3, 4, 8)],
      {"inner": "attention.flash", "rope_dims": 4, "scale": 1.0}, r"inner='attention.flash' not in"),
+    ("norm.layer", [T(2, 8), T(8), T(7)], {}, r"weight and bias must be \[8\]"),
+    ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 9), T(1, 2, 4)], {"scale": 1.0}, r"differ in batch or head dim"),
+    ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 3)], {"scale": 1.0}, r"must be \[B,S,H\]"),
+    ("indexer.logits", [T(1, 2, 4, 12), T(1, 3, 12), T(1, 2, 4)], {"scale": 1.0, "fp8": True},
+     r"fp8 needs a power-of-two head dim"),
+    ("indexer.topk", [T(1, 2, 3, dt=L)], {"k": 2}, r"must be a float tensor"),
+    ("indexer.topk", [T(1, 2, 3)], {"k": 0}, r"k=0 must be positive"),
+    ("attention.mla_sparse", [T(1, 2, 4, 8), T(1, 3, 4, 8), T(1, 3, 4, 8), T(1, 3, 2, dt=L)], {"scale": 1.0},
+     r"must be \[B,S,K\] of q"),
+    ("attention.mla_sparse_absorbed", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 2)], {"scale": 1.0, "kv_lora_rank": 4},
+     r"must be int64 or int32"),
+    ("kv.quant_fp8", [T(2, 96)], {}, r"row width 96 is not a multiple of group 128"),
+    ("kv.dequant_fp8", [T(2, 32), T(2, 1)], {"group": 32}, r"rows must be float8_e4m3fn"),
+    ("kv.dequant_fp8", [T(2, 32, dt=F8), T(2, 2)], {"group": 32}, r"scales must be float32 \[..., 1\]"),
     ("cache.append", [T(1, 3, 4), T(1, 3, 5)], {}, r"differ off the length dim"),
     ("mla.latent_proj", [T(2, 16), T(20, 16), T(8)], {"kv_lora_rank": 16}, r"norm weight must be \[16\]"),
     ("mla.decompress", [T(1, 2, 16), T(1, 2, 2, 4), T(28, 16)], {"num_heads": 2, "qk_nope_dim": 8, "v_dim": 6},

@@ -187,9 +187,11 @@ def test_group_moe_folds_shared_experts():
     assert "mlp.experts.gate_up_proj_with_shared.weight" in after.params_added
 
 
-def mla_block(b, absorbed, h=2, dn=4, dr=2, dv=3, c=6):
+def mla_block(b, absorbed, h=2, dn=4, dr=2, dv=3, c=6, sparse=False):
+    """sparse: V3.2's form, attending to the positions of an int input `selected` [B,S,3]."""
     x = b.input("x", ("B", "S", D), "float32")
     pos = b.input("positions", ("B", "S"))
+    extra = (b.input("selected", ("B", "S", 3)),) if sparse else ()
     q = b.reshape(b.linear(x, b.param("q_proj.weight", (h * (dn + dr), D))), shape=("B", "S", h, dn + dr))
     q_nope, q_pe = b.split(q, sizes=(dn, dr), dim=-1)
     q_pe = b.rope(q_pe, pos, interleaved=True)
@@ -203,13 +205,15 @@ def mla_block(b, absorbed, h=2, dn=4, dr=2, dv=3, c=6):
         k_all, v_all = b.cache.append(kc, k), b.cache.append(vc, v)
         b.output("cache.0.k.next", k_all, cache_of=kc)
         b.output("cache.0.v.next", v_all, cache_of=vc)
-        o = b.attention.mla(b.concat(q_nope, q_pe, dim=-1), k_all, v_all, scale=0.3)
+        o = b.op("attention.mla_sparse" if sparse else "attention.mla", b.concat(q_nope, q_pe, dim=-1), k_all, v_all,
+                 *extra, scale=0.3)
     else:
         q_lat = b.einsum(q_nope, b.param("kv_b_proj.w_uk", (h, dn, c)), equation="bshd,hdc->bshc")
         lc = b.cache_input("cache.0.latent", ("B", "T", c + dr))
         latent = b.cache.append(lc, b.concat(c_kv, b.reshape(k_pe, shape=("B", "S", dr)), dim=-1))
         b.output("cache.0.latent.next", latent, cache_of=lc)
-        o = b.attention.mla_absorbed(b.concat(q_lat, q_pe, dim=-1), latent, scale=0.3, kv_lora_rank=c)
+        o = b.op("attention.mla_sparse_absorbed" if sparse else "attention.mla_absorbed",
+                 b.concat(q_lat, q_pe, dim=-1), latent, *extra, scale=0.3, kv_lora_rank=c)
         o = b.einsum(o, b.param("kv_b_proj.w_uv", (h, dv, c)), equation="bshc,hdc->bshd")
     b.output("y", b.linear(b.reshape(o, shape=("B", "S", h * dv)), b.param("o_proj.weight", (D, h * dv))))
     return b.build()
@@ -217,6 +221,12 @@ def mla_block(b, absorbed, h=2, dn=4, dr=2, dv=3, c=6):
 
 def test_absorb_mla_switches_to_the_latent_cache():
     golden("absorb_mla", lambda b: mla_block(b, False), lambda b: mla_block(b, True))
+
+
+def test_absorb_mla_keeps_the_sparse_form():
+    """V3.2: attention.mla_sparse over per-head K/V -> attention.mla_sparse_absorbed over the latent cache, the
+    same selected positions."""
+    golden("absorb_mla", lambda b: mla_block(b, False, sparse=True), lambda b: mla_block(b, True, sparse=True))
 
 
 def test_absorb_mla_premultiplied_and_fp8_kv_b():

@@ -34,12 +34,16 @@ def must_change(name, cfg, graph):
         "absorb_mla": cfg.is_mla, "absorb_mla_premultiplied": cfg.is_mla, "group_moe": cfg.is_moe,
         "fuse_router": cfg.is_moe, "fuse_add_rmsnorm": True, "fuse_swiglu": True, "legalize": True,
         "merge_qkv_a": cfg.is_mla, "merge_qkv": not cfg.is_mla, "prune_mtp": "mtp_ids" in graph.inputs,
-        "fuse_fp8_linear": "dequant_fp8" in ops, "fuse_rope_attention": True,
+        "fuse_fp8_linear": "dequant_fp8" in ops,
+        "fuse_rope_attention": True,
     }.get(name)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in passes.list_passes() if not n.startswith("test_")))
 def test_every_pass_on_every_preset(model, name):
+    if getattr(passes.info(name).factory, "tolerance", None):
+        pytest.skip("a lossy pass: proven on one layer of every MLA preset, where no routing choice can flip "
+                    "(tests/test_fp8_kv_cache.py)")
     res = passes.check(pipeline_for(name), model.graph, model.weights, seq=4)
     assert res.ok, res.report()
     assert any(k.startswith("decode:") for k in res.errors), "the cached decode step was not compared"
@@ -60,12 +64,13 @@ def test_absorption_shrinks_the_kv_cache_as_computed(preset):
     m = models.build_model(preset)
     c = m.config
     layers = c.num_hidden_layers + ("mtp_ids" in m.graph.inputs)
+    index = layers * (c.index_head_dim or 0)   # V3.2's indexer key cache, which absorption leaves as it is
     before = m.graph.summary().kv_values_per_token
-    assert before == layers * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim)
+    assert before == layers * c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) + index
     for spec in (["absorb_mla"], ["absorb_mla", "absorb_mla_premultiplied"]):
         g, _, _ = passes.run_pipeline(m.graph, m.weights, spec)
-        assert g.summary().kv_values_per_token == layers * (c.kv_lora_rank + c.qk_rope_head_dim)
-        assert all(v.type.rank == 3 for v in g.caches().values()) and len(g.caches()) == layers
+        assert g.summary().kv_values_per_token == layers * (c.kv_lora_rank + c.qk_rope_head_dim) + index
+        assert all(v.type.rank == 3 for v in g.caches().values()) and len(g.caches()) == layers * (1 + c.is_dsa)
 
 
 def test_full_size_model_is_rewritten_without_weights():
@@ -148,7 +153,8 @@ def test_a_wrong_replacement_is_named_through_its_origin():
     assert "(replaces %L0.rms of the original)" in res.first_divergence, res.report()
 
 
-ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed")
+ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed", "attention.mla_sparse",
+             "attention.mla_sparse_absorbed")
 
 
 @pytest.mark.parametrize("first", [[], ["absorb_mla"]])

@@ -59,18 +59,20 @@ def resolve_device(device: str | None) -> str:
 
 
 def compile(model: models.Model, backend: str = "eager", device: str | None = "cpu", dtype=None, passes="default",
-            keep_mtp: bool = False, dump_after: str | None = None, parallel: ParallelPlan | None = None,
-            rank: int | None = None, **options) -> Executable:
+            keep_mtp: bool = False, dump_after: str | None = None, kv_cache_dtype: str | None = None,
+            parallel: ParallelPlan | None = None, rank: int | None = None, **options) -> Executable:
     """Compile a model for `backend` on `device` in `dtype`; returns a dsgraph.runtime.Executable.
 
     `passes` is "default" (the backend's pipeline), "none", or a list of pass names.
     The MTP branch is pruned unless keep_mtp (plain decoding does not need it).
+    kv_cache_dtype="fp8" stores absorbed MLA's latent cache in FP8 (the fp8_latent_cache pass, after absorb_mla).
     With `parallel` (a ParallelPlan), this process's rank of the plan (`rank`, default the process group's) is
     compiled: the shard pass runs first, the backend's pipeline after it, and the collectives go through
     torch.distributed (dsgraph.runtime.distributed.init joins torchrun's process group).
     """
     device = resolve_device(device)
     be = get_backend(backend)
+    passes = _with_kv_cache_dtype(passes, be, kv_cache_dtype)
     reason = be.available(device)
     if reason:
         raise BackendUnavailable(f"backend {backend!r} cannot run on {device}: {reason}")
@@ -92,6 +94,20 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
         whole = compile_graph(model.graph, model.weights, be, "none", keep_mtp)[0]
         compiled.report.notes.append(distributed.shard_note(graph, whole))
     return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
+
+
+def _with_kv_cache_dtype(passes, be: Backend, kv_cache_dtype: str | None):
+    """The pipeline with fp8_latent_cache right after absorb_mla (absorb_mla added when absent)."""
+    if kv_cache_dtype is None:
+        return passes
+    if kv_cache_dtype != "fp8":
+        raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r}: supported are None (the compute dtype) and 'fp8'")
+    names = list(be.default_pipeline()) if passes == "default" else \
+        [] if passes in ("none", None) else [passes] if isinstance(passes, str) else list(passes)
+    bare = [n if isinstance(n, str) else n[0] for n in names]
+    if "absorb_mla" not in bare:
+        names, bare = names + ["absorb_mla"], bare + ["absorb_mla"]
+    return names[:bare.index("absorb_mla") + 1] + ["fp8_latent_cache"] + names[bare.index("absorb_mla") + 1:]
 
 
 def _embed_dtype(graph) -> str:

@@ -266,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                   cmd_bench)
     s.set_defaults(dtype=None)
     s.add_argument("--op", default=None, metavar="NAMES",
-                   help="comma-separated workloads: mla_decode, gqa_decode, prefill_attention, moe, rmsnorm, rope, "
-                        "fp8_gemm, prefill, decode (default: every one of these that applies to the model), and "
+                   help="comma-separated workloads: mla_decode, dsa_decode, gqa_decode, prefill_attention, moe, "
+                        "rmsnorm, rope, fp8_gemm, prefill, decode (default: every one of these that applies to the "
+                        "model), and "
                         "speculative (plain vs MTP-speculative generation of 32 tokens; models with an MTP module)")
     s.add_argument("--device", default="cpu", help="cpu | cuda")
     s.add_argument("--prebuild", default=None, metavar="DIR",

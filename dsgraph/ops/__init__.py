@@ -5,6 +5,8 @@ from . import (  # noqa: F401
     attention,
     counting,
     dist,
+    dsa,
+    kvquant,
     mlp,
     moe,
     norm,

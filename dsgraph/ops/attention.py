@@ -13,7 +13,7 @@ import torch
 from ..types import TensorType
 from .common import expect_float, expect_int, expect_rank, f32, same_dtype
 from .norm import rms_norm_ref
-from .registry import Attr, defop, expect
+from .registry import Attr, defop, expect, get_op
 from .rope import ROPE_ATTRS, rope_ref
 
 ATTN_ATTRS = {"scale": Attr(float), "causal": Attr(bool, True)}
@@ -175,8 +175,9 @@ def _f32(b, v):
     return v if v.dtype == "float32" else b.cast(v, dtype="float32")
 
 
-def attention_decomposition(b, q, k, v, scale, causal):
-    """q [B,S,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] -> [B,S,Hq,Dv] in primitives, fp32 inside.
+def attention_decomposition(b, q, k, v, scale, causal, keep=None):
+    """q [B,S,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] -> [B,S,Hq,Dv] in primitives, fp32 inside; `keep`, a bool
+    [B,S,T], masks out the keys a sparse attention did not select.
 
     Query head h reads kv head h // (Hq/Hkv), as repeat_interleave does: q is viewed
     as [B,Hkv,g,S,D] so one batched matmul serves the g query heads of each kv head
@@ -190,6 +191,8 @@ def attention_decomposition(b, q, k, v, scale, causal):
     scores = b.mul(b.matmul(qg, kt), b.constant(value=scale))
     if causal:
         scores = b.where(b.causal_mask(q, k), scores, b.constant(value=float("-inf")))
+    if keep is not None:
+        scores = b.where(b.reshape(keep, shape=(bs, 1, 1, s, t)), scores, b.constant(value=float("-inf")))
     p = b.softmax(scores, dim=-1)
     vv = b.reshape(b.permute(_f32(b, v), dims=(0, 2, 1, 3)), shape=(bs, hkv, 1, t, dv))
     o = b.permute(b.matmul(p, vv), dims=(0, 3, 1, 2, 4))
@@ -231,55 +234,58 @@ def _(b, c, k_pe, w, num_heads, qk_nope_dim, v_dim):
 
 
 # RoPE on the query, folded into attention ------------------------------------------------------------------
-ROPE_INNER = {"attention.gqa": GQA, "attention.mla": MLA, "attention.mla_absorbed": MLA_ABSORBED}
+# the inner ops by name (V3.2's sparse ones live in ops/dsa.py, which imports this module)
+ROPE_INNER = ("attention.gqa", "attention.mla", "attention.mla_absorbed", "attention.mla_sparse",
+              "attention.mla_sparse_absorbed")
 
-WITH_ROPE = defop("attention.with_rope", "q positions k v?",
-                  {"inner": Attr(str, choices=tuple(ROPE_INNER)), "rope_dims": Attr(int), **ATTN_ATTRS,
+WITH_ROPE = defop("attention.with_rope", "q positions *operands",
+                  {"inner": Attr(str, choices=ROPE_INNER), "rope_dims": Attr(int), **ATTN_ATTRS,
                    "kv_lora_rank": Attr(int, 0), **ROPE_ATTRS},
                   "Attention `inner` on a query whose last `rope_dims` dims get RoPE at `positions` first, so a "
                   "kernel can rotate q as it loads it instead of in a separate pass (the cached keys are "
-                  "already rotated). For attention.mla_absorbed, `k` is the latent cache and there is no `v`.",
+                  "already rotated). `operands` are the inner op's inputs after q (k v, the latent cache, and "
+                  "the selected indices for the sparse forms).",
                   level="domain")
 
 
-def _with_rope_parts(inner, attrs, k, v):
-    """(rope attrs, inner attention attrs, inner's inputs after q)."""
+def _with_rope_parts(inner, attrs):
+    """(the inner op, rope attrs, inner attention attrs)."""
+    op = get_op(inner)
     rope = {key: attrs[key] for key in ROPE_ATTRS}
     attn = {key: attrs[key] for key in ATTN_ATTRS}
-    if inner == "attention.mla_absorbed":
+    if "kv_lora_rank" in op.attrs:
         attn["kv_lora_rank"] = attrs["kv_lora_rank"]
-    return rope, attn, (k,) if v is None else (k, v)
+    return op, rope, attn
 
 
 @WITH_ROPE.infer
-def _(q, positions, k, v=None, *, inner, rope_dims, **attrs):
+def _(q, positions, *operands, inner, rope_dims, **attrs):
     d = q.shape[-1]
     expect(isinstance(d, int) and 0 < rope_dims <= d and rope_dims % 2 == 0,
            f"attention.with_rope: rope_dims={rope_dims} must be even and at most q's head dim in {q}")
-    expect((v is None) == (inner == "attention.mla_absorbed"),
-           f"attention.with_rope: {inner} takes {'q cache' if inner == 'attention.mla_absorbed' else 'q k v'} "
-           f"after positions")
+    op, _, attn = _with_rope_parts(inner, attrs)
+    expect(len(operands) == len(op.inputs) - 1,
+           f"attention.with_rope: {inner} takes {' '.join(op.inputs)}, got q and {len(operands)} after positions")
     expect_int(positions, "attention.with_rope positions")
     expect(positions.shape == q.shape[:2], f"attention.with_rope: positions {positions} must be [B, S] of q {q}")
-    _, attn, kv = _with_rope_parts(inner, attrs, k, v)
-    return ROPE_INNER[inner].infer_fn(q, *kv, **attn)
+    return op.infer_fn(q, *operands, **attn)
 
 
 @WITH_ROPE.reference
-def _(q, positions, k, v=None, *, inner, rope_dims, **attrs):
-    rope, attn, kv = _with_rope_parts(inner, attrs, k, v)
+def _(q, positions, *operands, inner, rope_dims, **attrs):
+    op, rope, attn = _with_rope_parts(inner, attrs)
     keep = q.shape[-1] - rope_dims
     q = torch.cat((q[..., :keep], rope_ref(q[..., keep:], positions, **rope).to(q.dtype)), dim=-1)
-    return ROPE_INNER[inner].reference_fn(q, *kv, **attn)
+    return op.reference_fn(q, *operands, **attn)
 
 
 @WITH_ROPE.decomposition
-def _(b, q, positions, k, v=None, *, inner, rope_dims, **attrs):
-    rope, attn, kv = _with_rope_parts(inner, attrs, k, v)
+def _(b, q, positions, *operands, inner, rope_dims, **attrs):
+    _, rope, attn = _with_rope_parts(inner, attrs)
     keep = q.shape[-1] - rope_dims
     if keep == 0:
         q = b.op("rope", q, positions, **rope)
     else:
         q_keep, q_rot = b.split(q, sizes=(keep, rope_dims), dim=-1)
         q = b.concat(q_keep, b.op("rope", q_rot, positions, **rope), dim=-1)
-    return b.op(inner, q, *kv, **attn)
+    return b.op(inner, q, *operands, **attn)

@@ -1,4 +1,4 @@
-"""Normalisation ops: RMSNorm and the fused residual-add + RMSNorm."""
+"""Normalisation ops: RMSNorm, the fused residual-add + RMSNorm, and LayerNorm."""
 from __future__ import annotations
 
 import torch
@@ -59,3 +59,32 @@ def _(b, x, r, w, eps):
     s = b.add(x, r)
     return b.norm.rms(s, w, eps=eps), s
 
+
+
+LAYER = defop("norm.layer", "x weight bias", {"eps": Attr(float, 1e-6)},
+              "LayerNorm over the last dim (mean and variance), in fp32: V3.2's indexer key norm `k_norm`.",
+              level="domain")
+
+
+@LAYER.infer
+def _(x, w, bias, eps):
+    expect_float(x, "norm.layer input")
+    expect(w.shape == (x.shape[-1],) and bias.shape == (x.shape[-1],),
+           f"norm.layer weight and bias must be [{x.shape[-1]}], got {w} and {bias}")
+    same_dtype(x, w, bias)
+    return x
+
+
+@LAYER.reference
+def _(x, w, bias, eps):
+    return torch.nn.functional.layer_norm(f32(x), (x.shape[-1],), f32(w), f32(bias), eps)
+
+
+@LAYER.decomposition
+def _(b, x, w, bias, eps):
+    xf = b.cast(x, dtype="float32")
+    centred = b.sub(xf, b.mean(xf, dims=(-1,), keepdim=True))
+    var = b.mean(b.mul(centred, centred), dims=(-1,), keepdim=True)
+    y = b.mul(centred, b.rsqrt(b.add(var, b.constant(value=eps))))
+    y = b.add(b.mul(y, b.cast(w, dtype="float32")), b.cast(bias, dtype="float32"))
+    return b.cast(y, dtype=x.dtype)

@@ -1,4 +1,4 @@
-"""Generated row kernels: RMSNorm, residual add + RMSNorm, and the SwiGLU activation of a fused gate|up GEMM.
+"""Generated row kernels: RMSNorm, residual add + RMSNorm, LayerNorm, and the SwiGLU activation of a fused gate|up GEMM.
 
 One program per row (the row width is a compile-time constant, so the whole row sits in registers and the
 reduction is one `tl.sum`). Numerics follow the op references: fp32 math, the normalised row rounded to the
@@ -106,3 +106,65 @@ def launch(gu):
     return out
 '''
     return KernelSource(f"swiglu_i{inter}_{dtype}", f"SwiGLU activation silu(gate) * up, I={inter}, {dtype}", body)
+
+
+def layer_norm(n: int, dtype: str, eps: float) -> KernelSource:
+    """norm.layer: launch(x, w, b) -> (x - mean) * rsqrt(var + eps) * w + b over rows of n, fp32 inside."""
+    tdt, block = TRITON_DTYPES[dtype], _next_pow2(n)
+    body = f'''
+import torch
+
+
+@triton.jit
+def _kernel(x_ptr, w_ptr, b_ptr, y_ptr, stride_x, stride_y, N: tl.constexpr, EPS: tl.constexpr,
+            BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    centred = tl.where(mask, x - tl.sum(x, axis=0) / N, 0.0)
+    inv_std = tl.rsqrt(tl.sum(centred * centred, axis=0) / N + EPS)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (centred * inv_std * w + b).to({tdt}), mask=mask)
+
+
+def launch(x, w, b):
+    x2 = x.reshape(-1, {n})
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _kernel[(x2.shape[0],)](x2, w, b, y, x2.stride(0), {n}, N={n}, EPS={eps!r}, BLOCK={block},
+                                num_warps={_row_warps(block)})
+    return y
+'''
+    return KernelSource(f"layer_norm_n{n}_{dtype}", f"LayerNorm over rows of {n} {dtype} values, eps={eps}", body)
+
+
+def fp8_dequant_rows(n: int, group: int, dtype: str) -> KernelSource:
+    """kv.dequant_fp8: launch(q, scale) -> e4m3 rows [..., n] times their per-`group` fp32 scales, in `dtype`."""
+    tdt, block = TRITON_DTYPES[dtype], _next_pow2(n)
+    body = f'''
+import torch
+
+
+@triton.jit
+def _kernel(q_ptr, s_ptr, y_ptr, N: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    q = tl.load(q_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + row * (N // GROUP) + cols // GROUP, mask=mask, other=0.0)
+    tl.store(y_ptr + row * N + cols, (q * s).to({tdt}), mask=mask)
+
+
+def launch(q, s):
+    q2, s2 = q.reshape(-1, {n}).contiguous(), s.reshape(-1, {n // group}).contiguous()
+    y = torch.empty(q.shape, dtype=torch.{dtype}, device=q.device)
+    if q2.shape[0]:
+        _kernel[(q2.shape[0],)](q2, s2, y, N={n}, GROUP={group}, BLOCK={block}, num_warps={_row_warps(block)})
+    return y
+'''
+    return KernelSource(f"fp8_dequant_n{n}_g{group}_{dtype}", f"e4m3 rows of {n} x fp32 scales per {group}, to {dtype}",
+                        body)

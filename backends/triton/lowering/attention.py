@@ -24,14 +24,14 @@ def _flash(ctx, node):
     if isinstance(fn, Decline):
         return fn
     scale, causal = node.attrs["scale"], node.attrs["causal"]
-    lens = _lengths(ctx, node)
+    lens = cached_lengths(ctx, node)
 
     def run(a, sym):  # a[-1] with `lens`: the device-side lengths of a static-capacity decode step, else None
         return [fn(a[0], a[1], a[2], scale, causal, kv_lens=a[-1] if lens else None)]
     return Lowered("template", "flash_attention._flash_attention_kernel", inputs=(*node.inputs, *lens), fn=run)
 
 
-def _lengths(ctx, node) -> tuple:
+def cached_lengths(ctx, node) -> tuple:
     """The step input `cache_lens` where the node's keys come from `cache.append` (a static-capacity decode step
     must then mask by that length), else nothing."""
     cached = any(v.node is not None and v.node.op == "cache.append" for v in node.inputs[1:])
@@ -46,7 +46,7 @@ def _mla_step(attn, ctx, split_q: bool):
         return fn
     scale, causal, rank = attn.attrs["scale"], attn.attrs["causal"], attn.attrs["kv_lora_rank"]
     q = tuple(attn.inputs[0].node.inputs) if split_q else (attn.inputs[0],)
-    lens = _lengths(ctx, attn)
+    lens = cached_lengths(ctx, attn)
 
     def run(a, sym):
         q, q_rope, cache = (a[0], a[1], a[2]) if split_q else (a[0], None, a[1])

@@ -6,7 +6,7 @@ use (so a MoE layer here is exactly a model's MoE layer), compiled by every back
 through the same path as a model. Each carries its shape environment (B, S, T), its
 FLOPs and bytes (for the roofline floor) and the tokens one call processes.
 
-Shapes: decode-shaped workloads (mla_decode / gqa_decode, moe, decode) run at every
+Shapes: decode-shaped workloads (mla_decode / dsa_decode / gqa_decode, moe, decode) run at every
 `batch` x `context`; prefill-shaped ones (prefill_attention, rmsnorm, rope, fp8_gemm,
 prefill) at every `prefill_batch` x `context` tokens.
 """
@@ -23,11 +23,11 @@ from dsgraph.models.builder import DecoderBuilder
 from dsgraph.models.random_weights import random_tensor
 from dsgraph.weights import WeightStore
 
-OP_WORKLOADS = ("mla_decode", "gqa_decode", "prefill_attention", "moe", "rmsnorm", "rope", "fp8_gemm")
+OP_WORKLOADS = ("mla_decode", "dsa_decode", "gqa_decode", "prefill_attention", "moe", "rmsnorm", "rope", "fp8_gemm")
 MODEL_WORKLOADS = ("prefill", "decode")
 ALL_WORKLOADS = OP_WORKLOADS + MODEL_WORKLOADS + ("speculative",)
 DEFAULT_WORKLOADS = OP_WORKLOADS + MODEL_WORKLOADS  # speculative generation is long: asked for by name
-DECODE_SHAPED = ("mla_decode", "gqa_decode", "moe", "decode")
+DECODE_SHAPED = ("mla_decode", "dsa_decode", "gqa_decode", "moe", "decode")
 
 
 @dataclass
@@ -62,6 +62,8 @@ def applicable(name: str, cfg) -> str | None:
         return "the model has no MLA attention (use gqa_decode)"
     if name == "gqa_decode" and cfg.is_mla:
         return "the model uses MLA attention (use mla_decode)"
+    if name == "dsa_decode" and not cfg.is_dsa:
+        return "the model has no DeepSeek Sparse Attention (V3.2's indexer)"
     if name == "moe" and not cfg.is_moe:
         return "the model has no MoE layers"
     if name == "speculative" and not cfg.num_nextn_predict_layers:
@@ -135,7 +137,29 @@ def build_op(name: str, cfg, dtype: str, env: dict, seed: int = 0, device: str =
                         graph, weights)
     if name == "fp8_gemm":
         return _fp8_gemm(cfg, dtype, env, seed, device)
+    if name == "dsa_decode":
+        return _dsa_decode(db, cfg, dtype, env, seed, device)
     raise KeyError(name)
+
+
+def _dsa_decode(db, cfg, dtype, env, seed, device) -> Workload:
+    """V3.2's decode attention beside mla_decode's dense one: the indexer's scores over the T cached keys, their
+    top-k, and absorbed MLA over the selected latent rows (projections excluded, as in mla_decode)."""
+    b, es = db.b, itemsize(dtype)
+    B, T = env["B"], env["T"]
+    h, w, c = cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    hi, di, k = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+    iq, ik = b.input("index_q", ("B", 1, hi, di), dtype), b.input("index_k", ("B", "T", di), dtype)
+    idx = b.indexer.topk(b.indexer.logits(iq, ik, b.input("index_weights", ("B", 1, hi), "float32"),
+                                          scale=di ** -0.5 * hi ** -0.5), k=k)
+    q, cache = b.input("q", ("B", 1, h, w), dtype), b.input("cache", ("B", "T", w), dtype)
+    out = b.attention.mla_sparse_absorbed(q, cache, idx, scale=db.mla_scale(), kv_lora_rank=c)
+    sel = min(k, T)
+    flops = 2 * B * hi * T * di + 2 * B * h * sel * (w + c)
+    nbytes = es * (B * T * di + B * sel * w + 2 * B * h * w) + 4 * B * T   # + the fp32 scores
+    graph, weights = _finish(db, {"out": out}, seed, device)
+    return Workload("dsa_decode", "op", {"B": B, "T": T}, B, flops, nbytes, graph, weights,
+                    [f"top-{k} of the T cached rows"])
 
 
 def _fp8_gemm(cfg, dtype, env, seed, device) -> Workload:

@@ -1,0 +1,90 @@
+"""DeepSeek-V3.2's sparse attention kernels on a GPU: sparse absorbed-MLA decode at V3.2's shape (128 heads, top-2048
+of the 576-wide latent cache), the lightning indexer's scores per decode step, and dense V3 MLA decode at the same
+context, side by side; each checked against its op reference, timed (median of CUDA-graph replays) with its floor.
+
+    python benchmarks/dsa_gpu.py                   # B = 64, T = 32768 and 131072, bf16; JSON to $OUT if set
+    python benchmarks/dsa_gpu.py --tiny --device cpu   # the same rows at toy sizes on Triton's interpreter
+
+Sparse decode: bytes = the K gathered rows of 576 bf16 per request (+ q, out), FLOPs = 2 * B * H * K * (576 + 512);
+dense decode reads all T rows. FlashMLA's published sparse FP8 decode reaches 410 TFLOPS on an H800 (FlashMLA
+docs/20250929-hopper-fp8-sparse-deep-dive.md): the `tflops` column is what to compare with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from dsgraph.backends.triton.kernels.dsa import indexer_logits, sparse_mla
+from dsgraph.backends.triton.kernels.mla_decode import mla_absorbed
+
+from dsgraph.ops import get_op
+
+BANDWIDTH = 4.8e12   # H200 HBM3e peak, bytes/s
+C, R = 512, 64
+
+
+def timed_us(fn, device: str) -> float:
+    if device == "cpu":
+        return float("nan")   # the interpreter's time says nothing about the kernel
+    from triton.testing import do_bench_cudagraph  # a GPU-only measurement
+    return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+
+
+def rel_err(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def rows_for(b: int, h: int, t: int, k: int, hi: int, di: int, dtype, device: str, gen) -> list[dict]:
+    """Sparse MLA, indexer scores and dense MLA decode (S = 1) of one shape, checked on the first two requests."""
+    q = torch.randn(b, 1, h, C + R, generator=gen).to(device, dtype)
+    cache = torch.randn(b, t, C + R, generator=gen).to(device, dtype)
+    idx = torch.stack([torch.randperm(t, generator=gen)[:k] for _ in range(b)])[:, None].to(device)
+    iq = torch.randn(b, 1, hi, di, generator=gen).to(device, dtype)
+    ik, iw = torch.randn(b, t, di, generator=gen).to(device, dtype), torch.randn(b, 1, hi, generator=gen).to(device)
+    scale = (192 ** -0.5)
+    out = []
+    got = sparse_mla(q, cache, idx, scale, C)
+    want = get_op("attention.mla_sparse_absorbed").reference_fn(q[:2], cache[:2], idx[:2], scale=scale, causal=True,
+                                                                   kv_lora_rank=C)
+    nbytes = b * k * (C + R) * cache.element_size() + q.numel() * q.element_size() + got.numel() * got.element_size()
+    out.append(("sparse_mla", h, rel_err(got[:2], want),
+                timed_us(lambda: sparse_mla(q, cache, idx, scale, C), device), nbytes, 2 * b * h * k * (2 * C + R)))
+    logits = indexer_logits(iq, ik, iw, 0.01)
+    want = get_op("indexer.logits").reference_fn(iq[:2], ik[:2], iw[:2], scale=0.01, causal=True)
+    nbytes = b * t * di * ik.element_size() + b * t * 4
+    out.append(("indexer_logits", hi, rel_err(logits[:2], want),
+                timed_us(lambda: indexer_logits(iq, ik, iw, 0.01), device), nbytes, 2 * b * hi * t * di))
+    dense = mla_absorbed(q, cache, scale, C)
+    want = get_op("attention.mla_absorbed").reference_fn(q[:2], cache[:2], scale=scale, causal=True, kv_lora_rank=C)
+    nbytes = b * t * (C + R) * cache.element_size()
+    out.append(("dense_mla", h, rel_err(dense[:2], want),
+                timed_us(lambda: mla_absorbed(q, cache, scale, C), device), nbytes, 2 * b * h * t * (2 * C + R)))
+    return [{"kernel": name, "batch": b, "heads": heads, "T": t, "topk": k, "rel_err": err, "us": us,
+             "floor_us": nbytes / BANDWIDTH * 1e6, "tflops": flops / us / 1e6 if us == us else None}
+            for name, heads, err, us, nbytes, flops in out]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="toy shapes (the interpreter on the CPU)")
+    args = ap.parse_args()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, 4, 64, 16, 4, 32)] if args.tiny else [(64, 128, 32768, 2048, 64, 128),
+                                                        (64, 128, 131072, 2048, 64, 128)]
+    rows = [r for shape in shapes for r in rows_for(*shape, dtype, args.device, gen)]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for r in rows:
+        print(f"{r['kernel']:<15} B={r['batch']} H={r['heads']} T={r['T']} K={r['topk']}  rel err {r['rel_err']:.1e}  "
+              f"{r['us']:.1f} us  floor {r['floor_us']:.1f} us  {r['tflops'] or float('nan'):.1f} TFLOPS")
+        assert r["rel_err"] < tol, r
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "dsa_gpu.json").write_text(json.dumps({"results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

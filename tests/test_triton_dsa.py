@@ -1,0 +1,105 @@
+"""The DSA Triton kernels (backends/triton/kernels/dsa.py) against their ops' torch references, on the interpreter:
+odd head counts and widths, T below and above the top-k (and T = 4 x top-k), ragged valid counts per request
+(-1 slots), fp32 and fp16; and the tiny V3.2 preset's report naming them."""
+from __future__ import annotations
+
+import dsgraph.models as models
+import pytest
+import torch
+from dsa_loops import causal_topk_indices
+from dsgraph.backends import get_backend
+from dsgraph.backends.triton.kernels.dsa import indexer_logits, sparse_mla
+
+import dsgraph
+from dsgraph.numerics import rel_err, tolerance
+from dsgraph.ops import get_op
+
+G = torch.Generator().manual_seed(7)
+
+
+def R(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=G).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("s,t,h,d", [(1, 9, 5, 24), (4, 4, 3, 16), (3, 70, 8, 32)])
+def test_indexer_logits(s, t, h, d, dtype):
+    q, k, w = R(2, s, h, d, dtype=dtype), R(2, t, d, dtype=dtype), R(2, s, h)
+    got = indexer_logits(q, k, w, 0.2)
+    want = get_op("indexer.logits").reference_fn(q, k, w, scale=0.2, causal=True)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert rel_err(got[fin], want[fin]) < tolerance(str(dtype).removeprefix("torch."), "op")
+
+
+def _ragged(b, s, t, k):
+    """Causal picks per query, then fewer valid slots for the second request (its tail set to -1)."""
+    idx = causal_topk_indices(b, s, t, k, G)
+    idx[1, :, k // 2:] = -1
+    return idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("s,t,h,k", [(1, 7, 3, 16), (5, 5, 4, 3), (2, 33, 6, 8), (1, 32, 2, 8)])
+def test_sparse_mla(s, t, h, k, dtype):
+    """(1, 32, 2, 8): T = 4 x top-k, decode."""
+    c, r = 20, 6
+    q, cache, idx = R(2, s, h, c + r, dtype=dtype), R(2, t, c + r, dtype=dtype), _ragged(2, s, t, k)
+    got = sparse_mla(q, cache, idx, 0.3, c)
+    want = get_op("attention.mla_sparse_absorbed").reference_fn(q, cache, idx, scale=0.3, causal=True, kv_lora_rank=c)
+    assert rel_err(got, want) < tolerance(str(dtype).removeprefix("torch."), "op")
+    assert torch.equal(sparse_mla(q, cache, idx.int(), 0.3, c), got)     # int32 indices read alike
+    parts = sparse_mla(q[..., :c].contiguous(), cache, idx, 0.3, c, q_rope=q[..., c:].contiguous())
+    assert torch.equal(parts, got)                                        # the query in two parts (concat region)
+
+
+def test_tiny_v32_report_names_the_dsa_kernels():
+    report = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="triton", device="cpu").compiled.report
+    kernels = {k.op: k.kernel for k in report.kernels}
+    assert kernels["indexer.logits"] == "dsa._indexer_logits_kernel"
+    assert kernels["concat+attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
+    assert kernels["concat+attention.mla_sparse_absorbed"].endswith("q read in two parts (no concat)")
+    assert kernels["norm.layer"].startswith("layer_norm_n16")
+    assert "torch.sort" in kernels["indexer.topk"] and not report.fallbacks
+
+
+def test_device_lengths_of_a_static_capacity_step():
+    """kv_lens (CUDA-graph decode: caches at a fixed capacity, rows past a request's length are stale): the scores
+    past the length are -inf and the attention equals the reference on the cache cut to that length."""
+    lens, cap, s, h, d, c, r = torch.tensor([5, 9]), 12, 1, 3, 16, 20, 6
+    q, k, w = R(2, s, h, d), R(2, cap, d), R(2, s, h)
+    got = indexer_logits(q, k, w, 0.2, kv_lens=lens)
+    lq, cache = R(2, s, h, c + r), R(2, cap, c + r)
+    for b, n in enumerate(lens.tolist()):
+        want = get_op("indexer.logits").reference_fn(q[b:b + 1], k[b:b + 1, :n], w[b:b + 1], scale=0.2, causal=True)
+        assert rel_err(got[b:b + 1, :, :n], want) < 1e-5 and torch.isneginf(got[b, :, n:]).all()
+    idx = torch.stack([causal_topk_indices(1, s, n, 4, G)[0] for n in lens.tolist()])
+    out = sparse_mla(lq, cache, idx, 0.3, c, kv_lens=lens)
+    for b, n in enumerate(lens.tolist()):
+        want = get_op("attention.mla_sparse_absorbed").reference_fn(lq[b:b + 1], cache[b:b + 1, :n], idx[b:b + 1],
+                                                                     scale=0.3, causal=True, kv_lora_rank=c)
+        assert rel_err(out[b:b + 1], want) < 1e-5
+
+
+def test_fp8_cache_reads_run_the_generated_kernel():
+    """kv.dequant_fp8 as a generated row kernel equals its reference; kv.quant_fp8 is a reported fallback."""
+    m = models.build_model("deepseek-v3.2-tiny", mtp=False, overrides={"num_hidden_layers": 1})
+    exe = dsgraph.compile(m, backend="triton", device="cpu", kv_cache_dtype="fp8")
+    report = exe.compiled.report
+    assert [k.kernel for k in report.kernels if k.op == "kv.dequant_fp8"] == ["fp8_dequant_n32_g32_float32"]
+    assert [k.op for k in report.fallbacks] == ["kv.quant_fp8"]
+    assert not exe.localize(torch.randint(0, 256, (2, 5), generator=G))
+
+
+def test_fp8_indexer_numerics_are_a_reported_fallback():
+    """indexer.logits(fp8=True), DeepSeek's Hadamard + e4m3 scores: the torch reference runs, the report says why."""
+    b = dsgraph.GraphBuilder("fp8_indexer", dtype="float32")
+    q, k, w = b.input("q", ("B", 1, 4, 16), "float32"), b.input("k", ("B", "T", 16), "float32"), \
+        b.input("w", ("B", 1, 4), "float32")
+    b.output("logits", b.indexer.logits(q, k, w, scale=0.1, fp8=True))
+    compiled = get_backend("triton").compile(b.build(), {}, device="cpu")
+    (fallback,) = compiled.report.fallbacks
+    assert "Hadamard + e4m3" in fallback.note
+    ins = {"q": R(2, 1, 4, 16), "k": R(2, 9, 16), "w": R(2, 1, 4)}
+    want = get_op("indexer.logits").reference_fn(*ins.values(), scale=0.1, causal=True, fp8=True)
+    assert torch.equal(compiled.run(ins)["logits"], want)
