@@ -38,7 +38,7 @@ def check_sharded(graph: Graph, weights: WeightStore, plan: ParallelPlan, pipeli
     world, split_batch = plan.world, plan.dp_attention
     batch = batch or (world if split_batch else 2)
     res = CheckResult([f"shard[{plan}]", *(r.name for r in ranks[0][2])],
-                      rtol if rtol is not None else _tolerance(graph), changed=True)
+                      rtol if rtol is not None else _tolerance(graph, []), changed=True)
     gen = torch.Generator().manual_seed(seed)
     ref = Interpreter(graph, weights)
     multi = MultiRankInterpreter([g for g, _, _ in ranks], [w for _, w, _ in ranks])

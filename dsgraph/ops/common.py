@@ -55,3 +55,9 @@ def dims(*ds) -> tuple[Dim, ...]:
 def f32(x: torch.Tensor) -> torch.Tensor:
     """References compute in fp32 (fp64 stays fp64)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def widest(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands in one compute dtype: fp32, or fp64 if any is (an fp32-pinned operand meeting fp64 ones)."""
+    dt = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    return tuple(x.to(dt) for x in xs)

@@ -19,7 +19,7 @@ import torch
 
 from ..types import TensorType
 from .attention import ATTN_ATTRS, _attn_types, attention_decomposition
-from .common import expect_float, expect_int, expect_rank, f32, same_dtype
+from .common import expect_float, expect_int, expect_rank, f32, same_dtype, widest
 from .dsa_fp8 import GROUP, rotate_quant_decomposition, rotate_quant_ref
 from .registry import Attr, defop, expect
 
@@ -56,8 +56,9 @@ def causal_keep(s: int, t: int, device) -> torch.Tensor:
 def _(q, k, weights, scale, causal, fp8=False):
     if fp8:
         q, k = rotate_quant_ref(q), rotate_quant_ref(k)
-    scores = torch.relu(torch.einsum("bshd,btd->bsht", f32(q), f32(k)))
-    logits = torch.einsum("bsht,bsh->bst", scores, f32(weights)) * scale
+    q, k, weights = widest(q, k, weights)
+    scores = torch.relu(torch.einsum("bshd,btd->bsht", q, k))
+    logits = torch.einsum("bsht,bsh->bst", scores, weights) * scale
     if causal:
         logits = logits.masked_fill(~causal_keep(q.shape[1], k.shape[1], q.device), float("-inf"))
     return logits
