@@ -6,9 +6,9 @@ import json
 import dsgraph.models as models
 import pytest
 import torch
+from dsgraph.backends.triton.codegen import source
 
 import dsgraph
-from dsgraph.backends.triton.codegen import source
 from dsgraph.errors import ArtifactError, DSGraphError
 from dsgraph.safefs import safe_name, safe_relpath
 from hostile.helpers import copy, resign, tree
