@@ -101,8 +101,9 @@ def scan(tensors: Iterable[tuple[str, int, Callable[[], torch.Tensor]]], progres
     return found
 
 
-def check_weights(path, progress: bool = True, out=sys.stdout) -> list[Finding]:
-    """Scan `path`, print what is wrong (or that all is finite) and return the findings."""
+def check_weights(path, progress: bool = True, out=None) -> list[Finding]:
+    """Scan `path`, print what is wrong (or that all is finite) to `out` (stdout) and return the findings."""
+    out = out or sys.stdout
     tensors = tensors_of(path)
     found = scan(tensors, progress=progress, label=Path(path).name)
     for f in found:
