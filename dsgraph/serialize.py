@@ -87,10 +87,11 @@ def _build(obj: dict, where: list):
     for i, nd in enumerate(_obj(obj["nodes"], "nodes", list)):
         where[0] = f"node {i}"
         op = _obj(nd["op"], f"node {i} op", str)
-        try:
-            inputs = tuple(env[n] for n in _obj(nd["inputs"], f"node {i} inputs", list))
-        except (KeyError, TypeError):
-            raise VerifyError(f"node {i} ({op}): an input is not defined before use") from None
+        names = _obj(nd["inputs"], f"node {i} inputs", list)
+        undefined = [n for n in names if not isinstance(n, str) or n not in env]
+        if undefined:
+            raise VerifyError(f"node {i} ({op}): input %{undefined[0]} is not defined before use")
+        inputs = tuple(env[n] for n in names)
         node = Node(op, inputs, {k: _attr_from_json(a) for k, a in _obj(nd["attrs"], f"node {i} attrs").items()})
         node.meta.update(_obj(nd.get("meta", {}), f"node {i} meta"))
         outs = []

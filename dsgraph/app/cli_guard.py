@@ -1,9 +1,9 @@
 """How the command line meets bad input: argument types, output paths checked before any work, and one line per
 error instead of a traceback.
 
-Exit codes: 0 success, 1 a result that is not ok (a failed check, bench rows WRONG or failed) or an internal
-error, 2 a user error (a `DSGraphError`, an OS error on a path, a bad argument). `-v` / `--debug` anywhere on the
-line shows the traceback as well.
+Exit codes: 0 success, 1 a result that is not ok (a failed check, WRONG bench rows, an unknown bench backend) or
+an internal error, 2 a user error (a `DSGraphError`, an OS error on a path, a bad argument). `-v` / `--debug`
+anywhere on the line shows the traceback as well.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from dsgraph.errors import DSGraphError
+from dsgraph.backends import get_backend
+from dsgraph.errors import DSGraphError, UnknownOpError
 
 DEBUG_FLAGS = ("-v", "--debug")
 USER_ERROR = 2
@@ -52,6 +53,17 @@ def token_ids(text: str) -> list[int]:
     if any(i < 0 for i in ids):
         raise argparse.ArgumentTypeError(f"--prompt-ids holds a negative token id: {text!r}")
     return ids
+
+
+def unknown_backends(specs: list[str]) -> list[str]:
+    """The backend specs (`name` or `name:mode`) that name no registered backend."""
+    out = []
+    for spec in specs:
+        try:
+            get_backend(spec.partition(":")[0])
+        except UnknownOpError:
+            out.append(spec)
+    return [s for s in out if s]
 
 
 def _writable_dir(d: Path) -> bool:
