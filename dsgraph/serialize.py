@@ -14,6 +14,7 @@ from .ir import Graph, Node, Value
 from .types import TensorType
 
 FORMAT_VERSION = 1
+_META_INTS = ("vocab_size", "max_position_embeddings")  # read by the runtime (token and length checks)
 
 
 def _attr_to_json(v: Any) -> Any:
@@ -112,6 +113,10 @@ def _build(obj: dict, where: list):
         g.set_output(k, env[name])
     g.cache_map = {str(k): str(v) for k, v in _obj(obj.get("cache_map", {}), "cache_map").items()}
     g.meta = _obj(obj.get("meta", {}), "meta")
+    for key in _META_INTS:
+        v = g.meta.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise VerifyError(f"meta.{key} must be a positive integer, got {v!r}")
     return g
 
 

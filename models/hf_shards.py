@@ -16,12 +16,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dsgraph.dtypes import ST_DTYPES
 from dsgraph.errors import CheckpointError
 from dsgraph.safefs import safe_name
 
-# safetensors header dtype -> dsgraph dtype name (FP8 e4m3 is DeepSeek-V3's weight format)
-ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-             "F64": "float64", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_FILE = "model.safetensors.index.json"
 # show progress when a load reads at least this much, or the checkpoint has at least this many files

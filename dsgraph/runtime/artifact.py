@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsgraph.backends import get_backend
+from dsgraph.dtypes import ST_DTYPES
 from dsgraph.errors import ArtifactError, DSGraphError
 from dsgraph.safefs import DirLock, owner_pid, pid_alive, sha256_file, tag
 from dsgraph.serialize import graph_from_json, graph_to_json
@@ -220,10 +221,10 @@ def _weights(path: Path, graph) -> WeightStore:
         raise ArtifactError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
                             "recompile the artifact") from None
     for name, v in graph.params().items():
-        want = tuple(v.type.concrete({}))
-        if name not in found or found[name][0] != want:
-            raise ArtifactError(f"{path}: weight {name} is {found.get(name, ('absent',))[0]}, the graph expects "
-                                f"{list(want)}; recompile the artifact")
+        want = (tuple(v.type.concrete({})), v.type.dtype)
+        got = (found[name][0], ST_DTYPES.get(found[name][1], found[name][1])) if name in found else "absent"
+        if got != want:
+            raise ArtifactError(f"{path}: weight {name} is {got}, the graph expects {want}; recompile the artifact")
     weights = WeightStore()
     for k in found:
         weights.set(k, lambda k=k: _read(path, k))

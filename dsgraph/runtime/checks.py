@@ -30,6 +30,9 @@ def ids_tensor(ids, what: str) -> torch.Tensor:
                         if not isinstance(t, int) or isinstance(t, bool)), row)
             raise InputError(f"{what} must be an integer tensor [B, S] or a list of ints; it holds {bad!r} "
                              f"({type(bad).__name__}): tokenize text first")
+    big = next((t for row in rows for t in row if not -(1 << 62) < t < 1 << 62), None)
+    if big is not None:
+        raise InputError(f"{what} holds token id {big}, far outside any vocabulary; check the tokenizer")
     if len({len(r) for r in rows}) > 1:
         raise InputError(f"{what}: sequences of different lengths {[len(r) for r in rows]}; pad them or run them "
                          "one at a time")

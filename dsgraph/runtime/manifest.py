@@ -60,6 +60,9 @@ def check_schema(manifest, mf: Path) -> dict:
         raise _bad(mf, f"dtype {manifest['dtype']!r} is not one of {list(COMPUTE_DTYPES)}")
     if not _HEX64.match(manifest["graph_hash"]):
         raise _bad(mf, "graph_hash is not a sha256 hex digest")
+    if not all(isinstance(p, str) or (isinstance(p, list) and all(isinstance(x, str) for x in p))
+               for p in manifest["passes"]):
+        raise _bad(mf, "key 'passes' must list pass names or [name, summary] pairs")
     model = manifest["model"]
     if not isinstance(model.get("name"), str) or not isinstance(model.get("config"), dict):
         raise _bad(mf, "key 'model' must hold a string 'name' and an object 'config'")

@@ -1,9 +1,12 @@
 """Class 3: the manifest is not trusted. Its schema is checked first, every file the loader opens is listed and
 verified, the graph hash is checked, and a wrong backend flag or a garbage compiled module is a named error."""
+import hashlib
 import json
 
 import pytest
+import torch
 from dsgraph.backends import available_backends
+from safetensors.torch import load_file, save_file
 
 import dsgraph
 from dsgraph.app.cli import main
@@ -34,6 +37,7 @@ def _edit(m, key, value):
     ("dtype", "int8", "dtype 'int8'"),
     ("model", {"name": "x"}, "'model' must hold"),
     ("passes", "all", "key 'passes' must be"),
+    ("passes", [1, None], "must list pass names"),
 ])
 def test_manifest_schema(eager_artifact, tmp_path, key, value, match):
     art = copy(eager_artifact, tmp_path)
@@ -81,7 +85,7 @@ def test_resigned_damage_inside_files_is_named(eager_artifact, tmp_path, damage)
         g["inputs"][0]["type"]["shape"] = "oops"
     if damage == "wrong shape":
         (art / "graph.json").write_text(json.dumps(g))
-        g_hash = __import__("hashlib").sha256(json.dumps(g, sort_keys=True).encode()).hexdigest()
+        g_hash = hashlib.sha256(json.dumps(g, sort_keys=True).encode()).hexdigest()
         resign(art, lambda m: m.update(graph_hash=g_hash))
     else:
         resign(art)
@@ -125,4 +129,28 @@ def test_garbage_tvm_module_is_named(tmp_path, payload):
     (art / "backend/main/module.so").write_bytes(payload)
     resign(art)
     with pytest.raises(DSGraphError, match="module.so|compiled code"):
+        dsgraph.load_artifact(art)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bfloat16, torch.float64])
+def test_resigned_weights_of_another_dtype_refused(eager_artifact, tmp_path, dtype):
+    art = copy(eager_artifact, tmp_path)
+    tensors = load_file(str(art / "weights.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(dtype)
+    save_file(tensors, str(art / "weights.safetensors"))
+    resign(art)
+    with pytest.raises(ArtifactError, match="weight model.norm.weight is"):
+        dsgraph.load_artifact(art)
+
+
+@pytest.mark.parametrize("key,value", [("vocab_size", "lots"), ("max_position_embeddings", [1]),
+                                       ("vocab_size", -3)])
+def test_resigned_graph_meta_the_runtime_reads_is_typed(eager_artifact, tmp_path, key, value):
+    art = copy(eager_artifact, tmp_path)
+    g = json.loads((art / "graph.json").read_text())
+    g["meta"][key] = value
+    (art / "graph.json").write_text(json.dumps(g))
+    digest = hashlib.sha256(json.dumps(g, sort_keys=True).encode()).hexdigest()
+    resign(art, lambda m: m.update(graph_hash=digest))
+    with pytest.raises(ArtifactError, match=f"meta.{key} must be a positive integer"):
         dsgraph.load_artifact(art)
