@@ -14,7 +14,7 @@ from dsgraph import models
 from dsgraph import passes as passlib
 from dsgraph.backends import Backend, get_backend
 from dsgraph.dtypes import compute_dtype
-from dsgraph.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError, InputError
+from dsgraph.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError, InputError, PassError
 from dsgraph.partition import split_graph
 from dsgraph.runtime import artifact
 from dsgraph.runtime.executable import Executable
@@ -112,6 +112,8 @@ def compile_graph(graph, weights, backend: str | Backend, passes="default", keep
     if dtype is not None and dtype != graph.meta.get("dtype", dtype):
         names = [("retype", {"dtype": dtype})] + names
     if not names:
+        if dump_after is not None:
+            raise PassError(f"--dump-after {dump_after!r}: the pipeline runs no passes for {be.name}")
         return graph, weights, []
     return passlib.run_pipeline(graph, weights, names, dump_after=dump_after)
 
