@@ -21,6 +21,7 @@ from .tuned import read_table, table_dir, table_path, valid_table, write_table
 
 LISTING = "kernels.json"
 _KERNEL_FILE = re.compile(r"^[A-Za-z0-9_]+_[0-9a-f]{12}\.py$")
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def save(compiled, directory: Path) -> None:
@@ -31,6 +32,8 @@ def save(compiled, directory: Path) -> None:
     tuned.mkdir(exist_ok=True)
     tables = []
     for f in sorted(table_dir().glob("*.json")):
+        if not _TABLE_NAME.match(f.stem):
+            continue  # not a table dsgraph writes (kernel names are identifiers); loading would refuse it
         table = read_table(f)  # a corrupt local table is dropped with a warning, never shipped
         if table:
             (tuned / f.name).write_text(json.dumps(table, indent=1, sort_keys=True))
