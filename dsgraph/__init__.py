@@ -20,6 +20,7 @@ from .errors import (
     DeviceMemoryError,
     DSGraphError,
     InputError,
+    NumericsError,
     PassError,
     ShapeError,
     UnknownOpError,
@@ -37,8 +38,8 @@ from .weights import WeightStore
 
 __all__ = [
     "ArtifactError", "BackendUnavailable", "CheckpointError", "ConfigError", "DeviceMemoryError", "DSGraphError",
-    "Executable", "Graph", "GraphBuilder", "InputError", "Interpreter", "Model", "Node", "PassError", "ShapeError",
-    "Sym", "TensorType", "UnknownOpError", "Value", "VerifyError", "WeightStore", "compile", "compile_graph",
-    "graph_from_json", "graph_to_json", "load", "load_artifact", "load_graph", "run", "save_graph", "summarize",
-    "to_networkx", "tt", "__version__",
+    "Executable", "Graph", "GraphBuilder", "InputError", "Interpreter", "Model", "Node", "NumericsError",
+    "PassError", "ShapeError", "Sym", "TensorType", "UnknownOpError", "Value", "VerifyError", "WeightStore", "compile",
+    "compile_graph", "graph_from_json", "graph_to_json", "load", "load_artifact", "load_graph", "run", "save_graph",
+    "summarize", "to_networkx", "tt", "__version__",
 ]

@@ -24,6 +24,10 @@ _ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "fl
             "half": "float16", "float": "float32", "fp8": "float8_e4m3fn", "e4m3": "float8_e4m3fn"}
 FLOAT_DTYPES = frozenset({"float32", "bfloat16", "float16", "float64", "float8_e4m3fn"})
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# safetensors header dtype -> dsgraph dtype name (FP8 e4m3 is DeepSeek-V3's weight format)
+ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+             "F64": "float64", "F8_E8M0": "float8_e8m0fnu",
+             "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:

@@ -44,3 +44,7 @@ class ArtifactError(DSGraphError):
 class DeviceMemoryError(DSGraphError):
     """A model's weights, or a benchmark's inputs, cannot fit the device's free memory (checked before anything
     is allocated)."""
+
+
+class NumericsError(DSGraphError):
+    """A run produced NaN or Inf where a model cannot (logits): usually a non-finite or overflowing weight."""

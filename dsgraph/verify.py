@@ -43,6 +43,10 @@ def verify(graph) -> None:
             types = opdef.infer_types([v.type for v in node.inputs], attrs)
         except DSGraphError as e:
             raise VerifyError(f"{_where(i, node)}: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as e:
+            # attributes of a type or value the op's rule cannot take (a loaded graph file, a buggy pass)
+            raise VerifyError(f"{_where(i, node)}: attributes or input types the op cannot take "
+                              f"({type(e).__name__}: {e})") from None
         if attrs != node.attrs:
             raise VerifyError(f"{_where(i, node)}: attributes are not normalised ({node.attrs} vs {attrs})")
         if len(types) != len(node.outputs):

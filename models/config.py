@@ -3,9 +3,11 @@ Hugging Face `config.json` spelling (both `rope_scaling` and transformers-5
 `rope_parameters`), validated with errors that name the missing or bad key."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from dsgraph.errors import ConfigError
+
+from .config_schema import check_consistent, check_values
 
 FAMILIES = {
     # model_type -> family builder shape
@@ -91,12 +93,26 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
+        """The config `to_dict` wrote (an artifact's manifest, a saved graph's meta), checked like config.json."""
+        check_values(d, source)
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        if kw.get("fp8_block_size"):
-            kw["fp8_block_size"] = tuple(kw["fp8_block_size"])
-        return cls(**kw)
+        if kw.get("model_type") not in FAMILIES:
+            raise ConfigError(f"{source}: model_type {kw.get('model_type')!r} is not one of {sorted(FAMILIES)}")
+        block = kw.get("fp8_block_size")
+        if block:
+            check_values({"quantization_config": {"weight_block_size": block}}, source)
+            kw["fp8_block_size"] = tuple(block)
+        if not isinstance(kw.get("extra", {}), dict):
+            raise ConfigError(f"{source}: key 'extra' must be an object")
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                         and kw.get(f.name) is None)
+        if missing:
+            raise ConfigError(f"{source}: missing keys {missing}")
+        out = cls(**kw)
+        check_consistent(out, source)
+        return out
 
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -111,7 +127,9 @@ _DSA_REQUIRED = ("index_n_heads", "index_head_dim", "index_topk", "q_lora_rank")
 
 
 def from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
-    """Read a Hugging Face config dict; raise ConfigError naming the key and the fix."""
+    """Read a Hugging Face config dict; raise ConfigError naming the key and the fix (types, ranges and the
+    relations between keys: config_schema.py)."""
+    check_values(cfg, source)
     cfg = {**_TYPE_DEFAULTS.get(cfg.get("model_type"), {}), **cfg}
     mt = cfg.get("model_type")
     if mt is None:
@@ -188,6 +206,7 @@ def from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
     if mt == "deepseek_v2":
         # transformers' DeepseekV2 ignores norm_topk_prob; the released V2 configs set it false
         out.norm_topk_prob = False
+    check_consistent(out, source)
     return out
 
 

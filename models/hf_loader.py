@@ -69,7 +69,7 @@ def _read_config(root: Path) -> dict:
         raise ConfigError(f"{root} has no config.json: not a Hugging Face checkpoint directory")
     try:
         cfg = json.loads(f.read_text())
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise ConfigError(f"{f} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{f} must hold a JSON object, got {type(cfg).__name__}")

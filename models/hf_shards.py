@@ -16,15 +16,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dsgraph.dtypes import ST_DTYPES
 from dsgraph.errors import CheckpointError
 from dsgraph.ops.mlp import dequant_fp8_block
+from dsgraph.safefs import safe_name
 
 from .hf_scales import read_scale
 
-# safetensors header dtype -> dsgraph dtype name (FP8 e4m3 is DeepSeek-V3's weight format)
-ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-             "F64": "float64",
-             "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_FILE = "model.safetensors.index.json"
 # show progress when a load reads at least this much, or the checkpoint has at least this many files
@@ -66,6 +64,36 @@ class Progress:
                   f"({10 * tenth}%)", file=sys.stderr, flush=True)
 
 
+def _read_index(index: Path) -> dict:
+    """The index's weight_map (tensor -> shard file name), every name checked before any file is opened."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names, got "
+                              f"{type(weight_map).__name__}")
+    for f in set(weight_map.values()):
+        safe_name(f, f"{index} shard", CheckpointError)
+    return weight_map
+
+
+def _header(f: Path) -> dict[str, TensorInfo]:
+    """key -> TensorInfo from one shard's header; a damaged shard is a CheckpointError naming it."""
+    try:
+        with safe_open(str(f), "pt") as h:
+            out = {}
+            for key in h.keys():
+                sl = h.get_slice(key)
+                dt = sl.get_dtype()
+                out[key] = TensorInfo(f, tuple(sl.get_shape()), ST_DTYPES.get(dt, dt))
+            return out
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged header
+        raise CheckpointError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated "
+                              "or damaged, download it again") from None
+
+
 class Shards:
     """key -> TensorInfo for every tensor of a checkpoint directory; `read` loads one on demand."""
 
@@ -77,14 +105,11 @@ class Shards:
         self.info: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         for f in self.files:
-            with safe_open(str(f), "pt") as h:
-                for key in h.keys():
-                    sl = h.get_slice(key)
-                    if key in self.info:
-                        raise CheckpointError(f"{self.root}: tensor {key!r} is stored twice, in "
-                                              f"{self.info[key].file.name} and {f.name}; remove one copy")
-                    dt = sl.get_dtype()
-                    self.info[key] = TensorInfo(f, tuple(sl.get_shape()), ST_DTYPES.get(dt, dt))
+            for key, info in _header(f).items():
+                if key in self.info:
+                    raise CheckpointError(f"{self.root}: tensor {key!r} is stored twice, in "
+                                          f"{self.info[key].file.name} and {f.name}; remove one copy")
+                self.info[key] = info
         self._check_index()
         self.progress = Progress(sum(i.nbytes for i in self.info.values()),
                                  progress and (len(self.files) >= PROGRESS_MIN_FILES or
@@ -94,19 +119,15 @@ class Shards:
     def _files(self) -> list[Path]:
         index = self.root / INDEX_FILE
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
-            self._weight_map = weight_map
+            self._weight_map = weight_map = _read_index(index)
             files = sorted({self.root / f for f in weight_map.values()})
-            absent = [f.name for f in files if not f.exists()]
+            absent = [f.name for f in files if not f.is_file()]
             if absent:
                 raise CheckpointError(f"{index} names shard files that are not in {self.root}: {absent}; "
                                       "download the missing shards")
             return files
         self._weight_map = None
-        files = sorted(self.root.glob("*.safetensors"))
+        files = sorted(f for f in self.root.glob("*.safetensors") if f.is_file())
         if not files:
             other = sorted(p.name for p in self.root.glob("*.bin"))[:3]
             raise CheckpointError(f"{self.root}: no *.safetensors files"
@@ -132,8 +153,12 @@ class Shards:
     def read(self, key: str, index=None) -> torch.Tensor:
         """The tensor `key` (or `tensor[index]`, read without loading the rest)."""
         info = self.info[key]
-        h = self._handle(info.file)
-        t = h.get_tensor(key) if index is None else h.get_slice(key)[index]
+        try:
+            h = self._handle(info.file)
+            t = h.get_tensor(key) if index is None else h.get_slice(key)[index]
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged data
+            raise CheckpointError(f"{info.file}: tensor {key!r} cannot be read ({type(e).__name__}: {e}); the shard "
+                                  "is damaged, download it again") from None
         self.progress.add(t.numel() * t.element_size())
         return t
 

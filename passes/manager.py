@@ -96,6 +96,9 @@ def run_pipeline(graph: Graph, weights: WeightStore | None, pipeline, dump_after
                 result.graph.verify()
         except DSGraphError as e:
             raise PassError(f"pass {p.name!r} failed (after {before or 'no passes'}): {e}") from e
+        except Exception as e:  # a bug in the pass (or a graph it was not written for): name the pass
+            raise PassError(f"pass {p.name!r} raised {type(e).__name__}: {e} (after {before or 'no passes'}); "
+                            "leave it out of the pipeline (passes=[...]) or report the bug") from e
         secs = time.perf_counter() - t0
         graph, weights = result.graph, result.weights
         params1, ops1 = set(graph.params()), Counter(n.op for n in graph.nodes)

@@ -97,9 +97,9 @@ def test_wrong_backend_flagged_not_timed(bench_run):
     assert "WRONG" in bench_run[1] and "not timed" in bench_run[1]
 
 
-def test_unknown_backend_reported_unavailable(bench_run):
+def test_unknown_backend_reported_failed(bench_run):
     rows = [r for r in bench_run[3]["rows"] if r["backend"] == "no_such"]
-    assert rows and all(r["status"] == "unavailable" and "no_such" in r["reason"] for r in rows)
+    assert rows and all(r["status"] == "failed" and "unknown backend 'no_such'" in r["reason"] for r in rows)
 
 
 def test_peaks_cached_per_machine(bench_run):

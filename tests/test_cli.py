@@ -40,9 +40,9 @@ def test_check_eager(capsys):
 
 
 def test_bad_input_is_an_error_not_a_traceback(capsys):
-    assert main(["run", "deepseek-llm-tiny", "--prompt-ids", "1,999"]) == 1
+    assert main(["run", "deepseek-llm-tiny", "--prompt-ids", "1,999"]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
-    assert main(["show", "no-such-model"]) == 1
+    assert main(["show", "no-such-model"]) == 2
     assert "Presets:" in capsys.readouterr().err
 
 

@@ -2,19 +2,20 @@
 
 `pick(kernel, key, candidates, bench)` returns the fastest candidate config (a dict, list or dataclass) for `key`
 (a tuple of shape facts, e.g. (E, N, K, M bucket)). Timings use `triton.testing.do_bench` (median); results live in
-`$DSGRAPH_CACHE_DIR/triton/tuned/<kernel>.json` (default ~/.cache/dsgraph), keyed by GPU name and key. Under the
-interpreter nothing is timed: the first candidate, a small tile, is used.
+`$DSGRAPH_CACHE_DIR/triton/tuned/<kernel>.json` (default ~/.cache/dsgraph, tuned.py), keyed by GPU name, Triton
+version and key. Under the interpreter nothing is timed: the first candidate, a small tile, is used.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import torch
 import triton.testing
 
-from .runtime import cache_dir, interpreting
+from dsgraph.version import tool_version
+
+from .runtime import interpreting
+from .tuned import read_table, table_path, write_table
 
 _MEMO: dict[tuple, object] = {}  # (kernel, key) -> the chosen candidate, or None: known to be untuned
 
@@ -23,16 +24,8 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def _path(kernel: str) -> str:
-    return os.path.join(cache_dir("tuned"), f"{kernel}.json")
-
-
 def _read(kernel: str) -> dict:
-    try:
-        with open(_path(kernel)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return read_table(table_path(kernel))
 
 
 def _encode(config):
@@ -43,17 +36,13 @@ def _encode(config):
 
 
 def _write(kernel: str, entry_key: str, config) -> None:
-    table = _read(kernel)  # re-read: another process may have added shapes meanwhile
-    table[entry_key] = _encode(config)
-    tmp = f"{_path(kernel)}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-    os.replace(tmp, _path(kernel))
+    write_table(table_path(kernel), {entry_key: _encode(config)})
 
 
 def _entry_key(key: tuple) -> str:
-    """The disk cache's key: the GPU's name and the shape facts (a config tuned on one GPU is not another's)."""
-    return f"{_device_name()}|{'x'.join(str(k) for k in key)}"
+    """The disk cache's key: the GPU's name, the Triton version (another compiler's timings are not this one's)
+    and the shape facts (a config tuned on one GPU is not another's)."""
+    return f"{_device_name()}|triton {tool_version('triton')}|{'x'.join(str(k) for k in key)}"
 
 
 def cached(kernel: str, key: tuple, candidates: list):

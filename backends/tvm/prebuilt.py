@@ -1,10 +1,10 @@
 """Modules built on one machine and run on another: for a GPU machine whose TVM is runtime-only.
 
 `export_prebuilt(graph, device, root)` builds `graph` (after the backend's passes) for `device` into
-`root/<key>/`, the key a hash of the graph and the device kind. With `$DSGRAPH_TVM_PREBUILT=root` set, the
-tvm backend needs only TVM's runtime: compiling a graph loads `root/<key>/` instead of lowering and building,
-and a graph nobody prebuilt is an error naming the command that builds it. `dsgraph bench --prebuild DIR`
-writes every module a bench run needs; `dsgraph bench --prebuilt DIR` runs them.
+`root/<key>/`, the key a hash of the graph, the device kind and the TVM version. With
+`$DSGRAPH_TVM_PREBUILT=root` set, the tvm backend needs only TVM's runtime: compiling a graph loads `root/<key>/`
+instead of lowering and building, and a graph nobody prebuilt is an error naming the command that builds it.
+`dsgraph bench --prebuild DIR` writes every module a bench run needs; `dsgraph bench --prebuilt DIR` runs them.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from dsgraph.serialize import graph_to_json
+from dsgraph.version import tool_version
 
 from .compiler import export_module
 from .runtime import LIBRARY
@@ -27,9 +28,12 @@ def prebuilt_root() -> Path | None:
 
 
 def graph_key(graph, device: str) -> str:
+    """The module's directory name: the graph, the device kind and the TVM version (a module built by another
+    TVM is not reused)."""
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
     text = json.dumps(graph_to_json(graph), sort_keys=True, default=str)
-    return f"{graph.name}-{kind}-{hashlib.sha256(f'{kind}|{text}'.encode()).hexdigest()[:16]}"
+    digest = hashlib.sha256(f"{kind}|tvm {tool_version('apache-tvm')}|{text}".encode()).hexdigest()[:16]
+    return f"{graph.name}-{kind}-{digest}"
 
 
 def export_prebuilt(graph, device: str, root) -> tuple[Path, bool]:

@@ -14,11 +14,12 @@ from dsgraph import models
 from dsgraph import passes as passlib
 from dsgraph.backends import Backend, get_backend
 from dsgraph.dtypes import compute_dtype
-from dsgraph.errors import BackendUnavailable, ConfigError, InputError
+from dsgraph.errors import ArtifactError, BackendUnavailable, CheckpointError, ConfigError, InputError, PassError
 from dsgraph.parallel import ParallelPlan
 from dsgraph.partition import split_graph
 from dsgraph.runtime import artifact, distributed
 from dsgraph.runtime.executable import Executable
+from dsgraph.runtime.manifest import looks_like_artifact
 from dsgraph.runtime.memory import check_weights_fit
 from dsgraph.serialize import load_graph
 from dsgraph.weights import WeightStore
@@ -32,6 +33,10 @@ def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options) 
             return models.load_checkpoint(p, dtype=dtype, **options)
         if (p / artifact.MANIFEST).exists():
             raise ConfigError(f"{p} is a compiled artifact: load it with dsgraph.load_artifact({str(p)!r})")
+        if looks_like_artifact(p):
+            raise ArtifactError(f"{p} looks like a dsgraph artifact whose {artifact.MANIFEST} is missing (deleted, "
+                                "or its save did not finish); it cannot be verified, so it is not loaded — compile "
+                                "it again with `dsgraph compile MODEL -o DIR`")
         raise ConfigError(f"{p} is a directory without config.json: not a Hugging Face checkpoint")
     if p.suffix == ".json" and p.exists():
         return _load_saved_graph(p)
@@ -44,8 +49,12 @@ def _load_saved_graph(path: Path) -> models.Model:
     if cfg_dict is None:
         raise ConfigError(f"{path}: graph has no meta.config; save graphs built by dsgraph models")
     weights_file = path.with_suffix(".safetensors")
-    weights = WeightStore(load_file(str(weights_file))) if weights_file.exists() else WeightStore()
-    return models.Model(graph.name, models.ModelConfig.from_dict(cfg_dict), graph, weights)
+    try:
+        weights = WeightStore(load_file(str(weights_file))) if weights_file.exists() else WeightStore()
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+        raise CheckpointError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return models.Model(graph.name, models.ModelConfig.from_dict(cfg_dict, source=f"{path} meta.config"), graph,
+                        weights)
 
 
 def resolve_device(device: str | None) -> str:
@@ -131,6 +140,8 @@ def compile_graph(graph, weights, backend: str | Backend, passes="default", keep
     if dtype is not None and dtype != graph.meta.get("dtype", dtype):
         names = [("retype", {"dtype": dtype})] + names
     if not names:
+        if dump_after is not None:
+            raise PassError(f"--dump-after {dump_after!r}: the pipeline runs no passes for {be.name}")
         return graph, weights, []
     return passlib.run_pipeline(graph, weights, names, dump_after=dump_after)
 
@@ -140,6 +151,7 @@ def load_artifact(path: str | os.PathLike, device: str | None = None, backend: s
     where the backend saved its compiled code."""
     parts = artifact.load_parts(path, device=device, backend=backend)
     info = parts.manifest["model"]
-    model = models.Model(info["name"], models.ModelConfig.from_dict(info["config"]), parts.graph, parts.weights)
+    config = models.ModelConfig.from_dict(info["config"], source=f"{path}/manifest.json model.config")
+    model = models.Model(info["name"], config, parts.graph, parts.weights)
     return Executable(model, parts.graph, parts.compiled, parts.device, parts.dtype, parts.manifest["passes"],
                       mtp=parts.mtp, weights=parts.weights)

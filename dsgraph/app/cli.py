@@ -1,4 +1,4 @@
-"""The `dsgraph` command line: show, compile, run, check, bench, export, demo."""
+"""The `dsgraph` command line: show, compile, run, check, check-weights, bench, export, demo."""
 from __future__ import annotations
 
 import argparse
@@ -17,21 +17,16 @@ from dsgraph.backends import available_backends
 from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx
 from dsgraph.backends.tvm.prebuilt import ENV as TVM_PREBUILT_ENV
 from dsgraph.dtypes import compute_dtype
-from dsgraph.errors import ConfigError, DSGraphError
+from dsgraph.errors import ConfigError
+from dsgraph.models.check_weights import check_weights
 from dsgraph.parallel import ParallelPlan
 from dsgraph.runtime import distributed
 
 from . import api
+from . import cli_guard as guard
 from . import plan as planner
 from .bench import bench, load_model, prebuild_tvm, report
 from .check import check_backend, make_prompt
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
 
 
 def cmd_show(args) -> int:
@@ -75,15 +70,15 @@ def cmd_run(args) -> int:
 
 def _run(args, plan: ParallelPlan | None) -> int:
     if (Path(args.model) / "manifest.json").exists():
-        exe = api.load_artifact(args.model, device=args.device)
+        exe = api.load_artifact(args.model, device=args.device, backend=args.backend)
         print(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
     else:
         model = api.load(args.model, dtype=args.dtype)
-        exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
+        exe = api.compile(model, backend=args.backend or "eager", device=args.device, dtype=args.dtype,
                           keep_mtp=args.speculative == "mtp", parallel=plan)
         if plan is not None:
             print(exe.compiled.report.notes[-1])
-    prompt = args.prompt_ids or [1, 2, 3]
+    prompt = args.prompt_ids if args.prompt_ids is not None else [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
     print("tokens:", end="", flush=True)
     out, stats = exe.generate([prompt], max_new_tokens=args.max_new_tokens, return_stats=True,
@@ -193,7 +188,7 @@ def cmd_bench(args) -> int:
         report.plot(doc["rows"], args.plot, f"dsgraph bench {args.model} ({args.device}, {doc['config']['dtype']})")
         print(f"wrote {args.plot}", file=sys.stderr)
     wrong = [r for r in doc["rows"] if r["status"] == "WRONG"]
-    return 1 if wrong else 0
+    return 1 if wrong or guard.unknown_backends(args.backends.split(",")) else 0  # a typo'd backend fails too
 
 
 def cmd_export(args) -> int:
@@ -209,8 +204,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_check_weights(args) -> int:
+    return 1 if check_weights(args.path, progress=not args.quiet) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsgraph", description="Compile, check and benchmark DeepSeek-family models.")
+    p.add_argument("-v", "--debug", action="store_true", help="show tracebacks of errors (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_cmd(name, help_, fn):
@@ -235,26 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-mtp", action="store_true", help="keep the MTP branch (for speculative decoding)")
 
     s = model_cmd("run", "generate tokens, printing them as they come", cmd_run)
-    s.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
-    s.add_argument("--max-new-tokens", type=int, default=16)
-    s.add_argument("--backend", default="eager")
+    s.add_argument("--prompt-ids", type=guard.token_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
+    s.add_argument("--max-new-tokens", type=guard.int_at_least(1), default=16)
+    s.add_argument("--backend", default=None, help="default eager; an artifact runs on the backend it was made for")
     s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cpu)")
     s.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP branch")
-    s.add_argument("--draft-depth", type=int, default=1)
-    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun)")
-    s.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (run under torchrun)")
+    s.add_argument("--draft-depth", type=guard.int_at_least(1), default=1)
+    s.add_argument("--tp", type=guard.int_at_least(1), default=1, help="tensor-parallel ranks (run under torchrun)")
+    s.add_argument("--ep", type=guard.int_at_least(1), default=1, help="expert-parallel ranks (run under torchrun)")
     s.add_argument("--dp-attention", action="store_true",
                    help="attention data-parallel per rank (each rank its own requests; here the same prompt), "
                         "MoE expert-parallel with all_to_all")
 
     s = model_cmd("plan", "memory per GPU, collective bytes and time per step, tokens/s bound of TP / EP / "
                   "DP-attention plans", cmd_plan)
-    s.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    s.add_argument("--gpus", type=guard.int_at_least(1), required=True, help="GPUs in all")
     s.add_argument("--gpu", default="h200", help="h200 | h100 | b200 (defaults in docs/distributed.md)")
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--batch", type=int, default=64, help="decode batch (sequences)")
-    s.add_argument("--context", type=int, default=4096, help="cached tokens per sequence")
-    s.add_argument("--prefill", type=int, default=4096, help="prompt tokens of a prefill step")
+    s.add_argument("--nodes", type=guard.int_at_least(1), default=1)
+    s.add_argument("--batch", type=guard.int_at_least(1), default=64, help="decode batch (sequences)")
+    s.add_argument("--context", type=guard.int_at_least(1), default=4096, help="cached tokens per sequence")
+    s.add_argument("--prefill", type=guard.int_at_least(1), default=4096, help="prompt tokens of a prefill step")
     s.add_argument("--nvlink-gbs", type=float, default=None, help="NVLink GB/s per direction per GPU")
     s.add_argument("--ib-gbs", type=float, default=None, help="InfiniBand GB/s per GPU")
 
@@ -283,17 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-batch", type=_pos_ints, default=None, help="prefill batch sizes (default 1)")
     s.add_argument("--context", type=_pos_ints, default=None,
                    help="context lengths: cached tokens for decode, prompt tokens for prefill (cpu 64; cuda 4096)")
-    s.add_argument("--repeats", type=int, default=None, help="timed repeats (cpu default 5; cuda 50)")
-    s.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--repeats", type=guard.int_at_least(1), default=None, help="timed repeats (cpu default 5; cuda 50)")
+    s.add_argument("--warmup", type=guard.int_at_least(0), default=None, help="warm-up calls before timing")
+    s.add_argument("--seed", type=guard.int_at_least(0), default=0)
     s.add_argument("--json", default=None, metavar="FILE",
                    help="write every number and the environment here (rewritten after every row while it runs)")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="write a comparison plot (matplotlib)")
 
     s = model_cmd("export", "export a model's prefill entry (no MTP) to a standard ONNX file", cmd_export)
     s.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file (weights beside it if > 2 GB)")
-    s.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 17; default 21)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
+    s.add_argument("--opset", type=guard.int_at_least(1), default=None, help="ONNX opset (>= 17; default 21)")
+    s.add_argument("--seed", type=guard.int_at_least(0), default=0, help="seed of the random weights of a preset")
+
+    s = sub.add_parser("check-weights", help="scan a checkpoint, artifact or .safetensors file for NaN/Inf weights",
+                       description="scan a checkpoint, artifact or .safetensors file for NaN/Inf weights")
+    s.add_argument("path", help="HF checkpoint dir, compiled artifact dir, or a .safetensors file")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    s.set_defaults(fn=cmd_check_weights)
 
     s = sub.add_parser("demo", help="tiny DeepSeek-V3 on every backend this machine has, checked against eager")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -302,12 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; a user error prints one line and exits 2 (cli_guard.py), -v/--debug adds the traceback."""
+    argv, debug = guard.split_debug(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except DSGraphError as e:
-        print(f"dsgraph {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    return guard.run(lambda: args.fn(args), args, debug)
 
 
 if __name__ == "__main__":

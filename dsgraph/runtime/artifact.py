@@ -2,13 +2,15 @@
 
 A directory that describes itself:
   manifest.json        format + version, dsgraph version, backend, device, dtype, model config,
-                       graph hash, passes applied, creation time, and a sha256 per file
+                       graph hash, passes applied, tool versions, creation time, and a sha256 per file
   graph.json           the optimised graph (mtp_graph.json too when the MTP branch was kept)
   weights.safetensors  weights in the layout the compiled code expects (absorbed, stacked, FP8)
   backend/             what the backend needs to run without recompiling (kernel sources and
                        tuned configs for triton, the exported shared library for tvm)
-Writing is atomic (a temporary directory renamed into place), and loading verifies every
-checksum and refuses an artifact made for another backend, device or a newer format.
+Writing holds a lock file beside DIR, builds a sibling temporary directory and renames it into place; it
+replaces only a directory holding a dsgraph manifest and the files it lists. Loading checks the manifest's
+schema, then that the directory holds exactly its files with their checksums, then the graph hash, before
+any file is parsed or handed to a backend (manifest.py).
 """
 from __future__ import annotations
 
@@ -26,22 +28,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsgraph.backends import get_backend
-from dsgraph.errors import ArtifactError
+from dsgraph.dtypes import ST_DTYPES
+from dsgraph.errors import ArtifactError, DSGraphError
+from dsgraph.safefs import DirLock, owner_pid, pid_alive, sha256_file, tag
 from dsgraph.serialize import graph_from_json, graph_to_json
-from dsgraph.version import __version__
+from dsgraph.version import __version__, tool_version
 from dsgraph.weights import WeightStore
 
-FORMAT = "dsgraph.artifact"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL, read_manifest, verify_files
 
 
 def _graph_hash(graph_json: dict) -> str:
@@ -55,78 +49,103 @@ def _save_weights(graph_list, weights, path: Path) -> None:
 
 
 def save_artifact(exe, path, overwrite: bool = False) -> Path:
-    """Write `exe` as an artifact directory at `path` (atomically)."""
+    """Write `exe` as an artifact directory at `path`: atomically, under a lock, replacing (with `overwrite`)
+    only an artifact dsgraph wrote."""
     dest = Path(path)
-    if dest.exists() and not overwrite:
-        raise ArtifactError(f"{dest} already exists; pass overwrite=True or choose another directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        graphs = {"graph.json": exe.graph}
-        if exe.mtp is not None:
-            graphs["mtp_graph.json"] = exe.mtp[0]
-        main_json = None
-        for fname, g in graphs.items():
-            j = graph_to_json(g)
-            main_json = main_json or j
-            (tmp / fname).write_text(json.dumps(j))
-        _save_weights(list(graphs.values()), exe.weights, tmp / "weights.safetensors")
-        backend = get_backend(exe.compiled.report.backend)
-        (tmp / "backend").mkdir()
-        backend.save_compiled(exe.compiled, tmp / "backend" / "main")
-        if exe.mtp is not None:
-            backend.save_compiled(exe.mtp[1], tmp / "backend" / "mtp")
-        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "dsgraph_version": __version__,
-            "backend": exe.compiled.report.backend, "device": exe.device.type, "dtype": exe.dtype,
-            "model": {"name": exe.model.name, "config": exe.model.config.to_dict()},
-            "graph_hash": _graph_hash(main_json),
-            "passes": [list(p) if isinstance(p, tuple) else p for p in exe.compiled.report.passes],
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_version": torch.__version__, "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with DirLock(dest, ArtifactError):
+        _clean_stale(dest)
+        _check_replaceable(dest, overwrite)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.dsgraph-tmp-{os.getpid()}-", dir=dest.parent))
+        try:
+            (tmp / PARTIAL).write_text(tag())
+            _write_contents(exe, tmp)
+            (tmp / PARTIAL).unlink()
+            _swap_in(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return dest
 
 
-def read_manifest(path) -> dict:
-    root = Path(path)
-    mf = root / MANIFEST
-    if not mf.exists():
-        raise ArtifactError(f"{root} is not a dsgraph artifact: {MANIFEST} is missing (a save that did not finish "
-                            "leaves no manifest); recompile with `dsgraph compile MODEL -o DIR`")
+def _write_contents(exe, tmp: Path) -> None:
+    graphs = {"graph.json": exe.graph}
+    if exe.mtp is not None:
+        graphs["mtp_graph.json"] = exe.mtp[0]
+    main_json = None
+    for fname, g in graphs.items():
+        j = graph_to_json(g)
+        main_json = main_json or j
+        (tmp / fname).write_text(json.dumps(j))
+    _save_weights(list(graphs.values()), exe.weights, tmp / "weights.safetensors")
+    backend = get_backend(exe.compiled.report.backend)
+    (tmp / "backend").mkdir()
+    backend.save_compiled(exe.compiled, tmp / "backend" / "main")
+    if exe.mtp is not None:
+        backend.save_compiled(exe.mtp[1], tmp / "backend" / "mtp")
+    files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != PARTIAL}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dsgraph_version": __version__,
+        "backend": exe.compiled.report.backend, "device": exe.device.type, "dtype": exe.dtype,
+        "model": {"name": exe.model.name, "config": exe.model.config.to_dict()},
+        "graph_hash": _graph_hash(main_json),
+        "passes": [list(p) if isinstance(p, tuple) else p for p in exe.compiled.report.passes],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "tools": {d: tool_version(d) for d in ("torch", "triton", "apache-tvm", "safetensors")}, "files": files,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+
+
+def _check_replaceable(dest: Path, overwrite: bool) -> None:
+    """Nothing at `dest`, or (with overwrite) a dsgraph artifact holding only the files its manifest lists."""
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if not overwrite:
+        raise ArtifactError(f"{dest} already exists; pass overwrite=True (--overwrite) or choose another directory")
+    if dest.is_symlink() or not dest.is_dir():
+        raise ArtifactError(f"{dest} is not a directory dsgraph wrote (a file or link); refusing to replace it")
     try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{mf} is not valid JSON ({e}); the artifact is damaged, recompile it") from None
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{mf}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"{root} was written in artifact format {manifest['format_version']}, newer than this "
-                            f"dsgraph reads ({FORMAT_VERSION}); upgrade dsgraph or recompile the artifact")
-    return manifest
+        manifest = json.loads((dest / MANIFEST).read_text())
+        listed = set(manifest["files"]) | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        manifest, listed = None, set()
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{dest} exists and is not a dsgraph artifact (no {MANIFEST} of format {FORMAT!r}); "
+                            "--overwrite only replaces artifacts — move it away or choose another directory")
+    foreign = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")
+                     if not p.is_dir() and p.relative_to(dest).as_posix() not in listed)
+    if foreign:
+        raise ArtifactError(f"{dest} holds files its manifest does not list, e.g. {foreign[:5]}; dsgraph did not "
+                            "write them, so --overwrite will not delete them — move them or choose another directory")
 
 
-def verify_files(root: Path, manifest: dict) -> None:
-    for rel, info in manifest["files"].items():
-        p = root / rel
-        if not p.exists():
-            raise ArtifactError(f"artifact file {rel} is missing from {root}; the artifact is incomplete, recompile it")
-        if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
-            raise ArtifactError(f"artifact file {rel} in {root} does not match its checksum (truncated or edited); "
-                                "recompile the artifact")
+def _swap_in(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.dsgraph-old-{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dest)
+
+
+def _clean_stale(dest: Path) -> None:
+    """Remove what killed writes of `dest` left beside it (called under the lock, so no writer is active):
+    temporary directories still marked partial by a dead process, and replaced artifacts not yet deleted."""
+    for p in dest.parent.glob(f".{dest.name}.dsgraph-*-*"):
+        kind, _, rest = p.name[len(dest.name) + 2:].partition("-")[2].partition("-")
+        pid = int(rest.split("-")[0]) if rest.split("-")[0].isdigit() else None
+        if pid is None or pid == os.getpid() or not p.is_dir() or p.is_symlink():
+            continue
+        try:
+            ours = (kind == "tmp" and owner_pid((p / PARTIAL).read_text()) == pid) or \
+                (kind == "old" and json.loads((p / MANIFEST).read_text()).get("format") == FORMAT)
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if ours and not pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @dataclass
@@ -144,31 +163,83 @@ class ArtifactParts:
 
 
 def load_parts(path, device: str | None = None, backend: str | None = None) -> ArtifactParts:
-    """Read and verify a saved artifact: its graphs, lazy weights and the backend's compiled code."""
+    """Read and verify a saved artifact: its graphs, lazy weights and the backend's compiled code. Nothing in the
+    directory is parsed before the manifest's schema, the file list and every checksum are verified."""
     root = Path(path)
     manifest = read_manifest(root)
     if backend is not None and backend != manifest["backend"]:
-        raise ArtifactError(f"{root} was compiled for backend {manifest['backend']!r}, not {backend!r}")
-    device = device or manifest["device"]
-    if torch.device(device).type != manifest["device"]:
+        raise ArtifactError(f"{root} was compiled for backend {manifest['backend']!r}, not {backend!r}; run it "
+                            f"without --backend, or compile it again with --backend {backend}")
+    device = str(device or manifest["device"])
+    kind = "cuda" if device.startswith("cuda") else device
+    if kind != manifest["device"]:
         raise ArtifactError(f"{root} was compiled for device {manifest['device']!r}, not {device!r}; "
-                            f"recompile with --device {torch.device(device).type}")
+                            f"recompile with --device {kind}")
     verify_files(root, manifest)
-    graph = graph_from_json(json.loads((root / "graph.json").read_text()))
-    graph.verify()
-    weights = WeightStore()
-    with safe_open(str(root / "weights.safetensors"), framework="pt") as f:
-        for k in f.keys():
-            weights.set(k, lambda k=k: _read(root / "weights.safetensors", k))
-    be = get_backend(manifest["backend"])
+    main_json = _read_json(root / "graph.json")
+    if _graph_hash(main_json) != manifest["graph_hash"]:
+        raise ArtifactError(f"{root / 'graph.json'} does not match the manifest's graph_hash (edited); "
+                            "recompile the artifact")
+    graph = _graph(main_json, root / "graph.json")
+    weights = _weights(root / "weights.safetensors", graph)
+    try:
+        be = get_backend(manifest["backend"])
+    except DSGraphError as e:
+        raise ArtifactError(f"{root / MANIFEST}: {e}") from None
     dtype = manifest["dtype"]
-    compiled = be.load_compiled(root / "backend" / "main", graph, weights, device, dtype)
+    compiled = _load_compiled(be, root / "backend" / "main", graph, weights, device, dtype)
     compiled.report.passes = [tuple(p) if isinstance(p, list) else p for p in manifest["passes"]]
     mtp = None
-    if (root / "mtp_graph.json").exists():
-        branch = graph_from_json(json.loads((root / "mtp_graph.json").read_text()))
-        mtp = (branch, be.load_compiled(root / "backend" / "mtp", branch, weights, device, dtype))
+    if "mtp_graph.json" in manifest["files"]:
+        branch = _graph(_read_json(root / "mtp_graph.json"), root / "mtp_graph.json")
+        mtp = (branch, _load_compiled(be, root / "backend" / "mtp", branch, weights, device, dtype))
     return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} cannot be read as JSON ({e}); the artifact is damaged, recompile it") from None
+
+
+def _graph(obj, path: Path):
+    try:
+        graph = graph_from_json(obj, source=str(path))
+        graph.verify()
+    except DSGraphError as e:
+        raise ArtifactError(f"{path}: not a valid dsgraph graph ({e}); recompile the artifact") from None
+    return graph
+
+
+def _weights(path: Path, graph) -> WeightStore:
+    """Lazy weights, after checking the file's header holds every param of `graph` in its type."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged header
+        raise ArtifactError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                            "recompile the artifact") from None
+    for name, v in graph.params().items():
+        want = (tuple(v.type.concrete({})), v.type.dtype)
+        got = (found[name][0], ST_DTYPES.get(found[name][1], found[name][1])) if name in found else "absent"
+        if got != want:
+            raise ArtifactError(f"{path}: weight {name} is {got}, the graph expects {want}; recompile the artifact")
+    weights = WeightStore()
+    for k in found:
+        weights.set(k, lambda k=k: _read(path, k))
+    return weights
+
+
+def _load_compiled(be, directory: Path, graph, weights, device: str, dtype: str):
+    try:
+        return be.load_compiled(directory, graph, weights, device, dtype)
+    except DSGraphError:
+        raise
+    except Exception as e:  # the backend's own loader (a TVM module, its JSON) met data it cannot use
+        raise ArtifactError(f"backend {be.name!r} cannot load the compiled code in {directory} "
+                            f"({type(e).__name__}: {e}); the artifact is damaged or from another version, "
+                            "recompile it") from None
 
 
 def _read(path: Path, key: str):

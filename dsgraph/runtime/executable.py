@@ -15,6 +15,7 @@ from dsgraph.dtypes import to_torch
 from dsgraph.errors import InputError
 
 from .artifact import save_artifact
+from .checks import FiniteWatch, check_count, ids_tensor
 from .localize import localize
 from .speculative import generate_mtp
 from .state import GenerateStats, KVState
@@ -40,7 +41,7 @@ class Executable:
     # input checking --------------------------------------------------------------
     def _ids(self, ids, what: str = "input_ids") -> torch.Tensor:
         if isinstance(ids, (list, tuple)):
-            ids = torch.tensor(ids if ids and isinstance(ids[0], (list, tuple)) else [ids])
+            ids = ids_tensor(ids, what)
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
             raise InputError(f"{what} must be an integer tensor [B, S] or a list of ints, got {type(ids).__name__}"
                              + (f" of {ids.dtype}" if isinstance(ids, torch.Tensor) else ""))
@@ -126,16 +127,18 @@ class Executable:
         speculative="mtp" drafts with the MTP branch (draft_depth tokens a step) and verifies with
         the main model: the same tokens, fewer main-model steps (dsgraph/runtime/speculative.py).
         """
+        max_new_tokens, draft_depth = check_count(max_new_tokens, "max_new_tokens"), check_count(draft_depth,
+                                                                                                "draft_depth")
         if speculative == "mtp":
             return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token)
         if speculative is not None:
             raise InputError(f"speculative={speculative!r}: the only speculative mode is 'mtp'")
         ids = self._ids(prompt_ids, "prompt_ids")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self._check_length(ids.shape[1] + max_new_tokens - 1)
+        watch = FiniteWatch(self.dtype)
         t0 = time.perf_counter()
         logits, state = self.prefill(ids)
+        watch.see(logits[:, -1], 0)
         tok = logits[:, -1].argmax(-1, keepdim=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -146,10 +149,12 @@ class Executable:
         t1 = time.perf_counter()
         for i in range(1, max_new_tokens):
             logits, state = self.decode(tok, state)
+            watch.see(logits[:, -1], i)
             tok = logits[:, -1].argmax(-1, keepdim=True)
             new.append(tok)
             if on_token:
                 on_token(i, tok[:, 0])
+        watch.check(max_new_tokens - 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t1

@@ -22,6 +22,7 @@ from dsgraph.backends import kv_cache
 from dsgraph.errors import InputError
 from dsgraph.partition import XFER
 
+from .checks import FiniteWatch
 from .state import GenerateStats
 
 
@@ -77,8 +78,10 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_tok
     drafter = MTPDrafter(exe, *exe.mtp)
     xfer = XFER + drafter.hidden_input
 
+    watch = FiniteWatch(exe.dtype)
     t0 = time.perf_counter()
     out, state = exe.step(ids, exe.empty_state(bsz))
+    watch.see(out["logits"][:, -1], 0)
     tok = out["logits"][:, -1:].argmax(-1)
     new = [tok]
     if on_token:
@@ -96,6 +99,7 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_tok
     while sum(t.shape[1] for t in new) < max_new_tokens:
         start = state.length                                   # position of `tok`
         out, state = exe.step(torch.cat([tok, drafts], dim=1), state)
+        watch.see(out["logits"], steps)
         greedy = out["logits"].argmax(-1)                      # [B, k+1]: choice after each input token
         agree = (greedy[:, :-1] == drafts).int().cumprod(dim=1).cpu()  # [B, k]; one sync per step
         per_row = agree.sum(1)
@@ -115,6 +119,7 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_tok
         # MTP positions start..start+a: main hidden there, followed by the accepted tokens and the bonus
         hidden = out[xfer][:, :a + 1]
         drafts, mtp_state = drafter.draft(hidden, emitted, mtp_state, start, draft_depth)
+    watch.check(steps)
     if exe.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t1

@@ -2,13 +2,15 @@
 
 `@triton.jit` reads its function's source through `inspect`, so generated kernels must live in real files: each
 source is written once to `<cache>/generated/<name>_<hash>.py` (content-addressed, so concurrent processes agree)
-and imported from there. Triton is imported by the generated module itself, after `runtime.prepare`.
+and imported from there only after the file is checked to hold exactly the generated text (never a file someone
+else wrote). Triton is imported by the generated module itself, after `runtime.prepare`.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 
 from ..runtime import cache_dir
@@ -61,15 +63,32 @@ def header(title: str, nodes: list[str], notes: list[str] = ()) -> str:
 _LOADED: dict[str, object] = {}
 
 
+def cached_path(src: KernelSource) -> str:
+    """`src`'s file in the generated-kernel cache, holding exactly `src.text`: a cached file whose content differs
+    (edited, truncated, another writer's garbage) is never imported but written again, with a warning."""
+    path = os.path.join(cache_dir("generated"), src.filename)
+    text = src.text.encode()
+    if os.path.lexists(path):
+        try:
+            with open(path, "rb") as f:
+                same = f.read(len(text) + 1) == text
+        except OSError:
+            same = False
+        if same and not os.path.islink(path):
+            return path
+        warnings.warn(f"generated kernel cache file {path} does not match its content hash (edited or damaged); "
+                      "writing it again from the generated source", stacklevel=3)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 def load_kernel(src: KernelSource):
-    """Write `src` to the generated-kernel cache (once), import it, and bind its launcher to `src.fn`."""
+    """Write `src` to the generated-kernel cache (once, verified), import it, and bind its launcher to `src.fn`."""
     if src.filename not in _LOADED:
-        path = os.path.join(cache_dir("generated"), src.filename)
-        if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(src.text)
-            os.replace(tmp, path)
+        path = cached_path(src)
         spec = importlib.util.spec_from_file_location(f"dsgraph_generated_{src.name}_{src.digest}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -70,6 +70,9 @@ def bench(model: str, device: str = "cpu", backends=None, workloads=None, batche
 def _config(model, device, backends, workloads, batches, prefill_batches, contexts, dtype, repeats, warmup, seed,
             here: bool = True):
     """The run's configuration; `here` False: `device` is where modules will run, not this machine."""
+    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise InputError(f"--{name} must be an integer >= {least}, got {value!r}")
 
     if here or device not in ("cpu", "cuda"):
         device = resolve_device(device)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dsgraph.backends import get_backend, kv_cache
-from dsgraph.errors import DeviceMemoryError, DSGraphError
+from dsgraph.errors import DeviceMemoryError, DSGraphError, UnknownOpError
 from dsgraph.numerics import rel_err, tolerance
 from dsgraph.runtime.memory import available_bytes
 
@@ -146,11 +146,18 @@ class Runner:
         vocab = self.model.config.vocab_size
         return [random_inputs(graph, w.env, self.cfg.seed + i, vocab, self.cfg.device) for i in range(n_buf)]
 
-    def _unavailable(self, spec: str) -> str | None:
+    def _unavailable(self, spec: str) -> tuple[str, str] | None:
+        """None if `spec` can run here; else its rows' (status, reason): "failed" for a backend that does not
+        exist (a typo is the user's error, not this machine's), "unavailable" for one this machine lacks."""
         try:
-            return get_backend(parse_backend(spec)[0]).available(self.cfg.device)
-        except Exception as e:  # an unknown or unimportable backend is reported, not fatal
-            return str(e)
+            be = get_backend(parse_backend(spec)[0])
+        except UnknownOpError as e:
+            return "failed", str(e)
+        try:
+            reason = be.available(self.cfg.device)
+        except Exception as e:  # an unimportable backend is reported, not fatal
+            reason = str(e)
+        return ("unavailable", reason) if reason else None
 
     # op level --------------------------------------------------------------------
     def op_shapes(self, name: str):
@@ -178,9 +185,9 @@ class Runner:
                 torch.cuda.empty_cache()
 
     def _op_backend(self, w, spec, buffers, refs):
-        reason = self._unavailable(spec)
-        if reason:
-            self._row(w, spec, "unavailable", reason=reason)
+        skip = self._unavailable(spec)
+        if skip:
+            self._row(w, spec, skip[0], reason=skip[1])
             return refs
         if refs is None and spec != "eager":
             self._row(w, spec, "failed", reason="not checked, so not timed: eager failed on this workload")
@@ -234,10 +241,10 @@ class Runner:
             self._model_backend(spec, work, refs)
 
     def _model_backend(self, spec, work, refs) -> None:
-        reason = self._unavailable(spec)
-        if reason:
+        skip = self._unavailable(spec)
+        if skip:
             for w in work:
-                self._row(w, spec, "unavailable", reason=reason)
+                self._row(w, spec, skip[0], reason=skip[1])
             return
         name, options = parse_backend(spec)
         self.log(f"compiling {self.cfg.model} for {spec}")
@@ -357,11 +364,11 @@ class Runner:
             self._speculative_backend(spec, model, work)
 
     def _speculative_backend(self, spec, model, work) -> None:
-        reason = self._unavailable(spec)
+        skip = self._unavailable(spec)
         rows = [w for pair in work for w in pair]
-        if reason:
+        if skip:
             for w in rows:
-                self._row(w, spec, "unavailable", reason=reason)
+                self._row(w, spec, skip[0], reason=skip[1])
             return
         name, options = parse_backend(spec)
         try:
