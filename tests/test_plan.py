@@ -69,7 +69,7 @@ def test_cli_prints_a_table_and_refuses_impossible_layouts(capsys):
     assert cli.main(["plan", NAME, "--gpus", "2", "--batch", "4", "--context", "32", "--prefill", "8"]) == 0
     out = capsys.readouterr().out
     assert "decode tok/s" in out and out.count("ParallelPlan(") == 3
-    assert cli.main(["plan", NAME, "--gpus", "16"]) == 1
+    assert cli.main(["plan", NAME, "--gpus", "16"]) == 2  # a user error: one line, exit 2 (cli_guard.py)
     assert "do not fit 1 node(s) of 8" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown --gpu"):
         cli.cmd_plan(cli.build_parser().parse_args(["plan", NAME, "--gpus", "2", "--gpu", "tpu"]))
