@@ -44,3 +44,7 @@ class ArtifactError(DSGraphError):
 class DeviceMemoryError(DSGraphError):
     """A model's weights, or a benchmark's inputs, cannot fit the device's free memory (checked before anything
     is allocated)."""
+
+
+class TokenizerError(DSGraphError):
+    """Tokenizer files are missing or unreadable, or a chat template refused its messages."""
