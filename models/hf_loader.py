@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dsgraph.errors import CheckpointError, ConfigError
 from dsgraph.ops.mlp import dequant_fp8_block
+from dsgraph.text import has_tokenizer, load_tokenizer
 from dsgraph.weights import WeightStore
 
 from .config import from_hf
@@ -56,7 +57,7 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
     for n in notes:
         warnings.warn(f"{root}: {n}", stacklevel=2)
     graph.meta["checkpoint"] = {"path": str(root), "keep_fp8": keep_fp8, "notes": notes}
-    return Model(root.name, graph_cfg, graph, weights)
+    return Model(root.name, graph_cfg, graph, weights, load_tokenizer(root) if has_tokenizer(root) else None)
 
 
 def _read_config(root: Path) -> dict:

@@ -21,6 +21,7 @@ class Model:
     config: ModelConfig
     graph: object
     weights: WeightStore
+    tokenizer: object = None    # dsgraph.text.Tokenizer where the checkpoint ships tokenizer.json
 
     def summary(self):
         return model_summary(self)

@@ -14,6 +14,7 @@ import torch
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import InputError
 
+from . import generation
 from .artifact import save_artifact
 from .localize import localize
 from .speculative import generate_mtp
@@ -32,6 +33,7 @@ class Executable:
         self.device = torch.device(device)
         self.dtype = dtype
         self.pass_records = list(pass_records)
+        self.tokenizer = getattr(model, "tokenizer", None)   # dsgraph.text.Tokenizer, where the model ships one
         meta = graph.meta
         self.vocab_size = meta.get("vocab_size")
         self.max_positions = meta.get("max_position_embeddings")
@@ -120,12 +122,16 @@ class Executable:
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int = 32, speculative: str | None = None,
                  draft_depth: int = 1, return_stats: bool = False,
-                 on_token: Callable[[int, torch.Tensor], None] | None = None):
+                 on_token: Callable[[int, torch.Tensor], None] | None = None, **options):
         """Greedy decoding with the KV cache; returns the new tokens [B, max_new_tokens].
 
         speculative="mtp" drafts with the MTP branch (draft_depth tokens a step) and verifies with
         the main model: the same tokens, fewer main-model steps (dsgraph/runtime/speculative.py).
+        Text prompts, ragged id lists and the options of dsgraph.runtime.generation.generate (temperature,
+        top_p, top_k, min_p, repetition_penalty, seed, n, stop, stop_token_ids, max_time, on_text) go there.
         """
+        if speculative is None and generation.wants_generation(prompt_ids, options):
+            return generation.generate(self, prompt_ids, max_new_tokens, **options)
         if speculative == "mtp":
             return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token)
         if speculative is not None:

@@ -9,4 +9,4 @@ from __future__ import annotations
 from .chat import render_chat_template  # noqa: F401
 from .config import GenerationConfig  # noqa: F401
 from .stream import IncrementalDetokenizer, TextStream  # noqa: F401
-from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer  # noqa: F401
+from .tokenizer import TOKENIZER_FILES, Tokenizer, has_tokenizer, load_tokenizer  # noqa: F401

@@ -1,0 +1,210 @@
+"""Text in, text out: `exe.generate("text" | ["a", "b"] | chat messages | ids, ...)` with sampling, stop rules
+and streaming.
+
+A prompt is a string (encoded with the checkpoint's tokenizer, its bos included), a list of strings, a chat
+(a list of {"role", "content"} dicts, rendered with the checkpoint's template and the assistant's generation
+prompt) or token ids. Text prompts return GenerationOutput(s); id prompts return ids, as greedy `generate`
+always has (a tensor [B, N] where every row ran to max_new_tokens, else a list of id lists).
+
+Stop rules, checked after every token: an EOS id (generation_config.json's, possibly several; finish_reason
+"eos"), a stop string in the detokenised text, across token boundaries ("stop"), max_new_tokens or max_time
+("length"). Prompts of different lengths run as batches of equal-length prompts, one after the other (the
+graphs take one sequence length per batch), so each row's output is what it would be alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dsgraph.errors import InputError, TokenizerError
+from dsgraph.text import TextStream
+
+from .sampling import SamplingParams, generators, next_tokens
+
+KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+@dataclass
+class GenerationOutput:
+    """One finished sequence."""
+
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str                 # "eos" | "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    decode_tokens_per_s: float
+    stop: str | int | None = None      # the stop string or EOS id that ended it
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    """What every row of one generate call shares."""
+
+    params: SamplingParams
+    max_new_tokens: int
+    eos: frozenset = frozenset()
+    stop: tuple = ()
+    max_time: float | None = None
+    tokenizer: object = None
+    skip_special_tokens: bool = True
+    on_text: Callable[[int, str], None] | None = None
+
+
+def sampling_params(exe, seed=None, text: bool = True, **knobs) -> SamplingParams:
+    """The caller's knobs over the checkpoint's generation_config.json defaults for text prompts (greedy where it
+    has none or says do_sample=false; id prompts default to greedy, as `generate` always has)."""
+    unknown = set(knobs) - set(KNOBS)
+    if unknown:
+        raise InputError(f"unknown generate option(s) {sorted(unknown)}; sampling takes {', '.join(KNOBS)}, seed")
+    gc = getattr(exe.tokenizer, "generation", None) if text else None
+    defaults = {k: getattr(gc, k) for k in KNOBS} if gc is not None else {}
+    if gc is None or not gc.do_sample:
+        defaults["temperature"] = 0.0
+    return SamplingParams(**{**defaults, **{k: v for k, v in knobs.items() if v is not None}}, seed=seed)
+
+
+def wants_generation(prompt, options: dict) -> bool:
+    """Whether a generate call needs this module: text, ragged id lists or any sampling/stop option."""
+    ragged = isinstance(prompt, (list, tuple)) and len({len(r) for r in prompt if isinstance(r, (list, tuple))}) > 1
+    return bool(options) or ragged or _is_text(prompt)
+
+
+def _is_text(prompt) -> bool:
+    return isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and bool(prompt)
+                                       and all(isinstance(p, (str, dict)) for p in prompt))
+
+
+def _id_rows(exe, prompt) -> list[list[int]]:
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(r, (list, tuple)) for r in prompt):
+        return [exe._ids(list(r), "prompt_ids")[0].tolist() for r in prompt]   # ragged lists of ids
+    return exe._ids(prompt, "prompt_ids").tolist()
+
+
+def _text_rows(exe, prompt) -> tuple[list[list[int]], bool]:
+    """(token id rows, whether one output was asked for) of a text prompt."""
+    tok = exe.tokenizer
+    if tok is None:
+        raise TokenizerError(f"{exe.model.name} has no tokenizer (no tokenizer.json in its checkpoint or artifact);"
+                             " give token ids, or load a checkpoint directory that ships its tokenizer")
+    if isinstance(prompt, str):
+        return [tok.encode(prompt)], True
+    if all(isinstance(p, dict) for p in prompt):      # one chat
+        return [tok.apply_chat_template(list(prompt), add_generation_prompt=True)], True
+    if not all(isinstance(p, str) for p in prompt):
+        raise InputError("a list prompt is all strings (a batch) or all {'role', 'content'} dicts (a chat)")
+    return [tok.encode(p) for p in prompt], False
+
+
+def generate(exe, prompt, max_new_tokens: int = 32, *, n: int = 1, seed: int | None = None, stop=(),
+             stop_token_ids=None, max_time: float | None = None, skip_special_tokens: bool = True,
+             on_text: Callable[[int, str], None] | None = None, **knobs):
+    """See the module docstring; `n` samples per prompt (rows j of a prompt are seeded (seed, j))."""
+    text = _is_text(prompt)
+    rows, single = _text_rows(exe, prompt) if text else (_id_rows(exe, prompt), False)
+    if max_new_tokens < 1 or n < 1:
+        raise InputError(f"max_new_tokens and n must be >= 1, got {max_new_tokens} and {n}")
+    if stop and not text:
+        raise InputError("stop strings need a text prompt (they are matched on the decoded text)")
+    eos = exe.tokenizer.eos_token_ids if text and stop_token_ids is None else list(stop_token_ids or ())
+    req = Request(sampling_params(exe, seed, text, **knobs), max_new_tokens, frozenset(eos),
+                  (stop,) if isinstance(stop, str) else tuple(stop), max_time,
+                  exe.tokenizer if text else None, skip_special_tokens, on_text)
+    expanded = [(i, j) for i in range(len(rows)) for j in range(n)]
+    outs = run_rows(exe, [rows[i] for i, _ in expanded], [j for _, j in expanded], req)
+    if text:
+        return outs[0] if single and n == 1 else outs
+    ids = [o.token_ids for o in outs]
+    if all(len(r) == max_new_tokens for r in ids):
+        return torch.tensor(ids, dtype=torch.int64, device=exe.device)
+    return ids
+
+
+def run_rows(exe, rows: list[list[int]], samples: list[int], req: Request) -> list[GenerationOutput]:
+    """Every row generated, rows of one prompt length batched together; outputs in the order of `rows`."""
+    for r in rows:
+        exe._check_length(len(r) + req.max_new_tokens - 1)
+    outs: list[GenerationOutput | None] = [None] * len(rows)
+    by_length: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_length.setdefault(len(r), []).append(i)
+    for idx in by_length.values():
+        group = decode_batch(exe, torch.tensor([rows[i] for i in idx], device=exe.device),
+                             [samples[i] for i in idx], idx, req)
+        for i, o in zip(idx, group):
+            outs[i] = o
+    return outs
+
+
+class _Row:
+    """One sequence's progress: its tokens, its text stream and why it finished."""
+
+    def __init__(self, index: int, prompt: list[int], req: Request):
+        self.index, self.prompt, self.req = index, prompt, req
+        self.tokens: list[int] = []
+        self.stream = TextStream(req.tokenizer, req.stop, req.skip_special_tokens, prompt) \
+            if req.tokenizer is not None else None
+        self.finish: str | None = None
+        self.stop = None
+
+    def push(self, tok: int) -> None:
+        self.tokens.append(tok)
+        if self.stream is not None:       # an EOS is text too, unless special (transformers' decode keeps it)
+            self._show(self.stream.push(tok))
+            if self.stream.stopped_on is not None:
+                self.finish, self.stop = "stop", self.stream.stopped_on
+        if self.finish is None and tok in self.req.eos:
+            self.end("eos")
+            self.stop = tok
+        if self.finish is None and len(self.tokens) >= self.req.max_new_tokens:
+            self.end("length")
+
+    def end(self, reason: str) -> None:
+        self.finish = reason
+        if self.stream is not None:
+            self._show(self.stream.finish())
+
+    def _show(self, piece: str) -> None:
+        if piece and self.req.on_text is not None:
+            self.req.on_text(self.index, piece)
+
+
+@torch.no_grad()
+def decode_batch(exe, ids: torch.Tensor, samples: list[int], index: list[int], req: Request):
+    """Prefill and decode one batch of equal-length prompts until every row has stopped."""
+    params = req.params
+    gens = generators(params, samples, exe.device)
+    rows = [_Row(i, p, req) for i, p in zip(index, ids.tolist())]
+    history = ids
+    t0 = time.perf_counter()
+    logits, state = exe.prefill(ids)
+    tok = next_tokens(logits[:, -1], params, gens, history)
+    chosen = tok[:, 0].tolist()                       # the one host transfer a step: the chosen ids
+    ttft = time.perf_counter() - t0
+    t1, steps = time.perf_counter(), 0
+    while True:
+        for row, t in zip(rows, chosen):
+            if row.finish is None:
+                row.push(t)
+        live = [r for r in rows if r.finish is None]
+        if not live:
+            break
+        if req.max_time is not None and time.perf_counter() - t0 > req.max_time:
+            for r in live:
+                r.end("length")
+            break
+        history = torch.cat([history, tok], dim=1)
+        logits, state = exe.decode(tok, state)
+        tok = next_tokens(logits[:, -1], params, gens, history)
+        chosen = tok[:, 0].tolist()
+        steps += 1
+    dt = time.perf_counter() - t1
+    made = sum(len(r.tokens) - 1 for r in rows)
+    rate = made / dt if steps and dt > 0 else float("nan")
+    return [GenerationOutput(r.stream.text if r.stream is not None else None, r.tokens, r.finish, len(r.prompt),
+                             len(r.tokens), ttft, rate, r.stop) for r in rows]
