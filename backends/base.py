@@ -163,6 +163,11 @@ def get_backend(name: str) -> Backend:
     return _BACKENDS[name]()
 
 
+def backend_names() -> list[str]:
+    """Every registered backend, available here or not."""
+    return sorted(_BACKENDS)
+
+
 def available_backends(device: str = "cpu") -> list[str]:
     """Backends that can run on `device` on this machine."""
     return [n for n, f in _BACKENDS.items() if f().available(device) is None]

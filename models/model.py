@@ -8,9 +8,11 @@ from dsgraph.weights import WeightStore
 
 from .builder import DecoderBuilder
 from .config import ModelConfig, from_hf
-from .presets import preset_config
+from .presets import TINY_PRESETS, preset_config
 from .random_weights import random_weights
 from .summary import model_summary
+from .tiny_tokenizer import VOCAB as TINY_VOCAB
+from .tiny_tokenizer import tiny_tokenizer
 
 
 @dataclass
@@ -38,4 +40,5 @@ def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = Tr
     source = f"preset {name}" + (f" with {overrides}" if overrides else "")
     cfg = from_hf({**preset_config(name), **(overrides or {})}, source=source)
     graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
-    return Model(name, cfg, graph, random_weights(graph, seed, weights_device) if weights else WeightStore())
+    tok = tiny_tokenizer() if name in TINY_PRESETS and cfg.vocab_size == TINY_VOCAB else None
+    return Model(name, cfg, graph, random_weights(graph, seed, weights_device) if weights else WeightStore(), tok)

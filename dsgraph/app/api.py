@@ -112,6 +112,7 @@ def load_artifact(path: str | os.PathLike, device: str | None = None, backend: s
     where the backend saved its compiled code."""
     parts = artifact.load_parts(path, device=device, backend=backend)
     info = parts.manifest["model"]
-    model = models.Model(info["name"], models.ModelConfig.from_dict(info["config"]), parts.graph, parts.weights)
+    model = models.Model(info["name"], models.ModelConfig.from_dict(info["config"]), parts.graph, parts.weights,
+                         parts.tokenizer)
     return Executable(model, parts.graph, parts.compiled, parts.device, parts.dtype, parts.manifest["passes"],
                       mtp=parts.mtp, weights=parts.weights)

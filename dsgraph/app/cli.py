@@ -1,4 +1,5 @@
-"""The `dsgraph` command line: show, compile, run, check, bench, export, demo."""
+"""The `dsgraph` command line: show, compile, run, chat, list, check, bench, export, demo (text commands in
+textcli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +11,14 @@ from pathlib import Path
 import torch
 
 from dsgraph import models
-from dsgraph.backends import available_backends
+from dsgraph.backends import available_backends, backend_names
 from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx
 from dsgraph.backends.tvm.prebuilt import ENV as TVM_PREBUILT_ENV
 from dsgraph.dtypes import compute_dtype
 from dsgraph.errors import DSGraphError
+from dsgraph.version import __version__
 
-from . import api
+from . import api, textcli
 from .bench import bench, load_model, prebuild_tvm, report
 from .check import check_backend, make_prompt
 
@@ -54,14 +56,24 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def _load_exe(args):
     if (Path(args.model) / "manifest.json").exists():
         exe = api.load_artifact(args.model, device=args.device)
-        print(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
-    else:
-        model = api.load(args.model, dtype=args.dtype)
-        exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
-                              keep_mtp=args.speculative == "mtp")
+        textcli.log.info(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
+        return exe
+    model = api.load(args.model, dtype=args.dtype)
+    return api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
+                       keep_mtp=getattr(args, "speculative", None) == "mtp")
+
+
+def cmd_chat(args) -> int:
+    return textcli.chat_loop(_load_exe(args), args)
+
+
+def cmd_run(args) -> int:
+    exe = _load_exe(args)
+    if args.prompt is not None:
+        return textcli.run_text(exe, args)
     prompt = args.prompt_ids or [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
     print("tokens:", end="", flush=True)
@@ -175,13 +187,17 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsgraph", description="Compile, check and benchmark DeepSeek-family models.")
+    p = argparse.ArgumentParser(prog="dsgraph", description="Compile, check and benchmark DeepSeek-family models.",
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"dsgraph {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    textcli.add_logging_args(common)
 
     def model_cmd(name, help_, fn):
-        s = sub.add_parser(name, help=help_, description=help_)
+        s = sub.add_parser(name, help=help_, description=help_, parents=[common], allow_abbrev=False)
         s.add_argument("model", help="preset name (e.g. deepseek-v3-tiny), HF checkpoint dir, saved graph"
-                       + (" or compiled artifact dir" if name == "run" else ""))
+                       + (" or compiled artifact dir" if name in ("run", "chat") else ""))
         s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
         s.set_defaults(fn=fn)
         return s
@@ -199,13 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     s.add_argument("--keep-mtp", action="store_true", help="keep the MTP branch (for speculative decoding)")
 
-    s = model_cmd("run", "generate tokens, printing them as they come", cmd_run)
-    s.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
-    s.add_argument("--max-new-tokens", type=int, default=16)
-    s.add_argument("--backend", default="eager")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cpu)")
+    s = model_cmd("run", "generate text (or tokens), printing it as it comes", cmd_run)
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default=None, help="text, encoded with the model's tokenizer")
+    what.add_argument("--prompt-ids", type=_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
+    _generation_args(s)
     s.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP branch")
     s.add_argument("--draft-depth", type=int, default=1)
+
+    s = model_cmd("chat", "interactive multi-turn chat with the model's chat template", cmd_chat)
+    _generation_args(s)
+
+    s = sub.add_parser("list", help="list presets, backends or passes", parents=[common], allow_abbrev=False)
+    s.add_argument("what", choices=textcli.LISTS)
+    s.set_defaults(fn=textcli.cmd_list)
 
     s = model_cmd("check", "compare backends against eager (logits and greedy tokens)", cmd_check)
     s.add_argument("--backend", default="eager", help="backend or comma-separated list")
@@ -243,14 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 17; default 21)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset")
 
-    s = sub.add_parser("demo", help="tiny DeepSeek-V3 on every backend this machine has, checked against eager")
+    s = sub.add_parser("demo", help="tiny DeepSeek-V3 on every backend this machine has, checked against eager",
+                       parents=[common], allow_abbrev=False)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     s.set_defaults(fn=cmd_demo)
     return p
 
 
+def _generation_args(s) -> None:
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--backend", default="eager", choices=backend_names())
+    s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cuda if present)")
+    textcli.add_sampling_args(s)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    textcli.configure_logging(args.verbose, args.quiet)
     try:
         return args.fn(args)
     except DSGraphError as e:

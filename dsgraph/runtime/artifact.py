@@ -7,6 +7,8 @@ A directory that describes itself:
   weights.safetensors  weights in the layout the compiled code expects (absorbed, stacked, FP8)
   backend/             what the backend needs to run without recompiling (kernel sources and
                        tuned configs for triton, the exported shared library for tvm)
+  tokenizer/           the checkpoint's tokenizer.json, tokenizer_config.json, generation_config.json
+                       (when the model has a tokenizer), so text prompts work without the checkpoint
 Writing is atomic (a temporary directory renamed into place), and loading verifies every
 checksum and refuses an artifact made for another backend, device or a newer format.
 """
@@ -28,12 +30,14 @@ from safetensors.torch import save_file
 from dsgraph.backends import get_backend
 from dsgraph.errors import ArtifactError
 from dsgraph.serialize import graph_from_json, graph_to_json
+from dsgraph.text import has_tokenizer, load_tokenizer
 from dsgraph.version import __version__
 from dsgraph.weights import WeightStore
 
 FORMAT = "dsgraph.artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 def _sha256(path: Path) -> str:
@@ -76,6 +80,8 @@ def save_artifact(exe, path, overwrite: bool = False) -> Path:
         backend.save_compiled(exe.compiled, tmp / "backend" / "main")
         if exe.mtp is not None:
             backend.save_compiled(exe.mtp[1], tmp / "backend" / "mtp")
+        if exe.tokenizer is not None:
+            exe.tokenizer.save(tmp / TOKENIZER_DIR)
         files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
@@ -141,6 +147,7 @@ class ArtifactParts:
     mtp: tuple | None
     device: str
     dtype: str
+    tokenizer: object = None
 
 
 def load_parts(path, device: str | None = None, backend: str | None = None) -> ArtifactParts:
@@ -168,7 +175,8 @@ def load_parts(path, device: str | None = None, backend: str | None = None) -> A
     if (root / "mtp_graph.json").exists():
         branch = graph_from_json(json.loads((root / "mtp_graph.json").read_text()))
         mtp = (branch, be.load_compiled(root / "backend" / "mtp", branch, weights, device, dtype))
-    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype)
+    tok = load_tokenizer(root / TOKENIZER_DIR) if has_tokenizer(root / TOKENIZER_DIR) else None
+    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype, tok)
 
 
 def _read(path: Path, key: str):

@@ -48,11 +48,11 @@ class Tokenizer:
     """encode / decode / apply_chat_template with transformers' semantics, without transformers."""
 
     def __init__(self, backend: Backend, config: dict | None = None, generation: GenerationConfig | None = None,
-                 files: dict[str, Path] | None = None):
+                 files: dict[str, Path | str] | None = None):
         self.backend = backend
         self.config = dict(config or {})
         self.generation = generation or GenerationConfig()
-        self.files = dict(files or {})      # file name -> source path, copied into artifacts
+        self.files = dict(files or {})      # file name -> source path (or the text itself), saved into artifacts
         self._add_config_tokens()
         self.special_tokens = {k: _content(self.config[k]) for k in NAMED if _content(self.config.get(k))}
         self.chat_template = self.config.get("chat_template")
@@ -119,11 +119,14 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def save(self, directory) -> list[str]:
-        """Copy the source files into `directory`; returns their names."""
+        """Write the source files into `directory` (copies, byte for byte); returns their names."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, src in self.files.items():
-            shutil.copyfile(src, directory / name)
+            if isinstance(src, str):
+                (directory / name).write_text(src, encoding="utf-8")
+            else:
+                shutil.copyfile(src, directory / name)
         return sorted(self.files)
 
 

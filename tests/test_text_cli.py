@@ -1,0 +1,64 @@
+"""The text command line: `dsgraph run CKPT --prompt` streams transformers' greedy text, an artifact carries its
+tokenizer into a fresh process, `dsgraph chat`, `dsgraph list`, `--version`, no abbreviated options."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import test_generation as tg
+
+from dsgraph.app.cli import main
+
+_one_thread = tg._one_thread
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tg.Checkpoint(tmp_path_factory.mktemp("clickpt"))
+
+
+def test_run_prompt_streams_transformers_greedy_text(ckpt, capsys):
+    _, text = ckpt.hf_text(tg.PROMPTS[1])
+    assert main(["run", str(ckpt.path), "--prompt", tg.PROMPTS[1], "--temperature", "0",
+                 "--max-new-tokens", str(tg.NEW)]) == 0
+    out = capsys.readouterr()
+    assert out.out == text + "\n"
+    assert "tokens] ttft" in out.err and "tok/s" in out.err
+
+
+def test_artifact_runs_text_in_a_fresh_process(ckpt, tmp_path, capsys):
+    _, text = ckpt.hf_text(tg.PROMPTS[0])
+    assert main(["compile", str(ckpt.path), "-o", str(tmp_path / "art")]) == 0
+    assert (tmp_path / "art" / "tokenizer" / "tokenizer.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "dsgraph", "run", str(tmp_path / "art"), "--prompt", tg.PROMPTS[0],
+                           "--temperature", "0", "--max-new-tokens", str(tg.NEW), "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == text + "\n" and proc.stderr.startswith("[eos after")
+
+
+def test_chat_keeps_the_conversation(ckpt, monkeypatch, capsys):
+    lines = iter(["hello", "/reset", "again", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    assert main(["chat", str(ckpt.path), "--temperature", "0", "--max-new-tokens", "4", "--system", "brief"]) == 0
+    assert capsys.readouterr().err.count("tokens] ttft") == 2
+
+
+def test_list_version_and_no_abbreviations(capsys):
+    assert main(["list", "presets"]) == 0 and "deepseek-v3-tiny" in capsys.readouterr().out
+    assert main(["list", "passes"]) == 0 and "absorb_mla" in capsys.readouterr().out
+    assert main(["list", "backends"]) == 0 and "eager" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("dsgraph ")
+    with pytest.raises(SystemExit):
+        main(["run", "deepseek-llm-tiny", "--prompt-i", "1,2"])    # no silent --prompt-ids
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_tiny_preset_prompt_goes_through_its_tokenizer(capsys):
+    assert main(["run", "deepseek-v3-tiny", "--prompt", "Hello!", "--temperature", "0",
+                 "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "[length after 5 tokens]" in out.err
