@@ -133,7 +133,7 @@ class Executable:
         if speculative is None and generation.wants_generation(prompt_ids, options):
             return generation.generate(self, prompt_ids, max_new_tokens, **options)
         if speculative == "mtp":
-            return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token)
+            return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token, **options)
         if speculative is not None:
             raise InputError(f"speculative={speculative!r}: the only speculative mode is 'mtp'")
         ids = self._ids(prompt_ids, "prompt_ids")
