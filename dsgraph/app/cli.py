@@ -20,7 +20,7 @@ from dsgraph.version import __version__
 
 from . import api, textcli
 from .bench import bench, load_model, prebuild_tvm, report
-from .check import check_backend, make_prompt
+from .check import check_backend
 
 
 def _ids(text: str) -> list[int]:
@@ -115,15 +115,18 @@ def cmd_demo(args) -> int:
     model = api.load("deepseek-v3-tiny", seed=0)
     print(f"dsgraph demo: deepseek-v3-tiny with deterministic random weights on {device}")
     print(model.summary())
-    prompt = make_prompt(model.config.vocab_size, batch=1, length=8)
-    print(f"\nprompt ids: {prompt[0].tolist()}\n")
-    print(f"{'backend':<10} {'max rel err':>12} {'tokens':<34} {'match':<6} {'compile':>8} {'run':>8}")
+    text = "What is the capital of France?"
+    prompt = torch.tensor([model.tokenizer.encode(text)])
+    print(f"\nprompt: {text!r} -> ids {prompt[0].tolist()} (the tiny presets' byte-level BPE)\n")
+    print(f"{'backend':<10} {'max rel err':>12} {'text (random weights: noise)':<34} {'match':<6} {'compile':>8} "
+          f"{'run':>8}")
     ok = True
     for backend in [b for b in available_backends(device) if b in ("eager", "triton", "tvm")]:
         r = check_backend(model, backend, device=device, dtype="float32", prompt=prompt, new_tokens=8)
         ok &= r.ok
         err = max(r.prefill_err, r.decode_err)
-        print(f"{backend:<10} {err:>12.2e} {str(r.tokens[0]):<34} {'yes' if r.tokens_match else 'NO':<6} "
+        shown = repr(model.tokenizer.decode(r.tokens[0], skip_special_tokens=True))[:34]
+        print(f"{backend:<10} {err:>12.2e} {shown:<34} {'yes' if r.tokens_match else 'NO':<6} "
               f"{r.compile_seconds:>7.2f}s {r.seconds:>7.2f}s", flush=True)
     verdict = "agrees" if ok else "does NOT agree"
     print(f"\ndone in {time.perf_counter() - t0:.1f}s — every backend {verdict} with eager")
