@@ -9,7 +9,7 @@ weight is used and never sits in memory twice.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 
 from dsgraph.errors import CheckpointError
+
+log = logging.getLogger("dsgraph.models")
 
 # safetensors header dtype -> dsgraph dtype name (FP8 e4m3 is DeepSeek-V3's weight format)
 ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
@@ -44,7 +46,7 @@ class TensorInfo:
 
 
 class Progress:
-    """Bytes read so far, printed to stderr every 10% (only when the load is big enough to wait for)."""
+    """Bytes read so far, logged every 10% (only when the load is big enough to wait for)."""
 
     def __init__(self, total: int, enabled: bool, label: str):
         self.total, self.enabled, self.label = max(total, 1), enabled, label
@@ -58,8 +60,8 @@ class Progress:
         tenth = min(10, self.done * 10 // self.total)
         if tenth > self._shown:
             self._shown = tenth
-            print(f"loading {self.label}: {self.done / 2**30:.2f} / {self.total / 2**30:.2f} GiB "
-                  f"({10 * tenth}%)", file=sys.stderr, flush=True)
+            log.info(f"loading {self.label}: {self.done / 2**30:.2f} / {self.total / 2**30:.2f} GiB "
+                     f"({10 * tenth}%)")
 
 
 class Shards:
@@ -69,7 +71,7 @@ class Shards:
         self.root = Path(root)
         self.files = self._files()
         if progress and len(self.files) >= PROGRESS_MIN_FILES:
-            print(f"indexing {len(self.files)} safetensors files in {self.root}", file=sys.stderr, flush=True)
+            log.info(f"indexing {len(self.files)} safetensors files in {self.root}")
         self.info: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         for f in self.files:

@@ -4,7 +4,9 @@ This is the application layer: the one place where models, passes, backends and 
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from dsgraph.runtime.executable import Executable
 from dsgraph.runtime.memory import check_weights_fit
 from dsgraph.serialize import load_graph
 from dsgraph.weights import WeightStore
+
+log = logging.getLogger("dsgraph")
 
 
 def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options) -> models.Model:
@@ -71,7 +75,10 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
         raise BackendUnavailable(f"backend {backend!r} cannot run on {device}: {reason}")
     dtype = compute_dtype(dtype or model.graph.meta.get("dtype", "float32"))
     model.graph.meta.setdefault("dtype", _embed_dtype(model.graph))  # graphs saved before the key existed
+    t0 = time.perf_counter()
+    log.info(f"compiling {model.name} for {backend} on {device} ({dtype})")
     graph, weights, records = compile_graph(model.graph, model.weights, be, passes, keep_mtp, dump_after, dtype)
+    log.debug(f"passes: {', '.join(getattr(r, 'name', str(r)) for r in records)} ({time.perf_counter() - t0:.2f}s)")
     check_weights_fit(graph, weights, torch.device(device), f"{model.name} ({backend}, {dtype})")
     mtp = None
     if "mtp_ids" in graph.inputs:  # keep_mtp: the MTP branch runs as its own step after the main one
@@ -79,6 +86,7 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
         mtp = (branch, be.compile(branch, weights, device=device, dtype=dtype, **options))
     compiled = be.compile(graph, weights, device=device, dtype=dtype, **options)
     compiled.report.passes = [(r.name, r.summary()) if hasattr(r, "summary") else r for r in records]
+    log.debug(f"compiled {model.name} in {time.perf_counter() - t0:.2f}s")
     return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
 
 

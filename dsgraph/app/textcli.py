@@ -25,10 +25,22 @@ log = logging.getLogger("dsgraph")
 LISTS = ("presets", "backends", "passes")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is when a record comes (tests and embedders swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
