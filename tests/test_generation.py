@@ -138,3 +138,15 @@ def test_distribution_matches_transformers_processors(params):
         want = proc(history, want)
     got = distribution(logits, SamplingParams(**params), history)
     torch.testing.assert_close(got, torch.softmax(want, -1), atol=1e-6, rtol=1e-5)
+
+
+def test_finished_rows_leave_the_batch(exe, monkeypatch):
+    rows = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+    alone = [exe.generate(torch.tensor([r]), max_new_tokens=6)[0].tolist() for r in rows]
+    eos = alone[0][2]                                  # row 0 stops at its third token
+    sizes, decode = [], exe.decode
+    monkeypatch.setattr(exe, "decode", lambda tok, state: sizes.append(tok.shape[0]) or decode(tok, state))
+    out = exe.generate(rows, max_new_tokens=6, stop_token_ids=[eos])
+    for r, a in zip(out, alone):
+        assert r == a[:a.index(eos) + 1] if eos in a else r == a
+    assert sizes[0] == 3 and sizes[-1] < 3

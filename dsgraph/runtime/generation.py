@@ -23,6 +23,7 @@ from dsgraph.errors import InputError, TokenizerError
 from dsgraph.text import TextStream
 
 from .sampling import SamplingParams, generators, next_tokens
+from .state import KVState
 
 KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
@@ -174,6 +175,14 @@ class _Row:
             self.req.on_text(self.index, piece)
 
 
+def _rows(t: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    return t[torch.tensor(keep, device=t.device)]
+
+
+def _state_rows(state: KVState, keep: list[int]) -> KVState:
+    return KVState({n: _rows(c, keep) for n, c in state.caches.items()}, state.length, len(keep))
+
+
 @torch.no_grad()
 def decode_batch(exe, ids: torch.Tensor, samples: list[int], index: list[int], req: Request):
     """Prefill and decode one batch of equal-length prompts until every row has stopped."""
@@ -187,18 +196,21 @@ def decode_batch(exe, ids: torch.Tensor, samples: list[int], index: list[int], r
     chosen = tok[:, 0].tolist()                       # the one host transfer a step: the chosen ids
     ttft = time.perf_counter() - t0
     t1, steps = time.perf_counter(), 0
+    active = list(rows)                               # the rows still in the batch, in batch order
     while True:
-        for row, t in zip(rows, chosen):
-            if row.finish is None:
-                row.push(t)
-        live = [r for r in rows if r.finish is None]
-        if not live:
+        for row, t in zip(active, chosen):
+            row.push(t)
+        keep = [k for k, r in enumerate(active) if r.finish is None]
+        if not keep:
             break
         if req.max_time is not None and time.perf_counter() - t0 > req.max_time:
-            for r in live:
-                r.end("length")
+            for k in keep:
+                active[k].end("length")
             break
         history = torch.cat([history, tok], dim=1)
+        if len(keep) < len(active):                   # finished rows leave the batch: no more work for them
+            active, gens = [active[k] for k in keep], [gens[k] for k in keep]
+            history, tok, state = _rows(history, keep), _rows(tok, keep), _state_rows(state, keep)
         logits, state = exe.decode(tok, state)
         tok = next_tokens(logits[:, -1], params, gens, history)
         chosen = tok[:, 0].tolist()
