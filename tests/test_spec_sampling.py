@@ -91,3 +91,14 @@ def test_the_test_rejects_accepting_every_draft(monkeypatch):
     monkeypatch.setattr(spec_verify.SampledVerifier, "verify", accept_all)
     exe = compiled("random")
     assert chi_square_p(spec_samples(exe), exact_joint(exe)) < 1e-3
+
+
+def test_text_prompts_speculate_with_stop_rules(capsys):
+    exe = compiled("agreeing")
+    plain = exe.generate(["Hello!", "What is it?"], max_new_tokens=8, temperature=0)
+    spec = exe.generate(["Hello!", "What is it?"], max_new_tokens=8, temperature=0, speculative="mtp", draft_depth=2)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain] and spec[0].extra["draft_depth"] == 2
+    cut = plain[0].text[len(plain[0].text) // 2:][:2]
+    assert len(cut) == 2
+    out = exe.generate("Hello!", max_new_tokens=8, temperature=0, speculative="mtp", stop=[cut])
+    assert out.finish_reason == "stop" and out.text == plain[0].text[:plain[0].text.find(cut)]

@@ -14,7 +14,6 @@ import torch
 from dsgraph import models
 from dsgraph import passes as passlib
 from dsgraph.backends import available_backends, backend_names
-from dsgraph.errors import InputError
 
 try:
     import readline  # noqa: F401  (line editing and history for chat's input(), where the platform has it)
@@ -80,7 +79,9 @@ def stats_line(out) -> str:
 
 def stream(exe, prompt, args):
     """Generate, printing text as it comes; the stats line goes to stderr."""
-    out = exe.generate(prompt, max_new_tokens=args.max_new_tokens, **sampling_options(args),
+    spec = {"speculative": args.speculative, "draft_depth": args.draft_depth} if getattr(args, "speculative", None) \
+        else {}
+    out = exe.generate(prompt, max_new_tokens=args.max_new_tokens, **sampling_options(args), **spec,
                        on_text=lambda _, piece: print(piece, end="", flush=True))
     print(flush=True)
     print(stats_line(out), file=sys.stderr, flush=True)
@@ -88,8 +89,6 @@ def stream(exe, prompt, args):
 
 
 def run_text(exe, args) -> int:
-    if args.speculative:
-        raise InputError("--speculative takes --prompt-ids for now (MTP speculation runs on token ids)")
     chat = args.chat or args.system is not None
     prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}] if chat else args.prompt

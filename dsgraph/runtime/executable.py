@@ -130,8 +130,9 @@ class Executable:
         Text prompts, ragged id lists and the options of dsgraph.runtime.generation.generate (temperature,
         top_p, top_k, min_p, repetition_penalty, seed, n, stop, stop_token_ids, max_time, on_text) go there.
         """
-        if speculative is None and generation.wants_generation(prompt_ids, options):
-            return generation.generate(self, prompt_ids, max_new_tokens, **options)
+        if generation.wants_generation(prompt_ids, options if speculative is None else {}):
+            return generation.generate(self, prompt_ids, max_new_tokens, speculative=speculative,
+                                       draft_depth=draft_depth, **options)
         if speculative == "mtp":
             return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token, **options)
         if speculative is not None:

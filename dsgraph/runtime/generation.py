@@ -23,6 +23,7 @@ from dsgraph.errors import InputError, TokenizerError
 from dsgraph.text import TextStream
 
 from .sampling import SamplingParams, generators, next_tokens
+from .speculative import speculate
 from .state import KVState
 
 KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -55,6 +56,8 @@ class Request:
     tokenizer: object = None
     skip_special_tokens: bool = True
     on_text: Callable[[int, str], None] | None = None
+    speculative: str | None = None
+    draft_depth: int = 1
 
 
 def sampling_params(exe, seed=None, text: bool = True, **knobs) -> SamplingParams:
@@ -104,8 +107,11 @@ def _text_rows(exe, prompt) -> tuple[list[list[int]], bool]:
 
 def generate(exe, prompt, max_new_tokens: int = 32, *, n: int = 1, seed: int | None = None, stop=(),
              stop_token_ids=None, max_time: float | None = None, skip_special_tokens: bool = True,
-             on_text: Callable[[int, str], None] | None = None, **knobs):
-    """See the module docstring; `n` samples per prompt (rows j of a prompt are seeded (seed, j))."""
+             on_text: Callable[[int, str], None] | None = None, speculative: str | None = None,
+             draft_depth: int = 1, **knobs):
+    """See the module docstring; `n` samples per prompt (rows j of a prompt are seeded (seed, j));
+    speculative="mtp" drafts with the MTP branch (dsgraph/runtime/speculative.py), stop rules applied to what it
+    emits."""
     text = _is_text(prompt)
     rows, single = _text_rows(exe, prompt) if text else (_id_rows(exe, prompt), False)
     if max_new_tokens < 1 or n < 1:
@@ -115,7 +121,7 @@ def generate(exe, prompt, max_new_tokens: int = 32, *, n: int = 1, seed: int | N
     eos = exe.tokenizer.eos_token_ids if text and stop_token_ids is None else list(stop_token_ids or ())
     req = Request(sampling_params(exe, seed, text, **knobs), max_new_tokens, frozenset(eos),
                   (stop,) if isinstance(stop, str) else tuple(stop), max_time,
-                  exe.tokenizer if text else None, skip_special_tokens, on_text)
+                  exe.tokenizer if text else None, skip_special_tokens, on_text, speculative, draft_depth)
     expanded = [(i, j) for i in range(len(rows)) for j in range(n)]
     outs = run_rows(exe, [rows[i] for i, _ in expanded], [j for _, j in expanded], req)
     if text:
@@ -134,9 +140,9 @@ def run_rows(exe, rows: list[list[int]], samples: list[int], req: Request) -> li
     by_length: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
         by_length.setdefault(len(r), []).append(i)
+    run = decode_batch if req.speculative is None else speculative_batch
     for idx in by_length.values():
-        group = decode_batch(exe, torch.tensor([rows[i] for i in idx], device=exe.device),
-                             [samples[i] for i in idx], idx, req)
+        group = run(exe, torch.tensor([rows[i] for i in idx], device=exe.device), [samples[i] for i in idx], idx, req)
         for i, o in zip(idx, group):
             outs[i] = o
     return outs
@@ -218,5 +224,24 @@ def decode_batch(exe, ids: torch.Tensor, samples: list[int], index: list[int], r
     dt = time.perf_counter() - t1
     made = sum(len(r.tokens) - 1 for r in rows)
     rate = made / dt if steps and dt > 0 else float("nan")
+    return _outputs(rows, ttft, rate)
+
+
+def _outputs(rows: list[_Row], ttft: float, rate: float, extra: dict | None = None) -> list[GenerationOutput]:
     return [GenerationOutput(r.stream.text if r.stream is not None else None, r.tokens, r.finish, len(r.prompt),
-                             len(r.tokens), ttft, rate, r.stop) for r in rows]
+                             len(r.tokens), ttft, rate, r.stop, dict(extra or {})) for r in rows]
+
+
+def speculative_batch(exe, ids: torch.Tensor, samples: list[int], index: list[int], req: Request):
+    """One batch through MTP speculation (greedy or rejection sampling); the stop rules see each emitted token."""
+    if req.speculative != "mtp":
+        raise InputError(f"speculative={req.speculative!r}: the only speculative mode is 'mtp'")
+    rows = [_Row(i, p, req) for i, p in zip(index, ids.tolist())]
+
+    def on_token(_, toks):
+        for row, t in zip(rows, toks.tolist()):
+            if row.finish is None:
+                row.push(t)
+    params = None if req.params.greedy else req.params
+    _, _, stats = speculate(exe, ids, req.max_new_tokens, req.draft_depth, on_token, params, samples)
+    return _outputs(rows, stats.time_to_first_token_s, stats.decode_tokens_per_s, stats.extra)
