@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import dsgraph.models as models
 import hf_fixtures as fx
 import pytest
 import text_fixtures as tf
@@ -77,9 +78,20 @@ def test_ragged_batch_equals_single_runs(exe):
     outs = exe.generate(PROMPTS, max_new_tokens=6, temperature=0, stop_token_ids=[])
     assert [o.token_ids for o in outs] == [exe.generate(p, max_new_tokens=6, temperature=0,
                                                         stop_token_ids=[]).token_ids for p in PROMPTS]
-    ids = [[5, 6, 7], [8, 9]]
-    rows = exe.generate(ids, max_new_tokens=4)
-    assert rows.tolist() == [exe.generate(torch.tensor([r]), max_new_tokens=4)[0].tolist() for r in ids]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "tvm"])
+def test_ragged_ids_run_as_one_batch_on_every_backend(backend, monkeypatch):
+    from dsgraph.backends import available_backends
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} backend unavailable here")
+    exe = dsgraph.compile(models.build_model("deepseek-v3-tiny", seed=4), backend=backend)
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    alone = [exe.generate(torch.tensor([r]), max_new_tokens=4)[0].tolist() for r in rows]
+    prefills, prefill = [], exe.prefill
+    monkeypatch.setattr(exe, "prefill", lambda ids: prefills.append(tuple(ids.shape)) or prefill(ids))
+    assert exe.generate(rows, max_new_tokens=4).tolist() == alone
+    assert prefills == [(3, 2)]          # one batch: the shortest length prefilled, the longer tails fed after
 
 
 def test_stop_string_across_token_boundaries(exe):

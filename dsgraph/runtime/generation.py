@@ -8,8 +8,13 @@ always has (a tensor [B, N] where every row ran to max_new_tokens, else a list o
 
 Stop rules, checked after every token: an EOS id (generation_config.json's, possibly several; finish_reason
 "eos"), a stop string in the detokenised text, across token boundaries ("stop"), max_new_tokens or max_time
-("length"). Prompts of different lengths run as batches of equal-length prompts, one after the other (the
-graphs take one sequence length per batch), so each row's output is what it would be alone.
+("length").
+
+Prompts of different lengths share one batch without padding or masks: the batch prefills the shortest prompt's
+length, then each step feeds every row one token, a longer prompt's next token until its prompt is in, then its
+own samples. Every row's cache holds exactly its own tokens (one cache length for the batch, as the graphs
+take), so each row's output is what it would be alone. Prompts more than RAGGED_SPAN tokens apart go in separate
+batches (their tails would take a step a token); MTP speculation batches equal lengths only.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from .speculative import speculate
 from .state import KVState
 
 KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+RAGGED_SPAN = 64
 
 
 @dataclass
@@ -133,16 +139,19 @@ def generate(exe, prompt, max_new_tokens: int = 32, *, n: int = 1, seed: int | N
 
 
 def run_rows(exe, rows: list[list[int]], samples: list[int], req: Request) -> list[GenerationOutput]:
-    """Every row generated, rows of one prompt length batched together; outputs in the order of `rows`."""
+    """Every row generated, rows of nearby prompt lengths batched together; outputs in the order of `rows`."""
     for r in rows:
         exe._check_length(len(r) + req.max_new_tokens - 1)
     outs: list[GenerationOutput | None] = [None] * len(rows)
-    by_length: dict[int, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_length.setdefault(len(r), []).append(i)
+    span = RAGGED_SPAN if req.speculative is None else 0
+    groups: list[list[int]] = []
+    for i in sorted(range(len(rows)), key=lambda i: len(rows[i])):
+        if not groups or len(rows[i]) - len(rows[groups[-1][0]]) > span:
+            groups.append([])
+        groups[-1].append(i)
     run = decode_batch if req.speculative is None else speculative_batch
-    for idx in by_length.values():
-        group = run(exe, torch.tensor([rows[i] for i in idx], device=exe.device), [samples[i] for i in idx], idx, req)
+    for idx in groups:
+        group = run(exe, [rows[i] for i in idx], [samples[i] for i in idx], idx, req)
         for i, o in zip(idx, group):
             outs[i] = o
     return outs
@@ -158,6 +167,7 @@ class _Row:
             if req.tokenizer is not None else None
         self.finish: str | None = None
         self.stop = None
+        self.ttft = float("nan")
 
     def push(self, tok: int) -> None:
         self.tokens.append(tok)
@@ -189,23 +199,40 @@ def _state_rows(state: KVState, keep: list[int]) -> KVState:
     return KVState({n: _rows(c, keep) for n, c in state.caches.items()}, state.length, len(keep))
 
 
+def _step_tokens(active, fed: int, logits, params, gens, history, device):
+    """The next input token of every row: a sample where its prompt is in, else its prompt's next token;
+    (tokens [B, 1], the same on the host, the rows that sampled)."""
+    ready = [k for k, r in enumerate(active) if len(r.prompt) <= fed]
+    if len(ready) == len(active):
+        tok = next_tokens(logits[:, -1], params, gens, history)
+        return tok, tok[:, 0].tolist(), ready         # the one host transfer a step: the chosen ids
+    sampled = iter(next_tokens(_rows(logits[:, -1], ready), params, [gens[k] for k in ready],
+                               _rows(history, ready))[:, 0].tolist() if ready else ())
+    chosen = [next(sampled) if len(r.prompt) <= fed else r.prompt[fed] for r in active]
+    return torch.tensor(chosen, device=device)[:, None], chosen, ready
+
+
 @torch.no_grad()
-def decode_batch(exe, ids: torch.Tensor, samples: list[int], index: list[int], req: Request):
-    """Prefill and decode one batch of equal-length prompts until every row has stopped."""
+def decode_batch(exe, prompts: list[list[int]], samples: list[int], index: list[int], req: Request):
+    """Prefill the shortest prompt's length, then decode (feeding longer prompts' tails) until every row has
+    stopped."""
     params = req.params
     gens = generators(params, samples, exe.device)
-    rows = [_Row(i, p, req) for i, p in zip(index, ids.tolist())]
-    history = ids
+    rows = [_Row(i, p, req) for i, p in zip(index, prompts)]
+    fed = min(len(p) for p in prompts)
+    history = torch.tensor([p[:fed] for p in prompts], device=exe.device)
     t0 = time.perf_counter()
-    logits, state = exe.prefill(ids)
-    tok = next_tokens(logits[:, -1], params, gens, history)
-    chosen = tok[:, 0].tolist()                       # the one host transfer a step: the chosen ids
-    ttft = time.perf_counter() - t0
-    t1, steps = time.perf_counter(), 0
+    logits, state = exe.prefill(history)
+    t1, steps = None, 0
     active = list(rows)                               # the rows still in the batch, in batch order
     while True:
-        for row, t in zip(active, chosen):
-            row.push(t)
+        tok, chosen, ready = _step_tokens(active, fed, logits, params, gens, history, exe.device)
+        now = time.perf_counter()
+        t1 = t1 or now
+        for k in ready:
+            if not active[k].tokens:
+                active[k].ttft = now - t0
+            active[k].push(chosen[k])
         keep = [k for k, r in enumerate(active) if r.finish is None]
         if not keep:
             break
@@ -218,25 +245,24 @@ def decode_batch(exe, ids: torch.Tensor, samples: list[int], index: list[int], r
             active, gens = [active[k] for k in keep], [gens[k] for k in keep]
             history, tok, state = _rows(history, keep), _rows(tok, keep), _state_rows(state, keep)
         logits, state = exe.decode(tok, state)
-        tok = next_tokens(logits[:, -1], params, gens, history)
-        chosen = tok[:, 0].tolist()
-        steps += 1
+        fed, steps = fed + 1, steps + 1
     dt = time.perf_counter() - t1
     made = sum(len(r.tokens) - 1 for r in rows)
-    rate = made / dt if steps and dt > 0 else float("nan")
-    return _outputs(rows, ttft, rate)
+    return _outputs(rows, made / dt if made and dt > 0 else float("nan"))
 
 
-def _outputs(rows: list[_Row], ttft: float, rate: float, extra: dict | None = None) -> list[GenerationOutput]:
+def _outputs(rows: list[_Row], rate: float, extra: dict | None = None) -> list[GenerationOutput]:
     return [GenerationOutput(r.stream.text if r.stream is not None else None, r.tokens, r.finish, len(r.prompt),
-                             len(r.tokens), ttft, rate, r.stop, dict(extra or {})) for r in rows]
+                             len(r.tokens), r.ttft, rate, r.stop, dict(extra or {})) for r in rows]
 
 
-def speculative_batch(exe, ids: torch.Tensor, samples: list[int], index: list[int], req: Request):
-    """One batch through MTP speculation (greedy or rejection sampling); the stop rules see each emitted token."""
+def speculative_batch(exe, prompts: list[list[int]], samples: list[int], index: list[int], req: Request):
+    """One batch of equal-length prompts through MTP speculation (greedy or rejection sampling); the stop rules
+    see each emitted token."""
     if req.speculative != "mtp":
         raise InputError(f"speculative={req.speculative!r}: the only speculative mode is 'mtp'")
-    rows = [_Row(i, p, req) for i, p in zip(index, ids.tolist())]
+    rows = [_Row(i, p, req) for i, p in zip(index, prompts)]
+    ids = torch.tensor(prompts, device=exe.device)
 
     def on_token(_, toks):
         for row, t in zip(rows, toks.tolist()):
@@ -244,4 +270,6 @@ def speculative_batch(exe, ids: torch.Tensor, samples: list[int], index: list[in
                 row.push(t)
     params = None if req.params.greedy else req.params
     _, _, stats = speculate(exe, ids, req.max_new_tokens, req.draft_depth, on_token, params, samples)
-    return _outputs(rows, stats.time_to_first_token_s, stats.decode_tokens_per_s, stats.extra)
+    for r in rows:
+        r.ttft = stats.time_to_first_token_s
+    return _outputs(rows, stats.decode_tokens_per_s, stats.extra)
