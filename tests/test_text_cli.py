@@ -2,13 +2,16 @@
 tokenizer into a fresh process, `dsgraph chat`, `dsgraph list`, `--version`, no abbreviated options."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 import test_generation as tg
 
+import dsgraph
 from dsgraph.app.cli import main
+from dsgraph.errors import ArtifactError
 
 _one_thread = tg._one_thread
 
@@ -36,6 +39,12 @@ def test_artifact_runs_text_in_a_fresh_process(ckpt, tmp_path, capsys):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == text + "\n" and proc.stderr.startswith("[eos after")
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert {"tokenizer/tokenizer.json", "tokenizer/generation_config.json"} <= set(manifest["files"])
+    cfg = tmp_path / "art" / "tokenizer" / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace("Unknown role", "Unknown r0le"))      # an edited chat template
+    with pytest.raises(ArtifactError, match="tokenizer/tokenizer_config.json"):
+        dsgraph.load_artifact(str(tmp_path / "art"))
 
 
 def test_chat_keeps_the_conversation(ckpt, monkeypatch, capsys):
