@@ -12,7 +12,7 @@ import text_fixtures as tf
 import torch
 
 import dsgraph
-from dsgraph.errors import InputError
+from dsgraph.errors import InputError, TokenizerError
 from dsgraph.runtime.sampling import SamplingParams, distribution
 
 PROMPTS = ["Hello world", "naïve café 日本語 and the model", "🙂"]
@@ -162,3 +162,13 @@ def test_finished_rows_leave_the_batch(exe, monkeypatch):
     for r, a in zip(out, alone):
         assert r == a[:a.index(eos) + 1] if eos in a else r == a
     assert sizes[0] == 3 and sizes[-1] < 3
+
+
+def test_text_prompt_errors_are_named(exe):
+    bare = dsgraph.compile(models.build_model("deepseek-llm-tiny", overrides={"vocab_size": 300}), backend="eager")
+    with pytest.raises(TokenizerError, match="has no tokenizer"):
+        bare.generate("hi")
+    bare.tokenizer = exe.tokenizer               # 422 ids against a 300-token model
+    text = exe.tokenizer.decode([410, 411])
+    with pytest.raises(InputError, match="encoded prompt holds token id"):
+        bare.generate(text)

@@ -120,6 +120,8 @@ def generate(exe, prompt, max_new_tokens: int = 32, *, n: int = 1, seed: int | N
     emits."""
     text = _is_text(prompt)
     rows, single = _text_rows(exe, prompt) if text else (_id_rows(exe, prompt), False)
+    if text:   # the tokenizer's ids checked against the model's vocabulary, an empty encoding refused
+        rows = [exe._ids(r, "the encoded prompt")[0].tolist() for r in rows]
     if max_new_tokens < 1 or n < 1:
         raise InputError(f"max_new_tokens and n must be >= 1, got {max_new_tokens} and {n}")
     if stop and not text:
