@@ -64,6 +64,8 @@ def test_list_version_and_no_abbreviations(capsys):
     with pytest.raises(SystemExit):
         main(["run", "deepseek-llm-tiny", "--prompt-i", "1,2"])    # no silent --prompt-ids
     assert "unrecognized arguments" in capsys.readouterr().err
+    assert main(["run", "deepseek-llm-tiny", "--chat"]) == 1
+    assert "take a text --prompt" in capsys.readouterr().err
 
 
 def test_tiny_preset_prompt_goes_through_its_tokenizer(capsys):

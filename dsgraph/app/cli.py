@@ -71,9 +71,11 @@ def cmd_chat(args) -> int:
 
 
 def cmd_run(args) -> int:
+    text = textcli.text_prompt(args)
     exe = _load_exe(args)
-    if args.prompt is not None:
-        return textcli.run_text(exe, args)
+    if text is not None:
+        textcli.stream(exe, text, args)
+        return 0
     prompt = args.prompt_ids or [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
     print("tokens:", end="", flush=True)

@@ -14,6 +14,7 @@ import torch
 from dsgraph import models
 from dsgraph import passes as passlib
 from dsgraph.backends import available_backends, backend_names
+from dsgraph.errors import InputError
 
 try:
     import readline  # noqa: F401  (line editing and history for chat's input(), where the platform has it)
@@ -88,12 +89,16 @@ def stream(exe, prompt, args):
     return out
 
 
-def run_text(exe, args) -> int:
-    chat = args.chat or args.system is not None
-    prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
-        [{"role": "user", "content": args.prompt}] if chat else args.prompt
-    stream(exe, prompt, args)
-    return 0
+def text_prompt(args):
+    """`run`'s text prompt: the string, or with --chat/--system the messages; None for a token-id run."""
+    if args.prompt is None:
+        if args.chat or args.system is not None or args.stop:
+            raise InputError("--chat, --system and --stop take a text --prompt (`dsgraph chat MODEL` is interactive)")
+        return None
+    if not (args.chat or args.system is not None):
+        return args.prompt
+    return ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
 
 
 def chat_loop(exe, args) -> int:
