@@ -44,7 +44,6 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
-    log.propagate = False
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
