@@ -172,3 +172,10 @@ def test_text_prompt_errors_are_named(exe):
     text = exe.tokenizer.decode([410, 411])
     with pytest.raises(InputError, match="encoded prompt holds token id"):
         bare.generate(text)
+
+
+def test_max_time_ends_with_length(exe):
+    out = exe.generate(PROMPTS[0], max_new_tokens=50, max_time=0.0, temperature=0, stop_token_ids=[])
+    assert out.finish_reason == "length" and out.completion_tokens == 1
+    full = exe.generate(PROMPTS[0], max_new_tokens=3, max_time=60.0, temperature=0, stop_token_ids=[])
+    assert full.completion_tokens == 3 and full.time_to_first_token_s > 0 and full.decode_tokens_per_s > 0
