@@ -73,3 +73,16 @@ def test_tiny_preset_prompt_goes_through_its_tokenizer(capsys):
                  "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() and "[length after 5 tokens]" in out.err
+
+
+def test_dtype_auto_and_keep_fp8_flags(ckpt, tmp_path, capsys):
+    from dsgraph.app import api
+    cfg = json.loads((ckpt.path / "config.json").read_text())
+    want = cfg.get("torch_dtype") or cfg.get("dtype")
+    assert dsgraph.load(str(ckpt.path), dtype="auto").graph.meta["dtype"] == want
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float8_e4m3fn"}))
+    assert api._config_dtype(tmp_path / "config.json") == "bfloat16"    # FP8 checkpoints compute in bf16
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert api._config_dtype(tmp_path / "config.json") == "bfloat16"
+    assert main(["run", "deepseek-llm-tiny", "--prompt", "hi", "--keep-fp8"]) == 1
+    assert "keep_fp8 applies to FP8 checkpoint" in capsys.readouterr().err

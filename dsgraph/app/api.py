@@ -4,6 +4,7 @@ This is the application layer: the one place where models, passes, backends and 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -28,8 +29,13 @@ log = logging.getLogger("dsgraph")
 
 
 def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options) -> models.Model:
-    """A preset name, a Hugging Face checkpoint directory, or a saved graph JSON -> models.Model."""
+    """A preset name, a Hugging Face checkpoint directory, or a saved graph JSON -> models.Model.
+    dtype="auto" takes a checkpoint's config.json `torch_dtype` (FP8 checkpoints run in bfloat16), else fp32."""
     p = Path(str(path_or_preset))
+    if dtype == "auto":
+        dtype = _config_dtype(p / "config.json") if p.is_dir() else "float32"
+    if not (p / "config.json").is_file() and options.pop("keep_fp8", False):
+        raise InputError(f"keep_fp8 applies to FP8 checkpoint directories; {path_or_preset!r} is none")
     if p.is_dir():
         if (p / "config.json").exists():
             return models.load_checkpoint(p, dtype=dtype, **options)
@@ -39,6 +45,15 @@ def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options) 
     if p.suffix == ".json" and p.exists():
         return _load_saved_graph(p)
     return models.build_model(str(path_or_preset), seed=seed, dtype=dtype, **options)
+
+
+def _config_dtype(config: Path) -> str:
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{config}: cannot read torch_dtype for dtype='auto' ({e})") from None
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    return "bfloat16" if name.startswith("float8") else compute_dtype(name)
 
 
 def _load_saved_graph(path: Path) -> models.Model:
@@ -69,6 +84,7 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
     The MTP branch is pruned unless keep_mtp (plain decoding does not need it).
     """
     device = resolve_device(device)
+    dtype = None if dtype == "auto" else dtype      # the dtype the model was loaded in
     be = get_backend(backend)
     reason = be.available(device)
     if reason:

@@ -44,7 +44,7 @@ def _is_preset(name: str) -> bool:
 
 
 def cmd_compile(args) -> int:
-    model = api.load(args.model, dtype=args.dtype)
+    model = api.load(args.model, dtype=args.dtype, **textcli.load_options(args))
     opts = {"emit_dir": args.emit_dir} if args.emit_dir else {}
     exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
                           passes=args.passes.split(",") if args.passes not in ("default", "none") else args.passes,
@@ -61,7 +61,7 @@ def _load_exe(args):
         exe = api.load_artifact(args.model, device=args.device)
         textcli.log.info(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
         return exe
-    model = api.load(args.model, dtype=args.dtype)
+    model = api.load(args.model, dtype=args.dtype, **textcli.load_options(args))
     return api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
                        keep_mtp=getattr(args, "speculative", None) == "mtp")
 
@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_, description=help_, parents=[common], allow_abbrev=False)
         s.add_argument("model", help="preset name (e.g. deepseek-v3-tiny), HF checkpoint dir, saved graph"
                        + (" or compiled artifact dir" if name in ("run", "chat") else ""))
-        s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+        s.add_argument("--dtype", default="float32",
+                       help="float32 | bfloat16 | float16 | auto (a checkpoint's torch_dtype; default float32)")
         s.set_defaults(fn=fn)
         return s
 
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default=None, help="write a deployable artifact directory")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     s.add_argument("--keep-mtp", action="store_true", help="keep the MTP branch (for speculative decoding)")
+    s.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights (FP8 GEMMs)")
 
     s = model_cmd("run", "generate text (or tokens), printing it as it comes", cmd_run)
     what = s.add_mutually_exclusive_group()
@@ -282,6 +284,7 @@ def _generation_args(s) -> None:
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--backend", default="eager", choices=backend_names())
     s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cuda if present)")
+    s.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights (FP8 GEMMs)")
     textcli.add_sampling_args(s)
 
 

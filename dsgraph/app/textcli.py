@@ -65,6 +65,10 @@ def add_sampling_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-time", type=float, default=None, metavar="SECONDS", help="stop after this long")
 
 
+def load_options(args) -> dict:
+    return {"keep_fp8": True} if getattr(args, "keep_fp8", False) else {}
+
+
 def sampling_options(args) -> dict:
     knobs = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
              "repetition_penalty": args.repetition_penalty, "seed": args.seed, "max_time": args.max_time}
