@@ -86,3 +86,12 @@ def test_dtype_auto_and_keep_fp8_flags(ckpt, tmp_path, capsys):
     assert api._config_dtype(tmp_path / "config.json") == "bfloat16"
     assert main(["run", "deepseek-llm-tiny", "--prompt", "hi", "--keep-fp8"]) == 1
     assert "keep_fp8 applies to FP8 checkpoint" in capsys.readouterr().err
+
+
+def test_compile_report_summary_and_full(capsys):
+    assert main(["compile", "deepseek-v3-tiny", "--backend", "eager"]) == 0
+    summary = capsys.readouterr().out
+    assert "linear ×" in summary and "fallbacks: 0" in summary
+    assert main(["compile", "deepseek-v3-tiny", "--backend", "eager", "--report", "full"]) == 0
+    full = capsys.readouterr().out
+    assert len(full.splitlines()) > len(summary.splitlines()) and "linear ×" not in full

@@ -49,7 +49,7 @@ def cmd_compile(args) -> int:
     exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
                           passes=args.passes.split(",") if args.passes not in ("default", "none") else args.passes,
                           dump_after=args.dump_after, keep_mtp=args.keep_mtp, **opts)
-    print(exe.report())
+    print(exe.report() if args.report == "full" else exe.compiled.report.summary())
     if args.output:
         path = exe.save(args.output, overwrite=args.overwrite)
         print(f"wrote artifact {path} — run it with: dsgraph run {path} --prompt-ids 1,2,3")
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default=None, help="write a deployable artifact directory")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     s.add_argument("--keep-mtp", action="store_true", help="keep the MTP branch (for speculative decoding)")
+    s.add_argument("--report", choices=("summary", "full"), default="summary",
+                   help="the compile report: one line per op and kernel (default) or one per node")
     s.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights (FP8 GEMMs)")
 
     s = model_cmd("run", "generate text (or tokens), printing it as it comes", cmd_run)
