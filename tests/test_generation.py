@@ -179,3 +179,12 @@ def test_max_time_ends_with_length(exe):
     assert out.finish_reason == "length" and out.completion_tokens == 1
     full = exe.generate(PROMPTS[0], max_new_tokens=3, max_time=60.0, temperature=0, stop_token_ids=[])
     assert full.completion_tokens == 3 and full.time_to_first_token_s > 0 and full.decode_tokens_per_s > 0
+
+
+def test_repetition_penalty_matches_transformers(ckpt, exe):
+    ids = torch.tensor([ckpt.hf_tok.encode(PROMPTS[1])])
+    want = ckpt.hf.generate(ids, max_new_tokens=8, do_sample=False, repetition_penalty=0.3, eos_token_id=None,
+                            pad_token_id=1)[0, ids.shape[1]:].tolist()
+    got = exe.generate(PROMPTS[1], max_new_tokens=8, temperature=0, repetition_penalty=0.3, stop_token_ids=[])
+    assert got.token_ids == want
+    assert want != exe.generate(PROMPTS[1], max_new_tokens=8, temperature=0, stop_token_ids=[]).token_ids

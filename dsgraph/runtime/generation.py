@@ -209,7 +209,8 @@ def _step_tokens(active, fed: int, logits, params, gens, history, device):
         tok = next_tokens(logits[:, -1], params, gens, history)
         return tok, tok[:, 0].tolist(), ready         # the one host transfer a step: the chosen ids
     sampled = iter(next_tokens(_rows(logits[:, -1], ready), params, [gens[k] for k in ready],
-                               _rows(history, ready))[:, 0].tolist() if ready else ())
+                               history if history is None else _rows(history, ready))[:, 0].tolist()
+                   if ready else ())
     chosen = [next(sampled) if len(r.prompt) <= fed else r.prompt[fed] for r in active]
     return torch.tensor(chosen, device=device)[:, None], chosen, ready
 
@@ -222,9 +223,10 @@ def decode_batch(exe, prompts: list[list[int]], samples: list[int], index: list[
     gens = generators(params, samples, exe.device)
     rows = [_Row(i, p, req) for i, p in zip(index, prompts)]
     fed = min(len(p) for p in prompts)
-    history = torch.tensor([p[:fed] for p in prompts], device=exe.device)
+    ids = torch.tensor([p[:fed] for p in prompts], device=exe.device)
+    history = ids if params.repetition_penalty != 1.0 else None    # the tokens seen, for the penalty only
     t0 = time.perf_counter()
-    logits, state = exe.prefill(history)
+    logits, state = exe.prefill(ids)
     t1, steps = None, 0
     active = list(rows)                               # the rows still in the batch, in batch order
     while True:
@@ -242,10 +244,11 @@ def decode_batch(exe, prompts: list[list[int]], samples: list[int], index: list[
             for k in keep:
                 active[k].end("length")
             break
-        history = torch.cat([history, tok], dim=1)
+        history = None if history is None else torch.cat([history, tok], dim=1)
         if len(keep) < len(active):                   # finished rows leave the batch: no more work for them
             active, gens = [active[k] for k in keep], [gens[k] for k in keep]
-            history, tok, state = _rows(history, keep), _rows(tok, keep), _state_rows(state, keep)
+            history = None if history is None else _rows(history, keep)
+            tok, state = _rows(tok, keep), _state_rows(state, keep)
         logits, state = exe.decode(tok, state)
         fed, steps = fed + 1, steps + 1
     dt = time.perf_counter() - t1
