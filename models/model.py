@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsgraph.dtypes import compute_dtype
+from dsgraph.errors import TokenizerError
 from dsgraph.weights import WeightStore
 
 from .builder import DecoderBuilder
@@ -27,6 +28,12 @@ class Model:
 
     def summary(self):
         return model_summary(self)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs):
+        """The checkpoint's chat template over `messages` (token ids; tokenize=False for the text)."""
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.name} has no tokenizer: its checkpoint ships no tokenizer.json")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, name: str = "model"):

@@ -69,6 +69,7 @@ def test_greedy_text_matches_transformers(ckpt, exe):
 def test_chat_prompt_uses_the_template(ckpt, exe):
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     ids = torch.tensor([ckpt.hf_tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]])
+    assert exe.model.apply_chat_template(chat) == ids[0].tolist()
     want = ckpt.hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=[1, ckpt.eos],
                             pad_token_id=1)[0, ids.shape[1]:].tolist()
     assert exe.generate(chat, max_new_tokens=6, temperature=0).token_ids == want
