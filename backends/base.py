@@ -56,15 +56,29 @@ class CompileReport:
         return out
 
     def __str__(self) -> str:
+        """Node by node (full DeepSeek-V3 has ~47,000 nodes: `summary()` is the readable form)."""
+        rows = []
+        for k in self.kernels:
+            where = k.nodes[0] if len(k.nodes) == 1 else f"{k.nodes[0]} (+{len(k.nodes) - 1})"
+            rows.append(f"  {where:<40} {k.op:<24} {k.kind:<10} {k.kernel}{'  — ' + k.note if k.note else ''}")
+        return self._framed(rows)
+
+    def summary(self) -> str:
+        """One line per (op, kernel): `linear ×247 → gemv (template)`."""
+        groups: dict[tuple, int] = {}
+        for k in self.kernels:
+            groups[(k.op, k.kernel, k.kind)] = groups.get((k.op, k.kernel, k.kind), 0) + 1
+        return self._framed([f"  {op} ×{n} → {kernel} ({kind})" for (op, kernel, kind), n in
+                             sorted(groups.items(), key=lambda g: (-g[1], g[0]))])
+
+    def _framed(self, kernel_rows: list[str]) -> str:
         lines = [f"backend {self.backend} on {self.device}, {self.dtype}, compiled in {self.compile_seconds:.2f}s"]
         if self.passes:
             lines.append("passes:")
             for name, info in self.passes:
                 lines.append(f"  {name:<28} {info}")
         lines.append("kernels: " + ", ".join(f"{k}={n}" for k, n in sorted(self.counts().items())))
-        for k in self.kernels:
-            where = k.nodes[0] if len(k.nodes) == 1 else f"{k.nodes[0]} (+{len(k.nodes) - 1})"
-            lines.append(f"  {where:<40} {k.op:<24} {k.kind:<10} {k.kernel}{'  — ' + k.note if k.note else ''}")
+        lines.extend(kernel_rows)
         fb = self.fallbacks
         lines.append(f"fallbacks: {len(fb)}" + ("" if not fb else " — " + ", ".join(sorted({k.op for k in fb}))))
         lines.extend(f"note: {n}" for n in self.notes)
@@ -161,6 +175,11 @@ def get_backend(name: str) -> Backend:
     if name not in _BACKENDS:
         raise UnknownOpError(f"unknown backend {name!r}; available: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name]()
+
+
+def backend_names() -> list[str]:
+    """Every registered backend, available here or not."""
+    return sorted(_BACKENDS)
 
 
 def available_backends(device: str = "cpu") -> list[str]:

@@ -48,3 +48,7 @@ class DeviceMemoryError(DSGraphError):
 
 class NumericsError(DSGraphError):
     """A run produced NaN or Inf where a model cannot (logits): usually a non-finite or overflowing weight."""
+
+
+class TokenizerError(DSGraphError):
+    """Tokenizer files are missing or unreadable, or a chat template refused its messages."""

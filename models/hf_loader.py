@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dsgraph.errors import CheckpointError, ConfigError
+from dsgraph.text import has_tokenizer, load_tokenizer
 from dsgraph.weights import SliceableEntry, WeightStore
 
 from .config import from_hf
@@ -58,7 +59,7 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
     for n in notes:
         warnings.warn(f"{root}: {n}", stacklevel=2)
     graph.meta["checkpoint"] = {"path": str(root), "keep_fp8": keep_fp8, "notes": notes}
-    return Model(root.name, graph_cfg, graph, weights)
+    return Model(root.name, graph_cfg, graph, weights, load_tokenizer(root) if has_tokenizer(root) else None)
 
 
 def _read_config(root: Path) -> dict:

@@ -9,7 +9,7 @@ weight is used and never sits in memory twice.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from dsgraph.safefs import safe_name
 
 from .hf_scales import read_scale
 
+log = logging.getLogger("dsgraph.models")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_FILE = "model.safetensors.index.json"
 # show progress when a load reads at least this much, or the checkpoint has at least this many files
@@ -46,7 +47,7 @@ class TensorInfo:
 
 
 class Progress:
-    """Bytes read so far, printed to stderr every 10% (only when the load is big enough to wait for)."""
+    """Bytes read so far, logged every 10% (only when the load is big enough to wait for)."""
 
     def __init__(self, total: int, enabled: bool, label: str):
         self.total, self.enabled, self.label = max(total, 1), enabled, label
@@ -60,8 +61,8 @@ class Progress:
         tenth = min(10, self.done * 10 // self.total)
         if tenth > self._shown:
             self._shown = tenth
-            print(f"loading {self.label}: {self.done / 2**30:.2f} / {self.total / 2**30:.2f} GiB "
-                  f"({10 * tenth}%)", file=sys.stderr, flush=True)
+            log.info(f"loading {self.label}: {self.done / 2**30:.2f} / {self.total / 2**30:.2f} GiB "
+                     f"({10 * tenth}%)")
 
 
 def _read_index(index: Path) -> dict:
@@ -101,7 +102,7 @@ class Shards:
         self.root = Path(root)
         self.files = self._files()
         if progress and len(self.files) >= PROGRESS_MIN_FILES:
-            print(f"indexing {len(self.files)} safetensors files in {self.root}", file=sys.stderr, flush=True)
+            log.info(f"indexing {len(self.files)} safetensors files in {self.root}")
         self.info: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         for f in self.files:

@@ -4,6 +4,7 @@ laziness, progress, config spellings. Checkpoints here are written from the tiny
 from __future__ import annotations
 
 import json
+import logging
 
 import dsgraph.models as models
 import hf_fixtures as fx
@@ -190,16 +191,17 @@ def test_fused_experts_are_sliced_lazily(tmp_path, monkeypatch):
     assert slices == [(4, slice(32, 64))]
 
 
-def test_progress_shown_only_for_big_loads(tmp_path, monkeypatch, capsys):
+def test_progress_shown_only_for_big_loads(tmp_path, monkeypatch, caplog):
+    """Progress goes to the `dsgraph` logger (the CLI shows it on stderr; -q hides it)."""
+    caplog.set_level(logging.INFO, logger="dsgraph")
     write_preset(tmp_path, "deepseek-llm-tiny")
     dsgraph.compile(models.load_checkpoint(tmp_path), backend="eager")(IDS)
-    assert "loading" not in capsys.readouterr().err
+    assert "loading" not in caplog.text
     monkeypatch.setattr(hf_shards, "PROGRESS_MIN_BYTES", 0)
     dsgraph.compile(models.load_checkpoint(tmp_path, progress=False), backend="eager")(IDS)
-    assert "loading" not in capsys.readouterr().err
+    assert "loading" not in caplog.text
     dsgraph.compile(models.load_checkpoint(tmp_path), backend="eager")(IDS)
-    err = capsys.readouterr().err
-    assert "loading" in err and "(100%)" in err
+    assert "loading" in caplog.text and "(100%)" in caplog.text
 
 
 def test_bf16_load_agrees_with_fp32(tmp_path):

@@ -4,7 +4,10 @@ This is the application layer: the one place where models, passes, backends and 
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -24,10 +27,17 @@ from dsgraph.runtime.memory import check_weights_fit
 from dsgraph.serialize import load_graph
 from dsgraph.weights import WeightStore
 
+log = logging.getLogger("dsgraph")
+
 
 def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options) -> models.Model:
-    """A preset name, a Hugging Face checkpoint directory, or a saved graph JSON -> models.Model."""
+    """A preset name, a Hugging Face checkpoint directory, or a saved graph JSON -> models.Model.
+    dtype="auto" takes a checkpoint's config.json `torch_dtype` (FP8 checkpoints run in bfloat16), else fp32."""
     p = Path(str(path_or_preset))
+    if dtype == "auto":
+        dtype = _config_dtype(p / "config.json") if p.is_dir() else "float32"
+    if not (p / "config.json").is_file() and options.pop("keep_fp8", False):
+        raise InputError(f"keep_fp8 applies to FP8 checkpoint directories; {path_or_preset!r} is none")
     if p.is_dir():
         if (p / "config.json").exists():
             return models.load_checkpoint(p, dtype=dtype, **options)
@@ -41,6 +51,15 @@ def load(path_or_preset: str, dtype: str = "float32", seed: int = 0, **options) 
     if p.suffix == ".json" and p.exists():
         return _load_saved_graph(p)
     return models.build_model(str(path_or_preset), seed=seed, dtype=dtype, **options)
+
+
+def _config_dtype(config: Path) -> str:
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{config}: cannot read torch_dtype for dtype='auto' ({e})") from None
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    return "bfloat16" if name.startswith("float8") else compute_dtype(name)
 
 
 def _load_saved_graph(path: Path) -> models.Model:
@@ -80,6 +99,7 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
     torch.distributed (dsgraph.runtime.distributed.init joins torchrun's process group).
     """
     device = resolve_device(device)
+    dtype = None if dtype == "auto" else dtype      # the dtype the model was loaded in
     be = get_backend(backend)
     passes = _with_kv_cache_dtype(passes, be, kv_cache_dtype)
     reason = be.available(device)
@@ -87,11 +107,14 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
         raise BackendUnavailable(f"backend {backend!r} cannot run on {device}: {reason}")
     dtype = compute_dtype(dtype or model.graph.meta.get("dtype", "float32"))
     model.graph.meta.setdefault("dtype", _embed_dtype(model.graph))  # graphs saved before the key existed
+    t0 = time.perf_counter()
+    log.info(f"compiling {model.name} for {backend} on {device} ({dtype})")
     if parallel is not None:
         pipeline = be.default_pipeline() if passes == "default" else passes
         pipeline = [] if pipeline in ("none", None) else ([pipeline] if isinstance(pipeline, str) else list(pipeline))
         passes = [("shard", {"plan": parallel, "rank": distributed.rank_for(parallel, rank)}), *pipeline]
     graph, weights, records = compile_graph(model.graph, model.weights, be, passes, keep_mtp, dump_after, dtype)
+    log.debug(f"passes: {', '.join(getattr(r, 'name', str(r)) for r in records)} ({time.perf_counter() - t0:.2f}s)")
     check_weights_fit(graph, weights, torch.device(device), f"{model.name} ({backend}, {dtype})")
     mtp = None
     if "mtp_ids" in graph.inputs:  # keep_mtp: the MTP branch runs as its own step after the main one
@@ -102,6 +125,7 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
     if parallel is not None:
         whole = compile_graph(model.graph, model.weights, be, "none", keep_mtp)[0]
         compiled.report.notes.append(distributed.shard_note(graph, whole))
+    log.debug(f"compiled {model.name} in {time.perf_counter() - t0:.2f}s")
     return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
 
 
@@ -152,6 +176,6 @@ def load_artifact(path: str | os.PathLike, device: str | None = None, backend: s
     parts = artifact.load_parts(path, device=device, backend=backend)
     info = parts.manifest["model"]
     config = models.ModelConfig.from_dict(info["config"], source=f"{path}/manifest.json model.config")
-    model = models.Model(info["name"], config, parts.graph, parts.weights)
+    model = models.Model(info["name"], config, parts.graph, parts.weights, parts.tokenizer)
     return Executable(model, parts.graph, parts.compiled, parts.device, parts.dtype, parts.manifest["passes"],
                       mtp=parts.mtp, weights=parts.weights)

@@ -1,4 +1,5 @@
-"""The `dsgraph` command line: show, compile, run, check, check-weights, bench, export, demo."""
+"""The `dsgraph` command line: show, compile, run, chat, list, check, check-weights, bench, plan, export, demo
+(text commands in textcli.py, error handling in cli_guard.py)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dsgraph import models
-from dsgraph.backends import available_backends
+from dsgraph.backends import available_backends, backend_names
 from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx
 from dsgraph.backends.tvm.prebuilt import ENV as TVM_PREBUILT_ENV
 from dsgraph.dtypes import compute_dtype
@@ -21,12 +22,13 @@ from dsgraph.errors import ConfigError
 from dsgraph.models.check_weights import check_weights
 from dsgraph.parallel import ParallelPlan
 from dsgraph.runtime import distributed
+from dsgraph.version import __version__
 
-from . import api
+from . import api, textcli
 from . import cli_guard as guard
 from . import plan as planner
 from .bench import bench, load_model, prebuild_tvm, report
-from .check import check_backend, make_prompt
+from .check import check_backend
 
 
 def cmd_show(args) -> int:
@@ -43,12 +45,12 @@ def _is_preset(name: str) -> bool:
 
 
 def cmd_compile(args) -> int:
-    model = api.load(args.model, dtype=args.dtype)
+    model = api.load(args.model, dtype=args.dtype, **textcli.load_options(args))
     opts = {"emit_dir": args.emit_dir} if args.emit_dir else {}
     exe = api.compile(model, backend=args.backend, device=args.device, dtype=args.dtype,
                           passes=args.passes.split(",") if args.passes not in ("default", "none") else args.passes,
                           dump_after=args.dump_after, keep_mtp=args.keep_mtp, **opts)
-    print(exe.report())
+    print(exe.report() if args.report == "full" else exe.compiled.report.summary())
     if args.output:
         path = exe.save(args.output, overwrite=args.overwrite)
         print(f"wrote artifact {path} — run it with: dsgraph run {path} --prompt-ids 1,2,3")
@@ -68,16 +70,29 @@ def cmd_run(args) -> int:
         return _run(args, plan)
 
 
-def _run(args, plan: ParallelPlan | None) -> int:
+def _load_exe(args, plan: ParallelPlan | None = None):
     if (Path(args.model) / "manifest.json").exists():
         exe = api.load_artifact(args.model, device=args.device, backend=args.backend)
-        print(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
-    else:
-        model = api.load(args.model, dtype=args.dtype)
-        exe = api.compile(model, backend=args.backend or "eager", device=args.device, dtype=args.dtype,
-                          keep_mtp=args.speculative == "mtp", parallel=plan)
-        if plan is not None:
-            print(exe.compiled.report.notes[-1])
+        textcli.log.info(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
+        return exe
+    model = api.load(args.model, dtype=args.dtype, **textcli.load_options(args))
+    exe = api.compile(model, backend=args.backend or "eager", device=args.device, dtype=args.dtype,
+                      keep_mtp=getattr(args, "speculative", None) == "mtp", parallel=plan)
+    if plan is not None:
+        print(exe.compiled.report.notes[-1])
+    return exe
+
+
+def cmd_chat(args) -> int:
+    return textcli.chat_loop(_load_exe(args), args)
+
+
+def _run(args, plan: ParallelPlan | None) -> int:
+    text = textcli.text_prompt(args)
+    exe = _load_exe(args, plan)
+    if text is not None:
+        textcli.stream(exe, text, args)
+        return 0
     prompt = args.prompt_ids if args.prompt_ids is not None else [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
     print("tokens:", end="", flush=True)
@@ -133,15 +148,18 @@ def cmd_demo(args) -> int:
     model = api.load("deepseek-v3-tiny", seed=0)
     print(f"dsgraph demo: deepseek-v3-tiny with deterministic random weights on {device}")
     print(model.summary())
-    prompt = make_prompt(model.config.vocab_size, batch=1, length=8)
-    print(f"\nprompt ids: {prompt[0].tolist()}\n")
-    print(f"{'backend':<10} {'max rel err':>12} {'tokens':<34} {'match':<6} {'compile':>8} {'run':>8}")
+    text = "What is the capital of France?"
+    prompt = torch.tensor([model.tokenizer.encode(text)])
+    print(f"\nprompt: {text!r} -> ids {prompt[0].tolist()} (the tiny presets' byte-level BPE)\n")
+    print(f"{'backend':<10} {'max rel err':>12} {'text (random weights: noise)':<34} {'match':<6} {'compile':>8} "
+          f"{'run':>8}")
     ok = True
     for backend in [b for b in available_backends(device) if b in ("eager", "triton", "tvm")]:
         r = check_backend(model, backend, device=device, dtype="float32", prompt=prompt, new_tokens=8)
         ok &= r.ok
         err = max(r.prefill_err, r.decode_err)
-        print(f"{backend:<10} {err:>12.2e} {str(r.tokens[0]):<34} {'yes' if r.tokens_match else 'NO':<6} "
+        shown = repr(model.tokenizer.decode(r.tokens[0], skip_special_tokens=True))[:34]
+        print(f"{backend:<10} {err:>12.2e} {shown:<34} {'yes' if r.tokens_match else 'NO':<6} "
               f"{r.compile_seconds:>7.2f}s {r.seconds:>7.2f}s", flush=True)
     verdict = "agrees" if ok else "does NOT agree"
     print(f"\ndone in {time.perf_counter() - t0:.1f}s — every backend {verdict} with eager")
@@ -209,15 +227,19 @@ def cmd_check_weights(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsgraph", description="Compile, check and benchmark DeepSeek-family models.")
-    p.add_argument("-v", "--debug", action="store_true", help="show tracebacks of errors (anywhere on the line)")
+    p = argparse.ArgumentParser(prog="dsgraph", description="Compile, check and benchmark DeepSeek-family models.",
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"dsgraph {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    textcli.add_logging_args(common)
 
     def model_cmd(name, help_, fn):
-        s = sub.add_parser(name, help=help_, description=help_)
+        s = sub.add_parser(name, help=help_, description=help_, parents=[common], allow_abbrev=False)
         s.add_argument("model", help="preset name (e.g. deepseek-v3-tiny), HF checkpoint dir, saved graph"
-                       + (" or compiled artifact dir" if name == "run" else ""))
-        s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+                       + (" or compiled artifact dir" if name in ("run", "chat") else ""))
+        s.add_argument("--dtype", default="float32",
+                       help="float32 | bfloat16 | float16 | auto (a checkpoint's torch_dtype; default float32)")
         s.set_defaults(fn=fn)
         return s
 
@@ -233,12 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default=None, help="write a deployable artifact directory")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     s.add_argument("--keep-mtp", action="store_true", help="keep the MTP branch (for speculative decoding)")
+    s.add_argument("--report", choices=("summary", "full"), default="summary",
+                   help="the compile report: one line per op and kernel (default) or one per node")
+    s.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights (FP8 GEMMs)")
 
-    s = model_cmd("run", "generate tokens, printing them as they come", cmd_run)
-    s.add_argument("--prompt-ids", type=guard.token_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
-    s.add_argument("--max-new-tokens", type=guard.int_at_least(1), default=16)
-    s.add_argument("--backend", default=None, help="default eager; an artifact runs on the backend it was made for")
-    s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cpu)")
+    s = model_cmd("run", "generate text (or tokens), printing it as it comes", cmd_run)
+    what = s.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default=None, help="text, encoded with the model's tokenizer")
+    what.add_argument("--prompt-ids", type=guard.token_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
+    _generation_args(s)
     s.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP branch")
     s.add_argument("--draft-depth", type=guard.int_at_least(1), default=1)
     s.add_argument("--tp", type=guard.int_at_least(1), default=1, help="tensor-parallel ranks (run under torchrun)")
@@ -257,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill", type=guard.int_at_least(1), default=4096, help="prompt tokens of a prefill step")
     s.add_argument("--nvlink-gbs", type=float, default=None, help="NVLink GB/s per direction per GPU")
     s.add_argument("--ib-gbs", type=float, default=None, help="InfiniBand GB/s per GPU")
+
+    s = model_cmd("chat", "interactive multi-turn chat with the model's chat template", cmd_chat)
+    _generation_args(s)
+
+    s = sub.add_parser("list", help="list presets, backends or passes", parents=[common], allow_abbrev=False)
+    s.add_argument("what", choices=textcli.LISTS)
+    s.set_defaults(fn=textcli.cmd_list)
 
     s = model_cmd("check", "compare backends against eager (logits and greedy tokens)", cmd_check)
     s.add_argument("--backend", default="eager", help="backend or comma-separated list")
@@ -296,22 +328,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=guard.int_at_least(0), default=0, help="seed of the random weights of a preset")
 
     s = sub.add_parser("check-weights", help="scan a checkpoint, artifact or .safetensors file for NaN/Inf weights",
-                       description="scan a checkpoint, artifact or .safetensors file for NaN/Inf weights")
+                       description="scan a checkpoint, artifact or .safetensors file for NaN/Inf weights (-q: no "
+                       "progress)", parents=[common], allow_abbrev=False)
     s.add_argument("path", help="HF checkpoint dir, compiled artifact dir, or a .safetensors file")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     s.set_defaults(fn=cmd_check_weights)
 
-    s = sub.add_parser("demo", help="tiny DeepSeek-V3 on every backend this machine has, checked against eager")
+    s = sub.add_parser("demo", help="tiny DeepSeek-V3 on every backend this machine has, checked against eager",
+                       parents=[common], allow_abbrev=False)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     s.set_defaults(fn=cmd_demo)
     return p
 
 
+def _generation_args(s) -> None:
+    s.add_argument("--max-new-tokens", type=guard.int_at_least(1), default=16)
+    s.add_argument("--backend", default=None, choices=backend_names(),
+                   help="default eager; an artifact runs on the backend it was made for (another is an error)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: the artifact's, else cuda if present)")
+    s.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights (FP8 GEMMs)")
+    textcli.add_sampling_args(s)
+
+
 def main(argv=None) -> int:
-    """Run one command; a user error prints one line and exits 2 (cli_guard.py), -v/--debug adds the traceback."""
+    """Run one command; a user error prints one line and exits 2 (cli_guard.py); --debug or -v adds the traceback."""
     argv, debug = guard.split_debug(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
-    return guard.run(lambda: args.fn(args), args, debug)
+    textcli.configure_logging(args.verbose, args.quiet)
+    return guard.run(lambda: args.fn(args), args, debug or args.verbose > 0)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from dsgraph.backends import get_backend
 from dsgraph.errors import DSGraphError, UnknownOpError
 
-DEBUG_FLAGS = ("-v", "--debug")
+DEBUG_FLAGS = ("--debug",)  # -v (more logging, textcli.py) shows tracebacks too
 USER_ERROR = 2
 
 # argparse destinations naming an output: "file" (its directory must exist), "dir" (created with its parents)

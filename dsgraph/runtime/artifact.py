@@ -7,6 +7,8 @@ A directory that describes itself:
   weights.safetensors  weights in the layout the compiled code expects (absorbed, stacked, FP8)
   backend/             what the backend needs to run without recompiling (kernel sources and
                        tuned configs for triton, the exported shared library for tvm)
+  tokenizer/           the checkpoint's tokenizer.json, tokenizer_config.json, generation_config.json
+                       (when the model has a tokenizer), so text prompts work without the checkpoint
 Writing holds a lock file beside DIR, builds a sibling temporary directory and renames it into place; it
 replaces only a directory holding a dsgraph manifest and the files it lists. Loading checks the manifest's
 schema, then that the directory holds exactly its files with their checksums, then the graph hash, before
@@ -32,10 +34,13 @@ from dsgraph.dtypes import ST_DTYPES
 from dsgraph.errors import ArtifactError, DSGraphError
 from dsgraph.safefs import DirLock, owner_pid, pid_alive, sha256_file, tag
 from dsgraph.serialize import graph_from_json, graph_to_json
+from dsgraph.text import has_tokenizer, load_tokenizer
 from dsgraph.version import __version__, tool_version
 from dsgraph.weights import WeightStore
 
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL, read_manifest, verify_files
+
+TOKENIZER_DIR = "tokenizer"
 
 
 def _graph_hash(graph_json: dict) -> str:
@@ -83,6 +88,8 @@ def _write_contents(exe, tmp: Path) -> None:
     backend.save_compiled(exe.compiled, tmp / "backend" / "main")
     if exe.mtp is not None:
         backend.save_compiled(exe.mtp[1], tmp / "backend" / "mtp")
+    if exe.tokenizer is not None:
+        exe.tokenizer.save(tmp / TOKENIZER_DIR)
     files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != PARTIAL}
     manifest = {
@@ -160,6 +167,7 @@ class ArtifactParts:
     mtp: tuple | None
     device: str
     dtype: str
+    tokenizer: object = None
 
 
 def load_parts(path, device: str | None = None, backend: str | None = None) -> ArtifactParts:
@@ -193,7 +201,8 @@ def load_parts(path, device: str | None = None, backend: str | None = None) -> A
     if "mtp_graph.json" in manifest["files"]:
         branch = _graph(_read_json(root / "mtp_graph.json"), root / "mtp_graph.json")
         mtp = (branch, _load_compiled(be, root / "backend" / "mtp", branch, weights, device, dtype))
-    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype)
+    tok = load_tokenizer(root / TOKENIZER_DIR) if has_tokenizer(root / TOKENIZER_DIR) else None
+    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype, tok)
 
 
 def _read_json(path: Path):

@@ -14,6 +14,7 @@ import torch
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import InputError
 
+from . import generation
 from .artifact import save_artifact
 from .checks import FiniteWatch, check_count, ids_tensor
 from .localize import localize
@@ -33,6 +34,7 @@ class Executable:
         self.device = torch.device(device)
         self.dtype = dtype
         self.pass_records = list(pass_records)
+        self.tokenizer = getattr(model, "tokenizer", None)   # dsgraph.text.Tokenizer, where the model ships one
         meta = graph.meta
         self.vocab_size = meta.get("vocab_size")
         self.max_positions = meta.get("max_position_embeddings")
@@ -121,16 +123,21 @@ class Executable:
     @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int = 32, speculative: str | None = None,
                  draft_depth: int = 1, return_stats: bool = False,
-                 on_token: Callable[[int, torch.Tensor], None] | None = None):
+                 on_token: Callable[[int, torch.Tensor], None] | None = None, **options):
         """Greedy decoding with the KV cache; returns the new tokens [B, max_new_tokens].
 
         speculative="mtp" drafts with the MTP branch (draft_depth tokens a step) and verifies with
         the main model: the same tokens, fewer main-model steps (dsgraph/runtime/speculative.py).
+        Text prompts, ragged id lists and the options of dsgraph.runtime.generation.generate (temperature,
+        top_p, top_k, min_p, repetition_penalty, seed, n, stop, stop_token_ids, max_time, on_text) go there.
         """
         max_new_tokens, draft_depth = check_count(max_new_tokens, "max_new_tokens"), check_count(draft_depth,
                                                                                                 "draft_depth")
+        if generation.wants_generation(prompt_ids, options if speculative is None else {}):
+            return generation.generate(self, prompt_ids, max_new_tokens, speculative=speculative,
+                                       draft_depth=draft_depth, **options)
         if speculative == "mtp":
-            return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token)
+            return generate_mtp(self, prompt_ids, max_new_tokens, draft_depth, return_stats, on_token, **options)
         if speculative is not None:
             raise InputError(f"speculative={speculative!r}: the only speculative mode is 'mtp'")
         ids = self._ids(prompt_ids, "prompt_ids")

@@ -10,6 +10,8 @@ model given the tokens before it, so the output equals plain greedy decoding.
 A batch shares one cache length, so a step accepts the smallest agreeing prefix of
 its rows (rows that agreed further re-verify those tokens next step: still exact,
 a little less speedup); per-row agreement is reported in the statistics.
+At temperature > 0 drafts are sampled and accepted by rejection sampling, so the output
+is distributed as plain sampling's (dsgraph/runtime/spec_verify.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from dsgraph.errors import InputError
 from dsgraph.partition import XFER
 
 from .checks import FiniteWatch
+from .sampling import SamplingParams
+from .spec_verify import GreedyVerifier, verifier
 from .state import GenerateStats
 
 
@@ -48,24 +52,32 @@ class MTPDrafter:
         new = {n: out[self.graph.cache_map[n]] for n in state.caches}
         return out, replace(state, caches=new, length=start + s)
 
-    def draft(self, hidden, next_ids, state, start: int, depth: int):
-        """Feed positions start.. and chain `depth` drafts; returns (drafts [B, depth], state)."""
+    def draft(self, hidden, next_ids, state, start: int, depth: int, pick=GreedyVerifier().pick):
+        """Feed positions start.. and chain `depth` drafts; returns (drafts [B, depth], their distributions
+        [B, depth, V] or None for greedy drafts, state)."""
         out, state = self.run(hidden, next_ids, state, start)
-        drafts = [out["mtp_logits"][:, -1].argmax(-1, keepdim=True)]
+        picks = [pick(out["mtp_logits"][:, -1])]
         for _ in range(depth - 1):
-            out, state = self.run(out["mtp_hidden"][:, -1:], drafts[-1], state, state.length)
-            drafts.append(out["mtp_logits"][:, -1].argmax(-1, keepdim=True))
-        return torch.cat(drafts, dim=1), state
+            out, state = self.run(out["mtp_hidden"][:, -1:], picks[-1][0], state, state.length)
+            picks.append(pick(out["mtp_logits"][:, -1]))
+        qs = torch.stack([q for _, q in picks], dim=1) if picks[0][1] is not None else None
+        return torch.cat([d for d, _ in picks], dim=1), qs, state
 
 
 @torch.no_grad()
 def generate_mtp(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, return_stats: bool = False,
-                 on_token=None):
-    tokens, _, stats = speculate(exe, prompt_ids, max_new_tokens, draft_depth, on_token)
+                 on_token=None, n: int = 1, seed: int | None = None, **knobs):
+    """`knobs` (temperature, top_k, top_p, min_p) > greedy sample with rejection; `n` samples of each prompt row
+    (rows j of a prompt seeded (seed, j))."""
+    params = SamplingParams(**knobs, seed=seed) if knobs else None
+    ids = exe._ids(prompt_ids, "prompt_ids").repeat_interleave(n, dim=0)
+    tokens, _, stats = speculate(exe, ids, max_new_tokens, draft_depth, on_token, params,
+                                 [j for _ in range(ids.shape[0] // n) for j in range(n)])
     return (tokens, stats) if return_stats else tokens
 
 
-def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_token=None):
+def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_token=None,
+              params: SamplingParams | None = None, samples: list[int] | None = None):
     """The speculative loop; returns (new tokens [B, N], main KVState, GenerateStats)."""
     if exe.mtp is None:
         raise InputError("speculative='mtp' needs a model with an MTP module compiled with keep_mtp=True "
@@ -77,18 +89,19 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_tok
     exe._check_length(plen + max_new_tokens + draft_depth)
     drafter = MTPDrafter(exe, *exe.mtp)
     xfer = XFER + drafter.hidden_input
+    policy = verifier(params, samples if samples is not None else list(range(bsz)), exe.device)
 
     watch = FiniteWatch(exe.dtype)
     t0 = time.perf_counter()
     out, state = exe.step(ids, exe.empty_state(bsz))
     watch.see(out["logits"][:, -1], 0)
-    tok = out["logits"][:, -1:].argmax(-1)
+    tok = policy.first(out["logits"][:, -1])
     new = [tok]
     if on_token:
         on_token(0, tok[:, 0])
     mtp_state = exe.empty_state_for(drafter.graph, bsz)
     next_ids = torch.cat([ids[:, 1:], tok], dim=1)
-    drafts, mtp_state = drafter.draft(out[xfer], next_ids, mtp_state, 0, draft_depth)
+    drafts, qs, mtp_state = drafter.draft(out[xfer], next_ids, mtp_state, 0, draft_depth, policy.pick)
     ttft = time.perf_counter() - t0
 
     accepted_at = torch.zeros(draft_depth)
@@ -100,14 +113,10 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_tok
         start = state.length                                   # position of `tok`
         out, state = exe.step(torch.cat([tok, drafts], dim=1), state)
         watch.see(out["logits"], steps)
-        greedy = out["logits"].argmax(-1)                      # [B, k+1]: choice after each input token
-        agree = (greedy[:, :-1] == drafts).int().cumprod(dim=1).cpu()  # [B, k]; one sync per step
-        per_row = agree.sum(1)
+        per_row, emitted, a = policy.verify(out["logits"], drafts, qs)   # accepted drafts per row, [B, a+1]
         row_agree += per_row
-        a = int(per_row.min())
         drafted_at += bsz
-        accepted_at += agree.sum(0).float()
-        emitted = torch.cat([drafts[:, :a], greedy[:, a:a + 1]], dim=1)
+        accepted_at += (torch.arange(draft_depth)[None] < per_row[:, None]).sum(0).float()
         state = _cut(state, start + 1 + a)
         if on_token:
             done = sum(t.shape[1] for t in new)
@@ -118,7 +127,7 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_tok
         tok = emitted[:, -1:]
         # MTP positions start..start+a: main hidden there, followed by the accepted tokens and the bonus
         hidden = out[xfer][:, :a + 1]
-        drafts, mtp_state = drafter.draft(hidden, emitted, mtp_state, start, draft_depth)
+        drafts, qs, mtp_state = drafter.draft(hidden, emitted, mtp_state, start, draft_depth, policy.pick)
     watch.check(steps)
     if exe.device.type == "cuda":
         torch.cuda.synchronize()
