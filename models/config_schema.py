@@ -91,8 +91,6 @@ def check_consistent(c, source: str) -> None:
         need(c.attn_head_dim % 2 == 0, f"the head dimension {c.attn_head_dim} must be even (rotary pairs)")
     else:
         need(c.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={c.qk_rope_head_dim} must be even (rotary pairs)")
-    need(c.first_k_dense_replace <= c.num_hidden_layers,
-         f"first_k_dense_replace={c.first_k_dense_replace} exceeds num_hidden_layers={c.num_hidden_layers}")
     if c.is_moe:
         need(c.num_experts_per_tok <= c.n_routed_experts,
              f"num_experts_per_tok={c.num_experts_per_tok} exceeds n_routed_experts={c.n_routed_experts}")

@@ -64,7 +64,7 @@ def test_list_version_and_no_abbreviations(capsys):
     with pytest.raises(SystemExit):
         main(["run", "deepseek-llm-tiny", "--prompt-i", "1,2"])    # no silent --prompt-ids
     assert "unrecognized arguments" in capsys.readouterr().err
-    assert main(["run", "deepseek-llm-tiny", "--chat"]) == 1
+    assert main(["run", "deepseek-llm-tiny", "--chat"]) == 2  # a user error (cli_guard.py)
     assert "take a text --prompt" in capsys.readouterr().err
 
 
@@ -84,7 +84,7 @@ def test_dtype_auto_and_keep_fp8_flags(ckpt, tmp_path, capsys):
     assert api._config_dtype(tmp_path / "config.json") == "bfloat16"    # FP8 checkpoints compute in bf16
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
     assert api._config_dtype(tmp_path / "config.json") == "bfloat16"
-    assert main(["run", "deepseek-llm-tiny", "--prompt", "hi", "--keep-fp8"]) == 1
+    assert main(["run", "deepseek-llm-tiny", "--prompt", "hi", "--keep-fp8"]) == 2
     assert "keep_fp8 applies to FP8 checkpoint" in capsys.readouterr().err
 
 

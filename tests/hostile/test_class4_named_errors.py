@@ -125,9 +125,10 @@ def test_raw_error_in_a_pass_names_it(error):
 
 # generate arguments -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
-    ({"prompt_ids": ["1", "2"]}, "integer"), ({"prompt_ids": [1.0, 2.0]}, "integer"),
-    ({"prompt_ids": [[1, 2], [3]]}, "different lengths"), ({"prompt_ids": [True]}, "integer"),
-    ({"prompt_ids": [10**20]}, "outside any vocabulary"), ({"prompt_ids": "1,2"}, "integer tensor"),
+    # (a list of strings is a batch of text prompts and ragged id lists are a ragged batch: both valid)
+    ({"prompt_ids": [1, "2"]}, "integer"), ({"prompt_ids": [1.0, 2.0]}, "integer"),
+    ({"prompt_ids": [[1, 2], []]}, "empty"), ({"prompt_ids": [True]}, "integer"),
+    ({"prompt_ids": [10**20]}, "outside any vocabulary"), ({"prompt_ids": [[1, 2], "x"]}, "integer tensor"),
     ({"max_new_tokens": "2"}, "max_new_tokens"), ({"max_new_tokens": 2.5}, "max_new_tokens"),
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": True}, "max_new_tokens"),
     ({"draft_depth": 0, "speculative": "mtp"}, "draft_depth"), ({"speculative": "beam"}, "speculative"),
