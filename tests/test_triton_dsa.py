@@ -15,10 +15,11 @@ from dsgraph.numerics import rel_err, tolerance
 from dsgraph.ops import get_op
 
 G = torch.Generator().manual_seed(7)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels on the GPU where there is one, else interpreted
 
 
 def R(*shape, dtype=torch.float32):
-    return torch.randn(*shape, generator=G).to(dtype)
+    return torch.randn(*shape, generator=G).to(DEV, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -36,7 +37,7 @@ def _ragged(b, s, t, k):
     """Causal picks per query, then fewer valid slots for the second request (its tail set to -1)."""
     idx = causal_topk_indices(b, s, t, k, G)
     idx[1, :, k // 2:] = -1
-    return idx
+    return idx.to(DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -54,7 +55,7 @@ def test_sparse_mla(s, t, h, k, dtype):
 
 
 def test_tiny_v32_report_names_the_dsa_kernels():
-    report = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="triton", device="cpu").compiled.report
+    report = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="triton", device=DEV).compiled.report
     kernels = {k.op: k.kernel for k in report.kernels}
     assert kernels["indexer.logits"] == "dsa._indexer_logits_kernel"
     assert kernels["concat+attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
@@ -66,14 +67,14 @@ def test_tiny_v32_report_names_the_dsa_kernels():
 def test_device_lengths_of_a_static_capacity_step():
     """kv_lens (CUDA-graph decode: caches at a fixed capacity, rows past a request's length are stale): the scores
     past the length are -inf and the attention equals the reference on the cache cut to that length."""
-    lens, cap, s, h, d, c, r = torch.tensor([5, 9]), 12, 1, 3, 16, 20, 6
+    lens, cap, s, h, d, c, r = torch.tensor([5, 9], device=DEV), 12, 1, 3, 16, 20, 6
     q, k, w = R(2, s, h, d), R(2, cap, d), R(2, s, h)
     got = indexer_logits(q, k, w, 0.2, kv_lens=lens)
     lq, cache = R(2, s, h, c + r), R(2, cap, c + r)
     for b, n in enumerate(lens.tolist()):
         want = get_op("indexer.logits").reference_fn(q[b:b + 1], k[b:b + 1, :n], w[b:b + 1], scale=0.2, causal=True)
         assert rel_err(got[b:b + 1, :, :n], want) < 1e-5 and torch.isneginf(got[b, :, n:]).all()
-    idx = torch.stack([causal_topk_indices(1, s, n, 4, G)[0] for n in lens.tolist()])
+    idx = torch.stack([causal_topk_indices(1, s, n, 4, G)[0] for n in lens.tolist()]).to(DEV)
     out = sparse_mla(lq, cache, idx, 0.3, c, kv_lens=lens)
     for b, n in enumerate(lens.tolist()):
         want = get_op("attention.mla_sparse_absorbed").reference_fn(lq[b:b + 1], cache[b:b + 1, :n], idx[b:b + 1],
@@ -84,7 +85,7 @@ def test_device_lengths_of_a_static_capacity_step():
 def test_fp8_cache_reads_run_the_generated_kernel():
     """kv.dequant_fp8 as a generated row kernel equals its reference; kv.quant_fp8 is a reported fallback."""
     m = models.build_model("deepseek-v3.2-tiny", mtp=False, overrides={"num_hidden_layers": 1})
-    exe = dsgraph.compile(m, backend="triton", device="cpu", kv_cache_dtype="fp8")
+    exe = dsgraph.compile(m, backend="triton", device=DEV, kv_cache_dtype="fp8")
     report = exe.compiled.report
     assert [k.kernel for k in report.kernels if k.op == "kv.dequant_fp8"] == ["fp8_dequant_n32_g32_float32"]
     assert [k.op for k in report.fallbacks] == ["kv.quant_fp8"]
@@ -97,7 +98,7 @@ def test_fp8_indexer_numerics_are_a_reported_fallback():
     q, k, w = b.input("q", ("B", 1, 4, 16), "float32"), b.input("k", ("B", "T", 16), "float32"), \
         b.input("w", ("B", 1, 4), "float32")
     b.output("logits", b.indexer.logits(q, k, w, scale=0.1, fp8=True))
-    compiled = get_backend("triton").compile(b.build(), {}, device="cpu")
+    compiled = get_backend("triton").compile(b.build(), {}, device=DEV)
     (fallback,) = compiled.report.fallbacks
     assert "Hadamard + e4m3" in fallback.note
     ins = {"q": R(2, 1, 4, 16), "k": R(2, 9, 16), "w": R(2, 1, 4)}
