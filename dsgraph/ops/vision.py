@@ -1,0 +1,118 @@
+"""Vision ops for the multimodal DeepSeek models (DeepSeek-VL, Janus): the ViT patch embedding, the GELU MLP of
+ViT blocks and aligners, and the splice of image features into the token embedding stream.
+
+The rest of a SigLIP tower is ops that exist already: `norm.layer`, `attention.gqa` with `causal=False`
+(bidirectional multi-head attention), `add` for the learned position embeddings.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..types import TensorType
+from .common import expect_float, expect_int, expect_rank, f32, same_dtype
+from .registry import Attr, defop, expect
+
+PATCH = defop("vision.patch_embed", "pixels weight bias", {},
+              "ViT patch embedding: conv2d with kernel = stride = patch over pixels [N,C,H,W], weight [D,C,p,p], "
+              "flattened row-major over the patch grid -> [N, (H/p)*(W/p), D].", level="domain")
+
+
+@PATCH.infer
+def _(x, w, bias):
+    expect_rank(x, 4, "vision.patch_embed pixels [N, C, H, W]")
+    expect_rank(w, 4, "vision.patch_embed weight [D, C, p, p]")
+    expect_float(x, "vision.patch_embed pixels")
+    same_dtype(x, w, bias)
+    d, c, p, p2 = w.shape
+    h, wd = x.shape[2], x.shape[3]
+    expect(p == p2 and x.shape[1] == c, lambda: f"vision.patch_embed: weight {w} does not fit pixels {x}")
+    expect(isinstance(h, int) and isinstance(wd, int) and h % p == 0 and wd % p == 0,
+           lambda: f"vision.patch_embed: image {h}x{wd} is not a whole number of {p}-pixel patches; resize it")
+    expect(bias.shape == (d,), lambda: f"vision.patch_embed: bias must be [{d}], got {bias}")
+    return TensorType((x.shape[0], (h // p) * (wd // p), d), x.dtype)
+
+
+@PATCH.reference
+def _(x, w, bias):
+    y = F.conv2d(f32(x), f32(w), f32(bias), stride=w.shape[-1])
+    return y.flatten(2).transpose(1, 2)
+
+
+@PATCH.decomposition
+def _(b, x, w, bias):
+    d, c, p, _ = w.shape
+    gh, gw = x.shape[2] // p, x.shape[3] // p
+    n = x.shape[0]
+    tiles = b.reshape(x, shape=(n, c, gh, p, gw, p))
+    tiles = b.reshape(b.permute(tiles, dims=(0, 2, 4, 1, 3, 5)), shape=(n, gh * gw, c * p * p))
+    return b.linear(tiles, b.reshape(w, shape=(d, c * p * p)), bias)
+
+
+GELU_MLP = defop("mlp.gelu", "x fc1_weight fc1_bias fc2_weight fc2_bias",
+                 {"approximate": Attr(str, "none", ("none", "tanh"))},
+                 "ViT / aligner MLP: fc2(gelu(fc1(x))), both linears with bias; SigLIP uses the tanh GELU, "
+                 "DeepSeek-VL's aligner the exact one.", level="domain")
+
+
+@GELU_MLP.infer
+def _(x, w1, b1, w2, b2, approximate):
+    expect_float(x, "mlp.gelu input")
+    expect(w1.rank == 2 and w1.shape[1] == x.shape[-1], lambda: f"mlp.gelu: fc1 {w1} must be [I, {x.shape[-1]}]")
+    expect(w2.rank == 2 and w2.shape[1] == w1.shape[0], lambda: f"mlp.gelu: fc2 {w2} must be [O, {w1.shape[0]}]")
+    expect(b1.shape == (w1.shape[0],) and b2.shape == (w2.shape[0],),
+           lambda: f"mlp.gelu: biases {b1}, {b2} must be [{w1.shape[0]}], [{w2.shape[0]}]")
+    same_dtype(x, w1, b1, w2, b2)
+    return TensorType(x.shape[:-1] + (w2.shape[0],), x.dtype)
+
+
+@GELU_MLP.reference
+def _(x, w1, b1, w2, b2, approximate):
+    h = F.gelu(F.linear(f32(x), f32(w1), f32(b1)), approximate=approximate)
+    return F.linear(h, f32(w2), f32(b2))
+
+
+@GELU_MLP.decomposition
+def _(b, x, w1, b1, w2, b2, approximate):
+    return b.linear(b.gelu(b.linear(x, w1, b1), approximate=approximate), w2, b2)
+
+
+SPLICE = defop("vision.splice", "embeds ids features", {"token_id": Attr(int)},
+               "Image features into the token stream: the k-th position (row-major) of ids == token_id takes "
+               "features[k] ([I, D]); other positions keep embeds [B,S,D]. With I = 0 (decode steps) nothing "
+               "changes. Fewer feature rows than placeholders is an InputError.", level="domain")
+
+
+@SPLICE.infer
+def _(e, ids, feats, token_id):
+    expect_rank(e, 3, "vision.splice embeds [B, S, D]")
+    expect_int(ids, "vision.splice ids")
+    expect(ids.shape == e.shape[:2], lambda: f"vision.splice: ids {ids} do not match embeds {e}")
+    expect(feats.rank == 2 and feats.shape[1] == e.shape[2],
+           lambda: f"vision.splice: features {feats} must be [I, {e.shape[2]}]")
+    same_dtype(e, feats)
+    return e
+
+
+@SPLICE.reference
+def _(e, ids, feats, token_id):
+    mask = ids == token_id
+    n = int(mask.sum())
+    if n and n > feats.shape[0]:
+        raise InputError(f"vision.splice: {n} image placeholder tokens (id {token_id}) but only "
+                         f"{feats.shape[0]} image feature rows; give one image per placeholder run")
+    out = f32(e).clone()
+    out[mask] = f32(feats[:n])
+    return out
+
+
+@SPLICE.decomposition
+def _(b, e, ids, feats, token_id):
+    """Row k of [0 | features] for the k-th placeholder (a running count), row 0 elsewhere: one gather, one select."""
+    flat = b.reshape(ids, shape=(ids.shape[0] * ids.shape[1],))
+    hit = b.cast(b.eq(flat, b.constant(value=token_id, dtype=ids.dtype)), dtype="int64")
+    rows = b.mul(b.cumsum(hit, dim=0), hit)
+    padded = b.concat(b.constant(value=0.0, shape=(1, e.shape[2]), dtype=e.dtype), feats, dim=0)
+    picked = b.reshape(b.index_select(padded, rows, dim=0), shape=e.shape)
+    mask = b.reshape(b.eq(ids, b.constant(value=token_id, dtype=ids.dtype)), shape=(*ids.shape, 1))
+    return b.where(mask, picked, e)
