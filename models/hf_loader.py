@@ -36,6 +36,8 @@ from .config import from_hf
 from .hf_scales import SCALE_DTYPES, read_scale
 from .hf_shards import FLOAT_DTYPES, Shards, dequant_read
 from .model import Model, build_graph
+from .vision.config import FAMILIES as VL_FAMILIES
+from .vision.loader import load_vl_checkpoint
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 # tensors some checkpoints carry that are not weights (old LLaMA exports saved the rope table)
@@ -47,7 +49,10 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
                     progress: bool = True):
     """Read a checkpoint directory into a Model with lazy weights (see the module doc)."""
     root = Path(path)
-    cfg = from_hf(_read_config(root), source=str(root / "config.json"))
+    raw = _read_config(root)
+    if raw.get("model_type") in VL_FAMILIES:   # DeepSeek-VL / Janus: models/vision/loader.py
+        return load_vl_checkpoint(root, raw, dtype, progress)
+    cfg = from_hf(raw, source=str(root / "config.json"))
     shards = Shards(root, progress=progress)
     notes: list[str] = []
     ignored = _ignored_layers(cfg, shards, mtp, notes)

@@ -11,6 +11,9 @@ from .config import ModelConfig, from_hf
 from .presets import preset_config
 from .random_weights import random_weights
 from .summary import model_summary
+from .vision.config import VL_PRESETS, from_hf_vl
+from .vision.image import ImageConfig
+from .vision.tower import build_vl_graphs
 
 
 @dataclass
@@ -21,6 +24,7 @@ class Model:
     config: ModelConfig
     graph: object
     weights: WeightStore
+    vision: object = None   # multimodal models: a VisionPart (models/vision/), weights in the same store
 
     def summary(self):
         return model_summary(self)
@@ -35,6 +39,32 @@ def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = Tr
     """A preset with deterministic random weights (generated lazily, per tensor, on `weights_device`);
     `overrides` replaces config.json keys of the preset (fewer layers, other head counts)."""
     source = f"preset {name}" + (f" with {overrides}" if overrides else "")
+    if name in VL_PRESETS:
+        return build_vl_model(name, {**VL_PRESETS[name], **(overrides or {})}, source, seed, dtype, weights,
+                              weights_device)
     cfg = from_hf({**preset_config(name), **(overrides or {})}, source=source)
     graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
     return Model(name, cfg, graph, random_weights(graph, seed, weights_device) if weights else WeightStore())
+
+
+@dataclass
+class VisionPart:
+    """A multimodal model's vision graph (pixels -> image features) and the config both graphs came from."""
+
+    config: object   # models.vision.config.VLConfig
+    graph: object
+    image: ImageConfig   # preprocessing (the checkpoint's preprocessor_config.json)
+
+
+def build_vl_model(name: str, cfg: dict, source: str, seed: int = 0, dtype: str = "float32", weights: bool = True,
+                   weights_device: str = "cpu") -> Model:
+    """A DeepSeek-VL / Janus preset: the decoder as the model's graph, the vision tower beside it."""
+    vl = from_hf_vl(cfg, source=source)
+    graph, vision = build_vl_graphs(vl, compute_dtype(dtype), name=name.replace("-", "_").replace(".", "_"))
+    store = WeightStore()
+    if weights:
+        store = random_weights(graph, seed, weights_device)
+        tower = random_weights(vision, seed, weights_device)
+        for k in tower:
+            store.set(k, tower.entry(k))
+    return Model(name, vl.text, graph, store, VisionPart(vl, vision, ImageConfig(vl.vision.image_size)))

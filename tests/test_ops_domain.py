@@ -199,7 +199,7 @@ def splice_loop(e, ids, f, token_id):
     out, k = e.clone(), 0
     for bi in range(ids.shape[0]):
         for si in range(ids.shape[1]):
-            if ids[bi, si] == token_id:
+            if ids[bi, si] == token_id and k < len(f):
                 out[bi, si], k = f[k], k + 1
     return out
 
@@ -218,7 +218,8 @@ for _approx in ("none", "tanh"):
         approximate=_approx)
 _SPLICE_IDS = torch.tensor([[1, 7, 7, 2, 7], [7, 3, 4, 7, 7]])
 ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(6, 6)), lambda e, i, f: splice_loop(e, i, f, 7), token_id=7)
-ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(0, 6)), lambda e, i, f: e, token_id=9)   # decode: none
+ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(0, 6)), lambda e, i, f: e, token_id=7)   # decode: none
+ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(4, 6)), lambda e, i, f: splice_loop(e, i, f, 7), token_id=7)
 
 
 # ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)

@@ -20,6 +20,7 @@ from dsgraph.partition import split_graph
 from dsgraph.runtime import artifact, distributed
 from dsgraph.runtime.executable import Executable
 from dsgraph.runtime.memory import check_weights_fit
+from dsgraph.runtime.vision import VisionExecutable
 from dsgraph.serialize import load_graph
 from dsgraph.weights import WeightStore
 
@@ -93,7 +94,20 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
     if parallel is not None:
         whole = compile_graph(model.graph, model.weights, be, "none", keep_mtp)[0]
         compiled.report.notes.append(distributed.shard_note(graph, whole))
+    if model.vision is not None:
+        return _vision_executable(model, be, passes, device, dtype, options,
+                                  (model, graph, compiled, device, dtype, records), weights)
     return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
+
+
+def _vision_executable(model, be: Backend, passes, device, dtype, options, parts, weights) -> VisionExecutable:
+    """A multimodal model: the vision tower through the same pipeline and backend, beside the decoder."""
+    vgraph, vweights, vrecords = compile_graph(model.vision.graph, model.weights, be, passes, True, None, dtype)
+    vision = be.compile(vgraph, vweights, device=device, dtype=dtype, **options)
+    vision.report.passes = [(r.name, r.summary()) if hasattr(r, "summary") else r for r in vrecords]
+    parts[2].report.notes.append(f"vision tower: {vision.report}")
+    return VisionExecutable(*parts, weights=weights, vision=vision,
+                            preprocess=models.vision_preprocessor(model))
 
 
 def _with_kv_cache_dtype(passes, be: Backend, kv_cache_dtype: str | None):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..errors import InputError
 from ..types import TensorType
 from .common import expect_float, expect_int, expect_rank, f32, same_dtype
 from .registry import Attr, defop, expect
@@ -79,8 +78,9 @@ def _(b, x, w1, b1, w2, b2, approximate):
 
 SPLICE = defop("vision.splice", "embeds ids features", {"token_id": Attr(int)},
                "Image features into the token stream: the k-th position (row-major) of ids == token_id takes "
-               "features[k] ([I, D]); other positions keep embeds [B,S,D]. With I = 0 (decode steps) nothing "
-               "changes. Fewer feature rows than placeholders is an InputError.", level="domain")
+               "features[k] ([I, D]) for k < I; every other position keeps embeds [B,S,D]. With I = 0 (decode "
+               "steps: a generated token may equal the placeholder id) nothing changes; that the prompt's "
+               "placeholders match the images is the runtime's check.", level="domain")
 
 
 @SPLICE.infer
@@ -96,23 +96,24 @@ def _(e, ids, feats, token_id):
 
 @SPLICE.reference
 def _(e, ids, feats, token_id):
-    mask = ids == token_id
-    n = int(mask.sum())
-    if n and n > feats.shape[0]:
-        raise InputError(f"vision.splice: {n} image placeholder tokens (id {token_id}) but only "
-                         f"{feats.shape[0]} image feature rows; give one image per placeholder run")
-    out = f32(e).clone()
-    out[mask] = f32(feats[:n])
-    return out
+    mask = (ids == token_id).flatten()
+    mask &= mask.cumsum(0) <= feats.shape[0]
+    out = f32(e).clone().flatten(0, 1)
+    out[mask] = f32(feats[:int(mask.sum())])
+    return out.reshape(e.shape)
 
 
 @SPLICE.decomposition
 def _(b, e, ids, feats, token_id):
-    """Row k of [0 | features] for the k-th placeholder (a running count), row 0 elsewhere: one gather, one select."""
+    """Row k of [0 | features] for the k-th placeholder (a running count, kept while k <= I), row 0 elsewhere:
+    one gather, one select."""
     flat = b.reshape(ids, shape=(ids.shape[0] * ids.shape[1],))
     hit = b.cast(b.eq(flat, b.constant(value=token_id, dtype=ids.dtype)), dtype="int64")
-    rows = b.mul(b.cumsum(hit, dim=0), hit)
+    rank = b.cumsum(hit, dim=0)
+    count = b.sum(b.cast(b.ge(b.arange_like(feats, dim=0), b.constant(value=0, dtype="int64")), dtype="int64"),
+                  dims=(0,))
+    keep = b.mul(hit, b.cast(b.le(rank, count), dtype="int64"))
     padded = b.concat(b.constant(value=0.0, shape=(1, e.shape[2]), dtype=e.dtype), feats, dim=0)
-    picked = b.reshape(b.index_select(padded, rows, dim=0), shape=e.shape)
-    mask = b.reshape(b.eq(ids, b.constant(value=token_id, dtype=ids.dtype)), shape=(*ids.shape, 1))
+    picked = b.reshape(b.index_select(padded, b.mul(rank, keep), dim=0), shape=e.shape)
+    mask = b.reshape(b.cast(keep, dtype="bool"), shape=(*ids.shape, 1))
     return b.where(mask, picked, e)

@@ -1,0 +1,86 @@
+"""The runtime of multimodal models: an Executable whose decoder takes image features, and a compiled vision
+graph that makes them, once per image, in prefill.
+
+    exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"), backend="triton")
+    ids, pixels = exe.prepare_inputs(prompt_ids, [image])   # one placeholder per image expanded to its tokens
+    new = exe.generate(ids, images=pixels, max_new_tokens=8)
+
+Decode steps feed an empty [0, D] feature tensor: the splice leaves every position as it is.
+"""
+from __future__ import annotations
+
+import torch
+
+from dsgraph.dtypes import to_torch
+from dsgraph.errors import InputError
+
+from .executable import Executable
+
+
+class VisionExecutable(Executable):
+    """Executable + `vision` (the tower's CompiledGraph); `images` are pixel_values [N, C, H, W]."""
+
+    def __init__(self, *args, vision=None, preprocess=None, **kw):
+        super().__init__(*args, **kw)
+        self.vision = vision
+        self.preprocess = preprocess   # images -> pixel_values (the model's image processor)
+        feats = self.graph.inputs["image_features"].type
+        self.feature_dim, self.feature_dtype = feats.shape[1], to_torch(feats.dtype)
+        self.image_token_id = self.graph.meta["image_token_id"]
+        self.image_tokens = self.graph.meta["image_tokens"]
+        self._features = None
+
+    def encode_images(self, pixel_values) -> torch.Tensor:
+        """image_features [N * image_tokens, D] from pixel_values [N, C, H, W]."""
+        want = self.vision.graph.inputs["pixel_values"].type
+        if not isinstance(pixel_values, torch.Tensor) or tuple(pixel_values.shape[1:]) != want.shape[1:]:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise InputError(f"images must be pixel_values [N, {', '.join(map(str, want.shape[1:]))}], got {got}; "
+                             "preprocess images with exe.prepare_inputs")
+        px = pixel_values.to(self.device, to_torch(want.dtype))
+        return self.vision.run({"pixel_values": px})["image_features"]
+
+    def prepare_inputs(self, prompt_ids, images):
+        """(ids with each image placeholder expanded to image_tokens copies, pixel_values) from prompt ids holding
+        one placeholder per image and the images (arrays [H, W, 3] uint8 or [3, H, W] tensors)."""
+        ids = self._ids(prompt_ids, "prompt_ids")
+        marks = int((ids == self.image_token_id).sum())
+        if marks != len(images) or ids.shape[0] != 1:
+            raise InputError(f"prompt holds {marks} image placeholders (id {self.image_token_id}) for {len(images)} "
+                             "images in one sequence; give one placeholder per image")
+        row = torch.cat([t.repeat(self.image_tokens) if t == self.image_token_id else t[None] for t in ids[0]])
+        return row[None], torch.stack([self.preprocess(im) for im in images])
+
+    def step_inputs(self, ids, state, extra=None):
+        inputs = super().step_inputs(ids, state, extra)
+        if "image_features" not in inputs:
+            feats = self._features if self._features is not None and state.length == 0 else None
+            inputs["image_features"] = feats if feats is not None else \
+                torch.zeros(0, self.feature_dim, dtype=self.feature_dtype, device=self.device)
+        return inputs
+
+    def _check_images(self, ids: torch.Tensor, feats: torch.Tensor | None) -> None:
+        n = int((ids == self.image_token_id).sum())
+        have = 0 if feats is None else feats.shape[0]
+        if n != have:
+            raise InputError(f"prompt holds {n} image tokens (id {self.image_token_id}) but the images give {have} "
+                             f"feature rows ({self.image_tokens} per image); expand placeholders with prepare_inputs")
+
+    def _with_images(self, prompt_ids, images, fn):
+        feats = self.encode_images(images) if images is not None else None
+        self._check_images(self._ids(prompt_ids, "prompt_ids"), feats)
+        self._features = feats
+        try:
+            return fn()
+        finally:
+            self._features = None
+
+    def __call__(self, input_ids, images=None) -> torch.Tensor:
+        return self._with_images(input_ids, images, lambda: super(VisionExecutable, self).__call__(input_ids))
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, images=None, **kw):
+        """Greedy decoding as Executable.generate, the images' features spliced in at the prompt's placeholders."""
+        if kw.get("speculative"):
+            raise InputError("speculative decoding is not available for multimodal models (no MTP branch)")
+        return self._with_images(prompt_ids, images,
+                                 lambda: super(VisionExecutable, self).generate(prompt_ids, max_new_tokens, **kw))

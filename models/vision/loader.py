@@ -1,0 +1,63 @@
+"""Load a DeepSeek-VL / Janus checkpoint directory in the hub layout (transformers' `save_pretrained` keys):
+`model.vision_model.*` and `model.aligner.*` bind to the vision graph's params as they are, the language model's
+`model.language_model.*` to the decoder's `model.*`, `lm_head.weight` as it is (absent when tied).
+
+Keys of parts dsgraph does not build are skipped with a note: SigLIP's attention-pooling head
+(`vision_use_head`, unused by these models' features) and Janus' image-generation half (`model.vqmodel.*`,
+`model.generation_*`). Anything else unexpected, missing or wrongly shaped is one CheckpointError listing all.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+from dsgraph.errors import CheckpointError
+from dsgraph.weights import SliceableEntry, WeightStore
+
+from ..hf_shards import FLOAT_DTYPES, Shards
+from ..model import Model, VisionPart
+from .config import from_hf_vl
+from .image import read_image_config
+from .tower import build_vl_graphs
+
+_SKIPPED = {r"^model\.vision_model\.head\.": "SigLIP's pooling head (the image features are the patch tokens)",
+            r"^model\.(vqmodel|generation_\w+)\.": "Janus' image-generation half (not built yet)"}
+
+
+def hub_key(name: str) -> str:
+    """The hub key of a graph param."""
+    return re.sub(r"^model\.(?!vision_model\.|aligner\.)", "model.language_model.", name)
+
+
+def load_vl_checkpoint(root: Path, cfg: dict, dtype: str = "float32", progress: bool = True) -> Model:
+    vl = from_hf_vl(cfg, source=str(root / "config.json"))
+    name = re.sub(r"\W", "_", root.resolve().name) or "model"
+    graph, vision = build_vl_graphs(vl, dtype, name=name)
+    shards = Shards(root, progress=progress)
+    store, used, missing, wrong = WeightStore(reader=shards), set(), [], []
+    for g in (graph, vision):
+        for pname, v in g.params().items():
+            key, want = hub_key(pname), v.type.concrete({})
+            info = shards.info.get(key)
+            if info is None:
+                missing.append(f"{key} {list(want)}")
+            elif info.shape != want or info.dtype not in FLOAT_DTYPES:
+                wrong.append(f"{key}: checkpoint {info.dtype}{list(info.shape)}, model expects float{list(want)}")
+            else:
+                store.set(pname, SliceableEntry(lambda index, k=key: shards.read(k, index)))
+            used.add(key)
+    notes = sorted({why for k in shards.info for pat, why in _SKIPPED.items() if re.match(pat, k)})
+    unexpected = sorted(k for k in shards.info if k not in used and not any(re.match(p, k) for p in _SKIPPED)
+                        and not (k == "lm_head.weight" and vl.text.tie_word_embeddings))
+    if missing or unexpected or wrong:
+        parts = [f"  {len(xs)} {what}:\n    " + "\n    ".join(xs[:20])
+                 for what, xs in (("missing weights", missing), ("unexpected weights", unexpected),
+                                  ("wrongly shaped or typed weights", wrong)) if xs]
+        raise CheckpointError(f"checkpoint {root} does not match its config.json ({vl.model_type}):\n"
+                              + "\n".join(parts))
+    for n in notes:
+        warnings.warn(f"{root}: skipped the weights of {n}", stacklevel=3)
+    graph.meta["checkpoint"] = {"path": str(root), "keep_fp8": False, "notes": notes}
+    return Model(root.name, vl.text, graph, store,
+                 VisionPart(vl, vision, read_image_config(root, vl.vision.image_size)))

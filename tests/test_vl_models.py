@@ -1,0 +1,121 @@
+"""Multimodal models against transformers: a tiny random DeepseekVLForConditionalGeneration and
+JanusForConditionalGeneration saved in the hub layout, loaded with `dsgraph.load`, must give the same logits
+with an image in the prompt and the same greedy tokens; image preprocessing equals transformers' processor;
+the vision tower and the splice run on triton (interpreter) equal to eager."""
+from __future__ import annotations
+
+import hf_fixtures as fx
+import numpy as np
+import pytest
+import torch
+
+import dsgraph
+from dsgraph.numerics import rel_err, tolerance
+
+one_thread = pytest.fixture(scope="module", autouse=True)(fx.one_thread)
+TEXT = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+              patch_size=14)
+IMAGE_TOKEN = 250
+NEW = 6
+
+
+def _config(family: str):
+    from transformers import DeepseekVLConfig, JanusConfig
+    if family == "deepseek_vl":   # SigLIP with its pooling head (skipped), tanh GELU; the aligner's exact GELU
+        return DeepseekVLConfig(text_config=TEXT, vision_config={**VISION, "model_type": "siglip_vision_model"},
+                                image_token_id=IMAGE_TOKEN, tie_word_embeddings=False)
+    return JanusConfig(text_config=TEXT, image_token_id=IMAGE_TOKEN, tie_word_embeddings=False,   # exact GELU,
+                       vision_config={**VISION, "patch_size": 7, "projection_dim": 64, "depth": 2},  # projection_layer
+                       vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 1],
+                                      num_res_blocks=1, latent_channels=8, image_token_embed_dim=64,
+                                      projection_dim=64, num_patches=4))
+
+
+def _prompt(tokens: int):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 200, (1, 9), generator=g)
+    return torch.cat([ids[:, :3], torch.full((1, tokens), IMAGE_TOKEN), ids[:, 3:]], 1)
+
+
+class Case:
+    def __init__(self, family: str, path):
+        from transformers import AutoModelForImageTextToText
+        cfg = _config(family)
+        torch.manual_seed(0)
+        self.hf = AutoModelForImageTextToText.from_config(cfg, attn_implementation="eager").eval()
+        fx.randomize_(self.hf, seed=len(family))
+        self.hf.generation_config.eos_token_id = None
+        self.hf.generation_config.pad_token_id = 0
+        self.hf.save_pretrained(path)
+        self.path = path
+        tokens = (28 // cfg.vision_config.patch_size) ** 2
+        self.ids = _prompt(tokens)
+        self.pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            self.logits = self.hf(input_ids=self.ids, pixel_values=self.pixels).logits.float()
+            out = self.hf.generate(input_ids=self.ids, pixel_values=self.pixels, max_new_tokens=NEW,
+                                   min_new_tokens=NEW, do_sample=False)
+            self.tokens = out[:, self.ids.shape[1]:]
+
+
+@pytest.fixture(scope="module", params=["deepseek_vl", "janus"])
+def case(request, tmp_path_factory):
+    return Case(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_logits_and_greedy_tokens_equal_transformers(case):
+    with pytest.warns(UserWarning, match="skipped the weights of"):
+        model = dsgraph.load(str(case.path))
+    exe = dsgraph.compile(model, backend="eager")
+    logits = exe(case.ids, images=case.pixels)
+    assert rel_err(logits, case.logits) <= tolerance("float32", "model")
+    assert torch.equal(exe.generate(case.ids, images=case.pixels, max_new_tokens=NEW), case.tokens)
+    text_only = exe(case.ids[:, :3])   # no image, no placeholder: the plain decoder
+    assert rel_err(text_only, case.logits[:, :3]) <= tolerance("float32", "model")
+
+
+def test_the_image_changes_the_answer(case):
+    """The features really reach the decoder: other pixels, other logits at and after the image."""
+    with pytest.warns(UserWarning):
+        exe = dsgraph.compile(dsgraph.load(str(case.path)))
+    other = exe(case.ids, images=torch.randn(1, 3, 28, 28))
+    assert rel_err(other[:, 3:], case.logits[:, 3:]) > 1e-2
+    assert rel_err(other[:, :3], case.logits[:, :3]) <= tolerance("float32", "model")   # causal: before is equal
+
+
+def test_placeholder_count_must_match_the_images():
+    exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"))
+    with pytest.raises(dsgraph.InputError, match="image tokens"):
+        exe(_prompt(3), images=torch.randn(1, 3, 28, 28))
+    with pytest.raises(dsgraph.InputError, match="pixel_values"):
+        exe(_prompt(4), images=torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("h,w", [(20, 30), (41, 17), (28, 28)])
+def test_preprocessing_equals_the_transformers_processor(h, w):
+    from PIL import Image
+    from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
+    img = (np.random.default_rng(h * w).random((h, w, 3)) * 255).astype(np.uint8)
+    want = DeepseekVLImageProcessorPil(size={"height": 28, "width": 28})(Image.fromarray(img),
+                                                                          return_tensors="pt")["pixel_values"][0]
+    got = dsgraph.models.vision.preprocess(img, dsgraph.models.vision.ImageConfig(28))
+    assert got.shape == want.shape
+    # PIL's and torch's antialiased bicubic kernels round differently: a few 0..255 levels, scaled by 1/std
+    assert (got - want).abs().max() <= 4 / 255 / 0.26
+    assert rel_err(got, want) <= 2e-2
+
+
+@pytest.mark.parametrize("preset", ["deepseek-vl-tiny", "janus-tiny"])
+def test_triton_equals_eager(preset):
+    model = dsgraph.load(preset)
+    ids = _prompt(model.vision.config.vision.num_patches)
+    px = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    eager = dsgraph.compile(model, backend="eager")
+    tri = dsgraph.compile(model, backend="triton")
+    assert rel_err(tri(ids, images=px), eager(ids, images=px)) <= tolerance("float32", "model")
+    assert torch.equal(tri.generate(ids, images=px, max_new_tokens=4), eager.generate(ids, images=px,
+                                                                                      max_new_tokens=4))
+    report = tri.report()
+    assert "vision tower" in report
