@@ -33,10 +33,10 @@ def _config(family: str):
                                       projection_dim=64, num_patches=4))
 
 
-def _prompt(tokens: int):
+def _prompt(tokens: int, token: int = IMAGE_TOKEN):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 200, (1, 9), generator=g)
-    return torch.cat([ids[:, :3], torch.full((1, tokens), IMAGE_TOKEN), ids[:, 3:]], 1)
+    return torch.cat([ids[:, :3], torch.full((1, tokens), token), ids[:, 3:]], 1)
 
 
 class Case:
@@ -88,13 +88,17 @@ def test_the_image_changes_the_answer(case):
 def test_placeholder_count_must_match_the_images():
     exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"))
     with pytest.raises(dsgraph.InputError, match="image tokens"):
-        exe(_prompt(3), images=torch.randn(1, 3, 28, 28))
+        exe(_prompt(3, 255), images=torch.randn(1, 3, 28, 28))
     with pytest.raises(dsgraph.InputError, match="pixel_values"):
-        exe(_prompt(4), images=torch.randn(1, 3, 32, 32))
+        exe(_prompt(4, 255), images=torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize("h,w", [(20, 30), (41, 17), (28, 28)])
-def test_preprocessing_equals_the_transformers_processor(h, w):
+@pytest.mark.parametrize("h,w,exact", [(20, 30, True), (300, 200, True), (9, 50, True), (28, 28, True),
+                                       (41, 17, False)])
+def test_preprocessing_equals_the_transformers_processor(h, w, exact):
+    """Resize (up and down, both aspect ratios, min_size), pad with the background colour, normalise. Pillow's
+    fixed-point two-pass bicubic is matched exactly in most shapes; in some (41x17) its rounding differs from
+    torch's antialiased kernel by a few 0..255 levels on some pixels."""
     from PIL import Image
     from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
     img = (np.random.default_rng(h * w).random((h, w, 3)) * 255).astype(np.uint8)
@@ -102,15 +106,14 @@ def test_preprocessing_equals_the_transformers_processor(h, w):
                                                                           return_tensors="pt")["pixel_values"][0]
     got = dsgraph.models.vision.preprocess(img, dsgraph.models.vision.ImageConfig(28))
     assert got.shape == want.shape
-    # PIL's and torch's antialiased bicubic kernels round differently: a few 0..255 levels, scaled by 1/std
-    assert (got - want).abs().max() <= 4 / 255 / 0.26
-    assert rel_err(got, want) <= 2e-2
+    levels = (got - want).abs() * torch.tensor(dsgraph.models.vision.image.CLIP_STD)[:, None, None] * 255
+    assert levels.max() <= (1e-3 if exact else 8), levels.max()
 
 
 @pytest.mark.parametrize("preset", ["deepseek-vl-tiny", "janus-tiny"])
 def test_triton_equals_eager(preset):
     model = dsgraph.load(preset)
-    ids = _prompt(model.vision.config.vision.num_patches)
+    ids = _prompt(model.vision.config.vision.num_patches, model.vision.config.image_token_id)
     px = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     eager = dsgraph.compile(model, backend="eager")
     tri = dsgraph.compile(model, backend="triton")

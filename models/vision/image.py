@@ -65,8 +65,9 @@ def preprocess(image, cfg: ImageConfig) -> torch.Tensor:
     h, w = x.shape[1:]
     scale = cfg.size / max(h, w)
     nh, nw = max(round(h * scale), cfg.min_size), max(round(w * scale), cfg.min_size)
-    x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
-    x = x.round().clamp(0, 255)
+    for size in ((h, nw), (nh, nw)):   # one axis at a time, back to 0..255 integers between, as Pillow resizes
+        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        x = x.round().clamp(0, 255)
     side = max(nh, nw)
     out = torch.tensor(cfg.background, dtype=torch.float32)[:, None, None].expand(3, side, side).clone()
     top, left = (side - nh) // 2, (side - nw) // 2
