@@ -107,7 +107,10 @@ def _empty_caches(graph: Graph, batch: int) -> dict:
 
 
 def _feed(graph: Graph, acts: dict, caches: dict) -> dict:
-    return {**{k: t for k, t in acts.items() if k in graph.inputs}, **caches}
+    """The graph's inputs; float activations (pixels, image features) in the graph's own dtype (retype changes it)."""
+    own = {k: t.to(to_torch(graph.inputs[k].dtype)) if t.is_floating_point() else t
+           for k, t in acts.items() if k in graph.inputs}
+    return {**own, **caches}
 
 
 def _first_divergence(before: Graph, after: Graph, rec0: dict, rec1: dict, rtol: float) -> str | None:

@@ -34,7 +34,8 @@ class VLDecoderBuilder(DecoderBuilder):
 
 
 def _linear(b, x, prefix: str, out_f: int, in_f: int):
-    return b.linear(x, b.param(f"{prefix}.weight", (out_f, in_f)), b.param(f"{prefix}.bias", (out_f,)))
+    """linear + bias add, as DecoderBuilder spells biased projections (what merge_qkv matches)."""
+    return b.add(b.linear(x, b.param(f"{prefix}.weight", (out_f, in_f))), b.param(f"{prefix}.bias", (out_f,)))
 
 
 def _layer_norm(b, x, prefix: str, dim: int, eps: float):

@@ -1,0 +1,35 @@
+"""Every registered pass, proven by the harness on both graphs of each multimodal tiny preset: the decoder (with
+the image-feature splice; random features and ids) and the vision tower (no cache: prefill only). The VL presets
+are not in models.TINY_PRESETS, whose tests assume one graph built from a text config; here both graphs are."""
+import dsgraph.models as models
+import dsgraph.passes as passes
+import hf_fixtures as fx
+import pytest
+from test_passes_presets import must_change, pipeline_for
+
+one_thread = pytest.fixture(scope="module", autouse=True)(fx.one_thread)
+NAMES = sorted(n for n in passes.list_passes() if not n.startswith("test_")
+               and not getattr(passes.info(n).factory, "tolerance", None))
+
+
+@pytest.fixture(scope="module", params=sorted(models.VL_TINY))
+def model(request):
+    return models.build_model(request.param)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_pass_on_the_decoder(model, name):
+    res = passes.check(pipeline_for(name), model.graph, model.weights, seq=4)
+    assert res.ok, res.report()
+    assert any(k.startswith("decode:") for k in res.errors), "the cached decode step was not compared"
+    expected = must_change(name, model.config, model.graph)
+    if expected is not None:
+        assert res.changed == expected, f"{name} on {model.name}: changed={res.changed}, expected {expected}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_pass_on_the_vision_tower(model, name):
+    res = passes.check(pipeline_for(name), model.vision.graph, model.weights, batch=2)
+    assert res.ok, res.report()
+    if name in ("legalize", "merge_qkv"):   # domain ops to lower; three projections of one input to merge
+        assert res.changed, f"{name} did nothing on {model.name}'s vision tower"
