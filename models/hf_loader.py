@@ -35,9 +35,9 @@ from dsgraph.weights import SliceableEntry, WeightStore
 from .config import from_hf
 from .hf_scales import SCALE_DTYPES, read_scale
 from .hf_shards import FLOAT_DTYPES, Shards, dequant_read
-from .model import Model, build_graph
+from .model import Model, VisionPart, build_graph
 from .vision.config import FAMILIES as VL_FAMILIES
-from .vision.loader import load_vl_checkpoint
+from .vision.loader import load_vl_parts
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 # tensors some checkpoints carry that are not weights (old LLaMA exports saved the rope table)
@@ -51,7 +51,8 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
     root = Path(path)
     raw = _read_config(root)
     if raw.get("model_type") in VL_FAMILIES:   # DeepSeek-VL / Janus: models/vision/loader.py
-        return load_vl_checkpoint(root, raw, dtype, progress)
+        vl, graph, vision, weights, image = load_vl_parts(root, raw, dtype, progress)
+        return Model(root.name, vl.text, graph, weights, VisionPart(vl, vision, image))
     cfg = from_hf(raw, source=str(root / "config.json"))
     shards = Shards(root, progress=progress)
     notes: list[str] = []

@@ -16,7 +16,6 @@ from dsgraph.errors import CheckpointError
 from dsgraph.weights import SliceableEntry, WeightStore
 
 from ..hf_shards import FLOAT_DTYPES, Shards
-from ..model import Model, VisionPart
 from .config import from_hf_vl
 from .image import read_image_config
 from .tower import build_vl_graphs
@@ -30,7 +29,8 @@ def hub_key(name: str) -> str:
     return re.sub(r"^model\.(?!vision_model\.|aligner\.)", "model.language_model.", name)
 
 
-def load_vl_checkpoint(root: Path, cfg: dict, dtype: str = "float32", progress: bool = True) -> Model:
+def load_vl_parts(root: Path, cfg: dict, dtype: str = "float32", progress: bool = True):
+    """(VLConfig, decoder graph, vision graph, lazy weights of both, ImageConfig); hf_loader makes the Model."""
     vl = from_hf_vl(cfg, source=str(root / "config.json"))
     name = re.sub(r"\W", "_", root.resolve().name) or "model"
     graph, vision = build_vl_graphs(vl, dtype, name=name)
@@ -59,5 +59,4 @@ def load_vl_checkpoint(root: Path, cfg: dict, dtype: str = "float32", progress: 
     for n in notes:
         warnings.warn(f"{root}: skipped the weights of {n}", stacklevel=3)
     graph.meta["checkpoint"] = {"path": str(root), "keep_fp8": False, "notes": notes}
-    return Model(root.name, vl.text, graph, store,
-                 VisionPart(vl, vision, read_image_config(root, vl.vision.image_size)))
+    return vl, graph, vision, store, read_image_config(root, vl.vision.image_size)
