@@ -153,7 +153,9 @@ class DecoderBuilder:
         for i in range(c.num_hidden_layers):
             h = self.block(h, positions, i, f"cache.{i}")
         head = embed if c.tie_word_embeddings else b.param("lm_head.weight", (c.vocab_size, c.hidden_size))
-        logits = b.linear(self.norm(h, "model.norm", c.hidden_size), head, name="logits")
+        normed = self.norm(h, "model.norm", c.hidden_size)
+        self.final_hidden(normed)
+        logits = b.linear(normed, head, name="logits")
         b.output("logits", b.cast(logits, dtype="float32", name="logits_f32"))
         if self.mtp:
             self.mtp_branch(h, positions)
@@ -165,6 +167,9 @@ class DecoderBuilder:
     def embed_tokens(self, ids, table):
         """The token embeddings [B,S,D]; multimodal builders splice image features in here (models/vision/)."""
         return self.b.embed(ids, table, name="embed")
+
+    def final_hidden(self, h):
+        """The final-norm hidden state [B,S,D]; Janus' generation decoder adds its codebook head here."""
 
     def mtp_branch(self, h, positions):
         """DeepSeek-V3 MTP (layer num_hidden_layers): predicts token t+2 from hidden_t and token t+1."""

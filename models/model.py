@@ -12,6 +12,7 @@ from .presets import preset_config
 from .random_weights import random_weights
 from .summary import model_summary
 from .vision.config import VL_PRESETS, from_hf_vl
+from .vision.generation import build_generation_graph
 from .vision.image import ImageConfig
 from .vision.tower import build_vl_graphs
 
@@ -54,17 +55,21 @@ class VisionPart:
     config: object   # models.vision.config.VLConfig
     graph: object
     image: ImageConfig   # preprocessing (the checkpoint's preprocessor_config.json)
+    generation: object = None   # Janus: the image-generation decoder graph (models/vision/generation.py)
 
 
 def build_vl_model(name: str, cfg: dict, source: str, seed: int = 0, dtype: str = "float32", weights: bool = True,
                    weights_device: str = "cpu") -> Model:
     """A DeepSeek-VL / Janus preset: the decoder as the model's graph, the vision tower beside it."""
     vl = from_hf_vl(cfg, source=source)
-    graph, vision = build_vl_graphs(vl, compute_dtype(dtype), name=name.replace("-", "_").replace(".", "_"))
+    gname = name.replace("-", "_").replace(".", "_")
+    graph, vision = build_vl_graphs(vl, compute_dtype(dtype), name=gname)
+    generation = build_generation_graph(vl, compute_dtype(dtype), f"{gname}_generation") if vl.generation else None
     store = WeightStore()
     if weights:
         store = random_weights(graph, seed, weights_device)
-        tower = random_weights(vision, seed, weights_device)
-        for k in tower:
-            store.set(k, tower.entry(k))
-    return Model(name, vl.text, graph, store, VisionPart(vl, vision, ImageConfig(vl.vision.image_size)))
+        for part in (vision, generation or vision):
+            extra = random_weights(part, seed, weights_device)
+            for k in extra:
+                store.set(k, extra.entry(k))
+    return Model(name, vl.text, graph, store, VisionPart(vl, vision, ImageConfig(vl.vision.image_size), generation))

@@ -72,11 +72,12 @@ def _tolerance(graph: Graph, names: list[str]) -> float:
 
 
 def _vocab(graph: Graph, weights, name: str) -> int:
-    if graph.meta.get("vocab_size"):
-        return int(graph.meta["vocab_size"])
+    """Ids below the rows of the table the input indexes (Janus' image codes index a codebook, not the vocab)."""
     for node in graph.inputs[name].users:
         if node.op == "embed":
             return int(node.inputs[1].shape[0])
+    if graph.meta.get("vocab_size"):
+        return int(graph.meta["vocab_size"])
     return 2
 
 

@@ -27,7 +27,8 @@ def _config(family: str):
         return DeepseekVLConfig(text_config=TEXT, vision_config={**VISION, "model_type": "siglip_vision_model"},
                                 image_token_id=IMAGE_TOKEN, tie_word_embeddings=False)
     return JanusConfig(text_config=TEXT, image_token_id=IMAGE_TOKEN, tie_word_embeddings=False,   # exact GELU,
-                       vision_config={**VISION, "patch_size": 7, "projection_dim": 64, "depth": 2},  # projection_layer
+                       vision_config={**VISION, "patch_size": 7, "projection_dim": 64, "depth": 2,   # projection_layer
+                                      "num_image_tokens": 5},   # image tokens transformers' generate draws
                        vq_config=dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 1],
                                       num_res_blocks=1, latent_channels=8, image_token_embed_dim=64,
                                       projection_dim=64, num_patches=4))
@@ -85,6 +86,33 @@ def test_the_image_changes_the_answer(case):
     assert rel_err(other[:, :3], case.logits[:, :3]) <= tolerance("float32", "model")   # causal: before is equal
 
 
+def test_janus_image_generation_equals_transformers(case):
+    """Text -> image tokens: codebook logits teacher-forced over several image tokens (generation_embeddings ->
+    generation_aligner at the placeholders, generation_head on the last hidden state), and the greedy tokens of
+    transformers' classifier-free-guidance loop (unconditional prompt: pad everywhere but bos and boi)."""
+    if case.hf.config.model_type != "janus":
+        pytest.skip("DeepSeek-VL has no image generation")
+    with pytest.warns(UserWarning, match="VQ tokenizer"):
+        exe = dsgraph.compile(dsgraph.load(str(case.path)))
+    prompt, codes = case.ids[:, :3], torch.tensor([[3, 9, 0, 14]])
+    m = case.hf.model
+    with torch.no_grad():
+        embeds = torch.cat([m.language_model.embed_tokens(prompt),
+                            case.hf.prepare_embeddings_for_image_generation(codes)], 1)
+        want = m.generation_head(m.language_model(inputs_embeds=embeds).last_hidden_state[:, 2:])
+    ids = torch.cat([prompt, torch.full((1, 4), IMAGE_TOKEN)], 1)
+    out, _ = exe.generation.step(ids, exe.generation.empty_state(1), {"image_codes": codes[0]})
+    assert rel_err(out["image_logits"][:, 2:], want) <= tolerance("float32", "model")
+    gc = case.hf.generation_config
+    gc.bos_token_id, gc.pad_token_id, gc.generation_kwargs = 1, 0, {"boi_token_id": 100}
+    prompt = torch.tensor([[1, 17, 30, 99, 100]])
+    with torch.no_grad():
+        tokens = case.hf.generate(prompt, attention_mask=torch.ones_like(prompt), generation_mode="image",
+                                  do_sample=False, guidance_scale=2.0)
+    uncond = torch.tensor([[1, 0, 0, 0, 100]])
+    assert torch.equal(exe.generate_image_tokens(prompt, uncond, tokens.shape[1], guidance=2.0), tokens)
+
+
 def test_placeholder_count_must_match_the_images():
     exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"))
     with pytest.raises(dsgraph.InputError, match="image tokens"):
@@ -127,3 +155,7 @@ def test_backend_equals_eager(preset, backend):
                        eager.generate(ids, images=px, max_new_tokens=4))
     report = other.report()
     assert "vision tower" in report and "vision.splice" in report
+    if model.vision.generation is not None:
+        cond, uncond = torch.tensor([[1, 17, 30, 99]]), torch.tensor([[1, 0, 0, 0]])
+        assert torch.equal(other.generate_image_tokens(cond, uncond, 3), eager.generate_image_tokens(cond, uncond, 3))
+        assert "image-generation decoder" in report

@@ -1,6 +1,7 @@
-"""Every registered pass, proven by the harness on both graphs of each multimodal tiny preset: the decoder (with
-the image-feature splice; random features and ids) and the vision tower (no cache: prefill only). The VL presets
-are not in models.TINY_PRESETS, whose tests assume one graph built from a text config; here both graphs are."""
+"""Every registered pass, proven by the harness on every graph of each multimodal tiny preset: the decoder (with
+the image-feature splice; random features and ids), the vision tower (no cache: prefill only) and Janus'
+image-generation decoder (random codes). The VL presets are not in models.TINY_PRESETS, whose tests assume one
+graph built from a text config; here every graph is."""
 import dsgraph.models as models
 import dsgraph.passes as passes
 import hf_fixtures as fx
@@ -17,12 +18,16 @@ def model(request):
     return models.build_model(request.param)
 
 
+@pytest.mark.parametrize("part", ["decoder", "generation"])
 @pytest.mark.parametrize("name", NAMES)
-def test_every_pass_on_the_decoder(model, name):
-    res = passes.check(pipeline_for(name), model.graph, model.weights, seq=4)
+def test_every_pass_on_the_decoders(model, name, part):
+    graph = model.graph if part == "decoder" else model.vision.generation
+    if graph is None:
+        pytest.skip(f"{model.name} has no image-generation decoder")
+    res = passes.check(pipeline_for(name), graph, model.weights, seq=4)
     assert res.ok, res.report()
     assert any(k.startswith("decode:") for k in res.errors), "the cached decode step was not compared"
-    expected = must_change(name, model.config, model.graph)
+    expected = must_change(name, model.config, graph)
     if expected is not None:
         assert res.changed == expected, f"{name} on {model.name}: changed={res.changed}, expected {expected}"
 

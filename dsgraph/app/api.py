@@ -102,11 +102,19 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
 
 def _vision_executable(model, be: Backend, passes, device, dtype, options, parts, weights) -> VisionExecutable:
     """A multimodal model: the vision tower through the same pipeline and backend, beside the decoder."""
-    vgraph, vweights, vrecords = compile_graph(model.vision.graph, model.weights, be, passes, True, None, dtype)
-    vision = be.compile(vgraph, vweights, device=device, dtype=dtype, **options)
-    vision.report.passes = [(r.name, r.summary()) if hasattr(r, "summary") else r for r in vrecords]
-    parts[2].report.notes.append(f"vision tower: {vision.report}")
-    return VisionExecutable(*parts, weights=weights, vision=vision,
+    def part(graph, what):
+        g, w, records = compile_graph(graph, model.weights, be, passes, True, None, dtype)
+        compiled = be.compile(g, w, device=device, dtype=dtype, **options)
+        compiled.report.passes = [(r.name, r.summary()) if hasattr(r, "summary") else r for r in records]
+        parts[2].report.notes.append(f"{what}: {compiled.report}")
+        return g, w, compiled, records
+
+    vision = part(model.vision.graph, "vision tower")[2]
+    generation = None
+    if model.vision.generation is not None:   # Janus: text -> image tokens, over the same language model
+        g, w, compiled, records = part(model.vision.generation, "image-generation decoder")
+        generation = Executable(model, g, compiled, device, dtype, records, weights=w)
+    return VisionExecutable(*parts, weights=weights, vision=vision, generation=generation,
                             preprocess=models.vision_preprocessor(model))
 
 

@@ -20,9 +20,10 @@ from .executable import Executable
 class VisionExecutable(Executable):
     """Executable + `vision` (the tower's CompiledGraph); `images` are pixel_values [N, C, H, W]."""
 
-    def __init__(self, *args, vision=None, preprocess=None, **kw):
+    def __init__(self, *args, vision=None, generation=None, preprocess=None, **kw):
         super().__init__(*args, **kw)
         self.vision = vision
+        self.generation = generation   # Janus: an Executable over the image-generation decoder
         self.preprocess = preprocess   # images -> pixel_values (the model's image processor)
         feats = self.graph.inputs["image_features"].type
         self.feature_dim, self.feature_dtype = feats.shape[1], to_torch(feats.dtype)
@@ -84,3 +85,26 @@ class VisionExecutable(Executable):
             raise InputError("speculative decoding is not available for multimodal models (no MTP branch)")
         return self._with_images(prompt_ids, images,
                                  lambda: super(VisionExecutable, self).generate(prompt_ids, max_new_tokens, **kw))
+
+    @torch.no_grad()
+    def generate_image_tokens(self, prompt_ids, uncond_ids, num_tokens: int, guidance: float = 5.0):
+        """Janus text -> image: `num_tokens` codebook ids [B, num_tokens], greedy under classifier-free guidance
+        (logits = uncond + guidance * (cond - uncond)), the conditional and unconditional prompts (same shape) as
+        one batch of 2B. Each chosen code goes back in through the generation aligner at a placeholder position."""
+        gen = self.generation
+        if gen is None:
+            raise InputError("this model has no image-generation decoder (only Janus / Janus-Pro checkpoints do)")
+        cond, uncond = self._ids(prompt_ids, "prompt_ids"), self._ids(uncond_ids, "uncond_ids")
+        if cond.shape != uncond.shape:
+            raise InputError(f"prompt {tuple(cond.shape)} and unconditional prompt {tuple(uncond.shape)} differ")
+        b = cond.shape[0]
+        none = torch.zeros(0, dtype=torch.int64, device=self.device)
+        out, state = gen.step(torch.cat([cond, uncond]), gen.empty_state(2 * b), {"image_codes": none})
+        codes = []
+        ids = torch.full((2 * b, 1), self.image_token_id, dtype=torch.int64, device=self.device)
+        for i in range(num_tokens):
+            lg = out["image_logits"][:, -1]
+            codes.append((lg[b:] + guidance * (lg[:b] - lg[b:])).argmax(-1))
+            if i + 1 < num_tokens:
+                out, state = gen.step(ids, state, {"image_codes": codes[-1].repeat(2)})
+        return torch.stack(codes, 1)

@@ -42,6 +42,18 @@ class VisionConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Janus' image-generation side the decoder sees (`vq_config`): codebook size and width, the generation
+    aligner's and head's widths (the aligner ends at the text hidden size)."""
+
+    num_embeddings: int
+    embed_dim: int
+    projection_dim: int
+    aligner_layers: int = 2
+    gelu: str = "none"
+
+
+@dataclass
 class VLConfig:
     model_type: str
     text: ModelConfig
@@ -51,6 +63,7 @@ class VLConfig:
     aligner: tuple[str, ...]            # param prefixes of the aligner's linears, GELU between consecutive ones
     aligner_gelu: str
     aligner_dims: tuple[int, ...]       # widths: vision hidden -> ... -> text hidden
+    generation: GenerationConfig | None = None   # Janus: text -> image tokens (models/vision/generation.py)
 
     @property
     def vision_prefix(self) -> str:
@@ -96,10 +109,23 @@ def from_hf_vl(cfg: dict, source: str = "config.json") -> VLConfig:
         aligner = ("model.aligner.fc1",) + tuple(f"model.aligner.hidden_layers.{i}" for i in range(depth - 1))
         gelu = vision.gelu
     dims = (vision.hidden_size,) + (d,) * len(aligner)
+    gen = _generation(cfg["vq_config"], d, source) if janus and isinstance(cfg.get("vq_config"), dict) else None
     token = cfg.get("image_token_id", cfg.get("image_token_index"))
     if token is None:
         raise ConfigError(f"{source}: missing 'image_token_id' (the placeholder token the image features replace)")
-    return VLConfig(mt, text, vision, int(token), out_proj, aligner, gelu, dims)
+    return VLConfig(mt, text, vision, int(token), out_proj, aligner, gelu, dims, gen)
+
+
+def _generation(vq: dict, d: int, source: str) -> GenerationConfig:
+    act = vq.get("hidden_act", "gelu")
+    if act not in GELU:
+        raise ConfigError(f"{source}: vq_config hidden_act {act!r} not in {sorted(GELU)}")
+    width = vq.get("image_token_embed_dim", d)
+    if width != d or vq.get("projection_dim", d) != d:
+        raise ConfigError(f"{source}: vq_config image_token_embed_dim {width} and projection_dim "
+                          f"{vq.get('projection_dim')} must equal text hidden_size {d}")
+    return GenerationConfig(vq.get("num_embeddings", 16384), vq.get("embed_dim", 8), vq.get("projection_dim", d),
+                            vq.get("num_hidden_layers", 2), GELU[act])
 
 
 def _siglip_l(**kw):
@@ -107,8 +133,11 @@ def _siglip_l(**kw):
             "image_size": 384, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", **kw}
 
 
-def _janus(text: dict, vision: dict, token: int) -> dict:
+def _janus(text: dict, vision: dict, token: int, codebook: int = 16384, code_dim: int = 8) -> dict:
+    d = text["hidden_size"]
     return {"model_type": "janus", "text_config": text, "image_token_id": token,
+            "vq_config": {"num_embeddings": codebook, "embed_dim": code_dim, "projection_dim": d,
+                          "image_token_embed_dim": d, "num_hidden_layers": 2, "hidden_act": "gelu"},
             "vision_config": {**vision, "hidden_act": "gelu", "mlp_ratio": 4.0, "depth": 2,
                               "projection_dim": text["hidden_size"]}}
 
@@ -128,6 +157,6 @@ VL_TINY: dict[str, dict] = {
     "deepseek-vl-tiny": {"model_type": "deepseek_vl", "text_config": _TINY_TEXT, "image_token_id": 255,
                          "vision_config": {**_TINY_VISION, "hidden_act": "gelu_pytorch_tanh"},
                          "tie_word_embeddings": False},
-    "janus-tiny": _janus(_TINY_TEXT, {**_TINY_VISION, "patch_size": 7}, 255),
+    "janus-tiny": _janus(_TINY_TEXT, {**_TINY_VISION, "patch_size": 7}, 255, codebook=16),
 }
 VL_PRESETS.update(VL_TINY)

@@ -1,10 +1,11 @@
 """Load a DeepSeek-VL / Janus checkpoint directory in the hub layout (transformers' `save_pretrained` keys):
-`model.vision_model.*` and `model.aligner.*` bind to the vision graph's params as they are, the language model's
-`model.language_model.*` to the decoder's `model.*`, `lm_head.weight` as it is (absent when tied).
+`model.vision_model.*`, `model.aligner.*` and Janus' `model.generation_{embeddings,aligner,head}.*` bind to the
+graphs' params as they are, the language model's `model.language_model.*` to the decoders' `model.*`,
+`lm_head.weight` as it is (absent when tied).
 
 Keys of parts dsgraph does not build are skipped with a note: SigLIP's attention-pooling head
-(`vision_use_head`, unused by these models' features) and Janus' image-generation half (`model.vqmodel.*`,
-`model.generation_*`). Anything else unexpected, missing or wrongly shaped is one CheckpointError listing all.
+(`vision_use_head`, unused by these models' features) and Janus' VQ tokenizer (`model.vqmodel.*`: codes ->
+pixels). Anything else unexpected, missing or wrongly shaped is one CheckpointError listing all.
 """
 from __future__ import annotations
 
@@ -17,26 +18,29 @@ from dsgraph.weights import SliceableEntry, WeightStore
 
 from ..hf_shards import FLOAT_DTYPES, Shards
 from .config import from_hf_vl
+from .generation import build_generation_graph
 from .image import read_image_config
 from .tower import build_vl_graphs
 
 _SKIPPED = {r"^model\.vision_model\.head\.": "SigLIP's pooling head (the image features are the patch tokens)",
-            r"^model\.(vqmodel|generation_\w+)\.": "Janus' image-generation half (not built yet)"}
+            r"^model\.vqmodel\.": "Janus' VQ tokenizer (codes -> pixels: not built yet)"}
 
 
 def hub_key(name: str) -> str:
     """The hub key of a graph param."""
-    return re.sub(r"^model\.(?!vision_model\.|aligner\.)", "model.language_model.", name)
+    return re.sub(r"^model\.(?!vision_model\.|aligner\.|generation_)", "model.language_model.", name)
 
 
 def load_vl_parts(root: Path, cfg: dict, dtype: str = "float32", progress: bool = True):
-    """(VLConfig, decoder graph, vision graph, lazy weights of both, ImageConfig); hf_loader makes the Model."""
+    """(VLConfig, decoder, vision and (Janus) generation graphs, lazy weights of all, ImageConfig); hf_loader
+    makes the Model."""
     vl = from_hf_vl(cfg, source=str(root / "config.json"))
     name = re.sub(r"\W", "_", root.resolve().name) or "model"
     graph, vision = build_vl_graphs(vl, dtype, name=name)
+    generation = build_generation_graph(vl, dtype, name=f"{name}_generation") if vl.generation else None
     shards = Shards(root, progress=progress)
     store, used, missing, wrong = WeightStore(reader=shards), set(), [], []
-    for g in (graph, vision):
+    for g in (graph, vision, generation or vision):
         for pname, v in g.params().items():
             key, want = hub_key(pname), v.type.concrete({})
             info = shards.info.get(key)
@@ -59,4 +63,4 @@ def load_vl_parts(root: Path, cfg: dict, dtype: str = "float32", progress: bool 
     for n in notes:
         warnings.warn(f"{root}: skipped the weights of {n}", stacklevel=3)
     graph.meta["checkpoint"] = {"path": str(root), "keep_fp8": False, "notes": notes}
-    return vl, graph, vision, store, read_image_config(root, vl.vision.image_size)
+    return vl, (graph, vision, generation), store, read_image_config(root, vl.vision.image_size)
