@@ -113,6 +113,17 @@ def test_janus_image_generation_equals_transformers(case):
     assert torch.equal(exe.generate_image_tokens(prompt, uncond, tokens.shape[1], guidance=2.0), tokens)
 
 
+def test_the_tower_runs_once_per_prompt_and_artifacts_refuse(tmp_path):
+    """The vision encoder runs in prefill only, never per decoded token; saving would drop it, so it refuses."""
+    exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"))
+    runs, run = [], exe.vision.run
+    exe.vision.run = lambda inputs, **kw: runs.append(inputs["pixel_values"].shape[0]) or run(inputs, **kw)
+    exe.generate(_prompt(8, 255), images=torch.randn(2, 3, 28, 28), max_new_tokens=5)
+    assert runs == [2]
+    with pytest.raises(dsgraph.errors.ArtifactError, match="vision tower"):
+        exe.save(tmp_path / "a")
+
+
 def test_placeholder_count_must_match_the_images():
     exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"))
     with pytest.raises(dsgraph.InputError, match="image tokens"):

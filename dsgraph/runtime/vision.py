@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dsgraph.dtypes import to_torch
-from dsgraph.errors import InputError
+from dsgraph.errors import ArtifactError, InputError
 
 from .executable import Executable
 
@@ -85,6 +85,10 @@ class VisionExecutable(Executable):
             raise InputError("speculative decoding is not available for multimodal models (no MTP branch)")
         return self._with_images(prompt_ids, images,
                                  lambda: super(VisionExecutable, self).generate(prompt_ids, max_new_tokens, **kw))
+
+    def save(self, path, overwrite: bool = False):
+        raise ArtifactError(f"cannot save {path}: artifacts hold one decoder graph, and a multimodal model's vision "
+                            "tower (and Janus' generation decoder) would be lost; compile it from the checkpoint")
 
     @torch.no_grad()
     def generate_image_tokens(self, prompt_ids, uncond_ids, num_tokens: int, guidance: float = 5.0):
