@@ -216,6 +216,10 @@ for _approx in ("none", "tanh"):
         lambda x, w1, b1, w2, b2, a=_approx: (gelu_tanh(x @ w1.T + b1) if a == "tanh" else
                                               torch.nn.functional.gelu(x @ w1.T + b1)) @ w2.T + b2,
         approximate=_approx)
+ref("norm.group", lambda: (R(2, 6, 3, 4), R(6), R(6)),
+    lambda x, w, b: torch.stack([((g - g.mean()) / torch.sqrt(g.var(unbiased=False) + 1e-6))
+                                 for g in x.reshape(4, -1)]).reshape(2, 6, 3, 4) * w[:, None, None] + b[:, None, None],
+    groups=2)
 _SPLICE_IDS = torch.tensor([[1, 7, 7, 2, 7], [7, 3, 4, 7, 7]])
 ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(6, 6)), lambda e, i, f: splice_loop(e, i, f, 7), token_id=7)
 ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(0, 6)), lambda e, i, f: e, token_id=7)   # decode: none
@@ -455,6 +459,7 @@ GOOD = [
     ("vision.patch_embed", [T("N", 3, 28, 42), T(8, 3, 14, 14), T(8)], {}, [T("N", 6, 8)]),
     ("mlp.gelu", [T("N", 4, 8), T(16, 8), T(16), T(6, 16), T(6)], {"approximate": "tanh"}, [T("N", 4, 6)]),
     ("vision.splice", [T("B", "S", 8), T("B", "S", dt=L), T("I", 8)], {"token_id": 3}, [T("B", "S", 8)]),
+    ("norm.group", [T("N", 64, 4, 4), T(64), T(64)], {"groups": 32}, [T("N", 64, 4, 4)]),
     ("indexer.logits", [T("B", "S", 4, 16), T("B", "T", 16), T("B", "S", 4)], {"scale": 0.1}, [T("B", "S", "T")]),
     ("indexer.topk", [T("B", "S", "T")], {"k": 8}, [T("B", "S", 8, dt=L)]),
     ("attention.mla_sparse", [T("B", "S", 4, 24), T("B", "T", 4, 24), T("B", "T", 4, 16), T("B", "S", 8, dt=L)],
@@ -511,6 +516,7 @@ BAD = [
     ("mlp.gelu", [T(2, 8), T(16, 8), T(16), T(6, 15), T(6)], {}, r"fc2 .* must be \[O, 16\]"),
     ("vision.splice", [T(2, 4, 8), T(2, 4, dt=L), T(3, 7)], {"token_id": 3}, r"must be \[I, 8\]"),
     ("vision.splice", [T(2, 4, 8), T(2, 4), T(3, 8)], {"token_id": 3}, r"ids must be int64"),
+    ("norm.group", [T(2, 12, 4, 4), T(12), T(12)], {"groups": 8}, r"12 channels .* do not split into 8 groups"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 9), T(1, 2, 4)], {"scale": 1.0}, r"differ in batch or head dim"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 3)], {"scale": 1.0}, r"must be \[B,S,H\]"),
     ("indexer.logits", [T(1, 2, 4, 12), T(1, 3, 12), T(1, 2, 4)], {"scale": 1.0, "fp8": True},

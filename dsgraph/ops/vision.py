@@ -117,3 +117,62 @@ def _(b, e, ids, feats, token_id):
     picked = b.reshape(b.index_select(padded, b.mul(rank, keep), dim=0), shape=e.shape)
     mask = b.reshape(b.cast(keep, dtype="bool"), shape=(*ids.shape, 1))
     return b.where(mask, picked, e)
+
+
+CONV = defop("conv2d", "x weight bias?", {"stride": Attr(int, 1), "padding": Attr(int, 0)},
+             "2-D convolution over x [N,C,H,W] with weight [O,C,k,k] (+ bias [O]), square stride and zero padding.")
+
+
+@CONV.infer
+def _(x, w, bias=None, *, stride, padding):
+    expect_rank(x, 4, "conv2d x [N, C, H, W]")
+    expect_rank(w, 4, "conv2d weight [O, C, k, k]")
+    same_dtype(x, w, *([bias] if bias is not None else []))
+    o, c, k, k2 = w.shape
+    h, wd = x.shape[2], x.shape[3]
+    expect(x.shape[1] == c and k == k2, lambda: f"conv2d: weight {w} does not fit x {x}")
+    expect(bias is None or bias.shape == (o,), lambda: f"conv2d: bias must be [{o}], got {bias}")
+    expect(isinstance(h, int) and isinstance(wd, int) and stride > 0 and h + 2 * padding >= k,
+           lambda: f"conv2d: x {x} must have static H, W of at least the kernel {k} with padding {padding}")
+    out = [(n + 2 * padding - k) // stride + 1 for n in (h, wd)]
+    return TensorType((x.shape[0], o, *out), x.dtype)
+
+
+@CONV.reference
+def _(x, w, bias=None, *, stride, padding):
+    return F.conv2d(f32(x), f32(w), None if bias is None else f32(bias), stride=stride, padding=padding)
+
+
+GROUP = defop("norm.group", "x weight bias", {"groups": Attr(int), "eps": Attr(float, 1e-6)},
+              "GroupNorm over x [N,C,...] (channels in `groups` groups, statistics in fp32), per-channel affine.",
+              level="domain")
+
+
+@GROUP.infer
+def _(x, w, bias, groups, eps):
+    expect_float(x, "norm.group input")
+    c = x.shape[1] if x.rank >= 2 else None
+    expect(isinstance(c, int) and groups > 0 and c % groups == 0,
+           lambda: f"norm.group: {c} channels of {x} do not split into {groups} groups")
+    expect(w.shape == (c,) and bias.shape == (c,), lambda: f"norm.group: weight and bias must be [{c}]")
+    same_dtype(x, w, bias)
+    return x
+
+
+@GROUP.reference
+def _(x, w, bias, groups, eps):
+    return F.group_norm(f32(x), groups, f32(w), f32(bias), eps)
+
+
+@GROUP.decomposition
+def _(b, x, w, bias, groups, eps):
+    n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+    xf = b.reshape(b.cast(x, dtype="float32"), shape=(n, groups, c // groups, *rest))
+    red = tuple(range(2, 2 + 1 + len(rest)))
+    centred = b.sub(xf, b.mean(xf, dims=red, keepdim=True))
+    var = b.mean(b.mul(centred, centred), dims=red, keepdim=True)
+    y = b.reshape(b.mul(centred, b.rsqrt(b.add(var, b.constant(value=eps)))), shape=x.shape)
+    affine = (c,) + (1,) * len(rest)
+    y = b.add(b.mul(y, b.reshape(b.cast(w, dtype="float32"), shape=affine)),
+              b.reshape(b.cast(bias, dtype="float32"), shape=affine))
+    return b.cast(y, dtype=x.dtype)
