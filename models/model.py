@@ -15,6 +15,7 @@ from .vision.config import VL_PRESETS, from_hf_vl
 from .vision.generation import build_generation_graph
 from .vision.image import ImageConfig
 from .vision.tower import build_vl_graphs
+from .vision.vq import build_vq_decoder_graph
 
 
 @dataclass
@@ -56,6 +57,7 @@ class VisionPart:
     graph: object
     image: ImageConfig   # preprocessing (the checkpoint's preprocessor_config.json)
     generation: object = None   # Janus: the image-generation decoder graph (models/vision/generation.py)
+    vq_decoder: object = None   # Janus: codes -> pixels (models/vision/vq.py)
 
 
 def build_vl_model(name: str, cfg: dict, source: str, seed: int = 0, dtype: str = "float32", weights: bool = True,
@@ -64,12 +66,15 @@ def build_vl_model(name: str, cfg: dict, source: str, seed: int = 0, dtype: str 
     vl = from_hf_vl(cfg, source=source)
     gname = name.replace("-", "_").replace(".", "_")
     graph, vision = build_vl_graphs(vl, compute_dtype(dtype), name=gname)
-    generation = build_generation_graph(vl, compute_dtype(dtype), f"{gname}_generation") if vl.generation else None
+    dt = compute_dtype(dtype)
+    generation = build_generation_graph(vl, dt, f"{gname}_generation") if vl.generation else None
+    vq = build_vq_decoder_graph(vl.generation, dt, f"{gname}_vq_decoder") if vl.generation else None
     store = WeightStore()
     if weights:
         store = random_weights(graph, seed, weights_device)
-        for part in (vision, generation or vision):
+        for part in (vision, *[g for g in (generation, vq) if g is not None]):
             extra = random_weights(part, seed, weights_device)
             for k in extra:
                 store.set(k, extra.entry(k))
-    return Model(name, vl.text, graph, store, VisionPart(vl, vision, ImageConfig(vl.vision.image_size), generation))
+    return Model(name, vl.text, graph, store, VisionPart(vl, vision, ImageConfig(vl.vision.image_size), generation,
+                                                       vq))

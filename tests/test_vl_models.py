@@ -92,7 +92,7 @@ def test_janus_image_generation_equals_transformers(case):
     transformers' classifier-free-guidance loop (unconditional prompt: pad everywhere but bos and boi)."""
     if case.hf.config.model_type != "janus":
         pytest.skip("DeepSeek-VL has no image generation")
-    with pytest.warns(UserWarning, match="VQ tokenizer"):
+    with pytest.warns(UserWarning, match="VQ encoder"):
         exe = dsgraph.compile(dsgraph.load(str(case.path)))
     prompt, codes = case.ids[:, :3], torch.tensor([[3, 9, 0, 14]])
     m = case.hf.model
@@ -111,6 +111,21 @@ def test_janus_image_generation_equals_transformers(case):
                                   do_sample=False, guidance_scale=2.0)
     uncond = torch.tensor([[1, 0, 0, 0, 100]])
     assert torch.equal(exe.generate_image_tokens(prompt, uncond, tokens.shape[1], guidance=2.0), tokens)
+
+
+def test_janus_vq_decoder_equals_transformers(case):
+    """Codes -> pixels (codebook lookup, L2 norm, ResNet / attention blocks, GroupNorm, nearest upsampling, convs)
+    for a fixed random code grid, against transformers' JanusVQVAE.decode."""
+    if case.hf.config.model_type != "janus":
+        pytest.skip("DeepSeek-VL has no image generation")
+    with pytest.warns(UserWarning, match="VQ encoder"):
+        exe = dsgraph.compile(dsgraph.load(str(case.path)))
+    codes = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = case.hf.model.vqmodel.decode(codes)
+    got = exe.decode_image(codes)
+    assert got.shape == want.shape == (2, 3, 8, 8)
+    assert rel_err(got, want) <= tolerance("float32", "model")
 
 
 def test_the_tower_runs_once_per_prompt_and_artifacts_refuse(tmp_path):
@@ -166,7 +181,10 @@ def test_backend_equals_eager(preset, backend):
                        eager.generate(ids, images=px, max_new_tokens=4))
     report = other.report()
     assert "vision tower" in report and "vision.splice" in report
-    if model.vision.generation is not None:
+    if model.vision.generation is not None:   # text -> codes -> pixels
         cond, uncond = torch.tensor([[1, 17, 30, 99]]), torch.tensor([[1, 0, 0, 0]])
-        assert torch.equal(other.generate_image_tokens(cond, uncond, 3), eager.generate_image_tokens(cond, uncond, 3))
-        assert "image-generation decoder" in report
+        codes = eager.generate_image_tokens(cond, uncond, 4)
+        assert torch.equal(other.generate_image_tokens(cond, uncond, 4), codes)
+        assert rel_err(other.decode_image(codes), eager.decode_image(codes)) <= tolerance("float32", "model")
+        assert rel_err(other.generate_image(cond, uncond), eager.decode_image(codes)) <= tolerance("float32", "model")
+        assert "image-generation decoder" in report and "VQ decoder" in report

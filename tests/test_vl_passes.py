@@ -1,7 +1,7 @@
 """Every registered pass, proven by the harness on every graph of each multimodal tiny preset: the decoder (with
-the image-feature splice; random features and ids), the vision tower (no cache: prefill only) and Janus'
-image-generation decoder (random codes). The VL presets are not in models.TINY_PRESETS, whose tests assume one
-graph built from a text config; here every graph is."""
+the image-feature splice; random features and ids), the vision tower (no cache: prefill only), Janus'
+image-generation decoder and VQ decoder (random codes). The VL presets are not in models.TINY_PRESETS, whose
+tests assume one graph built from a text config; here every graph is."""
 import dsgraph.models as models
 import dsgraph.passes as passes
 import hf_fixtures as fx
@@ -32,9 +32,14 @@ def test_every_pass_on_the_decoders(model, name, part):
         assert res.changed == expected, f"{name} on {model.name}: changed={res.changed}, expected {expected}"
 
 
+@pytest.mark.parametrize("part", ["tower", "vq_decoder"])
 @pytest.mark.parametrize("name", NAMES)
-def test_every_pass_on_the_vision_tower(model, name):
-    res = passes.check(pipeline_for(name), model.vision.graph, model.weights, batch=2)
+def test_every_pass_on_the_image_graphs(model, name, part):
+    """The vision tower (pixels -> features) and Janus' VQ decoder (codes -> pixels): no cache, prefill only."""
+    graph = model.vision.graph if part == "tower" else model.vision.vq_decoder
+    if graph is None:
+        pytest.skip(f"{model.name} has no VQ decoder")
+    res = passes.check(pipeline_for(name), graph, model.weights, batch=2)
     assert res.ok, res.report()
-    if name in ("legalize", "merge_qkv"):   # domain ops to lower; three projections of one input to merge
-        assert res.changed, f"{name} did nothing on {model.name}'s vision tower"
+    if name == "legalize" or (name == "merge_qkv" and part == "tower"):   # domain ops; q/k/v of one input
+        assert res.changed, f"{name} did nothing on {model.name}'s {part}"

@@ -114,7 +114,8 @@ def _vision_executable(model, be: Backend, passes, device, dtype, options, parts
     if model.vision.generation is not None:   # Janus: text -> image tokens, over the same language model
         g, w, compiled, records = part(model.vision.generation, "image-generation decoder")
         generation = Executable(model, g, compiled, device, dtype, records, weights=w)
-    return VisionExecutable(*parts, weights=weights, vision=vision, generation=generation,
+    vq = part(model.vision.vq_decoder, "VQ decoder")[2] if model.vision.vq_decoder is not None else None
+    return VisionExecutable(*parts, weights=weights, vision=vision, generation=generation, vq_decoder=vq,
                             preprocess=models.vision_preprocessor(model))
 
 

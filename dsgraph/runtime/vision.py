@@ -20,10 +20,11 @@ from .executable import Executable
 class VisionExecutable(Executable):
     """Executable + `vision` (the tower's CompiledGraph); `images` are pixel_values [N, C, H, W]."""
 
-    def __init__(self, *args, vision=None, generation=None, preprocess=None, **kw):
+    def __init__(self, *args, vision=None, generation=None, vq_decoder=None, preprocess=None, **kw):
         super().__init__(*args, **kw)
         self.vision = vision
         self.generation = generation   # Janus: an Executable over the image-generation decoder
+        self.vq_decoder = vq_decoder   # Janus: codes [N, grid*grid] -> pixels [N, 3, H, W]
         self.preprocess = preprocess   # images -> pixel_values (the model's image processor)
         feats = self.graph.inputs["image_features"].type
         self.feature_dim, self.feature_dtype = feats.shape[1], to_torch(feats.dtype)
@@ -112,3 +113,18 @@ class VisionExecutable(Executable):
             if i + 1 < num_tokens:
                 out, state = gen.step(ids, state, {"image_codes": codes[-1].repeat(2)})
         return torch.stack(codes, 1)
+
+    def decode_image(self, codes) -> torch.Tensor:
+        """Pixels [N, 3, H, W] (about -1..1) of codebook ids [N, grid*grid] through the VQ decoder."""
+        if self.vq_decoder is None:
+            raise InputError("this model has no VQ decoder (only Janus / Janus-Pro checkpoints do)")
+        want = self.vq_decoder.graph.inputs["image_codes"].type.shape[1]
+        codes = self._ids(codes, "codes")
+        if codes.shape[1] != want:
+            raise InputError(f"codes must be [N, {want}] (the whole code grid), got {tuple(codes.shape)}")
+        return self.vq_decoder.run({"image_codes": codes})["pixels"]
+
+    def generate_image(self, prompt_ids, uncond_ids, guidance: float = 5.0) -> torch.Tensor:
+        """Janus text -> image: the whole code grid by generate_image_tokens, then decode_image's pixels."""
+        n = self.vq_decoder.graph.inputs["image_codes"].type.shape[1] if self.vq_decoder is not None else 0
+        return self.decode_image(self.generate_image_tokens(prompt_ids, uncond_ids, n, guidance))

@@ -51,6 +51,13 @@ class GenerationConfig:
     projection_dim: int
     aligner_layers: int = 2
     gelu: str = "none"
+    # the VQ decoder (codes -> pixels): latent width, channels per resolution, blocks per resolution, code grid
+    latent_channels: int = 256
+    base_channels: int = 128
+    channel_multiplier: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    out_channels: int = 3
+    grid: int = 24
 
 
 @dataclass
@@ -124,8 +131,14 @@ def _generation(vq: dict, d: int, source: str) -> GenerationConfig:
     if width != d or vq.get("projection_dim", d) != d:
         raise ConfigError(f"{source}: vq_config image_token_embed_dim {width} and projection_dim "
                           f"{vq.get('projection_dim')} must equal text hidden_size {d}")
+    mult = tuple(vq.get("channel_multiplier", (1, 1, 2, 2, 4)))
+    base = vq.get("base_channels", 128)
+    if any(base * m % 32 for m in mult):
+        raise ConfigError(f"{source}: vq_config base_channels {base} x channel_multiplier {list(mult)} must be "
+                          "multiples of 32 (the VQ decoder's GroupNorm groups)")
     return GenerationConfig(vq.get("num_embeddings", 16384), vq.get("embed_dim", 8), vq.get("projection_dim", d),
-                            vq.get("num_hidden_layers", 2), GELU[act])
+                            vq.get("num_hidden_layers", 2), GELU[act], vq.get("latent_channels", 256), base, mult,
+                            vq.get("num_res_blocks", 2), vq.get("out_channels", 3), vq.get("num_patches", 24))
 
 
 def _siglip_l(**kw):
@@ -133,11 +146,11 @@ def _siglip_l(**kw):
             "image_size": 384, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", **kw}
 
 
-def _janus(text: dict, vision: dict, token: int, codebook: int = 16384, code_dim: int = 8) -> dict:
+def _janus(text: dict, vision: dict, token: int, codebook: int = 16384, code_dim: int = 8, **vq) -> dict:
     d = text["hidden_size"]
     return {"model_type": "janus", "text_config": text, "image_token_id": token,
             "vq_config": {"num_embeddings": codebook, "embed_dim": code_dim, "projection_dim": d,
-                          "image_token_embed_dim": d, "num_hidden_layers": 2, "hidden_act": "gelu"},
+                          "image_token_embed_dim": d, "num_hidden_layers": 2, "hidden_act": "gelu", **vq},
             "vision_config": {**vision, "hidden_act": "gelu", "mlp_ratio": 4.0, "depth": 2,
                               "projection_dim": text["hidden_size"]}}
 
@@ -157,6 +170,7 @@ VL_TINY: dict[str, dict] = {
     "deepseek-vl-tiny": {"model_type": "deepseek_vl", "text_config": _TINY_TEXT, "image_token_id": 255,
                          "vision_config": {**_TINY_VISION, "hidden_act": "gelu_pytorch_tanh"},
                          "tie_word_embeddings": False},
-    "janus-tiny": _janus(_TINY_TEXT, {**_TINY_VISION, "patch_size": 7}, 255, codebook=16),
+    "janus-tiny": _janus(_TINY_TEXT, {**_TINY_VISION, "patch_size": 7}, 255, codebook=16, latent_channels=8,
+                         base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, num_patches=2),
 }
 VL_PRESETS.update(VL_TINY)
