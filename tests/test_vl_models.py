@@ -188,3 +188,13 @@ def test_backend_equals_eager(preset, backend):
         assert rel_err(other.decode_image(codes), eager.decode_image(codes)) <= tolerance("float32", "model")
         assert rel_err(other.generate_image(cond, uncond), eager.decode_image(codes)) <= tolerance("float32", "model")
         assert "image-generation decoder" in report and "VQ decoder" in report
+
+
+def test_bfloat16_stays_close_to_float32():
+    """retype reaches every graph: pixels, features, image codes' embeddings and the VQ decoder run in bf16."""
+    model = dsgraph.load("janus-tiny")
+    ids, px = _prompt(16, 255), torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    f32, bf16 = dsgraph.compile(model), dsgraph.compile(model, dtype=torch.bfloat16)
+    assert rel_err(bf16(ids, images=px), f32(ids, images=px)) <= tolerance("bfloat16", "model")
+    codes = torch.randint(0, 16, (1, 4), generator=torch.Generator().manual_seed(3))
+    assert rel_err(bf16.decode_image(codes), f32.decode_image(codes)) <= tolerance("bfloat16", "model")
