@@ -11,7 +11,7 @@ and the output image_logits [B, S, codebook] fp32. The VQ decoder (codes -> pixe
 from __future__ import annotations
 
 from .config import GenerationConfig
-from .tower import VLDecoderBuilder
+from .tower import VLDecoderBuilder, aligner
 
 
 class JanusGenerationBuilder(VLDecoderBuilder):
@@ -29,11 +29,7 @@ class JanusGenerationBuilder(VLDecoderBuilder):
                     name="code_embed")
         names = ["model.generation_aligner.fc1"] + [f"model.generation_aligner.hidden_layers.{i}"
                                                       for i in range(g.aligner_layers - 1)]
-        dims = [g.embed_dim] + [g.projection_dim] * len(names)
-        for i, n in enumerate(names):
-            if i:
-                x = b.gelu(x, approximate=g.gelu)
-            x = b.add(b.linear(x, b.param(f"{n}.weight", (dims[i + 1], dims[i]))), b.param(f"{n}.bias", (dims[i + 1],)))
+        x = aligner(b, x, names, [g.embed_dim] + [g.projection_dim] * len(names), g.gelu)
         return b.vision.splice(h, ids, x, token_id=self.vl.image_token_id, name="embed_mm")
 
     def final_hidden(self, h):

@@ -59,22 +59,19 @@ def _block(b, h, vl: VLConfig, p: str):
     return b.add(h, mlp, name="h")
 
 
-def _aligner(b, x, vl: VLConfig):
-    """Linears with a GELU between consecutive ones; pairs go through mlp.gelu, an odd last one stands alone."""
-    dims, names = vl.aligner_dims, vl.aligner
-    i = 0
-    while i < len(names):
+def aligner(b, x, names, dims, gelu: str):
+    """Linears `names` (widths dims[0] -> dims[1] -> ...) with a GELU between consecutive ones: pairs through
+    mlp.gelu, a GELU before each further pair, an odd last linear alone."""
+    for i in range(0, len(names), 2):
+        if i:
+            x = b.gelu(x, approximate=gelu)
         if i + 1 < len(names):
             x = b.mlp.gelu(x, b.param(f"{names[i]}.weight", (dims[i + 1], dims[i])),
                            b.param(f"{names[i]}.bias", (dims[i + 1],)),
                            b.param(f"{names[i + 1]}.weight", (dims[i + 2], dims[i + 1])),
-                           b.param(f"{names[i + 1]}.bias", (dims[i + 2],)), approximate=vl.aligner_gelu)
-            i += 2
-            if i < len(names):
-                x = b.gelu(x, approximate=vl.aligner_gelu)
+                           b.param(f"{names[i + 1]}.bias", (dims[i + 2],)), approximate=gelu)
         else:
             x = _linear(b, x, names[i], dims[i + 1], dims[i])
-            i += 1
     return x
 
 
@@ -93,7 +90,7 @@ def build_vision_graph(vl: VLConfig, dtype: str = "float32", name: str = "vision
             h = _block(b, h, vl, f"{p}.encoder.layers.{i}")
     h = _layer_norm(b, h, f"{p}.post_layernorm", v.hidden_size, v.layer_norm_eps)
     with b.scope("aligner"):
-        h = _aligner(b, h, vl)
+        h = aligner(b, h, vl.aligner, vl.aligner_dims, vl.aligner_gelu)
     b.output("image_features", b.reshape(h, shape=(h.shape[0] * t, vl.text.hidden_size), name="image_features"))
     g = b.build()
     g.meta.update(family="vision", model_type=vl.model_type, config=vl.to_dict(), image_tokens=t)
