@@ -202,3 +202,15 @@ def test_bfloat16_stays_close_to_float32():
     assert rel_err(bf16(ids, images=px), f32(ids, images=px)) <= tolerance("bfloat16", "model")
     codes = torch.randint(0, 16, (1, 4), generator=torch.Generator().manual_seed(3))
     assert rel_err(bf16.decode_image(codes), f32.decode_image(codes)) <= tolerance("bfloat16", "model")
+
+
+def test_config_and_checkpoint_errors_name_the_key(case, tmp_path):
+    """A nested config without its vision half, and a checkpoint with a stray tensor, fail naming what and where."""
+    from dsgraph.models.vision import from_hf_vl
+    with pytest.raises(dsgraph.ConfigError, match="missing 'vision_config'"):
+        from_hf_vl({"model_type": case.hf.config.model_type, "text_config": TEXT})
+    bad = tmp_path / "ckpt"
+    case.hf.save_pretrained(bad)
+    fx.add_tensors(bad, {"model.aligner.extra.weight": torch.randn(3)})
+    with pytest.raises(dsgraph.CheckpointError, match=r"1 unexpected weights:\n\s+model.aligner.extra.weight"):
+        dsgraph.load(str(bad))
