@@ -133,7 +133,10 @@ def test_the_tower_runs_once_per_prompt_and_artifacts_refuse(tmp_path):
     exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"))
     runs, run = [], exe.vision.run
     exe.vision.run = lambda inputs, **kw: runs.append(inputs["pixel_values"].shape[0]) or run(inputs, **kw)
-    exe.generate(_prompt(8, 255), images=torch.randn(2, 3, 28, 28), max_new_tokens=5)
+    img = (np.random.default_rng(0).random((20, 35, 3)) * 255).astype(np.uint8)
+    ids, pixels = exe.prepare_inputs([1, 2, 255, 3, 255], [img, img[:, :10]])   # one placeholder per image
+    assert ids.tolist() == [[1, 2] + [255] * 4 + [3] + [255] * 4] and pixels.shape == (2, 3, 28, 28)
+    exe.generate(ids, images=pixels, max_new_tokens=5)
     assert runs == [2]
     with pytest.raises(dsgraph.errors.ArtifactError, match="vision tower"):
         exe.save(tmp_path / "a")

@@ -5,7 +5,9 @@ graph that makes them, once per image, in prefill.
     ids, pixels = exe.prepare_inputs(prompt_ids, [image])   # one placeholder per image expanded to its tokens
     new = exe.generate(ids, images=pixels, max_new_tokens=8)
 
-Decode steps feed an empty [0, D] feature tensor: the splice leaves every position as it is.
+Decode steps feed an empty [0, D] feature tensor: the splice leaves every position as it is. Janus adds
+`generate_image_tokens` (text -> codebook ids under classifier-free guidance, through its generation decoder)
+and `decode_image` (codes -> pixels, through its VQ decoder).
 """
 from __future__ import annotations
 
