@@ -217,3 +217,17 @@ def test_config_and_checkpoint_errors_name_the_key(case, tmp_path):
     fx.add_tensors(bad, {"model.aligner.extra.weight": torch.randn(3)})
     with pytest.raises(dsgraph.CheckpointError, match=r"1 unexpected weights:\n\s+model.aligner.extra.weight"):
         dsgraph.load(str(bad))
+
+
+def test_cli_runs_with_an_image(tmp_path, capsys):
+    """dsgraph run MODEL --prompt-ids ... --image photo.png: one placeholder put before the prompt, expanded."""
+    from PIL import Image
+
+    from dsgraph.app.cli import main
+    png = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(1).random((30, 20, 3)) * 255).astype(np.uint8)).save(png)
+    assert main(["run", "deepseek-vl-tiny", "--prompt-ids", "1,2,3", "--image", str(png),
+                 "--max-new-tokens", "3"]) == 0
+    assert "time to first token" in capsys.readouterr().out
+    assert main(["run", "deepseek-llm-tiny", "--image", str(png), "--max-new-tokens", "2"]) != 0
+    assert "not a multimodal model" in capsys.readouterr().err
