@@ -51,7 +51,7 @@ def read_image_config(root: Path, size: int) -> ImageConfig:
 
 
 def _as_chw(image) -> torch.Tensor:
-    t = torch.from_numpy(np.array(image)) if not isinstance(image, torch.Tensor) else image   # a copy: PIL arrays are read-only
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))   # a copy: PIL gives read-only
     if t.dim() == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
         t = t.permute(2, 0, 1)
     if t.dim() != 3 or t.shape[0] != 3:
