@@ -119,7 +119,7 @@ def _with_images(exe, prompt, files):
     try:
         from PIL import Image  # optional: only --image needs it
     except ImportError:
-        raise ConfigError("--image reads images with Pillow: pip install pillow") from None
+        raise ConfigError("--image reads images with Pillow: pip install 'dsgraph[vision]'") from None
     images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     marks = sum(t == exe.image_token_id for t in prompt[0])
     ids, pixels = exe.prepare_inputs([[exe.image_token_id] * (len(images) - marks) + prompt[0]], images)
