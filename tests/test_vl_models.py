@@ -34,6 +34,15 @@ def _config(family: str):
                                       projection_dim=64, num_patches=4))
 
 
+def _processor(family: str):
+    """transformers' PIL image processor with the released Janus normalisation (mean = std = 0.5)."""
+    from transformers.models.deepseek_vl.image_processing_pil_deepseek_vl import DeepseekVLImageProcessorPil
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+    if family == "deepseek_vl":
+        return DeepseekVLImageProcessorPil(size={"height": 28, "width": 28})
+    return JanusImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
 def _prompt(tokens: int, token: int = IMAGE_TOKEN):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 200, (1, 9), generator=g)
@@ -50,6 +59,8 @@ class Case:
         self.hf.generation_config.eos_token_id = None
         self.hf.generation_config.pad_token_id = 0
         self.hf.save_pretrained(path)
+        self.processor = _processor(family)
+        self.processor.save_pretrained(path)   # preprocessor_config.json, as the hub ships it
         self.path = path
         tokens = (28 // cfg.vision_config.patch_size) ** 2
         self.ids = _prompt(tokens)
@@ -75,6 +86,17 @@ def test_logits_and_greedy_tokens_equal_transformers(case):
     assert torch.equal(exe.generate(case.ids, images=case.pixels, max_new_tokens=NEW), case.tokens)
     text_only = exe(case.ids[:, :3])   # no image, no placeholder: the plain decoder
     assert rel_err(text_only, case.logits[:, :3]) <= tolerance("float32", "model")
+
+
+def test_the_checkpoint_preprocessor_config_is_read(case):
+    """prepare_inputs normalises as the checkpoint's preprocessor_config.json says (Janus: mean = std = 0.5)."""
+    from PIL import Image
+    with pytest.warns(UserWarning):
+        exe = dsgraph.compile(dsgraph.load(str(case.path)))
+    img = (np.random.default_rng(4).random((20, 30, 3)) * 255).astype(np.uint8)
+    _, pixels = exe.prepare_inputs([[1, IMAGE_TOKEN]], [img])
+    want = case.processor(Image.fromarray(img), return_tensors="pt")["pixel_values"]
+    assert rel_err(pixels, want) <= 1e-5
 
 
 def test_the_image_changes_the_answer(case):

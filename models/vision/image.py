@@ -27,10 +27,11 @@ class ImageConfig:
     std: tuple[float, ...] = CLIP_STD
     min_size: int = 14
     rescale: float = 1 / 255
+    background_color: tuple[int, ...] | None = None   # the padding colour; default: the mean as 0..255 integers
 
     @property
     def background(self) -> tuple[int, ...]:
-        return tuple(int(m * 255) for m in self.mean)
+        return self.background_color or tuple(int(m * 255) for m in self.mean)
 
 
 def read_image_config(root: Path, size: int) -> ImageConfig:
@@ -46,8 +47,9 @@ def read_image_config(root: Path, size: int) -> ImageConfig:
     side = s.get("height", size) if isinstance(s, dict) else s
     if side != size:
         raise ConfigError(f"{f}: size {s} does not match the vision tower's image_size {size}")
+    bg = cfg.get("background_color")
     return ImageConfig(size, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)),
-                       cfg.get("min_size", 14), cfg.get("rescale_factor", 1 / 255))
+                       cfg.get("min_size", 14), cfg.get("rescale_factor", 1 / 255), tuple(bg) if bg else None)
 
 
 def _as_chw(image) -> torch.Tensor:
