@@ -149,11 +149,13 @@ class DecoderBuilder:
         ids = b.input("input_ids", ("B", "S"))
         positions = b.input("positions", ("B", "S"))
         embed = b.param("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
-        h = b.embed(ids, embed, name="embed")
+        h = self.embed_tokens(ids, embed)
         for i in range(c.num_hidden_layers):
             h = self.block(h, positions, i, f"cache.{i}")
         head = embed if c.tie_word_embeddings else b.param("lm_head.weight", (c.vocab_size, c.hidden_size))
-        logits = b.linear(self.norm(h, "model.norm", c.hidden_size), head, name="logits")
+        normed = self.norm(h, "model.norm", c.hidden_size)
+        self.final_hidden(normed)
+        logits = b.linear(normed, head, name="logits")
         b.output("logits", b.cast(logits, dtype="float32", name="logits_f32"))
         if self.mtp:
             self.mtp_branch(h, positions)
@@ -161,6 +163,13 @@ class DecoderBuilder:
         g.meta.update(family=c.family, model_type=c.model_type, vocab_size=c.vocab_size,
                       max_position_embeddings=c.max_position_embeddings, config=c.to_dict())
         return g
+
+    def embed_tokens(self, ids, table):
+        """The token embeddings [B,S,D]; multimodal builders splice image features in here (models/vision/)."""
+        return self.b.embed(ids, table, name="embed")
+
+    def final_hidden(self, h):
+        """The final-norm hidden state [B,S,D]; Janus' generation decoder adds its codebook head here."""
 
     def mtp_branch(self, h, positions):
         """DeepSeek-V3 MTP (layer num_hidden_layers): predicts token t+2 from hidden_t and token t+1."""

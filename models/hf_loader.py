@@ -36,7 +36,9 @@ from dsgraph.weights import SliceableEntry, WeightStore
 from .config import from_hf
 from .hf_scales import SCALE_DTYPES, read_scale
 from .hf_shards import FLOAT_DTYPES, Shards, dequant_read
-from .model import Model, build_graph
+from .model import Model, VisionPart, build_graph
+from .vision.config import FAMILIES as VL_FAMILIES
+from .vision.loader import load_vl_parts
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 # tensors some checkpoints carry that are not weights (old LLaMA exports saved the rope table)
@@ -48,7 +50,11 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
                     progress: bool = True):
     """Read a checkpoint directory into a Model with lazy weights (see the module doc)."""
     root = Path(path)
-    cfg = from_hf(_read_config(root), source=str(root / "config.json"))
+    raw = _read_config(root)
+    if raw.get("model_type") in VL_FAMILIES:   # DeepSeek-VL / Janus: models/vision/loader.py
+        vl, (graph, vision, generation, vq), weights, image = load_vl_parts(root, raw, dtype, progress)
+        return Model(root.name, vl.text, graph, weights, VisionPart(vl, vision, image, generation, vq))
+    cfg = from_hf(raw, source=str(root / "config.json"))
     shards = Shards(root, progress=progress)
     notes: list[str] = []
     ignored = _ignored_layers(cfg, shards, mtp, notes)

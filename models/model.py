@@ -14,6 +14,11 @@ from .random_weights import random_weights
 from .summary import model_summary
 from .tiny_tokenizer import VOCAB as TINY_VOCAB
 from .tiny_tokenizer import tiny_tokenizer
+from .vision.config import VL_PRESETS, from_hf_vl
+from .vision.generation import build_generation_graph
+from .vision.image import ImageConfig
+from .vision.tower import build_vl_graphs
+from .vision.vq import build_vq_decoder_graph
 
 
 @dataclass
@@ -25,6 +30,7 @@ class Model:
     graph: object
     weights: WeightStore
     tokenizer: object = None    # dsgraph.text.Tokenizer where the checkpoint ships tokenizer.json
+    vision: object = None   # multimodal models: a VisionPart (models/vision/), weights in the same store
 
     def summary(self):
         return model_summary(self)
@@ -45,7 +51,41 @@ def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = Tr
     """A preset with deterministic random weights (generated lazily, per tensor, on `weights_device`);
     `overrides` replaces config.json keys of the preset (fewer layers, other head counts)."""
     source = f"preset {name}" + (f" with {overrides}" if overrides else "")
+    if name in VL_PRESETS:
+        return build_vl_model(name, {**VL_PRESETS[name], **(overrides or {})}, source, seed, dtype, weights,
+                              weights_device)
     cfg = from_hf({**preset_config(name), **(overrides or {})}, source=source)
     graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
     tok = tiny_tokenizer() if name in TINY_PRESETS and cfg.vocab_size == TINY_VOCAB else None
     return Model(name, cfg, graph, random_weights(graph, seed, weights_device) if weights else WeightStore(), tok)
+
+
+@dataclass
+class VisionPart:
+    """A multimodal model's vision graph (pixels -> image features) and the config both graphs came from."""
+
+    config: object   # models.vision.config.VLConfig
+    graph: object
+    image: ImageConfig   # preprocessing (the checkpoint's preprocessor_config.json)
+    generation: object = None   # Janus: the image-generation decoder graph (models/vision/generation.py)
+    vq_decoder: object = None   # Janus: codes -> pixels (models/vision/vq.py)
+
+
+def build_vl_model(name: str, cfg: dict, source: str, seed: int = 0, dtype: str = "float32", weights: bool = True,
+                   weights_device: str = "cpu") -> Model:
+    """A DeepSeek-VL / Janus preset: the decoder as the model's graph, the vision tower beside it."""
+    vl = from_hf_vl(cfg, source=source)
+    gname = name.replace("-", "_").replace(".", "_")
+    graph, vision = build_vl_graphs(vl, compute_dtype(dtype), name=gname)
+    dt = compute_dtype(dtype)
+    generation = build_generation_graph(vl, dt, f"{gname}_generation") if vl.generation else None
+    vq = build_vq_decoder_graph(vl.generation, dt, f"{gname}_vq_decoder") if vl.generation else None
+    store = WeightStore()
+    if weights:
+        store = random_weights(graph, seed, weights_device)
+        for part in (vision, *[g for g in (generation, vq) if g is not None]):
+            extra = random_weights(part, seed, weights_device)
+            for k in extra:
+                store.set(k, extra.entry(k))
+    return Model(name, vl.text, graph, store, vision=VisionPart(vl, vision, ImageConfig(vl.vision.image_size),
+                                                              generation, vq))

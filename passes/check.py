@@ -72,11 +72,12 @@ def _tolerance(graph: Graph, names: list[str]) -> float:
 
 
 def _vocab(graph: Graph, weights, name: str) -> int:
-    if graph.meta.get("vocab_size"):
-        return int(graph.meta["vocab_size"])
+    """Ids below the rows of the table the input indexes (Janus' image codes index a codebook, not the vocab)."""
     for node in graph.inputs[name].users:
         if node.op == "embed":
             return int(node.inputs[1].shape[0])
+    if graph.meta.get("vocab_size"):
+        return int(graph.meta["vocab_size"])
     return 2
 
 
@@ -107,7 +108,10 @@ def _empty_caches(graph: Graph, batch: int) -> dict:
 
 
 def _feed(graph: Graph, acts: dict, caches: dict) -> dict:
-    return {**{k: t for k, t in acts.items() if k in graph.inputs}, **caches}
+    """The graph's inputs; float activations (pixels, image features) in the graph's own dtype (retype changes it)."""
+    own = {k: t.to(to_torch(graph.inputs[k].dtype)) if t.is_floating_point() else t
+           for k, t in acts.items() if k in graph.inputs}
+    return {**own, **caches}
 
 
 def _first_divergence(before: Graph, after: Graph, rec0: dict, rec1: dict, rtol: float) -> str | None:

@@ -353,6 +353,24 @@ def test_whole_tiny_model_lowered_to_primitives(preset):
         assert rel(got[k], want[k]) <= 1e-5, k
 
 
+# ---------------------------------------------------------------- vision (DeepSeek-VL, Janus)
+@covers("vision.patch_embed", "mlp.gelu", "vision.splice", "norm.group")
+@pytest.mark.parametrize("dt,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_vision_ops(dt, tol):
+    check("vision.patch_embed", {"x": randn(2, 3, 12, 20, dtype=dt), "w": randn(6, 3, 4, 4, dtype=dt),
+                                 "b": randn(6, dtype=dt)}, {"x": ("N", 3, 12, 20)}, tol)
+    check("mlp.gelu", {"x": randn(2, 5, 8, dtype=dt), "w1": randn(12, 8, dtype=dt), "b1": randn(12, dtype=dt),
+                       "w2": randn(4, 12, dtype=dt), "b2": randn(4, dtype=dt)}, {"x": ("B", "S", 8)}, tol,
+          approximate="tanh")
+    check("norm.group", {"x": randn(2, 8, 3, 5, dtype=dt), "w": randn(8, dtype=dt), "b": randn(8, dtype=dt)},
+          {"x": ("N", 8, 3, 5)}, tol, groups=4)
+    ids = torch.tensor([[5, 1, 5, 5], [2, 5, 3, 5]])
+    sym = {"e": ("B", "S", 8), "ids": ("B", "S"), "f": ("I", 8)}
+    for rows in (5, 3, 0):   # prefill with images; more placeholders than rows; a decode step
+        check("vision.splice", {"e": randn(2, 4, 8, dtype=dt), "ids": ids, "f": randn(rows, 8, dtype=dt)},
+              sym, tol, token_id=5)
+
+
 # ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
 @covers("norm.layer", "indexer.logits", "indexer.topk", "attention.mla_sparse", "attention.mla_sparse_absorbed")
 @pytest.mark.parametrize("s,t,k", [(3, 3, 2), (2, 7, 3), (4, 9, 12)])   # T above and below k

@@ -335,6 +335,29 @@ BAD += [("abs", types(((2,), F), ((2,), F)), {}, r"takes inputs"),
         ("amax", types(((2,), F)), {}, r"missing required attribute 'dims'")]
 
 
+def conv_loop(x, w, bias, stride=1, padding=0):
+    """Each output pixel as a dot product with the flattened kernel."""
+    x = torch.nn.functional.pad(x, (padding,) * 4)
+    k = w.shape[-1]
+    oh, ow = (x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1
+    out = torch.zeros(x.shape[0], w.shape[0], oh, ow)
+    for i in range(oh):
+        for j in range(ow):
+            tile = x[:, :, i * stride:i * stride + k, j * stride:j * stride + k].reshape(x.shape[0], -1)
+            out[:, :, i, j] = tile @ w.reshape(w.shape[0], -1).T + (0 if bias is None else bias)
+    return out
+
+
+ref("conv2d", [((2, 3, 7, 6), 3, 1, 1)], lambda s, k, st, p: (R(*s), R(4, s[1], k, k), R(4)),
+    lambda x, w, b: conv_loop(x, w, b, 1, 1), padding=1)
+ref("conv2d", [((1, 2, 9, 8), 3, 2, 0)], lambda s, k, st, p: (R(*s), R(5, s[1], k, k)),
+    lambda x, w: conv_loop(x, w, None, 2, 0), stride=2)
+GOOD += [("conv2d", types((("N", 4, 6, 6), F), ((8, 4, 3, 3), F), ((8,), F)), {"padding": 1},
+          types((("N", 8, 6, 6), F)))]
+BAD += [("conv2d", types(((1, 3, 6, 6), F), ((8, 4, 3, 3), F)), {}, r"does not fit x"),
+        ("conv2d", types(((1, 4, 6, 6), F), ((8, 4, 3, 3), F), ((7,), F)), {}, r"bias must be \[8\]")]
+
+
 def _graph_inputs(b, in_types):
     return [b.input(f"x{i}", t.shape, t.dtype) for i, t in enumerate(in_types)]
 

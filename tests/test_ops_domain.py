@@ -183,6 +183,49 @@ ref("mla.decompress", lambda: (R(2, 3, 12), R(2, 3, 1, 4), R(3 * (6 + 5), 12)),
     lambda c, kp, w: decompress_loop(c, kp, w, 3, 6, 5), num_heads=3, qk_nope_dim=6, v_dim=5)
 
 
+# ---------------------------------------------------------------- vision (DeepSeek-VL, Janus)
+def patch_loop(x, w, bias):
+    """Each patch as a dot product with the flattened kernel, written out per patch position."""
+    p = w.shape[-1]
+    rows = []
+    for i in range(x.shape[2] // p):
+        for j in range(x.shape[3] // p):
+            tile = x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p].reshape(x.shape[0], -1)
+            rows.append(tile @ w.reshape(w.shape[0], -1).T + bias)
+    return torch.stack(rows, 1)
+
+
+def splice_loop(e, ids, f, token_id):
+    out, k = e.clone(), 0
+    for bi in range(ids.shape[0]):
+        for si in range(ids.shape[1]):
+            if ids[bi, si] == token_id and k < len(f):
+                out[bi, si], k = f[k], k + 1
+    return out
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+for _n, _h, _w, _p in [(1, 28, 28, 14), (2, 12, 20, 4), (3, 9, 6, 3)]:
+    ref("vision.patch_embed", lambda a=(_n, _h, _w, _p): (R(a[0], 3, a[1], a[2]), R(5, 3, a[3], a[3]), R(5)),
+        patch_loop)
+for _approx in ("none", "tanh"):
+    ref("mlp.gelu", lambda: (R(2, 3, 6), R(9, 6), R(9), R(4, 9), R(4)),
+        lambda x, w1, b1, w2, b2, a=_approx: (gelu_tanh(x @ w1.T + b1) if a == "tanh" else
+                                              torch.nn.functional.gelu(x @ w1.T + b1)) @ w2.T + b2,
+        approximate=_approx)
+ref("norm.group", lambda: (R(2, 6, 3, 4), R(6), R(6)),
+    lambda x, w, b: torch.stack([((g - g.mean()) / torch.sqrt(g.var(unbiased=False) + 1e-6))
+                                 for g in x.reshape(4, -1)]).reshape(2, 6, 3, 4) * w[:, None, None] + b[:, None, None],
+    groups=2)
+_SPLICE_IDS = torch.tensor([[1, 7, 7, 2, 7], [7, 3, 4, 7, 7]])
+ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(6, 6)), lambda e, i, f: splice_loop(e, i, f, 7), token_id=7)
+ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(0, 6)), lambda e, i, f: e, token_id=7)   # decode: none
+ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(4, 6)), lambda e, i, f: splice_loop(e, i, f, 7), token_id=7)
+
+
 # ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
 for _s in [(3, 16), (2, 5, 7)]:
     ref("norm.layer", lambda s=_s: (R(*s), R(s[-1]), R(s[-1])), lambda x, w, b: layer_norm_loop(x, w, b, 1e-6))
@@ -413,6 +456,10 @@ GOOD = [
     ("attention.with_rope", [T("B", "S", 8, 16), T("B", "S", dt=L), T("B", "T", 2, 16), T("B", "T", 2, 8)],
      {"inner": "attention.gqa", "rope_dims": 16, "scale": 0.1}, [T("B", "S", 8, 8)]),
     ("norm.layer", [T("B", "S", 8), T(8), T(8)], {}, [T("B", "S", 8)]),
+    ("vision.patch_embed", [T("N", 3, 28, 42), T(8, 3, 14, 14), T(8)], {}, [T("N", 6, 8)]),
+    ("mlp.gelu", [T("N", 4, 8), T(16, 8), T(16), T(6, 16), T(6)], {"approximate": "tanh"}, [T("N", 4, 6)]),
+    ("vision.splice", [T("B", "S", 8), T("B", "S", dt=L), T("I", 8)], {"token_id": 3}, [T("B", "S", 8)]),
+    ("norm.group", [T("N", 64, 4, 4), T(64), T(64)], {"groups": 32}, [T("N", 64, 4, 4)]),
     ("indexer.logits", [T("B", "S", 4, 16), T("B", "T", 16), T("B", "S", 4)], {"scale": 0.1}, [T("B", "S", "T")]),
     ("indexer.topk", [T("B", "S", "T")], {"k": 8}, [T("B", "S", 8, dt=L)]),
     ("attention.mla_sparse", [T("B", "S", 4, 24), T("B", "T", 4, 24), T("B", "T", 4, 16), T("B", "S", 8, dt=L)],
@@ -464,6 +511,12 @@ BAD = [
     ("attention.with_rope", [T(1, 2, 4, 8), T(1, 2, dt=L), T(1, 3, 4, 8), T(1, 3, 4, 8)],
      {"inner": "attention.flash", "rope_dims": 4, "scale": 1.0}, r"inner='attention.flash' not in"),
     ("norm.layer", [T(2, 8), T(8), T(7)], {}, r"weight and bias must be \[8\]"),
+    ("vision.patch_embed", [T(1, 3, 30, 28), T(8, 3, 14, 14), T(8)], {}, r"30x28 is not a whole number of 14"),
+    ("vision.patch_embed", [T(1, 1, 28, 28), T(8, 3, 14, 14), T(8)], {}, r"does not fit pixels"),
+    ("mlp.gelu", [T(2, 8), T(16, 8), T(16), T(6, 15), T(6)], {}, r"fc2 .* must be \[O, 16\]"),
+    ("vision.splice", [T(2, 4, 8), T(2, 4, dt=L), T(3, 7)], {"token_id": 3}, r"must be \[I, 8\]"),
+    ("vision.splice", [T(2, 4, 8), T(2, 4), T(3, 8)], {"token_id": 3}, r"ids must be int64"),
+    ("norm.group", [T(2, 12, 4, 4), T(12), T(12)], {"groups": 8}, r"12 channels .* do not split into 8 groups"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 9), T(1, 2, 4)], {"scale": 1.0}, r"differ in batch or head dim"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 3)], {"scale": 1.0}, r"must be \[B,S,H\]"),
     ("indexer.logits", [T(1, 2, 4, 12), T(1, 3, 12), T(1, 2, 4)], {"scale": 1.0, "fp8": True},

@@ -161,3 +161,22 @@ def reductions():
 def test_reductions(reductions, bs, n):
     g, w, c = reductions
     check(c, g, w, {"x": torch.randn(*bs, 9), "v": torch.randint(0, 6, (n,))})
+
+
+# ------------------------------------------------------------------------------------------------ vision
+@pytest.mark.parametrize("stride,padding,bias,dt,tol", [(1, 1, True, "float32", TOL), (2, 0, False, "float32", TOL),
+                                                        (1, 1, True, "bfloat16", 1e-2)])
+def test_conv2d(stride, padding, bias, dt, tol):
+    """relax.nn.conv2d against the op's reference, odd sizes, with and without bias, bf16 accumulating in fp32."""
+    b = GraphBuilder("conv", dt)
+    x = b.input("x", ("N", 3, 9, 7), dt)
+    w = b.param("w", (5, 3, 3, 3))
+    bs = [b.param("b", (5,))] if bias else []
+    b.output("y", b.conv2d(x, w, *bs, stride=stride, padding=padding))
+    g = b.build()
+    gen = torch.Generator().manual_seed(3)
+    weights = {"w": torch.randn(5, 3, 3, 3, generator=gen).to(getattr(torch, dt)),
+               "b": torch.randn(5, generator=gen).to(getattr(torch, dt))}
+    weights = {k: v for k, v in weights.items() if k in g.inputs}
+    check(compile_tvm(g, weights), g, weights, {"x": torch.randn(2, 3, 9, 7, generator=gen).to(getattr(torch, dt))},
+          tol)

@@ -24,6 +24,7 @@ from dsgraph.runtime import artifact, distributed
 from dsgraph.runtime.executable import Executable
 from dsgraph.runtime.manifest import looks_like_artifact
 from dsgraph.runtime.memory import check_weights_fit
+from dsgraph.runtime.vision import VisionExecutable
 from dsgraph.serialize import load_graph
 from dsgraph.weights import WeightStore
 
@@ -126,7 +127,29 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
         whole = compile_graph(model.graph, model.weights, be, "none", keep_mtp)[0]
         compiled.report.notes.append(distributed.shard_note(graph, whole))
     log.debug(f"compiled {model.name} in {time.perf_counter() - t0:.2f}s")
+    if model.vision is not None:
+        return _vision_executable(model, be, passes, device, dtype, options,
+                                  (model, graph, compiled, device, dtype, records), weights)
     return Executable(model, graph, compiled, device, dtype, records, mtp=mtp, weights=weights)
+
+
+def _vision_executable(model, be: Backend, passes, device, dtype, options, parts, weights) -> VisionExecutable:
+    """A multimodal model: the vision tower through the same pipeline and backend, beside the decoder."""
+    def part(graph, what):
+        g, w, records = compile_graph(graph, model.weights, be, passes, True, None, dtype)
+        compiled = be.compile(g, w, device=device, dtype=dtype, **options)
+        compiled.report.passes = [(r.name, r.summary()) if hasattr(r, "summary") else r for r in records]
+        parts[2].report.notes.append(f"{what}: {compiled.report}")
+        return g, w, compiled, records
+
+    vision = part(model.vision.graph, "vision tower")[2]
+    generation = None
+    if model.vision.generation is not None:   # Janus: text -> image tokens, over the same language model
+        g, w, compiled, records = part(model.vision.generation, "image-generation decoder")
+        generation = Executable(model, g, compiled, device, dtype, records, weights=w)
+    vq = part(model.vision.vq_decoder, "VQ decoder")[2] if model.vision.vq_decoder is not None else None
+    return VisionExecutable(*parts, weights=weights, vision=vision, generation=generation, vq_decoder=vq,
+                            preprocess=models.vision_preprocessor(model))
 
 
 def _with_kv_cache_dtype(passes, be: Backend, kv_cache_dtype: str | None):

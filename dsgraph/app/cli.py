@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dsgraph import models
@@ -95,10 +96,11 @@ def _run(args, plan: ParallelPlan | None) -> int:
         return 0
     prompt = args.prompt_ids if args.prompt_ids is not None else [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
+    prompt, images = _with_images(exe, [prompt], args.image)
     print("tokens:", end="", flush=True)
-    out, stats = exe.generate([prompt], max_new_tokens=args.max_new_tokens, return_stats=True,
+    out, stats = exe.generate(prompt, max_new_tokens=args.max_new_tokens, return_stats=True,
                               speculative=args.speculative, draft_depth=args.draft_depth,
-                              on_token=lambda i, t: print(f" {int(t[0])}", end="", flush=True))
+                              on_token=lambda i, t: print(f" {int(t[0])}", end="", flush=True), **images)
     print()
     note = distributed.read_note(exe.weights, exe.graph.meta["shard"]["rank"]) if plan is not None else None
     if note:
@@ -115,6 +117,23 @@ def _run(args, plan: ParallelPlan | None) -> int:
               f"{stats.extra['mean_tokens_per_target_step']:.2f} tokens per main-model step "
               f"({stats.target_steps} steps)")
     return 0
+
+
+def _with_images(exe, prompt, files):
+    """(prompt ids, generate's image keywords): each --image file read with Pillow, a placeholder put before the
+    prompt for every image the prompt ids do not mark, the placeholders expanded (exe.prepare_inputs)."""
+    if not files:
+        return prompt, {}
+    if not hasattr(exe, "prepare_inputs"):
+        raise ConfigError(f"--image: {exe.model.name} is not a multimodal model (DeepSeek-VL / Janus)")
+    try:
+        from PIL import Image  # optional: only --image needs it
+    except ImportError:
+        raise ConfigError("--image reads images with Pillow: pip install 'dsgraph[vision]'") from None
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    marks = sum(t == exe.image_token_id for t in prompt[0])
+    ids, pixels = exe.prepare_inputs([[exe.image_token_id] * (len(images) - marks) + prompt[0]], images)
+    return ids, {"images": pixels}
 
 
 def cmd_plan(args) -> int:
@@ -264,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", default=None, help="text, encoded with the model's tokenizer")
     what.add_argument("--prompt-ids", type=guard.token_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
     _generation_args(s)
+    s.add_argument("--image", action="append", default=None, metavar="FILE",
+                   help="an image for a DeepSeek-VL / Janus model (repeatable; read with Pillow)")
     s.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP branch")
     s.add_argument("--draft-depth", type=guard.int_at_least(1), default=1)
     s.add_argument("--tp", type=guard.int_at_least(1), default=1, help="tensor-parallel ranks (run under torchrun)")

@@ -33,3 +33,15 @@ def _(ctx, node):
 def _(ctx, node):
     y = ctx.emit(relax.op.einsum([ctx.f32(v) for v in ctx.inputs(node)], node.attrs["equation"].replace(" ", "")))
     return Lowered("relax", "relax.einsum", outputs=[ctx.astype(y, node.outputs[0].dtype)])
+
+
+@TABLE.register("conv2d")
+def _(ctx, node):
+    """relax.nn.conv2d in fp32 (NCHW / OIHW), + bias per output channel, cast to the declared dtype."""
+    x, w, *bias = ctx.inputs(node)
+    s, p = node.attrs["stride"], node.attrs["padding"]
+    y = ctx.emit(relax.op.nn.conv2d(ctx.f32(x), ctx.f32(w), strides=(s, s), padding=(p, p, p, p),
+                                    out_dtype="float32"))
+    if bias:
+        y = ctx.emit(relax.op.add(y, ctx.emit(relax.op.reshape(ctx.f32(bias[0]), [1, -1, 1, 1]))))
+    return Lowered("relax", "relax.nn.conv2d", outputs=[ctx.astype(y, node.outputs[0].dtype)])

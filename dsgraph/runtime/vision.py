@@ -1,0 +1,132 @@
+"""The runtime of multimodal models: an Executable whose decoder takes image features, and a compiled vision
+graph that makes them, once per image, in prefill.
+
+    exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"), backend="triton")
+    ids, pixels = exe.prepare_inputs(prompt_ids, [image])   # one placeholder per image expanded to its tokens
+    new = exe.generate(ids, images=pixels, max_new_tokens=8)
+
+Decode steps feed an empty [0, D] feature tensor: the splice leaves every position as it is. Janus adds
+`generate_image_tokens` (text -> codebook ids under classifier-free guidance, through its generation decoder)
+and `decode_image` (codes -> pixels, through its VQ decoder).
+"""
+from __future__ import annotations
+
+import torch
+
+from dsgraph.dtypes import to_torch
+from dsgraph.errors import ArtifactError, InputError
+
+from .executable import Executable
+
+
+class VisionExecutable(Executable):
+    """Executable + `vision` (the tower's CompiledGraph); `images` are pixel_values [N, C, H, W]."""
+
+    def __init__(self, *args, vision=None, generation=None, vq_decoder=None, preprocess=None, **kw):
+        super().__init__(*args, **kw)
+        self.vision = vision
+        self.generation = generation   # Janus: an Executable over the image-generation decoder
+        self.vq_decoder = vq_decoder   # Janus: codes [N, grid*grid] -> pixels [N, 3, H, W]
+        self.preprocess = preprocess   # images -> pixel_values (the model's image processor)
+        feats = self.graph.inputs["image_features"].type
+        self.feature_dim, self.feature_dtype = feats.shape[1], to_torch(feats.dtype)
+        self.image_token_id = self.graph.meta["image_token_id"]
+        self.image_tokens = self.graph.meta["image_tokens"]
+        self._features = None
+
+    def encode_images(self, pixel_values) -> torch.Tensor:
+        """image_features [N * image_tokens, D] from pixel_values [N, C, H, W]."""
+        want = self.vision.graph.inputs["pixel_values"].type
+        if not isinstance(pixel_values, torch.Tensor) or tuple(pixel_values.shape[1:]) != want.shape[1:]:
+            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise InputError(f"images must be pixel_values [N, {', '.join(map(str, want.shape[1:]))}], got {got}; "
+                             "preprocess images with exe.prepare_inputs")
+        px = pixel_values.to(self.device, to_torch(want.dtype))
+        return self.vision.run({"pixel_values": px})["image_features"]
+
+    def prepare_inputs(self, prompt_ids, images):
+        """(ids with each image placeholder expanded to image_tokens copies, pixel_values) from prompt ids holding
+        one placeholder per image and the images (arrays [H, W, 3] uint8 or [3, H, W] tensors)."""
+        ids = self._ids(prompt_ids, "prompt_ids")
+        marks = int((ids == self.image_token_id).sum())
+        if marks != len(images) or ids.shape[0] != 1:
+            raise InputError(f"prompt holds {marks} image placeholders (id {self.image_token_id}) for {len(images)} "
+                             "images in one sequence; give one placeholder per image")
+        row = torch.cat([t.repeat(self.image_tokens) if t == self.image_token_id else t[None] for t in ids[0]])
+        return row[None], torch.stack([self.preprocess(im) for im in images])
+
+    def step_inputs(self, ids, state, extra=None):
+        inputs = super().step_inputs(ids, state, extra)
+        if "image_features" not in inputs:
+            feats = self._features if self._features is not None and state.length == 0 else None
+            inputs["image_features"] = feats if feats is not None else \
+                torch.zeros(0, self.feature_dim, dtype=self.feature_dtype, device=self.device)
+        return inputs
+
+    def _check_images(self, ids: torch.Tensor, feats: torch.Tensor | None) -> None:
+        n = int((ids == self.image_token_id).sum())
+        have = 0 if feats is None else feats.shape[0]
+        if n != have:
+            raise InputError(f"prompt holds {n} image tokens (id {self.image_token_id}) but the images give {have} "
+                             f"feature rows ({self.image_tokens} per image); expand placeholders with prepare_inputs")
+
+    def _with_images(self, prompt_ids, images, fn):
+        feats = self.encode_images(images) if images is not None else None
+        self._check_images(self._ids(prompt_ids, "prompt_ids"), feats)
+        self._features = feats
+        try:
+            return fn()
+        finally:
+            self._features = None
+
+    def __call__(self, input_ids, images=None) -> torch.Tensor:
+        return self._with_images(input_ids, images, lambda: super(VisionExecutable, self).__call__(input_ids))
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, images=None, **kw):
+        """Greedy decoding as Executable.generate, the images' features spliced in at the prompt's placeholders."""
+        if kw.get("speculative"):
+            raise InputError("speculative decoding is not available for multimodal models (no MTP branch)")
+        return self._with_images(prompt_ids, images,
+                                 lambda: super(VisionExecutable, self).generate(prompt_ids, max_new_tokens, **kw))
+
+    def save(self, path, overwrite: bool = False):
+        raise ArtifactError(f"cannot save {path}: artifacts hold one decoder graph, and a multimodal model's vision "
+                            "tower (and Janus' generation decoder) would be lost; compile it from the checkpoint")
+
+    @torch.no_grad()
+    def generate_image_tokens(self, prompt_ids, uncond_ids, num_tokens: int, guidance: float = 5.0):
+        """Janus text -> image: `num_tokens` codebook ids [B, num_tokens], greedy under classifier-free guidance
+        (logits = uncond + guidance * (cond - uncond)), the conditional and unconditional prompts (same shape) as
+        one batch of 2B. Each chosen code goes back in through the generation aligner at a placeholder position."""
+        gen = self.generation
+        if gen is None:
+            raise InputError("this model has no image-generation decoder (only Janus / Janus-Pro checkpoints do)")
+        cond, uncond = self._ids(prompt_ids, "prompt_ids"), self._ids(uncond_ids, "uncond_ids")
+        if cond.shape != uncond.shape:
+            raise InputError(f"prompt {tuple(cond.shape)} and unconditional prompt {tuple(uncond.shape)} differ")
+        b = cond.shape[0]
+        none = torch.zeros(0, dtype=torch.int64, device=self.device)
+        out, state = gen.step(torch.cat([cond, uncond]), gen.empty_state(2 * b), {"image_codes": none})
+        codes = []
+        ids = torch.full((2 * b, 1), self.image_token_id, dtype=torch.int64, device=self.device)
+        for i in range(num_tokens):
+            lg = out["image_logits"][:, -1]
+            codes.append((lg[b:] + guidance * (lg[:b] - lg[b:])).argmax(-1))
+            if i + 1 < num_tokens:
+                out, state = gen.step(ids, state, {"image_codes": codes[-1].repeat(2)})
+        return torch.stack(codes, 1)
+
+    def decode_image(self, codes) -> torch.Tensor:
+        """Pixels [N, 3, H, W] (about -1..1) of codebook ids [N, grid*grid] through the VQ decoder."""
+        if self.vq_decoder is None:
+            raise InputError("this model has no VQ decoder (only Janus / Janus-Pro checkpoints do)")
+        want = self.vq_decoder.graph.inputs["image_codes"].type.shape[1]
+        codes = self._ids(codes, "codes")
+        if codes.shape[1] != want:
+            raise InputError(f"codes must be [N, {want}] (the whole code grid), got {tuple(codes.shape)}")
+        return self.vq_decoder.run({"image_codes": codes})["pixels"]
+
+    def generate_image(self, prompt_ids, uncond_ids, guidance: float = 5.0) -> torch.Tensor:
+        """Janus text -> image: the whole code grid by generate_image_tokens, then decode_image's pixels."""
+        n = self.vq_decoder.graph.inputs["image_codes"].type.shape[1] if self.vq_decoder is not None else 0
+        return self.decode_image(self.generate_image_tokens(prompt_ids, uncond_ids, n, guidance))

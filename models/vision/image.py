@@ -1,0 +1,78 @@
+"""Image preprocessing of DeepSeek-VL and Janus (their processors' `preprocessor_config.json`): resize the longer
+side to the tower's size (bicubic, antialiased; the shorter side rounded, at least `min_size`), pad to a square
+with the background colour (the mean as 0..255 integers), rescale to 0..1 and normalise by mean and std.
+
+torch only: images are uint8 arrays [H, W, 3] (what numpy or PIL give) or tensors [3, H, W].
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dsgraph.errors import ConfigError, InputError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    size: int
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    min_size: int = 14
+    rescale: float = 1 / 255
+    background_color: tuple[int, ...] | None = None   # the padding colour; default: the mean as 0..255 integers
+
+    @property
+    def background(self) -> tuple[int, ...]:
+        return self.background_color or tuple(int(m * 255) for m in self.mean)
+
+
+def read_image_config(root: Path, size: int) -> ImageConfig:
+    """The checkpoint's preprocessor_config.json, or the processors' defaults at the tower's size."""
+    f = Path(root) / "preprocessor_config.json"
+    if not f.exists():
+        return ImageConfig(size)
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{f} is not valid JSON: {e}") from None
+    s = cfg.get("size", size)
+    side = s.get("height", size) if isinstance(s, dict) else s
+    if side != size:
+        raise ConfigError(f"{f}: size {s} does not match the vision tower's image_size {size}")
+    bg = cfg.get("background_color")
+    return ImageConfig(size, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)),
+                       cfg.get("min_size", 14), cfg.get("rescale_factor", 1 / 255), tuple(bg) if bg else None)
+
+
+def _as_chw(image) -> torch.Tensor:
+    t = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image))   # a copy: PIL gives read-only
+    if t.dim() == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
+        t = t.permute(2, 0, 1)
+    if t.dim() != 3 or t.shape[0] != 3:
+        raise InputError(f"an image must be RGB [H, W, 3] or [3, H, W], got shape {tuple(t.shape)}")
+    return t.float()
+
+
+def preprocess(image, cfg: ImageConfig) -> torch.Tensor:
+    """pixel_values [3, size, size] (float32) of one image."""
+    x = _as_chw(image)
+    h, w = x.shape[1:]
+    scale = cfg.size / max(h, w)
+    nh, nw = max(round(h * scale), cfg.min_size), max(round(w * scale), cfg.min_size)
+    for size in ((h, nw), (nh, nw)):   # one axis at a time, back to 0..255 integers between, as Pillow resizes
+        x = F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
+        x = x.round().clamp(0, 255)
+    side = max(nh, nw)
+    out = torch.tensor(cfg.background, dtype=torch.float32)[:, None, None].expand(3, side, side).clone()
+    top, left = (side - nh) // 2, (side - nw) // 2
+    out[:, top:top + nh, left:left + nw] = x
+    mean, std = torch.tensor(cfg.mean)[:, None, None], torch.tensor(cfg.std)[:, None, None]
+    return (out * cfg.rescale - mean) / std
