@@ -53,7 +53,8 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
     raw = _read_config(root)
     if raw.get("model_type") in VL_FAMILIES:   # DeepSeek-VL / Janus: models/vision/loader.py
         vl, (graph, vision, generation, vq), weights, image = load_vl_parts(root, raw, dtype, progress)
-        return Model(root.name, vl.text, graph, weights, VisionPart(vl, vision, image, generation, vq))
+        return Model(root.name, vl.text, graph, weights, load_tokenizer(root) if has_tokenizer(root) else None,
+                     VisionPart(vl, vision, image, generation, vq))
     cfg = from_hf(raw, source=str(root / "config.json"))
     shards = Shards(root, progress=progress)
     notes: list[str] = []
