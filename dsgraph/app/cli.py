@@ -72,12 +72,18 @@ def cmd_run(args) -> int:
 
 
 def _load_exe(args, plan: ParallelPlan | None = None):
+    """An artifact (runs in the backend and dtype it was compiled for: asking for others is an error), or a model
+    compiled now (default eager, float32)."""
     if (Path(args.model) / "manifest.json").exists():
         exe = api.load_artifact(args.model, device=args.device, backend=args.backend)
+        if args.dtype not in (None, exe.dtype):
+            raise ConfigError(f"{args.model} was compiled for {exe.dtype}, not --dtype {args.dtype}; drop --dtype "
+                              f"or compile the model again with --dtype {args.dtype}")
         textcli.log.info(f"loaded artifact {args.model} ({exe.compiled.report.backend} on {exe.device}, {exe.dtype})")
         return exe
-    model = api.load(args.model, dtype=args.dtype, **textcli.load_options(args))
-    exe = api.compile(model, backend=args.backend or "eager", device=args.device, dtype=args.dtype,
+    dtype = args.dtype or "float32"
+    model = api.load(args.model, dtype=dtype, **textcli.load_options(args))
+    exe = api.compile(model, backend=args.backend or "eager", device=args.device, dtype=dtype,
                       keep_mtp=getattr(args, "speculative", None) == "mtp", parallel=plan)
     if plan is not None:
         print(exe.compiled.report.notes[-1])
@@ -279,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's e4m3 weights (FP8 GEMMs)")
 
     s = model_cmd("run", "generate text (or tokens), printing it as it comes", cmd_run)
+    s.set_defaults(dtype=None)   # an artifact's own, a model's float32 (_load_exe)
     what = s.add_mutually_exclusive_group()
     what.add_argument("--prompt", default=None, help="text, encoded with the model's tokenizer")
     what.add_argument("--prompt-ids", type=guard.token_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
@@ -305,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ib-gbs", type=float, default=None, help="InfiniBand GB/s per GPU")
 
     s = model_cmd("chat", "interactive multi-turn chat with the model's chat template", cmd_chat)
+    s.set_defaults(dtype=None)
     _generation_args(s)
 
     s = sub.add_parser("list", help="list presets, backends or passes", parents=[common], allow_abbrev=False)

@@ -102,10 +102,12 @@ def test_deleted_manifest_is_named(eager_artifact, tmp_path, capsys):
     assert "manifest.json is missing" in capsys.readouterr().err
 
 
-def test_run_with_another_backend_is_an_error(eager_artifact, capsys):
-    assert main(["run", str(eager_artifact), "--backend", "triton", "--max-new-tokens", "2"]) == 2
+@pytest.mark.parametrize("flag,want", [(("--backend", "triton"), "compiled for backend 'eager', not 'triton'"),
+                                       (("--dtype", "bfloat16"), "compiled for float32, not --dtype bfloat16")])
+def test_run_with_another_backend_or_dtype_is_an_error(eager_artifact, capsys, flag, want):
+    assert main(["run", str(eager_artifact), *flag, "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
-    assert "compiled for backend 'eager', not 'triton'" in err and len(err.strip().splitlines()) == 1
+    assert want in err and len([line for line in err.strip().splitlines() if "error" in line]) == 1
 
 
 def test_corrupt_tuned_table_in_artifact(triton_artifact, cache, tmp_path):
