@@ -30,8 +30,8 @@ from .interpreter import Interpreter, run
 from .ir import Graph, Node, Value
 from .models import Model
 from .runtime.executable import Executable
-from .serve.engine import Engine
 from .serialize import graph_from_json, graph_to_json, load_graph, save_graph
+from .serve.engine import Engine
 from .symbolic import Sym
 from .types import TensorType, tt
 from .version import __version__

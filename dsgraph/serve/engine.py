@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsgraph.errors import InputError
+from dsgraph.errors import InputError, TokenizerError
 from dsgraph.runtime import generation
 from dsgraph.runtime.sampling import generators, next_tokens
 from dsgraph.runtime.state import KVState
 
 from .paged import BlockPool
+
+DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -83,26 +85,35 @@ class Engine:
         self._lock = threading.RLock()
 
     # requests -------------------------------------------------------------------------------
-    def add_request(self, prompt, max_tokens: int = 16, *, request_id: str | None = None, sample: int = 0,
+    def add_request(self, prompt, max_tokens: int | None = 16, *, request_id: str | None = None, sample: int = 0,
                     seed: int | None = None, stop=(), stop_token_ids=None, skip_special_tokens: bool = True,
-                    **knobs) -> str:
-        """Queue one request (text, a chat, or token ids, as `generate` takes one prompt); returns its id."""
+                    detokenize: bool | None = None, **knobs) -> str:
+        """Queue one request (text, a chat, or token ids, as `generate` takes one prompt); returns its id.
+        max_tokens None runs to the model's limit (at most DEFAULT_MAX_TOKENS); `detokenize` (default: for text
+        prompts) streams text and applies stop strings and the tokenizer's EOS to an id prompt too, as a server
+        wants."""
         exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         rows = generation._text_rows(exe, prompt)[0] if text else [list(prompt)]
         ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids")[0].tolist()
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if max_tokens is None:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, (exe.max_positions or 1 << 30) - len(ids)))
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InputError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         exe._check_length(len(ids) + max_tokens)
         if self.pool.blocks_for(len(ids) + max_tokens) > self.pool.num_blocks:
             raise InputError(f"a request of {len(ids)} prompt tokens + max_tokens={max_tokens} needs more than the "
                              f"{self.pool.num_blocks} blocks of {self.pool.block_size} tokens of the KV cache; "
                              "lower max_tokens or give the engine more blocks")
-        if stop and not text:
+        if detokenize and exe.tokenizer is None:
+            raise TokenizerError(f"{exe.model.name} has no tokenizer: its output cannot be detokenised")
+        tokenizer = exe.tokenizer if (text if detokenize is None else detokenize) else None
+        if stop and tokenizer is None:
             raise InputError("stop strings need a text prompt (they are matched on the decoded text)")
-        eos = exe.tokenizer.eos_token_ids if text and stop_token_ids is None else list(stop_token_ids or ())
+        eos = tokenizer.eos_token_ids if tokenizer is not None and stop_token_ids is None else list(stop_token_ids
+                                                                                                    or ())
         req = generation.Request(generation.sampling_params(exe, seed, text, **knobs), max_tokens, frozenset(eos),
-                                 (stop,) if isinstance(stop, str) else tuple(stop), None,
-                                 exe.tokenizer if text else None, skip_special_tokens)
+                                 (stop,) if isinstance(stop, str) else tuple(stop), None, tokenizer,
+                                 skip_special_tokens)
         with self._lock:
             rid = request_id or f"req-{next(self._ids)}"
             if any(s.rid == rid for s in self.waiting + self.running):

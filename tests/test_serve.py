@@ -1,0 +1,162 @@
+"""`dsgraph serve` driven by the official openai client: completions and chat, streamed deltas concatenating to
+the non-streamed text, concurrent requests each equal to their own `generate`, n and seeds, usage counts,
+/metrics, aborts on disconnect, and every error as OpenAI's JSON with its status."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import hf_fixtures as fx
+import pytest
+import torch
+
+import dsgraph
+from dsgraph.serve.engine import Engine
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+from dsgraph.serve.http import create_app  # noqa: E402  (needs the serve extra)
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(fx.one_thread)
+NAME = "tiny"
+PROMPTS = ["Hello", "the model and the", "a", "DeepSeek is a compiler of many words"]
+
+
+class Server:
+    """create_app on uvicorn in a thread of this process, on a free port."""
+
+    def __init__(self, engine, **kw):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.engine = engine
+        self.app = create_app(engine, NAME, **kw)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def exe():
+    return dsgraph.compile(dsgraph.load("deepseek-v2-lite-tiny"), backend="eager", device="cpu",
+                           dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def server(exe):
+    s = Server(Engine(exe, max_num_seqs=4, max_num_batched_tokens=32, block_size=4), max_waiting=64)
+    yield s
+    s.stop()
+
+
+def _alone(exe, prompt, n):
+    return exe.generate(prompt, n, stop_token_ids=exe.tokenizer.eos_token_ids)
+
+
+def test_completions_equal_generate_streamed_or_not(server, exe):
+    c = server.client()
+    for prompt in PROMPTS[:2]:
+        ref = _alone(exe, prompt, 6)
+        r = c.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text == ref.text
+        assert r.choices[0].finish_reason == {"eos": "stop", "length": "length"}[ref.finish_reason]
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
+        chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == ref.text
+        assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_chat_uses_the_template_and_streams(server, exe):
+    c = server.client()
+    msgs = [{"role": "user", "content": "Hi there"}]
+    ref = _alone(exe, msgs, 5)
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == ref.text and r.choices[0].message.role == "assistant"
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == ref.completion_tokens
+
+
+def test_concurrent_requests_each_equal_their_own_generate(server, exe):
+    c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    jobs = [(PROMPTS[i % 4], 2 + i % 5) for i in range(12)]
+
+    async def go():
+        return await asyncio.gather(*(c.completions.create(model=NAME, prompt=p, max_tokens=k, temperature=0)
+                                      for p, k in jobs))
+    outs = asyncio.run(go())
+    for (p, k), r in zip(jobs, outs):
+        assert r.choices[0].text == _alone(exe, p, k).text
+
+
+def test_n_and_seed_and_id_prompts(server, exe):
+    c = server.client()
+    r = c.completions.create(model=NAME, prompt=["Hello", "a"], max_tokens=4, temperature=0.9, seed=3, n=2)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    again = c.completions.create(model=NAME, prompt=["Hello", "a"], max_tokens=4, temperature=0.9, seed=3, n=2)
+    assert [ch.text for ch in r.choices] == [ch.text for ch in again.choices]
+    ref = exe.generate(["Hello", "a"], 4, temperature=0.9, top_p=1.0, top_k=0, seed=3, n=2,
+                       stop_token_ids=exe.tokenizer.eos_token_ids)
+    assert [ch.text for ch in r.choices] == [o.text for o in ref]
+    ids = exe.tokenizer.encode("Hello")
+    r = c.completions.create(model=NAME, prompt=ids, max_tokens=4, temperature=0)
+    assert r.choices[0].text == _alone(exe, "Hello", 4).text
+
+
+def test_errors_are_openai_json(server, exe):
+    c = server.client()
+    for kw, param in [({"max_tokens": -1}, "max_tokens"), ({"temperature": 5}, "temperature"),
+                      ({"prompt": [10 ** 6]}, "prompt"), ({"max_tokens": 10 ** 4}, "prompt"),
+                      ({"n": 0}, "n"), ({"logprobs": 2}, "logprobs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(**{"model": NAME, "prompt": "Hello", **kw})
+        assert e.value.body["param"] == param and e.value.status_code == 400
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="other", prompt="Hello")
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json")
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert [m.id for m in c.models.list()] == [NAME]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_disconnect_aborts_and_metrics_show_it(server):
+    with httpx.stream("POST", server.url + "/v1/completions",
+                      json={"model": NAME, "prompt": "Hello", "max_tokens": 200, "stream": True}) as r:
+        next(r.iter_lines())
+    for _ in range(200):
+        if not server.engine.has_unfinished():
+            break
+        time.sleep(0.05)
+    assert server.engine.pool.used == 0 and not server.engine.has_unfinished()
+    text = httpx.get(server.url + "/metrics").text
+    assert 'dsgraph_requests_total{finish_reason="abort"}' in text and "dsgraph_kv_blocks_used 0.0" in text
+    assert "dsgraph_time_to_first_token_seconds_count" in text
+
+
+def test_queue_full_and_api_key(exe):
+    s = Server(Engine(exe, max_num_seqs=1), max_waiting=1, api_key="sekret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client().completions.create(model=NAME, prompt="Hello", max_tokens=2)
+        with pytest.raises(openai.RateLimitError) as e:
+            s.client(api_key="sekret").completions.create(model=NAME, prompt="Hello", max_tokens=2, n=2)
+        assert e.value.response.headers["retry-after"] == "1"
+        r = s.client(api_key="sekret").completions.create(model=NAME, prompt="Hello", max_tokens=2)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        s.stop()
