@@ -4,7 +4,10 @@ the non-streamed text, concurrent requests each equal to their own `generate`, n
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -160,3 +163,51 @@ def test_queue_full_and_api_key(exe):
         assert r.usage.completion_tokens >= 1
     finally:
         s.stop()
+
+
+def test_bounded_load_loses_and_duplicates_nothing(exe):
+    s = Server(Engine(exe, max_num_seqs=16, max_num_batched_tokens=64, block_size=4), max_waiting=256)
+    c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+    gate = asyncio.Semaphore(32)
+
+    async def one(i):
+        async with gate:
+            return await c.completions.create(model=NAME, prompt=PROMPTS[i % 4], max_tokens=1 + i % 3,
+                                              temperature=0)
+
+    async def go():
+        return await asyncio.gather(*(one(i) for i in range(96)))
+    try:
+        t0 = time.perf_counter()
+        outs = asyncio.run(go())
+        assert time.perf_counter() - t0 < 60
+        assert len({r.id for r in outs}) == 96 and s.engine.pool.used == 0
+        want = {(p, k): _alone(exe, p, k).text for p in PROMPTS for k in (1, 2, 3)}
+        assert all(r.choices[0].text == want[PROMPTS[i % 4], 1 + i % 3] for i, r in enumerate(outs))
+    finally:
+        s.stop()
+
+
+def test_cli_serves_and_exits_0_on_sigterm(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dsgraph", "serve", "deepseek-v2-lite-tiny", "--port", str(port),
+                             "--served-model-name", NAME, "--max-num-seqs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -5,7 +5,9 @@ finish for --shutdown-timeout seconds, aborts the rest and the process exits 0.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 from dsgraph.errors import BackendUnavailable
@@ -68,5 +70,21 @@ def cmd_serve(args) -> int:
                      shutdown_timeout=args.shutdown_timeout)
     log.info(f"serving {name} ({engine.exe.compiled.report.backend} on {engine.exe.device}) at "
              f"http://{args.host}:{args.port}/v1")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    _server(uvicorn)(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                    timeout_graceful_shutdown=30)).run()
     return 0
+
+
+def _server(uvicorn):
+    """uvicorn's Server, except that SIGTERM / SIGINT end a graceful shutdown with exit 0 (uvicorn re-raises the
+    signal after shutting down, which kills the process with it)."""
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+    return Server

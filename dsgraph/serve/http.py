@@ -28,6 +28,7 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_waiting:
                shutdown_timeout: float = 10.0) -> FastAPI:
     """A FastAPI app serving `engine` under the name `model_name`; the engine thread runs with the app."""
     runner = Runner(engine, Metrics())
+    handlers = _Handlers(engine, runner, model_name, max_waiting)
 
     @asynccontextmanager
     async def lifespan(_):
@@ -66,52 +67,64 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_waiting:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _serve(request, chat=False)
+        return await handlers.serve(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _serve(request, chat=True)
+        return await handlers.serve(request, chat=True)
 
-    async def _serve(request: Request, chat: bool):
+    app.add_api_route("/", lambda: PlainTextResponse("dsgraph serve: OpenAI-compatible API under /v1\n"))
+    return app
+
+
+class _Handlers:
+    """The completion endpoints: a request body to engine requests, their outputs to a response or a stream."""
+
+    def __init__(self, engine, runner: Runner, model_name: str, max_waiting: int):
+        self.engine, self.runner, self.model_name, self.max_waiting = engine, runner, model_name, max_waiting
+
+    async def serve(self, request: Request, chat: bool):
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        job = proto.parse(body, chat, model_name)
-        if engine.num_waiting + len(job.prompts) * job.n > max_waiting:
-            raise APIError(429, f"the queue is full ({engine.num_waiting} requests waiting); retry later",
+        job = proto.parse(body, chat, self.model_name)
+        if self.engine.num_waiting + len(job.prompts) * job.n > self.max_waiting:
+            raise APIError(429, f"the queue is full ({self.engine.num_waiting} requests waiting); retry later",
                            code="queue_full", headers={"Retry-After": "1"})
         queue: asyncio.Queue = asyncio.Queue()
-        index = _submit(job, queue)
+        index = self._submit(job, queue)
         if job.stream:
-            return StreamingResponse(_events(job, queue, index), media_type="text/event-stream")
+            return StreamingResponse(self._events(job, queue, index), media_type="text/event-stream")
         try:
-            finals = await _collect(queue, index)
+            finals = await self._collect(queue, index)
         finally:
             for rid in index:
-                runner.abort(rid)          # a no-op for finished requests; frees a cancelled one's blocks
+                self.runner.abort(rid)          # a no-op for finished requests; frees a cancelled one's blocks
         choices = [proto.choice(job, index[rid], text, o.finish_reason) for rid, (text, o) in finals.items()]
         choices.sort(key=lambda c: c["index"])
-        return proto.envelope(job, model_name, choices, use=_usage(job, finals.values()))
+        return proto.envelope(job, self.model_name, choices, use=self._usage(job, finals.values()))
 
-    def _submit(job, queue) -> dict[str, int]:
+    def _submit(self, job, queue) -> dict[str, int]:
         """Every choice queued; {request id: choice index}. A bad prompt aborts those already queued."""
         index: dict[str, int] = {}
         try:
             for i, prompt in enumerate(job.prompts):
                 for j in range(job.n):
-                    index[runner.submit(prompt, queue, j, job.options)] = i * job.n + j
+                    index[self.runner.submit(prompt, queue, j, job.options)] = i * job.n + j
         except DSGraphError as e:
             for rid in index:
-                runner.abort(rid)
+                self.runner.abort(rid)
             raise APIError(400, str(e), "messages" if job.chat else "prompt") from None
         return index
 
+    @staticmethod
     def _usage(job, finals) -> dict:
         """Prompt tokens once per prompt (its n samples share it), completion tokens of every choice."""
         finals = [o for _, o in finals]
         return proto.usage(sum(o.prompt_tokens for o in finals) // job.n, sum(o.completion_tokens for o in finals))
 
+    @staticmethod
     async def _collect(queue, index) -> dict:
         texts, finals = {rid: [] for rid in index}, {}
         while len(finals) < len(index):
@@ -123,13 +136,14 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_waiting:
                 finals[o.request_id] = ("".join(texts[o.request_id]), o)
         return finals
 
-    async def _events(job, queue, index):
+    async def _events(self, job, queue, index):
+        """The SSE stream of one request: a chunk per text delta, finish reasons, usage if asked, [DONE]."""
         pending, finals = set(index), {}
         sse = lambda doc: f"data: {json.dumps(doc)}\n\n"
         try:
             if job.chat:    # the first delta of every choice names the role
-                yield sse(proto.envelope(job, model_name, [proto.choice(job, i, "", None, True, True)
-                                                           for i in sorted(index.values())], chunk=True))
+                yield sse(proto.envelope(job, self.model_name, [proto.choice(job, i, "", None, True, True)
+                                                                for i in sorted(index.values())], chunk=True))
             while pending:
                 o = await queue.get()
                 if isinstance(o, Exception):
@@ -138,16 +152,13 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_waiting:
                 if o.new_text or o.finished:
                     c = proto.choice(job, index[o.request_id], o.new_text, o.finish_reason if o.finished else None,
                                      delta=True)
-                    yield sse(proto.envelope(job, model_name, [c], chunk=True))
+                    yield sse(proto.envelope(job, self.model_name, [c], chunk=True))
                 if o.finished:
                     pending.discard(o.request_id)
                     finals[o.request_id] = ("", o)
             if job.include_usage and not pending:
-                yield sse(proto.envelope(job, model_name, [], chunk=True, use=_usage(job, finals.values())))
+                yield sse(proto.envelope(job, self.model_name, [], chunk=True, use=self._usage(job, finals.values())))
             yield "data: [DONE]\n\n"
         finally:            # a disconnected client cancels this generator: its requests leave the engine
             for rid in pending:
-                runner.abort(rid)
-
-    app.add_api_route("/", lambda: PlainTextResponse("dsgraph serve: OpenAI-compatible API under /v1\n"))
-    return app
+                self.runner.abort(rid)
