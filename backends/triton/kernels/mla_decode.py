@@ -35,7 +35,7 @@ import triton.language as tl
 from dsgraph.errors import InputError, ShapeError
 
 from ..autotune import cached, graph_ms, pick
-from .flash_attention import LOG2E, check_tensors, dot_precision, interpreting
+from .flash_attention import LOG2E, check_block_table, check_tensors, dot_precision, interpreting
 from .mla_config import MLAConfig  # noqa: F401  (re-exported: the launch choices)
 
 try:  # the Hopper Gluon kernel needs a Triton with Gluon and its Hopper ops; without, split-KV serves every call
@@ -250,21 +250,6 @@ def _check(q, cache, kv_lora_rank, cache_lens, q_rope, paged: bool = False):
     return (q[..., :kv_lora_rank], q[..., kv_lora_rank:]) if whole else (q, q_rope)
 
 
-def _check_table(table, pool, cache_lens, b: int) -> None:
-    """A paged call's block table: [B, max_blocks] integers on the pool's device, lengths given, blocks in range."""
-    if not isinstance(table, torch.Tensor) or table.dtype not in (torch.int32, torch.int64) or table.dim() != 2 \
-            or table.shape[0] != b or table.device != pool.device:
-        raise InputError(f"mla_absorbed: block_table must be an int32/int64 [{b}, max_blocks] tensor on "
-                         f"{pool.device}, got {getattr(table, 'dtype', type(table).__name__)} "
-                         f"{tuple(getattr(table, 'shape', ()))}")
-    if cache_lens is None:
-        raise InputError("mla_absorbed: a paged cache (block_table) needs cache_lens, each request's length")
-    if pool.stride(0) != pool.shape[1] * pool.stride(1):
-        raise InputError("mla_absorbed: a paged pool must hold each block's rows back to back ([blocks, PAGE, C+R])")
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
-        raise InputError(f"mla_absorbed: block_table names blocks outside the pool's {pool.shape[0]}")
-
-
 def hopper(device) -> bool:
     """Whether `device` is an sm_90 GPU, the one `mla_decode_gluon` is built for."""
     device = torch.device(device)
@@ -332,7 +317,7 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
     """
     qc, qr = _check(q, cache, kv_lora_rank, cache_lens, q_rope, block_table is not None)
     if block_table is not None:
-        _check_table(block_table, cache, cache_lens, q.shape[0])
+        check_block_table("mla_absorbed", block_table, (cache,), cache_lens, q.shape[0])
     b, s, h, _ = q.shape
     if qc.numel() == 0:
         return torch.empty((b, s, h, kv_lora_rank), dtype=q.dtype, device=q.device)
