@@ -121,11 +121,30 @@ def test_n_and_seed_and_id_prompts(server, exe):
     assert r.choices[0].text == _alone(exe, "Hello", 4).text
 
 
+def test_logprobs_are_the_models(server, exe):
+    c = server.client()
+    ids = exe.tokenizer.encode("Hello")
+    want = torch.log_softmax(exe([ids])[0, -1].float(), -1)
+    r = c.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert abs(lp.token_logprobs[0] - float(want.max())) < 1e-4
+    assert len(lp.top_logprobs[0]) == 3 and abs(max(lp.top_logprobs[0].values()) - lp.token_logprobs[0]) < 1e-6
+    msgs = [{"role": "user", "content": "Hi"}]
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=3, temperature=0, stream=True,
+                                            logprobs=True, top_logprobs=2))
+    items = [i for ch in chunks if ch.choices and ch.choices[0].logprobs for i in ch.choices[0].logprobs.content]
+    r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=3, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    assert [i.logprob for i in items] == [i.logprob for i in r.choices[0].logprobs.content]
+    assert all(len(i.top_logprobs) == 2 for i in items) and len(items) == r.usage.completion_tokens
+
+
 def test_errors_are_openai_json(server, exe):
     c = server.client()
     for kw, param in [({"max_tokens": -1}, "max_tokens"), ({"temperature": 5}, "temperature"),
                       ({"prompt": [10 ** 6]}, "prompt"), ({"max_tokens": 10 ** 4}, "prompt"),
-                      ({"n": 0}, "n"), ({"logprobs": 2}, "logprobs")]:
+                      ({"n": 0}, "n"), ({"logprobs": 9}, "logprobs"), ({"suffix": "x"}, "suffix")]:
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(**{"model": NAME, "prompt": "Hello", **kw})
         assert e.value.body["param"] == param and e.value.status_code == 400

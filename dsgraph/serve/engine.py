@@ -28,6 +28,7 @@ from dsgraph.runtime.state import KVState
 from .paged import BlockPool
 
 DEFAULT_MAX_TOKENS = 256
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -42,6 +43,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, dict[int, float]]] | None = None   # per new token: its logprob, the top-k's
 
 
 class _Seq:
@@ -55,6 +57,8 @@ class _Seq:
         self.table: list[int] = []
         self.computed = 0            # tokens whose cache rows are in the table's blocks
         self.sent = 0                # tokens already reported by step()
+        self.top_logprobs: int | None = None     # asked for logprobs: how many alternatives per token
+        self.logprobs: list = []
         self.t0 = time.perf_counter()
 
     @property
@@ -87,11 +91,12 @@ class Engine:
     # requests -------------------------------------------------------------------------------
     def add_request(self, prompt, max_tokens: int | None = 16, *, request_id: str | None = None, sample: int = 0,
                     seed: int | None = None, stop=(), stop_token_ids=None, skip_special_tokens: bool = True,
-                    detokenize: bool | None = None, **knobs) -> str:
+                    detokenize: bool | None = None, logprobs: int | None = None, **knobs) -> str:
         """Queue one request (text, a chat, or token ids, as `generate` takes one prompt); returns its id.
         max_tokens None runs to the model's limit (at most DEFAULT_MAX_TOKENS); `detokenize` (default: for text
         prompts) streams text and applies stop strings and the tokenizer's EOS to an id prompt too, as a server
-        wants."""
+        wants. logprobs=k reports each new token's log-probability under the model (before sampling's knobs) and
+        the k most likely tokens'."""
         exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         rows = generation._text_rows(exe, prompt)[0] if text else [list(prompt)]
         ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids")[0].tolist()
@@ -107,6 +112,9 @@ class Engine:
         if detokenize and exe.tokenizer is None:
             raise TokenizerError(f"{exe.model.name} has no tokenizer: its output cannot be detokenised")
         tokenizer = exe.tokenizer if (text if detokenize is None else detokenize) else None
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise InputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
         if stop and tokenizer is None:
             raise InputError("stop strings need a text prompt (they are matched on the decoded text)")
         eos = tokenizer.eos_token_ids if tokenizer is not None and stop_token_ids is None else list(stop_token_ids
@@ -119,6 +127,7 @@ class Engine:
             if any(s.rid == rid for s in self.waiting + self.running):
                 raise InputError(f"request id {rid!r} is already in the engine")
             seq = _Seq(rid, ids, req, sample, exe.device, next(self._ids))
+            seq.top_logprobs = logprobs
             req.on_text = lambda _, piece: seq.text.append(piece)
             self.waiting.append(seq)
         return rid
@@ -223,6 +232,11 @@ class Engine:
         params = seq.req.params
         history = None if params.repetition_penalty == 1.0 else torch.tensor([seq.tokens], device=logits.device)
         tok = int(next_tokens(logits, params, [seq.gen], history)[0, 0])
+        if seq.top_logprobs is not None:
+            lp = torch.log_softmax(logits[0].float(), -1)
+            top = torch.topk(lp, seq.top_logprobs) if seq.top_logprobs else None
+            seq.logprobs.append((float(lp[tok]), {} if top is None else
+                                 dict(zip(top.indices.tolist(), top.values.tolist()))))
         if not seq.row.tokens:
             seq.row.ttft = time.perf_counter() - seq.t0
         seq.row.push(tok)
@@ -234,12 +248,13 @@ class Engine:
             return None
         seq.sent = len(seq.row.tokens)
         text, seq.text = "".join(seq.text), []
+        logprobs, seq.logprobs = (seq.logprobs if seq.top_logprobs is not None else None), []
         if done and seq in self.running:
             self.running.remove(seq)
             self.pool.release(seq.table)
             seq.table = []
         return RequestOutput(seq.rid, new, text, done, seq.row.finish, len(seq.prompt), len(seq.row.tokens),
-                             list(seq.row.tokens))
+                             list(seq.row.tokens), logprobs)
 
     def generate(self, prompts: list, max_tokens: int = 16, **options) -> list[RequestOutput]:
         """Every prompt through the engine at once until all finish; the final output of each, in order."""

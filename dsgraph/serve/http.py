@@ -101,7 +101,10 @@ class _Handlers:
         finally:
             for rid in index:
                 self.runner.abort(rid)          # a no-op for finished requests; frees a cancelled one's blocks
-        choices = [proto.choice(job, index[rid], text, o.finish_reason) for rid, (text, o) in finals.items()]
+        tok = self.engine.exe.tokenizer
+        choices = [proto.choice(job, index[rid], text, o.finish_reason,
+                                logprobs=proto.logprobs(job, tok, o.token_ids, lps)) for rid, (text, o, lps) in
+                   finals.items()]
         choices.sort(key=lambda c: c["index"])
         return proto.envelope(job, self.model_name, choices, use=self._usage(job, finals.values()))
 
@@ -121,19 +124,22 @@ class _Handlers:
     @staticmethod
     def _usage(job, finals) -> dict:
         """Prompt tokens once per prompt (its n samples share it), completion tokens of every choice."""
-        finals = [o for _, o in finals]
+        finals = [f[1] for f in finals]
         return proto.usage(sum(o.prompt_tokens for o in finals) // job.n, sum(o.completion_tokens for o in finals))
 
     @staticmethod
     async def _collect(queue, index) -> dict:
-        texts, finals = {rid: [] for rid in index}, {}
+        """{request id: (its text, its final RequestOutput, its logprob entries or None)}."""
+        texts, lps, finals = {rid: [] for rid in index}, {rid: [] for rid in index}, {}
         while len(finals) < len(index):
             o = await queue.get()
             if isinstance(o, Exception):
                 raise APIError(500, f"generation failed: {o}")
             texts[o.request_id].append(o.new_text)
+            lps[o.request_id] += o.logprobs or []
             if o.finished:
-                finals[o.request_id] = ("".join(texts[o.request_id]), o)
+                finals[o.request_id] = ("".join(texts[o.request_id]), o,
+                                        None if o.logprobs is None else lps[o.request_id])
         return finals
 
     async def _events(self, job, queue, index):
@@ -150,12 +156,13 @@ class _Handlers:
                     yield sse(APIError(500, f"generation failed: {o}").body())
                     break
                 if o.new_text or o.finished:
+                    lp = proto.logprobs(job, self.engine.exe.tokenizer, o.new_token_ids, o.logprobs)
                     c = proto.choice(job, index[o.request_id], o.new_text, o.finish_reason if o.finished else None,
-                                     delta=True)
+                                     delta=True, logprobs=lp)
                     yield sse(proto.envelope(job, self.model_name, [c], chunk=True))
                 if o.finished:
                     pending.discard(o.request_id)
-                    finals[o.request_id] = ("", o)
+                    finals[o.request_id] = ("", o, None)
             if job.include_usage and not pending:
                 yield sse(proto.envelope(job, self.model_name, [], chunk=True, use=self._usage(job, finals.values())))
             yield "data: [DONE]\n\n"

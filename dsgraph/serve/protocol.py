@@ -2,6 +2,7 @@
 the response and stream-chunk shapes of /v1/completions and /v1/chat/completions."""
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -91,7 +92,7 @@ def parse(body, chat: bool, model_name: str) -> Job:
     if model is not None and model != model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}", "model",
                        "model_not_found")
-    for key in ("logprobs", "top_logprobs", "tools", "suffix", "echo", "best_of"):
+    for key in ("tools", "suffix", "echo", "best_of"):
         if body.get(key) and not (key == "best_of" and body[key] == 1):
             raise _bad(key, "is not supported by dsgraph serve yet")
     prompts = [_messages(body)] if chat else _prompts(body)
@@ -106,6 +107,15 @@ def parse(body, chat: bool, model_name: str) -> Job:
     options = {"max_tokens": max_tokens if max_tokens is not None else (None if chat else 16),
                "temperature": _number(body, "temperature", 0, 2), "top_p": _number(body, "top_p", 1e-9, 1),
                "top_k": _number(body, "top_k", 0, 1 << 30, integer=True), "seed": seed, "stop": tuple(stop or ())}
+    if chat:     # chat: logprobs a boolean, top_logprobs the alternatives; completions: logprobs the alternatives
+        if not isinstance(body.get("logprobs", False), bool):
+            raise _bad("logprobs", f"must be a boolean for chat completions, got {body['logprobs']!r}")
+        top = _number(body, "top_logprobs", 0, 20, integer=True)
+        options["logprobs"] = (top or 0) if body.get("logprobs") else None
+        if top is not None and not body.get("logprobs"):
+            raise _bad("top_logprobs", "needs logprobs: true")
+    else:
+        options["logprobs"] = _number(body, "logprobs", 0, 5, integer=True)
     if options["temperature"] is None:
         options["temperature"] = 1.0          # OpenAI's default (a server does not read generation_config)
     stream = body.get("stream", False)
@@ -126,15 +136,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice(job: Job, index: int, text: str, finish: str | None, delta: bool = False, role: bool = False) -> dict:
+def choice(job: Job, index: int, text: str, finish: str | None, delta: bool = False, role: bool = False,
+           logprobs: dict | None = None) -> dict:
     reason = FINISH.get(finish) if finish else None
     if not job.chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     if delta:
         d = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
-        return {"index": index, "delta": d, "logprobs": None, "finish_reason": reason}
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": reason}
+
+
+def logprobs(job: Job, tokenizer, ids: list[int], entries, offset: int = 0) -> dict | None:
+    """OpenAI's logprobs object for these tokens (chat: `content` items; completions: parallel lists)."""
+    if entries is None:
+        return None
+    piece = lambda t: tokenizer.decode([t])
+    if job.chat:
+        item = lambda t, lp: {"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
+        return {"content": [{**item(t, lp), "top_logprobs": [item(a, b) for a, b in top.items()]}
+                            for t, (lp, top) in zip(ids, entries)]}
+    strs = [piece(t) for t in ids]
+    return {"tokens": strs, "token_logprobs": [lp for lp, _ in entries],
+            "top_logprobs": [{piece(a): b for a, b in top.items()} for _, top in entries],
+            "text_offset": list(itertools.accumulate((len(x) for x in strs), initial=offset))[:-1]}
 
 
 def envelope(job: Job, model: str, choices: list, chunk: bool = False, use: dict | None = None) -> dict:
