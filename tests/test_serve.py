@@ -4,12 +4,15 @@ the non-streamed text, concurrent requests each equal to their own `generate`, n
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import hf_fixtures as fx
 import pytest
@@ -230,3 +233,14 @@ def test_cli_serves_and_exits_0_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_serve_benchmark_script_counts_every_token(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/serve.py", "deepseek-v2-lite-tiny", "--device", "cpu",
+                          "--concurrency", "1,4", "--prompts", "4", "--input-len", "8", "--output-len", "3"],
+                         cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OUT": str(tmp_path)},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "serve.json").read_text())["results"]
+    assert [r["concurrency"] for r in rows] == [1, 4] and all(r["output_tokens"] == 12 for r in rows)

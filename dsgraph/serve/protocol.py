@@ -107,6 +107,10 @@ def parse(body, chat: bool, model_name: str) -> Job:
     options = {"max_tokens": max_tokens if max_tokens is not None else (None if chat else 16),
                "temperature": _number(body, "temperature", 0, 2), "top_p": _number(body, "top_p", 1e-9, 1),
                "top_k": _number(body, "top_k", 0, 1 << 30, integer=True), "seed": seed, "stop": tuple(stop or ())}
+    if not isinstance(body.get("ignore_eos", False), bool):
+        raise _bad("ignore_eos", "must be a boolean")
+    if body.get("ignore_eos"):      # an extension (as vLLM's): run to max_tokens, e.g. for benchmarks
+        options["stop_token_ids"] = ()
     if chat:     # chat: logprobs a boolean, top_logprobs the alternatives; completions: logprobs the alternatives
         if not isinstance(body.get("logprobs", False), bool):
             raise _bad("logprobs", f"must be a boolean for chat completions, got {body['logprobs']!r}")
