@@ -110,6 +110,21 @@ def test_concurrent_requests_each_equal_their_own_generate(server, exe):
         assert r.choices[0].text == _alone(exe, p, k).text
 
 
+def test_preemption_under_a_tiny_block_budget_changes_no_output(exe):
+    s = Server(Engine(exe, max_num_seqs=8, block_size=4, num_blocks=14))
+    c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+
+    async def go():
+        return await asyncio.gather(*(c.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0)
+                                      for p in PROMPTS * 2))
+    try:
+        outs = asyncio.run(go())
+        assert s.engine.preemptions > 0 and s.engine.pool.used == 0
+        assert [r.choices[0].text for r in outs] == [_alone(exe, p, 8).text for p in PROMPTS * 2]
+    finally:
+        s.stop()
+
+
 def test_n_and_seed_and_id_prompts(server, exe):
     c = server.client()
     r = c.completions.create(model=NAME, prompt=["Hello", "a"], max_tokens=4, temperature=0.9, seed=3, n=2)
