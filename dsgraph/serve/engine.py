@@ -29,6 +29,7 @@ from .paged import BlockPool
 
 DEFAULT_MAX_TOKENS = 256
 MAX_LOGPROBS = 20
+DEFAULT_SEQ_TOKENS = 4096    # the default pool holds max_num_seqs sequences of this many tokens (or the model's limit)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Engine:
             raise InputError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_num_batched_tokens}")
         self.exe, self.max_num_seqs, self.budget = exe, max_num_seqs, max_num_batched_tokens
-        limit = exe.max_positions or 4096
+        limit = min(exe.max_positions or DEFAULT_SEQ_TOKENS, DEFAULT_SEQ_TOKENS)
         self.pool = BlockPool(exe.graph, num_blocks or max_num_seqs * -(-limit // block_size), block_size,
                               exe.device)
         self.prefix_caching = prefix_caching
@@ -108,7 +109,7 @@ class Engine:
         if self.pool.blocks_for(len(ids) + max_tokens) > self.pool.num_blocks:
             raise InputError(f"a request of {len(ids)} prompt tokens + max_tokens={max_tokens} needs more than the "
                              f"{self.pool.num_blocks} blocks of {self.pool.block_size} tokens of the KV cache; "
-                             "lower max_tokens or give the engine more blocks")
+                             "lower max_tokens or give the engine more blocks (num_blocks, dsgraph serve --num-blocks)")
         if detokenize and exe.tokenizer is None:
             raise TokenizerError(f"{exe.model.name} has no tokenizer: its output cannot be detokenised")
         tokenizer = exe.tokenizer if (text if detokenize is None else detokenize) else None
