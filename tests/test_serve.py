@@ -85,6 +85,14 @@ def test_completions_equal_generate_streamed_or_not(server, exe):
         assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
 
 
+def test_stop_strings_end_with_stop(server, exe):
+    full = _alone(exe, "Hello", 8).text
+    stop = full[3:5]
+    ref = exe.generate("Hello", 8, stop=[stop], stop_token_ids=exe.tokenizer.eos_token_ids)
+    r = server.client().completions.create(model=NAME, prompt="Hello", max_tokens=8, temperature=0, stop=stop)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (ref.text, "stop") and stop not in ref.text
+
+
 def test_chat_uses_the_template_and_streams(server, exe):
     c = server.client()
     msgs = [{"role": "user", "content": "Hi there"}]

@@ -8,8 +8,9 @@ are freed, it waits again, and on resume its prompt and the tokens it had made a
 re-sampled, so its output is unchanged). Prompts starting with cached full blocks skip their prefill.
 
 The graphs take one cache length per batch, so a step runs one graph call per (cache length, chunk length)
-group, each over the group's caches gathered from the pool: correct on every backend (the block-table kernels
-of the issue are not written yet). Sampling and stop rules are the text runtime's, per request.
+group, each over the group's caches gathered from the pool: correct on every backend (the triton kernels'
+block-table path, backends/triton/kernels, is not wired into the graphs yet). Sampling and stop rules are the
+text runtime's, per request.
 """
 from __future__ import annotations
 
