@@ -31,6 +31,7 @@ from .ir import Graph, Node, Value
 from .models import Model
 from .runtime.executable import Executable
 from .serialize import graph_from_json, graph_to_json, load_graph, save_graph
+from .serve.engine import Engine
 from .symbolic import Sym
 from .types import TensorType, tt
 from .version import __version__
@@ -38,7 +39,7 @@ from .weights import WeightStore
 
 __all__ = [
     "ArtifactError", "BackendUnavailable", "CheckpointError", "ConfigError", "DeviceMemoryError", "DSGraphError",
-    "Executable", "Graph", "GraphBuilder", "InputError", "Interpreter", "Model", "Node", "NumericsError",
+    "Engine", "Executable", "Graph", "GraphBuilder", "InputError", "Interpreter", "Model", "Node", "NumericsError",
     "PassError", "ShapeError", "Sym", "TensorType", "UnknownOpError", "Value", "VerifyError", "WeightStore", "compile",
     "compile_graph", "graph_from_json", "graph_to_json", "load", "load_artifact", "load_graph", "run", "save_graph",
     "summarize", "to_networkx", "tt", "__version__",

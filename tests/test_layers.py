@@ -14,7 +14,7 @@ FOLDERS = {"dsgraph": "dsgraph", "passes": "dsgraph.passes", "backends": "dsgrap
 # imported inside functions on purpose: optional extras, or Triton (imported only after the backend has chosen
 # its interpreter or GPU mode, which must happen before triton's first import)
 OPTIONAL = ("tvm", "tvm_ffi", "onnx", "onnxruntime", "matplotlib", "networkx", "torch._dynamo", "torch.distributed",
-            "triton", "transformers", "PIL")
+            "triton", "transformers", "PIL", "fastapi", "uvicorn", "prometheus_client")
 
 
 def _package_files():

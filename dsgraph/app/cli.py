@@ -25,7 +25,7 @@ from dsgraph.parallel import ParallelPlan
 from dsgraph.runtime import distributed
 from dsgraph.version import __version__
 
-from . import api, textcli
+from . import api, servecli, textcli
 from . import cli_guard as guard
 from . import plan as planner
 from .bench import bench, load_model, prebuild_tvm, report
@@ -366,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[common], allow_abbrev=False)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     s.set_defaults(fn=cmd_demo)
+    servecli.add_parser(sub, common)
     return p
 
 

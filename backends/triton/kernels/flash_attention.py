@@ -61,6 +61,22 @@ def check_tensors(what: str, **tensors: torch.Tensor) -> torch.dtype:
     return first.dtype
 
 
+def check_block_table(what: str, table, pools, lens, b: int) -> None:
+    """A paged call's block table: [B, max_blocks] integers on the pools' device naming blocks inside them, the
+    lengths given, each pool's blocks holding their rows back to back ([blocks, PAGE, ...])."""
+    pool = pools[0]
+    if not isinstance(table, torch.Tensor) or table.dtype not in (torch.int32, torch.int64) or table.dim() != 2 \
+            or table.shape[0] != b or table.device != pool.device:
+        raise InputError(f"{what}: block_table must be an int32/int64 [{b}, max_blocks] tensor on {pool.device}, "
+                         f"got {getattr(table, 'dtype', type(table).__name__)} {tuple(getattr(table, 'shape', ()))}")
+    if lens is None:
+        raise InputError(f"{what}: a paged cache (block_table) needs the lengths of the requests")
+    if any(p.stride(0) != p.shape[1] * p.stride(1) for p in pools):
+        raise InputError(f"{what}: a paged pool must hold each block's rows back to back ([blocks, PAGE, ...])")
+    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
+        raise InputError(f"{what}: block_table names blocks outside the pool's {pool.shape[0]}")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact ('ieee') dots: Triton's default for fp32 is tf32, which misses the fp32 tolerance."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -79,23 +95,28 @@ def pow2_split(d: int) -> tuple[int, int, int, int]:
 # ----------------------------------------------------------------------------------------------------- kernel
 
 @triton.jit
-def _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, lo, hi, offs_m, T, S,
+def _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, table_base, lo, hi, offs_m, T, S,
                  stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
                  HEAD_D1: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update over key tiles [lo, hi). MASKED tiles check key bounds and the causal diagonal."""
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PAGE: tl.constexpr):
+    """Online-softmax update over key tiles [lo, hi). MASKED tiles check key bounds and the causal diagonal.
+    PAGE > 0: key n is row n % PAGE of block table[n // PAGE] of the pool (a paged cache)."""
     offs_d1 = tl.arange(0, BLOCK_D1)
     offs_d2 = tl.arange(0, BLOCK_D2)
     offs_dv = tl.arange(0, BLOCK_DV)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < T  # always true in the unmasked phase; kept so loads share one form
-        k1 = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d1[None, :] * stride_kd,
+        rows = offs_n
+        if PAGE > 0:
+            rows = tl.load(table_base + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64) * PAGE + offs_n % PAGE
+        k1 = tl.load(k_base + rows[:, None] * stride_kt + offs_d1[None, :] * stride_kd,
                      mask=n_ok[:, None] & (offs_d1[None, :] < HEAD_D1), other=0.0)
         qk = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
         if HEAD_D2 > 0:
-            k2 = tl.load(k_base + offs_n[:, None] * stride_kt + (HEAD_D1 + offs_d2[None, :]) * stride_kd,
+            k2 = tl.load(k_base + rows[:, None] * stride_kt + (HEAD_D1 + offs_d2[None, :]) * stride_kd,
                          mask=n_ok[:, None] & (offs_d2[None, :] < HEAD_D2), other=0.0)
             qk = tl.dot(q2, tl.trans(k2), qk, input_precision=PRECISION)
         qk = qk * qk_scale
@@ -109,7 +130,7 @@ def _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, lo, hi, offs_m, T, S,
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+        v = tl.load(v_base + rows[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DV), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -118,7 +139,7 @@ def _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, lo, hi, offs_m, T, S,
 
 @triton.jit
 def _flash_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lens_ptr, S, T, HQ, GROUP,
+    q_ptr, k_ptr, v_ptr, o_ptr, lens_ptr, table_ptr, S, T, HQ, GROUP, stride_tb,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -126,8 +147,8 @@ def _flash_attention_kernel(
     qk_scale,
     HEAD_D1: tl.constexpr, HEAD_D2: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -147,8 +168,12 @@ def _flash_attention_kernel(
     q1 = tl.load(q_rows + offs_d1[None, :] * stride_qd, mask=m_ok[:, None] & (offs_d1[None, :] < HEAD_D1), other=0.0)
     q2 = tl.load(q_rows + (HEAD_D1 + offs_d2[None, :]) * stride_qd,
                  mask=m_ok[:, None] & (offs_d2[None, :] < HEAD_D2), other=0.0)
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    k_base = k_ptr + kvh * stride_kh
+    v_base = v_ptr + kvh * stride_vh
+    if PAGE == 0:  # contiguous: request b's own [T, ...] rows; paged: rows of the pool through its block table
+        k_base += b * stride_kb
+        v_base += b * stride_vb
+    table_base = table_ptr + b * stride_tb
 
     if CAUSAL:  # row i sees keys <= i + kv_len - S
         hi = tl.minimum(kv_len, (pid_m + 1) * BLOCK_M + kv_len - S)
@@ -162,14 +187,14 @@ def _flash_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, 0, full, offs_m, kv_len, S,
+    acc, l_i, m_i = _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, table_base, 0, full, offs_m, kv_len, S,
                                  stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
                                  HEAD_D1, HEAD_D2, HEAD_DV, BLOCK_D1, BLOCK_D2, BLOCK_DV,
-                                 False, CAUSAL, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, full, hi, offs_m, kv_len, S,
+                                 False, CAUSAL, PRECISION, BLOCK_N, PAGE)
+    acc, l_i, m_i = _flash_tiles(acc, l_i, m_i, q1, q2, k_base, v_base, table_base, full, hi, offs_m, kv_len, S,
                                  stride_kt, stride_kd, stride_vt, stride_vd, qk_scale,
                                  HEAD_D1, HEAD_D2, HEAD_DV, BLOCK_D1, BLOCK_D2, BLOCK_DV,
-                                 True, CAUSAL, PRECISION, BLOCK_N)
+                                 True, CAUSAL, PRECISION, BLOCK_N, PAGE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
@@ -210,7 +235,7 @@ def _tuned_kernel(head_d: int, head_dv: int):
     key = (head_d, head_dv)
     if key not in _TUNED:
         tune = triton.autotune(configs=_triton_configs(head_d, head_dv),
-                               key=["HEAD_D1", "HEAD_D2", "HEAD_DV", "HAS_LENS", "CAUSAL"])
+                               key=["HEAD_D1", "HEAD_D2", "HEAD_DV", "HAS_LENS", "CAUSAL", "PAGE"])
         _TUNED[key] = tune(_flash_attention_kernel)
     return _TUNED[key]
 
@@ -218,14 +243,16 @@ def _tuned_kernel(head_d: int, head_dv: int):
 # ----------------------------------------------------------------------------------------------------- host wrapper
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True,
-                    config: FlashConfig | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+                    config: FlashConfig | None = None, kv_lens: torch.Tensor | None = None,
+                    block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (or full) attention, `attention_ref` semantics; returns [B, S, Hq, Dv] in q's dtype.
 
     kv_lens: optional [B] int32/int64 valid key counts (the rest of k/v is ignored; values above T are clamped),
     with the queries at the end of each request's valid keys: how a decode step reads a cache buffer of fixed
     capacity whose length lives on the device (CUDA-graph decode). Rows with no visible key (S > T under the
     causal rule) come out as zeros. `config` pins one tile choice; without it the tile is autotuned per head
-    shape on first use (do that before capturing a CUDA graph).
+    shape on first use (do that before capturing a CUDA graph). block_table [B, max_blocks]: a paged cache, k and
+    v then pools [num_blocks, PAGE, Hkv, D|Dv] read through each request's blocks (kv_lens required).
     """
     dtype = check_tensors("flash_attention", q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -233,11 +260,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
             raise ShapeError(f"flash_attention: {name} must be [B, S|T, H, D], got shape {tuple(t.shape)}")
     b, s, hq, d = q.shape
     t_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-    if k.shape[0] != b or v.shape[0] != b:
+    paged = block_table is not None
+    if paged:
+        check_block_table("flash_attention", block_table, (k, v), kv_lens, b)
+        t_len = block_table.shape[1] * k.shape[1]
+    elif k.shape[0] != b or v.shape[0] != b:
         raise ShapeError(f"flash_attention: batch sizes differ (q {b}, k {k.shape[0]}, v {v.shape[0]})")
     if k.shape[3] != d:
         raise ShapeError(f"flash_attention: q head dim {d} != k head dim {k.shape[3]}")
-    if v.shape[1] != t_len or v.shape[2] != hkv:
+    if (v.shape[:3] != k.shape[:3]) if paged else (v.shape[1] != t_len or v.shape[2] != hkv):
         raise ShapeError(f"flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in length or heads")
     if hkv == 0 or hq % hkv:
         raise ShapeError(f"flash_attention: {hq} query heads are not a multiple of {hkv} kv heads")
@@ -249,11 +280,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         return out
     d1, d2, bd1, bd2 = pow2_split(d)
     lens = kv_lens if kv_lens is not None else out  # unread without HAS_LENS
-    args = (q, k, v, out, lens, s, t_len, hq, hq // hkv, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            scale * LOG2E)
+    args = (q, k, v, out, lens, block_table if paged else out, s, t_len, hq, hq // hkv,
+            block_table.stride(0) if paged else 0, *q.stride(), *k.stride(), *v.stride(), *out.stride(), scale * LOG2E)
     meta = dict(HEAD_D1=d1, HEAD_D2=d2, HEAD_DV=dv, BLOCK_D1=bd1, BLOCK_D2=bd2,
                 BLOCK_DV=max(16, triton.next_power_of_2(dv)), HAS_LENS=kv_lens is not None, CAUSAL=bool(causal),
-                PRECISION=dot_precision(dtype))
+                PRECISION=dot_precision(dtype), PAGE=k.shape[1] if paged else 0)
     if config is None:
         grid = lambda META: (triton.cdiv(s, META["BLOCK_M"]), b * hq)
         _tuned_kernel(d, dv)[grid](*args, **meta)

@@ -35,7 +35,7 @@ import triton.language as tl
 from dsgraph.errors import InputError, ShapeError
 
 from ..autotune import cached, graph_ms, pick
-from .flash_attention import LOG2E, check_tensors, dot_precision, interpreting
+from .flash_attention import LOG2E, check_block_table, check_tensors, dot_precision, interpreting
 from .mla_config import MLAConfig  # noqa: F401  (re-exported: the launch choices)
 
 try:  # the Hopper Gluon kernel needs a Triton with Gluon and its Hopper ops; without, split-KV serves every call
@@ -47,7 +47,7 @@ except ImportError as e:
 
 @triton.jit
 def _mla_decode_kernel(
-    q_ptr, qr_ptr, cache_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, M, S, H, T,
+    q_ptr, qr_ptr, cache_ptr, lens_ptr, table_ptr, out_ptr, po_ptr, plse_ptr, M, S, H, T, stride_tb,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_rb, stride_rs, stride_rh, stride_rd,
     stride_cb, stride_ct, stride_cd,
@@ -56,7 +56,7 @@ def _mla_decode_kernel(
     qk_scale,
     HEAD_C: tl.constexpr, HEAD_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_LENS: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -95,7 +95,11 @@ def _mla_decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
-        kv_ptrs = c_rows + offs_n[:, None] * stride_ct
+        if PAGE > 0:  # paged: row n of request b is row n % PAGE of block table[b, n // PAGE] of the pool
+            page = tl.load(table_ptr + b * stride_tb + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            kv_ptrs = cache_ptr + (page * PAGE + offs_n % PAGE)[:, None] * stride_ct
+        else:
+            kv_ptrs = c_rows + offs_n[:, None] * stride_ct
         kc = tl.load(kv_ptrs + offs_c[None, :] * stride_cd, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
         kr = tl.load(kv_ptrs + (HEAD_C + offs_r[None, :]) * stride_cd, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
         qk = tl.dot(q_c, tl.trans(kc), input_precision=PRECISION)
@@ -220,7 +224,7 @@ def _sm_count(device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------------------------------- host wrapper
 
-def _check(q, cache, kv_lora_rank, cache_lens, q_rope):
+def _check(q, cache, kv_lora_rank, cache_lens, q_rope, paged: bool = False):
     """Shapes, dtypes and devices; returns the query's two parts (latent [B,S,H,C], rope [B,S,H,R])."""
     check_tensors("mla_absorbed", q=q, cache=cache, **({} if q_rope is None else {"q_rope": q_rope}))
     whole = q_rope is None
@@ -232,7 +236,7 @@ def _check(q, cache, kv_lora_rank, cache_lens, q_rope):
     if not whole and (q_rope.shape[:3] != q.shape[:3] or q.shape[3] != kv_lora_rank):
         raise ShapeError(f"mla_absorbed: q {tuple(q.shape)} must be [B,S,H,{kv_lora_rank}] and q_rope "
                          f"{tuple(q_rope.shape)} share its B,S,H")
-    if cache.shape[0] != b or cache.shape[2] != width:
+    if (cache.shape[0] != b and not paged) or cache.shape[2] != width:
         raise ShapeError(f"mla_absorbed: cache {tuple(cache.shape)} does not match q {tuple(q.shape)} "
                          "(batch and C+R width must agree)")
     if not 0 < kv_lora_rank < width:
@@ -261,7 +265,7 @@ def gluon_unfit(qc, qr, cache, cache_lens, finite_tail: bool) -> str | None:
     return gluon_kernel.fits(qc, qr, cache, cache_lens, finite_tail)
 
 
-def _launch(qc, qr, cache, scale, cache_lens, causal, cfg: MLAConfig) -> torch.Tensor:
+def _launch(qc, qr, cache, scale, cache_lens, causal, cfg: MLAConfig, block_table=None) -> torch.Tensor:
     if cfg.kernel == "gluon":  # one query row, so causal masking is the length mask
         return gluon_kernel.mla_decode_gluon(qc, qr, cache, scale, cache_lens)
     (b, s, h, c), r = qc.shape, qr.shape[3]
@@ -274,12 +278,16 @@ def _launch(qc, qr, cache, scale, cache_lens, causal, cfg: MLAConfig) -> torch.T
         po = plse = out  # unused: the kernel writes `out` directly
     p_strides = (rows * splits, splits, 1)  # in units of C-rows for po, of scalars for plse
     block_c = max(16, triton.next_power_of_2(c))
+    paged = block_table is not None
+    t_len = block_table.shape[1] * cache.shape[1] if paged else cache.shape[1]
     _mla_decode_kernel[(triton.cdiv(rows, cfg.block_h), b, splits)](
-        qc, qr, cache, cache_lens if cache_lens is not None else out, out, po, plse, rows, s, h, cache.shape[1],
+        qc, qr, cache, cache_lens if cache_lens is not None else out, block_table if paged else out, out, po, plse,
+        rows, s, h, t_len, block_table.stride(0) if paged else 0,
         *qc.stride(), *qr.stride(), *cache.stride(), *out.stride(), *p_strides, scale * LOG2E,
         HEAD_C=c, HEAD_R=r, BLOCK_C=block_c, BLOCK_R=max(16, triton.next_power_of_2(r)),
         HAS_LENS=cache_lens is not None, CAUSAL=bool(causal), NUM_SPLITS=splits, PRECISION=dot_precision(qc.dtype),
-        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, PAGE=cache.shape[1] if paged else 0, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     if splits > 1:
         slice_c = min(block_c, REDUCE_SLICE)
         _mla_reduce_kernel[(rows, b, triton.cdiv(c, slice_c))](
@@ -291,7 +299,8 @@ def _launch(qc, qr, cache, scale, cache_lens, causal, cfg: MLAConfig) -> torch.T
 def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_rank: int,
                  cache_lens: torch.Tensor | None = None, causal: bool = True,
                  config: MLAConfig | None = None, num_splits: int | None = None, tune: bool = False,
-                 q_rope: torch.Tensor | None = None, finite_tail: bool = False) -> torch.Tensor:
+                 q_rope: torch.Tensor | None = None, finite_tail: bool = False,
+                 block_table: torch.Tensor | None = None) -> torch.Tensor:
     """`attention.mla_absorbed` over a latent cache; returns [B, S, H, kv_lora_rank] in q's dtype.
 
     q is [B,S,H,C+R], or only its latent part [B,S,H,C] with the rope part passed as q_rope [B,S,H,R]: the kernel
@@ -302,21 +311,27 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
     given, else the tuned winner for this shape if one is known (this process or the disk cache, `autotune`),
     else the first of `mla_candidates` (with `num_splits` overriding its split count). tune=True times the
     candidates on first use per shape (not during a CUDA-graph capture, which gets the first candidate).
+    block_table: the paged cache. cache is then a pool [num_blocks, PAGE, C+R] and block_table [B, max_blocks]
+    (int32/int64) names each request's blocks in order; cache_lens is required (the blocks' tail rows past it
+    are never read).
     """
-    qc, qr = _check(q, cache, kv_lora_rank, cache_lens, q_rope)
+    qc, qr = _check(q, cache, kv_lora_rank, cache_lens, q_rope, block_table is not None)
+    if block_table is not None:
+        check_block_table("mla_absorbed", block_table, (cache,), cache_lens, q.shape[0])
     b, s, h, _ = q.shape
     if qc.numel() == 0:
         return torch.empty((b, s, h, kv_lora_rank), dtype=q.dtype, device=q.device)
-    unfit = gluon_unfit(qc, qr, cache, cache_lens, finite_tail) if num_splits in (None, 1) else "num_splits > 1"
+    unfit = "a paged cache" if block_table is not None else \
+        gluon_unfit(qc, qr, cache, cache_lens, finite_tail) if num_splits in (None, 1) else "num_splits > 1"
     if config is None:
-        rows, t_len = s * h, cache.shape[1]
+        rows, t_len = s * h, cache.shape[1] * (1 if block_table is None else block_table.shape[1])
         graphed = q.is_cuda and torch.cuda.is_current_stream_capturing()
         cands = mla_candidates(b, rows, t_len, _sm_count(q.device), gluon=unfit is None, graphed=graphed)
         if num_splits is not None:
             cands = [dataclasses.replace(c, num_splits=num_splits) for c in cands]
         key = tune_key(b, rows, t_len, kv_lora_rank, qr.shape[3], q.dtype, causal, cache_lens is not None,
-                       num_splits, unfit is None)
-        run = lambda cfg: _launch(qc, qr, cache, scale, cache_lens, causal, cfg)
+                       num_splits, unfit is None) + (() if block_table is None else (("paged", cache.shape[1]),))
+        run = lambda cfg: _launch(qc, qr, cache, scale, cache_lens, causal, cfg, block_table)
         cands = list(dict.fromkeys(cands))
         config = (pick("mla_decode", key, cands, run, timer=graph_ms) if tune
                   else cached("mla_decode", key, cands) or cands[0])
@@ -326,4 +341,4 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
         raise InputError(f"mla_absorbed: the Gluon kernel cannot run this call: {unfit}")
     if config.kernel not in ("triton", "gluon"):
         raise InputError(f"mla_absorbed: MLAConfig.kernel must be 'triton' or 'gluon', got {config.kernel!r}")
-    return _launch(qc, qr, cache, scale, cache_lens, causal, config)
+    return _launch(qc, qr, cache, scale, cache_lens, causal, config, block_table)

@@ -1,0 +1,114 @@
+"""Serving throughput and latency: the OpenAI client against `dsgraph serve` at several concurrencies.
+
+Starts the server in this process (or drives one at --url), sends --prompts requests of --input-len random token
+ids each asking for exactly --output-len tokens (ignore_eos), streamed, at each concurrency, and reports request
+throughput, output tokens/s, and TTFT / TPOT percentiles. Writes $OUT/serve.json when OUT is set.
+
+    python benchmarks/serve.py deepseek-v2-lite --device cuda --backend triton --dtype bfloat16 \\
+        --concurrency 1,16,64 --prompts 256 --input-len 1024 --output-len 256
+    python benchmarks/serve.py deepseek-v2-lite-tiny --concurrency 1,4 --prompts 8 --input-len 16 --output-len 4
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import threading
+import time
+
+import openai
+import torch
+import uvicorn
+
+import dsgraph
+from dsgraph.serve.http import create_app
+
+
+def start_server(args) -> str:
+    """create_app on uvicorn in a daemon thread on a free port; the server's URL."""
+    exe = dsgraph.compile(dsgraph.load(args.model, dtype=args.dtype), backend=args.backend, device=args.device,
+                          dtype=args.dtype)
+    engine = dsgraph.Engine(exe, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, args.model, max_waiting=1 << 20), host="127.0.0.1",
+                                           port=port, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}"
+
+
+async def one(client, model, prompt, out_len, gate):
+    """One streamed request: (time to first token, time per output token after it, output tokens)."""
+    async with gate:
+        t0 = time.perf_counter()
+        first, n = None, 0
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=out_len, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.usage is not None:
+                n = chunk.usage.completion_tokens
+            elif first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        first = first or end
+        return first - t0, (end - first) / max(n - 1, 1), n
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1e3
+
+
+async def run_level(url, args, concurrency, prompts):
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=args.api_key or "none", max_retries=0)
+    gate = asyncio.Semaphore(concurrency)
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(one(client, args.model, p, args.output_len, gate) for p in prompts))
+    wall = time.perf_counter() - t0
+    ttft, tpot, toks = zip(*res)
+    return {"concurrency": concurrency, "requests": len(res), "wall_s": wall, "req_per_s": len(res) / wall,
+            "output_tok_per_s": sum(toks) / wall, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99), "output_tokens": sum(toks)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--url", default=None, help="a running server (default: start one here)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--backend", default="eager")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    args = p.parse_args()
+    url = args.url or start_server(args)
+    rng = random.Random(0)
+    rows = []
+    for c in (int(x) for x in args.concurrency.split(",")):
+        prompts = [[rng.randrange(3, 200) for _ in range(args.input_len)] for _ in range(args.prompts)]
+        rows.append(asyncio.run(run_level(url, args, c, prompts)))
+        r = rows[-1]
+        print(f"concurrency {c:>3}: {r['req_per_s']:.2f} req/s, {r['output_tok_per_s']:.1f} output tok/s, "
+              f"TTFT p50 {r['ttft_p50_ms']:.1f} ms p99 {r['ttft_p99_ms']:.1f} ms, "
+              f"TPOT p50 {r['tpot_p50_ms']:.2f} ms p99 {r['tpot_p99_ms']:.2f} ms", flush=True)
+        assert r["output_tokens"] == args.prompts * args.output_len, "a request was lost or cut short"
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "serve.json"), "w") as f:
+            json.dump({"model": args.model, "backend": args.backend, "device": args.device, "results": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()

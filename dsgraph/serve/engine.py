@@ -1,0 +1,267 @@
+"""Continuous batching: `Engine(exe)` with `add_request` / `step` / `abort`, usable without HTTP.
+
+Iteration-level scheduling: each `step` runs every running request one chunk (a decode token, or a prefill
+chunk within the per-step token budget `max_num_batched_tokens`), admits waiting requests while there are
+seats (`max_num_seqs`), budget and free blocks, and lets finished requests leave at once. The KV cache is paged
+(dsgraph/serve/paged.py); when blocks run out the newest running request is preempted by recompute: its blocks
+are freed, it waits again, and on resume its prompt and the tokens it had made are prefilled again (nothing is
+re-sampled, so its output is unchanged). Prompts starting with cached full blocks skip their prefill.
+
+The graphs take one cache length per batch, so a step runs one graph call per (cache length, chunk length)
+group, each over the group's caches gathered from the pool: correct on every backend (the triton kernels'
+block-table path, backends/triton/kernels, is not wired into the graphs yet). Sampling and stop rules are the
+text runtime's, per request.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dsgraph.errors import InputError, TokenizerError
+from dsgraph.runtime import generation
+from dsgraph.runtime.sampling import generators, next_tokens
+from dsgraph.runtime.state import KVState
+
+from .paged import BlockPool
+
+DEFAULT_MAX_TOKENS = 256
+MAX_LOGPROBS = 20
+DEFAULT_SEQ_TOKENS = 4096    # the default pool holds max_num_seqs sequences of this many tokens (or the model's limit)
+
+
+@dataclass
+class RequestOutput:
+    """What one step made for one request: its new tokens and text, and, once finished, why."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None     # "eos" | "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, dict[int, float]]] | None = None   # per new token: its logprob, the top-k's
+
+
+class _Seq:
+    """One request in the engine: its row (tokens, stop rules, text), its block table and progress."""
+
+    def __init__(self, rid: str, prompt: list[int], req: generation.Request, sample: int, device, arrival: int):
+        self.rid, self.prompt, self.req, self.arrival = rid, prompt, req, arrival
+        self.text: list[str] = []
+        self.row = generation._Row(0, prompt, req)
+        self.gen = generators(req.params, [sample], device)[0]
+        self.table: list[int] = []
+        self.computed = 0            # tokens whose cache rows are in the table's blocks
+        self.sent = 0                # tokens already reported by step()
+        self.top_logprobs: int | None = None     # asked for logprobs: how many alternatives per token
+        self.logprobs: list = []
+        self.t0 = time.perf_counter()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.row.tokens
+
+    def pending(self) -> int:
+        return len(self.tokens) - self.computed
+
+
+class Engine:
+    """A continuous-batching engine over an Executable (any backend)."""
+
+    def __init__(self, exe, max_num_seqs: int = 16, max_num_batched_tokens: int = 512, block_size: int = 16,
+                 num_blocks: int | None = None, prefix_caching: bool = True):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise InputError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
+                             f"{max_num_batched_tokens}")
+        self.exe, self.max_num_seqs, self.budget = exe, max_num_seqs, max_num_batched_tokens
+        limit = min(exe.max_positions or DEFAULT_SEQ_TOKENS, DEFAULT_SEQ_TOKENS)
+        self.pool = BlockPool(exe.graph, num_blocks or max_num_seqs * -(-limit // block_size), block_size,
+                              exe.device)
+        self.prefix_caching = prefix_caching
+        self.waiting: list[_Seq] = []
+        self.running: list[_Seq] = []
+        self.preemptions = 0
+        self._ids = itertools.count()
+        self._lock = threading.RLock()
+
+    # requests -------------------------------------------------------------------------------
+    def add_request(self, prompt, max_tokens: int | None = 16, *, request_id: str | None = None, sample: int = 0,
+                    seed: int | None = None, stop=(), stop_token_ids=None, skip_special_tokens: bool = True,
+                    detokenize: bool | None = None, logprobs: int | None = None, **knobs) -> str:
+        """Queue one request (text, a chat, or token ids, as `generate` takes one prompt); returns its id.
+        max_tokens None runs to the model's limit (at most DEFAULT_MAX_TOKENS); `detokenize` (default: for text
+        prompts) streams text and applies stop strings and the tokenizer's EOS to an id prompt too, as a server
+        wants. logprobs=k reports each new token's log-probability under the model (before sampling's knobs) and
+        the k most likely tokens'."""
+        exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
+        rows = generation._text_rows(exe, prompt)[0] if text else [list(prompt)]
+        ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids")[0].tolist()
+        if max_tokens is None:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, (exe.max_positions or 1 << 30) - len(ids)))
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        exe._check_length(len(ids) + max_tokens)
+        if self.pool.blocks_for(len(ids) + max_tokens) > self.pool.num_blocks:
+            raise InputError(f"a request of {len(ids)} prompt tokens + max_tokens={max_tokens} needs more than the "
+                             f"{self.pool.num_blocks} blocks of {self.pool.block_size} tokens of the KV cache; "
+                             "lower max_tokens or give the engine more blocks (num_blocks, dsgraph serve --num-blocks)")
+        if detokenize and exe.tokenizer is None:
+            raise TokenizerError(f"{exe.model.name} has no tokenizer: its output cannot be detokenised")
+        tokenizer = exe.tokenizer if (text if detokenize is None else detokenize) else None
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise InputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
+        if stop and tokenizer is None:
+            raise InputError("stop strings need a text prompt (they are matched on the decoded text)")
+        eos = tokenizer.eos_token_ids if tokenizer is not None and stop_token_ids is None else list(stop_token_ids
+                                                                                                    or ())
+        req = generation.Request(generation.sampling_params(exe, seed, text, **knobs), max_tokens, frozenset(eos),
+                                 (stop,) if isinstance(stop, str) else tuple(stop), None, tokenizer,
+                                 skip_special_tokens)
+        with self._lock:
+            rid = request_id or f"req-{next(self._ids)}"
+            if any(s.rid == rid for s in self.waiting + self.running):
+                raise InputError(f"request id {rid!r} is already in the engine")
+            seq = _Seq(rid, ids, req, sample, exe.device, next(self._ids))
+            seq.top_logprobs = logprobs
+            req.on_text = lambda _, piece: seq.text.append(piece)
+            self.waiting.append(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks; False when it is not (or no longer) in the engine."""
+        with self._lock:
+            for queue in (self.waiting, self.running):
+                for s in queue:
+                    if s.rid == request_id:
+                        queue.remove(s)
+                        self.pool.release(s.table)
+                        s.table = []
+                        return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # scheduling -------------------------------------------------------------------------------
+    def _grow(self, seq: _Seq, upto: int) -> bool:
+        need = self.pool.blocks_for(upto) - len(seq.table)
+        got = self.pool.allocate(need) if need > 0 else []
+        if got is None:
+            return False
+        seq.table += got
+        return True
+
+    def _preempt(self, seq: _Seq) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.table)
+        seq.table, seq.computed = [], 0
+        self.waiting.insert(0, seq)
+        self.preemptions += 1
+
+    def _schedule(self) -> list[tuple[_Seq, int]]:
+        """(request, tokens to compute) for this step: running requests first (oldest first), then admissions."""
+        plan, budget = [], self.budget
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq not in self.running or budget == 0:
+                continue
+            n = min(seq.pending(), budget)
+            while not self._grow(seq, seq.computed + n):
+                victim = max(self.running, key=lambda s: s.arrival)
+                plan = [(s, k) for s, k in plan if s is not victim]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                plan.append((seq, n))
+                budget -= n
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            if self.prefix_caching and not seq.table:
+                seq.table = self.pool.match_prefix(seq.tokens[:-1])    # the last token is always computed
+                seq.computed = len(seq.table) * self.pool.block_size
+            n = min(seq.pending(), budget)
+            if not self._grow(seq, seq.computed + n):
+                self.pool.release(seq.table)
+                seq.table, seq.computed = [], 0
+                break
+            self.waiting.pop(0)
+            self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    # one iteration ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run every (cache length, chunk) group as one graph call, sample, report what changed."""
+        with self._lock:
+            plan = self._schedule()
+            groups: dict[tuple[int, int], list[_Seq]] = {}
+            for seq, n in plan:
+                groups.setdefault((seq.computed, n), []).append(seq)
+            for (start, n), seqs in groups.items():
+                self._run_group(seqs, start, n)
+            return [o for o in (self._report(s) for s, _ in plan) if o is not None]
+
+    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> None:
+        exe, tables = self.exe, [s.table for s in seqs]
+        ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
+        out, state = exe.step(ids, KVState(self.pool.gather(tables, start), start, len(seqs)))
+        self.pool.write(tables, state.caches, start, start + n)
+        for k, seq in enumerate(seqs):
+            seq.computed = start + n
+            if self.prefix_caching:
+                self.pool.register(seq.table, seq.tokens, seq.computed)
+            if seq.pending() == 0:      # its whole history is in: sample the next token
+                self._sample(seq, out["logits"][k:k + 1, -1])
+
+    def _sample(self, seq: _Seq, logits: torch.Tensor) -> None:
+        params = seq.req.params
+        history = None if params.repetition_penalty == 1.0 else torch.tensor([seq.tokens], device=logits.device)
+        tok = int(next_tokens(logits, params, [seq.gen], history)[0, 0])
+        if seq.top_logprobs is not None:
+            lp = torch.log_softmax(logits[0].float(), -1)
+            top = torch.topk(lp, seq.top_logprobs) if seq.top_logprobs else None
+            seq.logprobs.append((float(lp[tok]), {} if top is None else
+                                 dict(zip(top.indices.tolist(), top.values.tolist()))))
+        if not seq.row.tokens:
+            seq.row.ttft = time.perf_counter() - seq.t0
+        seq.row.push(tok)
+
+    def _report(self, seq: _Seq) -> RequestOutput | None:
+        new = seq.row.tokens[seq.sent:]
+        done = seq.row.finish is not None
+        if not new and not done:
+            return None
+        seq.sent = len(seq.row.tokens)
+        text, seq.text = "".join(seq.text), []
+        logprobs, seq.logprobs = (seq.logprobs if seq.top_logprobs is not None else None), []
+        if done and seq in self.running:
+            self.running.remove(seq)
+            self.pool.release(seq.table)
+            seq.table = []
+        return RequestOutput(seq.rid, new, text, done, seq.row.finish, len(seq.prompt), len(seq.row.tokens),
+                             list(seq.row.tokens), logprobs)
+
+    def generate(self, prompts: list, max_tokens: int = 16, **options) -> list[RequestOutput]:
+        """Every prompt through the engine at once until all finish; the final output of each, in order."""
+        rids = [self.add_request(p, max_tokens, **options) for p in prompts]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            final.update({o.request_id: o for o in self.step() if o.finished})
+        return [final[r] for r in rids]

@@ -1,0 +1,126 @@
+"""A paged KV cache: fixed-size blocks in one pool per cache tensor, a block table per request, and prefix
+caching of full blocks by content hash.
+
+Every cache input of a graph is [B, T, ...] (T the cache length); the pool holds [num_blocks, block_size, ...]
+of each, so for absorbed MLA a block holds the latent rows, for GQA the per-head K and V rows. The backends take
+contiguous caches, so a step gathers each request's blocks into [B, T, ...] and writes the rows it computed back
+(`gather` / `write`): correct on every backend.
+
+A full block is registered under the hash of (the hash of the block before it, its tokens): equal prefixes
+share blocks (reference-counted). A block nobody holds stays cached until the pool needs it (oldest first).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from dsgraph.dtypes import to_torch
+from dsgraph.errors import InputError
+
+
+def block_hashes(tokens: list[int], block_size: int) -> list[int]:
+    """The chained content hash of every full block of `tokens`."""
+    out, parent = [], None
+    for i in range(0, len(tokens) - block_size + 1, block_size):
+        parent = hash((parent, tuple(tokens[i:i + block_size])))
+        out.append(parent)
+    return out
+
+
+class BlockPool:
+    """`num_blocks` blocks of `block_size` token rows for every cache input of `graph`."""
+
+    def __init__(self, graph, num_blocks: int, block_size: int, device):
+        if num_blocks < 1 or block_size < 1:
+            raise InputError(f"a paged cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, "
+                             f"{block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.storage = {}
+        for name, v in graph.inputs.items():
+            if v.kind != "cache":
+                continue
+            if len(v.type.shape) < 2 or str(v.type.shape[1]) != "T":
+                raise InputError(f"cache input {name} has shape {v.type}: the paged cache needs [B, T, ...]")
+            shape = v.type.concrete({"B": num_blocks, "T": block_size})
+            self.storage[name] = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=device)
+        self.free: list[int] = list(range(num_blocks))[::-1]
+        self.refs = [0] * num_blocks
+        self.cached: dict[int, int] = {}               # content hash -> block
+        self.hash_of: dict[int, int] = {}              # block -> content hash
+        self.idle: OrderedDict[int, None] = OrderedDict()   # cached blocks nobody holds, oldest first
+        self.hits = 0
+
+    @property
+    def available(self) -> int:
+        return len(self.free) + len(self.idle)
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - self.available
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks (evicting idle cached ones, oldest first), or None without taking any."""
+        if n > self.available:
+            return None
+        out = []
+        for _ in range(n):
+            if self.free:
+                b = self.free.pop()
+            else:
+                b, _ = self.idle.popitem(last=False)
+                del self.cached[self.hash_of.pop(b)]
+            self.refs[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.hash_of:
+                    self.idle[b] = None
+                else:
+                    self.free.append(b)
+
+    def match_prefix(self, tokens: list[int]) -> list[int]:
+        """The cached blocks holding the longest prefix of `tokens` (full blocks), each now held once more."""
+        out = []
+        for h in block_hashes(tokens, self.block_size):
+            b = self.cached.get(h)
+            if b is None:
+                break
+            if self.refs[b] == 0:
+                self.idle.pop(b, None)
+            self.refs[b] += 1
+            out.append(b)
+        self.hits += len(out)
+        return out
+
+    def register(self, table: list[int], tokens: list[int], upto: int) -> None:
+        """Record the full blocks of `table` among its first `upto` computed tokens under their content hash."""
+        for i, h in enumerate(block_hashes(tokens[:upto], self.block_size)):
+            b = table[i]
+            if b not in self.hash_of and h not in self.cached:
+                self.cached[h], self.hash_of[b] = b, h
+
+    def gather(self, tables: list[list[int]], length: int) -> dict[str, torch.Tensor]:
+        """The contiguous caches [len(tables), length, ...] of these block tables."""
+        n = self.blocks_for(length)
+        idx = torch.tensor([t[:n] for t in tables], dtype=torch.int64, device=self._device)
+        return {name: s[idx].flatten(1, 2)[:, :length] for name, s in self.storage.items()}
+
+    def write(self, tables: list[list[int]], caches: dict[str, torch.Tensor], start: int, end: int) -> None:
+        """Store rows start..end of contiguous caches [B, >=end, ...] into the tables' blocks."""
+        pos = torch.arange(start, end, device=self._device)
+        blocks = torch.tensor([[t[p // self.block_size] for p in range(start, end)] for t in tables],
+                              dtype=torch.int64, device=self._device)
+        for name, s in self.storage.items():
+            s[blocks, (pos % self.block_size).expand_as(blocks)] = caches[name][:, start:end].to(s.dtype)
+
+    @property
+    def _device(self):
+        return next(iter(self.storage.values())).device
