@@ -11,6 +11,8 @@ from .config import ModelConfig, from_hf
 from .presets import preset_config
 from .random_weights import random_weights
 from .summary import model_summary
+from .v4 import V4Builder, v4_random_weights
+from .v4_config import V4Config, from_hf_v4
 
 
 @dataclass
@@ -27,6 +29,8 @@ class Model:
 
 
 def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, name: str = "model"):
+    if isinstance(config, V4Config):
+        return V4Builder(config, compute_dtype(dtype), name=name).build()
     return DecoderBuilder(config, compute_dtype(dtype), name=name, mtp=mtp).build()
 
 
@@ -35,6 +39,11 @@ def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = Tr
     """A preset with deterministic random weights (generated lazily, per tensor, on `weights_device`);
     `overrides` replaces config.json keys of the preset (fewer layers, other head counts)."""
     source = f"preset {name}" + (f" with {overrides}" if overrides else "")
-    cfg = from_hf({**preset_config(name), **(overrides or {})}, source=source)
+    hf = {**preset_config(name), **(overrides or {})}
+    cfg = (from_hf_v4 if hf.get("model_type") == "deepseek_v4" else from_hf)(hf, source=source)
     graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
-    return Model(name, cfg, graph, random_weights(graph, seed, weights_device) if weights else WeightStore())
+    if not weights:
+        return Model(name, cfg, graph, WeightStore())
+    v4 = isinstance(cfg, V4Config)
+    store = v4_random_weights(graph, cfg, seed, weights_device) if v4 else random_weights(graph, seed, weights_device)
+    return Model(name, cfg, graph, store)
