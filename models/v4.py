@@ -39,8 +39,9 @@ class V4Builder:
 
     # helpers -------------------------------------------------------------------
     def weight(self, name: str, out_f: int, in_f: int):
+        """A [out, in] matrix; FP8 checkpoints ship the compressors and the indexer's weights_proj unquantised."""
         b, fp8 = self.b, self.cfg.fp8_block_size
-        if not fp8:
+        if not fp8 or ".compressor." in name or name.endswith("weights_proj"):
             return b.param(f"{name}.weight", (out_f, in_f))
         w = b.param(f"{name}.weight", (out_f, in_f), "float8_e4m3fn")
         s = b.param(f"{name}.scale", (-(-out_f // fp8[0]), -(-in_f // fp8[1])), "float32")

@@ -143,7 +143,7 @@ V4_PRESETS = {"deepseek-v4-flash": _FLASH, "deepseek-v4-flash-base": _FLASH, "de
 # every attention type and both MoE kinds; window 8, CSA groups of 4, HCA groups of 8, top-2 of the CSA entries,
 # so 20-token prompts exceed the window, close several groups of each kind and make the top-k choose
 V4_TINY = {"deepseek-v4-tiny": {
-    **_FLASH, "vocab_size": 128, "hidden_size": 32, "moe_intermediate_size": 16, "num_hidden_layers": 4,
+    **_FLASH, "vocab_size": 128, "hidden_size": 32, "moe_intermediate_size": 32, "num_hidden_layers": 4,
     "num_attention_heads": 4, "head_dim": 32, "qk_rope_head_dim": 8, "q_lora_rank": 16, "o_groups": 2,
     "o_lora_rank": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8, "index_n_heads": 8,
     "index_head_dim": 16, "index_topk": 2, "hc_mult": 4, "num_hash_layers": 2, "swiglu_limit": 0.5,
