@@ -114,7 +114,7 @@ class V4Builder:
         rope = self.main_rope if kind == SLIDING else self.compress_rope
         q_resid = self.norm(self.linear(x, f"{p}.wq_a", c.q_lora_rank, d), f"{p}.q_norm", c.q_lora_rank)
         q = b.reshape(self.linear(q_resid, f"{p}.wq_b", h * hd, c.q_lora_rank), shape=("B", "S", h, hd), name="q")
-        q = b.norm.rms(q, b.constant(value=1.0, shape=(hd,), dtype=self.dtype), eps=c.rms_norm_eps)
+        q = b.norm.rms_unweighted(q, eps=c.rms_norm_eps)
         q = self.rope_tail(q, positions, rope)
         kv = self.rope_tail(self.norm(self.linear(x, f"{p}.wkv", hd, d), f"{p}.kv_norm", hd), positions, rope)
         win = self.state(f"{cache}.win", c.sliding_window - 1, hd, kv)

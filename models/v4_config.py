@@ -54,6 +54,7 @@ class V4Config:
     family = "v4"
     is_mla = False
     is_dsa = False
+    is_moe = True
 
     def ratio(self, i: int) -> int:
         return self.compress_rates.get(self.layer_types[i], 0)

@@ -300,11 +300,12 @@ def test_grouped_pipeline_matches_experts():
 
 
 # ---------------------------------------------------------------- DeepSeek-V4
-@covers("cache.slide", "linear.grouped", "hc.pre", "hc.post", "hc.head", "moe.route_sqrtsoftplus",
-        "moe.route_hash", "mlp.swiglu_clamped", "moe.experts_clamped")
+@covers("norm.rms_unweighted", "cache.slide", "linear.grouped", "hc.pre", "hc.post", "hc.head",
+        "moe.route_sqrtsoftplus", "moe.route_hash", "mlp.swiglu_clamped", "moe.experts_clamped")
 def test_v4_ops():
     x4 = randn(2, 3, 4, 8)
     sym = {"x": ("B", "S", 4, 8), "y": ("B", "S", 8), "p": ("B", "S", 4), "c": ("B", "S", 4, 4)}
+    check("norm.rms_unweighted", {"x": x4}, sym, eps=1e-5)
     check("cache.slide", {"x": randn(2, 5, 3), "n": randn(2, 3, 3)}, {"x": ("B", 5, 3), "n": ("B", "S", 3)})
     check("linear.grouped", {"x": randn(2, 3, 2, 8), "w": randn(10, 8)}, {"x": ("B", "S", 2, 8)})
     check("hc.pre", {"x": x4, "f": randn(24, 32), "b": randn(24), "s": randn(3)}, sym, iters=5)
@@ -404,3 +405,26 @@ def test_fp8_kv_rows():
     lowered = check("kv.quant_fp8", {"x": x}, {"x": ("B", "S", 32)}, group=16)
     q, s = run(lowered, {}, {"x": x})["out0"], run(lowered, {}, {"x": x})["out1"]
     check("kv.dequant_fp8", {"q": q, "s": s}, {"q": ("B", "T", 32), "s": ("B", "T", 2)}, group=16)
+
+
+@covers("v4.compress", "attention.sink", "indexer.slot_mask")
+@pytest.mark.parametrize("p0", [0, 6])
+def test_v4_position_indexed_ops(p0):
+    pos = (p0 + torch.arange(9)).expand(2, 9).contiguous()
+    for ratio, overlap in ((4, True), (3, False)):
+        rows = (2 if overlap else 1) * ratio - 1
+        check("v4.compress", {"kv": randn(2, 9, 6), "g": randn(2, 9, 6), "st": randn(2, rows, 12),
+                              "bias": randn(ratio, 6), "p": pos},
+              {"kv": ("B", "S", 6), "g": ("B", "S", 6), "st": ("B", rows, 12), "p": ("B", "S")},
+              ratio=ratio, overlap=overlap)
+    t = p0 + 9
+    ins = {"q": randn(2, 9, 3, 8), "kv": randn(2, 4 + 9, 8), "sk": randn(3), "p": pos, "c": randn(2, t, 8),
+           "i": torch.randint(-1, t, (2, 9, 3), generator=GEN)}
+    sym = {"q": ("B", "S", 3, 8), "kv": ("B", "S+4", 8), "p": ("B", "S"), "c": ("B", "T", 8), "i": ("B", "S", 3)}
+    check("attention.sink", ins, sym, window=5, ratio=4, scale=0.3)
+    check("attention.sink", {k: ins[k] for k in ("q", "kv", "sk", "p", "c")}, sym, window=5, ratio=3, scale=0.3)
+    check("attention.sink", {k: ins[k] for k in ("q", "kv", "sk", "p")}, sym, window=5, scale=0.3)
+    x = {"x": randn(2, 9, t)}
+    graph = build("indexer.slot_mask", x, {"x": ("B", "S", "T")}, ratio=4)
+    want, got = run(graph, {}, x)["out0"], run(lower(graph), {}, x)["out0"]
+    assert torch.equal(want, got) and torch.isinf(want).sum() == 2 * 9 * (t - t // 4)

@@ -145,6 +145,7 @@ def T(*shape, dt="float32"):
 
 L = "int64"
 GOOD = [
+    ("norm.rms_unweighted", [T("B", "S", 4, 32)], {}, [T("B", "S", 4, 32)]),
     ("cache.slide", [T("B", 7, 32), T("B", "S", 32)], {}, [T("B", 7, 32)]),
     ("v4.compress", [T("B", "S", 64), T("B", "S", 64), T("B", 7, 128), T(4, 64), T("B", "S", dt=L)],
      {"ratio": 4, "overlap": True}, [T("B", "S", 32)]),
@@ -164,6 +165,7 @@ GOOD = [
     ("dequant_mxfp4", [T(6, 32, dt="int8"), T(6, 2, dt="uint8")], {}, [T(6, 64)]),
 ]
 BAD = [
+    ("norm.rms_unweighted", [T(2, 3, dt=L)], {}, r"must be a float tensor"),
     ("cache.slide", [T(1, 7, 32), T(1, 2, 16)], {}, r"differ"),
     ("v4.compress", [T(1, 2, 64), T(1, 2, 64), T(1, 3, 128), T(4, 64), T(1, 2, dt=L)], {"ratio": 4, "overlap": True},
      r"state must be \[B,7,128\]"),
@@ -181,9 +183,7 @@ BAD = [
      r"1 weights for 1 experts"),
     ("dequant_mxfp4", [T(6, 32), T(6, 2, dt="uint8")], {}, r"int8/uint8 weight"),
 ]
-# ops backends run through their torch reference (a reported fallback), not through primitives: the compressor
-# and the windowed attention read rows by absolute position, which the primitive set cannot index
-NO_DECOMPOSITION = {"v4.compress", "attention.sink", "indexer.slot_mask", "dequant_mxfp4"}
+NO_DECOMPOSITION = {"dequant_mxfp4"}   # unpacking nibbles needs bit ops the primitive set lacks
 
 
 def _compress_inputs(b, s, c, ratio, overlap, p0):
@@ -210,6 +210,8 @@ def add_reference_cases(ref):
     for ratio, overlap, p0 in [(4, True, 0), (4, True, 6), (3, False, 5), (8, False, 0)]:
         ref("v4.compress", lambda a=(2, 11, 6, ratio, overlap, p0): _compress_inputs(*a),
             lambda *t, r=ratio, o=overlap: compress_loop(*t, r, o), ratio=ratio, overlap=overlap)
+    ref("norm.rms_unweighted", lambda: (R(2, 3, 7),), lambda x: x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5),
+        eps=1e-5)
     ref("cache.slide", lambda: (R(2, 5, 3), R(2, 3, 3)), lambda st, new: torch.cat((st, new), 1)[:, -5:])
     ref("cache.slide", lambda: (R(2, 3, 3), R(2, 7, 3)), lambda st, new: new[:, -3:])
     ref("attention.sink", lambda: _sink_inputs(2, 9, 3, 8, 4, 2),

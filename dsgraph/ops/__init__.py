@@ -13,6 +13,7 @@ from . import (  # noqa: F401
     primitive,  # noqa: F401  (first: domain ops decompose into primitives)
     rope,
     v4_attn,
+    v4_lower,
     v4_mix,
 )
 from .registry import Attr, OpDef, all_ops, defop, expect, get_op, scratch_ops  # noqa: F401

@@ -45,7 +45,7 @@ def _(x, fn, base, scale, iters=20, eps=1e-6, norm_eps=1e-6):
 def _hc_mixes(x, fn, norm_eps):
     flat = f32(x).flatten(2)
     flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
-    return F.linear(flat, f32(fn))
+    return F.linear(flat, f32(fn).to(flat.dtype))
 
 
 def sinkhorn_ref(logits, iters: int, eps: float):
@@ -113,7 +113,8 @@ def _(x, y, post, comb):
 
 @HC_POST.reference
 def _(x, y, post, comb):
-    return f32(post)[..., None] * f32(y)[:, :, None] + torch.einsum("bsjn,bsjd->bsnd", f32(comb), f32(x))
+    xf = f32(x)
+    return f32(post)[..., None] * f32(y)[:, :, None] + torch.einsum("bsjn,bsjd->bsnd", f32(comb).to(xf.dtype), xf)
 
 
 @HC_POST.decomposition
