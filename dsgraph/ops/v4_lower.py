@@ -13,7 +13,8 @@ from .v4_attn import COMPRESS, SINK, SLOT_MASK
 
 
 def _and(b, x, y):
-    return b.where(x, y, x)
+    """x and y for bool tensors, as a float sum (ONNX Runtime has no bool Where)."""
+    return b.gt(b.add(b.cast(x, dtype="float32"), b.cast(y, dtype="float32")), b.constant(value=1.5))
 
 
 def _multiple(b, t, m: int):
