@@ -13,6 +13,7 @@ from .random_weights import random_weights
 from .summary import model_summary
 from .v4 import V4Builder, v4_random_weights
 from .v4_config import V4Config, from_hf_v4
+from .v4_summary import v4_summary
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Model:
     weights: WeightStore
 
     def summary(self):
-        return model_summary(self)
+        return v4_summary(self) if isinstance(self.config, V4Config) else model_summary(self)
 
 
 def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, name: str = "model"):
