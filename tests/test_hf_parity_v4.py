@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dsgraph.models import build_model, load_checkpoint
-from v4_fixtures import oracle, write_v4
+from v4_fixtures import one_thread, oracle, write_v4  # noqa: F401 (autouse fixture)
 
 import dsgraph
 from dsgraph.numerics import rel_err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from v4_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 import dsgraph
 from dsgraph.numerics import rel_err

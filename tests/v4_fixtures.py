@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 from dsgraph.models import build_model, preset_config, quantize_fp8_block
 from safetensors.torch import save_file
@@ -75,3 +76,12 @@ def oracle(path, tensors: dict, **over):
     model, info = DeepseekV4ForCausalLM.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (about 10x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
