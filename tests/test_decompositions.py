@@ -300,12 +300,13 @@ def test_grouped_pipeline_matches_experts():
 
 
 # ---------------------------------------------------------------- DeepSeek-V4
-@covers("norm.rms_unweighted", "cache.slide", "linear.grouped", "hc.pre", "hc.post", "hc.head",
+@covers("act.swiglu_clamped", "norm.rms_unweighted", "cache.slide", "linear.grouped", "hc.pre", "hc.post", "hc.head",
         "moe.route_sqrtsoftplus", "moe.route_hash", "mlp.swiglu_clamped", "moe.experts_clamped")
 def test_v4_ops():
     x4 = randn(2, 3, 4, 8)
     sym = {"x": ("B", "S", 4, 8), "y": ("B", "S", 8), "p": ("B", "S", 4), "c": ("B", "S", 4, 4)}
     check("norm.rms_unweighted", {"x": x4}, sym, eps=1e-5)
+    check("act.swiglu_clamped", {"x": randn(6, 10) * 2}, limit=0.6)
     check("cache.slide", {"x": randn(2, 5, 3), "n": randn(2, 3, 3)}, {"x": ("B", 5, 3), "n": ("B", "S", 3)})
     check("linear.grouped", {"x": randn(2, 3, 2, 8), "w": randn(10, 8)}, {"x": ("B", "S", 2, 8)})
     check("hc.pre", {"x": x4, "f": randn(24, 32), "b": randn(24), "s": randn(3)}, sym, iters=5)

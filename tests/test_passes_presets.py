@@ -30,10 +30,11 @@ def pipeline_for(name):
 def must_change(name, cfg, graph):
     """Where each pass has something to do (so a pass that silently matches nothing fails)."""
     ops = {n.op for n in graph.nodes}
-    if cfg.family == "v4":   # no MLA, q/k/v, add+norm, plain SwiGLU or DeepSeekMoE experts: those passes decline
-        declines = ("absorb_mla", "absorb_mla_premultiplied", "group_moe", "fuse_router", "fuse_add_rmsnorm",
+    if cfg.family == "v4":   # no MLA, q/k/v, add+norm, plain SwiGLU or V3 router: those passes decline
+        declines = ("absorb_mla", "absorb_mla_premultiplied", "fuse_router", "fuse_add_rmsnorm",
                     "fuse_swiglu", "merge_qkv_a", "merge_qkv", "fuse_rope_attention", "prune_mtp")
-        return False if name in declines else {"legalize": True, "fuse_fp8_linear": "dequant_fp8" in ops}.get(name)
+        return False if name in declines else {"legalize": True, "group_moe": True,
+                                               "fuse_fp8_linear": "dequant_fp8" in ops}.get(name)
     return {
         "absorb_mla": cfg.is_mla, "absorb_mla_premultiplied": cfg.is_mla, "group_moe": cfg.is_moe,
         "fuse_router": cfg.is_moe, "fuse_add_rmsnorm": True, "fuse_swiglu": True, "legalize": True,
@@ -57,8 +58,8 @@ def test_every_pass_on_every_preset(model, name):
 
 
 def test_group_moe_with_folded_shared_experts(model):
-    if not model.config.is_moe or model.config.family == "v4":
-        pytest.skip("dense model, or V4's clamped experts (group_moe declines them)")
+    if not model.config.is_moe:
+        pytest.skip("dense model")
     res = passes.check([("group_moe", {"fold_shared_experts": True})], model.graph, model.weights, seq=4)
     assert res.ok and res.changed, res.report()
 

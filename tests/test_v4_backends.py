@@ -13,7 +13,7 @@ from dsgraph.numerics import rel_err
 
 V4_OPS = {"attention.sink", "hc.head", "hc.post", "hc.pre", "indexer.slot_mask",
           "mlp.swiglu_clamped", "moe.experts_clamped", "moe.route_hash", "moe.route_sqrtsoftplus",
-          "norm.rms_unweighted", "v4.compress", "neg", "sub"}
+          "norm.rms_unweighted", "v4.compress", "neg", "sub", "act.swiglu_clamped"}
 IDS = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(7))
 
 

@@ -145,6 +145,7 @@ def T(*shape, dt="float32"):
 
 L = "int64"
 GOOD = [
+    ("act.swiglu_clamped", [T("N", 12)], {"limit": 1.0}, [T("N", 6)]),
     ("norm.rms_unweighted", [T("B", "S", 4, 32)], {}, [T("B", "S", 4, 32)]),
     ("cache.slide", [T("B", 7, 32), T("B", "S", 32)], {}, [T("B", 7, 32)]),
     ("v4.compress", [T("B", "S", 64), T("B", "S", 64), T("B", 7, 128), T(4, 64), T("B", "S", dt=L)],
@@ -165,6 +166,7 @@ GOOD = [
     ("dequant_mxfp4", [T(6, 32, dt="int8"), T(6, 2, dt="uint8")], {}, [T(6, 64)]),
 ]
 BAD = [
+    ("act.swiglu_clamped", [T(3, 7)], {"limit": 1.0}, r"must be even"),
     ("norm.rms_unweighted", [T(2, 3, dt=L)], {}, r"must be a float tensor"),
     ("cache.slide", [T(1, 7, 32), T(1, 2, 16)], {}, r"differ"),
     ("v4.compress", [T(1, 2, 64), T(1, 2, 64), T(1, 3, 128), T(4, 64), T(1, 2, dt=L)], {"ratio": 4, "overlap": True},
@@ -212,6 +214,8 @@ def add_reference_cases(ref):
             lambda *t, r=ratio, o=overlap: compress_loop(*t, r, o), ratio=ratio, overlap=overlap)
     ref("norm.rms_unweighted", lambda: (R(2, 3, 7),), lambda x: x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5),
         eps=1e-5)
+    ref("act.swiglu_clamped", lambda: (R(5, 12, scale=2.0),),
+        lambda gu: torch.nn.functional.silu(gu[:, :6].clamp(max=0.7)) * gu[:, 6:].clamp(-0.7, 0.7), limit=0.7)
     ref("cache.slide", lambda: (R(2, 5, 3), R(2, 3, 3)), lambda st, new: torch.cat((st, new), 1)[:, -5:])
     ref("cache.slide", lambda: (R(2, 3, 3), R(2, 7, 3)), lambda st, new: new[:, -3:])
     ref("attention.sink", lambda: _sink_inputs(2, 9, 3, 8, 4, 2),

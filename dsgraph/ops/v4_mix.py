@@ -300,6 +300,33 @@ def _(b, x, weights, indices, *ws, num_experts, limit):
     return acc if x.dtype == "float32" else b.cast(acc, dtype=x.dtype)
 
 
+ACT_C = defop("act.swiglu_clamped", "gate_up", {"limit": Attr(float)},
+              "V4's clamped SwiGLU on a fused gate|up GEMM: silu(min(g, limit)) * clamp(u, -limit, limit) with g, u "
+              "the halves of gate_up [.., 2I] (what group_moe emits for moe.experts_clamped).", level="domain")
+
+
+@ACT_C.infer
+def _(gu, limit):
+    expect_float(gu, "act.swiglu_clamped input")
+    i2 = gu.shape[-1]
+    expect(isinstance(i2, int) and i2 % 2 == 0, lambda: f"act.swiglu_clamped: last dim of {gu} must be even")
+    return TensorType(gu.shape[:-1] + (i2 // 2,), gu.dtype)
+
+
+@ACT_C.reference
+def _(gu, limit):
+    g, u = f32(gu).chunk(2, dim=-1)
+    return F.silu(g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
+
+
+@ACT_C.decomposition
+def _(b, gu, limit):
+    half = gu.shape[-1] // 2
+    g, u = b.split(gu, sizes=(half, half), dim=-1)
+    hi, lo = b.constant(value=limit), b.constant(value=-limit)
+    return b.mul(b.silu(b.minimum(g, hi)), b.maximum(b.minimum(u, hi), lo))
+
+
 # ---------------------------------------------------------------- MXFP4
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 MXFP4_BLOCK = 32
