@@ -10,10 +10,12 @@ from v4_fixtures import one_thread  # noqa: F401 (autouse fixture)
 
 import dsgraph
 from dsgraph.numerics import rel_err
+from dsgraph.ops.moe import moe_experts_ref
+from dsgraph.ops.v4_mix import swiglu_clamped_ref
 
 V4_OPS = {"attention.sink", "hc.head", "hc.post", "hc.pre", "indexer.slot_mask",
           "mlp.swiglu_clamped", "moe.experts_clamped", "moe.route_hash", "moe.route_sqrtsoftplus",
-          "norm.rms_unweighted", "v4.compress", "neg", "sub", "act.swiglu_clamped"}
+          "norm.rms_unweighted", "v4.compress", "neg", "sub"}
 IDS = torch.randint(0, 128, (2, 21), generator=torch.Generator().manual_seed(7))
 
 
@@ -50,3 +52,19 @@ def test_tvm_llvm_matches_eager(model):
     exe = dsgraph.compile(model, backend="tvm", device="cpu")
     assert "legalized without a TVM kernel" in exe.report() and "v4.compress" in exe.report()
     _same_as_eager(exe, dsgraph.compile(model, backend="eager"), 1e-4)
+
+
+@pytest.mark.parametrize("limit", [None, 0.5])
+@pytest.mark.parametrize("n", [6, 34])   # 34 tokens x top-2 over 4 experts: 17 rows an expert, a 32-row M tile
+def test_fused_moe_template_clamped_swiglu(n, limit):
+    pytest.importorskip("triton")
+    from dsgraph.backends.triton.kernels.moe import fused_moe  # triton: only with the backend
+    g = torch.Generator().manual_seed(n)
+    e, k, d, i = 4, 2, 32, 32
+    x, w = torch.randn(n, d, generator=g), torch.rand(n, k, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    gate, up, down = (torch.randn(e, a, b, generator=g) / 6 for a, b in ((i, d), (i, d), (d, i)))
+    ffn = {} if limit is None else {"ffn": lambda t, a, b, c: swiglu_clamped_ref(t, a, b, c, limit=limit)}
+    want = moe_experts_ref(x, w, ids, *[t for j in range(e) for t in (gate[j], up[j], down[j])], num_experts=e,
+                           **ffn)
+    assert rel_err(fused_moe(x, w, ids, torch.cat((gate, up), 1), down, limit=limit), want) < 1e-5
