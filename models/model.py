@@ -29,6 +29,11 @@ class Model:
         return v4_summary(self) if isinstance(self.config, V4Config) else model_summary(self)
 
 
+def config_from_dict(d: dict):
+    """The config a graph or artifact recorded (`to_dict`), V4's or the one ModelConfig of the other families."""
+    return (V4Config if d.get("model_type") == "deepseek_v4" else ModelConfig).from_dict(d)
+
+
 def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, name: str = "model"):
     if isinstance(config, V4Config):
         return V4Builder(config, compute_dtype(dtype), name=name).build()

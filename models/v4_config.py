@@ -64,6 +64,13 @@ class V4Config:
         d["fp8_block_size"] = list(self.fp8_block_size) if self.fp8_block_size else None
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "V4Config":
+        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if kw.get("fp8_block_size"):
+            kw["fp8_block_size"] = tuple(kw["fp8_block_size"])
+        return cls(**kw)
+
 
 def _schedules(cfg: dict, n: int, source: str) -> tuple[list, list]:
     types = cfg.get("layer_types")

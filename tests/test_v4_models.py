@@ -3,9 +3,11 @@ published sizes and the KV cache per layer type; the tiny preset has every layer
 from __future__ import annotations
 
 import pytest
+import torch
 from dsgraph.models import build_model, preset_config
 from dsgraph.models.v4_config import CSA, HCA, SLIDING, from_hf_v4
 
+import dsgraph
 from dsgraph.errors import ConfigError
 
 
@@ -35,3 +37,12 @@ def test_legacy_config_spelling_and_errors():
         from_hf_v4({**cfg, "compress_ratios": [0, 4, 64, 4]})
     with pytest.raises(ConfigError, match="o_groups"):
         from_hf_v4({k: v for k, v in cfg.items() if k != "o_groups"})
+
+
+def test_artifact_round_trip_keeps_the_v4_config(tmp_path):
+    m = build_model("deepseek-v4-tiny")
+    exe = dsgraph.compile(m, backend="eager")
+    exe.save(tmp_path / "a")
+    back = dsgraph.load_artifact(tmp_path / "a")
+    ids = torch.randint(0, 128, (1, 11), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(back.generate(ids, max_new_tokens=3), exe.generate(ids, max_new_tokens=3))

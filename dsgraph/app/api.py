@@ -45,7 +45,7 @@ def _load_saved_graph(path: Path) -> models.Model:
         raise ConfigError(f"{path}: graph has no meta.config; save graphs built by dsgraph models")
     weights_file = path.with_suffix(".safetensors")
     weights = WeightStore(load_file(str(weights_file))) if weights_file.exists() else WeightStore()
-    return models.Model(graph.name, models.ModelConfig.from_dict(cfg_dict), graph, weights)
+    return models.Model(graph.name, models.config_from_dict(cfg_dict), graph, weights)
 
 
 def resolve_device(device: str | None) -> str:
@@ -140,6 +140,6 @@ def load_artifact(path: str | os.PathLike, device: str | None = None, backend: s
     where the backend saved its compiled code."""
     parts = artifact.load_parts(path, device=device, backend=backend)
     info = parts.manifest["model"]
-    model = models.Model(info["name"], models.ModelConfig.from_dict(info["config"]), parts.graph, parts.weights)
+    model = models.Model(info["name"], models.config_from_dict(info["config"]), parts.graph, parts.weights)
     return Executable(model, parts.graph, parts.compiled, parts.device, parts.dtype, parts.manifest["passes"],
                       mtp=parts.mtp, weights=parts.weights)
