@@ -57,7 +57,7 @@ def _(q, k, weights, scale, causal, fp8=False):
     if fp8:
         q, k = rotate_quant_ref(q), rotate_quant_ref(k)
     scores = torch.relu(torch.einsum("bshd,btd->bsht", f32(q), f32(k)))
-    logits = torch.einsum("bsht,bsh->bst", scores, f32(weights)) * scale
+    logits = torch.einsum("bsht,bsh->bst", scores, f32(weights).to(scores.dtype)) * scale  # fp64 proofs: pinned fp32
     if causal:
         logits = logits.masked_fill(~causal_keep(q.shape[1], k.shape[1], q.device), float("-inf"))
     return logits
