@@ -18,6 +18,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "float8_e4m3fn": torch.float8_e4m3fn,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int8": torch.int8,     # MXFP4 weights: two e2m1 values a byte
+    "uint8": torch.uint8,   # e8m0 scale exponents
     "bool": torch.bool,
 }
 _ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16",

@@ -37,6 +37,8 @@ from .config import from_hf
 from .hf_scales import SCALE_DTYPES, read_scale
 from .hf_shards import FLOAT_DTYPES, Shards, dequant_read
 from .model import Model, VisionPart, build_graph
+from .v4_config import from_hf_v4
+from .v4_loader import build_v4, v4_graph_config
 from .vision.config import FAMILIES as VL_FAMILIES
 from .vision.loader import load_vl_parts
 
@@ -47,10 +49,13 @@ _SHOW = 20  # list at most this many names per problem kind
 
 
 def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: bool = True,
-                    progress: bool = True):
-    """Read a checkpoint directory into a Model with lazy weights (see the module doc)."""
+                    progress: bool = True, keep_fp4: bool = False):
+    """Read a checkpoint directory into a Model with lazy weights (see the module doc; DeepSeek-V4's naming and
+    MXFP4 experts: models/v4_loader.py, `keep_fp4` keeps them quantised)."""
     root = Path(path)
     raw = _read_config(root)
+    if raw.get("model_type") == "deepseek_v4":
+        return _load_v4(root, raw, dtype, keep_fp8, keep_fp4, progress)
     if raw.get("model_type") in VL_FAMILIES:   # DeepSeek-VL / Janus: models/vision/loader.py
         vl, (graph, vision, generation, vq), weights, image = load_vl_parts(root, raw, dtype, progress)
         return Model(root.name, vl.text, graph, weights, load_tokenizer(root) if has_tokenizer(root) else None,
@@ -67,6 +72,19 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
         warnings.warn(f"{root}: {n}", stacklevel=2)
     graph.meta["checkpoint"] = {"path": str(root), "keep_fp8": keep_fp8, "notes": notes}
     return Model(root.name, graph_cfg, graph, weights, load_tokenizer(root) if has_tokenizer(root) else None)
+
+
+def _load_v4(root: Path, raw: dict, dtype: str, keep_fp8: bool, keep_fp4: bool, progress: bool):
+    cfg, notes = from_hf_v4(raw, source=str(root / "config.json")), []
+    name = re.sub(r"\W", "_", root.resolve().name) or "model"
+    graph, weights, missing, unexpected, wrong = build_v4(cfg, Shards(root, progress=progress), dtype, name,
+                                                          keep_fp8, keep_fp4, notes)
+    if missing or unexpected or wrong:
+        raise CheckpointError(_problem_report(root, missing, unexpected, wrong))
+    for n in notes:
+        warnings.warn(f"{root}: {n}", stacklevel=3)
+    graph.meta["checkpoint"] = {"path": str(root), "keep_fp8": keep_fp8, "keep_fp4": keep_fp4, "notes": notes}
+    return Model(root.name, v4_graph_config(cfg, keep_fp8, keep_fp4), graph, weights)
 
 
 def _read_config(root: Path) -> dict:

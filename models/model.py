@@ -14,6 +14,9 @@ from .random_weights import random_weights
 from .summary import model_summary
 from .tiny_tokenizer import VOCAB as TINY_VOCAB
 from .tiny_tokenizer import tiny_tokenizer
+from .v4 import V4Builder, v4_random_weights
+from .v4_config import V4Config, from_hf_v4
+from .v4_summary import v4_summary
 from .vision.config import VL_PRESETS, from_hf_vl
 from .vision.generation import build_generation_graph
 from .vision.image import ImageConfig
@@ -33,7 +36,8 @@ class Model:
     vision: object = None   # multimodal models: a VisionPart (models/vision/), weights in the same store
 
     def summary(self):
-        return model_summary(self)
+        return v4_summary(self) if isinstance(self.config, V4Config) else model_summary(self)
+
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs):
         """The checkpoint's chat template over `messages` (token ids; tokenize=False for the text)."""
@@ -42,7 +46,14 @@ class Model:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
 
+def config_from_dict(d: dict, source: str = "model config"):
+    """The config a graph or artifact recorded (`to_dict`), V4's or the one ModelConfig of the other families."""
+    return V4Config.from_dict(d) if d.get("model_type") == "deepseek_v4" else ModelConfig.from_dict(d, source)
+
+
 def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, name: str = "model"):
+    if isinstance(config, V4Config):
+        return V4Builder(config, compute_dtype(dtype), name=name).build()
     return DecoderBuilder(config, compute_dtype(dtype), name=name, mtp=mtp).build()
 
 
@@ -54,10 +65,15 @@ def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = Tr
     if name in VL_PRESETS:
         return build_vl_model(name, {**VL_PRESETS[name], **(overrides or {})}, source, seed, dtype, weights,
                               weights_device)
-    cfg = from_hf({**preset_config(name), **(overrides or {})}, source=source)
+    hf = {**preset_config(name), **(overrides or {})}
+    cfg = (from_hf_v4 if hf.get("model_type") == "deepseek_v4" else from_hf)(hf, source=source)
     graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
     tok = tiny_tokenizer() if name in TINY_PRESETS and cfg.vocab_size == TINY_VOCAB else None
-    return Model(name, cfg, graph, random_weights(graph, seed, weights_device) if weights else WeightStore(), tok)
+    if not weights:
+        return Model(name, cfg, graph, WeightStore(), tok)
+    v4 = isinstance(cfg, V4Config)
+    store = v4_random_weights(graph, cfg, seed, weights_device) if v4 else random_weights(graph, seed, weights_device)
+    return Model(name, cfg, graph, store, tok)
 
 
 @dataclass

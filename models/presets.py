@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dsgraph.errors import ConfigError
 
+from .v4_config import V4_PRESETS, V4_TINY
+
 _YARN_V2 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
 _YARN_V3 = {**_YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -116,6 +118,8 @@ TINY: dict[str, dict] = {
                            "index_head_dim": 16, "index_topk": 3,
                            "rope_scaling": {**_YARN_V3, "factor": 4, "original_max_position_embeddings": 64}},
 }
+PRESETS.update(V4_PRESETS)
+TINY.update(V4_TINY)
 PRESETS.update(TINY)
 TINY_PRESETS = tuple(TINY)
 

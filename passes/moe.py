@@ -1,4 +1,5 @@
-"""MoE grouping: per-expert `moe.experts` -> the grouped form grouped-GEMM kernels consume.
+"""MoE grouping: per-expert `moe.experts` (and V4's `moe.experts_clamped`, whose SwiGLU becomes
+`act.swiglu_clamped`) -> the grouped form grouped-GEMM kernels consume.
 
     xp, order, offsets = moe.permute(x, idx)          # token copies sorted by expert
     h  = moe.grouped_gemm(xp, gate_up[E, 2I, D], offsets)
@@ -28,10 +29,12 @@ from .weightref import dense_param, stack_rows, weight_ref
 X, WT, IDX = Var("x"), Var("w"), Var("idx")
 
 
-def _grouped(b, x: Value, w: Value, idx: Value, gate_up: Value, down: Value, num_experts: int, top_k: int):
+def _grouped(b, x: Value, w: Value, idx: Value, gate_up: Value, down: Value, num_experts: int, top_k: int,
+             limit: float | None = None):
     xp, order, offsets = b.moe.permute(x, idx, num_experts=num_experts)
     h = b.moe.grouped_gemm(xp, gate_up, offsets)
-    y = b.moe.grouped_gemm(b.act.swiglu(h), down, offsets)
+    act = b.act.swiglu(h) if limit is None else b.act.swiglu_clamped(h, limit=limit)
+    y = b.moe.grouped_gemm(act, down, offsets)
     for v in (h, y):  # graph.summary() counts activated params per token from this
         v.node.meta["top_k"] = top_k
     return b.moe.unpermute(y, w, order)
@@ -56,6 +59,7 @@ class GroupMoE(PatternPass):
 
     def rewrites(self, graph: Graph, weights: WeightStore) -> list[Rewrite]:
         experts = P("moe.experts", X, WT, IDX, rest="ws", num_experts=ANY, name="routed")
+        clamped = P("moe.experts_clamped", X, WT, IDX, rest="ws", num_experts=ANY, limit=ANY, name="routed")
 
         def build(b, m):
             refs = [weight_ref(v) for v in m["ws"]]
@@ -67,7 +71,8 @@ class GroupMoE(PatternPass):
                             [r for i, r in enumerate(refs) if i % 3 != 2], dtype)
             dn = stack_rows(b, weights, f"{_prefix(refs[0])}.down_proj", refs[2::3], dtype)
             gu, dn = b.reshape(gu, shape=(e, 2 * inter, d)), b.reshape(dn, shape=(e, d, inter))
-            out = _grouped(b, m["x"], m["w"], m["idx"], gu, dn, e, m["idx"].shape[1])
+            limit = m.attr("limit", "routed") if m["routed"].node.op == "moe.experts_clamped" else None
+            out = _grouped(b, m["x"], m["w"], m["idx"], gu, dn, e, m["idx"].shape[1], limit)
             return {m["routed"]: out}
 
         def build_folded(b, m):
@@ -104,13 +109,13 @@ class GroupMoE(PatternPass):
 
         shared = P("mlp.swiglu", X, Var("sg"), Var("su"), Var("sd"))
         return [Rewrite("moe_fold_shared", P("add", experts, shared), build_folded),
-                Rewrite("moe", experts, build)]
+                Rewrite("moe", experts, build), Rewrite("moe_clamped", clamped, build)]
 
     def run(self, graph: Graph, weights: WeightStore) -> dict:
         # two phases: the experts node precedes the add, so a single table would group it unfolded first
-        folded, plain = self.rewrites(graph, weights)
+        folded, *plain = self.rewrites(graph, weights)
         stats = apply_rewrites(graph, [folded]) if self.fold_shared_experts else {"matched": 0, "rewritten": 0}
-        rest = apply_rewrites(graph, [plain])
+        rest = apply_rewrites(graph, plain)
         out = {k: stats.get(k, 0) + rest.get(k, 0) for k in set(stats) | set(rest)}
         out["params_removed"] = len(graph.remove_unused_inputs(("param",)))
         return out

@@ -17,6 +17,9 @@ from dsa_loops import (
     topk_loop,
 )
 from test_ops import assert_close, one_node
+from v4_loops import BAD as V4_BAD
+from v4_loops import GOOD as V4_GOOD
+from v4_loops import add_reference_cases
 
 from dsgraph import GraphBuilder, ShapeError, TensorType
 from dsgraph.ops import all_ops
@@ -353,6 +356,8 @@ ref("moe.grouped_gemm", lambda: (R(4, 3), R(2, 6, 3), torch.tensor([0, 0, 4])), 
 ref("moe.unpermute", lambda: (R(8, 5), torch.rand(4, 2, generator=G), torch.randperm(8, generator=G)),
     unpermute_loop)
 
+add_reference_cases(ref)   # DeepSeek-V4's ops (tests/v4_loops.py)
+
 
 @pytest.mark.parametrize("op,make,want,attrs,tol", REF)
 def test_reference(op, make, want, attrs, tol):
@@ -548,6 +553,8 @@ BAD = [
     ("moe.grouped_gemm", [T(6, 8), T(4, 6, 8), T(4, dt=L)], {}, r"offsets must be \[4\+1\]"),
     ("moe.unpermute", [T(8, 4), T(4, 2), T(7, dt=L)], {}, r"order int64\[7\] must match y rows"),
 ]
+GOOD += V4_GOOD
+BAD += V4_BAD
 
 
 @pytest.mark.parametrize("op,ins,attrs,outs", GOOD, ids=[c[0] for c in GOOD])

@@ -30,6 +30,11 @@ def pipeline_for(name):
 def must_change(name, cfg, graph):
     """Where each pass has something to do (so a pass that silently matches nothing fails)."""
     ops = {n.op for n in graph.nodes}
+    if cfg.family == "v4":   # no MLA, q/k/v, add+norm, plain SwiGLU or V3 router: those passes decline
+        declines = ("absorb_mla", "absorb_mla_premultiplied", "fuse_router", "fuse_add_rmsnorm",
+                    "fuse_swiglu", "merge_qkv_a", "merge_qkv", "fuse_rope_attention", "prune_mtp")
+        return False if name in declines else {"legalize": True, "group_moe": True,
+                                               "fuse_fp8_linear": "dequant_fp8" in ops}.get(name)
     return {
         "absorb_mla": cfg.is_mla, "absorb_mla_premultiplied": cfg.is_mla, "group_moe": cfg.is_moe,
         "fuse_router": cfg.is_moe, "fuse_add_rmsnorm": True, "fuse_swiglu": True, "legalize": True,
@@ -161,6 +166,9 @@ ATTENTION = ("attention.gqa", "attention.mla", "attention.mla_absorbed", "attent
 def test_rope_folds_into_every_attention(model, first):
     """Naive, absorbed and GQA attention alike: no attention op is left reading a separately rotated query, the
     proof harness passes, and a backend without a kernel for attention.with_rope gets it decomposed back."""
+    if model.config.family == "v4":
+        pytest.skip("V4 rotates a tail slice of q and of the shared K = V and un-rotates the output: "
+                    "fuse_rope_attention declines attention.sink (test_every_pass_on_every_preset)")
     pipeline = first + ["fuse_rope_attention"]
     graph, _, _ = passes.run_pipeline(model.graph, model.weights, pipeline, out=lambda *a: None)
     before = sum(n.op in ATTENTION for n in passes.run_pipeline(model.graph, model.weights, first,

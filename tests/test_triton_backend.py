@@ -17,6 +17,8 @@ from dsgraph import GraphBuilder, models  # noqa: E402
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.interpreter import run  # noqa: E402
 
+NOT_V4 = [p for p in models.TINY_PRESETS if p != "deepseek-v4-tiny"]
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -122,7 +124,7 @@ def test_inputs_are_checked_like_the_interpreter():
         compiled.run({"x": torch.randn(2, 8, dtype=torch.float64)})
 
 
-@pytest.mark.parametrize("preset", models.TINY_PRESETS)
+@pytest.mark.parametrize("preset", NOT_V4)   # V4 runs with reported fallbacks: tests/test_v4_backends.py
 def test_tiny_preset_matches_eager(preset, **options):
     """Prefill logits and the greedy token of one decode step, through dsgraph.compile's Executable."""
     model = dsgraph.load(preset)

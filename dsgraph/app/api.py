@@ -73,7 +73,7 @@ def _load_saved_graph(path: Path) -> models.Model:
         weights = WeightStore(load_file(str(weights_file))) if weights_file.exists() else WeightStore()
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
         raise CheckpointError(f"{weights_file} is not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return models.Model(graph.name, models.ModelConfig.from_dict(cfg_dict, source=f"{path} meta.config"), graph,
+    return models.Model(graph.name, models.config_from_dict(cfg_dict, source=f"{path} meta.config"), graph,
                         weights)
 
 
@@ -198,7 +198,7 @@ def load_artifact(path: str | os.PathLike, device: str | None = None, backend: s
     where the backend saved its compiled code."""
     parts = artifact.load_parts(path, device=device, backend=backend)
     info = parts.manifest["model"]
-    config = models.ModelConfig.from_dict(info["config"], source=f"{path}/manifest.json model.config")
+    config = models.config_from_dict(info["config"], source=f"{path}/manifest.json model.config")
     model = models.Model(info["name"], config, parts.graph, parts.weights, parts.tokenizer)
     return Executable(model, parts.graph, parts.compiled, parts.device, parts.dtype, parts.manifest["passes"],
                       mtp=parts.mtp, weights=parts.weights)

@@ -12,6 +12,9 @@ from . import (  # noqa: F401
     norm,
     primitive,  # noqa: F401  (first: domain ops decompose into primitives)
     rope,
+    v4_attn,
+    v4_lower,
+    v4_mix,
     vision,
 )
 from .registry import Attr, OpDef, all_ops, defop, expect, get_op, scratch_ops  # noqa: F401

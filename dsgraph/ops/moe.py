@@ -126,15 +126,16 @@ def _(x, weights, indices, *ws, num_experts):
 
 
 @EXPERTS.reference
-def moe_experts_ref(x, weights, indices, *ws, num_experts):
-    """The naive loop: count tokens per expert, skip idle experts, y[idx] += expert(x[idx]) * w."""
+def moe_experts_ref(x, weights, indices, *ws, num_experts, ffn=swiglu_ref):
+    """The naive loop: count tokens per expert, skip idle experts, y[idx] += expert(x[idx]) * w (`ffn` the
+    expert's FFN, V4 passes its clamped SwiGLU)."""
     y = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)  # >= fp32 sums
     counts = torch.bincount(indices.flatten(), minlength=num_experts).tolist()
     for e in range(num_experts):
         if counts[e] == 0:
             continue
         tok, slot = torch.where(indices == e)
-        out = swiglu_ref(x[tok], *ws[3 * e: 3 * e + 3])
+        out = ffn(x[tok], *ws[3 * e: 3 * e + 3])
         y.index_add_(0, tok, out * weights[tok, slot, None].to(y.dtype))
     return y
 

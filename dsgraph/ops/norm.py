@@ -88,3 +88,27 @@ def _(b, x, w, bias, eps):
     y = b.mul(centred, b.rsqrt(b.add(var, b.constant(value=eps))))
     y = b.add(b.mul(y, b.cast(w, dtype="float32")), b.cast(bias, dtype="float32"))
     return b.cast(y, dtype=x.dtype)
+
+
+RMS_PLAIN = defop("norm.rms_unweighted", "x", {"eps": Attr(float, 1e-6)},
+                  "RMSNorm without a weight (V4's per-head query norm): x * rsqrt(mean(x^2) + eps), in fp32.",
+                  level="domain")
+
+
+@RMS_PLAIN.infer
+def _(x, eps):
+    expect_float(x, "norm.rms_unweighted input")
+    return x
+
+
+@RMS_PLAIN.reference
+def _(x, eps):
+    xf = f32(x)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@RMS_PLAIN.decomposition
+def _(b, x, eps):
+    xf = b.cast(x, dtype="float32")
+    y = b.mul(xf, b.rsqrt(b.add(b.mean(b.mul(xf, xf), dims=(-1,), keepdim=True), b.constant(value=eps))))
+    return y if x.dtype == "float32" else b.cast(y, dtype=x.dtype)

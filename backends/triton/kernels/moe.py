@@ -17,7 +17,7 @@ Weights are stacked per expert: gate_up [E, 2I, H] (gate rows first), down [E, H
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -53,8 +53,8 @@ def moe_configs(m: int, num_experts: int, block_m: int | None = None) -> list[Mo
     """Tile candidates for one GEMM at M tile `block_m` (default `moe_block_m`): decode reads each hit expert's
     weights once through few rows, so narrow N tiles over deep K stages keep enough loads in flight; prefill
     tiles are compute tiles. Timed per GEMM by `pick` (the two GEMMs differ in N, K and the SwiGLU epilogue)."""
-    if interpreting():
-        return [INTERPRETER_CONFIG]
+    if interpreting():   # the M tile must be the one the rows were aligned to (fused_moe pads to moe_block_m)
+        return [replace(INTERPRETER_CONFIG, block_m=block_m or INTERPRETER_CONFIG.block_m)]
     bm = block_m or moe_block_m(m, num_experts)
     if bm <= 16:
         tiles = [(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
@@ -180,15 +180,16 @@ def _align_kernel(ids_ptr, row_ids_ptr, block_expert_ptr, num_rows, num_experts,
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, row_ids_ptr, block_expert_ptr, w_ptr,
     num_rows, N, K,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, limit,
     A_DIV: tl.constexpr, A_PADDED: tl.constexpr, C_PADDED: tl.constexpr, SWIGLU: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    CLAMP: tl.constexpr, HAS_WEIGHT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[rows] = A[rows] @ B[e].T for the rows of one expert tile.
 
     A rows: padded position (A_PADDED) or row_id // A_DIV (a token's x for each of its k slots). C rows: padded
-    position (C_PADDED) or row_id. SWIGLU: B holds [gate; up] (2N rows) and C = silu(A B_g^T) * (A B_u^T).
+    position (C_PADDED) or row_id. SWIGLU: B holds [gate; up] (2N rows) and C = silu(A B_g^T) * (A B_u^T);
+    CLAMP (DeepSeek-V4): the gate clamped above at `limit`, the up part to [-limit, limit] first.
     HAS_WEIGHT: each row is scaled by w[row_id] (the routing weight of that slot).
     """
     pid_m = tl.program_id(0)
@@ -220,6 +221,9 @@ def _grouped_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if SWIGLU:
+        if CLAMP:
+            acc = tl.minimum(acc, limit)
+            acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if HAS_WEIGHT:
         acc = acc * tl.load(w_ptr + row_id, mask=row_ok, other=0.0).to(tl.float32)[:, None]
@@ -250,12 +254,13 @@ def _reduce_kernel(y_ptr, src_ptr, w_ptr, out_ptr, H, stride_y, stride_out,
 # ------------------------------------------------------------------------------------------------ host side
 
 def _launch_gemm(a, b, c, row_ids, block_expert, w, num_rows, n, cfg: MoEConfig, *, a_div=1, a_padded=False,
-                 c_padded=False, swiglu=False):
+                 c_padded=False, swiglu=False, limit=None):
     grid = (block_expert.numel(), triton.cdiv(n, cfg.block_n))
     _grouped_gemm_kernel[grid](
         a, b, c, row_ids, block_expert, w if w is not None else c, num_rows, n, a.shape[1],
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        A_DIV=a_div, A_PADDED=a_padded, C_PADDED=c_padded, SWIGLU=swiglu, HAS_WEIGHT=w is not None,
+        float(limit or 0.0), A_DIV=a_div, A_PADDED=a_padded, C_PADDED=c_padded, SWIGLU=swiglu,
+        CLAMP=limit is not None, HAS_WEIGHT=w is not None,
         PRECISION=dot_precision(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -287,8 +292,10 @@ def _check_moe(x, weights, ids, gate_up, down):
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-              down: torch.Tensor, config: MoEConfig | tuple[MoEConfig, MoEConfig] | None = None) -> torch.Tensor:
-    """sum_j weights[t, j] * SwiGLU_{ids[t, j]}(x[t]) -> [N, H] in x's dtype (`moe_experts_ref` semantics).
+              down: torch.Tensor, config: MoEConfig | tuple[MoEConfig, MoEConfig] | None = None,
+              limit: float | None = None) -> torch.Tensor:
+    """sum_j weights[t, j] * SwiGLU_{ids[t, j]}(x[t]) -> [N, H] in x's dtype (`moe_experts_ref` semantics;
+    `limit`: V4's clamped SwiGLU, act.swiglu_clamped).
 
     `config`: one launch config for both GEMMs, a (gate|up, down) pair sharing block_m, or None: block_m from
     `moe_block_m` and each GEMM's tiles autotuned on its own."""
@@ -313,7 +320,7 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
 
     def gate_up_gemm(cfg):
         _launch_gemm(x, gate_up, act, row_ids, block_expert, None, m, inter, cfg, a_div=k, c_padded=True,
-                     swiglu=True)
+                     swiglu=True, limit=limit)
 
     def down_gemm(cfg):
         _launch_gemm(act, down, y, row_ids, block_expert, flat_w, m, h, cfg, a_padded=True)

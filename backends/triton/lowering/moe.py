@@ -70,23 +70,33 @@ def _permuted(out: int) -> P:
 
 # the grouped chain `group_moe` emits: permute -> grouped_gemm(gate_up) -> act.swiglu -> grouped_gemm(down) ->
 # unpermute, every value inside read only by the chain
-GROUPED_CHAIN = P("moe.unpermute",
-                  P("moe.grouped_gemm",
-                    P("act.swiglu", P("moe.grouped_gemm", _permuted(0), Var("gate_up"), _permuted(2))),
-                    Var("down"), _permuted(2)),
-                  Var("w"), _permuted(1))
+def _chain(act: str, **attrs) -> P:
+    return P("moe.unpermute",
+             P("moe.grouped_gemm",
+               P(act, P("moe.grouped_gemm", _permuted(0), Var("gate_up"), _permuted(2)), name="act", **attrs),
+               Var("down"), _permuted(2)),
+             Var("w"), _permuted(1))
+
+
+GROUPED_CHAIN = _chain("act.swiglu")
+CLAMPED_CHAIN = _chain("act.swiglu_clamped", limit=ANY)   # DeepSeek-V4's experts
 
 
 @TABLE.register("moe.permute")
 def _permute(ctx, node):
     x, idx = node.inputs
-    m = ctx.region(GROUPED_CHAIN, node, anchor="perm") if _dtype_ok(ctx, x.dtype) is None else None
+    ok = _dtype_ok(ctx, x.dtype) is None
+    m = ctx.region(GROUPED_CHAIN, node, anchor="perm") if ok else None
+    m = m or (ctx.region(CLAMPED_CHAIN, node, anchor="perm") if ok else None)
     if m is not None:
+        act = m.node("act")
+        limit = act.attrs["limit"] if act.op == "act.swiglu_clamped" else None
         return Lowered("template",
-                       "moe.fused_moe (align + gate|up GEMM with SwiGLU + down GEMM with routing weight + reduce)",
+                       "moe.fused_moe (align + gate|up GEMM with SwiGLU + down GEMM with routing weight + reduce)"
+                       + ("; SwiGLU clamped at the limit (V4)" if limit is not None else ""),
                        "grouped chain fused; x_perm never materialised", nodes=tuple(m.nodes),
                        inputs=(x, idx, m["w"], m["gate_up"], m["down"]), outputs=(m.root_value,),
-                       fn=lambda a, sym: [moe_k.fused_moe(a[0], a[2], a[1], a[3], a[4])])
+                       fn=lambda a, sym: [moe_k.fused_moe(a[0], a[2], a[1], a[3], a[4], limit=limit)])
     e = node.attrs["num_experts"]
 
     def run(a, sym):

@@ -1,0 +1,26 @@
+"""DeepSeek-V4's data-movement and GEMM-shaped ops as named library calls: the grouped output projection is one
+batched GEMM over the groups (cuBLAS on CUDA), the sliding state one concat and slice. The rest of V4's ops
+(compressor, windowed sink attention, mHC, routing, clamped experts) run as reported torch fallbacks for now."""
+from __future__ import annotations
+
+import torch
+
+from .registry import TABLE, Lowered
+
+
+@TABLE.register("linear.grouped")
+def _(ctx, node):
+    def run(a, sym):
+        x, w = a
+        g = x.shape[-2]
+        return [torch.einsum("bsgi,goi->bsgo", x, w.reshape(g, -1, x.shape[-1]))]
+    return Lowered("library", "torch.einsum bsgi,goi->bsgo (one batched GEMM over the groups; cuBLAS on CUDA)", fn=run)
+
+
+@TABLE.register("cache.slide")
+def _(ctx, node):
+    def run(a, sym):
+        state, new = a
+        r = state.shape[1]
+        return [torch.cat((state, new.to(state.dtype)), 1)[:, -r:].contiguous() if r else state]
+    return Lowered("library", "torch.cat + slice (the last R rows of state and new)", fn=run)
