@@ -49,15 +49,16 @@ class Retype(Pass):
             if v.type.dtype == old and name not in pinned:
                 v.type = TensorType(v.type.shape, new)
                 inputs += 1
-        casts = 0
+        casts, added = 0, {}
         for node in list(graph.nodes):
             if node.op == "cast" and node.attrs["dtype"] == old and old != FLOAT32:
                 node.attrs["dtype"] = new
                 casts += 1
             _infer(node)
-            if node.op == "dequant_fp8" and new != FLOAT32:
-                casts += _cast_dequant(graph, node, new)
-        casts += _drop_noop_dequant_casts(graph)
+            if node.op == "dequant_fp8" and new != FLOAT32 and (cast := _cast_dequant(graph, node, new)):
+                added[id(node)] = cast
+        _place_after(graph, added)
+        casts += len(added) + _drop_noop_dequant_casts(graph)
         graph.meta["dtype"] = new
         return {"rewritten": inputs + casts, "inputs": inputs, "casts": casts}
 
@@ -67,20 +68,34 @@ def _infer(node: Node) -> None:
         v.type = t
 
 
-def _cast_dequant(graph: Graph, dq: Node, dtype: str) -> int:
-    """Readers of an fp32 dequantised weight that are not casts read it cast to the compute dtype."""
+def _cast_dequant(graph: Graph, dq: Node, dtype: str) -> Node | None:
+    """Readers of an fp32 dequantised weight that are not casts read it cast to the compute dtype: the cast (added
+    at the graph's end; _place_after moves it), or None where every reader casts already."""
     out = dq.outputs[0]
     readers = [u for u in out.users if u.op != "cast"]
     if not readers:
-        return 0
-    after = graph.nodes[graph.nodes.index(dq) + 1]
-    with graph.inserting_before(after):
-        cast = graph.add_node("cast", [out], {"dtype": dtype}, names=f"{out.name}.cast")
+        return None
+    cast = graph.add_node("cast", [out], {"dtype": dtype}, names=f"{out.name}.cast")
     for user in readers:
         for i, v in enumerate(user.inputs):
             if v is out:
                 graph.replace_input(user, i, cast.outputs[0])
-    return 1
+    return cast
+
+
+def _place_after(graph: Graph, added: dict[int, Node]) -> None:
+    """Each added node right after the node it was made for (id -> node), in one pass over the node list: a
+    full-size V3 has tens of thousands of FP8 weights, and inserting each in place would be quadratic."""
+    if not added:
+        return
+    moved = {id(n) for n in added.values()}
+    order = []
+    for n in graph.nodes:
+        if id(n) not in moved:
+            order.append(n)
+            if id(n) in added:
+                order.append(added[id(n)])
+    graph.nodes[:] = order
 
 
 def _drop_noop_dequant_casts(graph: Graph) -> int:
