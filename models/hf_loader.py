@@ -99,6 +99,9 @@ def _read_config(root: Path) -> dict:
         raise ConfigError(f"{f} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{f} must hold a JSON object, got {type(cfg).__name__}")
+    if not isinstance(cfg.get("model_type", ""), str):   # it picks the family's loader, before the typed schema
+        raise ConfigError(f"{f}: model_type must be a string such as \"deepseek_v3\", got {cfg['model_type']!r}; "
+                          "fix config.json")
     return cfg
 
 
