@@ -109,7 +109,7 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
     dtype = compute_dtype(dtype or model.graph.meta.get("dtype", "float32"))
     model.graph.meta.setdefault("dtype", _embed_dtype(model.graph))  # graphs saved before the key existed
     t0 = time.perf_counter()
-    log.info(f"compiling {model.name} for {backend} on {device} ({dtype})")
+    log.debug(f"compiling {model.name} for {backend} on {device} ({dtype})")
     if parallel is not None:
         pipeline = be.default_pipeline() if passes == "default" else passes
         pipeline = [] if pipeline in ("none", None) else ([pipeline] if isinstance(pipeline, str) else list(pipeline))
