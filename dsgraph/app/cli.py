@@ -54,7 +54,8 @@ def cmd_compile(args) -> int:
     print(exe.report() if args.report == "full" else exe.compiled.report.summary())
     if args.output:
         path = exe.save(args.output, overwrite=args.overwrite)
-        print(f"wrote artifact {path} — run it with: dsgraph run {path} --prompt-ids 1,2,3")
+        hint = '--prompt "Hello"' if exe.tokenizer is not None else "--prompt-ids 1,2,3"
+        print(f"wrote artifact {path} — run it with: dsgraph run {path} {hint}")
     return 0
 
 
