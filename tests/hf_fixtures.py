@@ -16,6 +16,7 @@ import json
 import re
 from pathlib import Path
 
+import dsgraph.models as models
 import torch
 from dsgraph.models import quantize_fp8_block
 from safetensors import safe_open
@@ -122,6 +123,24 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], shards: int = 1)
         save_file({k: tensors[k].contiguous() for k in part}, str(path / fname))
         weight_map.update({k: fname for k in part})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def write_preset(path, name="deepseek-v3-tiny", shards=1, edit=None, config_edit=None):
+    """A hub-layout checkpoint of a tiny preset with its deterministic random weights (MTP layer included when the
+    preset has one): config.json, safetensors shards, an index when sharded. `edit(tensors)` / `config_edit(cfg)`
+    change them in place before writing."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    m = models.build_model(name, seed=0)
+    tensors = {k: m.weights[k] for k in m.graph.params()}
+    if edit:
+        edit(tensors)
+    cfg = models.preset_config(name)
+    if config_edit:
+        config_edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    write_tensors(path, tensors, shards)
+    return path
 
 
 def edit_config(path: Path, fn) -> dict:

@@ -17,20 +17,7 @@ from dsgraph.errors import CheckpointError, ConfigError
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(fx.one_thread)
 IDS = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
-
-
-def write_preset(path, name="deepseek-v3-tiny", shards=1, edit=None, config_edit=None):
-    """A hub-layout checkpoint of a tiny preset (MTP layer included when the preset has one)."""
-    m = models.build_model(name, seed=0)
-    tensors = {k: m.weights[k] for k in m.graph.params()}
-    if edit:
-        edit(tensors)
-    cfg = models.preset_config(name)
-    if config_edit:
-        config_edit(cfg)
-    (path / "config.json").write_text(json.dumps(cfg))
-    fx.write_tensors(path, tensors, shards)
-    return path
+write_preset = fx.write_preset
 
 
 def _rel(a, b):

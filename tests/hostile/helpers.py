@@ -3,8 +3,7 @@ import hashlib
 import json
 import shutil
 
-import dsgraph.models as models
-from safetensors.torch import save_file
+from hf_fixtures import write_preset
 
 
 def copy(src, tmp_path, name="copy"):
@@ -32,23 +31,5 @@ def tree(path):
 
 
 def write_checkpoint(path, name="deepseek-llm-tiny", shards=1, edit=None, config_edit=None):
-    """A hub-layout checkpoint (config.json, safetensors shards, an index when sharded) of a tiny preset."""
-    path.mkdir(parents=True, exist_ok=True)
-    m = models.build_model(name, seed=0)
-    tensors = {k: m.weights[k].contiguous() for k in m.graph.params()}
-    if edit:
-        edit(tensors)
-    cfg = models.preset_config(name)
-    if config_edit:
-        config_edit(cfg)
-    (path / "config.json").write_text(json.dumps(cfg))
-    keys = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        fname = "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in keys[i::shards]}
-        save_file(part, str(path / fname))
-        weight_map.update({k: fname for k in part})
-    if shards > 1:
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
+    """A hub-layout checkpoint of a tiny preset (hf_fixtures.write_preset; the dense LLaMA shape by default)."""
+    return write_preset(path, name, shards, edit, config_edit)
