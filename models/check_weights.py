@@ -3,7 +3,7 @@
 A non-finite weight (a norm, an embedding row, an FP8 scale, an e4m3 NaN byte, one expert) does not fail a
 load: it turns the logits into NaN and generation into token 0 forever, which is why generation raises
 `NumericsError` pointing here. The scan reads one tensor at a time (in row blocks, so a huge embedding never
-sits in memory twice), FP8 bytes widened to fp32, with progress on stderr every ~10%.
+sits in memory twice), FP8 bytes widened to fp32, with a progress bar on stderr (dsgraph/progress.py).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from dsgraph.errors import CheckpointError
+from dsgraph.progress import bar
 from dsgraph.runtime.manifest import MANIFEST, read_manifest, verify_files
 
 from .hf_shards import Shards
@@ -87,17 +88,14 @@ def scan(tensors: Iterable[tuple[str, int, Callable[[], torch.Tensor]]], progres
          label: str = "weights") -> list[Finding]:
     """Every tensor with a NaN or Inf, one tensor read at a time."""
     tensors = list(tensors)
-    total, done, shown = max(1, sum(n for _, n, _ in tensors)), 0, -1
     found = []
-    for i, (name, numel, read) in enumerate(tensors):
-        nan, inf = count_nonfinite(read())
-        if nan or inf:
-            found.append(Finding(name, nan, inf, numel))
-        done += numel
-        if progress and done * 10 // total > shown:
-            shown = done * 10 // total
-            print(f"checking {label}: {i + 1}/{len(tensors)} tensors ({10 * shown}% of values)", file=sys.stderr,
-                  flush=True)
+    with bar(sum(n for _, n, _ in tensors), f"checking {label}", unit=" values", unit_scale=True,
+             show=progress) as b:
+        for name, numel, read in tensors:
+            nan, inf = count_nonfinite(read())
+            if nan or inf:
+                found.append(Finding(name, nan, inf, numel))
+            b.update(numel)
     return found
 
 

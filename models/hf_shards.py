@@ -9,7 +9,6 @@ weight is used and never sits in memory twice.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +18,13 @@ from safetensors import safe_open
 from dsgraph.dtypes import ST_DTYPES
 from dsgraph.errors import CheckpointError
 from dsgraph.ops.mlp import dequant_fp8_block
+from dsgraph.progress import LOAD_MIN_BYTES, LOAD_MIN_FILES, bar, track
 from dsgraph.safefs import safe_name
 
 from .hf_scales import read_scale
 
-log = logging.getLogger("dsgraph.models")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INDEX_FILE = "model.safetensors.index.json"
-# show progress when a load reads at least this much, or the checkpoint has at least this many files
-PROGRESS_MIN_BYTES = 2**30
-PROGRESS_MIN_FILES = 8
 
 
 @dataclass(frozen=True)
@@ -44,25 +40,6 @@ class TensorInfo:
             n *= d
         return n * (1 if self.dtype in ("float8_e4m3fn", "float8_e8m0fnu", "int8", "uint8", "bool") else
                     2 if self.dtype in ("float16", "bfloat16") else 8 if self.dtype in ("float64", "int64") else 4)
-
-
-class Progress:
-    """Bytes read so far, logged every 10% (only when the load is big enough to wait for)."""
-
-    def __init__(self, total: int, enabled: bool, label: str):
-        self.total, self.enabled, self.label = max(total, 1), enabled, label
-        self.done = 0
-        self._shown = -1
-
-    def add(self, nbytes: int) -> None:
-        self.done += nbytes
-        if not self.enabled:
-            return
-        tenth = min(10, self.done * 10 // self.total)
-        if tenth > self._shown:
-            self._shown = tenth
-            log.info(f"loading {self.label}: {self.done / 2**30:.2f} / {self.total / 2**30:.2f} GiB "
-                     f"({10 * tenth}%)")
 
 
 def _read_index(index: Path) -> dict:
@@ -99,23 +76,25 @@ class Shards:
     """key -> TensorInfo for every tensor of a checkpoint directory; `read` loads one on demand."""
 
     def __init__(self, root: Path, progress: bool = True):
+        """`progress`: a bar for indexing many shards and for the bytes read, where the load is big enough
+        (dsgraph/progress.py)."""
         self.root = Path(root)
         self.files = self._files()
-        if progress and len(self.files) >= PROGRESS_MIN_FILES:
-            log.info(f"indexing {len(self.files)} safetensors files in {self.root}")
+        many = len(self.files) >= LOAD_MIN_FILES
         self.info: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
-        for f in self.files:
+        for f in track(self.files, f"indexing {self.root.name}", unit="file", long=many, show=progress,
+                       name=lambda f: f.name):
             for key, info in _header(f).items():
                 if key in self.info:
                     raise CheckpointError(f"{self.root}: tensor {key!r} is stored twice, in "
                                           f"{self.info[key].file.name} and {f.name}; remove one copy")
                 self.info[key] = info
         self._check_index()
-        self.progress = Progress(sum(i.nbytes for i in self.info.values()),
-                                 progress and (len(self.files) >= PROGRESS_MIN_FILES or
-                                               sum(i.nbytes for i in self.info.values()) >= PROGRESS_MIN_BYTES),
-                                 self.root.name)
+        self.bytes_read = 0   # tensor data read so far (slices count their own size): what a sharded rank's load costs
+        total = self.total_bytes
+        self._bar = bar(total, f"loading {self.root.name}", unit="B", long=many or total >= LOAD_MIN_BYTES,
+                        show=progress)
 
     def _files(self) -> list[Path]:
         index = self.root / INDEX_FILE
@@ -160,13 +139,12 @@ class Shards:
         except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for damaged data
             raise CheckpointError(f"{info.file}: tensor {key!r} cannot be read ({type(e).__name__}: {e}); the shard "
                                   "is damaged, download it again") from None
-        self.progress.add(t.numel() * t.element_size())
+        nbytes = t.numel() * t.element_size()
+        self.bytes_read += nbytes
+        self._bar.update(nbytes)
+        if self.bytes_read >= self._bar.total:
+            self._bar.close()   # every byte read: the bar goes
         return t
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes of tensor data read so far (slices count their own size): what a sharded rank's load costs."""
-        return self.progress.done
 
     @property
     def total_bytes(self) -> int:

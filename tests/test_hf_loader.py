@@ -4,7 +4,6 @@ laziness, progress, config spellings. Checkpoints here are written from the tiny
 from __future__ import annotations
 
 import json
-import logging
 
 import dsgraph.models as models
 import hf_fixtures as fx
@@ -178,17 +177,16 @@ def test_fused_experts_are_sliced_lazily(tmp_path, monkeypatch):
     assert slices == [(4, slice(32, 64))]
 
 
-def test_progress_shown_only_for_big_loads(tmp_path, monkeypatch, caplog):
-    """Progress goes to the `dsgraph` logger (the CLI shows it on stderr; -q hides it)."""
-    caplog.set_level(logging.INFO, logger="dsgraph")
-    write_preset(tmp_path, "deepseek-llm-tiny")
-    dsgraph.compile(models.load_checkpoint(tmp_path), backend="eager")(IDS)
-    assert "loading" not in caplog.text
-    monkeypatch.setattr(hf_shards, "PROGRESS_MIN_BYTES", 0)
+def test_a_forced_progress_bar_shows_a_sharded_load(tmp_path, monkeypatch, capsys):
+    """DSGRAPH_PROGRESS=1 shows the shard indexing and bytes-read bars on stderr (the rules: test_progress.py);
+    progress=False keeps them off even then."""
+    write_preset(tmp_path, "deepseek-llm-tiny", shards=3)
+    monkeypatch.setenv("DSGRAPH_PROGRESS", "1")
     dsgraph.compile(models.load_checkpoint(tmp_path, progress=False), backend="eager")(IDS)
-    assert "loading" not in caplog.text
+    assert tmp_path.name not in capsys.readouterr().err
     dsgraph.compile(models.load_checkpoint(tmp_path), backend="eager")(IDS)
-    assert "loading" in caplog.text and "(100%)" in caplog.text
+    err = capsys.readouterr().err
+    assert f"indexing {tmp_path.name}" in err and f"loading {tmp_path.name}" in err
 
 
 def test_bf16_load_agrees_with_fp32(tmp_path):
