@@ -58,3 +58,8 @@ def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "
                 b.set_postfix_str(str(name(item)), refresh=False)
             yield item
             b.update(1)
+
+
+def write(msg: str) -> None:
+    """A line on stderr that leaves an open bar intact (tqdm clears it, writes, redraws it)."""
+    tqdm.write(msg, file=sys.stderr)

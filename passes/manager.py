@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from dsgraph.errors import DSGraphError, PassError
 from dsgraph.ir import Graph
+from dsgraph.progress import MIN_NODES, track
 from dsgraph.weights import WeightStore
 
 from .base import Pass, get
@@ -86,7 +87,7 @@ def run_pipeline(graph: Graph, weights: WeightStore | None, pipeline, dump_after
                         f"{[p.name for p in passes]}")
     weights = weights if weights is not None else WeightStore()
     records: list[PassRecord] = []
-    for p in passes:
+    for p in track(passes, "passes", unit="pass", long=len(graph.nodes) >= MIN_NODES, name=lambda p: p.name):
         before = [r.name for r in records]
         params0, ops0, n0 = set(graph.params()), Counter(n.op for n in graph.nodes), len(graph.nodes)
         t0 = time.perf_counter()

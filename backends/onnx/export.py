@@ -26,6 +26,7 @@ import torch
 from dsgraph.builder import GraphBuilder
 from dsgraph.errors import UnknownOpError
 from dsgraph.interpreter import load_param
+from dsgraph.progress import MIN_NODES, track
 from dsgraph.symbolic import Sym
 
 from . import converters, domain  # noqa: F401  (register the primitive and domain converters in TABLE)
@@ -101,7 +102,7 @@ def export_onnx(graph, weights, opset: int = OPSET, records: list | None = None)
             inputs.append(_value_info(name, v.type))
         elif v.users:
             initializers.append(_param_proto(v, weights))
-    for node in graph.nodes:
+    for node in track(graph.nodes, "lowering (onnx)", unit="node", long=len(graph.nodes) >= MIN_NODES):
         convert_node(ctx, node, records)
     outputs = []
     for name, v in graph.outputs.items():

@@ -12,6 +12,7 @@ import dataclasses
 import torch
 import triton.testing
 
+from dsgraph.progress import track
 from dsgraph.version import tool_version
 
 from .runtime import interpreting
@@ -68,7 +69,7 @@ def pick(kernel: str, key: tuple, candidates: list, bench, timer=None):
         return candidates[0]
     timer = timer or (lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
     best, best_ms = candidates[0], float("inf")
-    for cfg in candidates:
+    for cfg in track(candidates, f"autotuning {kernel} {'x'.join(map(str, key))}", unit="config"):
         try:
             bench(cfg)  # compile (and fail, if it does not fit) before timing
             ms = timer(lambda: bench(cfg))

@@ -19,6 +19,7 @@ from dsgraph.interpreter import Step, load_param, reference_fn, run_node
 from dsgraph.ir import Graph, Node, Value
 from dsgraph.ops.mlp import dequant_fp8_block
 from dsgraph.pattern import Match, P, Roots, match_region
+from dsgraph.progress import MIN_NODES, track
 
 from ..base import KernelChoice
 from . import decode_graphs
@@ -146,7 +147,7 @@ def lower_graph(graph: Graph, weights, device: str, report, options: dict) -> Pr
     dev = torch.device(device)
     ctx = LowerCtx(graph, weights, dev, options)
     placed: list[tuple[int, Step]] = []
-    for node in graph.nodes:
+    for node in track(graph.nodes, "lowering (triton)", unit="node", long=len(graph.nodes) >= MIN_NODES):
         if not ctx.free(node):
             continue
         lw = lower_node(ctx, node)

@@ -19,6 +19,7 @@ from dsgraph.passes import run_pipeline
 
 from dsgraph.errors import BackendUnavailable
 from dsgraph.ops.registry import get_op
+from dsgraph.progress import MIN_NODES, bar
 
 from ..base import CompileReport, KernelChoice
 from .build import build, make_target
@@ -79,9 +80,13 @@ def compile_program(graph, device: str, tune: dict | None = None, fallback_origi
     """Translate and build `graph` for `device`; `fallback_origins` maps the output names of legalized nodes
     to the op they replaced (their kernels are reported as `fallback`)."""
     target = make_target(device, tuning=bool(tune and tune.get("trials", 0) > 0))
+    stages = bar(2, f"tvm build of {graph.name}", unit="step", long=len(graph.nodes) >= MIN_NODES)
+    stages.set_postfix_str("translate")
     t0 = time.perf_counter()
     tr = translate(graph, target)
     t1 = time.perf_counter()
+    stages.update(1)
+    stages.set_postfix_str("schedule, codegen" + (" and MetaSchedule tuning" if tune and tune.get("trials") else ""))
     tune_note = None
     if tune is not None:
         unknown = set(tune) - {"work_dir", "trials"}
@@ -95,6 +100,8 @@ def compile_program(graph, device: str, tune: dict | None = None, fallback_origi
                      "(existing records reused)")
     executable = build(tr.mod, target, tune)
     t2 = time.perf_counter()
+    stages.update(1)
+    stages.close()
     origins = fallback_origins or {}
     kernels = []
     for node, res in tr.kernels:

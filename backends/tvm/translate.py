@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from dsgraph.errors import ShapeError, UnknownOpError
 from dsgraph.ir import Graph
+from dsgraph.progress import MIN_NODES, track
 
 from .deps import relax, tvm
 from .lower import TABLE, DerivedParam, LowerCtx
@@ -46,7 +47,7 @@ def translate(graph: Graph, target: tvm.target.Target) -> Translation:
                              "backends/tvm/lower/, or give the op a decomposition so legalization can lower it")
     with bb.function("main"):
         with bb.dataflow():
-            for node in graph.nodes:
+            for node in track(graph.nodes, "lowering (tvm)", unit="node", long=len(graph.nodes) >= MIN_NODES):
                 try:
                     res, _ = TABLE.lower(ctx, node)  # fallback "error": a node no candidate takes raises, naming it
                     outs = [_check(ctx, node, i, e) for i, e in enumerate(res.outputs)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsgraph import models
+from dsgraph import models, progress
 from dsgraph.backends import available_backends, backend_names
 from dsgraph.backends.onnx.export import OPSET, export_onnx, save_onnx
 from dsgraph.backends.tvm.prebuilt import ENV as TVM_PREBUILT_ENV
@@ -210,7 +210,7 @@ def cmd_bench(args) -> int:
     if args.prebuild:
         names = prebuild_tvm(args.model, args.prebuild, device=args.device, workloads=workloads, batches=args.batch,
                              prefill_batches=args.prefill_batch, contexts=args.context, dtype=args.dtype,
-                             seed=args.seed, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                             seed=args.seed, log=progress.write)
         print(f"{len(names)} TVM modules for {args.device} in {args.prebuild}; run them with "
               f"dsgraph bench {args.model} --device {args.device} --prebuilt {args.prebuild} (same workloads)")
         return 0

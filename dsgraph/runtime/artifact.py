@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from dsgraph.backends import get_backend
 from dsgraph.dtypes import ST_DTYPES
 from dsgraph.errors import ArtifactError, DSGraphError
+from dsgraph.progress import WRITE_MIN_BYTES, bar
 from dsgraph.safefs import DirLock, owner_pid, pid_alive, sha256_file, tag
 from dsgraph.serialize import graph_from_json, graph_to_json
 from dsgraph.text import has_tokenizer, load_tokenizer
@@ -64,7 +65,7 @@ def save_artifact(exe, path, overwrite: bool = False) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.dsgraph-tmp-{os.getpid()}-", dir=dest.parent))
         try:
             (tmp / PARTIAL).write_text(tag())
-            _write_contents(exe, tmp)
+            _write_contents(exe, tmp, dest.name)
             (tmp / PARTIAL).unlink()
             _swap_in(tmp, dest)
         except BaseException:
@@ -73,25 +74,37 @@ def save_artifact(exe, path, overwrite: bool = False) -> Path:
     return dest
 
 
-def _write_contents(exe, tmp: Path) -> None:
+def _write_contents(exe, tmp: Path, name: str) -> None:
     graphs = {"graph.json": exe.graph}
     if exe.mtp is not None:
         graphs["mtp_graph.json"] = exe.mtp[0]
-    main_json = None
-    for fname, g in graphs.items():
-        j = graph_to_json(g)
-        main_json = main_json or j
-        (tmp / fname).write_text(json.dumps(j))
-    _save_weights(list(graphs.values()), exe.weights, tmp / "weights.safetensors")
-    backend = get_backend(exe.compiled.report.backend)
-    (tmp / "backend").mkdir()
-    backend.save_compiled(exe.compiled, tmp / "backend" / "main")
-    if exe.mtp is not None:
-        backend.save_compiled(exe.mtp[1], tmp / "backend" / "mtp")
-    if exe.tokenizer is not None:
-        exe.tokenizer.save(tmp / TOKENIZER_DIR)
-    files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != PARTIAL}
+    weight_bytes = sum(v.type.nbytes() for g in graphs.values() for v in g.params().values())
+    with bar(5, f"writing {name}", unit="step",
+             long=weight_bytes >= WRITE_MIN_BYTES) as steps:
+        steps.set_postfix_str("graphs")
+        main_json = None
+        for fname, g in graphs.items():
+            j = graph_to_json(g)
+            main_json = main_json or j
+            (tmp / fname).write_text(json.dumps(j))
+        steps.update(1)
+        steps.set_postfix_str(f"weights ({weight_bytes / 2**30:.2f} GiB)")
+        _save_weights(list(graphs.values()), exe.weights, tmp / "weights.safetensors")
+        steps.update(1)
+        steps.set_postfix_str("compiled backend")
+        backend = get_backend(exe.compiled.report.backend)
+        (tmp / "backend").mkdir()
+        backend.save_compiled(exe.compiled, tmp / "backend" / "main")
+        if exe.mtp is not None:
+            backend.save_compiled(exe.mtp[1], tmp / "backend" / "mtp")
+        steps.update(1)
+        if exe.tokenizer is not None:
+            exe.tokenizer.save(tmp / TOKENIZER_DIR)
+        steps.update(1)
+        steps.set_postfix_str("checksums")
+        files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != PARTIAL}
+        steps.update(1)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dsgraph_version": __version__,
         "backend": exe.compiled.report.backend, "device": exe.device.type, "dtype": exe.dtype,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 import dsgraph.models as models
+from dsgraph import progress
 from dsgraph.backends import get_backend
 from dsgraph.backends.tvm.prebuilt import export_prebuilt
 from dsgraph.dtypes import compute_dtype
@@ -99,7 +100,7 @@ def _check_context(cfg, mdl) -> None:
 
 
 def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, batches=None, prefill_batches=None,
-                 contexts=None, dtype=None, seed: int = 0, log=print) -> list[str]:
+                 contexts=None, dtype=None, seed: int = 0, log=progress.write) -> list[str]:
     """Build here, for `device`, every TVM module that `bench` with the same arguments compiles, into
     `directory` (see backends/tvm/prebuilt.py); no GPU and no weights are needed. Returns the module names."""
 
@@ -120,7 +121,7 @@ def prebuild_tvm(model: str, directory, device: str = "cuda", workloads=None, ba
         full = load_model(model, cfg.dtype, seed, "cpu", mtp=True)
         graphs.extend(split_graph(compile_graph(full.graph, full.weights, be, "default", True, None)[0], {"mtp_ids"}))
     names = []
-    for i, graph in enumerate(graphs):
+    for i, graph in enumerate(progress.track(graphs, "building tvm modules", unit="module")):
         t0 = time.perf_counter()
         path, built = export_prebuilt(graph, cfg.device, directory)
         if path.name not in names:

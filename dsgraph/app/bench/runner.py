@@ -14,12 +14,12 @@ listed once per row as "unavailable: reason".
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from dsgraph import progress
 from dsgraph.backends import get_backend, kv_cache
 from dsgraph.errors import DeviceMemoryError, DSGraphError, UnknownOpError
 from dsgraph.numerics import rel_err, tolerance
@@ -88,8 +88,9 @@ class Runner:
         self.model = model
         self.peak = peak
         self.rows: list[dict] = []
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or progress.write
         self.on_row = on_row  # called with the rows so far after each new row (partial JSON)
+        self.progress = progress.bar(None, f"bench {cfg.model}", unit="row")
         self.backends = list(dict.fromkeys(["eager"] + cfg.backends))
 
     # helpers ---------------------------------------------------------------------
@@ -107,6 +108,7 @@ class Runner:
         self.rows.append(row)
         if self.on_row:
             self.on_row(self.rows)
+        self.progress.update(1)
         tag = status if status != "ok" else f"{row['median_ms']:.3f} ms"
         self.log(f"  {backend:<28} {w.label:<36} {tag}" + (f"  ({row['reason']})" if row["reason"] else ""))
         return row
@@ -457,11 +459,12 @@ def run_bench(cfg: BenchConfig, model, peak: dict, log=None, load_mtp_model=None
     """`load_mtp_model()` gives the model with its MTP branch, for the speculative workload; `on_row(rows)` is
     called after every row."""
     runner = Runner(cfg, model, peak, log, on_row)
-    for name in cfg.workloads:
-        if name in OP_WORKLOADS:
-            runner.run_op(name)
-    runner.run_models()
-    if "speculative" in cfg.workloads:
-        runner.run_speculative(load_mtp_model)
+    with runner.progress:
+        for name in cfg.workloads:
+            if name in OP_WORKLOADS:
+                runner.run_op(name)
+        runner.run_models()
+        if "speculative" in cfg.workloads:
+            runner.run_speculative(load_mtp_model)
     add_speedups(runner.rows)
     return sort_rows(runner.rows, runner.backends)
