@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 
+from dsgraph.app import cli_guard as guard
 from dsgraph.app.cli import main
 
 
@@ -32,6 +33,10 @@ def test_run_streams_tokens_and_rates(capsys):
     toks = out.split("tokens:")[1].splitlines()[0].split()
     assert len(toks) == 4 and all(t.isdigit() for t in toks)
     assert "time to first token" in out and "tokens/s" in out
+
+
+def test_prompt_ids_take_commas_or_spaces():
+    assert guard.token_ids("1,2,3") == guard.token_ids("1 2  3") == guard.token_ids(" 1, 2 3 ") == [1, 2, 3]
 
 
 def test_check_eager(capsys):

@@ -6,6 +6,7 @@ import torch
 
 import dsgraph
 from dsgraph.errors import InputError
+from dsgraph.runtime import generation
 from dsgraph.runtime.speculative import speculate
 
 V3 = "deepseek-v3-tiny"
@@ -123,6 +124,36 @@ def test_cache_rollback_equals_plain_cache(backend, accept):
     assert state.length == plain.length == 5 + 6
     for name, t in plain.caches.items():
         torch.testing.assert_close(state.caches[name], t, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,agree", [("eager", None), ("triton", True)], ids=["random", "agreeing"])
+def test_ragged_prompts_speculate_in_one_batch(backend, agree, monkeypatch):
+    """Longer prompts' tails are fed before drafting starts; each row's greedy output is its output alone."""
+    model = models.build_model(V3, seed=6) if agree is None else bigram_model(agree)
+    exe = dsgraph.compile(model, backend=_backend(backend), keep_mtp=True)
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    alone = [exe.generate(torch.tensor([r]), 6)[0].tolist() for r in rows]
+    batches, real = [], generation.speculate
+    monkeypatch.setattr(generation, "speculate", lambda exe, p, *a: batches.append(len(p)) or real(exe, p, *a))
+    assert exe.generate(rows, 6, speculative="mtp", draft_depth=2).tolist() == alone
+    assert batches == [3]
+    if agree:
+        _, _, stats = speculate(exe, rows, 6, 2)
+        assert stats.extra["acceptance_per_position"] == [1.0, 1.0]
+
+
+def test_speculation_stops_at_max_time_and_when_every_row_has_stopped(monkeypatch):
+    exe = dsgraph.compile(bigram_model(True), keep_mtp=True)
+    out = exe.generate("Hello!", max_new_tokens=50, max_time=0.0, temperature=0, speculative="mtp",
+                       stop_token_ids=[])
+    assert out.finish_reason == "length" and out.completion_tokens == 1
+    free = exe.generate("Hello!", max_new_tokens=12, temperature=0, stop_token_ids=[])
+    steps, real = [], exe.step
+    monkeypatch.setattr(exe, "step", lambda ids, state: steps.append(ids.shape) or real(ids, state))
+    eos = exe.generate("Hello!", max_new_tokens=12, temperature=0, speculative="mtp", draft_depth=2,
+                       stop_token_ids=[free.token_ids[2]])
+    assert eos.finish_reason == "eos" and eos.token_ids == free.token_ids[:free.token_ids.index(free.token_ids[2]) + 1]
+    assert len(steps) <= 3     # prefill and at most two draft-verify steps of 3 tokens: no steps after the EOS
 
 
 def test_model_without_mtp_is_a_clear_error():

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(dtype=None)   # an artifact's own, a model's float32 (_load_exe)
     what = s.add_mutually_exclusive_group()
     what.add_argument("--prompt", default=None, help="text, encoded with the model's tokenizer")
-    what.add_argument("--prompt-ids", type=guard.token_ids, default=None, help="comma-separated token ids, e.g. 1,2,3")
+    what.add_argument("--prompt-ids", type=guard.token_ids, default=None, help="token ids, e.g. 1,2,3 or \"1 2 3\"")
     _generation_args(s)
     s.add_argument("--image", action="append", default=None, metavar="FILE",
                    help="an image for a DeepSeek-VL / Janus model (repeatable; read with Pillow)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -43,9 +44,9 @@ def int_at_least(least: int):
 
 
 def token_ids(text: str) -> list[int]:
-    """An argparse type: comma-separated non-negative token ids, at least one."""
+    """An argparse type: non-negative token ids separated by commas and/or spaces, at least one."""
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+        ids = [int(t) for t in re.split(r"[\s,]+", text) if t]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
     if not ids:
@@ -115,6 +116,9 @@ def run(fn, args, debug: bool) -> int:
     except KeyboardInterrupt:
         print(f"{where}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # whoever read stdout stopped (`dsgraph list presets | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the exit's flush has nowhere to fail
+        return 141                                                       # as a shell reports SIGPIPE
     except (DSGraphError, OSError, argparse.ArgumentTypeError) as e:
         if debug:
             traceback.print_exc()

@@ -14,7 +14,8 @@ Prompts of different lengths share one batch without padding or masks: the batch
 length, then each step feeds every row one token, a longer prompt's next token until its prompt is in, then its
 own samples. Every row's cache holds exactly its own tokens (one cache length for the batch, as the graphs
 take), so each row's output is what it would be alone. Prompts more than RAGGED_SPAN tokens apart go in separate
-batches (their tails would take a step a token); MTP speculation batches equal lengths only.
+batches (their tails would take a step a token). MTP speculation feeds ragged tails the same way before it starts
+drafting (speculative.py).
 """
 from __future__ import annotations
 
@@ -145,10 +146,9 @@ def run_rows(exe, rows: list[list[int]], samples: list[int], req: Request) -> li
     for r in rows:
         exe._check_length(len(r) + req.max_new_tokens - 1)
     outs: list[GenerationOutput | None] = [None] * len(rows)
-    span = RAGGED_SPAN if req.speculative is None else 0
     groups: list[list[int]] = []
     for i in sorted(range(len(rows)), key=lambda i: len(rows[i])):
-        if not groups or len(rows[i]) - len(rows[groups[-1][0]]) > span:
+        if not groups or len(rows[i]) - len(rows[groups[-1][0]]) > RAGGED_SPAN:
             groups.append([])
         groups[-1].append(i)
     run = decode_batch if req.speculative is None else speculative_batch
@@ -262,19 +262,29 @@ def _outputs(rows: list[_Row], rate: float, extra: dict | None = None) -> list[G
 
 
 def speculative_batch(exe, prompts: list[list[int]], samples: list[int], index: list[int], req: Request):
-    """One batch of equal-length prompts through MTP speculation (greedy or rejection sampling); the stop rules
-    see each emitted token."""
+    """One batch of prompts through MTP speculation (greedy or rejection sampling); the stop rules see each
+    emitted token, and the loop ends once every row has stopped or max_time has passed."""
     if req.speculative != "mtp":
         raise InputError(f"speculative={req.speculative!r}: the only speculative mode is 'mtp'")
     rows = [_Row(i, p, req) for i, p in zip(index, prompts)]
-    ids = torch.tensor(prompts, device=exe.device)
+    t0 = time.perf_counter()
 
-    def on_token(_, toks):
-        for row, t in zip(rows, toks.tolist()):
-            if row.finish is None:
-                row.push(t)
+    def on_emit(tokens: list[list[int]]) -> None:
+        now = time.perf_counter()
+        for row, toks in zip(rows, tokens):
+            for t in toks:
+                if row.finish is None:
+                    if not row.tokens:
+                        row.ttft = now - t0
+                    row.push(t)
+
+    def stop() -> bool:
+        return all(r.finish is not None for r in rows) or \
+            (req.max_time is not None and time.perf_counter() - t0 > req.max_time)
+
     params = None if req.params.greedy else req.params
-    _, _, stats = speculate(exe, ids, req.max_new_tokens, req.draft_depth, on_token, params, samples)
+    _, _, stats = speculate(exe, prompts, req.max_new_tokens, req.draft_depth, on_emit, params, samples, stop)
     for r in rows:
-        r.ttft = stats.time_to_first_token_s
+        if r.finish is None:      # stopped by max_time
+            r.end("length")
     return _outputs(rows, stats.decode_tokens_per_s, stats.extra)

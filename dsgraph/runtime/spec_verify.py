@@ -18,7 +18,8 @@ from .sampling import SamplingParams, distribution, draw, generators
 
 
 class GreedyVerifier:
-    def first(self, logits):
+    def first(self, logits, rows=None):
+        """The next token [B, 1] of plain decoding from last-position logits [B, V] (of the batch rows `rows`)."""
         return logits.argmax(-1, keepdim=True)
 
     def pick(self, logits):
@@ -41,8 +42,9 @@ class SampledVerifier:
         self.params = params
         self.gens = generators(params, samples, device)
 
-    def first(self, logits):
-        return draw(distribution(logits, self.params), self.gens)
+    def first(self, logits, rows=None):
+        gens = self.gens if rows is None else [self.gens[k] for k in rows]
+        return draw(distribution(logits, self.params), gens)
 
     def pick(self, logits):
         q = distribution(logits, self.params)

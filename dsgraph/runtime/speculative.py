@@ -7,6 +7,7 @@ choice is accepted plus the main model's next token, and both caches are cut bac
 past the rejected positions. Every emitted token is a greedy choice of the main
 model given the tokens before it, so the output equals plain greedy decoding.
 
+Prompts of different lengths share a batch (their tails fed by plain steps first, see `speculate`).
 A batch shares one cache length, so a step accepts the smallest agreeing prefix of
 its rows (rows that agreed further re-verify those tokens next step: still exact,
 a little less speedup); per-row agreement is reported in the statistics.
@@ -68,76 +69,119 @@ class MTPDrafter:
 def generate_mtp(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, return_stats: bool = False,
                  on_token=None, n: int = 1, seed: int | None = None, **knobs):
     """`knobs` (temperature, top_k, top_p, min_p) > greedy sample with rejection; `n` samples of each prompt row
-    (rows j of a prompt seeded (seed, j))."""
+    (rows j of a prompt seeded (seed, j)). `on_token(i, ids [B])` sees the i-th new token of every row."""
     params = SamplingParams(**knobs, seed=seed) if knobs else None
     ids = exe._ids(prompt_ids, "prompt_ids").repeat_interleave(n, dim=0)
-    tokens, _, stats = speculate(exe, ids, max_new_tokens, draft_depth, on_token, params,
+    emit = None
+    if on_token:
+        made = [0]
+
+        def emit(rows):   # equal prompt lengths: every row gets the same number of tokens a step
+            for j in range(len(rows[0])):
+                on_token(made[0] + j, torch.tensor([r[j] for r in rows], device=ids.device))
+            made[0] += len(rows[0])
+    tokens, _, stats = speculate(exe, ids, max_new_tokens, draft_depth, emit, params,
                                  [j for _ in range(ids.shape[0] // n) for j in range(n)])
     return (tokens, stats) if return_stats else tokens
 
 
-def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_token=None,
-              params: SamplingParams | None = None, samples: list[int] | None = None):
-    """The speculative loop; returns (new tokens [B, N], main KVState, GenerateStats)."""
+def _prompt_rows(exe, prompt_ids) -> list[list[int]]:
+    if isinstance(prompt_ids, (list, tuple)) and prompt_ids and all(isinstance(r, (list, tuple)) for r in prompt_ids):
+        return [exe._ids(list(r), "prompt_ids")[0].tolist() for r in prompt_ids]
+    return exe._ids(prompt_ids, "prompt_ids").tolist()
+
+
+def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_emit=None,
+              params: SamplingParams | None = None, samples: list[int] | None = None, stop=None):
+    """The speculative loop over prompts of any lengths (a tensor [B, P] or lists of ids); returns (new tokens
+    [B, N], main KVState, GenerateStats), N = max_new_tokens unless `stop()` (asked before every main-model step)
+    ended it early: then the count every row reached. `on_emit(rows)` gets each row's new tokens (host lists) as
+    they are accepted, never past max_new_tokens.
+
+    Ragged prompts: the batch prefills the shortest prompt's length, then plain one-token steps feed the longer
+    prompts' tails while the rows already in pick their next token (decode_batch's way, generation.py); once every
+    prompt is in, the MTP branch reads the main hidden states of every position so far and speculation starts.
+    Every row's cache holds exactly its own tokens, so its greedy output is its output alone."""
     if exe.mtp is None:
         raise InputError("speculative='mtp' needs a model with an MTP module compiled with keep_mtp=True "
                          "(DeepSeek-V3/R1 checkpoints carry one; this model has none)")
     if draft_depth < 1:
         raise InputError(f"draft_depth must be >= 1, got {draft_depth}")
-    ids = exe._ids(prompt_ids, "prompt_ids")
-    bsz, plen = ids.shape
+    prompts = _prompt_rows(exe, prompt_ids)
+    bsz, fed, plen = len(prompts), min(map(len, prompts)), max(map(len, prompts))
     exe._check_length(plen + max_new_tokens + draft_depth)
     drafter = MTPDrafter(exe, *exe.mtp)
     xfer = XFER + drafter.hidden_input
     policy = verifier(params, samples if samples is not None else list(range(bsz)), exe.device)
+    made = [[] for _ in range(bsz)]
+
+    def emitted(rows: list[list[int]]) -> None:
+        rows = [r[:max_new_tokens - len(m)] for r, m in zip(rows, made)]
+        for m, r in zip(made, rows):
+            m.extend(r)
+        if on_emit:
+            on_emit(rows)
 
     watch = FiniteWatch(exe.dtype)
     t0 = time.perf_counter()
+    ids = torch.tensor([p[:fed] for p in prompts], device=exe.device)
     out, state = exe.step(ids, exe.empty_state(bsz))
-    watch.see(out["logits"][:, -1], 0)
+    hidden, steps = [out[xfer]], 1
+    while fed < plen:                                   # feed the longer prompts' tails, one token a step
+        watch.see(out["logits"][:, -1], steps - 1)
+        ready = [k for k, p in enumerate(prompts) if len(p) <= fed]
+        picked = iter(policy.first(out["logits"][ready, -1], ready)[:, 0].tolist() if ready else ())
+        tok = [next(picked) if len(p) <= fed else p[fed] for p in prompts]
+        emitted([[t] if len(p) <= fed else [] for t, p in zip(tok, prompts)])
+        if stop and stop():
+            return _result(made, state, plen, steps, time.perf_counter() - t0, t0, {"draft_depth": draft_depth},
+                           exe.device)
+        ids = torch.cat([ids, torch.tensor(tok, device=exe.device)[:, None]], dim=1)
+        out, state = exe.step(ids[:, -1:], state)
+        hidden.append(out[xfer])
+        fed, steps = fed + 1, steps + 1
+    watch.see(out["logits"][:, -1], steps - 1)
     tok = policy.first(out["logits"][:, -1])
-    new = [tok]
-    if on_token:
-        on_token(0, tok[:, 0])
+    emitted(tok.tolist())
     mtp_state = exe.empty_state_for(drafter.graph, bsz)
     next_ids = torch.cat([ids[:, 1:], tok], dim=1)
-    drafts, qs, mtp_state = drafter.draft(out[xfer], next_ids, mtp_state, 0, draft_depth, policy.pick)
+    drafts, qs, mtp_state = drafter.draft(torch.cat(hidden, dim=1), next_ids, mtp_state, 0, draft_depth,
+                                          policy.pick)
     ttft = time.perf_counter() - t0
 
     accepted_at = torch.zeros(draft_depth)
     drafted_at = torch.zeros(draft_depth)
     row_agree = torch.zeros(bsz)
-    steps = 1
+    spec_steps = 0
     t1 = time.perf_counter()
-    while sum(t.shape[1] for t in new) < max_new_tokens:
+    while min(map(len, made)) < max_new_tokens and not (stop and stop()):
         start = state.length                                   # position of `tok`
         out, state = exe.step(torch.cat([tok, drafts], dim=1), state)
         watch.see(out["logits"], steps)
-        per_row, emitted, a = policy.verify(out["logits"], drafts, qs)   # accepted drafts per row, [B, a+1]
+        per_row, new, a = policy.verify(out["logits"], drafts, qs)   # accepted drafts per row, [B, a+1]
         row_agree += per_row
         drafted_at += bsz
         accepted_at += (torch.arange(draft_depth)[None] < per_row[:, None]).sum(0).float()
         state = _cut(state, start + 1 + a)
-        if on_token:
-            done = sum(t.shape[1] for t in new)
-            for j in range(min(emitted.shape[1], max_new_tokens - done)):
-                on_token(done + j, emitted[:, j])
-        new.append(emitted)
-        steps += 1
-        tok = emitted[:, -1:]
+        emitted(new.tolist())
+        steps, spec_steps = steps + 1, spec_steps + 1
+        tok = new[:, -1:]
         # MTP positions start..start+a: main hidden there, followed by the accepted tokens and the bonus
-        hidden = out[xfer][:, :a + 1]
-        drafts, qs, mtp_state = drafter.draft(hidden, emitted, mtp_state, start, draft_depth, policy.pick)
+        drafts, qs, mtp_state = drafter.draft(out[xfer][:, :a + 1], new, mtp_state, start, draft_depth,
+                                              policy.pick)
     watch.check(steps)
-    if exe.device.type == "cuda":
+    return _result(made, state, plen, steps, ttft, t1, {
+        "draft_depth": draft_depth, "acceptance_per_position": (accepted_at / drafted_at.clamp(min=1)).tolist(),
+        "row_acceptance": (row_agree / max(spec_steps, 1) / draft_depth).tolist()}, exe.device)
+
+
+def _result(made: list[list[int]], state, plen: int, steps: int, ttft: float, t1: float, extra: dict, device):
+    """(new tokens [B, N] for the N tokens every row reached, the main state, GenerateStats)."""
+    if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t1
-    result = torch.cat(new, dim=1)[:, :max_new_tokens]
-    produced = max_new_tokens - 1
-    rate = produced * bsz / dt if produced > 0 and dt > 0 else float("nan")
-    return result, state, GenerateStats(
-        plen, max_new_tokens, steps, ttft, rate,
-        extra={"draft_depth": draft_depth,
-               "acceptance_per_position": (accepted_at / drafted_at.clamp(min=1)).tolist(),
-               "mean_tokens_per_target_step": max_new_tokens / steps,
-               "row_acceptance": (row_agree / max(steps - 1, 1) / draft_depth).tolist()})
+    n = min(map(len, made))
+    produced = sum(len(m) - 1 for m in made if m)
+    rate = produced / dt if produced > 0 and dt > 0 else float("nan")
+    return torch.tensor([m[:n] for m in made], dtype=torch.int64, device=device), state, GenerateStats(
+        plen, n, steps, ttft, rate, extra={**extra, "mean_tokens_per_target_step": n / steps})
