@@ -190,3 +190,15 @@ def test_captured_decode_with_the_gluon_mla_kernel_equals_eager_gpu(monkeypatch)
         assert err(out) < max(2e-2, 2 * err(bf16)), (i, err(out), err(bf16))
     assert exe.compiled.decode_step.stats["graph_steps"] == 12 and launches
 
+
+
+def test_sampling_runs_in_the_static_step_and_gives_the_plain_runs_text(exe):
+    """The StepSampler rides in the static (on the GPU: captured) step as its epilogue; the seeded samples, with
+    every knob and the repetition penalty on, equal those of the plain program that samples after the step."""
+    kw = dict(max_new_tokens=5, temperature=0.9, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2, seed=7)
+    ids = _ids(exe, 2, 4, 3).tolist()
+    exe.compiled.decode_step = None
+    want = exe.generate(ids, **kw)
+    runner = _static(exe)
+    assert torch.equal(exe.generate(ids, **kw), want)
+    assert runner.stats["graph_steps"] == 4 and all(key[1] is not None for key in runner.buffers)

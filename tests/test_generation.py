@@ -13,7 +13,7 @@ import torch
 
 import dsgraph
 from dsgraph.errors import InputError, TokenizerError
-from dsgraph.runtime.sampling import SamplingParams, distribution
+from dsgraph.runtime.sampling import SamplingParams, distribution, seen_mask
 
 PROMPTS = ["Hello world", "naïve café 日本語 and the model", "🙂"]
 NEW = 12
@@ -89,10 +89,10 @@ def test_ragged_ids_run_as_one_batch_on_every_backend(backend, monkeypatch):
     exe = dsgraph.compile(models.build_model("deepseek-v3-tiny", seed=4), backend=backend)
     rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     alone = [exe.generate(torch.tensor([r]), max_new_tokens=4)[0].tolist() for r in rows]
-    prefills, prefill = [], exe.prefill
-    monkeypatch.setattr(exe, "prefill", lambda ids: prefills.append(tuple(ids.shape)) or prefill(ids))
+    shapes, step = [], exe.step
+    monkeypatch.setattr(exe, "step", lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or step(ids, *a, **k))
     assert exe.generate(rows, max_new_tokens=4).tolist() == alone
-    assert prefills == [(3, 2)]          # one batch: the shortest length prefilled, the longer tails fed after
+    assert [s for s in shapes if s[1] > 1] == [(3, 2)]          # one batch: the shortest length prefilled, the longer tails fed after
 
 
 def test_stop_string_across_token_boundaries(exe):
@@ -141,6 +141,7 @@ def test_distribution_matches_transformers_processors(params):
     from transformers.generation import logits_process as lp  # the oracle
     g = torch.Generator().manual_seed(0)
     logits, history = torch.randn(3, 97, generator=g) * 3, torch.randint(0, 97, (3, 6), generator=g)
+    seen = seen_mask(history, 97)
     chain = [lp.RepetitionPenaltyLogitsProcessor(params.get("repetition_penalty", 1.0)),
              lp.TemperatureLogitsWarper(params["temperature"])]
     chain += [lp.TopKLogitsWarper(params["top_k"])] if "top_k" in params else []
@@ -149,7 +150,7 @@ def test_distribution_matches_transformers_processors(params):
     want = logits.clone()
     for proc in chain:
         want = proc(history, want)
-    got = distribution(logits, SamplingParams(**params), history)
+    got = distribution(logits, SamplingParams(**params), seen)
     torch.testing.assert_close(got, torch.softmax(want, -1), atol=1e-6, rtol=1e-5)
 
 
@@ -157,8 +158,8 @@ def test_finished_rows_leave_the_batch(exe, monkeypatch):
     rows = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
     alone = [exe.generate(torch.tensor([r]), max_new_tokens=6)[0].tolist() for r in rows]
     eos = alone[0][2]                                  # row 0 stops at its third token
-    sizes, decode = [], exe.decode
-    monkeypatch.setattr(exe, "decode", lambda tok, state: sizes.append(tok.shape[0]) or decode(tok, state))
+    sizes, step = [], exe.step
+    monkeypatch.setattr(exe, "step", lambda tok, *a, **k: sizes.append(tok.shape[0]) or step(tok, *a, **k))
     out = exe.generate(rows, max_new_tokens=6, stop_token_ids=[eos])
     for r, a in zip(out, alone):
         assert r == a[:a.index(eos) + 1] if eos in a else r == a

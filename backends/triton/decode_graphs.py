@@ -13,7 +13,9 @@ So a graphed step runs the same lowered program in *static-capacity* form:
   The program takes those device tensors as two optional inputs (LENGTH_INPUTS: the steps of `cache.append` and
   of the attention ops read them); called without them, it runs the plain growing-cache step.
 Between replays only those device tensors, the token ids and the positions change. There is one graph per batch
-size and capacity; a sequence that outgrows C moves to a larger capacity (copied over and captured once).
+size, capacity and epilogue; a sequence that outgrows C moves to a larger capacity (copied over and captured once).
+An epilogue (the runtime's sampler: a callable from the step's outputs to more outputs, over device buffers of its
+own that its caller fills before each step) is captured with the step, so a replay hands back the chosen ids.
 
 This applies when every op that reads a cache is one of those (absorbed MLA, which the triton pipeline makes of
 every MLA model, and GQA/MHA attention); for any other graph the compile report says why decode runs without them.
@@ -38,7 +40,7 @@ from .. import kv_cache
 
 QUANTUM = 1024    # capacities are multiples of this ...
 GROWTH = 1.25     # ... at least 1.25 x the length that needs them
-MAX_BATCH_SIZES = 4  # graphs kept at once (a new batch size drops the one placed longest ago)
+MAX_BATCH_SIZES = 4  # graphs kept at once (a new batch size or epilogue drops the one placed longest ago)
 
 
 @dataclass
@@ -108,8 +110,8 @@ def capacity_for(length: int, limit: int | None) -> int:
 class _Buffers:
     """The static inputs of one graph: cache buffers of one capacity, token ids, positions, device lengths."""
 
-    def __init__(self, program, batch: int, capacity: int, capture: bool):
-        self.program, self.capacity = program, capacity
+    def __init__(self, program, batch: int, capacity: int, capture: bool, epilogue=None):
+        self.program, self.capacity, self.epilogue = program, capacity, epilogue
         dev = program.device
         self.caches = {}
         for name, v in program.runtime_inputs.items():
@@ -133,8 +135,9 @@ class _Buffers:
         return any(kv_cache.in_use(b) for b in self.caches.values())
 
     def _run(self) -> dict:
-        return self.program({"input_ids": self.ids, "positions": self.positions, **self.lengths.inputs(),
-                             **{n: b[:, :self.capacity - 1] for n, b in self.caches.items()}})
+        out = self.program({"input_ids": self.ids, "positions": self.positions, **self.lengths.inputs(),
+                            **{n: b[:, :self.capacity - 1] for n, b in self.caches.items()}})
+        return out if self.epilogue is None else {**out, **self.epilogue(out)}
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> dict:
         """Run (the first time: warm up, then capture) one step that writes cache row `length`."""
@@ -179,21 +182,23 @@ class DecodeGraphs:
         self.disabled: str | None = None
         self.stats = {"graph_steps": 0, "plain_steps": 0, "captures": 0, "copies_in": 0}
 
-    def __call__(self, inputs: dict, length: int) -> dict | None:
-        """Outputs of one decode step (caches as views of the graph's buffers), or None where the plain program
-        must run it: a state older than its buffer's newest (kv_cache copies then) or graphs disabled."""
+    def __call__(self, inputs: dict, length: int, epilogue=None) -> dict | None:
+        """Outputs of one decode step (caches as views of the graph's buffers; `epilogue`'s outputs with them),
+        or None where the plain program must run it: a state older than its buffer's newest (kv_cache copies then)
+        or graphs disabled."""
         if self.disabled:
             return None
         ids = inputs["input_ids"]
         caches = {n: inputs[n] for n in self.cache_map}
-        bufs = self.buffers.get(ids.shape[0])
+        key = (ids.shape[0], epilogue)
+        bufs = self.buffers.get(key)
         own = bufs is not None and bufs.capacity > length and all(bufs.owns(c, n) for n, c in caches.items())
         if own and any(kv_cache.frontier(bufs.caches[n]) != length for n in caches):
             self.stats["plain_steps"] += 1
             return None
         try:
             if not own:
-                bufs = self._place(ids.shape[0], caches, length)
+                bufs = self._place(key, caches, length)
             new_bufs = bufs.graph is None and self.capture
             out = bufs.step(ids, inputs["positions"], length)
             self.stats["captures"] += new_bufs
@@ -205,15 +210,15 @@ class DecodeGraphs:
             result[out_name] = kv_cache.view(bufs.caches[name], length + 1)
         return result
 
-    def _place(self, batch: int, caches: dict, length: int) -> _Buffers:
-        """Buffers for `batch` that can hold `length + 1` rows, with the state's caches copied in."""
-        bufs = self.buffers.pop(batch, None)
+    def _place(self, key: tuple, caches: dict, length: int) -> _Buffers:
+        """Buffers for key (batch, epilogue) that can hold `length + 1` rows, with the state's caches copied in."""
+        bufs = self.buffers.pop(key, None)
         if bufs is None or bufs.capacity <= length or bufs.in_use():
             # none yet, outgrown, or someone still holds a view of it (keep theirs intact): start afresh
             if len(self.buffers) >= MAX_BATCH_SIZES:
                 self.buffers.pop(next(iter(self.buffers)))
-            bufs = _Buffers(self.program, batch, capacity_for(length + 1, self.max_length), self.capture)
-        self.buffers[batch] = bufs
+            bufs = _Buffers(self.program, key[0], capacity_for(length + 1, self.max_length), self.capture, key[1])
+        self.buffers[key] = bufs
         for name, c in caches.items():
             bufs.caches[name][:, :length].copy_(c)
         self.stats["copies_in"] += 1

@@ -7,6 +7,7 @@ threads them from step to step, so a backend only has to compute one step.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -19,7 +20,11 @@ from .artifact import save_artifact
 from .checks import FiniteWatch, check_count, ids_tensor
 from .localize import localize
 from .speculative import generate_mtp
+from .sampling import SamplingParams, StepSampler
 from .state import GenerateStats, KVState
+
+
+SAMPLERS_KEPT = 8
 
 
 class Executable:
@@ -39,6 +44,7 @@ class Executable:
         self.vocab_size = meta.get("vocab_size")
         self.max_positions = meta.get("max_position_embeddings")
         self.cache_inputs = {n: v for n, v in graph.inputs.items() if v.kind == "cache"}
+        self._samplers: dict[tuple, StepSampler] = {}
 
     # input checking --------------------------------------------------------------
     def _ids(self, ids, what: str = "input_ids") -> torch.Tensor:
@@ -85,17 +91,29 @@ class Executable:
         positions = torch.arange(state.length, state.length + s, device=self.device).expand(b, s)
         return {"input_ids": ids, "positions": positions, **state.caches, **(extra or {})}
 
-    def step(self, ids: torch.Tensor, state: KVState, extra: dict | None = None):
+    def step(self, ids: torch.Tensor, state: KVState, extra: dict | None = None, epilogue=None):
         """Run S new tokens after `state`; returns (outputs dict, new state). One-token steps take the backend's
-        `decode_step` where it has one (CUDA graphs)."""
+        `decode_step` where it has one (CUDA graphs), which captures `epilogue` (a StepSampler) with the step;
+        elsewhere it runs after the step, on the device all the same."""
         inputs = self.step_inputs(ids, state, extra)
         fast = self.compiled.decode_step if ids.shape[1] == 1 and not extra else None
-        out = fast(inputs, state.length) if fast is not None else None
+        out = fast(inputs, state.length, epilogue) if fast is not None else None
         if out is None:
             out = self.compiled.run(inputs)
+            out = out if epilogue is None else {**out, **epilogue(out)}
         b, s = ids.shape
         caches = {name: out[self.graph.cache_map[name]] for name in self.cache_inputs}
         return out, KVState(caches, state.length + s, b)
+
+    def step_sampler(self, params: SamplingParams, batch: int) -> StepSampler:
+        """The StepSampler for `batch` rows under `params` (its seed aside), kept so that decode graphs captured
+        with it are replayed by later calls; the oldest of more than SAMPLERS_KEPT is dropped."""
+        key = (batch, replace(params, seed=None))
+        if key not in self._samplers:
+            if len(self._samplers) >= SAMPLERS_KEPT:
+                self._samplers.pop(next(iter(self._samplers)))
+            self._samplers[key] = StepSampler(params, batch, self.vocab_size, self.device)
+        return self._samplers[key]
 
     def __call__(self, input_ids) -> torch.Tensor:
         """Full-sequence forward from an empty cache: logits [B, S, vocab] (fp32)."""

@@ -28,7 +28,7 @@ import torch
 from dsgraph.errors import InputError, TokenizerError
 from dsgraph.text import TextStream
 
-from .sampling import SamplingParams, generators, next_tokens
+from .sampling import SamplingParams, generators, seen_mask
 from .speculative import speculate
 from .state import KVState
 
@@ -201,36 +201,45 @@ def _state_rows(state: KVState, keep: list[int]) -> KVState:
     return KVState({n: _rows(c, keep) for n, c in state.caches.items()}, state.length, len(keep))
 
 
-def _step_tokens(active, fed: int, logits, params, gens, history, device):
-    """The next input token of every row: a sample where its prompt is in, else its prompt's next token;
-    (tokens [B, 1], the same on the host, the rows that sampled)."""
+def _feed(active, fed: int, sampled: torch.Tensor, device):
+    """The next input token of every row: its sample where its prompt is in, else its prompt's next token;
+    (tokens [B, 1] on the device, the same on the host, the rows that sampled). The one host transfer a step:
+    the chosen ids."""
     ready = [k for k, r in enumerate(active) if len(r.prompt) <= fed]
+    host = sampled[:, 0].tolist()
     if len(ready) == len(active):
-        tok = next_tokens(logits[:, -1], params, gens, history)
-        return tok, tok[:, 0].tolist(), ready         # the one host transfer a step: the chosen ids
-    sampled = iter(next_tokens(_rows(logits[:, -1], ready), params, [gens[k] for k in ready],
-                               history if history is None else _rows(history, ready))[:, 0].tolist()
-                   if ready else ())
-    chosen = [next(sampled) if len(r.prompt) <= fed else r.prompt[fed] for r in active]
+        return sampled, host, ready
+    chosen = [host[k] if len(r.prompt) <= fed else r.prompt[fed] for k, r in enumerate(active)]
     return torch.tensor(chosen, device=device)[:, None], chosen, ready
+
+
+def _sampler(exe, params, active, fed: int, gens, seen):
+    """The executable's StepSampler for this batch, loaded for the rows that sample after the next step (their
+    uniforms; the seen tokens when penalised)."""
+    sampler = exe.step_sampler(params, len(active))
+    sampler.load(gens, [k for k, r in enumerate(active) if len(r.prompt) <= fed])
+    if seen is not None:
+        sampler.seen.copy_(seen)
+    return sampler
 
 
 @torch.no_grad()
 def decode_batch(exe, prompts: list[list[int]], samples: list[int], index: list[int], req: Request):
     """Prefill the shortest prompt's length, then decode (feeding longer prompts' tails) until every row has
-    stopped."""
+    stopped. Each step samples on the device, inside the decode step's CUDA graph where the backend has one."""
     params = req.params
     gens = generators(params, samples, exe.device)
     rows = [_Row(i, p, req) for i, p in zip(index, prompts)]
     fed = min(len(p) for p in prompts)
     ids = torch.tensor([p[:fed] for p in prompts], device=exe.device)
-    history = ids if params.repetition_penalty != 1.0 else None    # the tokens seen, for the penalty only
-    t0 = time.perf_counter()
-    logits, state = exe.prefill(ids)
-    t1, steps = None, 0
     active = list(rows)                               # the rows still in the batch, in batch order
+    seen = seen_mask(ids, exe.vocab_size) if params.penalized else None   # the tokens seen, for the penalty
+    t0 = time.perf_counter()
+    sampler = _sampler(exe, params, active, fed, gens, seen)
+    out, state = exe.step(ids, exe.empty_state(len(active)), epilogue=sampler)
+    t1 = None
     while True:
-        tok, chosen, ready = _step_tokens(active, fed, logits, params, gens, history, exe.device)
+        tok, chosen, ready = _feed(active, fed, out["next_ids"], exe.device)
         now = time.perf_counter()
         t1 = t1 or now
         for k in ready:
@@ -244,13 +253,15 @@ def decode_batch(exe, prompts: list[list[int]], samples: list[int], index: list[
             for k in keep:
                 active[k].end("length")
             break
-        history = None if history is None else torch.cat([history, tok], dim=1)
         if len(keep) < len(active):                   # finished rows leave the batch: no more work for them
             active, gens = [active[k] for k in keep], [gens[k] for k in keep]
-            history = None if history is None else _rows(history, keep)
+            seen = None if seen is None else _rows(seen, keep)
             tok, state = _rows(tok, keep), _state_rows(state, keep)
-        logits, state = exe.decode(tok, state)
-        fed, steps = fed + 1, steps + 1
+        fed += 1
+        if seen is not None:
+            seen.scatter_(1, tok, True)
+        sampler = _sampler(exe, params, active, fed, gens, seen)
+        out, state = exe.step(tok, state, epilogue=sampler)
     dt = time.perf_counter() - t1
     made = sum(len(r.tokens) - 1 for r in rows)
     return _outputs(rows, made / dt if made and dt > 0 else float("nan"))

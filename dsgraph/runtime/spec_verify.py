@@ -14,7 +14,7 @@ import torch
 
 from dsgraph.errors import InputError
 
-from .sampling import SamplingParams, distribution, draw, generators
+from .sampling import SamplingParams, distribution, draw, generators, uniforms
 
 
 class GreedyVerifier:
@@ -55,7 +55,7 @@ class SampledVerifier:
         p = distribution(logits.reshape(b * (k + 1), -1), self.params).view(b, k + 1, -1)
         pd = p[:, :k].gather(-1, drafts[..., None])[..., 0]
         qd = qs.gather(-1, drafts[..., None])[..., 0]
-        u = torch.stack([torch.rand(k, generator=g, device=p.device) for g in self.gens])
+        u = uniforms(self.gens, p.device, k)
         per_row = (u * qd < pd).int().cumprod(dim=1).sum(1).cpu()               # one sync per step
         a = int(per_row.min())
         rows = torch.arange(b, device=p.device)

@@ -23,7 +23,7 @@ import torch
 
 from dsgraph.errors import InputError, TokenizerError
 from dsgraph.runtime import generation
-from dsgraph.runtime.sampling import generators, next_tokens
+from dsgraph.runtime.sampling import generators, next_tokens, seen_mask
 from dsgraph.runtime.state import KVState
 
 from .paged import BlockPool
@@ -232,8 +232,9 @@ class Engine:
 
     def _sample(self, seq: _Seq, logits: torch.Tensor) -> None:
         params = seq.req.params
-        history = None if params.repetition_penalty == 1.0 else torch.tensor([seq.tokens], device=logits.device)
-        tok = int(next_tokens(logits, params, [seq.gen], history)[0, 0])
+        seen = seen_mask(torch.tensor([seq.tokens], device=logits.device), logits.shape[-1]) \
+            if params.penalized else None
+        tok = int(next_tokens(logits, params, [seq.gen], seen)[0, 0])
         if seq.top_logprobs is not None:
             lp = torch.log_softmax(logits[0].float(), -1)
             top = torch.topk(lp, seq.top_logprobs) if seq.top_logprobs else None
