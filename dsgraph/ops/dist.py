@@ -13,7 +13,7 @@ Tensor parallelism inside expert parallelism (tp=2 in ep=4) runs its collectives
 MoE's on the world. Each op has two semantics, declared once here:
   - `reference` (one process): torch.distributed on this rank's group (`process_group`; the default group when
     group_size is the world) when one is initialised (the eager backend runs it, so `torchrun` needs no other
-    lowering), the identity when group_size is 1;
+    lowering), the identity when group_size is 1 outside a one-rank process group;
   - `SIMULATE[name]` (all ranks of one group at once): a function of the group's inputs giving its outputs, which
     `dsgraph.multirank.MultiRankInterpreter` uses to run all ranks' graphs in one process.
 Collectives are neither primitives nor domain ops (level "collective"): legalization leaves them alone and a
@@ -64,10 +64,13 @@ def forget_groups() -> None:
 
 
 def _group(group_size: int):
-    """(process group or None for the default, its size) a one-process reference runs over; (None, 1) alone."""
-    if group_size == 1:
-        return None, 1
-    return process_group(group_size), group_size
+    """(process group, or None for the default one; whether to communicate) a one-process reference runs over:
+    alone (no process group, or a group of 1 inside a larger world) it is the identity; in a process group of
+    one rank (torchrun --nproc-per-node 1) the collective still goes through it (NCCL's path, capturable)."""
+    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 0
+    if group_size == 1 and world != 1:
+        return None, False
+    return process_group(group_size), True
 
 
 def _expect_group(group_size: int) -> None:
@@ -86,8 +89,8 @@ def _(x, group_size):
 
 @ALL_REDUCE.reference
 def _(x, group_size):
-    pg, n = _group(group_size)
-    if n == 1:
+    pg, talk = _group(group_size)
+    if not talk:
         return x.clone()
     out = x.contiguous().clone()
     tdist.all_reduce(out, group=pg)
@@ -118,8 +121,8 @@ def _(x, group_size, dim):
 
 @ALL_GATHER.reference
 def _(x, group_size, dim):
-    pg, n = _group(group_size)
-    if n == 1:
+    pg, talk = _group(group_size)
+    if not talk:
         return x.clone()
     parts = [torch.empty_like(x) for _ in range(group_size)]
     tdist.all_gather(parts, x.contiguous(), group=pg)
@@ -148,8 +151,8 @@ def _(x, group_size, dim):
 @REDUCE_SCATTER.reference
 def _(x, group_size, dim):
     """NCCL has the collective; gloo has none, so there it is an all-reduce keeping this rank's piece."""
-    pg, n = _group(group_size)
-    if n == 1:
+    pg, talk = _group(group_size)
+    if not talk:
         return x.clone()
     rank = tdist.get_rank(pg)
     if tdist.get_backend(pg) == "nccl" and dim % x.dim() == 0:
@@ -185,8 +188,8 @@ def _(x, send_counts, group_size, rows):
 
 @ALL_TO_ALL.reference
 def _(x, send_counts, group_size, rows):
-    pg, n = _group(group_size)
-    if n == 1:
+    pg, talk = _group(group_size)
+    if not talk:
         return x.clone(), send_counts.clone()
     recv = torch.empty_like(send_counts)
     tdist.all_to_all_single(recv, send_counts.contiguous(), group=pg)

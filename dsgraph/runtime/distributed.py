@@ -21,10 +21,11 @@ from dsgraph.parallel import ParallelPlan
 
 def init(device: str = "cpu") -> tuple[int, int]:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR/PORT in the environment) if this
-    process has not yet; returns (rank, world size). A lone process is rank 0 of 1."""
+    process has not yet; returns (rank, world size). A process torchrun did not launch is rank 0 of 1 with no
+    group; under torchrun --nproc-per-node 1 it joins a group of one (collectives then run through NCCL / gloo)."""
     if tdist.is_initialized():
         return tdist.get_rank(), tdist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return 0, 1
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     tdist.init_process_group(backend)
