@@ -4,8 +4,9 @@
 plans in lockstep: an ordinary step runs on every rank from that rank's values; a collective step
 (`dsgraph.ops.dist`) gathers its inputs from every rank and computes every rank's outputs at once with the op's
 simulated semantics (`SIMULATE`), per group: a collective over G < world ranks runs on each contiguous block of G
-ranks (tensor parallelism inside expert parallelism), as `torch.distributed.new_subgroups` cuts them. Each rank's outputs are checked against its own types (binding its own
-symbols: an all_to_all's row count differs by rank). Ranks' graphs must line up collective for collective, as
+ranks (tensor parallelism inside expert parallelism), as `torch.distributed.new_subgroups` cuts them. Each
+rank's outputs are checked against its own types (binding its own symbols: an all_to_all's row count differs by
+rank). Ranks' graphs must line up collective for collective, as
 SPMD programs do; the constructor checks that and names the first mismatch.
 """
 from __future__ import annotations

@@ -56,6 +56,10 @@ class ParallelPlan:
 
     def check(self, config: dict, name: str = "the model") -> None:
         """Raise ConfigError naming the first dim of `config` (HF config.json keys) this plan does not divide."""
+        if config.get("model_type") == "deepseek_v4" and self.world > 1:
+            raise ConfigError(f"{self}: sharding DeepSeek-V4 graphs ({name}) is not supported yet (its attention, "
+                              "hyper-connection and hash-routing ops have no shard rules); `dsgraph plan` sizes "
+                              "V4 plans from the config")
         for key, size, by in self._divisions(config):
             if size % by:
                 divisors = [d for d in range(1, size + 1) if size % d == 0][:12]
@@ -78,7 +82,7 @@ class ParallelPlan:
             if c.get("n_routed_experts"):
                 yield "moe_intermediate_size", c["moe_intermediate_size"], tp
             if self.dp_attention and c.get("num_experts_per_tok", tp) < tp:  # each TP rank dispatches >= 1 slot
-                raise ConfigError(f"{self}: num_experts_per_tok={c['num_experts_per_tok']} of {name} is below tp: "
+                raise ConfigError(f"{self}: num_experts_per_tok={c['num_experts_per_tok']} of the model is below tp: "
                                   "each TP rank of a DP group dispatches its share of a token's top-k slots")
         if ep > 1:
             if not c.get("n_routed_experts"):

@@ -3,9 +3,10 @@
 The pass re-emits the graph node by node (in order) and tracks, for every value, how this rank holds it
 (a `Layout`): whole (`REP`), a piece along one dim over its TP group (`split`), or a partial sum the ranks of a
 group add up (`partial(group)`: the TP group's tp ranks, or the world's for expert-parallel MoE). TP groups are
-contiguous blocks of tp ranks (`ParallelPlan`); their collectives carry group_size=tp. Per-op rules (`shard_rules.py`) choose the layouts an op can take its inputs in and what its output
-is then; a value in the wrong layout is converted (`Sharder.value`: all_reduce, all_gather, reduce_scatter, or a
-local slice), and an op without a rule takes every input whole, so any graph shards correctly, if not cheaply.
+contiguous blocks of tp ranks (`ParallelPlan`); their collectives carry group_size=tp. Per-op rules
+(`shard_rules.py`) choose the layouts an op can take its inputs in and what its output is then; a value in the
+wrong layout is converted (`Sharder.value`: all_reduce, all_gather, reduce_scatter, or a local slice), and an op
+without a rule takes every input whole, so any graph shards correctly, if not cheaply.
 
 Weights are sliced, never gathered: a param (or its FP8 dequantisation, or a cast of it) is emitted only when
 a rule asks for it in some layout, as this rank's slice (`graph.meta["shard"]["params"]` records each slice as

@@ -121,7 +121,8 @@ CASES = ([(p, ParallelPlan(tp=2), []) for p in GQA]
          + [("deepseek-v3-fp8-tiny", ParallelPlan(ep=2, dp_attention=True), ["absorb_mla", "group_moe"])]
          # TP groups of 2 inside EP 4: tokens replicated; tp 2 x dp 2 (top-3 slots split 1 + 2 by TP rank)
          + [(p, ParallelPlan(tp=2, ep=4), []) for p in ("deepseek-moe-tiny", "deepseek-v3-tiny")]
-         + [(p, ParallelPlan(tp=2, ep=4, dp_attention=True), []) for p in ("deepseek-v2-lite-tiny", "deepseek-moe-tiny")]
+         + [(p, ParallelPlan(tp=2, ep=4, dp_attention=True), []) for p in ("deepseek-v2-lite-tiny",
+                                                                            "deepseek-moe-tiny")]
          + [("deepseek-v3-fp8-tiny", ParallelPlan(tp=2, ep=4, dp_attention=True), ["absorb_mla", "group_moe"])])
 
 

@@ -25,7 +25,7 @@ from dsgraph.parallel import ParallelPlan
 from dsgraph.runtime import distributed
 from dsgraph.version import __version__
 
-from . import api, servecli, textcli
+from . import api, plan_v4, servecli, textcli
 from . import cli_guard as guard
 from . import plan as planner
 from .bench import bench, load_model, prebuild_tvm, report
@@ -151,7 +151,7 @@ def cmd_plan(args) -> int:
     if hw is None:
         raise ConfigError(f"unknown --gpu {args.gpu!r}; known: {', '.join(planner.GPUS)}")
     hw = replace(hw, **{k: v for k, v in (("nvlink_gbs", args.nvlink_gbs), ("ib_gbs", args.ib_gbs)) if v})
-    rows = planner.plan_model(args.model, args.gpus, hw, args.nodes, args.batch, args.context, args.prefill)
+    rows = plan_v4.plan_any(args.model, args.gpus, hw, args.nodes, args.batch, args.context, args.prefill)
     print(planner.format_rows(args.model, rows, hw, args.gpus, args.nodes, args.batch, args.context))
     return 0
 
