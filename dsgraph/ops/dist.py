@@ -45,12 +45,13 @@ def process_group(group_size: int):
     block, created for every block the first time (`torch.distributed.new_subgroups`, a collective call: every
     rank asks for the same sizes in the same order, as SPMD graphs do; `runtime.distributed.init_groups` asks
     up front, outside any CUDA-graph capture)."""
-    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    joined = tdist.is_available() and tdist.is_initialized()
+    world = tdist.get_world_size() if joined else 1
     if world == group_size:
         return None
     if world == 1 or world % group_size:
-        how = ("initialise a process group (torchrun; dsgraph.runtime.distributed.init)" if world == 1
-               else f"the process group has {world} ranks, which {group_size}-rank blocks do not tile")
+        how = ("initialise a process group (torchrun; dsgraph.runtime.distributed.init)" if not joined
+               else f"the process group has {world} rank(s), which {group_size}-rank blocks do not tile")
         raise DSGraphError(f"collective over {group_size} ranks cannot run here: {how}, or run every rank's "
                            "graph in one process with dsgraph.multirank.MultiRankInterpreter")
     if group_size not in _SUBGROUPS:
