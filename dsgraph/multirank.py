@@ -3,8 +3,10 @@
 `MultiRankInterpreter` holds one `Interpreter` per rank (each with its own graph and weights) and walks their
 plans in lockstep: an ordinary step runs on every rank from that rank's values; a collective step
 (`dsgraph.ops.dist`) gathers its inputs from every rank and computes every rank's outputs at once with the op's
-simulated semantics (`SIMULATE`). Each rank's outputs are checked against its own types (binding its own
-symbols: an all_to_all's row count differs by rank). Ranks' graphs must line up collective for collective, as
+simulated semantics (`SIMULATE`), per group: a collective over G < world ranks runs on each contiguous block of G
+ranks (tensor parallelism inside expert parallelism), as `torch.distributed.new_subgroups` cuts them. Each
+rank's outputs are checked against its own types (binding its own symbols: an all_to_all's row count differs by
+rank). Ranks' graphs must line up collective for collective, as
 SPMD programs do; the constructor checks that and names the first mismatch.
 """
 from __future__ import annotations
@@ -24,6 +26,12 @@ def _collective_nodes(graph: Graph) -> list:
     return [n for n in graph.nodes if n.op in COLLECTIVES]
 
 
+def _shape_free(attrs: dict) -> dict:
+    """A collective's attrs but an all_to_all's received row count, which may differ by rank (uneven top-k
+    slots of a TP group's ranks)."""
+    return {k: v for k, v in attrs.items() if k != "rows"}
+
+
 class MultiRankInterpreter:
     """Runs `graphs[r]` with `weights[r]` for every rank r; `run` takes and returns one dict per rank."""
 
@@ -38,15 +46,15 @@ class MultiRankInterpreter:
         for r, g in enumerate(graphs[1:], 1):
             mine = _collective_nodes(g)
             for a, b in zip(first, mine):
-                if a.op != b.op or a.attrs != b.attrs:
+                if a.op != b.op or _shape_free(a.attrs) != _shape_free(b.attrs):
                     raise DSGraphError(f"rank {r} runs {b.format(4)} where rank 0 runs {a.format(4)}: "
                                        "ranks' graphs must issue the same collectives in the same order")
             if len(mine) != len(first):
                 raise DSGraphError(f"rank {r} issues {len(mine)} collectives, rank 0 {len(first)}")
         for a in first:
-            if a.attrs["group_size"] != self.world:
-                raise DSGraphError(f"{a.format(4)} runs over {a.attrs['group_size']} ranks, the interpreter has "
-                                   f"{self.world}: subgroups are not simulated")
+            if self.world % a.attrs["group_size"]:
+                raise DSGraphError(f"{a.format(4)} runs over {a.attrs['group_size']} ranks, which do not tile the "
+                                   f"interpreter's {self.world}")
 
     def run(self, inputs: Sequence[Mapping[str, torch.Tensor]], record: bool = False) -> list:
         """[{output name: tensor}] per rank; with `record`, [(outputs, {value name: tensor})] per rank."""
@@ -81,7 +89,8 @@ class MultiRankInterpreter:
         if coll:
             args = [[env[id(v)] for v in seg[0][1].inputs] for seg, env in zip(segs, envs)]
             node = segs[0][0][2]
-            results = SIMULATE[node.op](args, node.attrs)
+            g = node.attrs["group_size"]
+            results = [out for b in range(0, self.world, g) for out in SIMULATE[node.op](args[b:b + g], node.attrs)]
             self.moved[node.op] += args[0][0].numel() * args[0][0].element_size()
         for r, (it, seg, env) in enumerate(zip(self.ranks, segs, envs)):
             for i, step, _node in seg:

@@ -3,8 +3,9 @@ collectives, one process), against the unsharded graph on the same random inputs
 decode step — `passes.check`'s harness for graphs that are many.
 
 Outputs other than caches are compared: with a replicated batch every rank's output must equal the unsharded
-one; with DP attention (`graph.meta["shard"]["batch_split"]`) rank r holds batch rows r*B/W.. of every
-activation, cache and output, so the ranks' outputs are concatenated first. Each graph's decode step reads the
+one; with DP attention (`graph.meta["shard"]["batch_split"]`) the batch is cut into plan.dp pieces and rank r
+(of DP group r // tp) holds piece r // tp of every activation, cache and output, so for each TP rank the pieces'
+outputs are concatenated first. Each graph's decode step reads the
 caches its own prefill wrote (the ranks' caches hold their own heads or requests).
 """
 from __future__ import annotations
@@ -35,39 +36,36 @@ def shard_pipeline(graph: Graph, weights: WeightStore, plan: ParallelPlan, pipel
 def check_sharded(graph: Graph, weights: WeightStore, plan: ParallelPlan, pipeline=(), batch: int | None = None,
                   seq: int = 5, seed: int = 0, rtol: float | None = None) -> CheckResult:
     ranks = shard_pipeline(graph, weights, plan, pipeline)
-    world, split_batch = plan.world, plan.dp_attention
-    batch = batch or (world if split_batch else 2)
+    split_batch, dp = plan.dp_attention, plan.dp
+    batch = batch or (dp if split_batch else 2)
     res = CheckResult([f"shard[{plan}]", *(r.name for r in ranks[0][2])],
                       rtol if rtol is not None else _tolerance(graph, []), changed=True)
     gen = torch.Generator().manual_seed(seed)
     ref = Interpreter(graph, weights)
     multi = MultiRankInterpreter([g for g, _, _ in ranks], [w for _, w, _ in ranks])
     acts = make_inputs([graph], weights, batch, seq, 0, gen)
-    local = batch // world if split_batch else batch
+    local = batch // dp
     c_ref = _empty_caches(graph, batch)
     c_ranks = [_empty_caches(g, local) for g, _, _ in ranks]
     with torch.no_grad():
         for step in ("prefill", "decode"):
             want = ref.run({**{k: acts[k] for k in graph.activations()}, **c_ref})
-            feeds = [{**_piece(acts, r, world, split_batch, g), **c} for r, ((g, _, _), c) in
+            feeds = [{**_piece(acts, r // plan.tp % dp, dp, g), **c} for r, ((g, _, _), c) in
                      enumerate(zip(ranks, c_ranks))]
             got = multi.run(feeds)
             for name, t in want.items():
                 if name in graph.cache_map.values():
                     continue
                 outs = [o[name] for o in got]
-                if split_batch:
-                    res.errors[f"{step}:{name}"] = rel_err(torch.cat(outs, dim=0), t)
-                else:
-                    res.errors[f"{step}:{name}"] = max(rel_err(o, t) for o in outs)
+                if split_batch:  # TP rank t of every DP group, pieces in order
+                    outs = [torch.cat(outs[t::plan.tp], dim=0) for t in range(plan.tp)]
+                res.errors[f"{step}:{name}"] = max(rel_err(o, t) for o in outs)
             c_ref = {k: want[v] for k, v in graph.cache_map.items()}
             c_ranks = [{k: o[v] for k, v in g.cache_map.items()} for (g, _, _), o in zip(ranks, got)]
             acts = make_inputs([graph], weights, batch, 1, seq, gen)
     return res
 
 
-def _piece(acts: dict, rank: int, world: int, split_batch: bool, graph: Graph) -> dict:
-    out = {k: t for k, t in acts.items() if k in graph.inputs}
-    if split_batch:
-        out = {k: t.chunk(world, dim=0)[rank].contiguous() for k, t in out.items()}
-    return out
+def _piece(acts: dict, group: int, dp: int, graph: Graph) -> dict:
+    """DP group `group`'s piece (of dp) of the batch of every activation `graph` takes."""
+    return {k: t.chunk(dp, dim=0)[group].contiguous() for k, t in acts.items() if k in graph.inputs}

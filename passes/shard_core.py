@@ -1,10 +1,12 @@
 """The shard pass's machinery: one rank's graph of a `ParallelPlan`, collectives inserted, weights sliced lazily.
 
 The pass re-emits the graph node by node (in order) and tracks, for every value, how this rank holds it
-(a `Layout`): whole (`REP`), a piece along one dim (`split`), or a partial sum the group's ranks add up
-(`PARTIAL`). Per-op rules (`shard_rules.py`) choose the layouts an op can take its inputs in and what its output
-is then; a value in the wrong layout is converted (`Sharder.value`: all_reduce, all_gather, reduce_scatter, or a
-local slice), and an op without a rule takes every input whole, so any graph shards correctly, if not cheaply.
+(a `Layout`): whole (`REP`), a piece along one dim over its TP group (`split`), or a partial sum the ranks of a
+group add up (`partial(group)`: the TP group's tp ranks, or the world's for expert-parallel MoE). TP groups are
+contiguous blocks of tp ranks (`ParallelPlan`); their collectives carry group_size=tp. Per-op rules
+(`shard_rules.py`) choose the layouts an op can take its inputs in and what its output is then; a value in the
+wrong layout is converted (`Sharder.value`: all_reduce, all_gather, reduce_scatter, or a local slice), and an op
+without a rule takes every input whole, so any graph shards correctly, if not cheaply.
 
 Weights are sliced, never gathered: a param (or its FP8 dequantisation, or a cast of it) is emitted only when
 a rule asks for it in some layout, as this rank's slice (`graph.meta["shard"]["params"]` records each slice as
@@ -25,21 +27,29 @@ from dsgraph.weights import WeightStore
 @dataclass(frozen=True)
 class Layout:
     """How a rank holds a value: kind 'rep' | 'split' | 'partial'; a split has its `dim` and `parts` (pieces
-    over the group: rank r holds piece r * parts // group, so parts < group replicates each piece)."""
+    over the TP group: TP rank t holds piece t * parts // tp, so parts < tp replicates each piece); a partial
+    sum the `group` (size) of ranks it is summed over."""
 
     kind: str
     dim: int = -1
     parts: int = 1
+    group: int = 0
 
     def __str__(self) -> str:
-        return f"split(dim={self.dim}, parts={self.parts})" if self.kind == "split" else self.kind
+        if self.kind == "split":
+            return f"split(dim={self.dim}, parts={self.parts})"
+        return f"partial(group={self.group})" if self.kind == "partial" else self.kind
 
 
-REP, PARTIAL = Layout("rep"), Layout("partial")
+REP = Layout("rep")
 
 
 def split(dim: int, parts: int) -> Layout:
     return Layout("split", dim, parts)
+
+
+def partial(group: int) -> Layout:
+    return Layout("partial", group=group)
 
 
 def weight_nodes(graph: Graph) -> set[int]:
@@ -58,6 +68,7 @@ class Sharder:
 
     def __init__(self, src: Graph, weights: WeightStore, plan: ParallelPlan, rank: int):
         self.src, self.weights, self.plan, self.rank = src, weights, plan, rank
+        self.tp, self.tp_rank = plan.tp, rank % plan.tp
         self.g = Graph(src.name)
         self.new_weights = WeightStore(reader=weights.reader)
         self.env: dict[int, tuple[Value, Layout]] = {}
@@ -77,8 +88,9 @@ class Sharder:
     def const(self, value, dtype: str, shape=()):
         return self.emit("constant", [], {"value": value, "shape": shape, "dtype": dtype}, "c")
 
-    def collective(self, op: str, *xs: Value, **attrs):
-        return self.emit(op, xs, {"group_size": self.plan.world, **attrs}, f"{xs[0].name}.{op.split('.')[1]}")
+    def collective(self, op: str, *xs: Value, group: int, **attrs):
+        """`op` over this rank's group of `group` ranks (tp: its TP block; the world)."""
+        return self.emit(op, xs, {"group_size": group, **attrs}, f"{xs[0].name}.{op.split('.')[1]}")
 
     def fresh_symbol(self) -> str:
         self.symbols += 1
@@ -107,14 +119,15 @@ class Sharder:
     def convert(self, new: Value, have: Layout, want: Layout) -> Value:
         if have == want:
             return new
-        if have.kind == "split" and have.parts != self.plan.world:
+        tp = self.tp
+        if have.kind == "split" and have.parts != tp:
             raise PassError(f"shard: %{new.name} is held {have} (replicated pieces) and cannot become {want}")
         if have.kind == "partial":
-            if want.kind == "split" and want.parts == self.plan.world and _divides(new.shape[want.dim], want.parts):
-                return self.collective("dist.reduce_scatter", new, dim=want.dim)
-            new, have = self.collective("dist.all_reduce", new), REP
+            if want.kind == "split" and want.parts == tp == have.group and _divides(new.shape[want.dim], tp):
+                return self.collective("dist.reduce_scatter", new, group=tp, dim=want.dim)
+            new, have = self.collective("dist.all_reduce", new, group=have.group), REP
         if have.kind == "split":
-            new, have = self.collective("dist.all_gather", new, dim=have.dim), REP
+            new, have = self.collective("dist.all_gather", new, group=tp, dim=have.dim), REP
         if want == REP:
             return new
         if want.kind == "split":
@@ -128,7 +141,7 @@ class Sharder:
             raise ConfigError(f"{self.plan} does not divide {what} (dim {layout.dim} of size {size}) into "
                               f"{layout.parts} parts: choose a plan whose sizes divide it")
         n = size // layout.parts
-        k = self.rank * layout.parts // self.plan.world
+        k = self.tp_rank * layout.parts // self.tp
         return k * n, (k + 1) * n
 
     # weights -----------------------------------------------------------------------------------------

@@ -5,7 +5,11 @@
                    sum (DeepSeek's inference/model.py does this, one all-reduce after the layer)
   ep + dp_attention each rank routes its own tokens; token copies, sorted by expert (moe.permute), go to their
                    experts' ranks with dist.all_to_all (split sizes from the sorted expert offsets), run there,
-                   come back with the reverse all_to_all and are combined with their gates (moe.unpermute)
+                   come back with the reverse all_to_all and are combined with their gates (moe.unpermute).
+                   With tp > 1 the ranks of a TP group hold the same tokens: TP rank t dispatches only its share
+                   of each token's top-k slots (slots t*k//tp ..), a partial sum over the TP group
+
+Expert parallelism runs over the world (collectives with group_size = the world), also when tp < world.
 
 Routing always runs whole on each rank (the router weight is small). Shared experts are an ordinary
 mlp.swiglu: TP-split when tp > 1 (their partial sum joins the experts'), else replicated.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 from dsgraph.ir import Node
 
-from .shard_core import PARTIAL, REP, Sharder, split
+from .shard_core import REP, Sharder, partial, split
 
 
 def _experts(node: Node):
@@ -35,7 +39,7 @@ def moe_experts(sh: Sharder, node: Node) -> None:
     tp_ws = [sh.value(v, lay[i % 3]) for i, v in enumerate(ws)]
     out = sh.emit(node.op, [sh.value(x, REP), sh.value(w, REP), sh.value(idx, REP), *tp_ws], dict(node.attrs),
                   node.outputs[0].name)
-    sh.bind(node.outputs[0], out, PARTIAL)
+    sh.bind(node.outputs[0], out, partial(plan.tp))
 
 
 def _mine(sh: Sharder, e: int) -> tuple[int, int]:
@@ -64,7 +68,7 @@ def _local_experts(sh: Sharder, node: Node) -> None:
     gates = sh.emit("where", [here, wv, sh.const(0.0, wv.dtype)], name="gates_here")
     out = sh.emit(node.op, [sh.value(x, REP), gates, local, *_local_weights(sh, ws, first, count)],
                   {"num_experts": count}, node.outputs[0].name)
-    sh.bind(node.outputs[0], out, PARTIAL)
+    sh.bind(node.outputs[0], out, partial(sh.plan.world))
 
 
 def _dispatch(sh: Sharder, node: Node) -> None:
@@ -72,6 +76,10 @@ def _dispatch(sh: Sharder, node: Node) -> None:
     first, count = _mine(sh, e)
     world = sh.plan.world
     xv, wv, iv = sh.value(x, REP), sh.value(w, REP), sh.value(idx, REP)
+    if sh.tp > 1:  # this TP rank's slots
+        k = iv.type.shape[1]
+        slots = {"dim": 1, "start": sh.tp_rank * k // sh.tp, "end": (sh.tp_rank + 1) * k // sh.tp}
+        wv, iv = (sh.emit("slice", [v], slots, f"{v.name}.slots") for v in (wv, iv))
     m = iv.type.shape[0] * iv.type.shape[1]
     xp, order, offsets = sh.emit("moe.permute", [xv, iv], {"num_experts": e}, ["dispatch_x", "order", "offsets"])
     bounds = sh.emit("index_select", [offsets, sh.const(tuple(range(0, e + 1, count)), "int64", (world + 1,))],
@@ -81,12 +89,12 @@ def _dispatch(sh: Sharder, node: Node) -> None:
     ids = sh.emit("index_select", [sh.emit("reshape", [iv], {"shape": (m,)}), order], name="sorted_experts")
     ids = sh.emit("reshape", [ids], {"shape": (m, 1)})
     rows = sh.fresh_symbol()
-    x_in, recv = sh.collective("dist.all_to_all", xp, send, rows=rows)
-    ids_in, _ = sh.collective("dist.all_to_all", ids, send, rows=rows)
+    x_in, recv = sh.collective("dist.all_to_all", xp, send, group=world, rows=rows)
+    ids_in, _ = sh.collective("dist.all_to_all", ids, send, group=world, rows=rows)
     local = sh.emit("sub", [ids_in, sh.const(first, "int64")], name="expert_local")
     ones = sh.emit("expand", [sh.const(1.0, wv.dtype, (1, 1))], {"shape": (rows, 1)}, "ones")
     y = sh.emit(node.op, [x_in, ones, local, *_local_weights(sh, ws, first, count)], {"num_experts": count},
                 "experts_out")
-    back, _ = sh.collective("dist.all_to_all", y, recv, rows=m)
+    back, _ = sh.collective("dist.all_to_all", y, recv, group=world, rows=m)
     out = sh.emit("moe.unpermute", [back, wv, order], {}, node.outputs[0].name)
-    sh.bind(node.outputs[0], out, REP)
+    sh.bind(node.outputs[0], out, partial(sh.tp) if sh.tp > 1 else REP)

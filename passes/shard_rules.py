@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dsgraph.ir import Node
 
-from .shard_core import PARTIAL, REP, Layout, Sharder, split
+from .shard_core import REP, Layout, Sharder, partial, split
 from .shard_moe import moe_experts
 from .weightref import weight_ref
 
@@ -58,9 +58,10 @@ def linear(sh: Sharder, node: Node) -> None:
         y = sh.emit("linear", [sh.value(x, split(x.type.rank - 1, tp)), sh.value(w, split(1, tp))], {},
                     node.outputs[0].name)
         if bias is None:
-            sh.bind(node.outputs[0], y, PARTIAL)
+            sh.bind(node.outputs[0], y, partial(tp))
         else:
-            sh.bind(node.outputs[0], sh.emit("add", [sh.collective("dist.all_reduce", y), sh.value(bias, REP)]), REP)
+            summed = sh.collective("dist.all_reduce", y, group=tp)
+            sh.bind(node.outputs[0], sh.emit("add", [summed, sh.value(bias, REP)]), REP)
     else:
         default_rule(sh, node)
 
@@ -103,7 +104,7 @@ def passthrough(position: int | None, linear_op: bool = False):
         moved = node.attrs.get("dim")
         ok = lay is not None and (
             (lay.kind == "split" and lay.dim != rank - 1 and (moved is None or moved % rank != lay.dim))
-            or (lay == PARTIAL and linear_op))
+            or (lay.kind == "partial" and linear_op))
         if not ok:
             return default_rule(sh, node)
         ins = [sh.get(v)[0] if i in positions else sh.value(v, REP) for i, v in enumerate(node.inputs)]
@@ -148,7 +149,7 @@ def swiglu(sh: Sharder, node: Node) -> None:
         return default_rule(sh, node)
     x, g, u, d = node.inputs
     ins = [sh.value(x, REP), sh.value(g, split(0, tp)), sh.value(u, split(0, tp)), sh.value(d, split(1, tp))]
-    sh.bind(node.outputs[0], sh.emit(node.op, ins, {}, node.outputs[0].name), PARTIAL)
+    sh.bind(node.outputs[0], sh.emit(node.op, ins, {}, node.outputs[0].name), partial(tp))
 
 
 def embed(sh: Sharder, node: Node) -> None:
@@ -165,13 +166,13 @@ def embed(sh: Sharder, node: Node) -> None:
     hit = sh.emit("reshape", [sh.emit("eq", [local, clamped])], {"shape": (*ids.type.shape, 1)}, "ids_here")
     rows = sh.emit("embed", [clamped, wl], name=node.outputs[0].name)
     out = sh.emit("where", [hit, rows, sh.const(0.0, w.dtype)], name=f"{node.outputs[0].name}.local")
-    sh.bind(node.outputs[0], out, PARTIAL)
+    sh.bind(node.outputs[0], out, partial(tp))
 
 
 def add(sh: Sharder, node: Node) -> None:
     """Partial + partial stays partial (routed + shared experts: one all-reduce for both)."""
     (a, la), (b, lb) = sh.get(node.inputs[0]), sh.get(node.inputs[1])
-    if la == lb and (la == PARTIAL or la.kind == "split") and node.inputs[0].type == node.inputs[1].type:
+    if la == lb and la.kind in ("partial", "split") and node.inputs[0].type == node.inputs[1].type:
         sh.bind(node.outputs[0], sh.emit("add", [a, b], {}, node.outputs[0].name), la)
     else:
         default_rule(sh, node)

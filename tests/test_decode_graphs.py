@@ -18,6 +18,7 @@ from routing_helpers import decisive_routing  # noqa: E402
 import dsgraph  # noqa: E402
 from dsgraph import models  # noqa: E402
 from dsgraph.errors import DSGraphError  # noqa: E402
+from dsgraph.parallel import ParallelPlan  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # triton runs its interpreter only where there is no GPU
@@ -109,6 +110,11 @@ def test_which_graphs_can_take_device_side_lengths():
     report = get_backend("triton").compile(graph, {}, device=DEV, decode_graphs=True).report
     why = "CUDA graphs need a CUDA device" if DEV == "cpu" else "sum reads the appended cache"
     assert any(f"without CUDA graphs: {why}" in n for n in report.notes)
+    model = models.build_model("deepseek-v3-tiny", overrides={"num_hidden_layers": 2})  # layer 1 is MoE
+    tp, dp = (dsgraph.compile(model, backend="triton", device=DEV, parallel=plan, rank=1).graph
+              for plan in (ParallelPlan(tp=2), ParallelPlan(ep=2, dp_attention=True)))
+    assert tp.find("dist.all_reduce") and dg.unsupported_reason(tp) is None  # TP's collectives capture
+    assert dg.unsupported_reason(dp).startswith("dist.all_to_all reads its data-dependent split sizes")
 
 
 @pytest.mark.parametrize("preset", ["deepseek-llm-tiny", "deepseek-v3-tiny", "deepseek-v3.2-tiny"])

@@ -1,6 +1,7 @@
 """Collective ops (type rules, one-process reference, simulated all-rank semantics against plain torch), the
-multi-rank interpreter, ParallelPlan's refusals, and the shard pass proven against the unsharded graph on every
-MoE / MLA / GQA tiny preset for TP, EP, TP+EP and DP-attention + EP."""
+multi-rank interpreter (subgroups included), ParallelPlan's refusals, and the shard pass proven against the
+unsharded graph on every MoE / MLA / GQA tiny preset for TP, EP, TP+EP and DP-attention + EP, and TP groups
+inside EP (tp=2, ep=4: with tokens replicated, and as tp 2 x dp 2 with DP attention)."""
 import dsgraph.models as models
 import dsgraph.passes as passes
 import pytest
@@ -66,6 +67,17 @@ def test_one_process_reference_needs_a_group_of_that_size():
         run(collective_graph("dist.all_reduce", (2, 3)), {}, {"x": t})
 
 
+def test_multirank_interpreter_runs_a_subgroup_collective_per_block_of_ranks():
+    xs = [rand(2, 3) for _ in range(4)]
+    got = MultiRankInterpreter([collective_graph("dist.all_reduce", (2, 3))] * 4, [{}] * 4).run(
+        [{"x": x} for x in xs])
+    for r, out in enumerate(got):
+        block = xs[r // 2 * 2: r // 2 * 2 + 2]
+        assert torch.allclose(out["y"], block[0] + block[1])
+    with pytest.raises(DSGraphError, match="do not tile"):
+        MultiRankInterpreter([collective_graph("dist.all_reduce", (2, 3))] * 3, [{}] * 3)
+
+
 def test_multirank_interpreter_refuses_ranks_that_do_not_line_up():
     with pytest.raises(DSGraphError, match="same collectives in the same order"):
         MultiRankInterpreter([collective_graph("dist.all_reduce", (2, 3)),
@@ -77,8 +89,11 @@ def test_plans_are_printable_data_and_refuse_what_they_cannot_do():
     plan = ParallelPlan(tp=2, ep=2)
     assert str(plan) == "ParallelPlan(tp=2, ep=2, dp_attention=False)" and plan.world == 2
     assert plan.to_dict() == {"tp": 2, "ep": 2, "dp_attention": False}
-    with pytest.raises(ConfigError, match="each be 1 or the world size 4"):
-        ParallelPlan(tp=2, ep=4)
+    assert ParallelPlan(tp=2, ep=4).world == 4 and ParallelPlan(tp=2, ep=4, dp_attention=True).dp == 2
+    with pytest.raises(ConfigError, match="ep must be 1 or the world size 4 and tp must divide it"):
+        ParallelPlan(tp=4, ep=2)
+    with pytest.raises(ConfigError, match="tp must divide"):
+        ParallelPlan(tp=3, ep=4)
     with pytest.raises(ConfigError, match="dp_attention"):
         ParallelPlan(tp=2, dp_attention=True)
 
@@ -103,7 +118,12 @@ CASES = ([(p, ParallelPlan(tp=2), []) for p in GQA]
          + [(p, ParallelPlan(ep=2), []) for p in MOE]
          + [(p, ParallelPlan(tp=2, ep=2), ["absorb_mla", "group_moe"]) for p in MOE if p != "deepseek-moe-tiny"]
          + [(p, ParallelPlan(ep=2, dp_attention=True), []) for p in MOE]
-         + [("deepseek-v3-fp8-tiny", ParallelPlan(ep=2, dp_attention=True), ["absorb_mla", "group_moe"])])
+         + [("deepseek-v3-fp8-tiny", ParallelPlan(ep=2, dp_attention=True), ["absorb_mla", "group_moe"])]
+         # TP groups of 2 inside EP 4: tokens replicated; tp 2 x dp 2 (top-3 slots split 1 + 2 by TP rank)
+         + [(p, ParallelPlan(tp=2, ep=4), []) for p in ("deepseek-moe-tiny", "deepseek-v3-tiny")]
+         + [(p, ParallelPlan(tp=2, ep=4, dp_attention=True), []) for p in ("deepseek-v2-lite-tiny",
+                                                                            "deepseek-moe-tiny")]
+         + [("deepseek-v3-fp8-tiny", ParallelPlan(tp=2, ep=4, dp_attention=True), ["absorb_mla", "group_moe"])])
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +150,15 @@ def test_collectives_are_where_the_plan_puts_them(built):
     assert ops == {str(ParallelPlan(tp=2)): ["dist.all_gather", "dist.all_reduce"],
                    str(ParallelPlan(ep=2)): ["dist.all_reduce"],
                    str(ParallelPlan(ep=2, dp_attention=True)): ["dist.all_to_all"]}
+    groups = {}
+    for plan in (ParallelPlan(tp=2, ep=4), ParallelPlan(tp=2, ep=4, dp_attention=True)):
+        g, _ = shard_all(m.graph, m.weights, plan)[3]
+        groups[str(plan)] = sorted({(n.op, n.attrs["group_size"]) for n in g.nodes if n.op.startswith("dist.")})
+    assert groups == {str(ParallelPlan(tp=2, ep=4)): [("dist.all_gather", 2), ("dist.all_reduce", 2),
+                                                      ("dist.all_reduce", 4)],
+                      str(ParallelPlan(tp=2, ep=4, dp_attention=True)): [("dist.all_gather", 2),
+                                                                          ("dist.all_reduce", 2),
+                                                                          ("dist.all_to_all", 4)]}
     g, w = shard_all(m.graph, m.weights, ParallelPlan(tp=2))[1]
     spec = g.meta["shard"]["params"]["model.layers.0.self_attn.o_proj.weight"]
     assert spec == ["model.layers.0.self_attn.o_proj.weight", 1, 32, 64]

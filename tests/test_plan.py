@@ -24,10 +24,10 @@ def measured_payload(model, plan, batch, seq):
     ranks = shard_pipeline(model.graph, model.weights, plan, ["absorb_mla"])
     multi = MultiRankInterpreter([g for g, _, _ in ranks], [w for _, w, _ in ranks])
     acts = make_inputs([model.graph], model.weights, batch, seq, 0, torch.Generator().manual_seed(0))
-    local = batch // plan.world if plan.dp_attention else batch
+    local = batch // plan.dp
     feeds = []
     for r, (g, _, _) in enumerate(ranks):
-        part = {k: (t.chunk(plan.world)[r] if plan.dp_attention else t) for k, t in acts.items() if k in g.inputs}
+        part = {k: t.chunk(plan.dp)[r // plan.tp % plan.dp] for k, t in acts.items() if k in g.inputs}
         caches = {n: torch.zeros(v.type.concrete({"B": local, "T": 0})) for n, v in g.caches().items()}
         feeds.append({**part, **caches})
     with torch.no_grad():
@@ -35,7 +35,7 @@ def measured_payload(model, plan, batch, seq):
     return dict(multi.moved)
 
 
-@pytest.mark.parametrize("plan", [ParallelPlan(tp=2), ParallelPlan(tp=2, ep=2)])
+@pytest.mark.parametrize("plan", [ParallelPlan(tp=2), ParallelPlan(tp=2, ep=2), ParallelPlan(tp=2, ep=4)])
 def test_collective_payload_is_what_the_ranks_exchange(model, plan):
     g = rank_graph(model, plan)
     cost = step_cost(g, plan, model.config, GPUS["h200"], 1, batch=2, seq=5, context=5, fp8=False)
@@ -73,3 +73,20 @@ def test_cli_prints_a_table_and_refuses_impossible_layouts(capsys):
     assert "do not fit 1 node(s) of 8" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown --gpu"):
         cli.cmd_plan(cli.build_parser().parse_args(["plan", NAME, "--gpus", "2", "--gpu", "tpu"]))
+
+
+def test_v4_is_planned_from_its_params_and_compact_cache(capsys):
+    """V4 has no shard rules yet: sharding it is refused by name, and the planner sizes its plans by param role
+    and V4's compact cache per layer type."""
+    from dsgraph.app.plan_v4 import plan_v4
+    m = models.build_model("deepseek-v4-tiny", weights=False, mtp=False)
+    with pytest.raises(ConfigError, match="sharding DeepSeek-V4 graphs"):
+        ParallelPlan(tp=2).check(m.graph.meta["config"], m.name)
+    one, tp, dp = plan_v4("deepseek-v4-tiny", 2, GPUS["h200"], batch=4, context=64, prefill=16, model=m,
+                          plans=[ParallelPlan(), ParallelPlan(tp=2), ParallelPlan(ep=2, dp_attention=True)])
+    assert one.weights_gib * 2**30 == sum(v.type.nbytes({}) for v in m.graph.params().values())
+    assert one.decode.payload_bytes == {} and set(dp.decode.payload_bytes) == {"dist.all_to_all"}
+    assert 0.5 * one.weights_gib < tp.weights_gib < one.weights_gib and tp.kv_gib == one.kv_gib  # one KV head
+    assert dp.kv_gib == pytest.approx(one.kv_gib / 2)
+    assert cli.main(["plan", "deepseek-v4-tiny", "--gpus", "2", "--batch", "4", "--context", "32"]) == 0
+    assert capsys.readouterr().out.count("ParallelPlan(") == 3

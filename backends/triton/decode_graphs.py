@@ -18,7 +18,9 @@ An epilogue (the runtime's sampler: a callable from the step's outputs to more o
 own that its caller fills before each step) is captured with the step, so a replay hands back the chosen ids.
 
 This applies when every op that reads a cache is one of those (absorbed MLA, which the triton pipeline makes of
-every MLA model, and GQA/MHA attention); for any other graph the compile report says why decode runs without them.
+every MLA model, and GQA/MHA attention) and no all_to_all's split sizes come back to the host; for any other graph
+the compile report says why decode runs without them. A sharded graph's all-reduces and all-gathers are captured
+with the step (NCCL supports capture).
 
 The states handed out are views of the buffers under kv_cache's rules: a step writes in place only from the newest
 view (or one `kv_cache.rewind` released); a step from an older state runs the plain program, which copies. A state
@@ -84,7 +86,12 @@ LENGTH_AWARE = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attent
 
 def unsupported_reason(graph) -> str | None:
     """None if every reader of a cache is `cache.append` and every reader of an appended cache an attention op
-    that masks by a device-side length (LENGTH_AWARE), else which op would read the cache on the host's length."""
+    that masks by a device-side length (LENGTH_AWARE), else which op would read the cache on the host's length.
+    Collectives of a sharded graph capture (NCCL supports it), but `dist.all_to_all` reads its split sizes on the
+    host: a graph with one (EP dispatch under DP attention) decodes without CUDA graphs."""
+    if graph.find("dist.all_to_all"):
+        return ("dist.all_to_all reads its data-dependent split sizes on the host (a fixed-size dispatch kernel, "
+                "DeepEP's low-latency mode, would capture)")
     for name, v in graph.inputs.items():
         if v.kind != "cache":
             continue

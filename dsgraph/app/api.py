@@ -114,6 +114,7 @@ def compile(model: models.Model, backend: str = "eager", device: str | None = "c
         pipeline = be.default_pipeline() if passes == "default" else passes
         pipeline = [] if pipeline in ("none", None) else ([pipeline] if isinstance(pipeline, str) else list(pipeline))
         passes = [("shard", {"plan": parallel, "rank": distributed.rank_for(parallel, rank)}), *pipeline]
+        distributed.init_groups(parallel)
     graph, weights, records = compile_graph(model.graph, model.weights, be, passes, keep_mtp, dump_after, dtype)
     log.debug(f"passes: {', '.join(getattr(r, 'name', str(r)) for r in records)} ({time.perf_counter() - t0:.2f}s)")
     check_weights_fit(graph, weights, torch.device(device), f"{model.name} ({backend}, {dtype})")

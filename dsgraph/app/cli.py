@@ -25,7 +25,7 @@ from dsgraph.parallel import ParallelPlan
 from dsgraph.runtime import distributed
 from dsgraph.version import __version__
 
-from . import api, servecli, textcli
+from . import api, plan_v4, servecli, textcli
 from . import cli_guard as guard
 from . import plan as planner
 from .bench import bench, load_model, prebuild_tvm, report
@@ -68,8 +68,10 @@ def cmd_run(args) -> int:
         raise ConfigError(f"{args.model} is a compiled artifact of one process; --tp/--ep shard a model: "
                           "give a preset or checkpoint")
     rank, _ = distributed.init(api.resolve_device(args.device))
-    with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
+    if rank == 0:
         return _run(args, plan)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return _run(args, plan)  # an error still reaches stderr: it propagates past the redirect
 
 
 def _load_exe(args, plan: ParallelPlan | None = None):
@@ -86,8 +88,8 @@ def _load_exe(args, plan: ParallelPlan | None = None):
     model = api.load(args.model, dtype=dtype, **textcli.load_options(args))
     exe = api.compile(model, backend=args.backend or "eager", device=args.device, dtype=dtype,
                       keep_mtp=getattr(args, "speculative", None) == "mtp", parallel=plan)
-    if plan is not None:
-        print(exe.compiled.report.notes[-1])
+    if plan is not None:  # a text run's stdout is the text alone, as in one process
+        print(exe.compiled.report.notes[-1], file=sys.stderr if getattr(args, "prompt", None) else sys.stdout)
     return exe
 
 
@@ -149,7 +151,7 @@ def cmd_plan(args) -> int:
     if hw is None:
         raise ConfigError(f"unknown --gpu {args.gpu!r}; known: {', '.join(planner.GPUS)}")
     hw = replace(hw, **{k: v for k, v in (("nvlink_gbs", args.nvlink_gbs), ("ib_gbs", args.ib_gbs)) if v})
-    rows = planner.plan_model(args.model, args.gpus, hw, args.nodes, args.batch, args.context, args.prefill)
+    rows = plan_v4.plan_any(args.model, args.gpus, hw, args.nodes, args.batch, args.context, args.prefill)
     print(planner.format_rows(args.model, rows, hw, args.gpus, args.nodes, args.batch, args.context))
     return 0
 

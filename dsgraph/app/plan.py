@@ -82,10 +82,14 @@ class PlanRow:
         return self.weights_gib + self.kv_gib + self.activations_gib
 
 
-def candidate_plans(cfg, gpus: int) -> list[ParallelPlan]:
+def candidate_plans(cfg, gpus: int, nodes: int = 1) -> list[ParallelPlan]:
+    """TP over all; with experts also TP+EP, DP attention + EP, and TP groups inside EP with DP attention (TP=2,
+    and across nodes TP over each node's GPUs)."""
     plans = [ParallelPlan(tp=gpus)]
     if cfg.n_routed_experts:
         plans += [ParallelPlan(tp=gpus, ep=gpus), ParallelPlan(ep=gpus, dp_attention=True)]
+        plans += [ParallelPlan(tp=t, ep=gpus, dp_attention=True) for t in sorted({2, gpus // nodes})
+                  if 1 < t < gpus and gpus % t == 0]
     return plans
 
 
@@ -100,7 +104,7 @@ def rank_graph(model: models.Model, plan: ParallelPlan):
 def _env(graph, plan: ParallelPlan, cfg, batch: int, seq: int, context: int) -> dict:
     """Symbol values of a step: this rank's batch, the new tokens, the cached ones, and each all_to_all's received
     rows at their expected count (the rows it sends: uniform routing)."""
-    local = max(1, batch // plan.world) if plan.dp_attention else batch
+    local = max(1, batch // plan.dp)
     env = {"B": local, "S": seq, "T": context - seq}
     rows = local * seq * (cfg.num_experts_per_tok or 1)
     env.update({n.attrs["rows"]: rows for n in graph.nodes
@@ -116,7 +120,8 @@ def _nbytes(v, env) -> int:
 
 
 def _link_time(op: str, payload: float, world: int, gpu: GPU, nodes: int) -> tuple[float, float]:
-    """(bytes each GPU moves, seconds) for one collective of `payload` bytes per rank."""
+    """(bytes each GPU moves, seconds) for one collective of `payload` bytes per rank over `world` ranks spanning
+    `nodes` nodes (a TP group inside a node: 1)."""
     frac = (world - 1) / world
     moved = {"dist.all_reduce": 2 * frac * payload, "dist.all_gather": (world - 1) * payload,
              "dist.reduce_scatter": frac * payload, "dist.all_to_all": frac * payload}[op]
@@ -139,7 +144,9 @@ def step_cost(graph, plan: ParallelPlan, cfg, gpu: GPU, nodes: int, batch: int, 
         if node.op.startswith("dist."):
             b = _nbytes(node.inputs[0], env)
             payload[node.op] = payload.get(node.op, 0) + b
-            moved, t = _link_time(node.op, b, plan.world, gpu, nodes)
+            size = node.attrs["group_size"]  # a TP group is a block of consecutive GPUs: inside a node if it fits
+            span = nodes if size == plan.world else max(1, size // gpu.gpus_per_node)
+            moved, t = _link_time(node.op, b, size, gpu, span)
             link, comm = link + moved, comm + t
     tokens = batch * seq
     read, flops = _weight_traffic(graph, plan, cfg, tokens, env["B"] * seq)
@@ -200,11 +207,11 @@ def plan_model(name: str, gpus: int, hw: GPU, nodes: int = 1, batch: int = 64, c
     model = model or models.build_model(name, weights=False, mtp=False, dtype="bfloat16")
     cfg, rows = model.config, []
     fp8 = bool(cfg.fp8_block_size)
-    for plan in plans or candidate_plans(cfg, gpus):
+    for plan in plans or candidate_plans(cfg, gpus, nodes):
         g = rank_graph(model, plan)
         weights = sum(v.type.nbytes({}) for v in g.params().values())
         kv = sum(_nbytes(v, _env(g, plan, cfg, batch, 0, context)) for v in g.caches().values())
-        groups = plan.world if plan.dp_attention else 1
+        groups = plan.dp
         pre_env = _env(g, plan, cfg, groups, prefill, prefill)
         act = ACTIVATION_FACTOR * max(_nbytes(v, pre_env) for n in g.nodes for v in n.outputs)
         dec = step_cost(g, plan, cfg, hw, nodes, batch, 1, context, fp8)

@@ -7,10 +7,14 @@
                                               receives `rows` rows (a fresh symbol when data-dependent) plus
                                               the counts it got from each rank (MoE dispatch / combine)
 
-Type rules are in terms of `group_size`. Each op has two semantics, declared once here:
-  - `reference` (one process): torch.distributed on the default process group when one is initialised (the
-    eager backend runs it, so `torchrun` needs no other lowering), the identity when group_size is 1;
-  - `SIMULATE[name]` (all ranks at once): a function of every rank's inputs giving every rank's outputs, which
+Type rules are in terms of `group_size`, which also names the group: the world cut into contiguous blocks of
+`group_size` ranks, a rank's group is its block (ranks r // G * G .. + G; G = the world is the default group).
+Tensor parallelism inside expert parallelism (tp=2 in ep=4) runs its collectives on blocks of tp ranks, the
+MoE's on the world. Each op has two semantics, declared once here:
+  - `reference` (one process): torch.distributed on this rank's group (`process_group`; the default group when
+    group_size is the world) when one is initialised (the eager backend runs it, so `torchrun` needs no other
+    lowering), the identity when group_size is 1 outside a one-rank process group;
+  - `SIMULATE[name]` (all ranks of one group at once): a function of the group's inputs giving its outputs, which
     `dsgraph.multirank.MultiRankInterpreter` uses to run all ranks' graphs in one process.
 Collectives are neither primitives nor domain ops (level "collective"): legalization leaves them alone and a
 backend lowers them to its communication library.
@@ -33,15 +37,41 @@ GROUP = {"group_size": Attr(int)}
 SIMULATE: dict[str, Callable[[list[list[torch.Tensor]], dict], list[list[torch.Tensor]]]] = {}
 
 
-def _group(group_size: int) -> int:
-    """The rank count a one-process reference runs over: the process group's, which must be group_size."""
-    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-    if world != group_size:
-        how = ("initialise a process group of that size (torchrun; dsgraph.runtime.distributed.init)"
-               if world == 1 else f"the process group has {world} ranks: shard for {world}")
+_SUBGROUPS: dict[int, object] = {}  # group_size -> this rank's torch.distributed subgroup
+
+
+def process_group(group_size: int):
+    """This rank's group of `group_size` ranks: None (the default group) for the whole world, else its contiguous
+    block, created for every block the first time (`torch.distributed.new_subgroups`, a collective call: every
+    rank asks for the same sizes in the same order, as SPMD graphs do; `runtime.distributed.init_groups` asks
+    up front, outside any CUDA-graph capture)."""
+    joined = tdist.is_available() and tdist.is_initialized()
+    world = tdist.get_world_size() if joined else 1
+    if world == group_size:
+        return None
+    if world == 1 or world % group_size:
+        how = ("initialise a process group (torchrun; dsgraph.runtime.distributed.init)" if not joined
+               else f"the process group has {world} rank(s), which {group_size}-rank blocks do not tile")
         raise DSGraphError(f"collective over {group_size} ranks cannot run here: {how}, or run every rank's "
                            "graph in one process with dsgraph.multirank.MultiRankInterpreter")
-    return world
+    if group_size not in _SUBGROUPS:
+        _SUBGROUPS[group_size] = tdist.new_subgroups(group_size=group_size)[0]
+    return _SUBGROUPS[group_size]
+
+
+def forget_groups() -> None:
+    """Drop the subgroups (the process group they belong to is being destroyed)."""
+    _SUBGROUPS.clear()
+
+
+def _group(group_size: int):
+    """(process group, or None for the default one; whether to communicate) a one-process reference runs over:
+    alone (no process group, or a group of 1 inside a larger world) it is the identity; in a process group of
+    one rank (torchrun --nproc-per-node 1) the collective still goes through it (NCCL's path, capturable)."""
+    world = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 0
+    if group_size == 1 and world != 1:
+        return None, False
+    return process_group(group_size), True
 
 
 def _expect_group(group_size: int) -> None:
@@ -60,10 +90,11 @@ def _(x, group_size):
 
 @ALL_REDUCE.reference
 def _(x, group_size):
-    if _group(group_size) == 1:
+    pg, talk = _group(group_size)
+    if not talk:
         return x.clone()
     out = x.contiguous().clone()
-    tdist.all_reduce(out)
+    tdist.all_reduce(out, group=pg)
     return out
 
 
@@ -91,10 +122,11 @@ def _(x, group_size, dim):
 
 @ALL_GATHER.reference
 def _(x, group_size, dim):
-    if _group(group_size) == 1:
+    pg, talk = _group(group_size)
+    if not talk:
         return x.clone()
     parts = [torch.empty_like(x) for _ in range(group_size)]
-    tdist.all_gather(parts, x.contiguous())
+    tdist.all_gather(parts, x.contiguous(), group=pg)
     return torch.cat(parts, dim=dim)
 
 
@@ -120,15 +152,16 @@ def _(x, group_size, dim):
 @REDUCE_SCATTER.reference
 def _(x, group_size, dim):
     """NCCL has the collective; gloo has none, so there it is an all-reduce keeping this rank's piece."""
-    if _group(group_size) == 1:
+    pg, talk = _group(group_size)
+    if not talk:
         return x.clone()
-    rank = tdist.get_rank()
-    if tdist.get_backend() == "nccl" and dim % x.dim() == 0:
+    rank = tdist.get_rank(pg)
+    if tdist.get_backend(pg) == "nccl" and dim % x.dim() == 0:
         out = x.new_empty((x.shape[0] // group_size,) + tuple(x.shape[1:]))
-        tdist.reduce_scatter_tensor(out, x.contiguous())
+        tdist.reduce_scatter_tensor(out, x.contiguous(), group=pg)
         return out
     full = x.contiguous().clone()
-    tdist.all_reduce(full)
+    tdist.all_reduce(full, group=pg)
     return full.chunk(group_size, dim=dim)[rank].contiguous()
 
 
@@ -156,12 +189,13 @@ def _(x, send_counts, group_size, rows):
 
 @ALL_TO_ALL.reference
 def _(x, send_counts, group_size, rows):
-    if _group(group_size) == 1:
+    pg, talk = _group(group_size)
+    if not talk:
         return x.clone(), send_counts.clone()
     recv = torch.empty_like(send_counts)
-    tdist.all_to_all_single(recv, send_counts.contiguous())
+    tdist.all_to_all_single(recv, send_counts.contiguous(), group=pg)
     out = x.new_empty((int(recv.sum()),) + tuple(x.shape[1:]))
-    tdist.all_to_all_single(out, x.contiguous(), recv.tolist(), send_counts.tolist())
+    tdist.all_to_all_single(out, x.contiguous(), recv.tolist(), send_counts.tolist(), group=pg)
     return out, recv
 
 

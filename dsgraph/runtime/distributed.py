@@ -15,15 +15,17 @@ import torch
 import torch.distributed as tdist
 
 from dsgraph.errors import ConfigError
+from dsgraph.ops.dist import forget_groups, process_group
 from dsgraph.parallel import ParallelPlan
 
 
 def init(device: str = "cpu") -> tuple[int, int]:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR/PORT in the environment) if this
-    process has not yet; returns (rank, world size). A lone process is rank 0 of 1."""
+    process has not yet; returns (rank, world size). A process torchrun did not launch is rank 0 of 1 with no
+    group; under torchrun --nproc-per-node 1 it joins a group of one (collectives then run through NCCL / gloo)."""
     if tdist.is_initialized():
         return tdist.get_rank(), tdist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
         return 0, 1
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     tdist.init_process_group(backend)
@@ -33,11 +35,21 @@ def init(device: str = "cpu") -> tuple[int, int]:
     return tdist.get_rank(), tdist.get_world_size()
 
 
+def init_groups(plan: ParallelPlan) -> None:
+    """Create the TP subgroups of `plan` now (tp < world: contiguous blocks of tp ranks, `torch.distributed`
+    `new_subgroups`), on every rank together and before any step runs, so none is created inside a CUDA-graph
+    capture or in a different order on different ranks. Nothing to create in one process or when tp is 1 or the
+    world."""
+    if tdist.is_initialized() and 1 < plan.tp < tdist.get_world_size():
+        process_group(plan.tp)
+
+
 def shutdown() -> None:
     """Leave the process group together (a rank exiting while gloo's threads still run aborts the process)."""
     if tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()
+        forget_groups()
 
 
 def rank_for(plan: ParallelPlan, rank: int | None = None) -> int:
