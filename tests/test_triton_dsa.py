@@ -11,6 +11,7 @@ from dsgraph.backends import get_backend
 from dsgraph.backends.triton.kernels.dsa import indexer_logits, sparse_mla
 
 import dsgraph
+from dsgraph.errors import InputError
 from dsgraph.numerics import rel_err, tolerance
 from dsgraph.ops import get_op
 
@@ -92,15 +93,37 @@ def test_fp8_cache_reads_run_the_generated_kernel():
     assert not exe.localize(torch.randint(0, 256, (2, 5), generator=G))
 
 
-def test_fp8_indexer_numerics_are_a_reported_fallback():
-    """indexer.logits(fp8=True), DeepSeek's Hadamard + e4m3 scores: the torch reference runs, the report says why."""
+@pytest.mark.parametrize("s,t,h", [(1, 9, 5), (3, 70, 8)])
+def test_fp8_indexer_logits(s, t, h):
+    """The FP8 path: e4m3 q, k with fp32 per-token scales against the op's reference on the dequantised values."""
+    d = 32
+    q8, k8 = (R(2, s, h, d) * 40).to(torch.float8_e4m3fn), (R(2, t, d) * 40).to(torch.float8_e4m3fn)
+    qs, ks, w = R(2, s, h).abs() / 64, R(2, t).abs() / 64, R(2, s, h)
+    got = indexer_logits(q8, k8, w, 0.2, q_scale=qs, k_scale=ks)
+    want = get_op("indexer.logits").reference_fn(q8.float() * qs[..., None], k8.float() * ks[..., None], w,
+                                                 scale=0.2, causal=True)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert rel_err(got[fin], want[fin]) < 1e-5
+    with pytest.raises(InputError, match="k_scale"):
+        indexer_logits(q8, k8, w, 0.2, q_scale=qs)
+
+
+def test_fp8_indexer_numerics_run_the_fp8_kernel():
+    """indexer.logits(fp8=True), DeepSeek's Hadamard + e4m3 scores (D = 128, one scale per token as V3.2's): the
+    FP8 kernel over the rotated, quantised q and k equals the op's reference; the report says where they are made."""
     b = dsgraph.GraphBuilder("fp8_indexer", dtype="float32")
-    q, k, w = b.input("q", ("B", 1, 4, 16), "float32"), b.input("k", ("B", "T", 16), "float32"), \
-        b.input("w", ("B", 1, 4), "float32")
+    q, k, w = b.input("q", ("B", 2, 4, 128), "float32"), b.input("k", ("B", "T", 128), "float32"), \
+        b.input("w", ("B", 2, 4), "float32")
     b.output("logits", b.indexer.logits(q, k, w, scale=0.1, fp8=True))
     compiled = get_backend("triton").compile(b.build(), {}, device=DEV)
-    (fallback,) = compiled.report.fallbacks
-    assert "Hadamard + e4m3" in fallback.note
-    ins = {"q": R(2, 1, 4, 16), "k": R(2, 9, 16), "w": R(2, 1, 4)}
+    (step,) = compiled.report.kernels
+    assert step.kernel.startswith("dsa._indexer_logits_kernel (FP8") and "rounded to e4m3" in step.note
+    assert not compiled.report.fallbacks
+    ins = {"q": R(2, 2, 4, 128), "k": R(2, 9, 128), "w": R(2, 2, 4)}
     want = get_op("indexer.logits").reference_fn(*ins.values(), scale=0.1, causal=True, fp8=True)
-    assert torch.equal(compiled.run(ins)["logits"], want)
+    got = compiled.run(ins)["logits"]
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got)) and rel_err(got[fin], want[fin]) < 1e-5
+
+

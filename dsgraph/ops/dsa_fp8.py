@@ -13,21 +13,28 @@ import torch
 E4M3_MAX, AMAX_MIN, GROUP = 448.0, 1e-4, 128
 
 
-def hadamard(d: int) -> torch.Tensor:
-    """The Sylvester Hadamard matrix of order d (a power of two), unnormalised."""
-    h = torch.ones(1, 1)
+def hadamard(d: int, device=None) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of order d (a power of two), unnormalised, built where it is used."""
+    h = torch.ones(1, 1, device=device)
     while h.shape[0] < d:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return h
 
 
-def rotate_quant_ref(x: torch.Tensor) -> torch.Tensor:
-    """fp32 x [..., D] -> the dequantised e4m3 rows of its Hadamard rotation."""
+def rotate_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 [..., D], fp32 scales [..., D / min(GROUP, D)]) of its Hadamard rotation: the
+    reference's `act_quant(rotate_activation(x))`, the inputs of its `fp8_index` kernel."""
     d = x.shape[-1]
-    y = (x.float() @ hadamard(d).to(x.device)) * d ** -0.5
+    y = (x.float() @ hadamard(d, x.device)) * d ** -0.5
     g = y.unflatten(-1, (-1, min(GROUP, d)))
     s = torch.exp2(torch.ceil(torch.log2(g.abs().amax(-1, keepdim=True).clamp(min=AMAX_MIN) / E4M3_MAX)))
-    return ((g / s).to(torch.float8_e4m3fn).float() * s).flatten(-2)
+    return (g / s).to(torch.float8_e4m3fn).flatten(-2), s.squeeze(-1)
+
+
+def rotate_quant_ref(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x [..., D] -> the dequantised e4m3 rows of its Hadamard rotation."""
+    q, s = rotate_quant_rows(x)
+    return (q.float().unflatten(-1, (s.shape[-1], -1)) * s[..., None]).flatten(-2)
 
 
 def _pow2_ceil(b, s):

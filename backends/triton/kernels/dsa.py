@@ -2,7 +2,10 @@
 selects (ops `indexer.logits` and `attention.mla_sparse_absorbed`, dsgraph/ops/dsa.py).
 
 Indexer: one program per (query, BLOCK_T keys): q [H, D] @ k^T [D, BLOCK_T] on the tensor cores, ReLU, then the
-weighted sum over heads as a [H] x [H, BLOCK_T] reduction -- the [B,S,H,T] score tensor is never written.
+weighted sum over heads as a [H] x [H, BLOCK_T] reduction -- the [B,S,H,T] score tensor is never written. Its FP8
+path (DeepSeek-V3.2-Exp's `fp8_index`) takes e4m3 q and k with fp32 per-token scales: the dot runs on the e4m3
+values, the q scales multiply the head weights and the k scales the reduced logits (positive scales pass through
+the ReLU), so nothing is dequantised.
 
 Sparse MLA: one program per (query, BLOCK_H heads). All heads of a query share its index list, so each [BLOCK_K,
 C+R] tile of gathered latent rows is loaded once for BLOCK_H heads and serves as keys (all C+R columns) and values
@@ -18,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsgraph.errors import ShapeError
+from dsgraph.errors import InputError, ShapeError
 
-from .common import check_float, dot_precision
+from .common import check_device, check_float, dot_precision
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -37,14 +40,16 @@ def _kv_len(lens_ptr, b, T, HAS_LENS: tl.constexpr):
 
 @triton.jit
 def _indexer_logits_kernel(
-    q_ptr, k_ptr, w_ptr, lens_ptr, out_ptr, S, T,
+    q_ptr, k_ptr, w_ptr, qs_ptr, ks_ptr, lens_ptr, out_ptr, S, T,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
     stride_wb, stride_ws, stride_wh,
+    stride_sb, stride_ss, stride_sh,
+    stride_tb, stride_tt,
     stride_ob, stride_os, stride_ot,
     scale,
     HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -58,8 +63,14 @@ def _indexer_logits_kernel(
     k = tl.load(k_ptr + b * stride_kb + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)
     w = tl.load(w_ptr + b * stride_wb + row * stride_ws + offs_h * stride_wh, mask=h_ok, other=0.0).to(tl.float32)
-    scores = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)        # [BLOCK_H, BLOCK_T]
-    logits = tl.sum(scores * w[:, None], axis=0) * scale
+    if FP8:   # e4m3 x e4m3 -> fp32 on the tensor cores; the per-token scales come after the ReLU
+        scores = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)                              # [BLOCK_H, BLOCK_T]
+        w = w * tl.load(qs_ptr + b * stride_sb + row * stride_ss + offs_h * stride_sh, mask=h_ok, other=0.0)
+        k_scale = tl.load(ks_ptr + b * stride_tb + offs_t * stride_tt, mask=t_ok, other=0.0)
+        logits = tl.sum(scores * w[:, None], axis=0) * k_scale * scale
+    else:
+        scores = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)    # [BLOCK_H, BLOCK_T]
+        logits = tl.sum(scores * w[:, None], axis=0) * scale
     visible = offs_t < kv_len
     if CAUSAL:
         visible = visible & (offs_t <= kv_len - S + row)
@@ -68,22 +79,44 @@ def _indexer_logits_kernel(
 
 
 def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float, causal: bool = True,
-                   kv_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py); kv_lens: see above."""
-    dtype = check_float("indexer_logits", q=q, k=k)
+                   kv_lens: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+                   k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py); kv_lens: see above. FP8:
+    q and k float8_e4m3fn with fp32 scales q_scale [B,S,H] and k_scale [B,T] (one per row of D values)."""
+    fp8 = q_scale is not None or k_scale is not None
+    if fp8:
+        _check_fp8("indexer_logits", (q, q_scale), (k, k_scale))
+        dtype = torch.float32
+    else:
+        dtype = check_float("indexer_logits", q=q, k=k)
     b, s, h, d = q.shape
     t = k.shape[1]
-    if k.shape != (b, t, d) or weights.shape != (b, s, h):
-        raise ShapeError(f"indexer_logits: q {tuple(q.shape)}, k {tuple(k.shape)}, weights {tuple(weights.shape)} "
-                         "must be [B,S,H,D], [B,T,D], [B,S,H]")
+    if k.shape != (b, t, d) or weights.shape != (b, s, h) or \
+            fp8 and (q_scale.shape != (b, s, h) or k_scale.shape != (b, t)):
+        raise ShapeError(f"indexer_logits: q {tuple(q.shape)}, k {tuple(k.shape)}, weights {tuple(weights.shape)}"
+                         + (f", q_scale {tuple(q_scale.shape)}, k_scale {tuple(k_scale.shape)}" if fp8 else "")
+                         + " must be [B,S,H,D], [B,T,D], [B,S,H]" + (", [B,S,H], [B,T]" if fp8 else ""))
     out = torch.empty((b, s, t), dtype=torch.float32, device=q.device)
     if out.numel():
         block_t = min(64, _pow2(t))
+        qs, ks = (q_scale, k_scale) if fp8 else (out, out[:, 0])
         _indexer_logits_kernel[(s, b, triton.cdiv(t, block_t))](
-            q, k, weights, out if kv_lens is None else kv_lens, out, s, t, *q.stride(), *k.stride(),
-            *weights.stride(), *out.stride(), scale, HEADS=h, DIM=d, BLOCK_H=_pow2(h), BLOCK_D=_pow2(d),
-            BLOCK_T=block_t, CAUSAL=causal, HAS_LENS=kv_lens is not None, PRECISION=dot_precision(dtype))
+            q, k, weights, qs, ks, out if kv_lens is None else kv_lens, out, s, t, *q.stride(), *k.stride(),
+            *weights.stride(), *qs.stride(), *ks.stride(), *out.stride(), scale, HEADS=h, DIM=d,
+            BLOCK_H=_pow2(h), BLOCK_D=_pow2(d), BLOCK_T=block_t, CAUSAL=causal, HAS_LENS=kv_lens is not None,
+            FP8=fp8, PRECISION=dot_precision(dtype))
     return out
+
+
+def _check_fp8(what: str, *pairs) -> None:
+    """(values, scales) pairs: e4m3 values with fp32 scales, all on one device."""
+    for name, (x, x_scale) in zip(("q", "k"), pairs):
+        if x.dtype != torch.float8_e4m3fn or x_scale is None or x_scale.dtype != torch.float32:
+            raise InputError(f"{what}: the FP8 path takes float8_e4m3fn {name} with float32 {name}_scale, got "
+                             f"{x.dtype} and {None if x_scale is None else x_scale.dtype}; pass both scales")
+        if x.device != pairs[0][0].device or x_scale.device != x.device:
+            raise InputError(f"{what}: FP8 {name} and its scale must be on {pairs[0][0].device}")
+    check_device(what, pairs[0][0])
 
 
 @triton.jit

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dsgraph.backends.lowering import Decline
 
 from dsgraph.ops.dsa import topk_ref
+from dsgraph.ops.dsa_fp8 import GROUP, rotate_quant_rows
 from dsgraph.pattern import ANY, P, Var
 
 from ..codegen import rowwise
@@ -19,6 +20,9 @@ from .registry import TABLE, Lowered
 _FLOATS = ("float32", "float16", "bfloat16")
 NO_ROTATION = ("scores in the activation dtype, without the reference's Hadamard rotation and FP8 quantisation "
                "(transformers' path; the rotation is orthogonal)")
+FP8_PROLOGUE = ("q and k Hadamard-rotated and rounded to e4m3 by torch ops on the device before the kernel (the "
+                "interpreter rounds to e4m3 wrongly, so an in-kernel quantisation could not be checked on the CPU); "
+                "the key cache is requantised every step")
 
 
 def _interpreter_bf16(ctx, *values) -> Decline | None:
@@ -41,12 +45,26 @@ def _indexer_logits(ctx, node):
     refused = _interpreter_bf16(ctx, *node.inputs[:2])
     if refused:
         return refused
-    if node.attrs["fp8"]:
-        return Decline("fp8=True (DeepSeek's Hadamard + e4m3 indexer numerics) has no kernel yet; its reference runs")
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     lens = cached_lengths(ctx, node)   # a static-capacity decode step's lengths, when k is an appended cache
+    if node.attrs["fp8"]:
+        return _fp8_indexer(node, scale, causal, lens)
     return Lowered("template", "dsa._indexer_logits_kernel", note=NO_ROTATION, inputs=(*node.inputs, *lens),
                    fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3] if lens else None)])
+
+
+def _fp8_indexer(node, scale, causal, lens):
+    """fp8=True: the kernel's FP8 path over the reference's rotated e4m3 q and k (one scale per row of D <= 128)."""
+    d = node.inputs[0].shape[-1]
+    if d > GROUP:
+        return Decline(f"fp8 head dim {d} has {d // GROUP} scales per row; the FP8 kernel takes one per token")
+
+    def run(a, sym):
+        (q8, qs), (k8, ks) = rotate_quant_rows(a[0]), rotate_quant_rows(a[1])
+        return [indexer_logits(q8, k8, a[2], scale, causal, a[3] if lens else None, q_scale=qs[..., 0],
+                               k_scale=ks[..., 0])]
+    return Lowered("template", "dsa._indexer_logits_kernel (FP8: e4m3 dot, per-token scales)", note=FP8_PROLOGUE,
+                   inputs=(*node.inputs, *lens), fn=run)
 
 
 @TABLE.register("indexer.topk")
