@@ -9,6 +9,7 @@ import torch
 from dsa_loops import causal_topk_indices
 from dsgraph.backends import get_backend
 from dsgraph.backends.triton.kernels.dsa import indexer_logits, sparse_mla
+from dsgraph.backends.triton.kernels.topk import topk
 
 import dsgraph
 from dsgraph.errors import InputError
@@ -32,6 +33,20 @@ def test_indexer_logits(s, t, h, d, dtype):
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     fin = torch.isfinite(want)
     assert rel_err(got[fin], want[fin]) < tolerance(str(dtype).removeprefix("torch."), "op")
+
+
+@pytest.mark.parametrize("s,t,k", [(3, 9, 4), (1, 5, 8), (2, 32, 8), (1, 1500, 37)])
+def test_topk_kernel_selects_as_the_reference(s, t, k):
+    """The reference's picks in its order: T below / above k, T = 4 x k, a row over two blocks (1500), runs of
+    tied logits (ties to the lower position), -0.0 beside +0.0, a row with fewer finite logits than k, none."""
+    x = R(2, s, t)
+    x[0, 0, : t // 2] = 0.5
+    x[0, -1, :3] = torch.tensor([0.0, -0.0, 0.0])[: min(3, t)]
+    x[1, -1, t // 3:] = float("-inf")
+    x[1, 0] = float("-inf")
+    got = topk(x, k)
+    assert torch.equal(got, get_op("indexer.topk").reference_fn(x, k=k))
+    assert (got[1, 0] == -1).all()
 
 
 def _ragged(b, s, t, k):
@@ -62,7 +77,7 @@ def test_tiny_v32_report_names_the_dsa_kernels():
     assert kernels["concat+attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
     assert kernels["concat+attention.mla_sparse_absorbed"].endswith("q read in two parts (no concat)")
     assert kernels["norm.layer"].startswith("layer_norm_n16")
-    assert "torch.sort" in kernels["indexer.topk"] and not report.fallbacks
+    assert kernels["indexer.topk"].startswith("topk._topk_kernel") and not report.fallbacks
 
 
 def test_device_lengths_of_a_static_capacity_step():

@@ -1,19 +1,20 @@
-"""DeepSeek Sparse Attention (V3.2): the indexer's LayerNorm (generated), its scores and the sparse absorbed MLA
-(templates in kernels/dsa.py), and its top-k (torch's stable sort on the device: no host sync, ties to the lower
-position as the op defines). Naive `attention.mla_sparse` has no kernel: the triton pipeline absorbs it first,
-and without absorb_mla it runs its torch reference, listed as a fallback in the report. The FP8 latent cache's
-reads (kv.dequant_fp8) are a generated row kernel; its writes (kv.quant_fp8) run the torch reference, reported:
-Triton's interpreter rounds fp32 -> e4m3 wrongly, so a kernel could not be checked on the CPU."""
+"""DeepSeek Sparse Attention (V3.2): the indexer's LayerNorm (generated), its scores (bf16/fp32 or, for
+fp8=True, the FP8 path) and the sparse absorbed MLA (templates in kernels/dsa.py), and its top-k (kernels/topk.py:
+on the device, no host sync, the reference's selection and order exactly, ties to the lower position). Naive
+`attention.mla_sparse` has no kernel: the triton pipeline absorbs it first, and without absorb_mla it runs its
+torch reference, listed as a fallback in the report. The FP8 latent cache's reads (kv.dequant_fp8) are a generated
+row kernel; its writes (kv.quant_fp8) run the torch reference, reported: Triton's interpreter rounds fp32 -> e4m3
+wrongly, so a kernel could not be checked on the CPU."""
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
 
-from dsgraph.ops.dsa import topk_ref
 from dsgraph.ops.dsa_fp8 import GROUP, rotate_quant_rows
 from dsgraph.pattern import ANY, P, Var
 
 from ..codegen import rowwise
 from ..kernels.dsa import indexer_logits, sparse_mla
+from ..kernels.topk import topk
 from .attention import cached_lengths
 from .registry import TABLE, Lowered
 
@@ -70,8 +71,8 @@ def _fp8_indexer(node, scale, causal, lens):
 @TABLE.register("indexer.topk")
 def _topk(ctx, node):
     k = node.attrs["k"]
-    return Lowered("library", "torch.sort (stable, on the device; the op's reference code)",
-                   fn=lambda a, sym: [topk_ref(a[0], k)])
+    return Lowered("template", "topk._topk_kernel (bitwise threshold select, then a sort of the k picks)",
+                   fn=lambda a, sym: [topk(a[0], k)])
 
 
 def _sparse_step(ctx, attn, split_q: bool):
