@@ -111,12 +111,14 @@ def test_which_graphs_can_take_device_side_lengths():
     assert any(f"without CUDA graphs: {why}" in n for n in report.notes)
 
 
-@pytest.mark.parametrize("preset", ["deepseek-llm-tiny", "deepseek-v3-tiny", "deepseek-v3.2-tiny"])
-def test_static_steps_of_other_families_equal_plain_steps(preset):
+@pytest.mark.parametrize("preset,kv_cache_dtype", [("deepseek-llm-tiny", None), ("deepseek-v3-tiny", None),
+                                                   ("deepseek-v3.2-tiny", None), ("deepseek-v3.2-tiny", "fp8")])
+def test_static_steps_of_other_families_equal_plain_steps(preset, kv_cache_dtype):
     """GQA attention (flash kernel with kv_lens), V3's MLA + sigmoid routing, and V3.2's indexer + sparse MLA (both
-    with kv_lens), through the static program."""
-    assert dg.unsupported_reason(_exe(preset).graph) is None
-    exe = _exe(preset)
+    with kv_lens), through the static program; V3.2 with the FP8 latent cache too (its dequantisation and concat
+    run over the whole buffers, the attention masks by the device-side length)."""
+    exe = _exe(preset, kv_cache_dtype=kv_cache_dtype)
+    assert dg.unsupported_reason(exe.graph) is None
     ids = _ids(exe, 2, 5, 4)
     logits, state = exe.prefill(ids)
     tok = logits[:, -1:].argmax(-1)
@@ -139,7 +141,8 @@ def test_static_append_refuses_a_cache_without_room():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-v3-tiny", "deepseek-llm-tiny"])
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-v3-tiny", "deepseek-llm-tiny",
+                                    "deepseek-v3.2-tiny"])
 def test_captured_decode_equals_plain_decode_gpu(preset):
     """The same tokens fed to both, and routing that bf16 cannot flip (the static launch may split the cache
     differently from the plain one): every step's logits agree, from one capture replayed."""
@@ -159,6 +162,23 @@ def test_captured_decode_equals_plain_decode_gpu(preset):
         ref, state = exe.decode(toks[:, i:i + 1], state)
         err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         assert err < 2e-2, (i, err)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"])
+def test_captured_v32_decode_generates_eagers_tokens_gpu(kv_cache_dtype):
+    """V3.2 (indexer, device top-k, sparse MLA; with the FP8 latent cache too) in bf16: every decode step a graph
+    replay over the static-capacity caches (latent and indexer keys), and the greedy tokens are eager's."""
+    exe = _exe("deepseek-v3.2-tiny", device="cuda", dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
+    assert dg.unsupported_reason(exe.graph) is None
+    eager = dsgraph.compile(decisive_routing(dsgraph.load("deepseek-v3.2-tiny")), backend="eager", device="cuda",
+                            dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
+    prompt = _ids(exe, 2, 9, 6).cuda()
+    got = exe.generate(prompt, max_new_tokens=12)
+    runner = exe.compiled.decode_step
+    assert runner.stats["graph_steps"] == 11 and runner.stats["plain_steps"] == 0 and runner.disabled is None
+    assert torch.equal(got.cpu(), eager.generate(prompt, max_new_tokens=12).cpu())
 
 
 @pytest.mark.gpu
