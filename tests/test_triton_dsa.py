@@ -70,6 +70,23 @@ def test_sparse_mla(s, t, h, k, dtype):
     assert torch.equal(parts, got)                                        # the query in two parts (concat region)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_mla_over_the_fp8_cache(dtype):
+    """The FP8 latent cache's three parts (e4m3 rows, group scales, RoPE rows) read by the kernel itself equal the
+    reference over their dequantised concat; T = 4 x top-k, ragged valid counts."""
+    c, r, group, s, t, h, k = 32, 8, 16, 2, 32, 3, 8
+    q, latent, idx = R(2, s, h, c + r, dtype=dtype), R(2, t, c + r), _ragged(2, s, t, k)
+    rows, scales = get_op("kv.quant_fp8").reference_fn(latent[..., :c], group=group)
+    rope = latent[..., c:].to(dtype)
+    got = sparse_mla(q, rows, idx, 0.3, c, cache_scale=scales, cache_rope=rope)
+    dequant = get_op("kv.dequant_fp8").reference_fn(rows, scales, group=group, dtype="float32").to(dtype)
+    want = get_op("attention.mla_sparse_absorbed").reference_fn(q, torch.cat((dequant, rope), -1), idx, scale=0.3,
+                                                                causal=True, kv_lora_rank=c)
+    assert rel_err(got, want) < tolerance(str(dtype).removeprefix("torch."), "op")
+    with pytest.raises(InputError, match="float8_e4m3fn rows"):
+        sparse_mla(q, rows, idx, 0.3, c, cache_rope=rope)
+
+
 def test_tiny_v32_report_names_the_dsa_kernels():
     report = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="triton", device=DEV).compiled.report
     kernels = {k.op: k.kernel for k in report.kernels}
@@ -98,12 +115,21 @@ def test_device_lengths_of_a_static_capacity_step():
         assert rel_err(out[b:b + 1], want) < 1e-5
 
 
-def test_fp8_cache_reads_run_the_generated_kernel():
-    """kv.dequant_fp8 as a generated row kernel equals its reference; kv.quant_fp8 is a reported fallback."""
-    m = models.build_model("deepseek-v3.2-tiny", mtp=False, overrides={"num_hidden_layers": 1})
+@pytest.mark.parametrize("preset", ["deepseek-v3.2-tiny", "deepseek-v3-tiny"])
+def test_fp8_cache_reads(preset):
+    """The FP8 latent cache's reads: V3.2's sparse MLA kernel dequantises the rows it gathers (one step with the
+    query and cache parts, no kv.dequant_fp8 launch); dense MLA reads them through the generated row kernel.
+    kv.quant_fp8 is a reported fallback. The compiled model equals its reference graph node for node."""
+    m = models.build_model(preset, mtp=False, overrides={"num_hidden_layers": 1})
     exe = dsgraph.compile(m, backend="triton", device=DEV, kv_cache_dtype="fp8")
     report = exe.compiled.report
-    assert [k.kernel for k in report.kernels if k.op == "kv.dequant_fp8"] == ["fp8_dequant_n32_g32_float32"]
+    kernels = {k.op: k.kernel for k in report.kernels}
+    if preset == "deepseek-v3.2-tiny":
+        assert kernels["concat+kv.dequant_fp8+attention.mla_sparse_absorbed"] == (
+            "dsa._sparse_mla_kernel (FP8 latent rows dequantised in registers), q read in two parts (no concat)")
+        assert "kv.dequant_fp8" not in kernels
+    else:
+        assert kernels["kv.dequant_fp8"] == "fp8_dequant_n32_g32_float32"
     assert [k.op for k in report.fallbacks] == ["kv.quant_fp8"]
     assert not exe.localize(torch.randint(0, 256, (2, 5), generator=G))
 
