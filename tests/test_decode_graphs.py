@@ -111,13 +111,17 @@ def test_which_graphs_can_take_device_side_lengths():
     assert any(f"without CUDA graphs: {why}" in n for n in report.notes)
 
 
-@pytest.mark.parametrize("preset,kv_cache_dtype", [("deepseek-llm-tiny", None), ("deepseek-v3-tiny", None),
-                                                   ("deepseek-v3.2-tiny", None), ("deepseek-v3.2-tiny", "fp8")])
-def test_static_steps_of_other_families_equal_plain_steps(preset, kv_cache_dtype):
+FP8_INDEX = [*get_backend("triton").default_pipeline(), "fp8_index_cache"]
+
+
+@pytest.mark.parametrize("preset,options", [
+    ("deepseek-llm-tiny", {}), ("deepseek-v3-tiny", {}), ("deepseek-v3.2-tiny", {}),
+    ("deepseek-v3.2-tiny", {"kv_cache_dtype": "fp8"}), ("deepseek-v3.2-tiny", {"passes": FP8_INDEX})])
+def test_static_steps_of_other_families_equal_plain_steps(preset, options):
     """GQA attention (flash kernel with kv_lens), V3's MLA + sigmoid routing, and V3.2's indexer + sparse MLA (both
-    with kv_lens), through the static program; V3.2 with the FP8 latent cache too (its dequantisation and concat
-    run over the whole buffers, the attention masks by the device-side length)."""
-    exe = _exe(preset, kv_cache_dtype=kv_cache_dtype)
+    with kv_lens), through the static program; V3.2 with the FP8 latent cache too (the sparse kernel reads its
+    parts, masking by the device-side length) and with the FP8 indexer key cache."""
+    exe = _exe(preset, **options)
     assert dg.unsupported_reason(exe.graph) is None
     ids = _ids(exe, 2, 5, 4)
     logits, state = exe.prefill(ids)
@@ -166,14 +170,14 @@ def test_captured_decode_equals_plain_decode_gpu(preset):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"])
-def test_captured_v32_decode_generates_eagers_tokens_gpu(kv_cache_dtype):
-    """V3.2 (indexer, device top-k, sparse MLA; with the FP8 latent cache too) in bf16: every decode step a graph
-    replay over the static-capacity caches (latent and indexer keys), and the greedy tokens are eager's."""
-    exe = _exe("deepseek-v3.2-tiny", device="cuda", dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
+@pytest.mark.parametrize("options", [{}, {"kv_cache_dtype": "fp8"}, {"passes": FP8_INDEX}])
+def test_captured_v32_decode_generates_eagers_tokens_gpu(options):
+    """V3.2 (indexer, device top-k, sparse MLA; with the FP8 latent cache, or the FP8 indexer key cache) in bf16:
+    every decode step a graph replay over the static-capacity caches, and the greedy tokens are eager's."""
+    exe = _exe("deepseek-v3.2-tiny", device="cuda", dtype="bfloat16", **options)
     assert dg.unsupported_reason(exe.graph) is None
     eager = dsgraph.compile(decisive_routing(dsgraph.load("deepseek-v3.2-tiny")), backend="eager", device="cuda",
-                            dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
+                            dtype="bfloat16", **options)
     prompt = _ids(exe, 2, 9, 6).cuda()
     got = exe.generate(prompt, max_new_tokens=12)
     runner = exe.compiled.decode_step

@@ -85,7 +85,7 @@ def append_static(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor) ->
 
 # the ops that take a cache's length from the device, and which of their inputs may be an appended cache
 LENGTH_AWARE = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attention.mla": (1, 2),
-                "indexer.logits": (1,), "attention.mla_sparse_absorbed": (1,)}
+                "indexer.logits": (1,), "indexer.logits_fp8": (1, 2), "attention.mla_sparse_absorbed": (1,)}
 ROW_WISE = ("kv.dequant_fp8", "concat (last dim)")
 
 

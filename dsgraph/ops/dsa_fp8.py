@@ -47,8 +47,9 @@ def _pow2_ceil(b, s):
     return b.cast(b.cast(p, dtype="bfloat16"), dtype="float32")
 
 
-def rotate_quant_decomposition(b, x):
-    """rotate_quant_ref in primitives: log2(D) butterfly stages (pairs h apart -> [a + b, a - b]), then e4m3."""
+def rotate_quant_parts(b, x):
+    """rotate_quant_rows in primitives: log2(D) butterfly stages (pairs h apart -> [a + b, a - b]), then e4m3
+    groups [..., D/group, group] and their scales [..., D/group, 1]."""
     *lead, d = x.shape
     y = b.cast(x, dtype="float32")
     h = d // 2
@@ -61,5 +62,10 @@ def rotate_quant_decomposition(b, x):
     g = b.reshape(b.mul(y, b.constant(value=d ** -0.5)), shape=(*lead, d // group, group))
     amax = b.maximum(b.amax(b.abs(g), dims=(-1,), keepdim=True), b.constant(value=AMAX_MIN))
     s = _pow2_ceil(b, b.div(amax, b.constant(value=E4M3_MAX)))
-    q = b.cast(b.cast(b.div(g, s), dtype="float8_e4m3fn"), dtype="float32")
-    return b.reshape(b.mul(q, s), shape=(*lead, d))
+    return b.cast(b.div(g, s), dtype="float8_e4m3fn"), s
+
+
+def rotate_quant_decomposition(b, x):
+    """rotate_quant_ref in primitives."""
+    q, s = rotate_quant_parts(b, x)
+    return b.reshape(b.mul(b.cast(q, dtype="float32"), s), shape=x.shape)

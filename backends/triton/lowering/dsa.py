@@ -69,6 +69,24 @@ def _fp8_indexer(node, scale, causal, lens):
                    inputs=(*node.inputs, *lens), fn=run)
 
 
+@TABLE.register("indexer.logits_fp8")
+def _indexer_logits_fp8(ctx, node):
+    """The FP8 key cache of fp8_index_cache read as it lies; only q is rotated and quantised per step."""
+    groups = node.inputs[2].shape[-1]
+    if groups != 1:
+        return Decline(f"{groups} scales per key row; the FP8 kernel takes one per token")
+    scale, causal = node.attrs["scale"], node.attrs["causal"]
+    lens = cached_lengths(ctx, node)
+
+    def run(a, sym):
+        q8, qs = rotate_quant_rows(a[0])
+        return [indexer_logits(q8, a[1], a[3], scale, causal, a[4] if lens else None, q_scale=qs[..., 0],
+                               k_scale=a[2][..., 0])]
+    return Lowered("template", "dsa._indexer_logits_kernel (FP8: e4m3 dot, per-token scales, FP8 key cache)",
+                   note="q Hadamard-rotated and rounded to e4m3 by torch ops on the device before the kernel",
+                   inputs=(*node.inputs, *lens), fn=run)
+
+
 @TABLE.register("indexer.topk")
 def _topk(ctx, node):
     k = node.attrs["k"]
