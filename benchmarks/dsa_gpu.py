@@ -9,7 +9,7 @@ Sparse decode: bytes = the K gathered rows of 576 bf16 per request (+ q, out), F
 `sparse_mla_fp8` reads FlashMLA's 656-byte FP8 rows instead (512 e4m3 + 4 fp32 scales + 64 bf16 RoPE), dequantised
 in the kernel; dense decode reads all T rows. The indexer's rows: bf16 scores and the FP8 path (`indexer_fp8`: e4m3
 keys + one fp32 scale per token, as the reference's key cache), then the top-k select over the T logits (`topk`:
-its floor is one read of the logits; the kernel makes 34 passes over them).
+its floor is one read of the logits; the kernel makes 5 passes over them).
 FlashMLA's published sparse FP8 decode reaches 410 TFLOPS on an H800 (FlashMLA
 docs/20250929-hopper-fp8-sparse-deep-dive.md): the `tflops` column is what to compare with it.
 """

@@ -38,9 +38,11 @@ def test_indexer_logits(s, t, h, d, dtype):
 @pytest.mark.parametrize("s,t,k", [(3, 9, 4), (1, 5, 8), (2, 32, 8), (1, 1500, 37)])
 def test_topk_kernel_selects_as_the_reference(s, t, k):
     """The reference's picks in its order: T below / above k, T = 4 x k, a row over two blocks (1500), runs of
-    tied logits (ties to the lower position), -0.0 beside +0.0, a row with fewer finite logits than k, none."""
+    tied logits (ties to the lower position), near-equal logits, -0.0 beside +0.0, a row with fewer finite logits
+    than k, none."""
     x = R(2, s, t)
     x[0, 0, : t // 2] = 0.5
+    x[0, -1, 3:] = 1 + x[0, -1, 3:] * 1e-6     # keys sharing their high digits: every radix pass decides
     x[0, -1, :3] = torch.tensor([0.0, -0.0, 0.0])[: min(3, t)]
     x[1, -1, t // 3:] = float("-inf")
     x[1, 0] = float("-inf")

@@ -4,10 +4,11 @@ op's reference exactly, without a sort of the whole row and without a host sync.
 
 One program per row, in three phases:
 1. Threshold: the logits map to int64 keys of the same order (the fp32 bits, negatives' magnitude bits flipped,
-   -0.0 read as +0.0), and the k-th largest key is built bit by bit from the top (32 counting passes over the
-   row: keep a bit when at least k finite keys are at or above the candidate).
-2. Selection in position order: every key above the threshold, and of those equal to it the first (k - above),
-   each written to the next free slot (a running prefix sum).
+   -0.0 read as +0.0), and the k-th largest finite key is found by radix select, 8 bits a pass from the top (4
+   passes over the row, each a 256-bin histogram of the keys that share the digits found so far), which also
+   leaves how many keys equal to it are to be picked.
+2. Selection in position order: every key above the threshold, and of those equal to it the first ones still to
+   pick, each written to the next free slot (a running prefix sum).
 3. Order: the k selected slots are read back as one block, sorted by (key descending, position ascending) in
    registers, and written best first.
 NaN logits have no defined place (the reference's sort puts them first; here they order as huge keys).
@@ -41,24 +42,26 @@ def _topk_kernel(x_ptr, out_ptr, T, K, stride_xb, stride_xs, stride_xt, stride_o
     x_row = x_ptr + b * stride_xb + row * stride_xs
     o_row = out_ptr + b * stride_ob + row * stride_os
     lanes = tl.arange(0, BLOCK_T)
-    finite = tl.zeros([], dtype=tl.int32)
-    for t0 in range(0, T, BLOCK_T):
-        x = tl.load(x_row + (t0 + lanes) * stride_xt, mask=t0 + lanes < T, other=float("-inf")).to(tl.float32)
-        finite += tl.sum((x != float("-inf")).to(tl.int32))
-    want = tl.minimum(finite, K)
-    thresh = tl.zeros([], dtype=tl.int64)
-    for i in range(32):                    # phase 1: the largest threshold with >= want finite keys at or above it
-        cand = thresh | (tl.full([], 1, tl.int64) << (31 - i))
-        n = tl.zeros([], dtype=tl.int32)
+    bins = tl.arange(0, 256)
+    thresh = tl.zeros([], dtype=tl.int64)   # the digits of the k-th largest key found so far
+    picks = tl.zeros([], dtype=tl.int32)    # min(K, finite logits)
+    want = tl.zeros([], dtype=tl.int32)     # how many keys at or below the prefix are still to pick
+    for i in tl.static_range(4):            # phase 1: one 8-bit digit a pass, the highest first
+        shift = 24 - 8 * i
+        hist = tl.zeros([256], dtype=tl.int32)
         for t0 in range(0, T, BLOCK_T):
             x = tl.load(x_row + (t0 + lanes) * stride_xt, mask=t0 + lanes < T, other=float("-inf")).to(tl.float32)
-            n += tl.sum(((x != float("-inf")) & (_keys(x) >= cand)).to(tl.int32))
-        thresh = tl.where(n >= want, cand, thresh)
-    above = tl.zeros([], dtype=tl.int32)
-    for t0 in range(0, T, BLOCK_T):
-        x = tl.load(x_row + (t0 + lanes) * stride_xt, mask=t0 + lanes < T, other=float("-inf")).to(tl.float32)
-        above += tl.sum(((x != float("-inf")) & (_keys(x) > thresh)).to(tl.int32))
-    ties_taken = want - above
+            key = _keys(x)
+            live = (x != float("-inf")) & ((key >> (shift + 8)) == thresh)
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=live)
+        if i == 0:
+            picks = tl.minimum(tl.sum(hist), K)
+            want = picks
+        at_or_above = tl.cumsum(hist, 0, reverse=True)      # keys of this prefix with digit >= d
+        digit = tl.max(tl.where(at_or_above >= want, bins, 0))
+        want -= tl.sum(tl.where(bins > digit, hist, 0))
+        thresh = (thresh << 8) | digit.to(tl.int64)
+    ties_taken = want
     written = tl.zeros([], dtype=tl.int32)
     ties_seen = tl.zeros([], dtype=tl.int32)
     for t0 in range(0, T, BLOCK_T):        # phase 2: the selection, in position order
@@ -74,7 +77,7 @@ def _topk_kernel(x_ptr, out_ptr, T, K, stride_xb, stride_xs, stride_xt, stride_o
         ties_seen += tl.sum(tie)
     tl.debug_barrier()                     # phase 3 reads what other threads of this program wrote
     slots = tl.arange(0, BLOCK_K)
-    filled = slots < want
+    filled = slots < picks
     pos = tl.load(o_row + slots * stride_ok, mask=filled, other=0)
     key = _keys(tl.load(x_row + pos * stride_xt, mask=filled, other=0.0).to(tl.float32))
     order = tl.where(filled, ((key - 2147483648) << 32) | (4294967295 - pos), -9223372036854775807 - 1)

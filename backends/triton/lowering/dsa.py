@@ -90,7 +90,7 @@ def _indexer_logits_fp8(ctx, node):
 @TABLE.register("indexer.topk")
 def _topk(ctx, node):
     k = node.attrs["k"]
-    return Lowered("template", "topk._topk_kernel (bitwise threshold select, then a sort of the k picks)",
+    return Lowered("template", "topk._topk_kernel (radix select, then a sort of the k picks)",
                    fn=lambda a, sym: [topk(a[0], k)])
 
 
