@@ -121,7 +121,8 @@ def test_device_lengths_of_a_static_capacity_step():
 def test_fp8_cache_reads(preset):
     """The FP8 latent cache's reads: V3.2's sparse MLA kernel dequantises the rows it gathers (one step with the
     query and cache parts, no kv.dequant_fp8 launch); dense MLA reads them through the generated row kernel.
-    kv.quant_fp8 is a reported fallback. The compiled model equals its reference graph node for node."""
+    kv.quant_fp8 is a generated kernel on CUDA, a reported fallback on the interpreter. The compiled model equals
+    its reference graph node for node."""
     m = models.build_model(preset, mtp=False, overrides={"num_hidden_layers": 1})
     exe = dsgraph.compile(m, backend="triton", device=DEV, kv_cache_dtype="fp8")
     report = exe.compiled.report
@@ -132,8 +133,25 @@ def test_fp8_cache_reads(preset):
         assert "kv.dequant_fp8" not in kernels
     else:
         assert kernels["kv.dequant_fp8"] == "fp8_dequant_n32_g32_float32"
-    assert [k.op for k in report.fallbacks] == ["kv.quant_fp8"]
+    assert [k.op for k in report.fallbacks] == (["kv.quant_fp8"] if DEV == "cpu" else [])
     assert not exe.localize(torch.randint(0, 256, (2, 5), generator=G))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter rounds to e4m3 wrongly)")
+@pytest.mark.parametrize("n,group", [(512, 128), (32, 32)])
+def test_fp8_cache_writes_gpu(n, group):
+    """kv.quant_fp8's generated kernel: the reference's e4m3 rows and scales bit for bit (FlashMLA's 512 / 128)."""
+    b = dsgraph.GraphBuilder("quant", dtype="bfloat16")
+    q, s = b.kv.quant_fp8(b.input("x", ("B", "T", n), "bfloat16"), group=group)
+    b.output("q", q)
+    b.output("s", s)
+    compiled = get_backend("triton").compile(b.build(), {}, device="cuda")
+    assert [k.kernel for k in compiled.report.kernels] == [f"fp8_quant_n{n}_g{group}"]
+    x = R(3, 37, n, dtype=torch.bfloat16) * 5
+    got = compiled.run({"x": x})
+    want_q, want_s = get_op("kv.quant_fp8").reference_fn(x, group=group)
+    assert torch.equal(got["s"], want_s) and torch.equal(got["q"].view(torch.uint8), want_q.view(torch.uint8))
 
 
 @pytest.mark.parametrize("s,t,h", [(1, 9, 5), (3, 70, 8)])

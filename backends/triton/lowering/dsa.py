@@ -4,8 +4,8 @@ on the device, no host sync, the reference's selection and order exactly, ties t
 `attention.mla_sparse` has no kernel: the triton pipeline absorbs it first, and without absorb_mla it runs its
 torch reference, listed as a fallback in the report. The FP8 latent cache's reads are part of the sparse MLA
 kernel, which dequantises the rows it gathers (FP8_SPARSE), or else (kv.dequant_fp8) a generated row kernel; its
-writes (kv.quant_fp8) run the torch reference, reported: Triton's interpreter rounds fp32 -> e4m3 wrongly, so a
-kernel could not be checked on the CPU."""
+writes (kv.quant_fp8) a generated row kernel on CUDA, the torch reference (reported) on the interpreter, which
+rounds fp32 -> e4m3 wrongly. indexer.quant_fp8 (fp8_index_cache's key writes) runs its torch reference."""
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
@@ -166,6 +166,17 @@ def _q_into_sparse(ctx, node):
         return step
     return Lowered(step.kind, f"{step.kernel}, q read in two parts (no concat)", nodes=tuple(m.nodes),
                    inputs=step.inputs, outputs=m.root.outputs, fn=step.fn)
+
+
+@TABLE.register("kv.quant_fp8")
+def _fp8_quant_rows(ctx, node):
+    n, group = node.inputs[0].shape[-1], node.attrs["group"]
+    if ctx.interpreting:
+        return Decline("Triton's interpreter rounds fp32 -> e4m3 wrongly; the generated kernel runs on CUDA")
+    if not isinstance(n, int) or group & (group - 1) or (n // group) & (n // group - 1):
+        return Decline(f"row width {n} / group {group}: the generated kernel needs powers of two")
+    src = ctx.generated(rowwise.fp8_quant_rows(n, group), node)
+    return Lowered("generated", src.name, fn=lambda a, sym: list(src(*a)))
 
 
 @TABLE.register("kv.dequant_fp8")
