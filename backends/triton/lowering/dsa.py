@@ -24,7 +24,7 @@ NO_ROTATION = ("scores in the activation dtype, without the reference's Hadamard
                "(transformers' path; the rotation is orthogonal)")
 FP8_PROLOGUE = ("q and k Hadamard-rotated and rounded to e4m3 by torch ops on the device before the kernel (the "
                 "interpreter rounds to e4m3 wrongly, so an in-kernel quantisation could not be checked on the CPU); "
-                "the key cache is requantised every step")
+                "the key cache is requantised every step (pass fp8_index_cache stores it quantised)")
 
 
 def _interpreter_bf16(ctx, *values) -> Decline | None:
