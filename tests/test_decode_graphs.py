@@ -173,7 +173,8 @@ def test_captured_decode_equals_plain_decode_gpu(preset):
 @pytest.mark.parametrize("options", [{}, {"kv_cache_dtype": "fp8"}, {"passes": FP8_INDEX}])
 def test_captured_v32_decode_generates_eagers_tokens_gpu(options):
     """V3.2 (indexer, device top-k, sparse MLA; with the FP8 latent cache, or the FP8 indexer key cache) in bf16:
-    every decode step a graph replay over the static-capacity caches, and the greedy tokens are eager's."""
+    every decode step a graph replay over the static-capacity caches, and the greedy tokens are eager's (up to a
+    near-tie of eager's own bf16 logits, where two kernels may round either way)."""
     exe = _exe("deepseek-v3.2-tiny", device="cuda", dtype="bfloat16", **options)
     assert dg.unsupported_reason(exe.graph) is None
     eager = dsgraph.compile(decisive_routing(dsgraph.load("deepseek-v3.2-tiny")), backend="eager", device="cuda",
@@ -182,7 +183,11 @@ def test_captured_v32_decode_generates_eagers_tokens_gpu(options):
     got = exe.generate(prompt, max_new_tokens=12)
     runner = exe.compiled.decode_step
     assert runner.stats["graph_steps"] == 11 and runner.stats["plain_steps"] == 0 and runner.disabled is None
-    assert torch.equal(got.cpu(), eager.generate(prompt, max_new_tokens=12).cpu())
+    want = eager.generate(prompt, max_new_tokens=12)
+    for row in (got != want).any(1).nonzero().flatten().tolist():   # a flip only where eager's top two tie in bf16
+        first = int((got[row] != want[row]).nonzero()[0])
+        top2 = eager(torch.cat((prompt[row:row + 1], want[row:row + 1, :first]), 1))[0, -1].float().topk(2).values
+        assert top2[0] - top2[1] < 2e-2 * top2[0].abs(), (row, first, top2)
 
 
 @pytest.mark.gpu
