@@ -2,7 +2,7 @@
 # GPU runs for the device machine, one phase per call (each fits the 10-minute limit); logs and JSON go to $OUT.
 #   bash benchmarks/run_gpu.sh check    # (K=, TESTS=, LIMIT=, SKIP_MOE=1 narrow it) Triton kernel/model tests on CUDA (bf16 included) + the MoE layer bench
 #   bash benchmarks/run_gpu.sh attn     # MLA decode / flash prefill bench
-#   bash benchmarks/run_gpu.sh dsa      # V3.2: sparse MLA decode, indexer scores, dense MLA at the same context
+#   bash benchmarks/run_gpu.sh dsa      # V3.2: sparse MLA decode (bf16 / FP8 cache), indexer scores (bf16 / FP8), top-k, dense MLA
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows

@@ -9,7 +9,8 @@ into
     o = attention(q, latent, ...)
 
 for attention.mla_absorbed and V3.2's attention.mla_sparse_absorbed alike. Lossy by design (e4m3 keeps 3 mantissa
-bits): the proof harness compares it within `tolerance`. Needs `absorb_mla` first.
+bits): the proof harness compares it within `tolerance`. Needs `absorb_mla` first. `fp8_index_cache` does the
+same for V3.2's indexer key cache, in the reference's own format (rotated e4m3 keys, one fp32 scale per 128).
 """
 from __future__ import annotations
 
@@ -71,6 +72,47 @@ class FP8LatentCache(PatternPass):
             return {m.root_value: b.op(att.op, m["q"], latent, *m["extra"], **att.attrs)}
 
         return [Rewrite("fp8_latent", pattern, build)]
+
+    def run(self, graph: Graph, weights: WeightStore) -> dict:
+        stats = super().run(graph, weights)
+        stats["caches_removed"] = len(graph.remove_unused_inputs(("cache",)))
+        return stats
+
+
+@register
+@dataclass
+class FP8IndexCache(PatternPass):
+    """V3.2's indexer key cache as DeepSeek's reference keeps it: each new key Hadamard-rotated and stored as e4m3
+    with its fp32 power-of-two scale (`cache.L.index_k_fp8` [B,T,D], `cache.L.index_k_scale` [B,T,D/128]: 132
+    bytes a token for D = 128 instead of 256 in bf16), and the scores computed from it with the reference's FP8
+    numerics (indexer.logits_fp8, which equals indexer.logits(fp8=True) on the same keys). Lossy against the
+    default bf16 scores: e4m3 rounding can reorder close logits and so change a top-k pick."""
+
+    name = "fp8_index_cache"
+    description = "V3.2's indexer key cache in FP8 (rotated e4m3 + fp32 scale per token), FP8 indexer scores"
+    tolerance: ClassVar[float] = 5e-2
+
+    def rewrites(self, graph: Graph, weights: WeightStore) -> list[Rewrite]:
+        kc = Var("kc", kind="cache", where=lambda v: v.name.endswith(".index_k"))
+        pattern = P("indexer.logits", Var("q"), P("cache.append", kc, Var("new"), name="app", single_use=False),
+                    Var("w"))
+
+        def build(b, m):
+            app, logits = m.node("app"), m.root
+            bsz, t, d = m["kc"].shape
+            if graph.outputs.get(graph.cache_map.get(m["kc"].name)) is not app.outputs[0] \
+                    or len(app.outputs[0].users) != 1 or not isinstance(d, int) or d & (d - 1) or d > 128 and d % 128:
+                return None
+            parts = []
+            for suffix, value in zip(("fp8", "scale"), b.indexer.quant_fp8(m["new"])):
+                cache = b.cache_input(f"{m['kc'].name}_{suffix}", (bsz, t, value.shape[-1]), value.dtype)
+                parts.append(b.cache.append(cache, value))
+                b.output(f"{m['kc'].name}_{suffix}.next", parts[-1], cache_of=cache)
+            b.retire_cache(m["kc"])
+            return {m.root_value: b.indexer.logits_fp8(m["q"], *parts, m["w"], scale=logits.attrs["scale"],
+                                                       causal=logits.attrs["causal"])}
+
+        return [Rewrite("fp8_index_keys", pattern, build)]
 
     def run(self, graph: Graph, weights: WeightStore) -> dict:
         stats = super().run(graph, weights)

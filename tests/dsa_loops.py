@@ -74,19 +74,26 @@ def quant_fp8_loop(x, group):
     return q.reshape(x.shape), scales.reshape(x.shape[:-1] + (scales.shape[1],))
 
 
-def rotate_quant_loop(x):
+def rotate_quant_parts_loop(x):
     """DeepSeek's indexer FP8 path per row: x @ H / sqrt(D) (H = kron of [[1, 1], [1, -1]]), then each group of 128
-    (or the row) divided by 2**ceil(log2(max(amax, 1e-4) / 448)), rounded to e4m3, multiplied back."""
+    (or the row) divided by 2**ceil(log2(max(amax, 1e-4) / 448)) and rounded to e4m3: (e4m3 rows, scales)."""
     d = x.shape[-1]
     h = torch.ones(1, 1)
     while h.shape[0] < d:
         h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), h)
     rows = (x.reshape(-1, d) @ h) / math.sqrt(d)
-    out = torch.empty_like(rows)
     g = min(128, d)
+    out = torch.empty(rows.shape, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(rows.shape[0], d // g)
     for i in range(rows.shape[0]):
         for j in range(0, d, g):
             part = rows[i, j:j + g]
-            s = 2.0 ** math.ceil(math.log2(max(float(part.abs().max()), 1e-4) / 448.0))
-            out[i, j:j + g] = (part / s).to(torch.float8_e4m3fn).float() * s
-    return out.reshape(x.shape)
+            scales[i, j // g] = s = 2.0 ** math.ceil(math.log2(max(float(part.abs().max()), 1e-4) / 448.0))
+            out[i, j:j + g] = (part / s).to(torch.float8_e4m3fn)
+    return out.reshape(x.shape), scales.reshape(x.shape[:-1] + (d // g,))
+
+
+def rotate_quant_loop(x):
+    """rotate_quant_parts_loop's e4m3 rows multiplied back by their scales."""
+    q, s = rotate_quant_parts_loop(x)
+    return q.float() * s.repeat_interleave(q.shape[-1] // s.shape[-1], -1)

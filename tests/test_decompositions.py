@@ -418,6 +418,16 @@ def test_sparse_attention(s, t, k):
           {"q": ("B", "S", 4, 12), "c": ("B", "T", 12), "i": ("B", "S", k)}, scale=0.3, kv_lora_rank=9)
 
 
+@covers("indexer.quant_fp8", "indexer.logits_fp8")
+def test_fp8_index_keys():
+    k = randn(2, 5, 256) * 3
+    lowered = check("indexer.quant_fp8", {"x": k}, {"x": ("B", "T", 256)})
+    k8, ks = run(lowered, {}, {"x": k})["out0"], run(lowered, {}, {"x": k})["out1"]
+    check("indexer.logits_fp8", {"q": randn(2, 3, 2, 256), "k": k8, "s": ks, "w": randn(2, 3, 2)},
+          {"q": ("B", "S", 2, 256), "k": ("B", "T", 256), "s": ("B", "T", 2), "w": ("B", "S", 2)}, scale=0.3,
+          causal=False)
+
+
 @covers("kv.quant_fp8", "kv.dequant_fp8")
 def test_fp8_kv_rows():
     x = randn(2, 3, 32) * 4

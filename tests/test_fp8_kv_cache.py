@@ -8,6 +8,7 @@ import dsgraph.models as models
 import dsgraph.passes as passes
 import pytest
 import torch
+from dsgraph.backends import get_backend
 
 import dsgraph
 from dsgraph.dtypes import itemsize
@@ -71,3 +72,42 @@ def test_compile_option_kv_cache_dtype():
     assert rel_err(exe(ids), dsgraph.compile(m, backend="eager", passes=FP8)(ids)) < 1e-5
     with pytest.raises(dsgraph.ConfigError, match="kv_cache_dtype='int4'"):
         dsgraph.compile(m, backend="eager", kv_cache_dtype="int4")
+
+
+# ---------------------------------------------------------------- the indexer key cache (pass fp8_index_cache)
+def test_fp8_index_cache_is_the_references_fp8_indexer():
+    """The rotated e4m3 key cache + indexer.logits_fp8 equal indexer.logits(fp8=True) (keys quantised per row,
+    once when cached instead of every step) to T = 4 x index_topk; 132 bytes a key at full size; proven."""
+    m = one_layer("deepseek-v3.2-tiny")
+    res = passes.check(["fp8_index_cache"], m.graph, m.weights, seq=4)
+    assert res.ok and res.changed and res.rtol == passes.info("fp8_index_cache").factory.tolerance, res.report()
+    fp8 = dsgraph.compile(m, backend="eager", passes=["fp8_index_cache"])
+    assert "indexer.logits" not in {n.op for n in fp8.graph.nodes}
+    for node in m.graph.find("indexer.logits"):
+        node.attrs["fp8"] = True
+    ref = dsgraph.compile(m, backend="eager", passes=[])
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    (a, s0), (b, s1) = ref.prefill(ids[:, :9]), fp8.prefill(ids[:, :9])
+    errs = [rel_err(b, a)]
+    for i in range(9, 12):
+        (a, s0), (b, s1) = ref.decode(ids[:, i:i + 1], s0), fp8.decode(ids[:, i:i + 1], s1)
+        errs.append(rel_err(b, a))
+    assert max(errs) < 1e-5, errs
+    assert s1.caches["cache.0.index_k_fp8"].dtype == torch.float8_e4m3fn
+    full = models.build_model("deepseek-v3.2", weights=False, mtp=False, dtype="bfloat16",
+                              overrides={"num_hidden_layers": 1})
+    g, _, _ = passes.run_pipeline(full.graph, full.weights, ["fp8_index_cache"])
+    row = {n: v.type.shape[2] * itemsize(v.type.dtype) for n, v in g.caches().items() if "index" in n}
+    assert row == {"cache.0.index_k_fp8": 128, "cache.0.index_k_scale": 4}
+
+
+def test_fp8_index_cache_on_triton():
+    """The triton FP8 indexer kernel reads the FP8 key cache (no fallback for the scores) and equals eager."""
+    m = one_layer("deepseek-v3.2-tiny")
+    pipeline = [*get_backend("triton").default_pipeline(), "fp8_index_cache"]
+    exe = dsgraph.compile(m, backend="triton", device="cpu", passes=pipeline)
+    kernels = {k.op: k.kernel for k in exe.compiled.report.kernels}
+    assert kernels["indexer.logits_fp8"].endswith("FP8 key cache)")
+    assert [k.op for k in exe.compiled.report.fallbacks] == ["indexer.quant_fp8"]
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4))
+    assert rel_err(exe(ids), dsgraph.compile(m, backend="eager", passes=pipeline)(ids)) < 1e-5

@@ -13,6 +13,7 @@ from dsa_loops import (
     layer_norm_loop,
     quant_fp8_loop,
     rotate_quant_loop,
+    rotate_quant_parts_loop,
     sparse_attention_loop,
     topk_loop,
 )
@@ -238,6 +239,11 @@ for _s, _t in [(3, 3), (1, 6), (4, 9)]:
     ref("indexer.logits", lambda s=_s, t=_t: (R(2, s, 3, 16), R(2, t, 16), R(2, s, 3)),   # DeepSeek's FP8 numerics
         lambda q, k, w: indexer_logits_loop(rotate_quant_loop(q), rotate_quant_loop(k), w, 0.25, causal=False),
         scale=0.25, causal=False, fp8=True)
+ref("indexer.quant_fp8", lambda: (R(2, 3, 16),), rotate_quant_parts_loop)
+ref("indexer.quant_fp8", lambda: (R(2, 256) * 3,), rotate_quant_parts_loop)          # two groups of 128
+ref("indexer.logits_fp8", lambda: (R(2, 2, 3, 16), *rotate_quant_parts_loop(R(2, 5, 16)), R(2, 2, 3)),
+    lambda q, k, ks, w: indexer_logits_loop(rotate_quant_loop(q), k.float() * ks, w, 0.25, causal=False),
+    scale=0.25, causal=False)
 for _t, _k in [(3, 5), (6, 2), (9, 4)]:        # T below and above k
     ref("indexer.topk", lambda t=_t: (indexer_logits_loop(R(2, 3, 2, 4), R(2, t, 4), R(2, 3, 2), 1.0),),
         lambda x, k=_k: topk_loop(x, k), k=_k)
@@ -467,6 +473,9 @@ GOOD = [
     ("norm.group", [T("N", 64, 4, 4), T(64), T(64)], {"groups": 32}, [T("N", 64, 4, 4)]),
     ("indexer.logits", [T("B", "S", 4, 16), T("B", "T", 16), T("B", "S", 4)], {"scale": 0.1}, [T("B", "S", "T")]),
     ("indexer.topk", [T("B", "S", "T")], {"k": 8}, [T("B", "S", 8, dt=L)]),
+    ("indexer.quant_fp8", [T("B", "T", 256)], {}, [T("B", "T", 256, dt=F8), T("B", "T", 2)]),
+    ("indexer.logits_fp8", [T("B", "S", 4, 16), T("B", "T", 16, dt=F8), T("B", "T", 1), T("B", "S", 4)],
+     {"scale": 0.1}, [T("B", "S", "T")]),
     ("attention.mla_sparse", [T("B", "S", 4, 24), T("B", "T", 4, 24), T("B", "T", 4, 16), T("B", "S", 8, dt=L)],
      {"scale": 0.1}, [T("B", "S", 4, 16)]),
     ("attention.mla_sparse_absorbed", [T("B", "S", 4, 36), T("B", "T", 36), T("B", "S", 8, dt="int32")],
@@ -527,6 +536,9 @@ BAD = [
     ("indexer.logits", [T(1, 2, 4, 12), T(1, 3, 12), T(1, 2, 4)], {"scale": 1.0, "fp8": True},
      r"fp8 needs a power-of-two head dim"),
     ("indexer.topk", [T(1, 2, 3, dt=L)], {"k": 2}, r"must be a float tensor"),
+    ("indexer.quant_fp8", [T(2, 12)], {}, r"needs a power-of-two last dim"),
+    ("indexer.logits_fp8", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 3, 1), T(1, 2, 4)], {"scale": 1.0},
+     r"keys must be float8_e4m3fn"),
     ("indexer.topk", [T(1, 2, 3)], {"k": 0}, r"k=0 must be positive"),
     ("attention.mla_sparse", [T(1, 2, 4, 8), T(1, 3, 4, 8), T(1, 3, 4, 8), T(1, 3, 2, dt=L)], {"scale": 1.0},
      r"must be \[B,S,K\] of q"),

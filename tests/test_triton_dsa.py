@@ -9,8 +9,10 @@ import torch
 from dsa_loops import causal_topk_indices
 from dsgraph.backends import get_backend
 from dsgraph.backends.triton.kernels.dsa import indexer_logits, sparse_mla
+from dsgraph.backends.triton.kernels.topk import topk
 
 import dsgraph
+from dsgraph.errors import InputError
 from dsgraph.numerics import rel_err, tolerance
 from dsgraph.ops import get_op
 
@@ -31,6 +33,22 @@ def test_indexer_logits(s, t, h, d, dtype):
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     fin = torch.isfinite(want)
     assert rel_err(got[fin], want[fin]) < tolerance(str(dtype).removeprefix("torch."), "op")
+
+
+@pytest.mark.parametrize("s,t,k", [(3, 9, 4), (1, 5, 8), (2, 32, 8), (1, 1500, 37)])
+def test_topk_kernel_selects_as_the_reference(s, t, k):
+    """The reference's picks in its order: T below / above k, T = 4 x k, a row over two blocks (1500), runs of
+    tied logits (ties to the lower position), near-equal logits, -0.0 beside +0.0, a row with fewer finite logits
+    than k, none."""
+    x = R(2, s, t)
+    x[0, 0, : t // 2] = 0.5
+    x[0, -1, 3:] = 1 + x[0, -1, 3:] * 1e-6     # keys sharing their high digits: every radix pass decides
+    x[0, -1, :3] = torch.tensor([0.0, -0.0, 0.0])[: min(3, t)]
+    x[1, -1, t // 3:] = float("-inf")
+    x[1, 0] = float("-inf")
+    got = topk(x, k)
+    assert torch.equal(got, get_op("indexer.topk").reference_fn(x, k=k))
+    assert (got[1, 0] == -1).all()
 
 
 def _ragged(b, s, t, k):
@@ -54,6 +72,23 @@ def test_sparse_mla(s, t, h, k, dtype):
     assert torch.equal(parts, got)                                        # the query in two parts (concat region)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sparse_mla_over_the_fp8_cache(dtype):
+    """The FP8 latent cache's three parts (e4m3 rows, group scales, RoPE rows) read by the kernel itself equal the
+    reference over their dequantised concat; T = 4 x top-k, ragged valid counts."""
+    c, r, group, s, t, h, k = 32, 8, 16, 2, 32, 3, 8
+    q, latent, idx = R(2, s, h, c + r, dtype=dtype), R(2, t, c + r), _ragged(2, s, t, k)
+    rows, scales = get_op("kv.quant_fp8").reference_fn(latent[..., :c], group=group)
+    rope = latent[..., c:].to(dtype)
+    got = sparse_mla(q, rows, idx, 0.3, c, cache_scale=scales, cache_rope=rope)
+    dequant = get_op("kv.dequant_fp8").reference_fn(rows, scales, group=group, dtype="float32").to(dtype)
+    want = get_op("attention.mla_sparse_absorbed").reference_fn(q, torch.cat((dequant, rope), -1), idx, scale=0.3,
+                                                                causal=True, kv_lora_rank=c)
+    assert rel_err(got, want) < tolerance(str(dtype).removeprefix("torch."), "op")
+    with pytest.raises(InputError, match="float8_e4m3fn rows"):
+        sparse_mla(q, rows, idx, 0.3, c, cache_rope=rope)
+
+
 def test_tiny_v32_report_names_the_dsa_kernels():
     report = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="triton", device=DEV).compiled.report
     kernels = {k.op: k.kernel for k in report.kernels}
@@ -61,7 +96,7 @@ def test_tiny_v32_report_names_the_dsa_kernels():
     assert kernels["concat+attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
     assert kernels["concat+attention.mla_sparse_absorbed"].endswith("q read in two parts (no concat)")
     assert kernels["norm.layer"].startswith("layer_norm_n16")
-    assert "torch.sort" in kernels["indexer.topk"] and not report.fallbacks
+    assert kernels["indexer.topk"].startswith("topk._topk_kernel") and not report.fallbacks
 
 
 def test_device_lengths_of_a_static_capacity_step():
@@ -82,25 +117,74 @@ def test_device_lengths_of_a_static_capacity_step():
         assert rel_err(out[b:b + 1], want) < 1e-5
 
 
-def test_fp8_cache_reads_run_the_generated_kernel():
-    """kv.dequant_fp8 as a generated row kernel equals its reference; kv.quant_fp8 is a reported fallback."""
-    m = models.build_model("deepseek-v3.2-tiny", mtp=False, overrides={"num_hidden_layers": 1})
+@pytest.mark.parametrize("preset", ["deepseek-v3.2-tiny", "deepseek-v3-tiny"])
+def test_fp8_cache_reads(preset):
+    """The FP8 latent cache's reads: V3.2's sparse MLA kernel dequantises the rows it gathers (one step with the
+    query and cache parts, no kv.dequant_fp8 launch); dense MLA reads them through the generated row kernel.
+    kv.quant_fp8 is a generated kernel on CUDA, a reported fallback on the interpreter. The compiled model equals
+    its reference graph node for node."""
+    m = models.build_model(preset, mtp=False, overrides={"num_hidden_layers": 1})
     exe = dsgraph.compile(m, backend="triton", device=DEV, kv_cache_dtype="fp8")
     report = exe.compiled.report
-    assert [k.kernel for k in report.kernels if k.op == "kv.dequant_fp8"] == ["fp8_dequant_n32_g32_float32"]
-    assert [k.op for k in report.fallbacks] == ["kv.quant_fp8"]
+    kernels = {k.op: k.kernel for k in report.kernels}
+    if preset == "deepseek-v3.2-tiny":
+        assert kernels["concat+kv.dequant_fp8+attention.mla_sparse_absorbed"] == (
+            "dsa._sparse_mla_kernel (FP8 latent rows dequantised in registers), q read in two parts (no concat)")
+        assert "kv.dequant_fp8" not in kernels
+    else:
+        assert kernels["kv.dequant_fp8"] == "fp8_dequant_n32_g32_float32"
+    assert [k.op for k in report.fallbacks] == (["kv.quant_fp8"] if DEV == "cpu" else [])
     assert not exe.localize(torch.randint(0, 256, (2, 5), generator=G))
 
 
-def test_fp8_indexer_numerics_are_a_reported_fallback():
-    """indexer.logits(fp8=True), DeepSeek's Hadamard + e4m3 scores: the torch reference runs, the report says why."""
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter rounds to e4m3 wrongly)")
+@pytest.mark.parametrize("n,group", [(512, 128), (32, 32)])
+def test_fp8_cache_writes_gpu(n, group):
+    """kv.quant_fp8's generated kernel: the reference's e4m3 rows and scales bit for bit (FlashMLA's 512 / 128)."""
+    b = dsgraph.GraphBuilder("quant", dtype="bfloat16")
+    q, s = b.kv.quant_fp8(b.input("x", ("B", "T", n), "bfloat16"), group=group)
+    b.output("q", q)
+    b.output("s", s)
+    compiled = get_backend("triton").compile(b.build(), {}, device="cuda")
+    assert [k.kernel for k in compiled.report.kernels] == [f"fp8_quant_n{n}_g{group}"]
+    x = R(3, 37, n, dtype=torch.bfloat16) * 5
+    got = compiled.run({"x": x})
+    want_q, want_s = get_op("kv.quant_fp8").reference_fn(x, group=group)
+    assert torch.equal(got["s"], want_s) and torch.equal(got["q"].view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("s,t,h", [(1, 9, 5), (3, 70, 8)])
+def test_fp8_indexer_logits(s, t, h):
+    """The FP8 path: e4m3 q, k with fp32 per-token scales against the op's reference on the dequantised values."""
+    d = 32
+    q8, k8 = (R(2, s, h, d) * 40).to(torch.float8_e4m3fn), (R(2, t, d) * 40).to(torch.float8_e4m3fn)
+    qs, ks, w = R(2, s, h).abs() / 64, R(2, t).abs() / 64, R(2, s, h)
+    got = indexer_logits(q8, k8, w, 0.2, q_scale=qs, k_scale=ks)
+    want = get_op("indexer.logits").reference_fn(q8.float() * qs[..., None], k8.float() * ks[..., None], w,
+                                                 scale=0.2, causal=True)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert rel_err(got[fin], want[fin]) < 1e-5
+    with pytest.raises(InputError, match="k_scale"):
+        indexer_logits(q8, k8, w, 0.2, q_scale=qs)
+
+
+def test_fp8_indexer_numerics_run_the_fp8_kernel():
+    """indexer.logits(fp8=True), DeepSeek's Hadamard + e4m3 scores (D = 128, one scale per token as V3.2's): the
+    FP8 kernel over the rotated, quantised q and k equals the op's reference; the report says where they are made."""
     b = dsgraph.GraphBuilder("fp8_indexer", dtype="float32")
-    q, k, w = b.input("q", ("B", 1, 4, 16), "float32"), b.input("k", ("B", "T", 16), "float32"), \
-        b.input("w", ("B", 1, 4), "float32")
+    q, k, w = b.input("q", ("B", 2, 4, 128), "float32"), b.input("k", ("B", "T", 128), "float32"), \
+        b.input("w", ("B", 2, 4), "float32")
     b.output("logits", b.indexer.logits(q, k, w, scale=0.1, fp8=True))
     compiled = get_backend("triton").compile(b.build(), {}, device=DEV)
-    (fallback,) = compiled.report.fallbacks
-    assert "Hadamard + e4m3" in fallback.note
-    ins = {"q": R(2, 1, 4, 16), "k": R(2, 9, 16), "w": R(2, 1, 4)}
+    (step,) = compiled.report.kernels
+    assert step.kernel.startswith("dsa._indexer_logits_kernel (FP8") and "rounded to e4m3" in step.note
+    assert not compiled.report.fallbacks
+    ins = {"q": R(2, 2, 4, 128), "k": R(2, 9, 128), "w": R(2, 2, 4)}
     want = get_op("indexer.logits").reference_fn(*ins.values(), scale=0.1, causal=True, fp8=True)
-    assert torch.equal(compiled.run(ins)["logits"], want)
+    got = compiled.run(ins)["logits"]
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got)) and rel_err(got[fin], want[fin]) < 1e-5
+
+

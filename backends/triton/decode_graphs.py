@@ -18,7 +18,9 @@ An epilogue (the runtime's sampler: a callable from the step's outputs to more o
 own that its caller fills before each step) is captured with the step, so a replay hands back the chosen ids.
 
 This applies when every op that reads a cache is one of those (absorbed MLA, which the triton pipeline makes of
-every MLA model, and GQA/MHA attention) and no all_to_all's split sizes come back to the host; for any other graph
+every MLA model, GQA/MHA attention, V3.2's indexer and sparse MLA), possibly through row-wise ops that keep rows
+apart (ROW_WISE: the FP8 latent cache's dequantisation and the concat of its parts), which are as right over the
+whole buffer as over its first rows, and no all_to_all's split sizes come back to the host; for any other graph
 the compile report says why decode runs without them. A sharded graph's all-reduces and all-gathers are captured
 with the step (NCCL supports capture).
 
@@ -43,6 +45,9 @@ from .. import kv_cache
 QUANTUM = 1024    # capacities are multiples of this ...
 GROWTH = 1.25     # ... at least 1.25 x the length that needs them
 MAX_BATCH_SIZES = 4  # graphs kept at once (a new batch size or epilogue drops the one placed longest ago)
+
+
+_BYTE_FLOATS = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
@@ -75,20 +80,55 @@ def append_static(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor) ->
         raise DSGraphError(f"static-capacity decode: cache {tuple(cache.shape)} has no room for {s} more rows; "
                            "static steps need the decode buffers of backends/triton/decode_graphs.py")
     full = cache.as_strided(shape, cache.stride(), cache.storage_offset())
-    full.index_copy_(1, rows, new)
+    if full.dtype in _BYTE_FLOATS:   # torch has no index_copy_ for FP8: copy the bytes
+        full.view(torch.uint8).index_copy_(1, rows, new.view(torch.uint8))
+    else:
+        full.index_copy_(1, rows, new)
     return full
 
 
 # the ops that take a cache's length from the device, and which of their inputs may be an appended cache
 LENGTH_AWARE = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attention.mla": (1, 2),
-                "indexer.logits": (1,), "attention.mla_sparse_absorbed": (1,)}
+                "indexer.logits": (1,), "indexer.logits_fp8": (1, 2), "attention.mla_sparse_absorbed": (1,)}
+ROW_WISE = ("kv.dequant_fp8", "concat (last dim)")
+
+
+def _row_wise(node) -> bool:
+    """An op of ROW_WISE whose rows stay apart: kv.dequant_fp8, or a concat along the last dim."""
+    if node.op == "kv.dequant_fp8":
+        return True
+    return node.op == "concat" and node.attrs["dim"] in (-1, len(node.outputs[0].shape) - 1)
+
+
+def from_appended_cache(v: Value) -> bool:
+    """v is an appended cache, or a row-wise (ROW_WISE) view of one: an attention reading it must mask by the
+    device-side length in a static-capacity step."""
+    node = v.node
+    return node is not None and (node.op == "cache.append" or _row_wise(node) and any(
+        from_appended_cache(i) for i in node.inputs))
+
+
+def _reader_reason(value: Value, name: str) -> str | None:
+    for reader in value.users:
+        if _row_wise(reader):
+            why = _reader_reason(reader.outputs[0], name)
+        else:
+            slots = LENGTH_AWARE.get(reader.op, ())
+            ok = any(i < len(reader.inputs) and reader.inputs[i] is value for i in slots) \
+                and reader.inputs[0] is not value
+            why = None if ok else (f"{reader.op} reads the appended cache {name} (only {', '.join(LENGTH_AWARE)} "
+                                   f"mask by a device-side length, through {', '.join(ROW_WISE)})")
+        if why:
+            return why
+    return None
 
 
 def unsupported_reason(graph) -> str | None:
     """None if every reader of a cache is `cache.append` and every reader of an appended cache an attention op
-    that masks by a device-side length (LENGTH_AWARE), else which op would read the cache on the host's length.
-    Collectives of a sharded graph capture (NCCL supports it), but `dist.all_to_all` reads its split sizes on the
-    host: a graph with one (EP dispatch under DP attention) decodes without CUDA graphs."""
+    that masks by a device-side length (LENGTH_AWARE), directly or through row-wise ops (ROW_WISE), else which op
+    would read the cache on the host's length. Collectives of a sharded graph capture (NCCL supports it), but
+    `dist.all_to_all` reads its split sizes on the host: a graph with one (EP dispatch under DP attention) decodes
+    without CUDA graphs."""
     if graph.find("dist.all_to_all"):
         return ("dist.all_to_all reads its data-dependent split sizes on the host (a fixed-size dispatch kernel, "
                 "DeepEP's low-latency mode, would capture)")
@@ -98,13 +138,9 @@ def unsupported_reason(graph) -> str | None:
         for user in v.users:
             if user.op != "cache.append" or user.inputs[0] is not v:
                 return f"{user.op} reads cache {name} (only cache.append writes at a device-side length)"
-            appended = user.outputs[0]
-            for reader in appended.users:
-                slots = LENGTH_AWARE.get(reader.op, ())
-                if not any(i < len(reader.inputs) and reader.inputs[i] is appended for i in slots) \
-                        or reader.inputs[0] is appended:
-                    return (f"{reader.op} reads the appended cache {name} (only {', '.join(LENGTH_AWARE)} mask "
-                            "by a device-side length)")
+            why = _reader_reason(user.outputs[0], name)
+            if why:
+                return why
     return None
 
 

@@ -20,7 +20,7 @@ import torch
 from ..types import TensorType
 from .attention import ATTN_ATTRS, _attn_types, attention_decomposition
 from .common import expect_float, expect_int, expect_rank, f32, same_dtype, widest
-from .dsa_fp8 import GROUP, rotate_quant_decomposition, rotate_quant_ref
+from .dsa_fp8 import GROUP, rotate_quant_decomposition, rotate_quant_parts, rotate_quant_ref, rotate_quant_rows
 from .registry import Attr, defop, expect
 
 LOGITS = defop("indexer.logits", "q k weights",
@@ -56,7 +56,10 @@ def causal_keep(s: int, t: int, device) -> torch.Tensor:
 def _(q, k, weights, scale, causal, fp8=False):
     if fp8:
         q, k = rotate_quant_ref(q), rotate_quant_ref(k)
-    q, k, weights = widest(q, k, weights)
+    return _logits_ref(*widest(q, k, weights), scale, causal)
+
+
+def _logits_ref(q, k, weights, scale, causal):
     scores = torch.relu(torch.einsum("bshd,btd->bsht", q, k))
     logits = torch.einsum("bsht,bsh->bst", scores, weights) * scale
     if causal:
@@ -66,10 +69,15 @@ def _(q, k, weights, scale, causal, fp8=False):
 
 @LOGITS.decomposition
 def _(b, q, k, weights, scale, causal, fp8=False):
-    bs, s, h, d = q.shape
-    t = k.shape[1]
     qf, kf = (rotate_quant_decomposition(b, q), rotate_quant_decomposition(b, k)) if fp8 else \
         (b.cast(q, dtype="float32"), b.cast(k, dtype="float32"))
+    return _logits_decomposition(b, qf, kf, weights, scale, causal, q, k)
+
+
+def _logits_decomposition(b, qf, kf, weights, scale, causal, q, k):
+    """The scores of fp32 qf [B,S,H,D] and kf [B,T,D] in primitives (q, k: the op's inputs, for the mask)."""
+    bs, s, h, d = qf.shape
+    t = kf.shape[1]
     kt = b.reshape(b.permute(kf, dims=(0, 2, 1)), shape=(bs, 1, d, t))
     scores = b.maximum(b.matmul(qf, kt), b.constant(value=0.0))        # [B,S,H,T]
     w = b.reshape(b.cast(weights, dtype="float32"), shape=(bs, s, 1, h))
@@ -77,6 +85,66 @@ def _(b, q, k, weights, scale, causal, fp8=False):
     if causal:
         logits = b.where(b.causal_mask(q, k), logits, b.constant(value=float("-inf")))
     return logits
+
+
+# ---------------------------------------------------------------- the FP8 indexer key cache (pass fp8_index_cache)
+INDEX_QUANT = defop("indexer.quant_fp8", "x", {},
+                    "Indexer keys x [..., D] -> (e4m3 [..., D], fp32 scales [..., D/min(128, D)]) of their Hadamard "
+                    "rotation, as DeepSeek's reference stores its indexer key cache (dsa_fp8.py).",
+                    num_outputs=2, level="domain")
+
+
+@INDEX_QUANT.infer
+def _(x):
+    expect_float(x, "indexer.quant_fp8 input")
+    d = x.shape[-1]
+    expect(isinstance(d, int) and d & (d - 1) == 0 and (d <= GROUP or d % GROUP == 0),
+           lambda: f"indexer.quant_fp8: needs a power-of-two last dim (the Hadamard rotation), got {x}")
+    return x.with_dtype("float8_e4m3fn"), TensorType(x.shape[:-1] + (d // min(GROUP, d),), "float32")
+
+
+INDEX_QUANT.reference(rotate_quant_rows)
+
+
+@INDEX_QUANT.decomposition
+def _(b, x):
+    q, s = rotate_quant_parts(b, x)
+    n = s.shape[-2]
+    return b.reshape(q, shape=x.shape), b.reshape(s, shape=x.shape[:-1] + (n,))
+
+
+LOGITS_FP8 = defop("indexer.logits_fp8", "q k k_scale weights", {"scale": Attr(float), "causal": Attr(bool, True)},
+                   "indexer.logits(fp8=True) over an FP8 key cache: k [B,T,D] e4m3 with fp32 scales k_scale "
+                   "[B,T,D/min(128, D)] as indexer.quant_fp8 makes them; q is rotated and quantised as there.",
+                   level="domain")
+
+
+@LOGITS_FP8.infer
+def _(q, k, k_scale, weights, scale, causal):
+    expect(k.dtype == "float8_e4m3fn" and k_scale.dtype == "float32",
+           lambda: f"indexer.logits_fp8: keys must be float8_e4m3fn with float32 scales, got {k} and {k_scale}")
+    expect(k_scale.shape[:2] == k.shape[:2] and k_scale.rank == 3,
+           lambda: f"indexer.logits_fp8: k_scale {k_scale} must be [B,T,groups] of k {k}")
+    return LOGITS.infer_fn(q, k.with_dtype(q.dtype), weights, scale, causal, fp8=True)
+
+
+def _dequant_keys(k, k_scale):
+    return (k.float().unflatten(-1, (k_scale.shape[-1], -1)) * k_scale[..., None]).flatten(-2)
+
+
+@LOGITS_FP8.reference
+def _(q, k, k_scale, weights, scale, causal):
+    q, k, weights = widest(rotate_quant_ref(q), _dequant_keys(k, k_scale), weights)
+    return _logits_ref(q, k, weights, scale, causal)
+
+
+@LOGITS_FP8.decomposition
+def _(b, q, k, k_scale, weights, scale, causal):
+    bs, t, d = k.shape
+    n = k_scale.shape[-1]
+    groups = b.reshape(b.cast(k, dtype="float32"), shape=(bs, t, n, d // n))
+    kf = b.reshape(b.mul(groups, b.reshape(k_scale, shape=(bs, t, n, 1))), shape=(bs, t, d))
+    return _logits_decomposition(b, rotate_quant_decomposition(b, q), kf, weights, scale, causal, q, k)
 
 
 TOPK = defop("indexer.topk", "logits", {"k": Attr(int)},

@@ -13,21 +13,28 @@ import torch
 E4M3_MAX, AMAX_MIN, GROUP = 448.0, 1e-4, 128
 
 
-def hadamard(d: int) -> torch.Tensor:
-    """The Sylvester Hadamard matrix of order d (a power of two), unnormalised."""
-    h = torch.ones(1, 1)
+def hadamard(d: int, device=None) -> torch.Tensor:
+    """The Sylvester Hadamard matrix of order d (a power of two), unnormalised, built where it is used."""
+    h = torch.ones(1, 1, device=device)
     while h.shape[0] < d:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return h
 
 
-def rotate_quant_ref(x: torch.Tensor) -> torch.Tensor:
-    """fp32 x [..., D] -> the dequantised e4m3 rows of its Hadamard rotation."""
+def rotate_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 [..., D], fp32 scales [..., D / min(GROUP, D)]) of its Hadamard rotation: the
+    reference's `act_quant(rotate_activation(x))`, the inputs of its `fp8_index` kernel."""
     d = x.shape[-1]
-    y = (x.float() @ hadamard(d).to(x.device)) * d ** -0.5
+    y = (x.float() @ hadamard(d, x.device)) * d ** -0.5
     g = y.unflatten(-1, (-1, min(GROUP, d)))
     s = torch.exp2(torch.ceil(torch.log2(g.abs().amax(-1, keepdim=True).clamp(min=AMAX_MIN) / E4M3_MAX)))
-    return ((g / s).to(torch.float8_e4m3fn).float() * s).flatten(-2)
+    return (g / s).to(torch.float8_e4m3fn).flatten(-2), s.squeeze(-1)
+
+
+def rotate_quant_ref(x: torch.Tensor) -> torch.Tensor:
+    """fp32 x [..., D] -> the dequantised e4m3 rows of its Hadamard rotation."""
+    q, s = rotate_quant_rows(x)
+    return (q.float().unflatten(-1, (s.shape[-1], -1)) * s[..., None]).flatten(-2)
 
 
 def _pow2_ceil(b, s):
@@ -40,8 +47,9 @@ def _pow2_ceil(b, s):
     return b.cast(b.cast(p, dtype="bfloat16"), dtype="float32")
 
 
-def rotate_quant_decomposition(b, x):
-    """rotate_quant_ref in primitives: log2(D) butterfly stages (pairs h apart -> [a + b, a - b]), then e4m3."""
+def rotate_quant_parts(b, x):
+    """rotate_quant_rows in primitives: log2(D) butterfly stages (pairs h apart -> [a + b, a - b]), then e4m3
+    groups [..., D/group, group] and their scales [..., D/group, 1]."""
     *lead, d = x.shape
     y = b.cast(x, dtype="float32")
     h = d // 2
@@ -54,5 +62,10 @@ def rotate_quant_decomposition(b, x):
     g = b.reshape(b.mul(y, b.constant(value=d ** -0.5)), shape=(*lead, d // group, group))
     amax = b.maximum(b.amax(b.abs(g), dims=(-1,), keepdim=True), b.constant(value=AMAX_MIN))
     s = _pow2_ceil(b, b.div(amax, b.constant(value=E4M3_MAX)))
-    q = b.cast(b.cast(b.div(g, s), dtype="float8_e4m3fn"), dtype="float32")
-    return b.reshape(b.mul(q, s), shape=(*lead, d))
+    return b.cast(b.div(g, s), dtype="float8_e4m3fn"), s
+
+
+def rotate_quant_decomposition(b, x):
+    """rotate_quant_ref in primitives."""
+    q, s = rotate_quant_parts(b, x)
+    return b.reshape(b.mul(b.cast(q, dtype="float32"), s), shape=x.shape)

@@ -168,3 +168,33 @@ def launch(q, s):
 '''
     return KernelSource(f"fp8_dequant_n{n}_g{group}_{dtype}", f"e4m3 rows of {n} x fp32 scales per {group}, to {dtype}",
                         body)
+
+
+def fp8_quant_rows(n: int, group: int) -> KernelSource:
+    """kv.quant_fp8: launch(x) -> (e4m3 rows [..., n], fp32 scales [..., n / group]), each group divided by its
+    amax / 448 (IEEE division, as torch's, so the e4m3 rounding sees the reference's quotients). n / group and
+    group must be powers of two (the row is reshaped to [n / group, group] in registers)."""
+    groups = n // group
+    body = f'''
+import torch
+
+
+@triton.jit
+def _kernel(x_ptr, q_ptr, s_ptr, N: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x = tl.reshape(tl.load(x_ptr + row * N + tl.arange(0, N)).to(tl.float32), (GROUPS, GROUP))
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), 448.0)
+    q = tl.div_rn(x, tl.broadcast_to(scale[:, None], (GROUPS, GROUP))).to(tl.float8e4nv)
+    tl.store(q_ptr + row * N + tl.arange(0, N), tl.reshape(q, (N,)))
+    tl.store(s_ptr + row * GROUPS + tl.arange(0, GROUPS), scale)
+
+
+def launch(x):
+    x2 = x.reshape(-1, {n}).contiguous()
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((*x.shape[:-1], {groups}), dtype=torch.float32, device=x.device)
+    if x2.shape[0]:
+        _kernel[(x2.shape[0],)](x2, q, s, N={n}, GROUP={group}, GROUPS={groups}, num_warps={_row_warps(n)})
+    return q, s
+'''
+    return KernelSource(f"fp8_quant_n{n}_g{group}", f"rows of {n} to e4m3 + fp32 scales per {group}", body)

@@ -2,12 +2,18 @@
 selects (ops `indexer.logits` and `attention.mla_sparse_absorbed`, dsgraph/ops/dsa.py).
 
 Indexer: one program per (query, BLOCK_T keys): q [H, D] @ k^T [D, BLOCK_T] on the tensor cores, ReLU, then the
-weighted sum over heads as a [H] x [H, BLOCK_T] reduction -- the [B,S,H,T] score tensor is never written.
+weighted sum over heads as a [H] x [H, BLOCK_T] reduction -- the [B,S,H,T] score tensor is never written. Its FP8
+path (DeepSeek-V3.2-Exp's `fp8_index`) takes e4m3 q and k with fp32 per-token scales: the dot runs on the e4m3
+values, the q scales multiply the head weights and the k scales the reduced logits (positive scales pass through
+the ReLU), so nothing is dequantised.
 
 Sparse MLA: one program per (query, BLOCK_H heads). All heads of a query share its index list, so each [BLOCK_K,
 C+R] tile of gathered latent rows is loaded once for BLOCK_H heads and serves as keys (all C+R columns) and values
 (the first C). `-1` slots and slots past the query's causal horizon are masked; the softmax is the online one in
-fp32. Prefill (S queries) and decode (S = 1) are the same launch; the work is O(S * K), not O(S * T).
+fp32. Prefill (S queries) and decode (S = 1) are the same launch; the work is O(S * K), not O(S * T). Over the
+FP8 latent cache (kv_cache_dtype="fp8": e4m3 NoPE rows, fp32 group scales, RoPE rows in the compute dtype; ops
+kv.quant_fp8 / kv.dequant_fp8) the kernel dequantises the gathered rows in registers: no dequantised copy of the
+cache is written.
 
 Both take `kv_lens` [B] (the device-side lengths of a static-capacity CUDA-graph decode step): rows at or past a
 request's length score -inf in the indexer, so the top-k never selects them, and are masked in the attention.
@@ -18,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsgraph.errors import ShapeError
+from dsgraph.errors import InputError, ShapeError
 
-from .common import check_float, dot_precision
+from .common import check_device, check_float, dot_precision
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -37,14 +43,16 @@ def _kv_len(lens_ptr, b, T, HAS_LENS: tl.constexpr):
 
 @triton.jit
 def _indexer_logits_kernel(
-    q_ptr, k_ptr, w_ptr, lens_ptr, out_ptr, S, T,
+    q_ptr, k_ptr, w_ptr, qs_ptr, ks_ptr, lens_ptr, out_ptr, S, T,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
     stride_wb, stride_ws, stride_wh,
+    stride_sb, stride_ss, stride_sh,
+    stride_tb, stride_tt,
     stride_ob, stride_os, stride_ot,
     scale,
     HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -58,8 +66,14 @@ def _indexer_logits_kernel(
     k = tl.load(k_ptr + b * stride_kb + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)
     w = tl.load(w_ptr + b * stride_wb + row * stride_ws + offs_h * stride_wh, mask=h_ok, other=0.0).to(tl.float32)
-    scores = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)        # [BLOCK_H, BLOCK_T]
-    logits = tl.sum(scores * w[:, None], axis=0) * scale
+    if FP8:   # e4m3 x e4m3 -> fp32 on the tensor cores; the per-token scales come after the ReLU
+        scores = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)                              # [BLOCK_H, BLOCK_T]
+        w = w * tl.load(qs_ptr + b * stride_sb + row * stride_ss + offs_h * stride_sh, mask=h_ok, other=0.0)
+        k_scale = tl.load(ks_ptr + b * stride_tb + offs_t * stride_tt, mask=t_ok, other=0.0)
+        logits = tl.sum(scores * w[:, None], axis=0) * k_scale * scale
+    else:
+        scores = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)    # [BLOCK_H, BLOCK_T]
+        logits = tl.sum(scores * w[:, None], axis=0) * scale
     visible = offs_t < kv_len
     if CAUSAL:
         visible = visible & (offs_t <= kv_len - S + row)
@@ -68,36 +82,60 @@ def _indexer_logits_kernel(
 
 
 def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float, causal: bool = True,
-                   kv_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py); kv_lens: see above."""
-    dtype = check_float("indexer_logits", q=q, k=k)
+                   kv_lens: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
+                   k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py); kv_lens: see above. FP8:
+    q and k float8_e4m3fn with fp32 scales q_scale [B,S,H] and k_scale [B,T] (one per row of D values)."""
+    fp8 = q_scale is not None or k_scale is not None
+    if fp8:
+        _check_fp8("indexer_logits", (q, q_scale), (k, k_scale))
+        dtype = torch.float32
+    else:
+        dtype = check_float("indexer_logits", q=q, k=k)
     b, s, h, d = q.shape
     t = k.shape[1]
-    if k.shape != (b, t, d) or weights.shape != (b, s, h):
-        raise ShapeError(f"indexer_logits: q {tuple(q.shape)}, k {tuple(k.shape)}, weights {tuple(weights.shape)} "
-                         "must be [B,S,H,D], [B,T,D], [B,S,H]")
+    if k.shape != (b, t, d) or weights.shape != (b, s, h) or \
+            fp8 and (q_scale.shape != (b, s, h) or k_scale.shape != (b, t)):
+        raise ShapeError(f"indexer_logits: q {tuple(q.shape)}, k {tuple(k.shape)}, weights {tuple(weights.shape)}"
+                         + (f", q_scale {tuple(q_scale.shape)}, k_scale {tuple(k_scale.shape)}" if fp8 else "")
+                         + " must be [B,S,H,D], [B,T,D], [B,S,H]" + (", [B,S,H], [B,T]" if fp8 else ""))
     out = torch.empty((b, s, t), dtype=torch.float32, device=q.device)
     if out.numel():
         block_t = min(64, _pow2(t))
+        qs, ks = (q_scale, k_scale) if fp8 else (out, out[:, 0])
         _indexer_logits_kernel[(s, b, triton.cdiv(t, block_t))](
-            q, k, weights, out if kv_lens is None else kv_lens, out, s, t, *q.stride(), *k.stride(),
-            *weights.stride(), *out.stride(), scale, HEADS=h, DIM=d, BLOCK_H=_pow2(h), BLOCK_D=_pow2(d),
-            BLOCK_T=block_t, CAUSAL=causal, HAS_LENS=kv_lens is not None, PRECISION=dot_precision(dtype))
+            q, k, weights, qs, ks, out if kv_lens is None else kv_lens, out, s, t, *q.stride(), *k.stride(),
+            *weights.stride(), *qs.stride(), *ks.stride(), *out.stride(), scale, HEADS=h, DIM=d,
+            BLOCK_H=_pow2(h), BLOCK_D=_pow2(d, 32 if fp8 else 16),   # an e4m3 dot's K is at least 32
+            BLOCK_T=block_t, CAUSAL=causal, HAS_LENS=kv_lens is not None, FP8=fp8, PRECISION=dot_precision(dtype))
     return out
+
+
+def _check_fp8(what: str, *pairs) -> None:
+    """(values, scales) pairs: e4m3 values with fp32 scales, all on one device."""
+    for name, (x, x_scale) in zip(("q", "k"), pairs):
+        if x.dtype != torch.float8_e4m3fn or x_scale is None or x_scale.dtype != torch.float32:
+            raise InputError(f"{what}: the FP8 path takes float8_e4m3fn {name} with float32 {name}_scale, got "
+                             f"{x.dtype} and {None if x_scale is None else x_scale.dtype}; pass both scales")
+        if x.device != pairs[0][0].device or x_scale.device != x.device:
+            raise InputError(f"{what}: FP8 {name} and its scale must be on {pairs[0][0].device}")
+    check_device(what, pairs[0][0])
 
 
 @triton.jit
 def _sparse_mla_kernel(
-    q_ptr, qr_ptr, c_ptr, idx_ptr, lens_ptr, out_ptr, S, T, K, H,
+    q_ptr, qr_ptr, c_ptr, cr_ptr, cs_ptr, idx_ptr, lens_ptr, out_ptr, S, T, K, H,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_rb, stride_rs, stride_rh, stride_rd,
     stride_cb, stride_ct, stride_cd,
+    stride_crb, stride_crt, stride_crd,
+    stride_csb, stride_cst, stride_csg,
     stride_ib, stride_is, stride_ik,
     stride_ob, stride_os, stride_oh, stride_od,
     qk_scale,
     HEAD_C: tl.constexpr, HEAD_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    FP8_GROUP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -119,9 +157,15 @@ def _sparse_mla_kernel(
         ok = (idx >= 0) & (idx < kv_len)
         if CAUSAL:
             ok = ok & (idx <= limit)
-        rows = c_ptr + b * stride_cb + tl.where(ok, idx, 0).to(tl.int64)[:, None] * stride_ct
-        kc = tl.load(rows + offs_c[None, :] * stride_cd, mask=ok[:, None] & c_ok[None, :], other=0.0)
-        kr = tl.load(rows + (HEAD_C + offs_r[None, :]) * stride_cd, mask=ok[:, None] & r_ok[None, :], other=0.0)
+        pos = tl.where(ok, idx, 0).to(tl.int64)[:, None]
+        kc = tl.load(c_ptr + b * stride_cb + pos * stride_ct + offs_c[None, :] * stride_cd,
+                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        if FP8_GROUP:   # e4m3 rows times their group scales, in registers
+            sc = tl.load(cs_ptr + b * stride_csb + pos * stride_cst + (offs_c[None, :] // FP8_GROUP) * stride_csg,
+                         mask=ok[:, None] & c_ok[None, :], other=0.0)
+            kc = (kc.to(tl.float32) * sc).to(q_c.dtype)
+        kr = tl.load(cr_ptr + b * stride_crb + pos * stride_crt + offs_r[None, :] * stride_crd,
+                     mask=ok[:, None] & r_ok[None, :], other=0.0)
         qk = tl.dot(q_c, tl.trans(kc), input_precision=PRECISION)
         qk = tl.dot(q_r, tl.trans(kr), qk, input_precision=PRECISION) * qk_scale
         qk = tl.where(ok[None, :], qk, float("-inf"))
@@ -138,28 +182,52 @@ def _sparse_mla_kernel(
 
 
 def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float, kv_lora_rank: int,
-               causal: bool = True, kv_lens: torch.Tensor | None = None, q_rope: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               causal: bool = True, kv_lens: torch.Tensor | None = None, q_rope: torch.Tensor | None = None,
+               cache_scale: torch.Tensor | None = None, cache_rope: torch.Tensor | None = None) -> torch.Tensor:
     """q [B,S,H,C+R], cache [B,T,C+R], indices int [B,S,K] -> [B,S,H,C] (see dsgraph/ops/dsa.py); with q_rope
-    [B,S,H,R], q is the latent part [B,S,H,C] alone (the two inputs of absorb_mla's concat, read where they lie)."""
-    dtype = check_float("sparse_mla", q=q, cache=cache)
+    [B,S,H,R], q is the latent part [B,S,H,C] alone (the two inputs of absorb_mla's concat, read where they lie).
+    FP8 cache: cache the e4m3 NoPE rows [B,T,C], cache_scale fp32 [B,T,C/group], cache_rope [B,T,R] (q's dtype)."""
+    fp8 = cache_scale is not None or cache_rope is not None
+    dtype = check_float("sparse_mla", q=q, **({"cache_rope": cache_rope} if fp8 else {"cache": cache}))
     if q_rope is None:
         q_rope = q[..., kv_lora_rank:]
     b, s, h = q.shape[:3]
     width = kv_lora_rank + q_rope.shape[-1]
     t, n = cache.shape[1], indices.shape[-1]
-    if cache.shape != (b, t, width) or indices.shape[:2] != (b, s) or q_rope.shape[:3] != (b, s, h) \
+    if fp8:
+        group = _fp8_group(cache, cache_scale, cache_rope, (b, t, kv_lora_rank), width - kv_lora_rank)
+    elif cache.shape != (b, t, width):
+        raise ShapeError(f"sparse_mla: cache {tuple(cache.shape)} must be [B,T,C+R] = {(b, t, width)}")
+    if indices.shape[:2] != (b, s) or q_rope.shape[:3] != (b, s, h) \
             or q.shape[-1] not in (kv_lora_rank, width) or not 0 < kv_lora_rank < width:
         raise ShapeError(f"sparse_mla: q {tuple(q.shape)}, cache {tuple(cache.shape)}, indices "
                          f"{tuple(indices.shape)} must be [B,S,H,C+R], [B,T,C+R], [B,S,K] with 0 < C={kv_lora_rank} "
                          "< C+R")
+    rope = cache_rope if fp8 else cache[..., kv_lora_rank:]
+    scales = cache_scale if fp8 else cache
     out = torch.empty((b, s, h, kv_lora_rank), dtype=q.dtype, device=q.device)
     if out.numel():
         block_h = min(64, _pow2(h))
         _sparse_mla_kernel[(s, b, triton.cdiv(h, block_h))](
-            q, q_rope, cache, indices, out if kv_lens is None else kv_lens, out, s, t, n, h, *q.stride(),
-            *q_rope.stride(), *cache.stride(), *indices.stride(), *out.stride(), scale,
-            HEAD_C=kv_lora_rank, HEAD_R=width - kv_lora_rank, BLOCK_C=_pow2(kv_lora_rank),
+            q, q_rope, cache, rope, scales, indices, out if kv_lens is None else kv_lens, out, s, t, n, h,
+            *q.stride(), *q_rope.stride(), *cache.stride(), *rope.stride(), *scales.stride(), *indices.stride(),
+            *out.stride(), scale, HEAD_C=kv_lora_rank, HEAD_R=width - kv_lora_rank, BLOCK_C=_pow2(kv_lora_rank),
             BLOCK_R=_pow2(width - kv_lora_rank), BLOCK_H=block_h, BLOCK_K=min(64, _pow2(n)), CAUSAL=causal,
-            HAS_LENS=kv_lens is not None, PRECISION=dot_precision(dtype))
+            HAS_LENS=kv_lens is not None, FP8_GROUP=group if fp8 else 0, PRECISION=dot_precision(dtype))
     return out
+
+
+def _fp8_group(rows, scales, rope, shape, r: int) -> int:
+    """The FP8 latent cache's parts checked (kernel docstring); returns the values per scale."""
+    b, t, c = shape
+    if rows.dtype != torch.float8_e4m3fn or scales is None or scales.dtype != torch.float32 or rope is None:
+        raise InputError(f"sparse_mla: the FP8 cache is float8_e4m3fn rows with float32 cache_scale and cache_rope, "
+                         f"got {rows.dtype}, {None if scales is None else scales.dtype}, "
+                         f"{None if rope is None else rope.dtype}")
+    groups = scales.shape[-1] if scales.dim() == 3 else 0
+    if rows.shape != shape or rope.shape != (b, t, r) or scales.shape != (b, t, groups) or not groups \
+            or c % groups or rows.device != rope.device or scales.device != rope.device:
+        raise ShapeError(f"sparse_mla: FP8 cache rows {tuple(rows.shape)}, scales {tuple(scales.shape)}, rope "
+                         f"{tuple(rope.shape)} must be [B,T,C] = {shape}, [B,T,C/group], [B,T,R] = {(b, t, r)} on "
+                         "one device")
+    return c // groups

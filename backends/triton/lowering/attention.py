@@ -6,6 +6,7 @@ from dsgraph.backends.lowering import Decline
 
 from dsgraph.pattern import ANY, P, Var
 
+from ..decode_graphs import from_appended_cache
 from ..kernels import mla_decode
 from ..kernels.flash_attention import flash_attention
 from ..kernels.mla_decode import mla_absorbed
@@ -32,9 +33,9 @@ def _flash(ctx, node):
 
 
 def cached_lengths(ctx, node) -> tuple:
-    """The step input `cache_lens` where the node's keys come from `cache.append` (a static-capacity decode step
-    must then mask by that length), else nothing."""
-    cached = any(v.node is not None and v.node.op == "cache.append" for v in node.inputs[1:])
+    """The step input `cache_lens` where the node's keys come from `cache.append`, directly or through row-wise
+    ops (a static-capacity decode step must then mask by that length), else nothing."""
+    cached = any(from_appended_cache(v) for v in node.inputs[1:])
     return (ctx.lengths["cache_lens"],) if cached else ()
 
 
