@@ -270,12 +270,24 @@ class Engine:
         self._computed(seqs, 1, out["logits"])
 
     def _computed(self, seqs: list[_Seq], n: int, logits: torch.Tensor) -> None:
-        """`seqs` have n more cache rows: register full blocks, sample where the whole history is in."""
+        """`seqs` have n more cache rows: register full blocks, sample where the whole history is in (plain greedy
+        rows with one argmax and one device sync for them all)."""
+        ready = []
         for k, seq in enumerate(seqs):
             seq.computed += n
             if self.prefix_caching:
                 self.pool.register(seq.table, seq.tokens, seq.computed)
             if seq.pending() == 0:
+                ready.append((k, seq))
+        plain = [(k, s) for k, s in ready if s.req.params.greedy and s.req.params.repetition_penalty == 1.0
+                 and s.top_logprobs is None]
+        if plain:
+            rows = torch.tensor([k for k, _ in plain], device=logits.device)
+            for (_, seq), tok in zip(plain, logits[rows, -1].float().argmax(-1).tolist()):
+                self._push(seq, tok)
+        batched = {id(s) for _, s in plain}
+        for k, seq in ready:
+            if id(seq) not in batched:
                 self._sample(seq, logits[k:k + 1, -1])
 
     def _sample(self, seq: _Seq, logits: torch.Tensor) -> None:
@@ -287,6 +299,9 @@ class Engine:
             top = torch.topk(lp, seq.top_logprobs) if seq.top_logprobs else None
             seq.logprobs.append((float(lp[tok]), {} if top is None else
                                  dict(zip(top.indices.tolist(), top.values.tolist()))))
+        self._push(seq, tok)
+
+    def _push(self, seq: _Seq, tok: int) -> None:
         if not seq.row.tokens:
             seq.row.ttft = time.perf_counter() - seq.t0
         seq.row.push(tok)
