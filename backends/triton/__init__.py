@@ -23,9 +23,8 @@ from pathlib import Path
 from dsgraph.errors import ArtifactError
 
 from ..base import Backend, CompiledGraph, CompileReport, register_backend
-from . import artifact
+from . import artifact, paged_decode
 from . import decode_graphs as dg
-from . import paged_decode
 from .runtime import prepare, unavailable_reason
 
 

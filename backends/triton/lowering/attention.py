@@ -3,8 +3,8 @@ template (attention.mla_absorbed). Both kernels live in kernels/flash_attention.
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
-from dsgraph.errors import BackendUnavailable
 
+from dsgraph.errors import BackendUnavailable
 from dsgraph.pattern import ANY, P, Var
 
 from ..kernels import mla_decode
