@@ -50,7 +50,8 @@ def test_concurrent_requests_equal_running_alone(eager):
     assert eng.preemptions == 0 and eng.calls["paged_decode"] == 0
 
 
-@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "r1-distill-qwen-tiny"])   # MLA latent, GQA k/v
+# MLA latent, GQA k/v, V3.2's latent + indexer key caches (sparse MLA over the indexer's top-k)
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "r1-distill-qwen-tiny", "deepseek-v3.2-tiny"])
 def test_paged_decode_equals_running_alone_under_preemption(preset):
     """Triton: every decode token of a step in one block-table call (up to three requests of different lengths,
     three padded to bucket 4), chunked prefill beside it, and 6 blocks for 9 blocks' worth of requests
@@ -63,14 +64,6 @@ def test_paged_decode_equals_running_alone_under_preemption(preset):
     assert eng.preemptions > 0 and eng.calls["paged_decode"] > 0
     assert eng.paged.stats["padded_rows"] > 0 and eng.paged.stats["graph_replays"] == 0
     assert all(exe.compiled._run.consts[k] is t for k, t in eng.paged.program.consts.items())   # weights shared
-
-
-def test_graphs_the_paged_program_does_not_cover_gather_contiguous_caches():
-    exe = _exe("triton", "deepseek-v3.2-tiny")          # the indexer's key cache has no block-table kernel yet
-    eng = Engine(exe, max_num_seqs=2, block_size=4)
-    assert exe.compiled.paged_decode is None and eng.paged is None
-    assert eng.decode_path.startswith("contiguous") and "triton backend has no paged decode" in eng.decode_path
-    assert any("no paged decode program" in n and "indexer.logits" in n for n in exe.compiled.report.notes)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
-"""The triton MLA decode, GQA attention and DSA (indexer, sparse MLA) kernels' block-table path (a paged cache) against their contiguous
-path on random ragged batches, in fp32 on the interpreter (tests/conftest.py), and its argument checks."""
+"""The triton MLA decode, GQA attention and DSA (indexer, sparse MLA) kernels' block-table path (a paged cache)
+against their contiguous path on random ragged batches, in fp32 on the interpreter (tests/conftest.py), and its
+argument checks."""
 import os
 
 import pytest

@@ -73,7 +73,8 @@ class TritonBackend(Backend):
             from .compiler import lower_graph  # imports triton: only after `prepare`
             sub = CompileReport("triton", device, report.dtype)
             paged = lower_graph(graph, weights, device, sub, {**options, "paged": True}, consts=program.consts)
-            cache_ops = sorted({k.kernel for k in sub.kernels if k.op == "cache.append" or "attention" in k.op})
+            cache_ops = sorted({k.kernel for k in sub.kernels if k.op == "cache.append" or "attention" in k.op
+                                or k.op.startswith("indexer.logits")})
             report.notes.append(f"paged decode program lowered: {'; '.join(cache_ops)}")
             return paged
         return paged_decode.PagedDecode(build, capture, report)

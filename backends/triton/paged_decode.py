@@ -8,7 +8,9 @@ with the pools as its cache inputs instead:
 - `cache.append` writes each row's new entry at its flat pool slot (`cache_slots` [B, S]: block * page + offset)
   and hands the pool on;
 - the attention ops read the pool through `block_table` [B, max_blocks] with each row's valid length
-  `cache_lens` [B] (the triton MLA decode and flash kernels' block-table path).
+  `cache_lens` [B] (the triton MLA decode and flash kernels' block-table path); for V3.2 the indexer scores the
+  paged key cache the same way (its scores then span the table's max_blocks * page rows) and sparse MLA reads the
+  selected latent rows through the table.
 So requests of different lengths share one call, and nothing is copied but the new rows.
 
 Under CUDA graphs (`capture`), a step pads its batch up to the next bucket (BUCKETS): padding rows have length 0
@@ -32,7 +34,8 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)   # batch sizes a captured step pad
 MIN_TABLE_WIDTH = 16                            # block-table width of the first buffers; doubles when outgrown
 
 # the ops that read a pool through a block table, and the inputs that must then be appended caches
-PAGED_OPS = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attention.mla": (1, 2)}
+PAGED_OPS = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attention.mla": (1, 2),
+             "indexer.logits": (1,), "attention.mla_sparse_absorbed": (1,)}
 
 
 def unsupported_reason(graph) -> str | None:
@@ -79,8 +82,16 @@ class PagedValues:
                        "cache_lens": cache_lens}
 
     def value(self, v: Value) -> Value:
-        """The pool standing for cache value `v` (a cache input or an appended cache), else `v` itself."""
+        """The pool standing for cache value `v` (a cache input or an appended cache), the paged form of a value
+        made from one (`keyed`), else `v` itself."""
         return self._alias.get(id(v), v)
+
+    def keyed(self, out: Value) -> Value:
+        """The paged form of `out` [..., T + S] (the indexer's scores, one per key): its last dim is the block
+        table's width in rows (`paged_keys`), since the pools bind no cache length T."""
+        t = out.type
+        v = self._alias[id(out)] = Value(f"{out.name}.paged", TensorType((*t.shape[:-1], "paged_keys"), t.dtype))
+        return v
 
     def program_graph(self) -> Graph:
         """The graph as the paged program sees it: pools in place of the cache inputs, no cache outputs (the pools

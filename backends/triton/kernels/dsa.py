@@ -173,7 +173,8 @@ def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scal
     if paged:
         check_block_table("sparse_mla", block_table, (cache,), kv_lens, b)
         t = block_table.shape[1] * cache.shape[1]
-    if (cache.shape[2] != width if paged else cache.shape != (b, t, width)) or indices.shape[:2] != (b, s) or q_rope.shape[:3] != (b, s, h) \
+    bad_cache = cache.shape[2] != width if paged else cache.shape != (b, t, width)
+    if bad_cache or indices.shape[:2] != (b, s) or q_rope.shape[:3] != (b, s, h) \
             or q.shape[-1] not in (kv_lora_rank, width) or not 0 < kv_lora_rank < width:
         raise ShapeError(f"sparse_mla: q {tuple(q.shape)}, cache {tuple(cache.shape)}, indices "
                          f"{tuple(indices.shape)} must be [B,S,H,C+R], [B,T,C+R], [B,S,K] with 0 < C={kv_lora_rank} "

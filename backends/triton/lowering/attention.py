@@ -23,7 +23,7 @@ def _kernel(ctx, fn, dtype: str):
 def _flash(ctx, node):
     fn = _kernel(ctx, flash_attention, node.inputs[0].dtype)
     if isinstance(fn, Decline):
-        return _paged_needs(ctx, fn)
+        return paged_needs(ctx, fn)
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     lens = cached_lengths(ctx, node)
     paged = ctx.paged is not None
@@ -47,7 +47,7 @@ def cached_lengths(ctx, node) -> tuple:
     return (ctx.lengths["cache_lens"],)
 
 
-def _paged_needs(ctx, decline: Decline) -> Decline:
+def paged_needs(ctx, decline: Decline) -> Decline:
     """A decline, except in the paged program, where the torch reference cannot read a pool: say why it fails."""
     if ctx.paged is not None:
         raise BackendUnavailable(f"the paged decode program needs the triton attention kernels: {decline.reason}")
@@ -59,7 +59,7 @@ def _mla_step(attn, ctx, split_q: bool):
     (q latent, q rope, cache[, cache_lens]): the two inputs of the concat that makes q."""
     fn = _kernel(ctx, mla_absorbed, attn.inputs[0].dtype)
     if isinstance(fn, Decline):
-        return _paged_needs(ctx, fn)
+        return paged_needs(ctx, fn)
     scale, causal, rank = attn.attrs["scale"], attn.attrs["causal"], attn.attrs["kv_lora_rank"]
     q = tuple(attn.inputs[0].node.inputs) if split_q else (attn.inputs[0],)
     lens = cached_lengths(ctx, attn)

@@ -13,7 +13,7 @@ from dsgraph.pattern import ANY, P, Var
 
 from ..codegen import rowwise
 from ..kernels.dsa import indexer_logits, sparse_mla
-from .attention import cached_lengths
+from .attention import cached_lengths, paged_needs
 from .registry import TABLE, Lowered
 
 _FLOATS = ("float32", "float16", "bfloat16")
@@ -40,11 +40,16 @@ def _layer_norm(ctx, node):
 def _indexer_logits(ctx, node):
     refused = _interpreter_bf16(ctx, *node.inputs[:2])
     if refused:
-        return refused
+        return paged_needs(ctx, refused)
     if node.attrs["fp8"]:
-        return Decline("fp8=True (DeepSeek's Hadamard + e4m3 indexer numerics) has no kernel yet; its reference runs")
+        return paged_needs(ctx, Decline("fp8=True (DeepSeek's Hadamard + e4m3 indexer numerics) has no kernel yet; "
+                                         "its reference runs"))
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     lens = cached_lengths(ctx, node)   # a static-capacity decode step's lengths, when k is an appended cache
+    if ctx.paged is not None:         # the paged program: k is the key pool, read through the block table
+        return Lowered("template", "dsa._indexer_logits_kernel (block table)", note=NO_ROTATION,
+                       inputs=(*map(ctx.paged.value, node.inputs), *lens), outputs=(ctx.paged.keyed(node.outputs[0]),),
+                       fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3], block_table=a[4])])
     return Lowered("template", "dsa._indexer_logits_kernel", note=NO_ROTATION, inputs=(*node.inputs, *lens),
                    fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3] if lens else None)])
 
@@ -52,7 +57,8 @@ def _indexer_logits(ctx, node):
 @TABLE.register("indexer.topk")
 def _topk(ctx, node):
     k = node.attrs["k"]
-    return Lowered("library", "torch.sort (stable, on the device; the op's reference code)",
+    inputs = node.inputs if ctx.paged is None else tuple(map(ctx.paged.value, node.inputs))
+    return Lowered("library", "torch.sort (stable, on the device; the op's reference code)", inputs=inputs,
                    fn=lambda a, sym: [topk_ref(a[0], k)])
 
 
@@ -61,17 +67,19 @@ def _sparse_step(ctx, attn, split_q: bool):
     q rope, cache, indices[, cache_lens]): the two inputs of the concat that makes q."""
     refused = _interpreter_bf16(ctx, *attn.inputs[:2])
     if refused:
-        return refused
+        return paged_needs(ctx, refused)
     scale, causal, rank = attn.attrs["scale"], attn.attrs["causal"], attn.attrs["kv_lora_rank"]
     q = tuple(attn.inputs[0].node.inputs) if split_q else (attn.inputs[0],)
     lens = cached_lengths(ctx, attn)
+    paged = ctx.paged is not None
 
-    def run(a, sym):
+    def run(a, sym):  # rest: cache, indices[, lengths[, the paged program's block table]]
         q_rope, rest = (a[1], a[2:]) if split_q else (None, a[1:])
         return [sparse_mla(a[0], rest[0], rest[1], scale, rank, causal, kv_lens=rest[2] if lens else None,
-                           q_rope=q_rope)]
-    return Lowered("template", "dsa._sparse_mla_kernel (gathers the selected latent rows)",
-                   inputs=(*q, *attn.inputs[1:], *lens), fn=run)
+                           q_rope=q_rope, block_table=rest[3] if paged else None)]
+    rest = tuple(map(ctx.paged.value, attn.inputs[1:])) if paged else attn.inputs[1:]
+    return Lowered("template", "dsa._sparse_mla_kernel (gathers the selected latent rows"
+                   + (" through the block table)" if paged else ")"), inputs=(*q, *rest, *lens), fn=run)
 
 
 @TABLE.register("attention.mla_sparse_absorbed")
