@@ -121,7 +121,9 @@ class Engine:
         the k most likely tokens'."""
         exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         rows = generation._text_rows(exe, prompt)[0] if text else [list(prompt)]
-        ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids")[0].tolist()
+        # checked on the host: a request arriving from another thread must not touch the device (the engine's
+        # thread may be capturing a CUDA graph)
+        ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids", device="cpu")[0].tolist()
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, (exe.max_positions or 1 << 30) - len(ids)))
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
