@@ -105,6 +105,9 @@ class CompiledGraph:
         # optional faster path for one-token decode steps: (inputs, cached length) -> outputs, or None when the
         # plain `run` must take this step (the triton backend's CUDA graphs set it)
         self.decode_step: Callable[[Mapping[str, torch.Tensor], int], dict | None] | None = None
+        # optional one-token steps of a whole serving batch over a paged cache (block pools, block tables, per-row
+        # lengths; the triton backend's backends/triton/paged_decode.py); None: the engine gathers contiguous caches
+        self.paged_decode = None
 
     def run(self, inputs: Mapping[str, torch.Tensor], record: bool = False):
         if not record:

@@ -11,6 +11,8 @@
 #   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=, ARGS=) where a triton decode step's time goes, per node
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
+#   bash benchmarks/run_gpu.sh serve    # (PROMPTS=, LIMIT=) the OpenAI-client serving benchmark, full-size V2-Lite;
+#                                       # carry .whl (made here by `bash benchmarks/serve_wheels.sh`)
 # The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
 # the JSON records the commit.
 set -uo pipefail
@@ -78,5 +80,12 @@ tvm)
     step tvm 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op "${OPS:-mla_decode,moe,decode}" \
         --backends "${BACKENDS:-eager,triton,tvm}" --batch 1,64 --context 4096 --repeats 10 --prebuilt .tvmprebuilt \
         --json "$OUT/v2-lite-tvm-h100.json" --plot "$OUT/v2-lite-tvm-h100.png" ;;
-*) echo "usage: $0 check|attn|mtp|gemv|gluon|profile|v2lite|v2liteops|v3ops|tvm" >&2; exit 2 ;;
+serve)
+    # the GPU image has no fastapi / uvicorn / openai: install the carried wheels after the dsgraph site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/serve-site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/serve-site"
+    step serve "${LIMIT:-470}" python benchmarks/serve.py deepseek-v2-lite --device cuda --backend triton \
+        --dtype bfloat16 --concurrency 1,16,64 --prompts "${PROMPTS:-8,64,128}" --input-len 1024 --output-len 256 ;;
+*) echo "usage: $0 check|attn|mtp|gemv|gluon|profile|v2lite|v2liteops|v3ops|tvm|serve" >&2; exit 2 ;;
 esac

@@ -1,11 +1,13 @@
 """Serving throughput and latency: the OpenAI client against `dsgraph serve` at several concurrencies.
 
-Starts the server in this process (or drives one at --url), sends --prompts requests of --input-len random token
-ids each asking for exactly --output-len tokens (ignore_eos), streamed, at each concurrency, and reports request
-throughput, output tokens/s, and TTFT / TPOT percentiles. Writes $OUT/serve.json when OUT is set.
+Starts the server in this process (or drives one at --url), sends --prompts requests (one count, or one per
+concurrency) of --input-len random token ids each asking for exactly --output-len tokens (ignore_eos), streamed,
+at each concurrency, and reports request throughput, output tokens/s, and TTFT / TPOT percentiles. Before each
+level, `concurrency` short requests warm the server up (kernel compiles, autotuning, CUDA-graph captures of the
+batch buckets), untimed. Writes $OUT/serve.json when OUT is set.
 
     python benchmarks/serve.py deepseek-v2-lite --device cuda --backend triton --dtype bfloat16 \\
-        --concurrency 1,16,64 --prompts 256 --input-len 1024 --output-len 256
+        --concurrency 1,16,64 --prompts 4,64,128 --input-len 1024 --output-len 256
     python benchmarks/serve.py deepseek-v2-lite-tiny --concurrency 1,4 --prompts 8 --input-len 16 --output-len 4
 """
 from __future__ import annotations
@@ -27,8 +29,8 @@ import dsgraph
 from dsgraph.serve.http import create_app
 
 
-def start_server(args) -> str:
-    """create_app on uvicorn in a daemon thread on a free port; the server's URL."""
+def start_server(args):
+    """create_app on uvicorn in a daemon thread on a free port; the server's URL and its engine."""
     exe = dsgraph.compile(dsgraph.load(args.model, dtype=args.dtype), backend=args.backend, device=args.device,
                           dtype=args.dtype)
     engine = dsgraph.Engine(exe, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
@@ -40,7 +42,7 @@ def start_server(args) -> str:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", engine
 
 
 async def one(client, model, prompt, out_len, gate):
@@ -89,25 +91,39 @@ def main():
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--concurrency", default="1,16,64")
-    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--prompts", default="64", help="requests per level: one count, or one per concurrency")
+    p.add_argument("--warmup-len", type=int, default=4, help="output tokens of each warm-up request (0: none)")
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
     args = p.parse_args()
-    url = args.url or start_server(args)
+    url, engine = (args.url, None) if args.url else start_server(args)
+    if engine is not None:
+        print(f"decode path: {engine.decode_path}", flush=True)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    counts = [int(x) for x in args.prompts.split(",")]
+    counts = counts * len(levels) if len(counts) == 1 else counts
+    if len(counts) != len(levels):
+        raise SystemExit(f"--prompts has {len(counts)} counts for {len(levels)} concurrency levels")
     rng = random.Random(0)
     rows = []
-    for c in (int(x) for x in args.concurrency.split(",")):
-        prompts = [[rng.randrange(3, 200) for _ in range(args.input_len)] for _ in range(args.prompts)]
+    for c, n in zip(levels, counts):
+        warm, prompts = [[[rng.randrange(3, 200) for _ in range(args.input_len)] for _ in range(k)] for k in (c, n)]
+        if args.warmup_len:   # prompts of their own: the measured ones must not hit the prefix cache
+            asyncio.run(run_level(url, argparse.Namespace(**{**vars(args), "output_len": args.warmup_len}), c, warm))
         rows.append(asyncio.run(run_level(url, args, c, prompts)))
         r = rows[-1]
         print(f"concurrency {c:>3}: {r['req_per_s']:.2f} req/s, {r['output_tok_per_s']:.1f} output tok/s, "
               f"TTFT p50 {r['ttft_p50_ms']:.1f} ms p99 {r['ttft_p99_ms']:.1f} ms, "
-              f"TPOT p50 {r['tpot_p50_ms']:.2f} ms p99 {r['tpot_p99_ms']:.2f} ms", flush=True)
-        assert r["output_tokens"] == args.prompts * args.output_len, "a request was lost or cut short"
+              f"TPOT p50 {r['tpot_p50_ms']:.2f} ms p99 {r['tpot_p99_ms']:.2f} ms ({n} requests)", flush=True)
+        assert r["output_tokens"] == n * args.output_len, "a request was lost or cut short"
+    stats = {} if engine is None else {"decode_path": engine.decode_path, "calls": engine.calls,
+                                       "paged_decode": dict(engine.paged.stats) if engine.paged else None}
+    if stats:
+        print(f"engine: {stats}", flush=True)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "serve.json"), "w") as f:
-            json.dump({"model": args.model, "backend": args.backend, "device": args.device, "results": rows}, f,
-                      indent=1)
+            json.dump({"model": args.model, "backend": args.backend, "device": args.device, "input_len": args.input_len,
+                       "output_len": args.output_len, "engine": stats, "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The continuous-batching engine: concurrent ragged requests (chunked prefill mixed with decode) each equal
-their own `generate` (greedy) on eager and triton; preemption by recompute, prefix-cache hits and abort change
-no output and leak no blocks."""
+their own `generate` (greedy) on eager (contiguous caches gathered per length group) and on triton (one paged
+decode call per step through block tables, padded to a batch bucket; CUDA graphs on a GPU); preemption by
+recompute, prefix-cache hits and abort change no output and leak no blocks."""
 from __future__ import annotations
 
 import hf_fixtures as fx
@@ -15,8 +16,8 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(fx.one_thread)
 LENS, MAXES = (3, 17, 9, 40, 5, 33), (5, 8, 3, 6, 7, 4)
 
 
-def _exe(backend):
-    return dsgraph.compile(dsgraph.load("deepseek-v2-lite-tiny"), backend=backend, device="cpu", dtype=torch.float32)
+def _exe(backend, preset="deepseek-v2-lite-tiny", device="cpu", **options):
+    return dsgraph.compile(dsgraph.load(preset), backend=backend, device=device, dtype=torch.float32, **options)
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +43,44 @@ def _run(eng, prompts, maxes=MAXES):
     return [final[r].token_ids for r in rids]
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_concurrent_requests_equal_running_alone(backend, eager):
-    exe = eager if backend == "eager" else _exe(backend)
-    # the interpreter is slow: triton gets three requests (one prefilled in two chunks), eager all six
-    prompts, maxes = (_prompts(), MAXES) if backend == "eager" else (_prompts()[:3], (3, 4, 2))
-    eng = Engine(exe, max_num_seqs=2, max_num_batched_tokens=12, block_size=4)
-    assert _run(eng, prompts, maxes) == _alone(eng.exe, prompts, maxes)
-    assert eng.preemptions == 0
+def test_concurrent_requests_equal_running_alone(eager):
+    eng = Engine(eager, max_num_seqs=2, max_num_batched_tokens=12, block_size=4)
+    assert eng.decode_path.startswith("contiguous") and "eager backend" in eng.decode_path
+    assert _run(eng, _prompts()) == _alone(eager, _prompts())
+    assert eng.preemptions == 0 and eng.calls["paged_decode"] == 0
+
+
+# MLA latent, GQA k/v, V3.2's latent + indexer key caches (sparse MLA over the indexer's top-k)
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "r1-distill-qwen-tiny", "deepseek-v3.2-tiny"])
+def test_paged_decode_equals_running_alone_under_preemption(preset):
+    """Triton: every decode token of a step in one block-table call (up to three requests of different lengths,
+    three padded to bucket 4), chunked prefill beside it, and 6 blocks for 9 blocks' worth of requests
+    (preemption)."""
+    exe = _exe("triton", preset)
+    prompts, maxes = [_prompts()[i] for i in (4, 2, 0)], (4, 5, 4)   # the interpreter is slow: 5, 9, 3 tokens
+    eng = Engine(exe, max_num_seqs=3, max_num_batched_tokens=12, block_size=4, num_blocks=6)
+    assert eng.decode_path.startswith("paged") and "capture disabled" in eng.decode_path
+    assert _run(eng, prompts, maxes) == _alone(exe, prompts, maxes)
+    assert eng.preemptions > 0 and eng.calls["paged_decode"] > 0
+    assert eng.paged.stats["padded_rows"] > 0 and eng.paged.stats["graph_replays"] == 0
+    assert all(exe.compiled._run.consts[k] is t for k, t in eng.paged.program.consts.items())   # weights shared
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_paged_decode_replays_cuda_graphs_with_the_same_outputs():
+    """On a GPU the paged decode steps replay one CUDA graph per batch bucket; tokens equal the uncaptured run's
+    (decode_graphs=False) and each request's own `generate`."""
+    prompts, maxes = _prompts(), MAXES
+    runs = {}
+    for graphs in (True, False):
+        exe = _exe("triton", device="cuda", decode_graphs=graphs)
+        eng = Engine(exe, max_num_seqs=4, max_num_batched_tokens=24, block_size=4)
+        runs[graphs] = (_run(eng, prompts, maxes), dict(eng.paged.stats))
+    (graphed, stats), (plain, plain_stats) = runs[True], runs[False]
+    assert graphed == plain == _alone(exe, prompts, maxes)
+    assert stats["graph_replays"] == stats["steps"] > 0 and 0 < stats["captures"] <= 3   # buckets 1, 2, 4
+    assert plain_stats["graph_replays"] == 0
 
 
 def test_preemption_by_recompute_keeps_outputs(eager):

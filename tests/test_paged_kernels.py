@@ -1,5 +1,6 @@
-"""The triton MLA decode and GQA attention kernels' block-table path (a paged cache) against their contiguous
-path on random ragged batches, in fp32 on the interpreter (tests/conftest.py), and its argument checks."""
+"""The triton MLA decode, GQA attention and DSA (indexer, sparse MLA) kernels' block-table path (a paged cache)
+against their contiguous path on random ragged batches, in fp32 on the interpreter (tests/conftest.py), and its
+argument checks."""
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the first triton import, also when run without conftest
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from dsgraph.backends.triton.kernels.dsa import indexer_logits, sparse_mla  # noqa: E402
 from dsgraph.backends.triton.kernels.flash_attention import FlashConfig, flash_attention  # noqa: E402
 from dsgraph.backends.triton.kernels.mla_decode import MLAConfig, mla_absorbed  # noqa: E402
 
@@ -62,3 +64,26 @@ def test_gqa_block_table_path_equals_contiguous_path(s):
     assert ((got - want).norm() / want.norm()) < 1e-5
     with pytest.raises(InputError, match="lengths"):
         flash_attention(q, k, v, 0.25, block_table=table)
+
+
+def test_dsa_block_table_paths_equal_contiguous_paths():
+    """V3.2: the indexer's scores over a paged key cache and sparse MLA over a paged latent cache (selected rows,
+    -1 slots and rows past a length included) equal the contiguous kernels' on the valid keys."""
+    c, r, h, d, page, s = 32, 8, 4, 16, 4, 2
+    lens_list = [9, 3, 14]
+    (kpool,), table, (kc,), lens = _paged_case(lens_list, page, (d,), seed=3)
+    g = torch.Generator().manual_seed(4)
+    lat = torch.randn(kpool.shape[0], page, c + r, generator=g).to(DEV)
+    latc = lat[table.long()].flatten(1, 2)
+    q = torch.randn(3, s, h, d, generator=g).to(DEV)
+    w = torch.randn(3, s, h, generator=g).to(DEV)
+    want = indexer_logits(q, kc, w, 0.3, kv_lens=lens)
+    got = indexer_logits(q, kpool, w, 0.3, kv_lens=lens, block_table=table)
+    valid = torch.isfinite(want)
+    assert torch.equal(valid, torch.isfinite(got)) and valid.any(dim=-1).all()
+    assert torch.allclose(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    idx = torch.randint(-1, 14, (3, s, 5), generator=g).to(DEV)
+    qs = torch.randn(3, s, h, c + r, generator=g).to(DEV)
+    want = sparse_mla(qs, latc, idx, 0.2, c, kv_lens=lens)
+    got = sparse_mla(qs, lat, idx, 0.2, c, kv_lens=lens, block_table=table)
+    assert want.abs().sum() > 0 and ((got - want).norm() / want.norm()) < 1e-5

@@ -11,7 +11,8 @@ Importing this package does not import triton: on the CPU the backend switches T
   emit_dir       write every generated kernel's source there
   fp8_act_quant  force FP8 activation quantisation on/off (default: on for GPUs with fp8 tensor cores)
   decode_graphs  replay one-token decode steps from CUDA graphs (default: on for CUDA where the graph allows,
-                 decode_graphs.py); the report says which
+                 decode_graphs.py; also the paged decode steps of a serving engine, paged_decode.py, per batch
+                 bucket); the report says which
   gemv           dense projections of <= 4 rows through the `gemv` template instead of cuBLAS (default: on
                  for CUDA, off on the interpreter; benchmarks/gemv_gpu.py compares the two)
 """
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from dsgraph.errors import ArtifactError
 
-from ..base import Backend, CompiledGraph, register_backend
-from . import artifact
+from ..base import Backend, CompiledGraph, CompileReport, register_backend
+from . import artifact, paged_decode
 from . import decode_graphs as dg
 from .runtime import prepare, unavailable_reason
 
@@ -54,7 +55,29 @@ class TritonBackend(Backend):
         compiled = CompiledGraph(graph, program, report, records=True)
         compiled.sources = program.sources
         compiled.decode_step = self._decode_graphs(graph, program, device, report, decode_graphs)
+        compiled.paged_decode = self._paged_decode(graph, weights, device, report, program,
+                                                   {**options, "emit_dir": None}, decode_graphs)
         return compiled
+
+    @staticmethod
+    def _paged_decode(graph, weights, device, report, program, options, wanted_graphs):
+        """The paged decode runner a serving engine uses (lowered on first use, sharing the program's weights)
+        where the graph allows, else None; the report says which."""
+        why = paged_decode.unsupported_reason(graph)
+        if why:
+            report.notes.append(f"no paged decode program (a serving engine gathers contiguous caches): {why}")
+            return None
+        capture = str(device).startswith("cuda") and wanted_graphs is not False
+
+        def build():
+            from .compiler import lower_graph  # imports triton: only after `prepare`
+            sub = CompileReport("triton", device, report.dtype)
+            paged = lower_graph(graph, weights, device, sub, {**options, "paged": True}, consts=program.consts)
+            cache_ops = sorted({k.kernel for k in sub.kernels if k.op == "cache.append" or "attention" in k.op
+                                or k.op.startswith("indexer.logits")})
+            report.notes.append(f"paged decode program lowered: {'; '.join(cache_ops)}")
+            return paged
+        return paged_decode.PagedDecode(build, capture, report)
 
     @staticmethod
     def _decode_graphs(graph, program, device, report, wanted):

@@ -22,7 +22,7 @@ from dsgraph.pattern import Match, P, Roots, match_region
 from dsgraph.progress import MIN_NODES, track
 
 from ..base import KernelChoice
-from . import decode_graphs
+from . import decode_graphs, paged_decode
 from . import lowering as _lowerings  # noqa: F401  (registers every lowering module)
 from .codegen.source import KernelSource, emit, load_kernel
 from .lowering.registry import TABLE, Lowered
@@ -44,6 +44,8 @@ class LowerCtx:
         self.sources: dict[str, KernelSource] = {}
         self.notes: list[str] = []
         self.lengths = decode_graphs.length_inputs()  # the static-capacity decode step's optional inputs
+        # options["paged"]: lower the paged decode program (pools, block tables; backends/triton/paged_decode.py)
+        self.paged = paged_decode.PagedValues(graph, self.lengths["cache_lens"]) if options.get("paged") else None
         self._const_cache: dict[int, torch.Tensor] = {}
         self.const_nodes = self._find_const_nodes()
 
@@ -143,7 +145,10 @@ def lower_node(ctx: LowerCtx, node: Node) -> Lowered:
                    fn=reference_fn(node))
 
 
-def lower_graph(graph: Graph, weights, device: str, report, options: dict) -> Program:
+def lower_graph(graph: Graph, weights, device: str, report, options: dict,
+                consts: dict[int, torch.Tensor] | None = None) -> Program:
+    """The lowered program of `graph`; `consts` are bound values another program of the same graph already holds
+    (the paged decode program shares the main program's weights)."""
     dev = torch.device(device)
     ctx = LowerCtx(graph, weights, dev, options)
     placed: list[tuple[int, Step]] = []
@@ -167,17 +172,21 @@ def lower_graph(graph: Graph, weights, device: str, report, options: dict) -> Pr
     steps = [s for _, s in placed]
     for src in ctx.sources.values():
         load_kernel(src)
-    consts = _bind_consts(graph, steps, ctx, report)
+    consts = _bind_consts(graph, steps, ctx, report, consts or {})
     if options.get("emit_dir"):
         paths = emit(list(ctx.sources.values()), options["emit_dir"])
         report.notes.append(f"wrote {len(paths)} generated kernel sources to {options['emit_dir']}")
     report.notes.extend(ctx.notes)
-    program = Program(graph, steps, consts, dev, optional_inputs=ctx.lengths)
+    if ctx.paged is not None:
+        program = Program(ctx.paged.program_graph(), steps, consts, dev, optional_inputs=ctx.paged.inputs)
+    else:
+        program = Program(graph, steps, consts, dev, optional_inputs=ctx.lengths)
     program.sources = list(ctx.sources.values())
     return program
 
 
-def _bind_consts(graph: Graph, steps: list[Step], ctx: LowerCtx, report) -> dict[int, torch.Tensor]:
+def _bind_consts(graph: Graph, steps: list[Step], ctx: LowerCtx, report,
+                 bound: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Materialise every weight or folded value a step (or a graph output) reads; report the folded nodes."""
     needed: dict[int, Value] = {}
     for s in steps:
@@ -200,6 +209,6 @@ def _bind_consts(graph: Graph, steps: list[Step], ctx: LowerCtx, report) -> dict
     for n in sorted(folded.values(), key=lambda n: ctx.index[id(n)]):
         report.kernels.append(KernelChoice(tuple(v.name for v in n.outputs), n.op, "reference",
                                            "folded at compile time (torch reference, weights only)"))
-    consts = {k: ctx.const(v) for k, v in needed.items()}
+    consts = {k: bound[k] if k in bound else ctx.const(v) for k, v in needed.items()}
     ctx._const_cache.clear()
     return consts

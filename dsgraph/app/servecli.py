@@ -70,6 +70,7 @@ def cmd_serve(args) -> int:
                      shutdown_timeout=args.shutdown_timeout)
     log.info(f"serving {name} ({engine.exe.compiled.report.backend} on {engine.exe.device}) at "
              f"http://{args.host}:{args.port}/v1")
+    log.info(f"decode: {engine.decode_path}")
     _server(uvicorn)(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                     timeout_graceful_shutdown=30)).run()
     return 0

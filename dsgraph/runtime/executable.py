@@ -47,7 +47,8 @@ class Executable:
         self._samplers: dict[tuple, StepSampler] = {}
 
     # input checking --------------------------------------------------------------
-    def _ids(self, ids, what: str = "input_ids") -> torch.Tensor:
+    def _ids(self, ids, what: str = "input_ids", device=None) -> torch.Tensor:
+        """ids checked (an integer [B, S] of the vocabulary) on `device` (default: the executable's)."""
         if isinstance(ids, (list, tuple)):
             ids = ids_tensor(ids, what)
         if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
@@ -65,7 +66,7 @@ class Executable:
                 tok = int(ids[bad][0])
                 raise InputError(f"{what} holds token id {tok}, outside the vocabulary [0, {self.vocab_size}); "
                                  "check the tokenizer matches the model")
-        return ids.to(self.device, torch.int64)
+        return ids.to(device or self.device, torch.int64)
 
     def _check_length(self, total: int) -> None:
         if self.max_positions is not None and total > self.max_positions:

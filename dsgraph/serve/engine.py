@@ -7,9 +7,12 @@ seats (`max_num_seqs`), budget and free blocks, and lets finished requests leave
 are freed, it waits again, and on resume its prompt and the tokens it had made are prefilled again (nothing is
 re-sampled, so its output is unchanged). Prompts starting with cached full blocks skip their prefill.
 
-The graphs take one cache length per batch, so a step runs one graph call per (cache length, chunk length)
-group, each over the group's caches gathered from the pool: correct on every backend (the triton kernels'
-block-table path, backends/triton/kernels, is not wired into the graphs yet). Sampling and stop rules are the
+Where the backend has a paged decode program (`exe.compiled.paged_decode`: triton, backends/triton/paged_decode.py)
+every one-token row of a step runs in one call over the pools, the attention reading each request's blocks
+through its block table and `cache.append` writing each new row into its block (under CUDA graphs per batch
+bucket on a GPU). Everything else (prefill chunks; every step on eager and tvm, whose graphs take one cache
+length per batch) runs one graph call per (cache length, chunk length) group, over the group's caches gathered
+from the pool: correct on every backend, slower. `decode_path` says which runs. Sampling and stop rules are the
 text runtime's, per request.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsgraph.errors import InputError, TokenizerError
+from dsgraph.errors import DSGraphError, InputError, TokenizerError
 from dsgraph.runtime import generation
 from dsgraph.runtime.sampling import generators, next_tokens, seen_mask
 from dsgraph.runtime.state import KVState
@@ -75,7 +78,7 @@ class Engine:
     """A continuous-batching engine over an Executable (any backend)."""
 
     def __init__(self, exe, max_num_seqs: int = 16, max_num_batched_tokens: int = 512, block_size: int = 16,
-                 num_blocks: int | None = None, prefix_caching: bool = True):
+                 num_blocks: int | None = None, prefix_caching: bool = True, paged_decode: bool = True):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InputError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_num_batched_tokens}")
@@ -87,8 +90,25 @@ class Engine:
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
         self.preemptions = 0
+        self.calls = {"paged_decode": 0, "contiguous": 0}     # graph calls by path
         self._ids = itertools.count()
         self._lock = threading.RLock()
+        self.paged, self.decode_path = self._paged_runner(paged_decode)
+
+    def _paged_runner(self, wanted: bool):
+        """The backend's paged decode runner, prepared, and the line saying which decode path runs (and why)."""
+        contiguous = "contiguous: one call per (cache length, chunk) group over caches gathered from the pool"
+        runner = getattr(self.exe.compiled, "paged_decode", None)
+        if not wanted:
+            return None, f"{contiguous} (paged_decode=False)"
+        if runner is None:
+            return None, f"{contiguous} (the {self.exe.compiled.report.backend} backend has no paged decode " \
+                         "program for this model; see its compile report)"
+        try:
+            runner.prepare()
+        except DSGraphError as e:
+            return None, f"{contiguous} (the paged decode program could not be built: {e})"
+        return runner, runner.describe()
 
     # requests -------------------------------------------------------------------------------
     def add_request(self, prompt, max_tokens: int | None = 16, *, request_id: str | None = None, sample: int = 0,
@@ -101,7 +121,9 @@ class Engine:
         the k most likely tokens'."""
         exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         rows = generation._text_rows(exe, prompt)[0] if text else [list(prompt)]
-        ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids")[0].tolist()
+        # checked on the host: a request arriving from another thread must not touch the device (the engine's
+        # thread may be capturing a CUDA graph)
+        ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids", device="cpu")[0].tolist()
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, (exe.max_positions or 1 << 30) - len(ids)))
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -211,9 +233,13 @@ class Engine:
         """Schedule, run every (cache length, chunk) group as one graph call, sample, report what changed."""
         with self._lock:
             plan = self._schedule()
+            singles = [s for s, n in plan if n == 1] if self.paged is not None else []
             groups: dict[tuple[int, int], list[_Seq]] = {}
             for seq, n in plan:
-                groups.setdefault((seq.computed, n), []).append(seq)
+                if not (n == 1 and self.paged is not None):
+                    groups.setdefault((seq.computed, n), []).append(seq)
+            if singles:
+                self._run_paged(singles)
             for (start, n), seqs in groups.items():
                 self._run_group(seqs, start, n)
             return [o for o in (self._report(s) for s, _ in plan) if o is not None]
@@ -223,12 +249,48 @@ class Engine:
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
         out, state = exe.step(ids, KVState(self.pool.gather(tables, start), start, len(seqs)))
         self.pool.write(tables, state.caches, start, start + n)
+        self.calls["contiguous"] += 1
+        self._computed(seqs, n, out["logits"])
+
+    def _run_paged(self, seqs: list[_Seq]) -> None:
+        """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools."""
+        dev, page = self.exe.device, self.pool.block_size
+        pos = [s.computed for s in seqs]
+        width = max(len(s.table) for s in seqs)
+
+        def ints(rows, dtype):
+            return torch.tensor(rows, dtype=dtype, device=dev)
+        inputs = {"input_ids": ints([[s.tokens[p]] for s, p in zip(seqs, pos)], torch.int64),
+                  "positions": ints([[p] for p in pos], torch.int64), **self.pool.storage,
+                  "block_table": ints([s.table + [0] * (width - len(s.table)) for s in seqs], torch.int32),
+                  "cache_slots": ints([[s.table[p // page] * page + p % page] for s, p in zip(seqs, pos)],
+                                      torch.int64),
+                  "cache_lens": ints([p + 1 for p in pos], torch.int32)}
+        self.exe._check_length(max(pos) + 1)
+        out = self.paged(inputs, self.pool.pad_slot)
+        self.calls["paged_decode"] += 1
+        self._computed(seqs, 1, out["logits"])
+
+    def _computed(self, seqs: list[_Seq], n: int, logits: torch.Tensor) -> None:
+        """`seqs` have n more cache rows: register full blocks, sample where the whole history is in (plain greedy
+        rows with one argmax and one device sync for them all)."""
+        ready = []
         for k, seq in enumerate(seqs):
-            seq.computed = start + n
+            seq.computed += n
             if self.prefix_caching:
                 self.pool.register(seq.table, seq.tokens, seq.computed)
-            if seq.pending() == 0:      # its whole history is in: sample the next token
-                self._sample(seq, out["logits"][k:k + 1, -1])
+            if seq.pending() == 0:
+                ready.append((k, seq))
+        plain = [(k, s) for k, s in ready if s.req.params.greedy and s.req.params.repetition_penalty == 1.0
+                 and s.top_logprobs is None]
+        if plain:
+            rows = torch.tensor([k for k, _ in plain], device=logits.device)
+            for (_, seq), tok in zip(plain, logits[rows, -1].float().argmax(-1).tolist()):
+                self._push(seq, tok)
+        batched = {id(s) for _, s in plain}
+        for k, seq in ready:
+            if id(seq) not in batched:
+                self._sample(seq, logits[k:k + 1, -1])
 
     def _sample(self, seq: _Seq, logits: torch.Tensor) -> None:
         params = seq.req.params
@@ -240,6 +302,9 @@ class Engine:
             top = torch.topk(lp, seq.top_logprobs) if seq.top_logprobs else None
             seq.logprobs.append((float(lp[tok]), {} if top is None else
                                  dict(zip(top.indices.tolist(), top.values.tolist()))))
+        self._push(seq, tok)
+
+    def _push(self, seq: _Seq, tok: int) -> None:
         if not seq.row.tokens:
             seq.row.ttft = time.perf_counter() - seq.t0
         seq.row.push(tok)

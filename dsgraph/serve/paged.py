@@ -4,7 +4,9 @@ caching of full blocks by content hash.
 Every cache input of a graph is [B, T, ...] (T the cache length); the pool holds [num_blocks, block_size, ...]
 of each, so for absorbed MLA a block holds the latent rows, for GQA the per-head K and V rows. The backends take
 contiguous caches, so a step gathers each request's blocks into [B, T, ...] and writes the rows it computed back
-(`gather` / `write`): correct on every backend.
+(`gather` / `write`): correct on every backend. A backend with a paged decode program (triton) reads and writes
+the pools in place instead; one block past `num_blocks` is its scratch block, where padding rows of a CUDA-graph
+batch write (`pad_slot`), never handed out.
 
 A full block is registered under the hash of (the hash of the block before it, its tokens): equal prefixes
 share blocks (reference-counted). A block nobody holds stays cached until the pool needs it (oldest first).
@@ -42,7 +44,7 @@ class BlockPool:
                 continue
             if len(v.type.shape) < 2 or str(v.type.shape[1]) != "T":
                 raise InputError(f"cache input {name} has shape {v.type}: the paged cache needs [B, T, ...]")
-            shape = v.type.concrete({"B": num_blocks, "T": block_size})
+            shape = v.type.concrete({"B": num_blocks + 1, "T": block_size})   # + the scratch block
             self.storage[name] = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=device)
         self.free: list[int] = list(range(num_blocks))[::-1]
         self.refs = [0] * num_blocks
@@ -50,6 +52,11 @@ class BlockPool:
         self.hash_of: dict[int, int] = {}              # block -> content hash
         self.idle: OrderedDict[int, None] = OrderedDict()   # cached blocks nobody holds, oldest first
         self.hits = 0
+
+    @property
+    def pad_slot(self) -> int:
+        """The first row of the scratch block, as a flat pool slot (block * block_size + offset)."""
+        return self.num_blocks * self.block_size
 
     @property
     def available(self) -> int:

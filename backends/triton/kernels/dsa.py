@@ -17,6 +17,9 @@ cache is written.
 
 Both take `kv_lens` [B] (the device-side lengths of a static-capacity CUDA-graph decode step): rows at or past a
 request's length score -inf in the indexer, so the top-k never selects them, and are masked in the attention.
+Both take `block_table` [B, max_blocks] for a paged cache (bf16/fp32 caches): k (the cache) is then a pool
+[blocks, PAGE, ...] and key (cache row) n of request b is row n % PAGE of its block table[b, n // PAGE]; T is
+max_blocks * PAGE.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import triton.language as tl
 from dsgraph.errors import InputError, ShapeError
 
 from .common import check_device, check_float, dot_precision
+from .flash_attention import check_block_table
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -42,8 +46,17 @@ def _kv_len(lens_ptr, b, T, HAS_LENS: tl.constexpr):
 
 
 @triton.jit
+def _row_ptrs(base_ptr, table_ptr, b, rows, ok, stride_b, stride_t, stride_tb, PAGE: tl.constexpr):
+    """Pointers to rows `rows` of request b: its own [T, ...] rows, or (PAGE > 0) the pool's through its blocks."""
+    if PAGE > 0:
+        page = tl.load(table_ptr + b * stride_tb + rows // PAGE, mask=ok, other=0).to(tl.int64)
+        return base_ptr + (page * PAGE + rows % PAGE)[:, None] * stride_t
+    return base_ptr + b * stride_b + rows.to(tl.int64)[:, None] * stride_t
+
+
+@triton.jit
 def _indexer_logits_kernel(
-    q_ptr, k_ptr, w_ptr, qs_ptr, ks_ptr, lens_ptr, out_ptr, S, T,
+    q_ptr, k_ptr, w_ptr, qs_ptr, ks_ptr, lens_ptr, table_ptr, out_ptr, S, T, stride_pb,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kd,
     stride_wb, stride_ws, stride_wh,
@@ -52,7 +65,7 @@ def _indexer_logits_kernel(
     stride_ob, stride_os, stride_ot,
     scale,
     HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, FP8: tl.constexpr, PRECISION: tl.constexpr, PAGE: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -63,8 +76,9 @@ def _indexer_logits_kernel(
     h_ok, d_ok, t_ok = offs_h < HEADS, offs_d < DIM, offs_t < T
     q = tl.load(q_ptr + b * stride_qb + row * stride_qs + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-    k = tl.load(k_ptr + b * stride_kb + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+    t_in = t_ok & (offs_t < kv_len)
+    k_rows = _row_ptrs(k_ptr, table_ptr, b, offs_t, t_in, stride_kb, stride_kt, stride_pb, PAGE)
+    k = tl.load(k_rows + offs_d[None, :] * stride_kd, mask=t_in[:, None] & d_ok[None, :], other=0.0)
     w = tl.load(w_ptr + b * stride_wb + row * stride_ws + offs_h * stride_wh, mask=h_ok, other=0.0).to(tl.float32)
     if FP8:   # e4m3 x e4m3 -> fp32 on the tensor cores; the per-token scales come after the ReLU
         scores = tl.maximum(tl.dot(q, tl.trans(k)), 0.0)                              # [BLOCK_H, BLOCK_T]
@@ -83,9 +97,10 @@ def _indexer_logits_kernel(
 
 def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float, causal: bool = True,
                    kv_lens: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
-                   k_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py); kv_lens: see above. FP8:
-    q and k float8_e4m3fn with fp32 scales q_scale [B,S,H] and k_scale [B,T] (one per row of D values)."""
+                   k_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py); kv_lens, block_table (k
+    then a pool [blocks, PAGE, D], kv_lens required): see above. FP8 (contiguous k only): q and k float8_e4m3fn
+    with fp32 scales q_scale [B,S,H] and k_scale [B,T] (one per row of D values)."""
     fp8 = q_scale is not None or k_scale is not None
     if fp8:
         _check_fp8("indexer_logits", (q, q_scale), (k, k_scale))
@@ -94,7 +109,13 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
         dtype = check_float("indexer_logits", q=q, k=k)
     b, s, h, d = q.shape
     t = k.shape[1]
-    if k.shape != (b, t, d) or weights.shape != (b, s, h) or \
+    paged = block_table is not None
+    if paged:
+        if fp8:
+            raise InputError("indexer_logits: the FP8 path reads a contiguous key cache, not a block table")
+        check_block_table("indexer_logits", block_table, (k,), kv_lens, b)
+        t = block_table.shape[1] * k.shape[1]
+    if (k.shape[2] != d if paged else k.shape != (b, t, d)) or weights.shape != (b, s, h) or \
             fp8 and (q_scale.shape != (b, s, h) or k_scale.shape != (b, t)):
         raise ShapeError(f"indexer_logits: q {tuple(q.shape)}, k {tuple(k.shape)}, weights {tuple(weights.shape)}"
                          + (f", q_scale {tuple(q_scale.shape)}, k_scale {tuple(k_scale.shape)}" if fp8 else "")
@@ -104,10 +125,12 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
         block_t = min(64, _pow2(t))
         qs, ks = (q_scale, k_scale) if fp8 else (out, out[:, 0])
         _indexer_logits_kernel[(s, b, triton.cdiv(t, block_t))](
-            q, k, weights, qs, ks, out if kv_lens is None else kv_lens, out, s, t, *q.stride(), *k.stride(),
+            q, k, weights, qs, ks, out if kv_lens is None else kv_lens, block_table if paged else out, out, s, t,
+            block_table.stride(0) if paged else 0, *q.stride(), *k.stride(),
             *weights.stride(), *qs.stride(), *ks.stride(), *out.stride(), scale, HEADS=h, DIM=d,
             BLOCK_H=_pow2(h), BLOCK_D=_pow2(d, 32 if fp8 else 16),   # an e4m3 dot's K is at least 32
-            BLOCK_T=block_t, CAUSAL=causal, HAS_LENS=kv_lens is not None, FP8=fp8, PRECISION=dot_precision(dtype))
+            BLOCK_T=block_t, CAUSAL=causal, HAS_LENS=kv_lens is not None, FP8=fp8, PRECISION=dot_precision(dtype),
+            PAGE=k.shape[1] if paged else 0)
     return out
 
 
@@ -124,7 +147,7 @@ def _check_fp8(what: str, *pairs) -> None:
 
 @triton.jit
 def _sparse_mla_kernel(
-    q_ptr, qr_ptr, c_ptr, cr_ptr, cs_ptr, idx_ptr, lens_ptr, out_ptr, S, T, K, H,
+    q_ptr, qr_ptr, c_ptr, cr_ptr, cs_ptr, idx_ptr, lens_ptr, table_ptr, out_ptr, S, T, K, H, stride_pb,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_rb, stride_rs, stride_rh, stride_rd,
     stride_cb, stride_ct, stride_cd,
@@ -135,7 +158,7 @@ def _sparse_mla_kernel(
     qk_scale,
     HEAD_C: tl.constexpr, HEAD_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr,
-    FP8_GROUP: tl.constexpr, PRECISION: tl.constexpr,
+    FP8_GROUP: tl.constexpr, PRECISION: tl.constexpr, PAGE: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -157,15 +180,15 @@ def _sparse_mla_kernel(
         ok = (idx >= 0) & (idx < kv_len)
         if CAUSAL:
             ok = ok & (idx <= limit)
-        pos = tl.where(ok, idx, 0).to(tl.int64)[:, None]
-        kc = tl.load(c_ptr + b * stride_cb + pos * stride_ct + offs_c[None, :] * stride_cd,
-                     mask=ok[:, None] & c_ok[None, :], other=0.0)
+        pos = tl.where(ok, idx, 0)
+        kc = tl.load(_row_ptrs(c_ptr, table_ptr, b, pos, ok, stride_cb, stride_ct, stride_pb, PAGE)
+                     + offs_c[None, :] * stride_cd, mask=ok[:, None] & c_ok[None, :], other=0.0)
         if FP8_GROUP:   # e4m3 rows times their group scales, in registers
-            sc = tl.load(cs_ptr + b * stride_csb + pos * stride_cst + (offs_c[None, :] // FP8_GROUP) * stride_csg,
-                         mask=ok[:, None] & c_ok[None, :], other=0.0)
+            sc = tl.load(_row_ptrs(cs_ptr, table_ptr, b, pos, ok, stride_csb, stride_cst, stride_pb, PAGE)
+                         + (offs_c[None, :] // FP8_GROUP) * stride_csg, mask=ok[:, None] & c_ok[None, :], other=0.0)
             kc = (kc.to(tl.float32) * sc).to(q_c.dtype)
-        kr = tl.load(cr_ptr + b * stride_crb + pos * stride_crt + offs_r[None, :] * stride_crd,
-                     mask=ok[:, None] & r_ok[None, :], other=0.0)
+        kr = tl.load(_row_ptrs(cr_ptr, table_ptr, b, pos, ok, stride_crb, stride_crt, stride_pb, PAGE)
+                     + offs_r[None, :] * stride_crd, mask=ok[:, None] & r_ok[None, :], other=0.0)
         qk = tl.dot(q_c, tl.trans(kc), input_precision=PRECISION)
         qk = tl.dot(q_r, tl.trans(kr), qk, input_precision=PRECISION) * qk_scale
         qk = tl.where(ok[None, :], qk, float("-inf"))
@@ -183,10 +206,12 @@ def _sparse_mla_kernel(
 
 def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float, kv_lora_rank: int,
                causal: bool = True, kv_lens: torch.Tensor | None = None, q_rope: torch.Tensor | None = None,
-               cache_scale: torch.Tensor | None = None, cache_rope: torch.Tensor | None = None) -> torch.Tensor:
+               cache_scale: torch.Tensor | None = None, cache_rope: torch.Tensor | None = None,
+               block_table: torch.Tensor | None = None) -> torch.Tensor:
     """q [B,S,H,C+R], cache [B,T,C+R], indices int [B,S,K] -> [B,S,H,C] (see dsgraph/ops/dsa.py); with q_rope
     [B,S,H,R], q is the latent part [B,S,H,C] alone (the two inputs of absorb_mla's concat, read where they lie).
-    FP8 cache: cache the e4m3 NoPE rows [B,T,C], cache_scale fp32 [B,T,C/group], cache_rope [B,T,R] (q's dtype)."""
+    FP8 cache: cache the e4m3 NoPE rows [B,T,C], cache_scale fp32 [B,T,C/group], cache_rope [B,T,R] (q's dtype).
+    block_table (bf16/fp32 cache): cache is a pool [blocks, PAGE, C+R] (kv_lens required), see above."""
     fp8 = cache_scale is not None or cache_rope is not None
     dtype = check_float("sparse_mla", q=q, **({"cache_rope": cache_rope} if fp8 else {"cache": cache}))
     if q_rope is None:
@@ -194,9 +219,15 @@ def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scal
     b, s, h = q.shape[:3]
     width = kv_lora_rank + q_rope.shape[-1]
     t, n = cache.shape[1], indices.shape[-1]
+    paged = block_table is not None
+    if paged:
+        if fp8:
+            raise InputError("sparse_mla: the FP8 latent cache is read contiguous, not through a block table")
+        check_block_table("sparse_mla", block_table, (cache,), kv_lens, b)
+        t = block_table.shape[1] * cache.shape[1]
     if fp8:
         group = _fp8_group(cache, cache_scale, cache_rope, (b, t, kv_lora_rank), width - kv_lora_rank)
-    elif cache.shape != (b, t, width):
+    elif (cache.shape[2] != width) if paged else cache.shape != (b, t, width):
         raise ShapeError(f"sparse_mla: cache {tuple(cache.shape)} must be [B,T,C+R] = {(b, t, width)}")
     if indices.shape[:2] != (b, s) or q_rope.shape[:3] != (b, s, h) \
             or q.shape[-1] not in (kv_lora_rank, width) or not 0 < kv_lora_rank < width:
@@ -209,11 +240,12 @@ def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scal
     if out.numel():
         block_h = min(64, _pow2(h))
         _sparse_mla_kernel[(s, b, triton.cdiv(h, block_h))](
-            q, q_rope, cache, rope, scales, indices, out if kv_lens is None else kv_lens, out, s, t, n, h,
-            *q.stride(), *q_rope.stride(), *cache.stride(), *rope.stride(), *scales.stride(), *indices.stride(),
+            q, q_rope, cache, rope, scales, indices, out if kv_lens is None else kv_lens,
+            block_table if paged else out, out, s, t, n, h, block_table.stride(0) if paged else 0, *q.stride(), *q_rope.stride(), *cache.stride(), *rope.stride(), *scales.stride(), *indices.stride(),
             *out.stride(), scale, HEAD_C=kv_lora_rank, HEAD_R=width - kv_lora_rank, BLOCK_C=_pow2(kv_lora_rank),
             BLOCK_R=_pow2(width - kv_lora_rank), BLOCK_H=block_h, BLOCK_K=min(64, _pow2(n)), CAUSAL=causal,
-            HAS_LENS=kv_lens is not None, FP8_GROUP=group if fp8 else 0, PRECISION=dot_precision(dtype))
+            HAS_LENS=kv_lens is not None, FP8_GROUP=group if fp8 else 0, PRECISION=dot_precision(dtype),
+            PAGE=cache.shape[1] if paged else 0)
     return out
 
 

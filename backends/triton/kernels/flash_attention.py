@@ -62,8 +62,9 @@ def check_tensors(what: str, **tensors: torch.Tensor) -> torch.dtype:
 
 
 def check_block_table(what: str, table, pools, lens, b: int) -> None:
-    """A paged call's block table: [B, max_blocks] integers on the pools' device naming blocks inside them, the
-    lengths given, each pool's blocks holding their rows back to back ([blocks, PAGE, ...])."""
+    """A paged call's block table: [B, max_blocks] integers on the pools' device naming blocks inside them (not
+    checked while a CUDA graph is being captured: that would sync), the lengths given, each pool's blocks holding
+    their rows back to back ([blocks, PAGE, ...])."""
     pool = pools[0]
     if not isinstance(table, torch.Tensor) or table.dtype not in (torch.int32, torch.int64) or table.dim() != 2 \
             or table.shape[0] != b or table.device != pool.device:
@@ -73,7 +74,8 @@ def check_block_table(what: str, table, pools, lens, b: int) -> None:
         raise InputError(f"{what}: a paged cache (block_table) needs the lengths of the requests")
     if any(p.stride(0) != p.shape[1] * p.stride(1) for p in pools):
         raise InputError(f"{what}: a paged pool must hold each block's rows back to back ([blocks, PAGE, ...])")
-    if table.numel() and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
+    capturing = table.is_cuda and torch.cuda.is_current_stream_capturing()   # no device sync inside a capture
+    if table.numel() and not capturing and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
         raise InputError(f"{what}: block_table names blocks outside the pool's {pool.shape[0]}")
 
 

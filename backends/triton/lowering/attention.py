@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
 
+from dsgraph.errors import BackendUnavailable
 from dsgraph.pattern import ANY, P, Var
 
 from ..decode_graphs import from_appended_cache
@@ -23,20 +24,35 @@ def _kernel(ctx, fn, dtype: str):
 def _flash(ctx, node):
     fn = _kernel(ctx, flash_attention, node.inputs[0].dtype)
     if isinstance(fn, Decline):
-        return fn
+        return paged_needs(ctx, fn)
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     lens = cached_lengths(ctx, node)
+    paged = ctx.paged is not None
 
-    def run(a, sym):  # a[-1] with `lens`: the device-side lengths of a static-capacity decode step, else None
-        return [fn(a[0], a[1], a[2], scale, causal, kv_lens=a[-1] if lens else None)]
-    return Lowered("template", "flash_attention._flash_attention_kernel", inputs=(*node.inputs, *lens), fn=run)
+    def run(a, sym):  # a[3:] with `lens`: the device-side lengths (and the paged program's block table)
+        return [fn(a[0], a[1], a[2], scale, causal, kv_lens=a[3] if lens else None,
+                   block_table=a[4] if paged else None)]
+    inputs = tuple(ctx.paged.value(v) for v in node.inputs) if paged else node.inputs
+    kernel = "flash_attention._flash_attention_kernel" + (" (block table)" if paged else "")
+    return Lowered("template", kernel, inputs=(*inputs, *lens), fn=run)
 
 
 def cached_lengths(ctx, node) -> tuple:
     """The step input `cache_lens` where the node's keys come from `cache.append`, directly or through row-wise
-    ops (a static-capacity decode step must then mask by that length), else nothing."""
-    cached = any(from_appended_cache(v) for v in node.inputs[1:])
-    return (ctx.lengths["cache_lens"],) if cached else ()
+    ops (a static-capacity decode step must then mask by that length; the paged program also reads the block
+    table), else nothing."""
+    if not any(from_appended_cache(v) for v in node.inputs[1:]):
+        return ()
+    if ctx.paged is not None:
+        return ctx.paged.inputs["cache_lens"], ctx.paged.inputs["block_table"]
+    return (ctx.lengths["cache_lens"],)
+
+
+def paged_needs(ctx, decline: Decline) -> Decline:
+    """A decline, except in the paged program, where the torch reference cannot read a pool: say why it fails."""
+    if ctx.paged is not None:
+        raise BackendUnavailable(f"the paged decode program needs the triton attention kernels: {decline.reason}")
+    return decline
 
 
 def _mla_step(attn, ctx, split_q: bool):
@@ -44,21 +60,25 @@ def _mla_step(attn, ctx, split_q: bool):
     (q latent, q rope, cache[, cache_lens]): the two inputs of the concat that makes q."""
     fn = _kernel(ctx, mla_absorbed, attn.inputs[0].dtype)
     if isinstance(fn, Decline):
-        return fn
+        return paged_needs(ctx, fn)
     scale, causal, rank = attn.attrs["scale"], attn.attrs["causal"], attn.attrs["kv_lora_rank"]
     q = tuple(attn.inputs[0].node.inputs) if split_q else (attn.inputs[0],)
     lens = cached_lengths(ctx, attn)
+    paged = ctx.paged is not None
+    n_q = len(q)
 
     def run(a, sym):
         q, q_rope, cache = (a[0], a[1], a[2]) if split_q else (a[0], None, a[1])
-        static = a[-1] if lens else None  # the device-side lengths of a static-capacity decode step, else None
+        static = a[n_q + 1] if lens else None  # the device-side lengths of a static or paged step, else None
         if static is None:
             return [fn(q, cache, scale, rank, causal=causal, q_rope=q_rope)]
         # the static buffers start zeroed and only ever receive computed rows, so rows past a length are finite
         return [fn(q, cache, scale, rank, cache_lens=static, causal=causal, tune=not ctx.interpreting,
-                   q_rope=q_rope, finite_tail=True)]
-    return Lowered("template", f"mla_decode._mla_decode_kernel (split-KV){_gluon_note(attn, ctx)}",
-                   inputs=(*q, attn.inputs[1], *lens), fn=run)
+                   q_rope=q_rope, finite_tail=True, block_table=a[n_q + 2] if paged else None)]
+    cache = ctx.paged.value(attn.inputs[1]) if paged else attn.inputs[1]
+    note = " through the block table" if paged else _gluon_note(attn, ctx)
+    return Lowered("template", f"mla_decode._mla_decode_kernel (split-KV){note}",
+                   inputs=(*q, cache, *lens), fn=run)
 
 
 def _gluon_note(attn, ctx) -> str:

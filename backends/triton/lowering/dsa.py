@@ -5,7 +5,9 @@ on the device, no host sync, the reference's selection and order exactly, ties t
 torch reference, listed as a fallback in the report. The FP8 latent cache's reads are part of the sparse MLA
 kernel, which dequantises the rows it gathers (FP8_SPARSE), or else (kv.dequant_fp8) a generated row kernel; its
 writes (kv.quant_fp8) a generated row kernel on CUDA, the torch reference (reported) on the interpreter, which
-rounds fp32 -> e4m3 wrongly. indexer.quant_fp8 (fp8_index_cache's key writes) runs its torch reference."""
+rounds fp32 -> e4m3 wrongly. indexer.quant_fp8 (fp8_index_cache's key writes) runs its torch reference.
+In the serve engine's paged decode program the indexer scores, top-k and sparse MLA read the pools through the
+block table (bf16/fp32 caches; the FP8 paths there raise, and the engine gathers contiguous caches instead)."""
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
@@ -16,7 +18,7 @@ from dsgraph.pattern import ANY, P, Var
 from ..codegen import rowwise
 from ..kernels.dsa import indexer_logits, sparse_mla
 from ..kernels.topk import topk
-from .attention import cached_lengths
+from .attention import cached_lengths, paged_needs
 from .registry import TABLE, Lowered
 
 _FLOATS = ("float32", "float16", "bfloat16")
@@ -46,11 +48,17 @@ def _layer_norm(ctx, node):
 def _indexer_logits(ctx, node):
     refused = _interpreter_bf16(ctx, *node.inputs[:2])
     if refused:
-        return refused
+        return paged_needs(ctx, refused)
+    if node.attrs["fp8"] and ctx.paged is not None:
+        return paged_needs(ctx, Decline("the FP8 indexer reads a contiguous key cache, not a block table"))
     scale, causal = node.attrs["scale"], node.attrs["causal"]
     lens = cached_lengths(ctx, node)   # a static-capacity decode step's lengths, when k is an appended cache
     if node.attrs["fp8"]:
         return _fp8_indexer(node, scale, causal, lens)
+    if ctx.paged is not None:         # the paged program: k is the key pool, read through the block table
+        return Lowered("template", "dsa._indexer_logits_kernel (block table)", note=NO_ROTATION,
+                       inputs=(*map(ctx.paged.value, node.inputs), *lens), outputs=(ctx.paged.keyed(node.outputs[0]),),
+                       fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3], block_table=a[4])])
     return Lowered("template", "dsa._indexer_logits_kernel", note=NO_ROTATION, inputs=(*node.inputs, *lens),
                    fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3] if lens else None)])
 
@@ -90,7 +98,8 @@ def _indexer_logits_fp8(ctx, node):
 @TABLE.register("indexer.topk")
 def _topk(ctx, node):
     k = node.attrs["k"]
-    return Lowered("template", "topk._topk_kernel (radix select, then a sort of the k picks)",
+    inputs = node.inputs if ctx.paged is None else tuple(map(ctx.paged.value, node.inputs))
+    return Lowered("template", "topk._topk_kernel (radix select, then a sort of the k picks)", inputs=inputs,
                    fn=lambda a, sym: [topk(a[0], k)])
 
 
@@ -100,20 +109,24 @@ def _sparse_step(ctx, attn, split_q: bool, fp8: tuple = ()):
     values) those three in the cache's place."""
     refused = _interpreter_bf16(ctx, *attn.inputs[:2])
     if refused:
-        return refused
+        return paged_needs(ctx, refused)
+    paged = ctx.paged is not None
+    if paged and fp8:
+        return paged_needs(ctx, Decline("the FP8 latent cache is read contiguous, not through a block table"))
     scale, causal, rank = attn.attrs["scale"], attn.attrs["causal"], attn.attrs["kv_lora_rank"]
     q = tuple(attn.inputs[0].node.inputs) if split_q else (attn.inputs[0],)
     cache = fp8 or (attn.inputs[1],)
-    lens = cached_lengths(ctx, attn)
+    lens = cached_lengths(ctx, attn)   # [cache_lens[, the paged program's block table]]
 
     def run(a, sym):
         qs, cs, rest = a[:len(q)], a[len(q):len(q) + len(cache)], a[len(q) + len(cache):]
         parts = {"cache_scale": cs[1], "cache_rope": cs[2]} if fp8 else {}
         return [sparse_mla(qs[0], cs[0], rest[0], scale, rank, causal, kv_lens=rest[1] if lens else None,
-                           q_rope=qs[1] if split_q else None, **parts)]
+                           q_rope=qs[1] if split_q else None, block_table=rest[2] if paged else None, **parts)]
     what = "FP8 latent rows dequantised in registers" if fp8 else "gathers the selected latent rows"
-    return Lowered("template", f"dsa._sparse_mla_kernel ({what})", inputs=(*q, *cache, attn.inputs[2], *lens),
-                   fn=run)
+    rest = tuple(map(ctx.paged.value, (*cache, attn.inputs[2]))) if paged else (*cache, attn.inputs[2])
+    return Lowered("template", f"dsa._sparse_mla_kernel ({what}" + (" through the block table)" if paged else ")"),
+                   inputs=(*q, *rest, *lens), fn=run)
 
 
 @TABLE.register("attention.mla_sparse_absorbed")

@@ -14,7 +14,7 @@ from dsgraph.dtypes import to_torch
 from dsgraph.symbolic import eval_dim, parse_dim
 
 from ... import kv_cache
-from .. import decode_graphs
+from .. import decode_graphs, paged_decode
 from .registry import TABLE, Lowered
 
 
@@ -69,6 +69,13 @@ def _(ctx, node):
 
 @TABLE.register("cache.append")
 def _(ctx, node):
+    if ctx.paged is not None:  # the paged decode program: write each row's entry at its pool slot
+        pool = ctx.paged.value(node.inputs[0])
+        return Lowered("library", "paged_decode.append_paged (index_copy_ of the new rows at their pool slots)",
+                       inputs=(pool, node.inputs[1], ctx.paged.inputs["cache_slots"]),
+                       outputs=(ctx.paged.value(node.outputs[0]),),
+                       fn=lambda a, sym: [paged_decode.append_paged(a[0], a[1], a[2])])
+
     def run(a, sym):  # a[2]: the device-side rows of a static-capacity decode step, else None
         return [kv_cache.append(a[0], a[1]) if a[2] is None else decode_graphs.append_static(a[0], a[1], a[2])]
     return Lowered("library", "kv_cache.append (in place into spare capacity; torch copy into a new buffer when full; "

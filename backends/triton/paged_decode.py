@@ -1,0 +1,233 @@
+"""One-token decode steps over a paged KV cache: the whole running batch in one call, through block tables.
+
+A serving engine keeps every request's cache rows in fixed-size blocks of one pool per cache tensor
+(dsgraph/serve/paged.py). Gathering each request's blocks into a contiguous [B, T, ...] cache before a step costs
+a copy of every cache per step and forces one call per cache length. The *paged program* lowers the same graph
+with the pools as its cache inputs instead:
+- each cache input is its pool [blocks, page, ...] (`PagedValues.pools`);
+- `cache.append` writes each row's new entry at its flat pool slot (`cache_slots` [B, S]: block * page + offset)
+  and hands the pool on;
+- the attention ops read the pool through `block_table` [B, max_blocks] with each row's valid length
+  `cache_lens` [B] (the triton MLA decode and flash kernels' block-table path); for V3.2 the indexer scores the
+  paged key cache the same way (its scores then span the table's max_blocks * page rows) and sparse MLA reads the
+  selected latent rows through the table.
+So requests of different lengths share one call, and nothing is copied but the new rows.
+
+Under CUDA graphs (`capture`), a step pads its batch up to the next bucket (BUCKETS): padding rows have length 0
+(their attention reads nothing and gives zeros) and write their row into a scratch slot the caller names
+(`pad_slot`), so every replay of a bucket's graph reads the same buffers. Without capture (the CPU tests) the
+same buffers and padding run the program plainly. This applies where every reader of an appended cache is one of
+PAGED_OPS; for any other graph `unsupported_reason` says why, and the engine gathers contiguous caches instead.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from dsgraph.ir import Graph, Value
+from dsgraph.types import TensorType
+
+from . import decode_graphs
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)   # batch sizes a captured step pads up to
+MIN_TABLE_WIDTH = 16                            # block-table width of the first buffers; doubles when outgrown
+
+# the ops that read a pool through a block table, and the inputs that must then be appended caches
+PAGED_OPS = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attention.mla": (1, 2),
+             "indexer.logits": (1,), "attention.mla_sparse_absorbed": (1,)}
+
+
+def unsupported_reason(graph) -> str | None:
+    """None if the paged program can run `graph`'s decode step, else why not."""
+    if not graph.cache_map:
+        return "the graph has no KV cache"
+    why = decode_graphs.unsupported_reason(graph)
+    if why:
+        return why
+    for name, v in graph.inputs.items():
+        if v.kind != "cache":
+            continue
+        appended = next(iter(v.users)).outputs[0]
+        for reader in appended.users:
+            slots = PAGED_OPS.get(reader.op)
+            if slots is None:
+                return f"{reader.op} reads the appended cache {name} (only {', '.join(PAGED_OPS)} read a block table)"
+            if not all(reader.inputs[i].node is not None and reader.inputs[i].node.op == "cache.append"
+                       for i in slots):
+                return f"{reader.op} mixes cached and uncached keys/values"
+    return None
+
+
+class PagedValues:
+    """The paged program's values: a pool per cache input, the pool after each `cache.append` wrote into it (the
+    same tensor, later in the dataflow: attention reads that one), and the step inputs `block_table`,
+    `cache_slots`, `cache_lens`. Made before lowering: a fused region may reach an appended cache before the
+    append itself is lowered."""
+
+    def __init__(self, graph: Graph, cache_lens: Value):
+        self.graph = graph
+        self.pools: dict[str, Value] = {}
+        self._alias: dict[int, Value] = {}
+        for name, v in graph.inputs.items():
+            if v.kind == "cache":
+                t = TensorType(("blocks", "page", *v.type.shape[2:]), v.type.dtype)
+                self.pools[name] = self._alias[id(v)] = Value(name, t, kind="cache")
+                for append in v.users:
+                    out = append.outputs[0]
+                    self._alias[id(out)] = Value(f"{out.name}.pool", t, kind="cache")
+        self.inputs = {"block_table": Value("block_table", TensorType(("B", "max_blocks"), "int32"),
+                                            kind="activation"),
+                       "cache_slots": Value("cache_slots", TensorType(("B", "S"), "int64"), kind="activation"),
+                       "cache_lens": cache_lens}
+
+    def value(self, v: Value) -> Value:
+        """The pool standing for cache value `v` (a cache input or an appended cache), the paged form of a value
+        made from one (`keyed`), else `v` itself."""
+        return self._alias.get(id(v), v)
+
+    def keyed(self, out: Value) -> Value:
+        """The paged form of `out` [..., T + S] (the indexer's scores, one per key): its last dim is the block
+        table's width in rows (`paged_keys`), since the pools bind no cache length T."""
+        t = out.type
+        v = self._alias[id(out)] = Value(f"{out.name}.paged", TensorType((*t.shape[:-1], "paged_keys"), t.dtype))
+        return v
+
+    def program_graph(self) -> Graph:
+        """The graph as the paged program sees it: pools in place of the cache inputs, no cache outputs (the pools
+        are updated in place). A view for the executor only: its nodes are the original graph's."""
+        g = Graph(f"{self.graph.name}.paged")
+        g.inputs = {n: self.pools.get(n, v) for n, v in self.graph.inputs.items()}
+        g.nodes = self.graph.nodes
+        nexts = set(self.graph.cache_map.values())
+        g.outputs = {k: v for k, v in self.graph.outputs.items() if k not in nexts}
+        g.meta = self.graph.meta
+        return g
+
+
+def append_paged(pool: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`cache.append` in the paged program: new [B, S, ...] written at the flat slots [B, S] of pool
+    [blocks, page, ...]; returns the pool."""
+    pool.view(-1, *pool.shape[2:]).index_copy_(0, slots.reshape(-1), new.reshape(-1, *new.shape[2:]).to(pool.dtype))
+    return pool
+
+
+def bucket_for(batch: int) -> int | None:
+    return next((b for b in BUCKETS if b >= batch), None)
+
+
+class _Bucket:
+    """The static inputs of one batch bucket: token ids, positions, block table, write slots, lengths."""
+
+    def __init__(self, program, size: int, width: int, pools: dict[str, torch.Tensor]):
+        dev = program.device
+        self.program, self.size, self.width, self.pools = program, size, width, pools
+        self.ids = torch.zeros((size, 1), dtype=torch.int64, device=dev)
+        self.positions = torch.zeros((size, 1), dtype=torch.int64, device=dev)
+        self.table = torch.zeros((size, width), dtype=torch.int32, device=dev)
+        self.slots = torch.zeros((size, 1), dtype=torch.int64, device=dev)
+        self.lens = torch.zeros(size, dtype=torch.int32, device=dev)
+        self.graph = None
+        self.outputs = None
+
+    def fits(self, width: int, pools: dict[str, torch.Tensor]) -> bool:
+        return width <= self.width and all(self.pools[n] is p for n, p in pools.items())
+
+    def load(self, inputs: dict, pad_slot: int) -> None:
+        b, w = inputs["block_table"].shape
+        self.ids[:b].copy_(inputs["input_ids"])
+        self.positions[:b].copy_(inputs["positions"])
+        self.table.zero_()
+        self.table[:b, :w].copy_(inputs["block_table"])
+        self.slots.fill_(pad_slot)
+        self.slots[:b].copy_(inputs["cache_slots"])
+        self.lens.zero_()
+        self.lens[:b].copy_(inputs["cache_lens"])
+
+    def run(self) -> dict:
+        return self.program({"input_ids": self.ids, "positions": self.positions, **self.pools,
+                             "block_table": self.table, "cache_slots": self.slots, "cache_lens": self.lens})
+
+    def capture(self, mempool) -> None:
+        """Warm up on a side stream (kernel compiles, autotuning), then capture; the warm-up writes the rows the
+        replay writes again."""
+        dev = self.program.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self.run()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=mempool):
+            self.outputs = self.run()
+        self.graph = graph
+
+
+class PagedDecode:
+    """`compiled.paged_decode` of the triton backend: `(inputs, pad_slot) -> outputs` of one-token steps over
+    the pools (inputs: input_ids [B,1], positions [B,1], each cache input's pool, block_table [B, W] int32,
+    cache_slots [B,1] int64, cache_lens [B] int32 counting the new row). `build` lowers the paged program on
+    first use; `capture` replays CUDA graphs per batch bucket (False: the same buffers run uncaptured)."""
+
+    def __init__(self, build, capture: bool, report=None):
+        self._build = build
+        self.program = None
+        self.capture = capture
+        self.report = report
+        self.buckets: dict[int, _Bucket] = {}
+        self.graphs_off: str | None = None if capture else "capture disabled"
+        self._mempool = None
+        self.stats = {"steps": 0, "graph_replays": 0, "captures": 0, "padded_rows": 0, "unbucketed_steps": 0}
+
+    def prepare(self) -> None:
+        """Lower the paged program now (a DSGraphError says why it cannot be)."""
+        if self.program is None:
+            self.program = self._build()
+
+    def __call__(self, inputs: dict, pad_slot: int) -> dict:
+        self.prepare()
+        b, w = inputs["block_table"].shape
+        size = bucket_for(b)
+        self.stats["steps"] += 1
+        if size is None:     # beyond the largest bucket: one plain call at the batch's own size
+            self.stats["unbucketed_steps"] += 1
+            return self.program(inputs)
+        pools = {n: inputs[n] for n in self.program.graph.inputs if self.program.graph.inputs[n].kind == "cache"}
+        bucket = self.buckets.get(size)
+        if bucket is None or not bucket.fits(w, pools):
+            width = max(MIN_TABLE_WIDTH, 1 << (w - 1).bit_length(), bucket.width if bucket else 0)
+            bucket = self.buckets[size] = _Bucket(self.program, size, width, pools)
+        bucket.load(inputs, pad_slot)
+        self.stats["padded_rows"] += size - b
+        out = self._step(bucket)
+        return {k: t[:b].clone() for k, t in out.items()}
+
+    def _step(self, bucket: _Bucket) -> dict:
+        if self.graphs_off:
+            return bucket.run()
+        try:
+            if bucket.graph is None:
+                self._mempool = self._mempool or torch.cuda.graph_pool_handle()
+                bucket.capture(self._mempool)
+                self.stats["captures"] += 1
+            bucket.graph.replay()
+        except Exception as e:  # noqa: BLE001  (a failed capture must not lose the step: say so, run it plainly)
+            self._graphs_off(e)
+            return bucket.run()
+        self.stats["graph_replays"] += 1
+        return bucket.outputs
+
+    def _graphs_off(self, error: Exception) -> None:
+        self.graphs_off = f"{type(error).__name__}: {error}"
+        for bucket in self.buckets.values():
+            bucket.graph = bucket.outputs = None
+        msg = f"paged decode CUDA graphs disabled, steps run without them: {self.graphs_off}"
+        if self.report is not None:
+            self.report.notes.append(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    def describe(self) -> str:
+        graphs = f"CUDA graphs per batch bucket {BUCKETS}" if not self.graphs_off else \
+            f"no CUDA graphs ({self.graphs_off})"
+        return f"paged: one block-table decode call per step for the whole batch, {graphs}"
+
