@@ -34,15 +34,19 @@ class VisionExecutable(Executable):
         self.image_tokens = self.graph.meta["image_tokens"]
         self._features = None
 
-    def encode_images(self, pixel_values) -> torch.Tensor:
-        """image_features [N * image_tokens, D] from pixel_values [N, C, H, W]."""
-        want = self.vision.graph.inputs["pixel_values"].type
-        if not isinstance(pixel_values, torch.Tensor) or tuple(pixel_values.shape[1:]) != want.shape[1:]:
-            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise InputError(f"images must be pixel_values [N, {', '.join(map(str, want.shape[1:]))}], got {got}; "
+    def encode_images(self, images) -> torch.Tensor:
+        """image_features [N * image_tokens, D] from pixel_values [N, C, H, W], or for a tower of several pixel
+        inputs (DeepSeek-VL hybrid: pixel_values and high_res_pixel_values) a dict of them."""
+        wants = {k: v.type for k, v in self.vision.graph.inputs.items() if v.kind == "activation"}
+        given = images if isinstance(images, dict) else {"pixel_values": images}
+        if set(given) != set(wants) or any(not isinstance(t, torch.Tensor) or tuple(t.shape[1:]) != wants[k].shape[1:]
+                                           for k, t in given.items()):
+            want = ", ".join(f"{k} [N, {', '.join(map(str, t.shape[1:]))}]" for k, t in wants.items())
+            got = {k: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for k, t in given.items()}
+            raise InputError(f"images must be {want}{' (a dict)' if len(wants) > 1 else ''}, got {got}; "
                              "preprocess images with exe.prepare_inputs")
-        px = pixel_values.to(self.device, to_torch(want.dtype))
-        return self.vision.run({"pixel_values": px})["image_features"]
+        return self.vision.run({k: t.to(self.device, to_torch(wants[k].dtype)) for k, t in given.items()})[
+            "image_features"]
 
     def prepare_inputs(self, prompt_ids, images):
         """(ids with each image placeholder expanded to image_tokens copies, pixel_values) from prompt ids holding
@@ -53,7 +57,10 @@ class VisionExecutable(Executable):
             raise InputError(f"prompt holds {marks} image placeholders (id {self.image_token_id}) for {len(images)} "
                              "images in one sequence; give one placeholder per image")
         row = torch.cat([t.repeat(self.image_tokens) if t == self.image_token_id else t[None] for t in ids[0]])
-        return row[None], torch.stack([self.preprocess(im) for im in images])
+        pixels = [self.preprocess(im) for im in images]
+        if isinstance(pixels[0], dict):   # several views per image (the hybrid's low and high resolution)
+            return row[None], {k: torch.stack([p[k] for p in pixels]) for k in pixels[0]}
+        return row[None], torch.stack(pixels)
 
     def step_inputs(self, ids, state, extra=None):
         inputs = super().step_inputs(ids, state, extra)
