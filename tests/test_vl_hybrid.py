@@ -68,16 +68,18 @@ def test_logits_and_greedy_tokens_equal_transformers(case):
 
 @pytest.mark.parametrize("h,w", [(20, 30), (90, 50)])
 def test_both_views_equal_the_hybrid_processor(case, h, w):
-    """Low view resized from the padded high-resolution square; each normalised by its own mean and std."""
+    """Low view resized from the padded high-resolution square; each normalised by its own mean and std. Equal up
+    to one 0..255 level on a few pixels (Pillow's fixed-point bicubic rounds some halves the other way)."""
     from PIL import Image
     exe = dsgraph.compile(case["model"])
     img = (np.random.default_rng(h * w).random((h, w, 3)) * 255).astype(np.uint8)
     ids, px = exe.prepare_inputs([[1, IMAGE_TOKEN, 2]], [img])
     assert ids.shape == (1, 2 + TOKENS)
     want = _processor()(Image.fromarray(img), return_tensors="pt")
-    for key in ("pixel_values", "high_res_pixel_values"):
+    for key, std in (("pixel_values", dsgraph.models.vision.image.CLIP_STD), ("high_res_pixel_values", HIGH_STD)):
         assert px[key].shape == want[key].shape
-        assert rel_err(px[key], want[key]) <= 1e-5, key
+        levels = (px[key] - want[key]).abs() * torch.tensor(std)[:, None, None] * 255
+        assert levels.max() <= 1.001 and (levels > 0.5).float().mean() < 0.01, key
 
 
 @pytest.mark.parametrize("backend", ["triton", "tvm"])
