@@ -259,8 +259,7 @@ def window_loop(x, window):
 
 def rel_pos_loop(q, k, v, rh, rw, scale):
     """Per query position: logits over every key position with its row and column offset embeddings."""
-    n, t, heads, d = q.shape
-    gh, gw = rh.shape[0], rw.shape[0]
+    t, gw = q.shape[1], rw.shape[0]
     out = torch.zeros_like(q)
     for qi in range(t):
         qy, qx = divmod(qi, gw)

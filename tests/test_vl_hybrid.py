@@ -25,10 +25,10 @@ HIGH_MEAN, HIGH_STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]   # unlike the low view'
 
 
 def _processor():
-    from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
-        DeepseekVLHybridImageProcessorPil)
-    return DeepseekVLHybridImageProcessorPil(size={"height": 28, "width": 28}, high_res_size={"height": 64, "width": 64},
-                                             high_res_image_mean=HIGH_MEAN, high_res_image_std=HIGH_STD)
+    from transformers.models.deepseek_vl_hybrid import image_processing_pil_deepseek_vl_hybrid as hybrid
+    return hybrid.DeepseekVLHybridImageProcessorPil(size={"height": 28, "width": 28},
+                                                    high_res_size={"height": 64, "width": 64},
+                                                    high_res_image_mean=HIGH_MEAN, high_res_image_std=HIGH_STD)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Load a DeepSeek-VL / Janus checkpoint directory in the hub layout (transformers' `save_pretrained` keys):
 `model.vision_model.*`, `model.aligner.*`, the hybrid's `model.high_res_vision_*` and Janus'
-`model.generation_{embeddings,aligner,head}.*` bind to the graphs' params as they are, the language model's `model.language_model.*` to the decoders' `model.*`,
-`lm_head.weight` as it is (absent when tied).
+`model.generation_{embeddings,aligner,head}.*` bind to the graphs' params as they are, the language model's
+`model.language_model.*` to the decoders' `model.*`, `lm_head.weight` as it is (absent when tied).
 
 Janus' `model.vqmodel.{quantize,post_quant_conv,decoder}.*` bind to the VQ decoder graph. Keys of parts dsgraph
 does not build are skipped with a note: SigLIP's attention-pooling head (`vision_use_head`, unused by these
