@@ -1,5 +1,6 @@
-"""Configs of the multimodal models (DeepSeek-VL, its 7B hybrid, Janus / Janus-Pro), read from the hub's nested `config.json`
-(`text_config`, `vision_config`, `image_token_id`), and their presets.
+"""Configs of the multimodal models (DeepSeek-VL, its 7B hybrid, Janus / Janus-Pro), read from the hub's nested
+`config.json` (`text_config`, `vision_config`, the hybrid's `high_res_vision_config`, `image_token_id`), and their
+presets.
 
 The language half is a `ModelConfig` (LLaMA shape); the vision half a `VisionConfig` (a SigLIP ViT) plus the
 aligner that maps its features to the language model's width. What differs between the families is spelled as
