@@ -1,6 +1,7 @@
 """Image preprocessing of DeepSeek-VL (and its hybrid) and Janus (their processors' `preprocessor_config.json`):
 resize the longer side to the tower's size (bicubic, antialiased; the shorter side rounded, at least `min_size`),
-pad to a square with the background colour (the mean as 0..255 integers), rescale to 0..1 and normalise by mean and std.
+pad to a square with the background colour (the mean as 0..255 integers), rescale to 0..1 and normalise by mean
+and std.
 
 torch only: images are uint8 arrays [H, W, 3] (what numpy or PIL give) or tensors [3, H, W].
 """

@@ -2,7 +2,8 @@
 (torch.nn.functional.conv2d: the ViT patch embedding is one strided conv), the GELU MLP as two cuBLAS GEMMs around
 torch's GELU, GroupNorm through torch (fp32 statistics), the bilinear resize through torch; the image-feature
 splice (a masked row copy), SAM's window partition and its relative-position attention (fp32 einsums and softmax;
-the flash template takes no additive bias yet) as the ops' reference code. No Triton template is written for them yet: at the towers' shapes the GEMMs dominate.
+the flash template takes no additive bias yet) as the ops' reference code. No Triton template is written for them
+yet: at the towers' shapes the GEMMs dominate.
 """
 from __future__ import annotations
 
