@@ -24,6 +24,29 @@ IMAGE_TOKEN, TOKENS, NEW = 250, 4, 6
 HIGH_MEAN, HIGH_STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]   # unlike the low view's CLIP defaults: both must be read
 
 
+WORDS = "describe the image what is in this picture a cat dog red blue please".split()
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: {% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}<image_placeholder>{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+            "{% else %}Assistant: {{ m['content'][0]['text'] }} {% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+def _tokenizer():
+    """A word-level tokenizer with DeepSeek-VL's `<image_placeholder>` at the image token id and a template that
+    writes one for each {'type': 'image'} part, as the released processors' chat template does."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}, "User:": 30,
+             "Assistant:": 31, "<image_placeholder>": IMAGE_TOKEN}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<image_placeholder>", special=True, normalized=False)])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   extra_special_tokens={"image_token": "<image_placeholder>"},
+                                   chat_template=TEMPLATE)
+
+
 def _processor():
     from transformers.models.deepseek_vl_hybrid import image_processing_pil_deepseek_vl_hybrid as hybrid
     return hybrid.DeepseekVLHybridImageProcessorPil(size={"height": 28, "width": 28},
@@ -43,6 +66,7 @@ def case(tmp_path_factory):
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
     hf.save_pretrained(path)
     _processor().save_pretrained(path)
+    _tokenizer().save_pretrained(path)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 200, (1, 9), generator=g)
     ids = torch.cat([ids[:, :3], torch.full((1, TOKENS), IMAGE_TOKEN), ids[:, 3:]], 1)
@@ -64,6 +88,29 @@ def test_logits_and_greedy_tokens_equal_transformers(case):
     assert rel_err(exe(case["ids"], images=other)[:, 3:], case["logits"][:, 3:]) > 1e-2
     with pytest.raises(dsgraph.InputError, match="high_res_pixel_values"):
         exe(case["ids"], images=case["px"]["pixel_values"])
+
+
+def test_a_chat_with_an_image_equals_the_transformers_processor(case, tmp_path):
+    """exe.generate(chat, images=[file]): the template writes `<image_placeholder>` for the image part, which is
+    expanded to the image's tokens and the image preprocessed, as DeepseekVLHybridProcessor does; the greedy text
+    equals transformers' generate on the processor's inputs. A prompt without a placeholder is refused."""
+    from PIL import Image
+    from transformers import DeepseekVLHybridProcessor
+    img = Image.fromarray((np.random.default_rng(0).random((30, 20, 3)) * 255).astype(np.uint8))
+    img.save(tmp_path / "photo.png")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image please"}]}]
+    proc = DeepseekVLHybridProcessor(image_processor=_processor(), tokenizer=_tokenizer(), chat_template=TEMPLATE,
+                                     num_image_tokens=TOKENS)
+    enc = proc(text=proc.apply_chat_template(chat, add_generation_prompt=True, tokenize=False), images=[img],
+               add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        want = case["hf"].generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    exe = dsgraph.compile(case["model"])
+    out = exe.generate(chat, images=[tmp_path / "photo.png"], max_new_tokens=NEW, stop_token_ids=[])
+    assert out.prompt_tokens == enc["input_ids"].shape[1]
+    assert out.token_ids == want[0, enc["input_ids"].shape[1]:].tolist()
+    with pytest.raises(dsgraph.InputError, match="0 image placeholders .*'<image_placeholder>'"):
+        exe.generate("describe the image", images=[img], max_new_tokens=2)
 
 
 @pytest.mark.parametrize("h,w", [(20, 30), (90, 50)])

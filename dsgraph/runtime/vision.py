@@ -4,6 +4,8 @@ graph that makes them, once per image, in prefill.
     exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"), backend="triton")
     ids, pixels = exe.prepare_inputs(prompt_ids, [image])   # one placeholder per image expanded to its tokens
     new = exe.generate(ids, images=pixels, max_new_tokens=8)
+    out = exe.generate([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it"}]}],
+                       images=["photo.png"])   # text: the template writes the placeholders; expanded here
 
 Decode steps feed an empty [0, D] feature tensor: the splice leaves every position as it is. Janus adds
 `generate_image_tokens` (text -> codebook ids under classifier-free guidance, through its generation decoder)
@@ -11,11 +13,15 @@ and `decode_image` (codes -> pixels, through its VQ decoder).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import ArtifactError, InputError
 
+from . import generation
 from .executable import Executable
 
 
@@ -33,6 +39,7 @@ class VisionExecutable(Executable):
         self.image_token_id = self.graph.meta["image_token_id"]
         self.image_tokens = self.graph.meta["image_tokens"]
         self._features = None
+        self._image_count = 0   # images given with a text prompt: text_rows checks its placeholders against it
 
     def encode_images(self, images) -> torch.Tensor:
         """image_features [N * image_tokens, D] from pixel_values [N, C, H, W], or for a tower of several pixel
@@ -56,11 +63,32 @@ class VisionExecutable(Executable):
         if marks != len(images) or ids.shape[0] != 1:
             raise InputError(f"prompt holds {marks} image placeholders (id {self.image_token_id}) for {len(images)} "
                              "images in one sequence; give one placeholder per image")
-        row = torch.cat([t.repeat(self.image_tokens) if t == self.image_token_id else t[None] for t in ids[0]])
-        pixels = [self.preprocess(im) for im in images]
-        if isinstance(pixels[0], dict):   # several views per image (the hybrid's low and high resolution)
-            return row[None], {k: torch.stack([p[k] for p in pixels]) for k in pixels[0]}
-        return row[None], torch.stack(pixels)
+        return torch.tensor([self._expand(ids[0].tolist())]), self.pixel_values(images)
+
+    def _expand(self, row: list[int]) -> list[int]:
+        return [x for t in row for x in ([t] * self.image_tokens if t == self.image_token_id else [t])]
+
+    def pixel_values(self, images):
+        """The model's pixel inputs for a list of images (PIL images, paths, arrays [H, W, 3] uint8 or tensors
+        [3, H, W]), preprocessed as the checkpoint's image processor does: a tensor [N, C, H, W], or a dict of them
+        for a tower of several views (the hybrid)."""
+        pixels = [self.preprocess(_rgb(im)) for im in images]
+        if pixels and isinstance(pixels[0], dict):
+            return {k: torch.stack([p[k] for p in pixels]) for k in pixels[0]}
+        return torch.stack(pixels)
+
+    def text_rows(self, prompt):
+        """A text prompt's rows, each image placeholder token (what the chat template writes for an image, e.g.
+        DeepSeek-VL's `<image_placeholder>`) expanded to image_tokens copies, as the processors expand it."""
+        rows, single = super().text_rows(prompt)
+        for r in rows:
+            marks = sum(t == self.image_token_id for t in r)
+            if marks != self._image_count:
+                mark = self.tokenizer.decode([self.image_token_id])
+                raise InputError(f"the prompt holds {marks} image placeholders ({mark!r}, id {self.image_token_id}) "
+                                 f"for {self._image_count} images; put one in the text (or an {{'type': 'image'}} "
+                                 "part in a chat message) per image")
+        return [self._expand(r) for r in rows], single
 
     def step_inputs(self, ids, state, extra=None):
         inputs = super().step_inputs(ids, state, extra)
@@ -90,11 +118,25 @@ class VisionExecutable(Executable):
         return self._with_images(input_ids, images, lambda: super(VisionExecutable, self).__call__(input_ids))
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, images=None, **kw):
-        """Greedy decoding as Executable.generate, the images' features spliced in at the prompt's placeholders."""
+        """Executable.generate, the images' features spliced in at the prompt's placeholders. With ids, `images`
+        are pixel values (see prepare_inputs); with a text prompt or a chat, a list of images (PIL, paths,
+        arrays) for the placeholders its template writes, which are expanded and the images preprocessed here."""
         if kw.get("speculative"):
             raise InputError("speculative decoding is not available for multimodal models (no MTP branch)")
-        return self._with_images(prompt_ids, images,
-                                 lambda: super(VisionExecutable, self).generate(prompt_ids, max_new_tokens, **kw))
+        def run():
+            return super(VisionExecutable, self).generate(prompt_ids, max_new_tokens, **kw)
+        if not generation.is_text(prompt_ids):
+            return self._with_images(prompt_ids, images, run)
+        if isinstance(prompt_ids, (list, tuple)) and all(isinstance(p, str) for p in prompt_ids) and images:
+            raise InputError("images go with one prompt (a string or a chat), not a batch of strings")
+        images = list(images or [])
+        feats = self.encode_images(self.pixel_values(images)) if images else None
+        self._features = None if feats is None else feats.repeat(kw.get("n", 1), 1)   # n samples: n rows
+        self._image_count = len(images)
+        try:
+            return run()
+        finally:
+            self._features, self._image_count = None, 0
 
     def save(self, path, overwrite: bool = False):
         raise ArtifactError(f"cannot save {path}: artifacts hold one decoder graph, and a multimodal model's vision "
@@ -137,3 +179,17 @@ class VisionExecutable(Executable):
         """Janus text -> image: the whole code grid by generate_image_tokens, then decode_image's pixels."""
         n = self.vq_decoder.graph.inputs["image_codes"].type.shape[1] if self.vq_decoder is not None else 0
         return self.decode_image(self.generate_image_tokens(prompt_ids, uncond_ids, n, guidance))
+
+
+def _rgb(image):
+    """An image as an array [H, W, 3] uint8 (PIL images and paths through Pillow) or the tensor as given."""
+    if isinstance(image, (str, Path)):
+        try:
+            from PIL import Image  # optional: only image files need it
+        except ImportError:
+            raise InputError("reading image files needs Pillow: pip install 'dsgraph[vision]'") from None
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    if hasattr(image, "convert") and hasattr(image, "size"):   # a PIL image
+        return np.asarray(image.convert("RGB"))
+    return image

@@ -100,7 +100,7 @@ class Engine:
         wants. logprobs=k reports each new token's log-probability under the model (before sampling's knobs) and
         the k most likely tokens'."""
         exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
-        rows = generation._text_rows(exe, prompt)[0] if text else [list(prompt)]
+        rows = exe.text_rows(prompt)[0] if text else [list(prompt)]
         ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids")[0].tolist()
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, (exe.max_positions or 1 << 30) - len(ids)))
