@@ -141,3 +141,22 @@ def test_backend_equals_eager(case, backend):
         <= tolerance("float32", "model")
     report = other.report()
     assert all(op in report for op in ("attention.rel_pos", "vision.window_partition", "vision.resize"))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli_runs_a_text_prompt_with_an_image(case, tmp_path, capsys, chat):
+    """dsgraph run CKPT --image photo.png --prompt "...": a placeholder put before a plain prompt; with --chat an
+    image part in the user message, which the template writes as the placeholder. The same greedy text."""
+    from PIL import Image
+
+    from dsgraph.app.cli import main
+    png = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(1).random((30, 20, 3)) * 255).astype(np.uint8)).save(png)
+    path = case["model"].graph.meta["checkpoint"]["path"]
+    assert main(["run", path, "--image", str(png), "--prompt", "describe the image", "--max-new-tokens", "3",
+                 "--temperature", "0"] + ["--chat"] * chat) == 0
+    text = capsys.readouterr().out
+    exe = dsgraph.compile(case["model"])
+    prompt = ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}]
+              if chat else "<image_placeholder>describe the image")
+    assert text.strip() == exe.generate(prompt, images=[png], max_new_tokens=3, temperature=0).text.strip()
