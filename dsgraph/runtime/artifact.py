@@ -9,6 +9,10 @@ A directory that describes itself:
                        tuned configs for triton, the exported shared library for tvm)
   tokenizer/           the checkpoint's tokenizer.json, tokenizer_config.json, generation_config.json
                        (when the model has a tokenizer), so text prompts work without the checkpoint
+  {part}_graph.json    a multimodal model's other graphs (`vision`, Janus' `generation` and `vq_decoder`),
+                       their compiled code in backend/{part}; their weights join weights.safetensors (a name two
+                       graphs share is the same tensor: one checkpoint through one pipeline) and the manifest
+                       keeps each graph's hash and the image preprocessing config
 Writing holds a lock file beside DIR, builds a sibling temporary directory and renames it into place; it
 replaces only a directory holding a dsgraph manifest and the files it lists. Loading checks the manifest's
 schema, then that the directory holds exactly its files with their checksums, then the graph hash, before
@@ -47,9 +51,12 @@ def _graph_hash(graph_json: dict) -> str:
     return hashlib.sha256(json.dumps(graph_json, sort_keys=True).encode()).hexdigest()
 
 
-def _save_weights(graph_list, weights, path: Path) -> None:
-    names = sorted({n for g in graph_list for n in g.params()})
-    tensors = {n: weights[n].detach().to("cpu").contiguous() for n in names}
+def _save_weights(stores, path: Path) -> None:
+    """The params of every (graphs, weights) pair in one file; a name already taken is not written again."""
+    tensors = {}
+    for graph_list, weights in stores:
+        for n in sorted({n for g in graph_list for n in g.params()} - set(tensors)):
+            tensors[n] = weights[n].detach().to("cpu").contiguous()
     save_file(tensors, str(path))
 
 
@@ -77,17 +84,21 @@ def _write_contents(exe, tmp: Path) -> None:
     graphs = {"graph.json": exe.graph}
     if exe.mtp is not None:
         graphs["mtp_graph.json"] = exe.mtp[0]
-    main_json = None
-    for fname, g in graphs.items():
+    parts = exe.artifact_parts()   # name -> (graph, weights, compiled) of a multimodal model's other graphs
+    hashes = {}
+    for fname, g in [*graphs.items(), *((f"{n}_graph.json", p[0]) for n, p in parts.items())]:
         j = graph_to_json(g)
-        main_json = main_json or j
+        hashes[fname] = _graph_hash(j)
         (tmp / fname).write_text(json.dumps(j))
-    _save_weights(list(graphs.values()), exe.weights, tmp / "weights.safetensors")
+    stores = [(list(graphs.values()), exe.weights)] + [([g], w) for g, w, _ in parts.values()]
+    _save_weights(stores, tmp / "weights.safetensors")
     backend = get_backend(exe.compiled.report.backend)
     (tmp / "backend").mkdir()
     backend.save_compiled(exe.compiled, tmp / "backend" / "main")
     if exe.mtp is not None:
         backend.save_compiled(exe.mtp[1], tmp / "backend" / "mtp")
+    for name, (_, _, compiled) in parts.items():
+        backend.save_compiled(compiled, tmp / "backend" / name)
     if exe.tokenizer is not None:
         exe.tokenizer.save(tmp / TOKENIZER_DIR)
     files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -96,7 +107,9 @@ def _write_contents(exe, tmp: Path) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "dsgraph_version": __version__,
         "backend": exe.compiled.report.backend, "device": exe.device.type, "dtype": exe.dtype,
         "model": {"name": exe.model.name, "config": exe.model.config.to_dict()},
-        "graph_hash": _graph_hash(main_json),
+        "graph_hash": hashes["graph.json"],
+        **({"parts": {n: hashes[f"{n}_graph.json"] for n in parts}, "image": exe.image_config_dict()}
+           if parts else {}),
         "passes": [list(p) if isinstance(p, tuple) else p for p in exe.compiled.report.passes],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
@@ -168,6 +181,7 @@ class ArtifactParts:
     device: str
     dtype: str
     tokenizer: object = None
+    parts: dict | None = None   # a multimodal model's other graphs: name -> (graph, compiled)
 
 
 def load_parts(path, device: str | None = None, backend: str | None = None) -> ArtifactParts:
@@ -189,7 +203,7 @@ def load_parts(path, device: str | None = None, backend: str | None = None) -> A
         raise ArtifactError(f"{root / 'graph.json'} does not match the manifest's graph_hash (edited); "
                             "recompile the artifact")
     graph = _graph(main_json, root / "graph.json")
-    weights = _weights(root / "weights.safetensors", graph)
+    weights, header = _weights(root / "weights.safetensors", graph)
     try:
         be = get_backend(manifest["backend"])
     except DSGraphError as e:
@@ -202,7 +216,17 @@ def load_parts(path, device: str | None = None, backend: str | None = None) -> A
         branch = _graph(_read_json(root / "mtp_graph.json"), root / "mtp_graph.json")
         mtp = (branch, _load_compiled(be, root / "backend" / "mtp", branch, weights, device, dtype))
     tok = load_tokenizer(root / TOKENIZER_DIR) if has_tokenizer(root / TOKENIZER_DIR) else None
-    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype, tok)
+    parts = {}
+    for name, digest in (manifest.get("parts") or {}).items():
+        path = root / f"{name}_graph.json"
+        obj = _read_json(path)
+        if _graph_hash(obj) != digest:
+            raise ArtifactError(f"{path} does not match the manifest's hash of part {name!r} (edited); recompile "
+                                "the artifact")
+        g = _graph(obj, path)
+        _check_params(root / "weights.safetensors", g, header)
+        parts[name] = (g, _load_compiled(be, root / "backend" / name, g, weights, device, dtype))
+    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype, tok, parts or None)
 
 
 def _read_json(path: Path):
@@ -221,23 +245,28 @@ def _graph(obj, path: Path):
     return graph
 
 
-def _weights(path: Path, graph) -> WeightStore:
-    """Lazy weights, after checking the file's header holds every param of `graph` in its type."""
+def _weights(path: Path, graph) -> tuple[WeightStore, dict]:
+    """Lazy weights and the file's header {name: (shape, dtype)}, after checking it holds every param of `graph`
+    in its type."""
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged header
         raise ArtifactError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
                             "recompile the artifact") from None
+    _check_params(path, graph, found)
+    weights = WeightStore()
+    for k in found:
+        weights.set(k, lambda k=k: _read(path, k))
+    return weights, found
+
+
+def _check_params(path: Path, graph, found: dict) -> None:
     for name, v in graph.params().items():
         want = (tuple(v.type.concrete({})), v.type.dtype)
         got = (found[name][0], ST_DTYPES.get(found[name][1], found[name][1])) if name in found else "absent"
         if got != want:
             raise ArtifactError(f"{path}: weight {name} is {got}, the graph expects {want}; recompile the artifact")
-    weights = WeightStore()
-    for k in found:
-        weights.set(k, lambda k=k: _read(path, k))
-    return weights
 
 
 def _load_compiled(be, directory: Path, graph, weights, device: str, dtype: str):

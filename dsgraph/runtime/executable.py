@@ -183,3 +183,7 @@ class Executable:
     def save(self, path, overwrite: bool = False):
         """Write a deployable artifact directory (dsgraph/runtime/artifact.py); load it with dsgraph.load_artifact."""
         return save_artifact(self, path, overwrite=overwrite)
+
+    def artifact_parts(self) -> dict:
+        """Graphs an artifact holds beside the decoder and its MTP branch: name -> (graph, weights, compiled)."""
+        return {}

@@ -13,6 +13,7 @@ and `decode_image` (codes -> pixels, through its VQ decoder).
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,15 @@ from .executable import Executable
 class VisionExecutable(Executable):
     """Executable + `vision` (the tower's CompiledGraph); `images` are pixel_values [N, C, H, W]."""
 
-    def __init__(self, *args, vision=None, generation=None, vq_decoder=None, preprocess=None, **kw):
+    def __init__(self, *args, vision=None, generation=None, vq_decoder=None, preprocess=None, image_config=None,
+                 part_weights=None, **kw):
         super().__init__(*args, **kw)
         self.vision = vision
         self.generation = generation   # Janus: an Executable over the image-generation decoder
         self.vq_decoder = vq_decoder   # Janus: codes [N, grid*grid] -> pixels [N, 3, H, W]
         self.preprocess = preprocess   # images -> pixel_values (the model's image processor)
+        self.image_config = image_config   # its config (a dataclass), which artifacts keep
+        self.part_weights = part_weights or {}   # the vision tower's and VQ decoder's weights after their passes
         feats = self.graph.inputs["image_features"].type
         self.feature_dim, self.feature_dtype = feats.shape[1], to_torch(feats.dtype)
         self.image_token_id = self.graph.meta["image_token_id"]
@@ -138,9 +142,20 @@ class VisionExecutable(Executable):
         finally:
             self._features, self._image_count = None, 0
 
-    def save(self, path, overwrite: bool = False):
-        raise ArtifactError(f"cannot save {path}: artifacts hold one decoder graph, and a multimodal model's vision "
-                            "tower (and Janus' generation decoder) would be lost; compile it from the checkpoint")
+    def artifact_parts(self) -> dict:
+        """The vision tower, Janus' generation decoder and VQ decoder, each with its weights and compiled code."""
+        parts = {"vision": (self.vision.graph, self.part_weights["vision"], self.vision)}
+        if self.generation is not None:
+            parts["generation"] = (self.generation.graph, self.generation.weights, self.generation.compiled)
+        if self.vq_decoder is not None:
+            parts["vq_decoder"] = (self.vq_decoder.graph, self.part_weights["vq_decoder"], self.vq_decoder)
+        return parts
+
+    def image_config_dict(self) -> dict:
+        if self.image_config is None:
+            raise ArtifactError("this multimodal executable has no image_config to save (compile it with "
+                                "dsgraph.compile)")
+        return asdict(self.image_config)
 
     @torch.no_grad()
     def generate_image_tokens(self, prompt_ids, uncond_ids, num_tokens: int, guidance: float = 5.0):

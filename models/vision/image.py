@@ -41,6 +41,16 @@ def image_config(size: int, high_res_size: int | None = None) -> ImageConfig:
     return ImageConfig(size, high_res=ImageConfig(high_res_size) if high_res_size else None)
 
 
+def image_config_from_dict(d: dict, source: str) -> ImageConfig:
+    """An ImageConfig from its asdict() form (what artifacts keep); ConfigError naming `source` otherwise."""
+    try:
+        high = d.get("high_res")
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "high_res"}
+        return ImageConfig(**fields, high_res=image_config_from_dict(high, source) if high else None)
+    except (TypeError, AttributeError) as e:
+        raise ConfigError(f"{source}: not an image preprocessing config ({e})") from None
+
+
 def _side(f: Path, cfg: dict, key: str, size: int) -> int:
     s = cfg.get(key, size)
     side = s.get("height", size) if isinstance(s, dict) else s
