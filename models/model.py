@@ -19,7 +19,7 @@ from .v4_config import V4Config, from_hf_v4
 from .v4_summary import v4_summary
 from .vision.config import VL_PRESETS, from_hf_vl
 from .vision.generation import build_generation_graph
-from .vision.image import ImageConfig
+from .vision.image import ImageConfig, image_config
 from .vision.tower import build_vl_graphs
 from .vision.vq import build_vq_decoder_graph
 
@@ -103,5 +103,5 @@ def build_vl_model(name: str, cfg: dict, source: str, seed: int = 0, dtype: str 
             extra = random_weights(part, seed, weights_device)
             for k in extra:
                 store.set(k, extra.entry(k))
-    return Model(name, vl.text, graph, store, vision=VisionPart(vl, vision, ImageConfig(vl.vision.image_size),
-                                                              generation, vq))
+    return Model(name, vl.text, graph, store, vision=VisionPart(
+        vl, vision, image_config(vl.vision.image_size, vl.high_res and vl.high_res.image_size), generation, vq))

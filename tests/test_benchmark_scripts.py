@@ -63,3 +63,12 @@ def test_dsa_gpu_rows_check_their_kernels(tmp_path):
     rows = json.loads((tmp_path / "dsa_gpu.json").read_text())["results"]
     assert [r["kernel"] for r in rows] == ["sparse_mla", "indexer_logits", "dense_mla"]
     assert all(r["rel_err"] < 1e-4 for r in rows)
+
+
+def test_vl_benchmark_times_the_encoder_and_first_token(tmp_path):
+    """The multimodal script on CPU: a hybrid tower (two pixel inputs) and Janus, floors from the towers' GEMMs."""
+    run("benchmarks/vl_gpu.py", "--device", "cpu", "--dtype", "float32", "--presets",
+        "deepseek-vl-hybrid-tiny,janus-tiny", "--backends", "eager", "--reps", "1", env={"OUT": str(tmp_path)})
+    rows = json.loads((tmp_path / "vl_gpu.json").read_text())["results"]
+    assert [r["preset"] for r in rows] == ["deepseek-vl-hybrid-tiny", "janus-tiny"]
+    assert all(r["encoder_floor_s"] > 0 and r["ttft_s"] > 0 for r in rows)

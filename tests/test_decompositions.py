@@ -397,6 +397,18 @@ def test_vision_ops(dt, tol):
               sym, tol, token_id=5)
 
 
+
+@covers("vision.resize", "vision.window_partition", "attention.rel_pos")
+@pytest.mark.parametrize("dt,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sam_ops(dt, tol):
+    """DeepSeek-VL hybrid's SAM: the resize as two matmuls with constant matrices, the window partition's zero
+    padding, the relative-position attention as einsums and a softmax."""
+    check("vision.resize", {"x": randn(2, 3, 4, 5, dtype=dt)}, {"x": ("N", 3, 4, 5)}, tol, height=8, width=3)
+    check("vision.window_partition", {"x": randn(2, 4, 5, 3, dtype=dt)}, {"x": ("N", 4, 5, 3)}, tol, window=3)
+    qkv = {n: randn(2, 6, 2, 4, dtype=dt) for n in "qkv"}
+    check("attention.rel_pos", {**qkv, "rh": randn(2, 2, 4, dtype=dt), "rw": randn(3, 3, 4, dtype=dt)},
+          {n: ("M", 6, 2, 4) for n in "qkv"}, tol, scale=0.5)
+
 # ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
 @covers("norm.layer", "indexer.logits", "indexer.topk", "attention.mla_sparse", "attention.mla_sparse_absorbed")
 @pytest.mark.parametrize("s,t,k", [(3, 3, 2), (2, 7, 3), (4, 9, 12)])   # T above and below k

@@ -230,6 +230,54 @@ ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(0, 6)), lambda e, i, f:
 ref("vision.splice", lambda: (R(2, 5, 6), _SPLICE_IDS, R(4, 6)), lambda e, i, f: splice_loop(e, i, f, 7), token_id=7)
 
 
+
+def resize_loop(x, height, width):
+    """Bilinear, align_corners=False: each output pixel from its four neighbours, source index clamped at 0."""
+    n, c, h, w = x.shape
+    out = torch.zeros(n, c, height, width)
+
+    def src(i, n_in, n_out):
+        s = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(s), n_in - 1)
+        return i0, min(i0 + 1, n_in - 1), s - i0
+    for oy in range(height):
+        y0, y1, fy = src(oy, h, height)
+        for ox in range(width):
+            x0, x1, fx = src(ox, w, width)
+            out[..., oy, ox] = ((1 - fy) * ((1 - fx) * x[..., y0, x0] + fx * x[..., y0, x1])
+                                + fy * ((1 - fx) * x[..., y1, x0] + fx * x[..., y1, x1]))
+    return out
+
+
+def window_loop(x, window):
+    n, h, w, c = x.shape
+    gh, gw = -(-h // window), -(-w // window)
+    padded = torch.zeros(n, gh * window, gw * window, c)
+    padded[:, :h, :w] = x
+    return torch.stack([padded[i, a * window:(a + 1) * window, b * window:(b + 1) * window]
+                        for i in range(n) for a in range(gh) for b in range(gw)])
+
+
+def rel_pos_loop(q, k, v, rh, rw, scale):
+    """Per query position: logits over every key position with its row and column offset embeddings."""
+    t, gw = q.shape[1], rw.shape[0]
+    out = torch.zeros_like(q)
+    for qi in range(t):
+        qy, qx = divmod(qi, gw)
+        logits = torch.stack([scale * (q[:, qi] * k[:, ki]).sum(-1) + (q[:, qi] * rh[qy, ki // gw]).sum(-1)
+                              + (q[:, qi] * rw[qx, ki % gw]).sum(-1) for ki in range(t)], -1)   # [n, heads, t]
+        out[:, qi] = torch.einsum("nht,nthd->nhd", torch.softmax(logits, -1), v)
+    return out
+
+
+for _hw, _size in [((4, 4), (8, 8)), ((5, 3), (2, 7))]:   # up and down, both axes
+    ref("vision.resize", lambda a=_hw: (R(2, 3, *a),), lambda x, s=_size: resize_loop(x, *s),
+        height=_size[0], width=_size[1])
+for _hw, _w in [((4, 4), 2), ((4, 5), 3)]:   # exact windows; zero padding on both sides
+    ref("vision.window_partition", lambda a=_hw: (R(2, *a, 3),), lambda x, w=_w: window_loop(x, w), window=_w)
+ref("attention.rel_pos", lambda: (R(2, 6, 2, 4), R(2, 6, 2, 4), R(2, 6, 2, 4), R(2, 2, 4), R(3, 3, 4)),
+    lambda *a: rel_pos_loop(*a, 0.5), scale=0.5)
+
 # ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
 for _s in [(3, 16), (2, 5, 7)]:
     ref("norm.layer", lambda s=_s: (R(*s), R(s[-1]), R(s[-1])), lambda x, w, b: layer_norm_loop(x, w, b, 1e-6))
@@ -471,6 +519,9 @@ GOOD = [
     ("mlp.gelu", [T("N", 4, 8), T(16, 8), T(16), T(6, 16), T(6)], {"approximate": "tanh"}, [T("N", 4, 6)]),
     ("vision.splice", [T("B", "S", 8), T("B", "S", dt=L), T("I", 8)], {"token_id": 3}, [T("B", "S", 8)]),
     ("norm.group", [T("N", 64, 4, 4), T(64), T(64)], {"groups": 32}, [T("N", 64, 4, 4)]),
+    ("vision.resize", [T("N", 16, 4, 4)], {"height": 8, "width": 6}, [T("N", 16, 8, 6)]),
+    ("vision.window_partition", [T("N", 4, 5, 8)], {"window": 3}, [T("N*4", 3, 3, 8)]),
+    ("attention.rel_pos", [T("M", 6, 2, 4)] * 3 + [T(2, 2, 4), T(3, 3, 4)], {"scale": 0.5}, [T("M", 6, 2, 4)]),
     ("indexer.logits", [T("B", "S", 4, 16), T("B", "T", 16), T("B", "S", 4)], {"scale": 0.1}, [T("B", "S", "T")]),
     ("indexer.topk", [T("B", "S", "T")], {"k": 8}, [T("B", "S", 8, dt=L)]),
     ("indexer.quant_fp8", [T("B", "T", 256)], {}, [T("B", "T", 256, dt=F8), T("B", "T", 2)]),
@@ -531,6 +582,9 @@ BAD = [
     ("vision.splice", [T(2, 4, 8), T(2, 4, dt=L), T(3, 7)], {"token_id": 3}, r"must be \[I, 8\]"),
     ("vision.splice", [T(2, 4, 8), T(2, 4), T(3, 8)], {"token_id": 3}, r"ids must be int64"),
     ("norm.group", [T(2, 12, 4, 4), T(12), T(12)], {"groups": 8}, r"12 channels .* do not split into 8 groups"),
+    ("vision.resize", [T(2, 16, 4)], {"height": 8, "width": 6}, r"vision.resize x \[N, C, H, W\]"),
+    ("vision.window_partition", [T(2, "H", 4, 8)], {"window": 2}, r"needs a static H, W"),
+    ("attention.rel_pos", [T(1, 6, 2, 4)] * 3 + [T(3, 3, 4), T(3, 3, 4)], {"scale": 0.5}, r"must be \[N, 3\*3"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 9), T(1, 2, 4)], {"scale": 1.0}, r"differ in batch or head dim"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 3)], {"scale": 1.0}, r"must be \[B,S,H\]"),
     ("indexer.logits", [T(1, 2, 4, 12), T(1, 3, 12), T(1, 2, 4)], {"scale": 1.0, "fp8": True},

@@ -150,8 +150,8 @@ def test_janus_vq_decoder_equals_transformers(case):
     assert rel_err(got, want) <= tolerance("float32", "model")
 
 
-def test_the_tower_runs_once_per_prompt_and_artifacts_refuse(tmp_path):
-    """The vision encoder runs in prefill only, never per decoded token; saving would drop it, so it refuses."""
+def test_the_tower_runs_once_per_prompt():
+    """The vision encoder runs in prefill only, never per decoded token."""
     exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"))
     runs, run = [], exe.vision.run
     exe.vision.run = lambda inputs, **kw: runs.append(inputs["pixel_values"].shape[0]) or run(inputs, **kw)
@@ -160,8 +160,25 @@ def test_the_tower_runs_once_per_prompt_and_artifacts_refuse(tmp_path):
     assert ids.tolist() == [[1, 2] + [255] * 4 + [3] + [255] * 4] and pixels.shape == (2, 3, 28, 28)
     exe.generate(ids, images=pixels, max_new_tokens=5)
     assert runs == [2]
-    with pytest.raises(dsgraph.errors.ArtifactError, match="vision tower"):
-        exe.save(tmp_path / "a")
+
+
+def test_artifacts_carry_every_graph(tmp_path):
+    """exe.save keeps the vision tower, Janus' generation and VQ decoders and the image preprocessing: the loaded
+    artifact answers about an image and draws one as the compiled model does; an edited part is refused."""
+    exe = dsgraph.compile(dsgraph.load("janus-tiny"))
+    exe.save(tmp_path / "a")
+    loaded = dsgraph.load_artifact(tmp_path / "a")
+    img = (np.random.default_rng(0).random((20, 35, 3)) * 255).astype(np.uint8)
+    (ids, px), (ids2, px2) = exe.prepare_inputs([1, 255, 3], [img]), loaded.prepare_inputs([1, 255, 3], [img])
+    assert torch.equal(ids, ids2) and torch.equal(px, px2)
+    assert torch.equal(loaded.generate(ids, images=px, max_new_tokens=4), exe.generate(ids, images=px,
+                                                                                       max_new_tokens=4))
+    cond, uncond = torch.tensor([[1, 17, 30, 99]]), torch.tensor([[1, 0, 0, 0]])
+    assert torch.equal(loaded.generate_image(cond, uncond), exe.generate_image(cond, uncond))
+    part = tmp_path / "a" / "vision_graph.json"
+    part.write_text(part.read_text().replace('"V0', '"W0', 1))
+    with pytest.raises(dsgraph.errors.ArtifactError, match="vision_graph.json"):
+        dsgraph.load_artifact(tmp_path / "a")
 
 
 def test_placeholder_count_must_match_the_images():

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -143,14 +144,15 @@ def _vision_executable(model, be: Backend, passes, device, dtype, options, parts
         parts[2].report.notes.append(f"{what}: {compiled.report}")
         return g, w, compiled, records
 
-    vision = part(model.vision.graph, "vision tower")[2]
+    _, vision_w, vision, _ = part(model.vision.graph, "vision tower")
     generation = None
     if model.vision.generation is not None:   # Janus: text -> image tokens, over the same language model
         g, w, compiled, records = part(model.vision.generation, "image-generation decoder")
         generation = Executable(model, g, compiled, device, dtype, records, weights=w)
-    vq = part(model.vision.vq_decoder, "VQ decoder")[2] if model.vision.vq_decoder is not None else None
+    vq_w, vq = part(model.vision.vq_decoder, "VQ decoder")[1:3] if model.vision.vq_decoder is not None else (None, None)
     return VisionExecutable(*parts, weights=weights, vision=vision, generation=generation, vq_decoder=vq,
-                            preprocess=models.vision_preprocessor(model))
+                            preprocess=models.vision_preprocessor(model), image_config=model.vision.image,
+                            part_weights={"vision": vision_w, "vq_decoder": vq_w})
 
 
 def _with_kv_cache_dtype(passes, be: Backend, kv_cache_dtype: str | None):
@@ -201,5 +203,16 @@ def load_artifact(path: str | os.PathLike, device: str | None = None, backend: s
     info = parts.manifest["model"]
     config = models.config_from_dict(info["config"], source=f"{path}/manifest.json model.config")
     model = models.Model(info["name"], config, parts.graph, parts.weights, parts.tokenizer)
-    return Executable(model, parts.graph, parts.compiled, parts.device, parts.dtype, parts.manifest["passes"],
-                      mtp=parts.mtp, weights=parts.weights)
+    args = (model, parts.graph, parts.compiled, parts.device, parts.dtype, parts.manifest["passes"])
+    if not parts.parts:
+        return Executable(*args, mtp=parts.mtp, weights=parts.weights)
+    extra = parts.parts   # a multimodal model: its tower (and Janus' generation and VQ decoders) beside it
+    image = models.vision.image_config_from_dict(parts.manifest["image"], f"{path}/manifest.json image")
+    generation = None
+    if "generation" in extra:
+        generation = Executable(model, *extra["generation"], parts.device, parts.dtype, parts.manifest["passes"],
+                                weights=parts.weights)
+    return VisionExecutable(*args, weights=parts.weights, vision=extra["vision"][1], generation=generation,
+                            vq_decoder=extra["vq_decoder"][1] if "vq_decoder" in extra else None,
+                            preprocess=partial(models.vision.preprocess, cfg=image), image_config=image,
+                            part_weights={k: parts.weights for k in ("vision", "vq_decoder")})

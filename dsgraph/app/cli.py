@@ -101,7 +101,7 @@ def _run(args, plan: ParallelPlan | None) -> int:
     text = textcli.text_prompt(args)
     exe = _load_exe(args, plan)
     if text is not None:
-        textcli.stream(exe, text, args)
+        textcli.stream(exe, *_text_with_images(exe, text, args.image), args)
         return 0
     prompt = args.prompt_ids if args.prompt_ids is not None else [1, 2, 3]
     print(f"prompt: {prompt}", flush=True)
@@ -143,6 +143,22 @@ def _with_images(exe, prompt, files):
     marks = sum(t == exe.image_token_id for t in prompt[0])
     ids, pixels = exe.prepare_inputs([[exe.image_token_id] * (len(images) - marks) + prompt[0]], images)
     return ids, {"images": pixels}
+
+
+def _text_with_images(exe, text, files):
+    """(text prompt, generate's image keywords) for --prompt with --image: a plain prompt without the model's
+    image placeholder gets one per image in front; with --chat the user message takes an image part per image
+    (the checkpoint's template writes the placeholders)."""
+    if not files:
+        return text, {}
+    if not hasattr(exe, "text_rows") or not hasattr(exe, "image_token_id"):
+        raise ConfigError(f"--image: {exe.model.name} is not a multimodal model (DeepSeek-VL / Janus)")
+    if isinstance(text, str):
+        mark = exe.tokenizer.decode([exe.image_token_id]) if exe.tokenizer is not None else ""
+        return (text if mark and mark in text else mark * len(files) + text), {"images": files}
+    *before, user = text
+    parts = [{"type": "image"} for _ in files] + [{"type": "text", "text": user["content"]}]
+    return [*before, {**user, "content": parts}], {"images": files}
 
 
 def cmd_plan(args) -> int:

@@ -81,11 +81,12 @@ def stats_line(out) -> str:
             f"ttft {out.time_to_first_token_s * 1e3:.0f} ms, {rate}")
 
 
-def stream(exe, prompt, args):
-    """Generate, printing text as it comes; the stats line goes to stderr."""
+def stream(exe, prompt, images, args):
+    """Generate, printing text as it comes; the stats line goes to stderr. `images`: generate's image keywords
+    (empty for a text-only model)."""
     spec = {"speculative": args.speculative, "draft_depth": args.draft_depth} if getattr(args, "speculative", None) \
         else {}
-    out = exe.generate(prompt, max_new_tokens=args.max_new_tokens, **sampling_options(args), **spec,
+    out = exe.generate(prompt, max_new_tokens=args.max_new_tokens, **sampling_options(args), **spec, **images,
                        on_text=lambda _, piece: print(piece, end="", flush=True))
     print(flush=True)
     print(stats_line(out), file=sys.stderr, flush=True)
@@ -123,7 +124,7 @@ def chat_loop(exe, args) -> int:
         if not line:
             continue
         messages.append({"role": "user", "content": line})
-        out = stream(exe, messages, args)
+        out = stream(exe, messages, {}, args)
         messages.append({"role": "assistant", "content": out.text})
 
 

@@ -1,11 +1,13 @@
 """Vision ops for the multimodal DeepSeek models (DeepSeek-VL, Janus): the ViT patch embedding, the GELU MLP of
-ViT blocks and aligners, and the splice of image features into the token embedding stream.
+ViT blocks and aligners, the splice of image features into the token embedding stream; for DeepSeek-VL hybrid's
+SAM encoder the window partition, attention with decomposed relative positions and the bilinear resize.
 
 The rest of a SigLIP tower is ops that exist already: `norm.layer`, `attention.gqa` with `causal=False`
 (bidirectional multi-head attention), `add` for the learned position embeddings.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..types import TensorType
@@ -176,3 +178,132 @@ def _(b, x, w, bias, groups, eps):
     y = b.add(b.mul(y, b.reshape(b.cast(w, dtype="float32"), shape=affine)),
               b.reshape(b.cast(bias, dtype="float32"), shape=affine))
     return b.cast(y, dtype=x.dtype)
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> list[list[float]]:
+    """[n_out][n_in] weights of 1-D linear interpolation, align_corners=False (torch's: source index
+    (i + 0.5) * n_in / n_out - 0.5, clamped at 0; the upper neighbour clamped at the edge)."""
+    rows = []
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(src), n_in - 1)
+        i1, frac = min(i0 + 1, n_in - 1), src - i0
+        row = [0.0] * n_in
+        row[i0] += 1.0 - frac
+        row[i1] += frac
+        rows.append(row)
+    return rows
+
+
+RESIZE = defop("vision.resize", "x", {"height": Attr(int), "width": Attr(int)},
+               "Bilinear resize of x [N,C,H,W] to [N,C,height,width], align_corners=False (DeepSeek-VL hybrid's SAM "
+               "features brought to the SigLIP grid).", level="domain")
+
+
+@RESIZE.infer
+def _(x, height, width):
+    expect_rank(x, 4, "vision.resize x [N, C, H, W]")
+    expect_float(x, "vision.resize x")
+    expect(all(isinstance(d, int) for d in x.shape[2:]) and height > 0 and width > 0,
+           lambda: f"vision.resize: x {x} needs a static H, W and the target {height}x{width} must be positive")
+    return TensorType((*x.shape[:2], height, width), x.dtype)
+
+
+@RESIZE.reference
+def _(x, height, width):
+    return F.interpolate(f32(x), size=(height, width), mode="bilinear", align_corners=False)
+
+
+@RESIZE.decomposition
+def _(b, x, height, width):
+    """Separable: A_h @ x @ A_w^T with the interpolation matrices as constants."""
+    h, w = x.shape[2], x.shape[3]
+    ah = b.constant(value=tuple(v for r in bilinear_matrix(h, height) for v in r), shape=(height, h), dtype=x.dtype)
+    awt = b.permute(b.constant(value=tuple(v for r in bilinear_matrix(w, width) for v in r), shape=(width, w),
+                               dtype=x.dtype), dims=(1, 0))
+    return b.matmul(b.matmul(ah, x), awt)
+
+
+WINDOWS = defop("vision.window_partition", "x", {"window": Attr(int)},
+                "SAM's window partition: x [N,H,W,C] zero-padded at the bottom and right to multiples of `window`, "
+                "cut into [N * (H'/window) * (W'/window), window, window, C] (row-major windows).", level="domain")
+
+
+@WINDOWS.infer
+def _(x, window):
+    expect_rank(x, 4, "vision.window_partition x [N, H, W, C]")
+    h, w = x.shape[1], x.shape[2]
+    expect(isinstance(h, int) and isinstance(w, int) and window > 0,
+           lambda: f"vision.window_partition: x {x} needs a static H, W and a positive window")
+    count = (-(-h // window)) * (-(-w // window))
+    return TensorType((x.shape[0] * count, window, window, x.shape[3]), x.dtype)
+
+
+@WINDOWS.reference
+def _(x, window):
+    n, h, w, c = x.shape
+    x = F.pad(x, (0, 0, 0, -w % window, 0, -h % window))
+    gh, gw = x.shape[1] // window, x.shape[2] // window
+    return x.reshape(n, gh, window, gw, window, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c)
+
+
+@WINDOWS.decomposition
+def _(b, x, window):
+    n, h, w, c = x.shape
+    ph, pw = -h % window, -w % window
+    if pw:
+        x = b.concat(x, b.expand(b.constant(value=0.0, shape=(1, 1, 1, 1), dtype=x.dtype), shape=(n, h, pw, c)), dim=2)
+    if ph:
+        x = b.concat(x, b.expand(b.constant(value=0.0, shape=(1, 1, 1, 1), dtype=x.dtype), shape=(n, ph, w + pw, c)),
+                     dim=1)
+    gh, gw = (h + ph) // window, (w + pw) // window
+    x = b.permute(b.reshape(x, shape=(n, gh, window, gw, window, c)), dims=(0, 1, 3, 2, 4, 5))
+    return b.reshape(x, shape=(n * gh * gw, window, window, c))
+
+
+REL_POS = defop("attention.rel_pos", "q k v rel_h rel_w", {"scale": Attr(float)},
+                "SAM's bidirectional attention with decomposed relative positions over a gh x gw grid: q, k, v "
+                "[N, gh*gw, heads, d]; rel_h [gh, gh, d] and rel_w [gw, gw, d] the embeddings of each (query, key) "
+                "row and column offset; logits = scale * q.k + q.rel_h[qy, ky] + q.rel_w[qx, kx].", level="domain")
+
+
+@REL_POS.infer
+def _(q, k, v, rh, rw, scale):
+    for t, what in ((q, "q"), (k, "k"), (v, "v")):
+        expect_rank(t, 4, f"attention.rel_pos {what} [N, T, heads, d]")
+    gh, gw, d = rh.shape[0], rw.shape[0], q.shape[3]
+    expect(rh.shape == (gh, gh, d) and rw.shape == (gw, gw, d),
+           lambda: f"attention.rel_pos: rel_h {rh} / rel_w {rw} must be [gh, gh, {d}] / [gw, gw, {d}]")
+    expect(q.shape == k.shape and k.shape[:3] == v.shape[:3] and q.shape[1] == gh * gw,
+           lambda: f"attention.rel_pos: q {q}, k {k}, v {v} must be [N, {gh}*{gw}, heads, d] alike")
+    same_dtype(q, k, v, rh, rw)
+    return v
+
+
+def _rel_bias(q, rh, rw):
+    n, _, heads, d = q.shape
+    gh, gw = rh.shape[0], rw.shape[0]
+    grid = q.reshape(n, gh, gw, heads, d)
+    bh = torch.einsum("nyxhd,ykd->nhyxk", grid, rh)
+    bw = torch.einsum("nyxhd,xkd->nhyxk", grid, rw)
+    return (bh[..., :, None] + bw[..., None, :]).reshape(n, heads, gh * gw, gh * gw)
+
+
+@REL_POS.reference
+def _(q, k, v, rh, rw, scale):
+    q, k, v, rh, rw = (f32(t) for t in (q, k, v, rh, rw))
+    logits = torch.einsum("nqhd,nkhd->nhqk", q * scale, k) + _rel_bias(q, rh, rw)
+    return torch.einsum("nhqk,nkhd->nqhd", torch.softmax(logits, -1), v)
+
+
+@REL_POS.decomposition
+def _(b, q, k, v, rh, rw, scale):
+    n, t, heads, d = q.shape
+    gh, gw = rh.shape[0], rw.shape[0]
+    grid = b.reshape(q, shape=(n, gh, gw, heads, d))
+    bh = b.reshape(b.einsum(grid, rh, equation="nyxhd,ykd->nhyxk"), shape=(n, heads, gh, gw, gh, 1))
+    bw = b.reshape(b.einsum(grid, rw, equation="nyxhd,xkd->nhyxk"), shape=(n, heads, gh, gw, 1, gw))
+    bias = b.reshape(b.add(bh, bw), shape=(n, heads, t, t))
+    qs = b.mul(q, b.constant(value=scale, dtype=q.dtype))
+    logits = b.add(b.einsum(qs, k, equation="nqhd,nkhd->nhqk"), bias)
+    return b.einsum(b.cast(b.softmax(logits, dim=-1), dtype=q.dtype), v, equation="nhqk,nkhd->nqhd")

@@ -9,6 +9,10 @@ A directory that describes itself:
                        tuned configs for triton, the exported shared library for tvm)
   tokenizer/           the checkpoint's tokenizer.json, tokenizer_config.json, generation_config.json
                        (when the model has a tokenizer), so text prompts work without the checkpoint
+  {part}_graph.json    a multimodal model's other graphs (`vision`, Janus' `generation` and `vq_decoder`),
+                       their compiled code in backend/{part}; their weights join weights.safetensors (a name two
+                       graphs share is the same tensor: one checkpoint through one pipeline) and the manifest
+                       keeps each graph's hash and the image preprocessing config
 Writing holds a lock file beside DIR, builds a sibling temporary directory and renames it into place; it
 replaces only a directory holding a dsgraph manifest and the files it lists. Loading checks the manifest's
 schema, then that the directory holds exactly its files with their checksums, then the graph hash, before
@@ -48,9 +52,12 @@ def _graph_hash(graph_json: dict) -> str:
     return hashlib.sha256(json.dumps(graph_json, sort_keys=True).encode()).hexdigest()
 
 
-def _save_weights(graph_list, weights, path: Path) -> None:
-    names = sorted({n for g in graph_list for n in g.params()})
-    tensors = {n: weights[n].detach().to("cpu").contiguous() for n in names}
+def _save_weights(stores, path: Path) -> None:
+    """The params of every (graphs, weights) pair in one file; a name already taken is not written again."""
+    tensors = {}
+    for graph_list, weights in stores:
+        for n in sorted({n for g in graph_list for n in g.params()} - set(tensors)):
+            tensors[n] = weights[n].detach().to("cpu").contiguous()
     save_file(tensors, str(path))
 
 
@@ -78,18 +85,19 @@ def _write_contents(exe, tmp: Path, name: str) -> None:
     graphs = {"graph.json": exe.graph}
     if exe.mtp is not None:
         graphs["mtp_graph.json"] = exe.mtp[0]
-    weight_bytes = sum(v.type.nbytes() for g in graphs.values() for v in g.params().values())
-    with bar(5, f"writing {name}", unit="step",
-             long=weight_bytes >= WRITE_MIN_BYTES) as steps:
+    parts = exe.artifact_parts()   # name -> (graph, weights, compiled) of a multimodal model's other graphs
+    stores = [(list(graphs.values()), exe.weights)] + [([g], w) for g, w, _ in parts.values()]
+    weight_bytes = sum(v.type.nbytes() for gs, _ in stores for g in gs for v in g.params().values())
+    hashes = {}
+    with bar(5, f"writing {name}", unit="step", long=weight_bytes >= WRITE_MIN_BYTES) as steps:
         steps.set_postfix_str("graphs")
-        main_json = None
-        for fname, g in graphs.items():
+        for fname, g in [*graphs.items(), *((f"{n}_graph.json", p[0]) for n, p in parts.items())]:
             j = graph_to_json(g)
-            main_json = main_json or j
+            hashes[fname] = _graph_hash(j)
             (tmp / fname).write_text(json.dumps(j))
         steps.update(1)
         steps.set_postfix_str(f"weights ({weight_bytes / 2**30:.2f} GiB)")
-        _save_weights(list(graphs.values()), exe.weights, tmp / "weights.safetensors")
+        _save_weights(stores, tmp / "weights.safetensors")
         steps.update(1)
         steps.set_postfix_str("compiled backend")
         backend = get_backend(exe.compiled.report.backend)
@@ -97,6 +105,8 @@ def _write_contents(exe, tmp: Path, name: str) -> None:
         backend.save_compiled(exe.compiled, tmp / "backend" / "main")
         if exe.mtp is not None:
             backend.save_compiled(exe.mtp[1], tmp / "backend" / "mtp")
+        for part, (_, _, compiled) in parts.items():
+            backend.save_compiled(compiled, tmp / "backend" / part)
         steps.update(1)
         if exe.tokenizer is not None:
             exe.tokenizer.save(tmp / TOKENIZER_DIR)
@@ -109,7 +119,9 @@ def _write_contents(exe, tmp: Path, name: str) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "dsgraph_version": __version__,
         "backend": exe.compiled.report.backend, "device": exe.device.type, "dtype": exe.dtype,
         "model": {"name": exe.model.name, "config": exe.model.config.to_dict()},
-        "graph_hash": _graph_hash(main_json),
+        "graph_hash": hashes["graph.json"],
+        **({"parts": {n: hashes[f"{n}_graph.json"] for n in parts}, "image": exe.image_config_dict()}
+           if parts else {}),
         "passes": [list(p) if isinstance(p, tuple) else p for p in exe.compiled.report.passes],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
@@ -181,6 +193,7 @@ class ArtifactParts:
     device: str
     dtype: str
     tokenizer: object = None
+    parts: dict | None = None   # a multimodal model's other graphs: name -> (graph, compiled)
 
 
 def load_parts(path, device: str | None = None, backend: str | None = None) -> ArtifactParts:
@@ -202,7 +215,7 @@ def load_parts(path, device: str | None = None, backend: str | None = None) -> A
         raise ArtifactError(f"{root / 'graph.json'} does not match the manifest's graph_hash (edited); "
                             "recompile the artifact")
     graph = _graph(main_json, root / "graph.json")
-    weights = _weights(root / "weights.safetensors", graph)
+    weights, header = _weights(root / "weights.safetensors", graph)
     try:
         be = get_backend(manifest["backend"])
     except DSGraphError as e:
@@ -215,7 +228,17 @@ def load_parts(path, device: str | None = None, backend: str | None = None) -> A
         branch = _graph(_read_json(root / "mtp_graph.json"), root / "mtp_graph.json")
         mtp = (branch, _load_compiled(be, root / "backend" / "mtp", branch, weights, device, dtype))
     tok = load_tokenizer(root / TOKENIZER_DIR) if has_tokenizer(root / TOKENIZER_DIR) else None
-    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype, tok)
+    parts = {}
+    for name, digest in (manifest.get("parts") or {}).items():
+        path = root / f"{name}_graph.json"
+        obj = _read_json(path)
+        if _graph_hash(obj) != digest:
+            raise ArtifactError(f"{path} does not match the manifest's hash of part {name!r} (edited); recompile "
+                                "the artifact")
+        g = _graph(obj, path)
+        _check_params(root / "weights.safetensors", g, header)
+        parts[name] = (g, _load_compiled(be, root / "backend" / name, g, weights, device, dtype))
+    return ArtifactParts(manifest, graph, weights, compiled, mtp, device, dtype, tok, parts or None)
 
 
 def _read_json(path: Path):
@@ -234,23 +257,28 @@ def _graph(obj, path: Path):
     return graph
 
 
-def _weights(path: Path, graph) -> WeightStore:
-    """Lazy weights, after checking the file's header holds every param of `graph` in its type."""
+def _weights(path: Path, graph) -> tuple[WeightStore, dict]:
+    """Lazy weights and the file's header {name: (shape, dtype)}, after checking it holds every param of `graph`
+    in its type."""
     try:
         with safe_open(str(path), framework="pt") as f:
             found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged header
         raise ArtifactError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
                             "recompile the artifact") from None
+    _check_params(path, graph, found)
+    weights = WeightStore()
+    for k in found:
+        weights.set(k, lambda k=k: _read(path, k))
+    return weights, found
+
+
+def _check_params(path: Path, graph, found: dict) -> None:
     for name, v in graph.params().items():
         want = (tuple(v.type.concrete({})), v.type.dtype)
         got = (found[name][0], ST_DTYPES.get(found[name][1], found[name][1])) if name in found else "absent"
         if got != want:
             raise ArtifactError(f"{path}: weight {name} is {got}, the graph expects {want}; recompile the artifact")
-    weights = WeightStore()
-    for k in found:
-        weights.set(k, lambda k=k: _read(path, k))
-    return weights
 
 
 def _load_compiled(be, directory: Path, graph, weights, device: str, dtype: str):

@@ -68,6 +68,10 @@ class Executable:
                                  "check the tokenizer matches the model")
         return ids.to(device or self.device, torch.int64)
 
+    def text_rows(self, prompt) -> tuple[list[list[int]], bool]:
+        """Token id rows of a text prompt (a string, strings, or a chat) and whether one output was asked for."""
+        return generation.text_rows(self, prompt)
+
     def _check_length(self, total: int) -> None:
         if self.max_positions is not None and total > self.max_positions:
             raise InputError(f"sequence of {total} tokens exceeds max_position_embeddings={self.max_positions}; "
@@ -198,3 +202,7 @@ class Executable:
     def save(self, path, overwrite: bool = False):
         """Write a deployable artifact directory (dsgraph/runtime/artifact.py); load it with dsgraph.load_artifact."""
         return save_artifact(self, path, overwrite=overwrite)
+
+    def artifact_parts(self) -> dict:
+        """Graphs an artifact holds beside the decoder and its MTP branch: name -> (graph, weights, compiled)."""
+        return {}

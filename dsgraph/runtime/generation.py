@@ -83,10 +83,10 @@ def sampling_params(exe, seed=None, text: bool = True, **knobs) -> SamplingParam
 def wants_generation(prompt, options: dict) -> bool:
     """Whether a generate call needs this module: text, ragged id lists or any sampling/stop option."""
     ragged = isinstance(prompt, (list, tuple)) and len({len(r) for r in prompt if isinstance(r, (list, tuple))}) > 1
-    return bool(options) or ragged or _is_text(prompt)
+    return bool(options) or ragged or is_text(prompt)
 
 
-def _is_text(prompt) -> bool:
+def is_text(prompt) -> bool:
     return isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and bool(prompt)
                                        and all(isinstance(p, (str, dict)) for p in prompt))
 
@@ -97,8 +97,9 @@ def _id_rows(exe, prompt) -> list[list[int]]:
     return exe._ids(prompt, "prompt_ids").tolist()
 
 
-def _text_rows(exe, prompt) -> tuple[list[list[int]], bool]:
-    """(token id rows, whether one output was asked for) of a text prompt."""
+def text_rows(exe, prompt) -> tuple[list[list[int]], bool]:
+    """(token id rows, whether one output was asked for) of a text prompt (Executable.text_rows; multimodal
+    executables expand image placeholders there)."""
     tok = exe.tokenizer
     if tok is None:
         raise TokenizerError(f"{exe.model.name} has no tokenizer (no tokenizer.json in its checkpoint or artifact);"
@@ -119,8 +120,8 @@ def generate(exe, prompt, max_new_tokens: int = 32, *, n: int = 1, seed: int | N
     """See the module docstring; `n` samples per prompt (rows j of a prompt are seeded (seed, j));
     speculative="mtp" drafts with the MTP branch (dsgraph/runtime/speculative.py), stop rules applied to what it
     emits."""
-    text = _is_text(prompt)
-    rows, single = _text_rows(exe, prompt) if text else (_id_rows(exe, prompt), False)
+    text = is_text(prompt)
+    rows, single = exe.text_rows(prompt) if text else (_id_rows(exe, prompt), False)
     if text:   # the tokenizer's ids checked against the model's vocabulary, an empty encoding refused
         rows = [exe._ids(r, "the encoded prompt")[0].tolist() for r in rows]
     if max_new_tokens < 1 or n < 1:

@@ -66,8 +66,27 @@ def check_schema(manifest, mf: Path) -> dict:
     model = manifest["model"]
     if not isinstance(model.get("name"), str) or not isinstance(model.get("config"), dict):
         raise _bad(mf, "key 'model' must hold a string 'name' and an object 'config'")
+    _check_parts(manifest, mf)
     _check_files(manifest["files"], mf)
     return manifest
+
+
+PARTS = ("vision", "generation", "vq_decoder")   # a multimodal model's graphs beside the decoder
+
+
+def _check_parts(manifest: dict, mf: Path) -> None:
+    """The optional `parts` {name: graph hash} (names from PARTS: they name files) and, with them, `image`."""
+    if "parts" not in manifest:
+        return
+    parts = manifest["parts"]
+    if not isinstance(parts, dict) or not all(n in PARTS and isinstance(h, str) and _HEX64.match(h)
+                                              for n, h in parts.items()) or "vision" not in parts:
+        raise _bad(mf, f"key 'parts' must map names from {list(PARTS)} (vision among them) to sha256 digests")
+    if not isinstance(manifest.get("image"), dict):
+        raise _bad(mf, "key 'image' (the image preprocessing config) must be an object where 'parts' is given")
+    missing = [f"{n}_graph.json" for n in parts if f"{n}_graph.json" not in manifest["files"]]
+    if missing:
+        raise _bad(mf, f"does not list the parts' files {missing}")
 
 
 def _check_files(files: dict, mf: Path) -> None:

@@ -4,6 +4,8 @@ graph that makes them, once per image, in prefill.
     exe = dsgraph.compile(dsgraph.load("deepseek-vl-tiny"), backend="triton")
     ids, pixels = exe.prepare_inputs(prompt_ids, [image])   # one placeholder per image expanded to its tokens
     new = exe.generate(ids, images=pixels, max_new_tokens=8)
+    out = exe.generate([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it"}]}],
+                       images=["photo.png"])   # text: the template writes the placeholders; expanded here
 
 Decode steps feed an empty [0, D] feature tensor: the splice leaves every position as it is. Janus adds
 `generate_image_tokens` (text -> codebook ids under classifier-free guidance, through its generation decoder)
@@ -11,38 +13,51 @@ and `decode_image` (codes -> pixels, through its VQ decoder).
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import ArtifactError, InputError
 
+from . import generation
 from .executable import Executable
 
 
 class VisionExecutable(Executable):
     """Executable + `vision` (the tower's CompiledGraph); `images` are pixel_values [N, C, H, W]."""
 
-    def __init__(self, *args, vision=None, generation=None, vq_decoder=None, preprocess=None, **kw):
+    def __init__(self, *args, vision=None, generation=None, vq_decoder=None, preprocess=None, image_config=None,
+                 part_weights=None, **kw):
         super().__init__(*args, **kw)
         self.vision = vision
         self.generation = generation   # Janus: an Executable over the image-generation decoder
         self.vq_decoder = vq_decoder   # Janus: codes [N, grid*grid] -> pixels [N, 3, H, W]
         self.preprocess = preprocess   # images -> pixel_values (the model's image processor)
+        self.image_config = image_config   # its config (a dataclass), which artifacts keep
+        self.part_weights = part_weights or {}   # the vision tower's and VQ decoder's weights after their passes
         feats = self.graph.inputs["image_features"].type
         self.feature_dim, self.feature_dtype = feats.shape[1], to_torch(feats.dtype)
         self.image_token_id = self.graph.meta["image_token_id"]
         self.image_tokens = self.graph.meta["image_tokens"]
         self._features = None
+        self._image_count = 0   # images given with a text prompt: text_rows checks its placeholders against it
 
-    def encode_images(self, pixel_values) -> torch.Tensor:
-        """image_features [N * image_tokens, D] from pixel_values [N, C, H, W]."""
-        want = self.vision.graph.inputs["pixel_values"].type
-        if not isinstance(pixel_values, torch.Tensor) or tuple(pixel_values.shape[1:]) != want.shape[1:]:
-            got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise InputError(f"images must be pixel_values [N, {', '.join(map(str, want.shape[1:]))}], got {got}; "
+    def encode_images(self, images) -> torch.Tensor:
+        """image_features [N * image_tokens, D] from pixel_values [N, C, H, W], or for a tower of several pixel
+        inputs (DeepSeek-VL hybrid: pixel_values and high_res_pixel_values) a dict of them."""
+        wants = {k: v.type for k, v in self.vision.graph.inputs.items() if v.kind == "activation"}
+        given = images if isinstance(images, dict) else {"pixel_values": images}
+        if set(given) != set(wants) or any(not isinstance(t, torch.Tensor) or tuple(t.shape[1:]) != wants[k].shape[1:]
+                                           for k, t in given.items()):
+            want = ", ".join(f"{k} [N, {', '.join(map(str, t.shape[1:]))}]" for k, t in wants.items())
+            got = {k: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for k, t in given.items()}
+            raise InputError(f"images must be {want}{' (a dict)' if len(wants) > 1 else ''}, got {got}; "
                              "preprocess images with exe.prepare_inputs")
-        px = pixel_values.to(self.device, to_torch(want.dtype))
-        return self.vision.run({"pixel_values": px})["image_features"]
+        return self.vision.run({k: t.to(self.device, to_torch(wants[k].dtype)) for k, t in given.items()})[
+            "image_features"]
 
     def prepare_inputs(self, prompt_ids, images):
         """(ids with each image placeholder expanded to image_tokens copies, pixel_values) from prompt ids holding
@@ -52,8 +67,32 @@ class VisionExecutable(Executable):
         if marks != len(images) or ids.shape[0] != 1:
             raise InputError(f"prompt holds {marks} image placeholders (id {self.image_token_id}) for {len(images)} "
                              "images in one sequence; give one placeholder per image")
-        row = torch.cat([t.repeat(self.image_tokens) if t == self.image_token_id else t[None] for t in ids[0]])
-        return row[None], torch.stack([self.preprocess(im) for im in images])
+        return torch.tensor([self._expand(ids[0].tolist())]), self.pixel_values(images)
+
+    def _expand(self, row: list[int]) -> list[int]:
+        return [x for t in row for x in ([t] * self.image_tokens if t == self.image_token_id else [t])]
+
+    def pixel_values(self, images):
+        """The model's pixel inputs for a list of images (PIL images, paths, arrays [H, W, 3] uint8 or tensors
+        [3, H, W]), preprocessed as the checkpoint's image processor does: a tensor [N, C, H, W], or a dict of them
+        for a tower of several views (the hybrid)."""
+        pixels = [self.preprocess(_rgb(im)) for im in images]
+        if pixels and isinstance(pixels[0], dict):
+            return {k: torch.stack([p[k] for p in pixels]) for k in pixels[0]}
+        return torch.stack(pixels)
+
+    def text_rows(self, prompt):
+        """A text prompt's rows, each image placeholder token (what the chat template writes for an image, e.g.
+        DeepSeek-VL's `<image_placeholder>`) expanded to image_tokens copies, as the processors expand it."""
+        rows, single = super().text_rows(prompt)
+        for r in rows:
+            marks = sum(t == self.image_token_id for t in r)
+            if marks != self._image_count:
+                mark = self.tokenizer.decode([self.image_token_id])
+                raise InputError(f"the prompt holds {marks} image placeholders ({mark!r}, id {self.image_token_id}) "
+                                 f"for {self._image_count} images; put one in the text (or an {{'type': 'image'}} "
+                                 "part in a chat message) per image")
+        return [self._expand(r) for r in rows], single
 
     def step_inputs(self, ids, state, extra=None):
         inputs = super().step_inputs(ids, state, extra)
@@ -83,15 +122,40 @@ class VisionExecutable(Executable):
         return self._with_images(input_ids, images, lambda: super(VisionExecutable, self).__call__(input_ids))
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, images=None, **kw):
-        """Greedy decoding as Executable.generate, the images' features spliced in at the prompt's placeholders."""
+        """Executable.generate, the images' features spliced in at the prompt's placeholders. With ids, `images`
+        are pixel values (see prepare_inputs); with a text prompt or a chat, a list of images (PIL, paths,
+        arrays) for the placeholders its template writes, which are expanded and the images preprocessed here."""
         if kw.get("speculative"):
             raise InputError("speculative decoding is not available for multimodal models (no MTP branch)")
-        return self._with_images(prompt_ids, images,
-                                 lambda: super(VisionExecutable, self).generate(prompt_ids, max_new_tokens, **kw))
+        def run():
+            return super(VisionExecutable, self).generate(prompt_ids, max_new_tokens, **kw)
+        if not generation.is_text(prompt_ids):
+            return self._with_images(prompt_ids, images, run)
+        if isinstance(prompt_ids, (list, tuple)) and all(isinstance(p, str) for p in prompt_ids) and images:
+            raise InputError("images go with one prompt (a string or a chat), not a batch of strings")
+        images = list(images or [])
+        feats = self.encode_images(self.pixel_values(images)) if images else None
+        self._features = None if feats is None else feats.repeat(kw.get("n", 1), 1)   # n samples: n rows
+        self._image_count = len(images)
+        try:
+            return run()
+        finally:
+            self._features, self._image_count = None, 0
 
-    def save(self, path, overwrite: bool = False):
-        raise ArtifactError(f"cannot save {path}: artifacts hold one decoder graph, and a multimodal model's vision "
-                            "tower (and Janus' generation decoder) would be lost; compile it from the checkpoint")
+    def artifact_parts(self) -> dict:
+        """The vision tower, Janus' generation decoder and VQ decoder, each with its weights and compiled code."""
+        parts = {"vision": (self.vision.graph, self.part_weights["vision"], self.vision)}
+        if self.generation is not None:
+            parts["generation"] = (self.generation.graph, self.generation.weights, self.generation.compiled)
+        if self.vq_decoder is not None:
+            parts["vq_decoder"] = (self.vq_decoder.graph, self.part_weights["vq_decoder"], self.vq_decoder)
+        return parts
+
+    def image_config_dict(self) -> dict:
+        if self.image_config is None:
+            raise ArtifactError("this multimodal executable has no image_config to save (compile it with "
+                                "dsgraph.compile)")
+        return asdict(self.image_config)
 
     @torch.no_grad()
     def generate_image_tokens(self, prompt_ids, uncond_ids, num_tokens: int, guidance: float = 5.0):
@@ -130,3 +194,17 @@ class VisionExecutable(Executable):
         """Janus text -> image: the whole code grid by generate_image_tokens, then decode_image's pixels."""
         n = self.vq_decoder.graph.inputs["image_codes"].type.shape[1] if self.vq_decoder is not None else 0
         return self.decode_image(self.generate_image_tokens(prompt_ids, uncond_ids, n, guidance))
+
+
+def _rgb(image):
+    """An image as an array [H, W, 3] uint8 (PIL images and paths through Pillow) or the tensor as given."""
+    if isinstance(image, (str, Path)):
+        try:
+            from PIL import Image  # optional: only image files need it
+        except ImportError:
+            raise InputError("reading image files needs Pillow: pip install 'dsgraph[vision]'") from None
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    if hasattr(image, "convert") and hasattr(image, "size"):   # a PIL image
+        return np.asarray(image.convert("RGB"))
+    return image

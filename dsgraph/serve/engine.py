@@ -120,7 +120,7 @@ class Engine:
         wants. logprobs=k reports each new token's log-probability under the model (before sampling's knobs) and
         the k most likely tokens'."""
         exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
-        rows = generation._text_rows(exe, prompt)[0] if text else [list(prompt)]
+        rows = exe.text_rows(prompt)[0] if text else [list(prompt)]
         # checked on the host: a request arriving from another thread must not touch the device (the engine's
         # thread may be capturing a CUDA graph)
         ids = exe._ids(rows[0], "the encoded prompt" if text else "prompt_ids", device="cpu")[0].tolist()

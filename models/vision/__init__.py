@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from .config import VL_PRESETS, VL_TINY, VLConfig, from_hf_vl  # noqa: F401
-from .image import ImageConfig, preprocess  # noqa: F401
+from .image import ImageConfig, image_config_from_dict, preprocess  # noqa: F401
 
 
 def vision_preprocessor(model):

@@ -1,5 +1,6 @@
-"""Configs of the multimodal models (DeepSeek-VL, Janus / Janus-Pro), read from the hub's nested `config.json`
-(`text_config`, `vision_config`, `image_token_id`), and their presets.
+"""Configs of the multimodal models (DeepSeek-VL, its 7B hybrid, Janus / Janus-Pro), read from the hub's nested
+`config.json` (`text_config`, `vision_config`, the hybrid's `high_res_vision_config`, `image_token_id`), and their
+presets.
 
 The language half is a `ModelConfig` (LLaMA shape); the vision half a `VisionConfig` (a SigLIP ViT) plus the
 aligner that maps its features to the language model's width. What differs between the families is spelled as
@@ -13,11 +14,15 @@ from dsgraph.errors import ConfigError
 
 from ..config import ModelConfig, from_hf
 from ..presets import _llama
+from .sam import SamConfig, sam_from_hf
 
 # model_type -> (vision prefix, attention output name, aligner linear names, aligner GELU)
 FAMILIES = {
     "deepseek_vl": ("model.vision_model", "out_proj", ("model.aligner.linear1", "model.aligner.linear2"), "none"),
     "janus": ("model.vision_model", "projection_layer", None, None),   # aligner: fc1 + hidden_layers, vision act
+    # DeepSeek-VL 7B: SigLIP + SAM (models/vision/sam.py), whose aligner joins the two
+    "deepseek_vl_hybrid": ("model.vision_model", "out_proj", ("model.aligner.vision_proj",
+                           "model.aligner.high_res_vision_proj", "model.aligner.proj"), "none"),
 }
 GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 
@@ -71,6 +76,7 @@ class VLConfig:
     aligner_gelu: str
     aligner_dims: tuple[int, ...]       # widths: vision hidden -> ... -> text hidden
     generation: GenerationConfig | None = None   # Janus: text -> image tokens (models/vision/generation.py)
+    high_res: SamConfig | None = None   # DeepSeek-VL hybrid: the SAM encoder beside SigLIP (models/vision/sam.py)
 
     @property
     def vision_prefix(self) -> str:
@@ -116,11 +122,18 @@ def from_hf_vl(cfg: dict, source: str = "config.json") -> VLConfig:
         aligner = ("model.aligner.fc1",) + tuple(f"model.aligner.hidden_layers.{i}" for i in range(depth - 1))
         gelu = vision.gelu
     dims = (vision.hidden_size,) + (d,) * len(aligner)
+    high_res = None
+    if mt == "deepseek_vl_hybrid":
+        high_res = sam_from_hf(cfg.get("high_res_vision_config") or {}, source)
+        dims = (vision.hidden_size, 4 * high_res.output_channels, d)
+        if d % 2:
+            raise ConfigError(f"{source}: text hidden_size {d} must be even (the hybrid aligner gives half to each "
+                              "encoder)")
     gen = _generation(cfg["vq_config"], d, source) if janus and isinstance(cfg.get("vq_config"), dict) else None
     token = cfg.get("image_token_id", cfg.get("image_token_index"))
     if token is None:
         raise ConfigError(f"{source}: missing 'image_token_id' (the placeholder token the image features replace)")
-    return VLConfig(mt, text, vision, int(token), out_proj, aligner, gelu, dims, gen)
+    return VLConfig(mt, text, vision, int(token), out_proj, aligner, gelu, dims, gen, high_res)
 
 
 def _generation(vq: dict, d: int, source: str) -> GenerationConfig:
@@ -162,6 +175,10 @@ _TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers":
 VL_PRESETS: dict[str, dict] = {
     "deepseek-vl-1.3b": {"model_type": "deepseek_vl", "text_config": _TEXT_1B, "vision_config": _siglip_l(),
                          "image_token_id": 100015, "tie_word_embeddings": False},
+    "deepseek-vl-7b": {"model_type": "deepseek_vl_hybrid", "text_config": _llama(4096, 11008, 30, 32, 32,
+                                                                                  max_position_embeddings=16384),
+                       "vision_config": _siglip_l(), "high_res_vision_config": {"image_size": 1024},   # SAM ViT-B
+                       "image_token_id": 100015, "tie_word_embeddings": False},
     "janus-1.3b": _janus(_TEXT_1B, _siglip_l(), 100581),
     "janus-pro-1b": _janus(_TEXT_1B, _siglip_l(), 100581),
     "janus-pro-7b": _janus(_llama(4096, 11008, 30, 32, 32, max_position_embeddings=16384), _siglip_l(), 100581),
@@ -170,6 +187,12 @@ VL_TINY: dict[str, dict] = {
     "deepseek-vl-tiny": {"model_type": "deepseek_vl", "text_config": _TINY_TEXT, "image_token_id": 255,
                          "vision_config": {**_TINY_VISION, "hidden_act": "gelu_pytorch_tanh"},
                          "tie_word_embeddings": False},
+    "deepseek-vl-hybrid-tiny": {   # SAM: a 4x4 grid in windows of 3 (padded) and one global block
+        "model_type": "deepseek_vl_hybrid", "text_config": _TINY_TEXT, "image_token_id": 255,
+        "vision_config": {**_TINY_VISION, "hidden_act": "gelu_pytorch_tanh"}, "tie_word_embeddings": False,
+        "high_res_vision_config": {"hidden_size": 32, "output_channels": 16, "num_hidden_layers": 2,
+                                   "num_attention_heads": 2, "image_size": 64, "patch_size": 16, "window_size": 3,
+                                   "global_attn_indexes": [1], "mlp_dim": 48}},
     "janus-tiny": _janus(_TINY_TEXT, {**_TINY_VISION, "patch_size": 7}, 255, codebook=16, latent_channels=8,
                          base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, num_patches=2),
 }

@@ -1,6 +1,7 @@
-"""Image preprocessing of DeepSeek-VL and Janus (their processors' `preprocessor_config.json`): resize the longer
-side to the tower's size (bicubic, antialiased; the shorter side rounded, at least `min_size`), pad to a square
-with the background colour (the mean as 0..255 integers), rescale to 0..1 and normalise by mean and std.
+"""Image preprocessing of DeepSeek-VL (and its hybrid) and Janus (their processors' `preprocessor_config.json`):
+resize the longer side to the tower's size (bicubic, antialiased; the shorter side rounded, at least `min_size`),
+pad to a square with the background colour (the mean as 0..255 integers), rescale to 0..1 and normalise by mean
+and std.
 
 torch only: images are uint8 arrays [H, W, 3] (what numpy or PIL give) or tensors [3, H, W].
 """
@@ -28,28 +29,56 @@ class ImageConfig:
     min_size: int = 14
     rescale: float = 1 / 255
     background_color: tuple[int, ...] | None = None   # the padding colour; default: the mean as 0..255 integers
+    high_res: "ImageConfig | None" = None   # DeepSeek-VL hybrid: SAM's view (its size, mean and std)
 
     @property
     def background(self) -> tuple[int, ...]:
         return self.background_color or tuple(int(m * 255) for m in self.mean)
 
 
-def read_image_config(root: Path, size: int) -> ImageConfig:
-    """The checkpoint's preprocessor_config.json, or the processors' defaults at the tower's size."""
+def image_config(size: int, high_res_size: int | None = None) -> ImageConfig:
+    """The processors' defaults at the towers' sizes."""
+    return ImageConfig(size, high_res=ImageConfig(high_res_size) if high_res_size else None)
+
+
+def image_config_from_dict(d: dict, source: str) -> ImageConfig:
+    """An ImageConfig from its asdict() form (what artifacts keep); ConfigError naming `source` otherwise."""
+    try:
+        high = d.get("high_res")
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "high_res"}
+        return ImageConfig(**fields, high_res=image_config_from_dict(high, source) if high else None)
+    except (TypeError, AttributeError) as e:
+        raise ConfigError(f"{source}: not an image preprocessing config ({e})") from None
+
+
+def _side(f: Path, cfg: dict, key: str, size: int) -> int:
+    s = cfg.get(key, size)
+    side = s.get("height", size) if isinstance(s, dict) else s
+    if side != size:
+        raise ConfigError(f"{f}: {key} {s} does not match the vision tower's image_size {size}")
+    return side
+
+
+def read_image_config(root: Path, size: int, high_res_size: int | None = None) -> ImageConfig:
+    """The checkpoint's preprocessor_config.json, or the processors' defaults at the towers' sizes (the hybrid's
+    SAM view: `high_res_size`, `high_res_image_mean`, `high_res_image_std`)."""
     f = Path(root) / "preprocessor_config.json"
     if not f.exists():
-        return ImageConfig(size)
+        return image_config(size, high_res_size)
     try:
         cfg = json.loads(f.read_text())
     except ValueError as e:
         raise ConfigError(f"{f} is not valid JSON: {e}") from None
-    s = cfg.get("size", size)
-    side = s.get("height", size) if isinstance(s, dict) else s
-    if side != size:
-        raise ConfigError(f"{f}: size {s} does not match the vision tower's image_size {size}")
+    _side(f, cfg, "size", size)
     bg = cfg.get("background_color")
+    common = dict(min_size=cfg.get("min_size", 14), rescale=cfg.get("rescale_factor", 1 / 255))
+    high = None
+    if high_res_size:
+        _side(f, cfg, "high_res_size", high_res_size)
+        high = ImageConfig(high_res_size, tuple(cfg.get("high_res_image_mean", CLIP_MEAN)),
+                           tuple(cfg.get("high_res_image_std", CLIP_STD)), **common)
     return ImageConfig(size, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)),
-                       cfg.get("min_size", 14), cfg.get("rescale_factor", 1 / 255), tuple(bg) if bg else None)
+                       background_color=tuple(bg) if bg else None, high_res=high, **common)
 
 
 def _as_chw(image) -> torch.Tensor:
@@ -61,9 +90,20 @@ def _as_chw(image) -> torch.Tensor:
     return t.float()
 
 
-def preprocess(image, cfg: ImageConfig) -> torch.Tensor:
-    """pixel_values [3, size, size] (float32) of one image."""
+def preprocess(image, cfg: ImageConfig):
+    """pixel_values [3, size, size] (float32) of one image; for the hybrid a dict that adds SAM's
+    high_res_pixel_values [3, S, S] (the low-resolution view is resized from the padded high-resolution square, as
+    transformers' processor does)."""
     x = _as_chw(image)
+    if cfg.high_res is None:
+        return _normalise(_square(x, cfg), cfg)
+    high = _square(x, cfg.high_res)
+    return {"pixel_values": _normalise(_square(high, cfg), cfg),
+            "high_res_pixel_values": _normalise(high, cfg.high_res)}
+
+
+def _square(x: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:
+    """0..255 values [3, size, size]: the longer side resized to size, padded with the background colour."""
     h, w = x.shape[1:]
     scale = cfg.size / max(h, w)
     nh, nw = max(round(h * scale), cfg.min_size), max(round(w * scale), cfg.min_size)
@@ -74,5 +114,9 @@ def preprocess(image, cfg: ImageConfig) -> torch.Tensor:
     out = torch.tensor(cfg.background, dtype=torch.float32)[:, None, None].expand(3, side, side).clone()
     top, left = (side - nh) // 2, (side - nw) // 2
     out[:, top:top + nh, left:left + nw] = x
+    return out
+
+
+def _normalise(out: torch.Tensor, cfg: ImageConfig) -> torch.Tensor:
     mean, std = torch.tensor(cfg.mean)[:, None, None], torch.tensor(cfg.std)[:, None, None]
     return (out * cfg.rescale - mean) / std

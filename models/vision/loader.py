@@ -1,7 +1,7 @@
 """Load a DeepSeek-VL / Janus checkpoint directory in the hub layout (transformers' `save_pretrained` keys):
-`model.vision_model.*`, `model.aligner.*` and Janus' `model.generation_{embeddings,aligner,head}.*` bind to the
-graphs' params as they are, the language model's `model.language_model.*` to the decoders' `model.*`,
-`lm_head.weight` as it is (absent when tied).
+`model.vision_model.*`, `model.aligner.*`, the hybrid's `model.high_res_vision_*` and Janus'
+`model.generation_{embeddings,aligner,head}.*` bind to the graphs' params as they are, the language model's
+`model.language_model.*` to the decoders' `model.*`, `lm_head.weight` as it is (absent when tied).
 
 Janus' `model.vqmodel.{quantize,post_quant_conv,decoder}.*` bind to the VQ decoder graph. Keys of parts dsgraph
 does not build are skipped with a note: SigLIP's attention-pooling head (`vision_use_head`, unused by these
@@ -30,7 +30,8 @@ _SKIPPED = {r"^model\.vision_model\.head\.": "SigLIP's pooling head (the image f
 
 def hub_key(name: str) -> str:
     """The hub key of a graph param."""
-    return re.sub(r"^model\.(?!vision_model\.|aligner\.|generation_|vqmodel\.)", "model.language_model.", name)
+    own = r"vision_model\.|aligner\.|generation_|vqmodel\.|high_res_vision_"
+    return re.sub(rf"^model\.(?!{own})", "model.language_model.", name)
 
 
 def load_vl_parts(root: Path, cfg: dict, dtype: str = "float32", progress: bool = True):
@@ -66,4 +67,5 @@ def load_vl_parts(root: Path, cfg: dict, dtype: str = "float32", progress: bool 
     for n in notes:
         warnings.warn(f"{root}: skipped the weights of {n}", stacklevel=3)
     graph.meta["checkpoint"] = {"path": str(root), "keep_fp8": False, "notes": notes}
-    return vl, (graph, vision, generation, vq), store, read_image_config(root, vl.vision.image_size)
+    return vl, (graph, vision, generation, vq), store, read_image_config(root, vl.vision.image_size,
+                                                               vl.high_res.image_size if vl.high_res else None)

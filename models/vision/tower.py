@@ -13,6 +13,7 @@ from dsgraph.builder import GraphBuilder
 
 from ..builder import DecoderBuilder
 from .config import VLConfig
+from .sam import hybrid_aligner, sam_features
 
 
 class VLDecoderBuilder(DecoderBuilder):
@@ -76,7 +77,8 @@ def aligner(b, x, names, dims, gelu: str):
 
 
 def build_vision_graph(vl: VLConfig, dtype: str = "float32", name: str = "vision"):
-    """pixel_values [N, C, H, W] -> image_features [N * patches, D_text] (see the module doc)."""
+    """pixel_values [N, C, H, W] (and the hybrid's high_res_pixel_values [N, 3, S, S]) -> image_features
+    [N * patches, D_text] (see the module doc)."""
     v, b = vl.vision, GraphBuilder(name, dtype)
     p, t = vl.vision_prefix, v.num_patches
     px = b.input("pixel_values", ("N", v.num_channels, v.image_size, v.image_size), dtype)
@@ -89,8 +91,15 @@ def build_vision_graph(vl: VLConfig, dtype: str = "float32", name: str = "vision
         with b.scope(f"V{i}"):
             h = _block(b, h, vl, f"{p}.encoder.layers.{i}")
     h = _layer_norm(b, h, f"{p}.post_layernorm", v.hidden_size, v.layer_norm_eps)
-    with b.scope("aligner"):
-        h = aligner(b, h, vl.aligner, vl.aligner_dims, vl.aligner_gelu)
+    if vl.high_res is not None:   # DeepSeek-VL hybrid: SAM on the high-resolution pixels, joined by its aligner
+        s = vl.high_res
+        hi = b.input("high_res_pixel_values", ("N", 3, s.image_size, s.image_size), dtype)
+        high = sam_features(b, hi, s, v.image_size // v.patch_size)
+        with b.scope("aligner"):
+            h = hybrid_aligner(b, h, high, *vl.aligner_dims[:2], vl.text.hidden_size)
+    else:
+        with b.scope("aligner"):
+            h = aligner(b, h, vl.aligner, vl.aligner_dims, vl.aligner_gelu)
     b.output("image_features", b.reshape(h, shape=(h.shape[0] * t, vl.text.hidden_size), name="image_features"))
     g = b.build()
     g.meta.update(family="vision", model_type=vl.model_type, config=vl.to_dict(), image_tokens=t)

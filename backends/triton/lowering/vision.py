@@ -1,7 +1,9 @@
 """The vision ops of DeepSeek-VL and Janus as library calls on the device: convolutions through cuDNN
 (torch.nn.functional.conv2d: the ViT patch embedding is one strided conv), the GELU MLP as two cuBLAS GEMMs around
-torch's GELU, GroupNorm through torch (fp32 statistics), and the image-feature splice as the op's reference code
-(a masked row copy). No Triton template is written for them yet: at the towers' shapes the GEMMs dominate.
+torch's GELU, GroupNorm through torch (fp32 statistics), the bilinear resize through torch; the image-feature
+splice (a masked row copy), SAM's window partition and its relative-position attention (fp32 einsums and softmax;
+the flash template takes no additive bias yet) as the ops' reference code. No Triton template is written for them
+yet: at the towers' shapes the GEMMs dominate.
 """
 from __future__ import annotations
 
@@ -36,7 +38,14 @@ def _(ctx, node):
                    fn=lambda a, sym: [F.linear(F.gelu(F.linear(a[0], a[1], a[2]), approximate=approx), a[3], a[4])])
 
 
-@TABLE.register("norm.group", "vision.splice")
+@TABLE.register("vision.resize")
+def _(ctx, node):
+    size = (node.attrs["height"], node.attrs["width"])
+    return Lowered("library", "torch.nn.functional.interpolate (bilinear)",
+                   fn=lambda a, sym: [F.interpolate(a[0], size=size, mode="bilinear", align_corners=False)])
+
+
+@TABLE.register("norm.group", "vision.splice", "vision.window_partition", "attention.rel_pos")
 def _(ctx, node):
     ref, attrs, dt = get_op(node.op).reference_fn, node.attrs, to_torch(node.outputs[0].dtype)
     return Lowered("library", f"torch ({node.op}'s reference code, on the device)",
