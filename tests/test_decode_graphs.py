@@ -176,23 +176,31 @@ def test_captured_decode_equals_plain_decode_gpu(preset):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("options", [{}, {"kv_cache_dtype": "fp8"}, {"passes": FP8_INDEX}])
-def test_captured_v32_decode_generates_eagers_tokens_gpu(options):
+@pytest.mark.parametrize("options,judge", [({}, "eager"), ({"kv_cache_dtype": "fp8"}, "eager"),
+                                           ({"passes": FP8_INDEX}, "plain")])
+def test_captured_v32_decode_generates_eagers_tokens_gpu(options, judge):
     """V3.2 (indexer, device top-k, sparse MLA; with the FP8 latent cache, or the FP8 indexer key cache) in bf16:
-    every decode step a graph replay over the static-capacity caches, and the greedy tokens are eager's (up to a
-    near-tie of eager's own bf16 logits, where two kernels may round either way)."""
+    every decode step a graph replay over the static-capacity caches, and the greedy tokens are the judge's (up to a
+    near-tie of its own bf16 logits, where two kernels may round either way). The judge is eager, but for the FP8
+    indexer key cache: there e4m3 rounding of q and k turns eager's one-ulp bf16 differences upstream into
+    e4m3-ulp (~6%) score differences that flip the indexer's top-k (3 of <= 21 tokens), an O(1) logit change no
+    near-tie bounds; its judge is the same model's plain (uncaptured) steps, which round as the graphs do (its
+    kernels' equality with eager is test_fp8_index_cache_on_triton's, in fp32)."""
     exe = _exe("deepseek-v3.2-tiny", device="cuda", dtype="bfloat16", **options)
     assert dg.unsupported_reason(exe.graph) is None
-    eager = dsgraph.compile(decisive_routing(dsgraph.load("deepseek-v3.2-tiny")), backend="eager", device="cuda",
-                            dtype="bfloat16", **options)
     prompt = _ids(exe, 2, 9, 6).cuda()
     got = exe.generate(prompt, max_new_tokens=12)
     runner = exe.compiled.decode_step
     assert runner.stats["graph_steps"] == 11 and runner.stats["plain_steps"] == 0 and runner.disabled is None
-    want = eager.generate(prompt, max_new_tokens=12)
-    for row in (got != want).any(1).nonzero().flatten().tolist():   # a flip only where eager's top two tie in bf16
+    if judge == "eager":
+        ref = dsgraph.compile(decisive_routing(dsgraph.load("deepseek-v3.2-tiny")), backend="eager", device="cuda",
+                              dtype="bfloat16", **options)
+    else:
+        ref, exe.compiled.decode_step = exe, None
+    want = ref.generate(prompt, max_new_tokens=12)
+    for row in (got != want).any(1).nonzero().flatten().tolist():   # a flip only where the judge's top two tie
         first = int((got[row] != want[row]).nonzero()[0])
-        top2 = eager(torch.cat((prompt[row:row + 1], want[row:row + 1, :first]), 1))[0, -1].float().topk(2).values
+        top2 = ref(torch.cat((prompt[row:row + 1], want[row:row + 1, :first]), 1))[0, -1].float().topk(2).values
         assert top2[0] - top2[1] < 2e-2 * top2[0].abs(), (row, first, top2)
 
 

@@ -18,6 +18,7 @@ from dsgraph.numerics import rel_err
 FP8 = ["absorb_mla", "fp8_latent_cache"]
 MLA = [p for p in models.TINY_PRESETS if models.build_model(p, weights=False).config.is_mla]
 TOL = passes.info("fp8_latent_cache").factory.tolerance
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # triton on the GPU where there is one, else interpreted
 
 
 def one_layer(preset):
@@ -65,11 +66,11 @@ def test_needs_absorb_mla_first():
 
 def test_compile_option_kv_cache_dtype():
     m = one_layer("deepseek-v3.2-tiny")
-    exe = dsgraph.compile(m, backend="triton", device="cpu", kv_cache_dtype="fp8")
+    exe = dsgraph.compile(m, backend="triton", device=DEV, kv_cache_dtype="fp8")
     names = [r.name for r in exe.pass_records]
     assert names[names.index("absorb_mla") + 1] == "fp8_latent_cache" and "cache.0.latent_fp8" in exe.graph.inputs
-    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2))
-    assert rel_err(exe(ids), dsgraph.compile(m, backend="eager", passes=FP8)(ids)) < 1e-5
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(2)).to(DEV)
+    assert rel_err(exe(ids), dsgraph.compile(m, backend="eager", device=DEV, passes=FP8)(ids)) < 1e-5
     with pytest.raises(dsgraph.ConfigError, match="kv_cache_dtype='int4'"):
         dsgraph.compile(m, backend="eager", kv_cache_dtype="int4")
 
@@ -105,9 +106,9 @@ def test_fp8_index_cache_on_triton():
     """The triton FP8 indexer kernel reads the FP8 key cache (no fallback for the scores) and equals eager."""
     m = one_layer("deepseek-v3.2-tiny")
     pipeline = [*get_backend("triton").default_pipeline(), "fp8_index_cache"]
-    exe = dsgraph.compile(m, backend="triton", device="cpu", passes=pipeline)
+    exe = dsgraph.compile(m, backend="triton", device=DEV, passes=pipeline)
     kernels = {k.op: k.kernel for k in exe.compiled.report.kernels}
     assert kernels["indexer.logits_fp8"].endswith("FP8 key cache)")
     assert [k.op for k in exe.compiled.report.fallbacks] == ["indexer.quant_fp8"]
-    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4))
-    assert rel_err(exe(ids), dsgraph.compile(m, backend="eager", passes=pipeline)(ids)) < 1e-5
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4)).to(DEV)
+    assert rel_err(exe(ids), dsgraph.compile(m, backend="eager", device=DEV, passes=pipeline)(ids)) < 1e-5

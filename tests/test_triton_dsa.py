@@ -3,6 +3,10 @@ odd head counts and widths, T below and above the top-k (and T = 4 x top-k), rag
 (-1 slots), fp32 and fp16; and the tiny V3.2 preset's report naming them."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import dsgraph.models as models
 import pytest
 import torch
@@ -75,8 +79,8 @@ def test_sparse_mla(s, t, h, k, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sparse_mla_over_the_fp8_cache(dtype):
     """The FP8 latent cache's three parts (e4m3 rows, group scales, RoPE rows) read by the kernel itself equal the
-    reference over their dequantised concat; T = 4 x top-k, ragged valid counts."""
-    c, r, group, s, t, h, k = 32, 8, 16, 2, 32, 3, 8
+    reference over their dequantised concat; T = 4 x top-k, ragged valid counts, K over two 32-slot tiles."""
+    c, r, group, s, t, h, k = 32, 8, 16, 2, 160, 3, 40
     q, latent, idx = R(2, s, h, c + r, dtype=dtype), R(2, t, c + r), _ragged(2, s, t, k)
     rows, scales = get_op("kv.quant_fp8").reference_fn(latent[..., :c], group=group)
     rope = latent[..., c:].to(dtype)
@@ -188,3 +192,16 @@ def test_fp8_indexer_numerics_run_the_fp8_kernel():
     assert torch.equal(fin, torch.isfinite(got)) and rel_err(got[fin], want[fin]) < 1e-5
 
 
+
+
+def test_sparse_mla_fits_hopper_shared_memory(tmp_path):
+    """The launches sparse_mla makes at V3.2's full size (128 heads, K = 2048, bf16), over the bf16 and the FP8
+    latent cache, compiled for sm_90 on any machine (a subprocess: this one may run the interpreter), within an
+    H200's 227 KB of shared memory (the FP8 one needed 321 KB at 64 slots a tile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from dsgraph.backends.triton.kernels.dsa import sparse_mla_shared_bytes as f; "
+            "print(f(False), f(True))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=env)  # the installed dsgraph, not a source folder in the working directory
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all(0 < int(n) <= 232448 for n in out.stdout.split()), out.stdout

@@ -38,7 +38,10 @@ def _(x, group):
 @QUANT.reference
 def _(x, group):
     g = f32(x).unflatten(-1, (-1, group))
-    scale = g.abs().amax(-1).clamp(min=1e-12) / E4M3_MAX
+    amax = g.abs().amax(-1).clamp(min=1e-12)
+    # A tensor divisor: torch on CUDA turns `t / python_scalar` into t * (1 / scalar), one ulp off IEEE division
+    # (what the CPU and the generated kernels compute), so the scales would depend on the device.
+    scale = amax / torch.full_like(amax, E4M3_MAX)
     return (g / scale[..., None]).flatten(-2).to(torch.float8_e4m3fn), scale
 
 

@@ -172,7 +172,7 @@ def launch(q, s):
 
 def fp8_quant_rows(n: int, group: int) -> KernelSource:
     """kv.quant_fp8: launch(x) -> (e4m3 rows [..., n], fp32 scales [..., n / group]), each group divided by its
-    amax / 448 (IEEE division, as torch's, so the e4m3 rounding sees the reference's quotients). n / group and
+    amax / 448 (IEEE division, as the reference's, so the e4m3 rounding sees its quotients). n / group and
     group must be powers of two (the row is reshaped to [n / group, group] in registers)."""
     groups = n // group
     body = f'''
