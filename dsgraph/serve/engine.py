@@ -26,7 +26,7 @@ import torch
 
 from dsgraph.errors import DSGraphError, InputError, TokenizerError
 from dsgraph.runtime import generation
-from dsgraph.runtime.sampling import generators, next_tokens, seen_mask
+from dsgraph.runtime.sampling import SamplingParams, generators, next_tokens, seen_mask
 from dsgraph.runtime.state import KVState
 
 from .paged import BlockPool
@@ -34,6 +34,23 @@ from .paged import BlockPool
 DEFAULT_MAX_TOKENS = 256
 MAX_LOGPROBS = 20
 DEFAULT_SEQ_TOKENS = 4096    # the default pool holds max_num_seqs sequences of this many tokens (or the model's limit)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """One add_request call checked and reduced to data: the prompt as token ids, its sampling parameters and
+    stop rules. Under `dsgraph serve --tp/--ep` rank 0 sends these to the other ranks' engines (lockstep.py)."""
+
+    ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    eos: tuple[int, ...]
+    stop: tuple[str, ...]
+    detokenize: bool             # stream text and apply stop strings (with the tokenizer)
+    skip_special_tokens: bool
+    logprobs: int | None
+    request_id: str | None
+    sample: int                  # the sample index among its prompt's n (seeds (seed, sample))
 
 
 @dataclass
@@ -119,6 +136,14 @@ class Engine:
         prompts) streams text and applies stop strings and the tokenizer's EOS to an id prompt too, as a server
         wants. logprobs=k reports each new token's log-probability under the model (before sampling's knobs) and
         the k most likely tokens'."""
+        return self.enqueue(self.new_request(prompt, max_tokens, request_id=request_id, sample=sample, seed=seed,
+                                             stop=stop, stop_token_ids=stop_token_ids, detokenize=detokenize,
+                                             skip_special_tokens=skip_special_tokens, logprobs=logprobs, **knobs))
+
+    def new_request(self, prompt, max_tokens: int | None = 16, *, request_id: str | None = None, sample: int = 0,
+                    seed: int | None = None, stop=(), stop_token_ids=None, skip_special_tokens: bool = True,
+                    detokenize: bool | None = None, logprobs: int | None = None, **knobs) -> NewRequest:
+        """add_request's arguments checked and reduced to a NewRequest (nothing is queued)."""
         exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         rows = exe.text_rows(prompt)[0] if text else [list(prompt)]
         # checked on the host: a request arriving from another thread must not touch the device (the engine's
@@ -135,23 +160,27 @@ class Engine:
                              "lower max_tokens or give the engine more blocks (num_blocks, dsgraph serve --num-blocks)")
         if detokenize and exe.tokenizer is None:
             raise TokenizerError(f"{exe.model.name} has no tokenizer: its output cannot be detokenised")
-        tokenizer = exe.tokenizer if (text if detokenize is None else detokenize) else None
+        detokenize = text if detokenize is None else detokenize
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_LOGPROBS):
             raise InputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
-        if stop and tokenizer is None:
+        if stop and not detokenize:
             raise InputError("stop strings need a text prompt (they are matched on the decoded text)")
-        eos = tokenizer.eos_token_ids if tokenizer is not None and stop_token_ids is None else list(stop_token_ids
-                                                                                                    or ())
-        req = generation.Request(generation.sampling_params(exe, seed, text, **knobs), max_tokens, frozenset(eos),
-                                 (stop,) if isinstance(stop, str) else tuple(stop), None, tokenizer,
-                                 skip_special_tokens)
+        eos = exe.tokenizer.eos_token_ids if detokenize and stop_token_ids is None else list(stop_token_ids or ())
+        return NewRequest(ids, generation.sampling_params(exe, seed, text, **knobs), max_tokens, tuple(eos),
+                          (stop,) if isinstance(stop, str) else tuple(stop), detokenize, skip_special_tokens,
+                          logprobs, request_id, sample)
+
+    def enqueue(self, new: NewRequest) -> str:
+        """Queue a checked request; returns its id (`new.request_id`, or the next free one)."""
+        req = generation.Request(new.params, new.max_tokens, frozenset(new.eos), new.stop, None,
+                                 self.exe.tokenizer if new.detokenize else None, new.skip_special_tokens)
         with self._lock:
-            rid = request_id or f"req-{next(self._ids)}"
+            rid = new.request_id or f"req-{next(self._ids)}"
             if any(s.rid == rid for s in self.waiting + self.running):
                 raise InputError(f"request id {rid!r} is already in the engine")
-            seq = _Seq(rid, ids, req, sample, exe.device, next(self._ids))
-            seq.top_logprobs = logprobs
+            seq = _Seq(rid, list(new.ids), req, new.sample, self.exe.device, next(self._ids))
+            seq.top_logprobs = new.logprobs
             req.on_text = lambda _, piece: seq.text.append(piece)
             self.waiting.append(seq)
         return rid
