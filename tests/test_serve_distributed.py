@@ -1,7 +1,7 @@
-"""`torchrun -m dsgraph serve --tp 2 --ep 2` on two gloo ranks: rank 0 serves, rank 1 steps with it; concurrent
-completions (greedy, seeded sampling, a chat) equal one process's answers, an unseeded sampled request (its seed
-drawn on rank 0) keeps the ranks in step, rank 1 prints nothing, and SIGTERM to rank 0 ends both ranks with
-exit 0."""
+"""`torchrun -m dsgraph serve --tp 2 --ep 2` (and, slow, `--ep 2 --dp-attention`) on two gloo ranks: rank 0
+serves, rank 1 steps with it; concurrent completions (greedy, seeded sampling, a chat) equal one process's
+answers, an unseeded sampled request (its seed drawn on rank 0) keeps the ranks in step, rank 1 prints nothing,
+and SIGTERM to rank 0 ends both ranks with exit 0."""
 from __future__ import annotations
 
 import asyncio
@@ -54,11 +54,13 @@ def _wait_healthy(url: str, proc) -> None:
     raise AssertionError("the server did not start")
 
 
-def test_two_ranks_serve_what_one_process_serves_and_stop_on_sigterm(tmp_path):
+@pytest.mark.parametrize("plan", [["--tp", "2", "--ep", "2"],
+                                  pytest.param(["--ep", "2", "--dp-attention"], marks=pytest.mark.slow)])
+def test_two_ranks_serve_what_one_process_serves_and_stop_on_sigterm(tmp_path, plan):
     port, log = _free_port(), open(tmp_path / "server.log", "w+")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "dsgraph", "serve", MODEL, "--tp", "2", "--ep", "2", "--device", "cpu",
+                             "-m", "dsgraph", "serve", MODEL, *plan, "--device", "cpu",
                              "--port", str(port), "--served-model-name", NAME, "--max-num-seqs", "4",
                              "--max-num-batched-tokens", "16", "--block-size", "4"],
                             stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
