@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsgraph.dtypes import to_torch
 from dsgraph.errors import DSGraphError, InputError, TokenizerError
 from dsgraph.runtime import generation
 from dsgraph.runtime.sampling import SamplingParams, generators, next_tokens, seen_mask
@@ -77,6 +78,7 @@ class _Seq:
         self.row = generation._Row(0, prompt, req)
         self.gen = generators(req.params, [sample], device)[0]
         self.table: list[int] = []
+        self.state: dict[str, torch.Tensor] = {}    # fixed-size state caches after `computed` tokens (V4)
         self.computed = 0            # tokens whose cache rows are in the table's blocks
         self.sent = 0                # tokens already reported by step()
         self.top_logprobs: int | None = None     # asked for logprobs: how many alternatives per token
@@ -103,7 +105,8 @@ class Engine:
         limit = min(exe.max_positions or DEFAULT_SEQ_TOKENS, DEFAULT_SEQ_TOKENS)
         self.pool = BlockPool(exe.graph, num_blocks or max_num_seqs * -(-limit // block_size), block_size,
                               exe.device)
-        self.prefix_caching = prefix_caching
+        # a prefix hit would skip the tokens that a fixed-size state (V4) summarises: such models prefill all
+        self.prefix_caching = prefix_caching and not self.pool.states
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
         self.preemptions = 0
@@ -118,6 +121,9 @@ class Engine:
         runner = getattr(self.exe.compiled, "paged_decode", None)
         if not wanted:
             return None, f"{contiguous} (paged_decode=False)"
+        if self.pool.states:
+            return None, f"{contiguous} ({len(self.pool.states)} fixed-size state caches, e.g. " \
+                         f"{next(iter(self.pool.states))}, kept per request; no prefix caching)"
         if runner is None:
             return None, f"{contiguous} (the {self.exe.compiled.report.backend} backend has no paged decode " \
                          "program for this model; see its compile report)"
@@ -220,7 +226,7 @@ class Engine:
     def _preempt(self, seq: _Seq) -> None:
         self.running.remove(seq)
         self.pool.release(seq.table)
-        seq.table, seq.computed = [], 0
+        seq.table, seq.computed, seq.state = [], 0, {}
         self.waiting.insert(0, seq)
         self.preemptions += 1
 
@@ -276,10 +282,20 @@ class Engine:
     def _run_group(self, seqs: list[_Seq], start: int, n: int) -> None:
         exe, tables = self.exe, [s.table for s in seqs]
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
-        out, state = exe.step(ids, KVState(self.pool.gather(tables, start), start, len(seqs)))
+        caches = {**self.pool.gather(tables, start), **self._states(seqs)}
+        out, state = exe.step(ids, KVState(caches, start, len(seqs)))
         self.pool.write(tables, state.caches, start, start + n)
+        for k, seq in enumerate(seqs):
+            seq.state = {name: state.caches[name][k:k + 1] for name in self.pool.states}
         self.calls["contiguous"] += 1
         self._computed(seqs, n, out["logits"])
+
+    def _states(self, seqs: list[_Seq]) -> dict[str, torch.Tensor]:
+        """The fixed-size state caches of `seqs` stacked (zeros for a request with none computed yet)."""
+        def one(seq, name, t):
+            return seq.state[name] if name in seq.state else \
+                torch.zeros(t.concrete({"B": 1}), dtype=to_torch(t.dtype), device=self.exe.device)
+        return {name: torch.cat([one(s, name, t) for s in seqs]) for name, t in self.pool.states.items()}
 
     def _run_paged(self, seqs: list[_Seq]) -> None:
         """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools."""
