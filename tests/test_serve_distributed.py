@@ -5,6 +5,7 @@ and SIGTERM to rank 0 ends both ranks with exit 0."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -98,3 +99,57 @@ def test_two_ranks_serve_what_one_process_serves_and_stop_on_sigterm(tmp_path, p
     log.seek(0)
     out = log.read()
     assert out.count("serving tiny") == 1 and out.count("rank 0 of 2 holds") == 1 and "rank 1 of 2" not in out, out
+
+
+WORKER = """
+import json, sys, time
+import dsgraph
+from dsgraph.errors import RankDivergence
+from dsgraph.parallel import ParallelPlan
+from dsgraph.runtime import distributed
+from dsgraph.serve.engine import Engine
+from dsgraph.serve.lockstep import LockstepEngine
+rank, _ = distributed.init("cpu")
+exe = dsgraph.compile(dsgraph.load(%(model)r), parallel=ParallelPlan(tp=2))
+eng = LockstepEngine(exe, max_num_seqs=2, max_num_batched_tokens=8, block_size=4, heartbeat_s=0.2)
+odd = LockstepEngine(exe, heartbeat_s=0.2)
+if rank == 0:
+    eng.start_heartbeat()
+    greedy = eng.generate([[5, 17, 3, 99]], 4)[0].token_ids
+    time.sleep(1.0)                                    # idle: heartbeats only
+    rid = eng.add_request([1, 2, 3], 8, temperature=0.8)    # its seed is drawn here
+    eng.step()
+    eng.abort(rid)
+    sampled = eng.generate([[9, 8, 7]], 3, temperature=0.8, seed=5, stop_token_ids=[])[0].token_ids
+    eng.close()
+    odd.start_heartbeat()
+    time.sleep(1.0)
+    odd.close()
+    json.dump({"greedy": greedy, "sampled": sampled}, open(sys.argv[1], "w"))
+else:
+    eng.follow()
+    Engine.enqueue(odd, odd.new_request([1, 2], 2))   # a request rank 0 never sent
+    try:
+        odd.follow()
+    except RankDivergence as e:
+        print("diverged:", e, flush=True)
+    Engine.abort(odd, "req-0")
+    odd.follow()
+"""
+
+
+def test_lockstep_engine_heartbeats_and_refuses_divergence(tmp_path):
+    """The Python API on two gloo ranks: outputs equal one process's around idle heartbeats and an unseeded
+    sampled request; a follower holding a request rank 0 does not stops with RankDivergence at the next message."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER % {"model": MODEL})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path / "out.json")], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, exe = json.loads((tmp_path / "out.json").read_text()), dsgraph.compile(dsgraph.load(MODEL))
+    assert got["greedy"] == exe.generate([[5, 17, 3, 99]], max_new_tokens=4)[0].tolist()
+    ref = exe.generate([[9, 8, 7]], 3, temperature=0.8, seed=5, stop_token_ids=[])
+    assert got["sampled"] == ref[0].tolist()
+    assert proc.stdout.count("diverged: rank 1's engine differs from rank 0's") == 1, proc.stdout
