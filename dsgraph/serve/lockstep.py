@@ -118,7 +118,8 @@ class LockstepEngine(Engine):
             if self._batch() != batch:
                 raise RankDivergence(f"rank {self.rank}'s engine differs from rank 0's before step {steps}: "
                                      f"(request, tokens made, last token) {self._batch()} here, {batch} on rank 0; "
-                                     "the ranks' logits or sampling disagree (see docs/distributed.md, serving)")
+                                     "the ranks' logits or sampling disagreed, or a step failed on one rank only "
+                                     "(docs/distributed.md, Serving)")
             if then == "step":
                 steps += 1
                 try:
