@@ -52,3 +52,8 @@ class NumericsError(DSGraphError):
 
 class TokenizerError(DSGraphError):
     """Tokenizer files are missing or unreadable, or a chat template refused its messages."""
+
+
+class RankDivergence(DSGraphError):
+    """The ranks of a sharded server no longer hold the same requests and tokens (their logits or sampling
+    disagreed), so their next collectives would not match."""

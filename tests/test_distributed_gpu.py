@@ -1,7 +1,7 @@
 """The NCCL path on one GPU: `torchrun --nproc-per-node 1` joins a one-rank NCCL group, a tiny preset compiled
 with a ParallelPlan through the triton backend generates the single-process greedy tokens with its decode steps
 replayed from CUDA graphs, and collectives (`dist.all_reduce`, `dist.all_gather` through NCCL) captured inside a
-CUDA graph replay the eager values.
+CUDA graph replay the eager values; the lockstep serve engine on that group pages its decode through CUDA graphs.
 
 Run on the device machine: TESTS=tests/test_distributed_gpu.py bash benchmarks/run_gpu.sh check SKIP_MOE=1"""
 import json
@@ -80,3 +80,39 @@ def test_nccl_world_of_one_runs_sharded_decode_in_cuda_graphs_gpu(tmp_path):
     # the collectives went through NCCL (warm-up and capture: twice each) and the replay recomputed them
     assert got["collective_calls"].count("all_reduce") == 2 and got["collective_calls"].count("all_gather") == 2
     assert got["replay_matches"]
+
+
+SERVE_WORKER = """
+import json, sys
+import dsgraph
+from dsgraph.parallel import ParallelPlan
+from dsgraph.runtime import distributed
+from dsgraph.serve.lockstep import LockstepEngine
+distributed.init("cuda")
+exe = dsgraph.compile(dsgraph.load(%(model)r), backend="triton", device="cuda", parallel=ParallelPlan())
+eng = LockstepEngine(exe, max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
+outs = eng.generate(%(prompts)r, %(new)d)
+eng.close()
+json.dump({"tokens": [o.token_ids for o in outs], "path": eng.decode_path, "calls": eng.calls,
+           "stats": dict(eng.paged.stats) if eng.paged is not None else None}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lockstep_serve_engine_on_nccl_pages_decode_in_cuda_graphs_gpu(tmp_path):
+    """`dsgraph serve --tp/--ep`'s engine (serve/lockstep.py: its control messages over a gloo group beside NCCL)
+    on a one-rank NCCL group: the sharded graph's paged decode replays CUDA graphs and every request's tokens equal
+    its own generate."""
+    prompts = [PROMPT, [7, 1, 2, 3, 4, 5, 6, 8, 9], [11, 12]]
+    script, result = tmp_path / "worker.py", tmp_path / "result.json"
+    script.write_text(SERVE_WORKER % {"model": MODEL, "prompts": prompts, "new": NEW})
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                           str(script), str(result)], capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(result.read_text())
+    single = dsgraph.compile(dsgraph.load(MODEL), backend="triton", device="cuda")
+    assert got["tokens"] == [single.generate([p], max_new_tokens=NEW)[0].tolist() for p in prompts]
+    assert got["calls"]["paged_decode"] > 0, got["path"]
+    assert got["stats"]["graph_replays"] > 0, got["stats"]

@@ -1,7 +1,8 @@
 """The continuous-batching engine: concurrent ragged requests (chunked prefill mixed with decode) each equal
 their own `generate` (greedy) on eager (contiguous caches gathered per length group) and on triton (one paged
 decode call per step through block tables, padded to a batch bucket; CUDA graphs on a GPU); preemption by
-recompute, prefix-cache hits and abort change no output and leak no blocks."""
+recompute, prefix-cache hits and abort change no output and leak no blocks; V4's fixed-size state caches kept per
+request."""
 from __future__ import annotations
 
 import hf_fixtures as fx
@@ -88,6 +89,19 @@ def test_preemption_by_recompute_keeps_outputs(eager):
     eng = Engine(eager, max_num_seqs=6, max_num_batched_tokens=64, block_size=4, num_blocks=13)
     assert _run(eng, prompts) == _alone(eager, prompts)
     assert eng.preemptions > 0
+
+
+def test_v4_state_caches_kept_per_request_equal_running_alone():
+    """V4's sliding-window and compressor states are fixed-size: each request keeps its own beside its blocks,
+    through chunked prefill and preemption (which drops them); no prefix caching (a hit would skip the tokens
+    they summarise), so a repeated prompt is prefilled again."""
+    exe = _exe("eager", "deepseek-v4-tiny")
+    prompts = [[t % exe.vocab_size for t in p] for p in _prompts(1)]
+    prompts, maxes = prompts + prompts[3:4], MAXES + (5,)
+    eng = Engine(exe, max_num_seqs=6, max_num_batched_tokens=16, block_size=4, num_blocks=13)
+    assert "fixed-size state caches" in eng.decode_path and not eng.prefix_caching
+    assert _run(eng, prompts, maxes) == _alone(exe, prompts, maxes)
+    assert eng.preemptions > 0 and eng.pool.hits == 0
 
 
 def test_prefix_cache_hits_and_keeps_outputs(eager):

@@ -2,6 +2,9 @@
 
 uvicorn handles SIGTERM / Ctrl-C gracefully: it stops accepting, the app's shutdown lets running requests
 finish for --shutdown-timeout seconds, aborts the rest and the process exits 0.
+
+Under torchrun with --tp / --ep every rank loads its shard; rank 0 serves and steps a LockstepEngine, the others
+mirror it (dsgraph/serve/lockstep.py), print nothing and ignore SIGTERM / SIGINT: they stop when rank 0 does.
 """
 from __future__ import annotations
 
@@ -10,8 +13,11 @@ import os
 import signal
 from pathlib import Path
 
-from dsgraph.errors import BackendUnavailable
+from dsgraph.errors import BackendUnavailable, ConfigError
+from dsgraph.parallel import ParallelPlan
+from dsgraph.runtime import distributed
 from dsgraph.serve.engine import Engine
+from dsgraph.serve.lockstep import LockstepEngine
 
 from . import api
 from . import cli_guard as guard
@@ -43,17 +49,28 @@ def add_parser(sub, common) -> None:
     s.add_argument("--max-waiting", type=guard.int_at_least(1), default=256,
                    help="queued requests beyond which new ones get 429")
     s.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds running requests get on SIGTERM")
+    s.add_argument("--tp", type=guard.int_at_least(1), default=1, help="tensor-parallel ranks (run under torchrun)")
+    s.add_argument("--ep", type=guard.int_at_least(1), default=1, help="expert-parallel ranks (run under torchrun)")
+    s.add_argument("--dp-attention", action="store_true",
+                   help="attention data-parallel per rank, MoE expert-parallel with all_to_all (every rank steps "
+                        "the same batch: rank 0's)")
     s.set_defaults(fn=cmd_serve)
 
 
-def load_engine(args) -> Engine:
+def load_engine(args, plan: ParallelPlan | None = None) -> Engine:
+    """The engine over an artifact or a model compiled now; with `plan`, this rank's shard in a LockstepEngine
+    (every rank builds one, together)."""
     if (Path(args.model) / "manifest.json").exists():
+        if plan is not None:
+            raise ConfigError(f"{args.model} is a compiled artifact of one process; --tp/--ep shard a model: "
+                              "give a preset or checkpoint")
         exe = api.load_artifact(args.model, device=args.device, backend=args.backend)
     else:
         exe = api.compile(api.load(args.model, dtype=args.dtype, **load_options(args)),
-                          backend=args.backend or "eager", device=args.device, dtype=args.dtype)
-    return Engine(exe, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  block_size=args.block_size, num_blocks=args.num_blocks, prefix_caching=not args.no_prefix_caching)
+                          backend=args.backend or "eager", device=args.device, dtype=args.dtype, parallel=plan)
+    return (Engine if plan is None else LockstepEngine)(
+        exe, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_blocks=args.num_blocks, prefix_caching=not args.no_prefix_caching)
 
 
 def cmd_serve(args) -> int:
@@ -64,7 +81,32 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise BackendUnavailable(f"dsgraph serve needs the serve extra ({e.name} is missing): "
                                  "pip install 'dsgraph[serve]'") from None
-    engine = load_engine(args)
+    if args.tp == 1 and args.ep == 1 and not args.dp_attention:
+        return _serve(args, load_engine(args), uvicorn, create_app)
+    plan = ParallelPlan(tp=args.tp, ep=args.ep, dp_attention=args.dp_attention)
+    rank, _ = distributed.init(api.resolve_device(args.device))
+    if rank != 0:
+        return _follow(args, plan)
+    engine = load_engine(args, plan)
+    log.info(engine.exe.compiled.report.notes[-1])
+    engine.start_heartbeat()
+    try:
+        return _serve(args, engine, uvicorn, create_app)
+    finally:
+        engine.close()
+
+
+def _follow(args, plan: ParallelPlan) -> int:
+    """A rank other than 0: its shard's engine mirrors rank 0's until rank 0 stops (an error still reaches
+    stderr: it propagates past the redirect)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        load_engine(args, plan).follow()
+    return 0
+
+
+def _serve(args, engine: Engine, uvicorn, create_app) -> int:
     name = args.served_model_name or args.model
     app = create_app(engine, name, api_key=args.api_key, max_waiting=args.max_waiting,
                      shutdown_timeout=args.shutdown_timeout)

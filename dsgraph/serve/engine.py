@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsgraph.dtypes import to_torch
 from dsgraph.errors import DSGraphError, InputError, TokenizerError
 from dsgraph.runtime import generation
-from dsgraph.runtime.sampling import generators, next_tokens, seen_mask
+from dsgraph.runtime.sampling import SamplingParams, generators, next_tokens, seen_mask
 from dsgraph.runtime.state import KVState
 
 from .paged import BlockPool
@@ -34,6 +35,23 @@ from .paged import BlockPool
 DEFAULT_MAX_TOKENS = 256
 MAX_LOGPROBS = 20
 DEFAULT_SEQ_TOKENS = 4096    # the default pool holds max_num_seqs sequences of this many tokens (or the model's limit)
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """One add_request call checked and reduced to data: the prompt as token ids, its sampling parameters and
+    stop rules. Under `dsgraph serve --tp/--ep` rank 0 sends these to the other ranks' engines (lockstep.py)."""
+
+    ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    eos: tuple[int, ...]
+    stop: tuple[str, ...]
+    detokenize: bool             # stream text and apply stop strings (with the tokenizer)
+    skip_special_tokens: bool
+    logprobs: int | None
+    request_id: str | None
+    sample: int                  # the sample index among its prompt's n (seeds (seed, sample))
 
 
 @dataclass
@@ -60,6 +78,7 @@ class _Seq:
         self.row = generation._Row(0, prompt, req)
         self.gen = generators(req.params, [sample], device)[0]
         self.table: list[int] = []
+        self.state: dict[str, torch.Tensor] = {}    # fixed-size state caches after `computed` tokens (V4)
         self.computed = 0            # tokens whose cache rows are in the table's blocks
         self.sent = 0                # tokens already reported by step()
         self.top_logprobs: int | None = None     # asked for logprobs: how many alternatives per token
@@ -86,7 +105,8 @@ class Engine:
         limit = min(exe.max_positions or DEFAULT_SEQ_TOKENS, DEFAULT_SEQ_TOKENS)
         self.pool = BlockPool(exe.graph, num_blocks or max_num_seqs * -(-limit // block_size), block_size,
                               exe.device)
-        self.prefix_caching = prefix_caching
+        # a prefix hit would skip the tokens that a fixed-size state (V4) summarises: such models prefill all
+        self.prefix_caching = prefix_caching and not self.pool.states
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
         self.preemptions = 0
@@ -101,6 +121,9 @@ class Engine:
         runner = getattr(self.exe.compiled, "paged_decode", None)
         if not wanted:
             return None, f"{contiguous} (paged_decode=False)"
+        if self.pool.states:
+            return None, f"{contiguous} ({len(self.pool.states)} fixed-size state caches, e.g. " \
+                         f"{next(iter(self.pool.states))}, kept per request; no prefix caching)"
         if runner is None:
             return None, f"{contiguous} (the {self.exe.compiled.report.backend} backend has no paged decode " \
                          "program for this model; see its compile report)"
@@ -119,6 +142,14 @@ class Engine:
         prompts) streams text and applies stop strings and the tokenizer's EOS to an id prompt too, as a server
         wants. logprobs=k reports each new token's log-probability under the model (before sampling's knobs) and
         the k most likely tokens'."""
+        return self.enqueue(self.new_request(prompt, max_tokens, request_id=request_id, sample=sample, seed=seed,
+                                             stop=stop, stop_token_ids=stop_token_ids, detokenize=detokenize,
+                                             skip_special_tokens=skip_special_tokens, logprobs=logprobs, **knobs))
+
+    def new_request(self, prompt, max_tokens: int | None = 16, *, request_id: str | None = None, sample: int = 0,
+                    seed: int | None = None, stop=(), stop_token_ids=None, skip_special_tokens: bool = True,
+                    detokenize: bool | None = None, logprobs: int | None = None, **knobs) -> NewRequest:
+        """add_request's arguments checked and reduced to a NewRequest (nothing is queued)."""
         exe, text = self.exe, isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], dict))
         rows = exe.text_rows(prompt)[0] if text else [list(prompt)]
         # checked on the host: a request arriving from another thread must not touch the device (the engine's
@@ -135,23 +166,27 @@ class Engine:
                              "lower max_tokens or give the engine more blocks (num_blocks, dsgraph serve --num-blocks)")
         if detokenize and exe.tokenizer is None:
             raise TokenizerError(f"{exe.model.name} has no tokenizer: its output cannot be detokenised")
-        tokenizer = exe.tokenizer if (text if detokenize is None else detokenize) else None
+        detokenize = text if detokenize is None else detokenize
         if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                      or not 0 <= logprobs <= MAX_LOGPROBS):
             raise InputError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
-        if stop and tokenizer is None:
+        if stop and not detokenize:
             raise InputError("stop strings need a text prompt (they are matched on the decoded text)")
-        eos = tokenizer.eos_token_ids if tokenizer is not None and stop_token_ids is None else list(stop_token_ids
-                                                                                                    or ())
-        req = generation.Request(generation.sampling_params(exe, seed, text, **knobs), max_tokens, frozenset(eos),
-                                 (stop,) if isinstance(stop, str) else tuple(stop), None, tokenizer,
-                                 skip_special_tokens)
+        eos = exe.tokenizer.eos_token_ids if detokenize and stop_token_ids is None else list(stop_token_ids or ())
+        return NewRequest(ids, generation.sampling_params(exe, seed, text, **knobs), max_tokens, tuple(eos),
+                          (stop,) if isinstance(stop, str) else tuple(stop), detokenize, skip_special_tokens,
+                          logprobs, request_id, sample)
+
+    def enqueue(self, new: NewRequest) -> str:
+        """Queue a checked request; returns its id (`new.request_id`, or the next free one)."""
+        req = generation.Request(new.params, new.max_tokens, frozenset(new.eos), new.stop, None,
+                                 self.exe.tokenizer if new.detokenize else None, new.skip_special_tokens)
         with self._lock:
-            rid = request_id or f"req-{next(self._ids)}"
+            rid = new.request_id or f"req-{next(self._ids)}"
             if any(s.rid == rid for s in self.waiting + self.running):
                 raise InputError(f"request id {rid!r} is already in the engine")
-            seq = _Seq(rid, ids, req, sample, exe.device, next(self._ids))
-            seq.top_logprobs = logprobs
+            seq = _Seq(rid, list(new.ids), req, new.sample, self.exe.device, next(self._ids))
+            seq.top_logprobs = new.logprobs
             req.on_text = lambda _, piece: seq.text.append(piece)
             self.waiting.append(seq)
         return rid
@@ -191,7 +226,7 @@ class Engine:
     def _preempt(self, seq: _Seq) -> None:
         self.running.remove(seq)
         self.pool.release(seq.table)
-        seq.table, seq.computed = [], 0
+        seq.table, seq.computed, seq.state = [], 0, {}
         self.waiting.insert(0, seq)
         self.preemptions += 1
 
@@ -247,10 +282,20 @@ class Engine:
     def _run_group(self, seqs: list[_Seq], start: int, n: int) -> None:
         exe, tables = self.exe, [s.table for s in seqs]
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
-        out, state = exe.step(ids, KVState(self.pool.gather(tables, start), start, len(seqs)))
+        caches = {**self.pool.gather(tables, start), **self._states(seqs)}
+        out, state = exe.step(ids, KVState(caches, start, len(seqs)))
         self.pool.write(tables, state.caches, start, start + n)
+        for k, seq in enumerate(seqs):
+            seq.state = {name: state.caches[name][k:k + 1] for name in self.pool.states}
         self.calls["contiguous"] += 1
         self._computed(seqs, n, out["logits"])
+
+    def _states(self, seqs: list[_Seq]) -> dict[str, torch.Tensor]:
+        """The fixed-size state caches of `seqs` stacked (zeros for a request with none computed yet)."""
+        def one(seq, name, t):
+            return seq.state[name] if name in seq.state else \
+                torch.zeros(t.concrete({"B": 1}), dtype=to_torch(t.dtype), device=self.exe.device)
+        return {name: torch.cat([one(s, name, t) for s in seqs]) for name, t in self.pool.states.items()}
 
     def _run_paged(self, seqs: list[_Seq]) -> None:
         """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools."""

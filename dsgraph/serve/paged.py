@@ -1,12 +1,13 @@
 """A paged KV cache: fixed-size blocks in one pool per cache tensor, a block table per request, and prefix
 caching of full blocks by content hash.
 
-Every cache input of a graph is [B, T, ...] (T the cache length); the pool holds [num_blocks, block_size, ...]
-of each, so for absorbed MLA a block holds the latent rows, for GQA the per-head K and V rows. The backends take
-contiguous caches, so a step gathers each request's blocks into [B, T, ...] and writes the rows it computed back
-(`gather` / `write`): correct on every backend. A backend with a paged decode program (triton) reads and writes
-the pools in place instead; one block past `num_blocks` is its scratch block, where padding rows of a CUDA-graph
-batch write (`pad_slot`), never handed out.
+Every cache input of a graph is [B, T, ...] (T the cache length) or a fixed-size state [B, rows, ...] (V4's
+sliding window and compressor rows: `states`, kept per request by the engine, not in blocks); the pool holds
+[num_blocks, block_size, ...] of each [B, T, ...] cache, so for absorbed MLA a block holds the latent rows, for
+GQA the per-head K and V rows. The backends take contiguous caches, so a step gathers each request's blocks into
+[B, T, ...] and writes the rows it computed back (`gather` / `write`): correct on every backend. A backend with a
+paged decode program (triton) reads and writes the pools in place instead; one block past `num_blocks` is its
+scratch block, where padding rows of a CUDA-graph batch write (`pad_slot`), never handed out.
 
 A full block is registered under the hash of (the hash of the block before it, its tokens): equal prefixes
 share blocks (reference-counted). A block nobody holds stays cached until the pool needs it (oldest first).
@@ -38,14 +39,19 @@ class BlockPool:
             raise InputError(f"a paged cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, "
                              f"{block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.storage = {}
+        self.storage, self.states, self.device = {}, {}, device
         for name, v in graph.inputs.items():
             if v.kind != "cache":
                 continue
-            if len(v.type.shape) < 2 or str(v.type.shape[1]) != "T":
-                raise InputError(f"cache input {name} has shape {v.type}: the paged cache needs [B, T, ...]")
-            shape = v.type.concrete({"B": num_blocks + 1, "T": block_size})   # + the scratch block
-            self.storage[name] = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=device)
+            dims = [str(d) for d in v.type.shape]
+            if len(dims) >= 2 and dims[1] == "T":
+                shape = v.type.concrete({"B": num_blocks + 1, "T": block_size})   # + the scratch block
+                self.storage[name] = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=device)
+            elif len(dims) >= 2 and dims[0] == "B" and all(d.isdigit() for d in dims[1:]):
+                self.states[name] = v.type   # a fixed-size state per sequence: the engine keeps it per request
+            else:
+                raise InputError(f"cache input {name} has shape {v.type}: the paged cache needs [B, T, ...] (or a "
+                                 "fixed-size state [B, rows, ...])")
         self.free: list[int] = list(range(num_blocks))[::-1]
         self.refs = [0] * num_blocks
         self.cached: dict[int, int] = {}               # content hash -> block
@@ -130,4 +136,4 @@ class BlockPool:
 
     @property
     def _device(self):
-        return next(iter(self.storage.values())).device
+        return self.device
