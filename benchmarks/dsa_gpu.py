@@ -130,7 +130,9 @@ def main() -> None:
                                                         (64, 128, 131072, 2048, 64, 128)]
     rows = [r for shape in shapes for r in rows_for(*shape, dtype, args.device, gen)]
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    tols = {"sparse_mla_fp8": 2e-2, "indexer_fp8": 1e-4, "topk": 0.0}   # vs the dequantised refs; exact picks
+    # vs the dequantised refs; exact picks. Hopper's FP8 tensor-core dots accumulate in ~14 bits (DeepSeek-V3
+    # report, section 3.3.2): the H200 measured 1.5e-4 for the e4m3 indexer against the fp32 reference
+    tols = {"sparse_mla_fp8": 2e-2, "indexer_fp8": 1e-3, "topk": 0.0}
     bad = []
     for r in rows:
         head = f"{r['kernel']:<15} B={r['batch']} H={r['heads']} T={r['T']} K={r['topk']}"

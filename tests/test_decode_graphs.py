@@ -176,16 +176,17 @@ def test_captured_decode_equals_plain_decode_gpu(preset):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("options,judge", [({}, "eager"), ({"kv_cache_dtype": "fp8"}, "eager"),
+@pytest.mark.parametrize("options,judge", [({}, "eager"), ({"kv_cache_dtype": "fp8"}, "plain"),
                                            ({"passes": FP8_INDEX}, "plain")])
 def test_captured_v32_decode_generates_eagers_tokens_gpu(options, judge):
     """V3.2 (indexer, device top-k, sparse MLA; with the FP8 latent cache, or the FP8 indexer key cache) in bf16:
     every decode step a graph replay over the static-capacity caches, and the greedy tokens are the judge's (up to a
     near-tie of its own bf16 logits, where two kernels may round either way). The judge is eager, but for the FP8
-    indexer key cache: there e4m3 rounding of q and k turns eager's one-ulp bf16 differences upstream into
-    e4m3-ulp (~6%) score differences that flip the indexer's top-k (3 of <= 21 tokens), an O(1) logit change no
-    near-tie bounds; its judge is the same model's plain (uncaptured) steps, which round as the graphs do (its
-    kernels' equality with eager is test_fp8_index_cache_on_triton's, in fp32)."""
+    caches: there e4m3 rounding turns one-ulp bf16 differences upstream into e4m3-ulp (~6%) differences (for the
+    indexer key cache they flip the indexer's top-k, 3 of <= 21 tokens), an O(1) logit change no near-tie bounds
+    (the H200 saw a 3 % gap at the first token with the FP8 latent cache); their judge is the same model's plain
+    (uncaptured) steps, which round as the graphs do (the kernels' equality with eager is test_fp8_kv_cache's, in
+    fp32)."""
     exe = _exe("deepseek-v3.2-tiny", device="cuda", dtype="bfloat16", **options)
     assert dg.unsupported_reason(exe.graph) is None
     prompt = _ids(exe, 2, 9, 6).cuda()

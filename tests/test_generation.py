@@ -113,6 +113,8 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(exe):
     assert exe.generate(PROMPTS, seed=1, **kw)[0].token_ids == a.token_ids
     runs = exe.generate(PROMPTS[0], seed=2, n=4, **kw)
     assert len(runs) == 4 and len({tuple(r.token_ids) for r in runs + [a]}) > 1
+    big = exe.generate(PROMPTS[0], seed=-2 ** 70, **kw)          # any int is a seed
+    assert exe.generate(PROMPTS[0], seed=-2 ** 70, **kw).token_ids == big.token_ids
     tiny_t = exe.generate(PROMPTS[0], seed=3, max_new_tokens=8, temperature=1e-4, stop_token_ids=[])
     assert tiny_t.token_ids == exe.generate(PROMPTS[0], max_new_tokens=8, temperature=0, stop_token_ids=[]).token_ids
 

@@ -76,7 +76,7 @@ def generators(params: SamplingParams, samples: list[int], device=None) -> list[
         if params.seed is None:
             g.seed()
         else:
-            g.manual_seed(params.seed * 1_000_003 + j)
+            g.manual_seed((params.seed * 1_000_003 + j) % 2 ** 64)   # any int seed (manual_seed takes 64 bits)
         out.append(RowStream(int(torch.randint(0, 2 ** 62, (1,), generator=g))))
     return out
 
