@@ -3,7 +3,7 @@ with a ParallelPlan through the triton backend generates the single-process gree
 replayed from CUDA graphs, and collectives (`dist.all_reduce`, `dist.all_gather` through NCCL) captured inside a
 CUDA graph replay the eager values; the lockstep serve engine on that group pages its decode through CUDA graphs.
 
-Run on the device machine: TESTS=tests/test_distributed_gpu.py bash benchmarks/run_gpu.sh check SKIP_MOE=1"""
+Run on the device machine: SKIP_MOE=1 TESTS=tests/test_distributed_gpu.py bash benchmarks/run_gpu.sh check"""
 import json
 import os
 import subprocess
