@@ -82,7 +82,7 @@ def profile(a, model, exe, graphed, batch: int) -> None:
     inputs = random_inputs(exe.graph, {"B": batch, "S": 1, "T": a.context}, 0, model.config.vocab_size, "cuda")
     with torch.no_grad():
         graphed(inputs, a.context)
-        bufs = graphed.buffers[batch]
+        bufs = graphed.buffers[(batch, None)]
         times = replay_us(bufs.graph, a.replays)
         per_node, kernels = node_times(bufs, graphed.program, a.steps)
     replay = statistics.median(times)

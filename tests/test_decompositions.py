@@ -435,9 +435,11 @@ def test_fp8_index_keys():
     k = randn(2, 5, 256) * 3
     lowered = check("indexer.quant_fp8", {"x": k}, {"x": ("B", "T", 256)})
     k8, ks = run(lowered, {}, {"x": k})["out0"], run(lowered, {}, {"x": k})["out1"]
+    # q is rotated then rounded to e4m3 on both sides, the rotation by other float ops: a value on a rounding
+    # boundary may land one e4m3 step (12.5 %) apart, ~1e-4 of the logits' norm
     check("indexer.logits_fp8", {"q": randn(2, 3, 2, 256), "k": k8, "s": ks, "w": randn(2, 3, 2)},
-          {"q": ("B", "S", 2, 256), "k": ("B", "T", 256), "s": ("B", "T", 2), "w": ("B", "S", 2)}, scale=0.3,
-          causal=False)
+          {"q": ("B", "S", 2, 256), "k": ("B", "T", 256), "s": ("B", "T", 2), "w": ("B", "S", 2)}, tol=1e-3,
+          scale=0.3, causal=False)
 
 
 @covers("kv.quant_fp8", "kv.dequant_fp8")

@@ -92,7 +92,7 @@ def test_ragged_ids_run_as_one_batch_on_every_backend(backend, monkeypatch):
     shapes, step = [], exe.step
     monkeypatch.setattr(exe, "step", lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or step(ids, *a, **k))
     assert exe.generate(rows, max_new_tokens=4).tolist() == alone
-    assert [s for s in shapes if s[1] > 1] == [(3, 2)]          # one batch: the shortest length prefilled, the longer tails fed after
+    assert [s for s in shapes if s[1] > 1] == [(3, 2)]   # one batch: the shortest length prefilled, tails fed after
 
 
 def test_stop_string_across_token_boundaries(exe):

@@ -19,10 +19,9 @@ from . import generation
 from .artifact import save_artifact
 from .checks import FiniteWatch, check_count, ids_tensor
 from .localize import localize
-from .speculative import generate_mtp
 from .sampling import SamplingParams, StepSampler
+from .speculative import generate_mtp
 from .state import GenerateStats, KVState
-
 
 SAMPLERS_KEPT = 8
 
