@@ -61,16 +61,22 @@ json.dump(out, open(sys.argv[1], "w"))
 """
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_nccl_world_of_one_runs_sharded_decode_in_cuda_graphs_gpu(tmp_path):
+def _torchrun_one(tmp_path, source: str) -> dict:
+    """`source` (a worker writing JSON to argv[1]) under torchrun with one rank, on CUDA; what it wrote."""
     script, result = tmp_path / "worker.py", tmp_path / "result.json"
-    script.write_text(WORKER % {"model": MODEL, "prompt": PROMPT, "new": NEW})
+    script.write_text(source)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                            str(script), str(result)], capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(result.read_text())
+    return got
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nccl_world_of_one_runs_sharded_decode_in_cuda_graphs_gpu(tmp_path):
+    got = _torchrun_one(tmp_path, WORKER % {"model": MODEL, "prompt": PROMPT, "new": NEW})
     assert got["world"] == 1 and got["backend"] == "nccl"
     assert got["plan"] == {"tp": 1, "ep": 1, "dp_attention": False}
     single = dsgraph.compile(dsgraph.load(MODEL), backend="triton", device="cuda")
@@ -105,13 +111,7 @@ def test_lockstep_serve_engine_on_nccl_pages_decode_in_cuda_graphs_gpu(tmp_path)
     on a one-rank NCCL group: the sharded graph's paged decode replays CUDA graphs and every request's tokens equal
     its own generate."""
     prompts = [PROMPT, [7, 1, 2, 3, 4, 5, 6, 8, 9], [11, 12]]
-    script, result = tmp_path / "worker.py", tmp_path / "result.json"
-    script.write_text(SERVE_WORKER % {"model": MODEL, "prompts": prompts, "new": NEW})
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-                           str(script), str(result)], capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(result.read_text())
+    got = _torchrun_one(tmp_path, SERVE_WORKER % {"model": MODEL, "prompts": prompts, "new": NEW})
     single = dsgraph.compile(dsgraph.load(MODEL), backend="triton", device="cuda")
     assert got["tokens"] == [single.generate([p], max_new_tokens=NEW)[0].tolist() for p in prompts]
     assert got["calls"]["paged_decode"] > 0, got["path"]

@@ -112,11 +112,7 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
     b, s, h, d = q.shape
     t = k.shape[1]
     paged = block_table is not None
-    if paged:
-        if fp8:
-            raise InputError("indexer_logits: the FP8 path reads a contiguous key cache, not a block table")
-        check_block_table("indexer_logits", block_table, (k,), kv_lens, b)
-        t = block_table.shape[1] * k.shape[1]
+    t = _paged_length("indexer_logits", block_table, k, kv_lens, b, fp8) if paged else t
     if (k.shape[2] != d if paged else k.shape != (b, t, d)) or weights.shape != (b, s, h) or \
             fp8 and (q_scale.shape != (b, s, h) or k_scale.shape != (b, t)):
         raise ShapeError(f"indexer_logits: q {tuple(q.shape)}, k {tuple(k.shape)}, weights {tuple(weights.shape)}"
@@ -134,6 +130,15 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
             BLOCK_T=block_t, CAUSAL=causal, HAS_LENS=kv_lens is not None, FP8=fp8, PRECISION=dot_precision(dtype),
             PAGE=k.shape[1] if paged else 0)
     return out
+
+
+def _paged_length(what: str, block_table, pool, kv_lens, b: int, fp8: bool) -> int:
+    """The cache length T a block table spans over `pool` [blocks, PAGE, ...], the table checked; the FP8 caches
+    are read contiguous only."""
+    if fp8:
+        raise InputError(f"{what}: the FP8 cache is read contiguous, not through a block table")
+    check_block_table(what, block_table, (pool,), kv_lens, b)
+    return block_table.shape[1] * pool.shape[1]
 
 
 def _check_fp8(what: str, *pairs) -> None:
@@ -222,11 +227,7 @@ def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scal
     width = kv_lora_rank + q_rope.shape[-1]
     t, n = cache.shape[1], indices.shape[-1]
     paged = block_table is not None
-    if paged:
-        if fp8:
-            raise InputError("sparse_mla: the FP8 latent cache is read contiguous, not through a block table")
-        check_block_table("sparse_mla", block_table, (cache,), kv_lens, b)
-        t = block_table.shape[1] * cache.shape[1]
+    t = _paged_length("sparse_mla", block_table, cache, kv_lens, b, fp8) if paged else t
     if fp8:
         group = _fp8_group(cache, cache_scale, cache_rope, (b, t, kv_lora_rank), width - kv_lora_rank)
     elif (cache.shape[2] != width) if paged else cache.shape != (b, t, width):
