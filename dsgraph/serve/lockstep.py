@@ -28,7 +28,7 @@ from dsgraph.errors import RankDivergence
 
 from .engine import Engine, NewRequest
 
-SEED_BITS = 42          # a drawn seed: sampling keys its stream from seed * 1_000_003 + sample, within int64
+SEED_BITS = 42          # a seed drawn on rank 0 for a request without one (any int is a seed; 42 bits are plenty)
 HEARTBEAT_S = 60.0       # an idle server pings its followers this often (gloo's default timeout is 30 minutes)
 
 
