@@ -13,6 +13,8 @@
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
 #   bash benchmarks/run_gpu.sh serve    # (PROMPTS=, LIMIT=) the OpenAI-client serving benchmark, full-size V2-Lite;
 #                                       # carry .whl (made here by `bash benchmarks/serve_wheels.sh`)
+#   bash benchmarks/run_gpu.sh engine   # (LIMIT=, ARGS=) host vs device time of the serving Engine's steps, cProfile
+#   bash benchmarks/run_gpu.sh vl       # (LIMIT=) multimodal TTFT and vision-encoder rows
 # The device gets the tree without .git: put DSGRAPH_GIT_COMMIT=<hash of HEAD, written out> in the command so
 # the JSON records the commit.
 set -uo pipefail
@@ -87,5 +89,10 @@ serve)
     export PYTHONPATH="$PYTHONPATH:/tmp/serve-site"
     step serve "${LIMIT:-470}" python benchmarks/serve.py deepseek-v2-lite --device cuda --backend triton \
         --dtype bfloat16 --concurrency 1,16,64 --prompts "${PROMPTS:-8,64,128}" --input-len 1024 --output-len 256 ;;
-*) echo "usage: $0 check|attn|mtp|gemv|gluon|profile|v2lite|v2liteops|v3ops|tvm|serve" >&2; exit 2 ;;
+engine)
+    step engine "${LIMIT:-300}" python benchmarks/engine_profile.py deepseek-v2-lite --device cuda --backend triton \
+        --dtype bfloat16 --requests 64 --input-len 1024 --output-len 64 ${ARGS:-} ;;
+vl)
+    step vl "${LIMIT:-300}" python benchmarks/vl_gpu.py --device cuda --dtype bf16 --backends eager,triton ;;
+*) echo "usage: $0 check|attn|mtp|gemv|gluon|profile|v2lite|v2liteops|v3ops|tvm|serve|engine|vl" >&2; exit 2 ;;
 esac
