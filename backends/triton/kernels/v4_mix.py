@@ -59,9 +59,9 @@ def _hc_mix_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, out_ptr, post_ptr, comb_p
         tl.store(post_ptr + tok * N + i, post, mask=ok)
         logit = comb_acc * inv_rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + comb_row, mask=cell_ok, other=0.0)
         logit = tl.where(cell_ok, logit, float("-inf"))
-        p = tl.exp(logit - tl.max(logit, axis=1)[:, None])
-        p = tl.where(cell_ok, p, 0.0)
-        comb = tl.where(cell_ok, p / tl.sum(p, axis=1)[:, None] + EPS, 0.0)
+        p = tl.where(cell_ok, tl.exp(logit - tl.where(ok, tl.max(logit, axis=1), 0.0)[:, None]), 0.0)
+        total = tl.where(ok, tl.sum(p, axis=1), 1.0)  # padded rows: no 0 / 0
+        comb = tl.where(cell_ok, p / total[:, None] + EPS, 0.0)
         comb = comb / (tl.sum(comb, axis=0)[None, :] + EPS)
         for _ in range(ITERS - 1):
             comb = comb / (tl.sum(comb, axis=1)[:, None] + EPS)
