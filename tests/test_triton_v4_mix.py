@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dsgraph.backends import get_backend
 
 from dsgraph import GraphBuilder
-from dsgraph.backends import get_backend
 from dsgraph.numerics import rel_err
 from dsgraph.ops import get_op
 

@@ -1,9 +1,10 @@
 """Generated fused elementwise chains (casts, scaling, add/mul/silu chains, ...) over one iteration shape.
 
-A chain is a set of elementwise nodes (float ones, or integer add/sub/mul/neg/... on index values) whose outputs all have the iteration shape; its external inputs either
+A chain is a set of elementwise nodes whose outputs all have the iteration shape; its external inputs either
 have that shape (loaded at the flat offset), are a broadcast suffix of it (a bias [N] against [.., N]: loaded at
-offset % numel) or are scalars. Each node computes in fp32 and rounds to its declared dtype, exactly as the
-eager reference does op by op, so fusion changes no result bit on fp32 and only saves memory traffic.
+offset % numel) or are scalars. Each float node computes in fp32 and rounds to its declared dtype, exactly as the
+eager reference does op by op, so fusion changes no result bit on fp32 and only saves memory traffic; integer
+add/sub/mul/neg/... (positions) compute in their own dtype, exactly.
 """
 from __future__ import annotations
 
