@@ -28,9 +28,9 @@ def ref(op, *args, **attrs):
 
 def _hc_inputs(n, d, rows, seed, dev="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, n, d, generator=g)
+    x = torch.randn(3, 7, n, d, generator=g)   # 21 tokens: a full 16-token mix program and a masked one
     fn = torch.randn(rows, n * d, generator=g) / (n * d) ** 0.5
-    base, scale = torch.randn(rows, generator=g), torch.rand(3 if rows > n else 1, generator=g) * 2 + 0.5
+    base, scale = torch.randn(rows, generator=g), torch.rand(3 if rows > n else 1, generator=g) + 0.5
     return x.to(dev, dtype), fn.to(dev), base.to(dev), scale.to(dev)
 
 
@@ -56,10 +56,10 @@ def test_hc_pre_sinkhorn_matches_reference(n, d):
 
 
 def test_hc_post_and_head_match_reference():
-    n, d = 4, 300   # hc.post: two 256-wide column programs, the second masked
+    n, d = 4, 300   # hc.post over 21 tokens: 2 x 5 programs of 16 tokens x 256 (n, d) outputs, the last ones masked
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(2, 3, n, d, generator=g), torch.randn(2, 3, d, generator=g)
-    post, comb = torch.rand(2, 3, n, generator=g) * 2, torch.rand(2, 3, n, n, generator=g)
+    x, y = torch.randn(3, 7, n, d, generator=g), torch.randn(3, 7, d, generator=g)
+    post, comb = torch.rand(3, 7, n, generator=g) * 2, torch.rand(3, 7, n, n, generator=g)
     assert rel_err(mix.hc_post(x, y, post, comb), ref("hc.post", x, y, post, comb)) < 1e-5
     args = _hc_inputs(n, d, n, seed=2)
     assert rel_err(mix.hc_mix(*args, eps=1e-6, norm_eps=1e-6, full=False),

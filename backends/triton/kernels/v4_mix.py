@@ -1,14 +1,16 @@
 """DeepSeek-V4's mHC hyper-connections and hash routing as one launch each (ops hc.pre, hc.post, hc.head,
 moe.route_hash; semantics in dsgraph/ops/v4_mix.py).
 
-`_hc_mix_kernel`, one program per token: pass 1 streams the token's N*D stream values and the fp32 projection
-fn in BLOCK chunks, accumulating the sum of squares and the raw projections (the unweighted RMSNorm is a
-per-token scalar, so it multiplies the dot products afterwards); the weights follow in registers — pre =
-sigmoid(.)+eps, and for hc.pre post = 2*sigmoid(.) and comb = Sinkhorn(softmax(.)+eps) with every one of the
-`iters` row/column normalisations on an [N, N] register tile (padded lanes held at 0 so they add nothing); pass
-2 re-reads x in D chunks for the weighted merge sum_n pre[n] x[n]. hc.head is the same kernel without post/comb.
-`_hc_post_kernel`: out[n] = post[n] * y + sum_j comb[j, n] x[j], one program per (token, D chunk).
-On a GPU one program streams the whole fn (24 x N*D fp32) per token; at decode that is one SM's bandwidth.
+`_hc_mix_kernel`, one program per MIX_TOKENS tokens: pass 1 streams their N*D stream values and the fp32
+projection fn in BLOCK chunks (each fn chunk read once for all of them), accumulating the sums of squares and the
+raw projections (the unweighted RMSNorm is a per-token scalar, so it multiplies the dot products afterwards); the
+weights follow in registers — pre = sigmoid(.)+eps, and for hc.pre post = 2*sigmoid(.) and comb =
+Sinkhorn(softmax(.)+eps) with every one of the `iters` row/column normalisations on [tokens, N, N] register
+tiles (padded lanes held at 0 so they add nothing); pass 2 re-reads x in D chunks for the weighted merge
+sum_n pre[n] x[n]. hc.head is the same kernel without post/comb.
+`_hc_post_kernel`: out[n] = post[n] * y + sum_j comb[j, n] x[j], one program per (MIX_TOKENS tokens, chunk of
+the flattened (n, d) outputs).
+At decode (a few tokens) one program streams the whole fn (24 x N*D fp32), which is one SM's bandwidth.
 """
 from __future__ import annotations
 
@@ -23,77 +25,86 @@ from .routing import sqrt_softplus
 
 
 @triton.jit
-def _hc_mix_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, out_ptr, post_ptr, comb_ptr, stride_x,
-                   N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-                   FULL: tl.constexpr, ITERS: tl.constexpr, EPS: tl.constexpr, NORM_EPS: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
+def _hc_mix_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, out_ptr, post_ptr, comb_ptr, T, stride_x,
+                   N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_D: tl.constexpr, FULL: tl.constexpr, ITERS: tl.constexpr, EPS: tl.constexpr,
+                   NORM_EPS: tl.constexpr):
     ND: tl.constexpr = N * D
+    K2: tl.constexpr = BN * BN
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t_ok = t < T
+    row = t.to(tl.int64) * stride_x
     i = tl.arange(0, BN)
-    j = tl.arange(0, BN)
     ok = i < N
-    cell_ok = ok[:, None] & (j[None, :] < N)
-    comb_row = 2 * N + i[:, None] * N + j[None, :]  # fn / base row of comb[i, j]
-    ss = tl.zeros((BLOCK,), dtype=tl.float32)
-    pre_acc = tl.zeros((BN,), dtype=tl.float32)
-    post_acc = tl.zeros((BN,), dtype=tl.float32)
-    comb_acc = tl.zeros((BN, BN), dtype=tl.float32)
+    k = tl.arange(0, K2)  # comb[ci, cj] flattened row-major over the padded BN x BN tile
+    ci, cj = k // BN, k % BN
+    k_ok = (ci < N) & (cj < N)
+    ss = tl.zeros((BT,), dtype=tl.float32)
+    pre_acc = tl.zeros((BT, BN), dtype=tl.float32)
+    post_acc = tl.zeros((BT, BN), dtype=tl.float32)
+    comb_acc = tl.zeros((BT, K2), dtype=tl.float32)
     for c0 in range(0, ND, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
         c_ok = c < ND
-        xv = tl.load(x_ptr + tok * stride_x + c, mask=c_ok, other=0.0).to(tl.float32)
-        ss += xv * xv
+        xv = tl.load(x_ptr + row[:, None] + c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+        xv = xv.to(tl.float32)[:, None, :]
+        ss += tl.sum(tl.sum(xv * xv, axis=2), axis=1)
         w = tl.load(fn_ptr + i[:, None] * ND + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
-        pre_acc += tl.sum(w * xv[None, :], axis=1)
+        pre_acc += tl.sum(xv * w[None, :, :], axis=2)
         if FULL:
             w = tl.load(fn_ptr + (N + i[:, None]) * ND + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
-            post_acc += tl.sum(w * xv[None, :], axis=1)
-            w3 = tl.load(fn_ptr + comb_row[:, :, None] * ND + c[None, None, :],
-                         mask=cell_ok[:, :, None] & c_ok[None, None, :], other=0.0)
-            comb_acc += tl.sum(w3 * xv[None, None, :], axis=2)
-    inv_rms = tl.rsqrt(tl.sum(ss, axis=0) / ND + NORM_EPS)
-    pre = tl.sigmoid(pre_acc * inv_rms * tl.load(scale_ptr) + tl.load(base_ptr + i, mask=ok, other=0.0)) + EPS
-    pre = tl.where(ok, pre, 0.0)
+            post_acc += tl.sum(xv * w[None, :, :], axis=2)
+            w = tl.load(fn_ptr + (2 * N + ci[:, None] * N + cj[:, None]) * ND + c[None, :],
+                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            comb_acc += tl.sum(xv * w[None, :, :], axis=2)
+    inv_rms = tl.rsqrt(ss / ND + NORM_EPS)[:, None]
+    pre = tl.sigmoid(pre_acc * inv_rms * tl.load(scale_ptr) + tl.load(base_ptr + i, mask=ok, other=0.0)[None, :])
+    pre = tl.where(ok[None, :], pre + EPS, 0.0)
     if FULL:
         post = 2.0 * tl.sigmoid(post_acc * inv_rms * tl.load(scale_ptr + 1)
-                                + tl.load(base_ptr + N + i, mask=ok, other=0.0))
-        tl.store(post_ptr + tok * N + i, post, mask=ok)
-        logit = comb_acc * inv_rms * tl.load(scale_ptr + 2) + tl.load(base_ptr + comb_row, mask=cell_ok, other=0.0)
-        logit = tl.where(cell_ok, logit, float("-inf"))
-        p = tl.where(cell_ok, tl.exp(logit - tl.where(ok, tl.max(logit, axis=1), 0.0)[:, None]), 0.0)
-        total = tl.where(ok, tl.sum(p, axis=1), 1.0)  # padded rows: no 0 / 0
-        comb = tl.where(cell_ok, p / total[:, None] + EPS, 0.0)
-        comb = comb / (tl.sum(comb, axis=0)[None, :] + EPS)
+                                + tl.load(base_ptr + N + i, mask=ok, other=0.0)[None, :])
+        tl.store(post_ptr + t[:, None] * N + i[None, :], post, mask=t_ok[:, None] & ok[None, :])
+        cell = (i[:, None] < N) & (i[None, :] < N)  # [BN, BN], broadcast over the tokens
+        bias = tl.load(base_ptr + 2 * N + i[:, None] * N + i[None, :], mask=cell, other=0.0)
+        logit = tl.reshape(comb_acc * inv_rms, (BT, BN, BN)) * tl.load(scale_ptr + 2) + bias[None, :, :]
+        logit = tl.where(cell[None, :, :], logit, float("-inf"))
+        top = tl.where(ok[None, :], tl.max(logit, axis=2), 0.0)
+        p = tl.where(cell[None, :, :], tl.exp(logit - top[:, :, None]), 0.0)
+        total = tl.where(ok[None, :], tl.sum(p, axis=2), 1.0)  # padded rows: no 0 / 0
+        comb = tl.where(cell[None, :, :], p / total[:, :, None] + EPS, 0.0)
+        comb = comb / (tl.sum(comb, axis=1)[:, None, :] + EPS)
         for _ in range(ITERS - 1):
-            comb = comb / (tl.sum(comb, axis=1)[:, None] + EPS)
-            comb = comb / (tl.sum(comb, axis=0)[None, :] + EPS)
-        tl.store(comb_ptr + tok * N * N + i[:, None] * N + j[None, :], comb, mask=cell_ok)
+            comb = comb / (tl.sum(comb, axis=2)[:, :, None] + EPS)
+            comb = comb / (tl.sum(comb, axis=1)[:, None, :] + EPS)
+        where = t[:, None, None] * (N * N) + i[None, :, None] * N + i[None, None, :]
+        tl.store(comb_ptr + where, comb, mask=t_ok[:, None, None] & cell[None, :, :])
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        xv = tl.load(x_ptr + tok * stride_x + i[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
-        merged = tl.sum(pre[:, None] * xv, axis=0)
-        tl.store(out_ptr + tok * D + d, merged.to(out_ptr.dtype.element_ty), mask=d_ok)
+        xv = tl.load(x_ptr + row[:, None, None] + i[None, :, None] * D + d[None, None, :],
+                     mask=t_ok[:, None, None] & ok[None, :, None] & d_ok[None, None, :], other=0.0)
+        merged = tl.sum(pre[:, :, None] * xv.to(tl.float32), axis=1)
+        tl.store(out_ptr + t[:, None] * D + d[None, :], merged.to(out_ptr.dtype.element_ty),
+                 mask=t_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _hc_post_kernel(x_ptr, y_ptr, post_ptr, comb_ptr, out_ptr, stride_x, stride_y,
-                    N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    jn = tl.arange(0, BN)  # the source stream j (axis 0) and the target stream n (axis 1)
-    ok = jn < N
-    comb = tl.load(comb_ptr + tok * N * N + jn[:, None] * N + jn[None, :], mask=ok[:, None] & ok[None, :],
-                   other=0.0).to(tl.float32)
-    xv = tl.load(x_ptr + tok * stride_x + jn[:, None] * D + d[None, :], mask=ok[:, None] & d_ok[None, :],
-                 other=0.0).to(tl.float32)
-    yv = tl.load(y_ptr + tok * stride_y + d, mask=d_ok, other=0.0).to(tl.float32)
-    post = tl.load(post_ptr + tok * N + jn, mask=ok, other=0.0).to(tl.float32)
-    mixed = tl.sum(comb[:, :, None] * xv[:, None, :], axis=0)  # [n, d] = sum_j comb[j, n] x[j, d]
-    out = post[:, None] * yv[None, :] + mixed
-    tl.store(out_ptr + tok * N * D + jn[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=ok[:, None] & d_ok[None, :])
+def _hc_post_kernel(x_ptr, y_ptr, post_ptr, comb_ptr, out_ptr, T, stride_x, stride_y,
+                    N: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (target stream n, d) flattened
+    n, d = col // D, col % D
+    m = (t < T)[:, None] & (col < N * D)[None, :]
+    t64 = t.to(tl.int64)[:, None]
+    yv = tl.load(y_ptr + t64 * stride_y + d[None, :], mask=m, other=0.0).to(tl.float32)
+    out = tl.load(post_ptr + t64 * N + n[None, :], mask=m, other=0.0).to(tl.float32) * yv
+    for j in tl.static_range(N):  # + sum_j comb[j, n] x[j, d]
+        cw = tl.load(comb_ptr + t64 * (N * N) + j * N + n[None, :], mask=m, other=0.0).to(tl.float32)
+        out += cw * tl.load(x_ptr + t64 * stride_x + j * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t64 * (N * D) + col[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+MIX_TOKENS = 16  # tokens a mix program takes: each fn chunk loaded once serves them all (prefill)
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -124,12 +135,14 @@ def hc_mix(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     out = torch.empty((*lead, d), dtype=x.dtype, device=x.device)
     post = torch.empty((*lead, n), dtype=torch.float32, device=x.device)
     comb = torch.empty((*lead, n, n), dtype=torch.float32, device=x.device)
-    if x2.shape[0]:
+    tokens = x2.shape[0]
+    if tokens:
         bn = _pow2(n)
-        block = min(_pow2(n * d), max(16, 2048 // (bn * bn)))
-        _hc_mix_kernel[(x2.shape[0],)](
-            x2, fn, base, scale, out, post, comb, x2.stride(0), N=n, D=d, BN=bn, BLOCK=block,
-            BLOCK_D=min(_pow2(d), max(16, 2048 // bn)), FULL=full, ITERS=iters, EPS=float(eps),
+        bt = min(_pow2(tokens), MIX_TOKENS)
+        block = min(_pow2(n * d), max(16, 4096 // (bt * bn * bn)))
+        _hc_mix_kernel[(triton.cdiv(tokens, bt),)](
+            x2, fn, base, scale, out, post, comb, tokens, x2.stride(0), N=n, D=d, BN=bn, BT=bt, BLOCK=block,
+            BLOCK_D=min(_pow2(d), max(16, 4096 // (bt * bn))), FULL=full, ITERS=iters, EPS=float(eps),
             NORM_EPS=float(norm_eps), num_warps=4)
     return (out, post, comb) if full else out
 
@@ -145,11 +158,12 @@ def hc_post(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Te
     x2, y2 = _rows(x, n * d), _rows(y, d)
     post, comb = post.contiguous(), comb.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        bn, block_d = _pow2(n), min(_pow2(d), 256)
-        _hc_post_kernel[(x2.shape[0], triton.cdiv(d, block_d))](
-            x2, y2, post, comb, out, x2.stride(0), y2.stride(0), N=n, D=d, BN=bn, BLOCK_D=block_d,
-            num_warps=4 if block_d >= 256 else 1)
+    tokens = x2.shape[0]
+    if tokens:
+        bt = min(_pow2(tokens), MIX_TOKENS)
+        block = min(_pow2(n * d), max(64, 4096 // bt))
+        _hc_post_kernel[(triton.cdiv(tokens, bt), triton.cdiv(n * d, block))](
+            x2, y2, post, comb, out, tokens, x2.stride(0), y2.stride(0), N=n, D=d, BT=bt, BLOCK=block, num_warps=4)
     return out
 
 
