@@ -20,7 +20,7 @@ import triton.language as tl
 
 from dsgraph.errors import ShapeError
 
-from .common import check_device
+from .common import check_device, interpreting
 from .routing import sqrt_softplus
 
 
@@ -139,10 +139,11 @@ def hc_mix(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     if tokens:
         bn = _pow2(n)
         bt = min(_pow2(tokens), MIX_TOKENS)
-        block = min(_pow2(n * d), max(16, 4096 // (bt * bn * bn)))
+        room = 1 << 16 if interpreting() else 4096   # elements a [BT, N*N, BLOCK] tile may hold (registers)
+        block = min(_pow2(n * d), max(16, room // (bt * bn * bn)))
         _hc_mix_kernel[(triton.cdiv(tokens, bt),)](
             x2, fn, base, scale, out, post, comb, tokens, x2.stride(0), N=n, D=d, BN=bn, BT=bt, BLOCK=block,
-            BLOCK_D=min(_pow2(d), max(16, 4096 // (bt * bn))), FULL=full, ITERS=iters, EPS=float(eps),
+            BLOCK_D=min(_pow2(d), max(16, room // (bt * bn))), FULL=full, ITERS=iters, EPS=float(eps),
             NORM_EPS=float(norm_eps), num_warps=4)
     return (out, post, comb) if full else out
 
