@@ -133,8 +133,8 @@ def hc_mix(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.T
     x2 = _rows(x, n * d)
     fn, base, scale = (t.float().contiguous() for t in (fn, base, scale))
     out = torch.empty((*lead, d), dtype=x.dtype, device=x.device)
-    post = torch.empty((*lead, n), dtype=torch.float32, device=x.device)
-    comb = torch.empty((*lead, n, n), dtype=torch.float32, device=x.device)
+    post = torch.empty((*lead, n), dtype=torch.float32, device=x.device) if full else out  # hc.head: unused
+    comb = torch.empty((*lead, n, n), dtype=torch.float32, device=x.device) if full else out
     tokens = x2.shape[0]
     if tokens:
         bn = _pow2(n)
