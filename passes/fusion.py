@@ -52,11 +52,12 @@ class FuseAddRMSNorm(PatternPass):
 @register
 @dataclass
 class FuseSwiGLU(PatternPass):
-    """mlp.swiglu(x, gate, up, down) -> linear(act.swiglu(linear(x, gate|up)), down); the gate and up
-    weights are concatenated lazily into `<prefix>.gate_up_proj` (FP8 stays FP8 when blocks align)."""
+    """mlp.swiglu(x, gate, up, down) -> linear(act.swiglu(linear(x, gate|up)), down), and V4's
+    mlp.swiglu_clamped likewise with act.swiglu_clamped; the gate and up weights are concatenated lazily into
+    `<prefix>.gate_up_proj` (FP8 stays FP8 when blocks align)."""
 
     name = "fuse_swiglu"
-    description = "SwiGLU MLP -> one gate|up GEMM + act.swiglu + down GEMM"
+    description = "SwiGLU MLP (plain or clamped) -> one gate|up GEMM + act.swiglu(_clamped) + down GEMM"
 
     def rewrites(self, graph, weights):
         def build(b, m):
@@ -64,10 +65,12 @@ class FuseSwiGLU(PatternPass):
             if g is None or u is None:
                 return None
             prefix = g.base.rsplit(".", 1)[0]
-            gu = stack_rows(b, weights, f"{prefix}.gate_up_proj", [g, u], m["x"].dtype)
-            return {m.root_value: b.linear(b.act.swiglu(b.linear(m["x"], gu)), m["d"])}
+            gu = b.linear(m["x"], stack_rows(b, weights, f"{prefix}.gate_up_proj", [g, u], m["x"].dtype))
+            act = b.act.swiglu(gu) if m.root.op == "mlp.swiglu" else b.act.swiglu_clamped(gu, limit=m.attr("limit"))
+            return {m.root_value: b.linear(act, m["d"])}
 
-        return [Rewrite("swiglu", P("mlp.swiglu", X, Var("g"), Var("u"), D), build)]
+        return [Rewrite("swiglu", P("mlp.swiglu", X, Var("g"), Var("u"), D), build),
+                Rewrite("swiglu_clamped", P("mlp.swiglu_clamped", X, Var("g"), Var("u"), D, limit=ANY), build)]
 
 
 def _named(*leaves: str):

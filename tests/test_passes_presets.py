@@ -30,10 +30,11 @@ def pipeline_for(name):
 def must_change(name, cfg, graph):
     """Where each pass has something to do (so a pass that silently matches nothing fails)."""
     ops = {n.op for n in graph.nodes}
-    if cfg.family == "v4":   # no MLA, q/k/v, add+norm, plain SwiGLU or V3 router: those passes decline
+    if cfg.family == "v4":   # no MLA, q/k/v, add+norm or V3 router: those passes decline
         declines = ("absorb_mla", "absorb_mla_premultiplied", "fuse_router", "fuse_add_rmsnorm",
-                    "fuse_swiglu", "merge_qkv_a", "merge_qkv", "fuse_rope_attention", "prune_mtp")
+                    "merge_qkv_a", "merge_qkv", "fuse_rope_attention", "prune_mtp")
         return False if name in declines else {"legalize": True, "group_moe": True,
+                                               "fuse_swiglu": "mlp.swiglu_clamped" in ops,
                                                "fuse_fp8_linear": "dequant_fp8" in ops}.get(name)
     return {
         "absorb_mla": cfg.is_mla, "absorb_mla_premultiplied": cfg.is_mla, "group_moe": cfg.is_moe,

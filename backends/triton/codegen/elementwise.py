@@ -2,8 +2,9 @@
 
 A chain is a set of elementwise nodes whose outputs all have the iteration shape; its external inputs either
 have that shape (loaded at the flat offset), are a broadcast suffix of it (a bias [N] against [.., N]: loaded at
-offset % numel) or are scalars. Each node computes in fp32 and rounds to its declared dtype, exactly as the
-eager reference does op by op, so fusion changes no result bit on fp32 and only saves memory traffic.
+offset % numel) or are scalars. Each float node computes in fp32 and rounds to its declared dtype, exactly as the
+eager reference does op by op, so fusion changes no result bit on fp32 and only saves memory traffic; integer
+add/sub/mul/neg/... (positions) compute in their own dtype, exactly.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ EXPRESSIONS = {
     "sigmoid": "tl.sigmoid({a})", "silu": "{a} / (1.0 + tl.exp(-{a}))", "tanh": "2.0 * tl.sigmoid(2.0 * {a}) - 1.0",
     "cos": "tl.cos({a})", "sin": "tl.sin({a})", "abs": "tl.abs({a})", "cast": "{a}",
 }
+INT_OPS = ("add", "sub", "mul", "maximum", "minimum", "neg", "abs")  # exact on integers (torch's int64 wrapping)
+INT_DTYPES = ("int64", "int32")
 POW_EXPRESSIONS = {2.0: "{a} * {a}", 3.0: "{a} * {a} * {a}", 0.5: "tl.sqrt({a})", -0.5: "tl.rsqrt({a})",
                    1.0: "{a}", -1.0: "1.0 / {a}"}
 
@@ -47,15 +50,15 @@ class EwOp:
 
 
 def expression(op: EwOp) -> str:
+    """Float ops compute in fp32; integer ops (INT_OPS on INT_DTYPES) in their own dtype, exactly."""
     if op.op == "pow":
         template = POW_EXPRESSIONS[op.exponent]
     else:
         template = EXPRESSIONS[op.op]
-    a = f"{op.args[0]}.to(tl.float32)" if not _is_literal(op.args[0]) else op.args[0]
-    b = ""
-    if len(op.args) > 1:
-        b = f"{op.args[1]}.to(tl.float32)" if not _is_literal(op.args[1]) else op.args[1]
-    return f"({template.format(a=a, b=b)}).to({TRITON_DTYPES[op.dtype]})"
+    tdt = TRITON_DTYPES[op.dtype]
+    inner = tdt if op.dtype in INT_DTYPES else "tl.float32"
+    a, b = (f"{arg}.to({inner})" if not _is_literal(arg) else arg for arg in (*op.args, "")[:2])
+    return f"({template.format(a=a, b=b)}).to({tdt})"
 
 
 def _is_literal(arg: str) -> bool:

@@ -1,4 +1,5 @@
-"""Generated row kernels: RMSNorm, residual add + RMSNorm, LayerNorm, and the SwiGLU activation of a fused gate|up GEMM.
+"""Generated row kernels: RMSNorm (weighted or not), residual add + RMSNorm, LayerNorm, and the SwiGLU activation
+(plain or V4's clamped) of a fused gate|up GEMM.
 
 One program per row (the row width is a compile-time constant, so the whole row sits in registers and the
 reduction is one `tl.sum`). Numerics follow the op references: fp32 math, the normalised row rounded to the
@@ -18,10 +19,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def rms_norm(n: int, dtype: str, eps: float, residual: bool) -> KernelSource:
-    """norm.rms (residual=False: launch(x, w) -> y) or norm.add_rms (launch(x, r, w) -> (y, x + r))."""
+def rms_norm(n: int, dtype: str, eps: float, residual: bool, weighted: bool = True) -> KernelSource:
+    """norm.rms (residual=False: launch(x, w) -> y), norm.add_rms (launch(x, r, w) -> (y, x + r)) or
+    norm.rms_unweighted (weighted=False, non-residual only: launch(x) -> y, the fp32 normalised row rounded once)."""
     tdt, block = TRITON_DTYPES[dtype], _next_pow2(n)
-    name = f"{'add_rms' if residual else 'rms'}_n{n}_{dtype}"
+    name = f"{'add_rms' if residual else 'rms' if weighted else 'rms_plain'}_n{n}_{dtype}"
     if residual:
         sig, load = "x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, stride_x, stride_r, stride_y, stride_s", f"""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -30,17 +32,19 @@ def rms_norm(n: int, dtype: str, eps: float, residual: bool) -> KernelSource:
     tl.store(s_ptr + row * stride_s + cols, s, mask=mask)
     x = s.to(tl.float32)"""
     else:
-        sig, load = "x_ptr, w_ptr, y_ptr, stride_x, stride_y", """
+        sig, load = f"x_ptr, {'w_ptr, ' if weighted else ''}y_ptr, stride_x, stride_y", """
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)"""
+    scale = f"""
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (x * inv_rms).to({tdt}).to(tl.float32) * w""" if weighted else """
+    y = x * inv_rms"""
     kernel = f'''
 @triton.jit
 def _kernel({sig}, N: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N{load}
-    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / N + EPS)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x * inv_rms).to({tdt}).to(tl.float32) * w
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / N + EPS){scale}
     tl.store(y_ptr + row * stride_y + cols, y.to({tdt}), mask=mask)
 '''
     meta = f"N={n}, EPS={eps!r}, BLOCK={block}, num_warps={_row_warps(block)}"
@@ -55,12 +59,13 @@ def launch(x, r, w):
     return y, s
 '''
     else:
+        w = ", w" if weighted else ""
         host = f'''
-def launch(x, w):
+def launch(x{w}):
     x2 = _rows(x)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
-        _kernel[(x2.shape[0],)](x2, w, y, x2.stride(0), {n}, {meta})
+        _kernel[(x2.shape[0],)](x2{w}, y, x2.stride(0), {n}, {meta})
     return y
 '''
     rows = f'''
@@ -72,13 +77,18 @@ def _rows(t):
     t2 = t.reshape(-1, {n})
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 '''
-    title = f"{'residual add + ' if residual else ''}RMSNorm over rows of {n} {dtype} values, eps={eps}"
+    title = (f"{'residual add + ' if residual else ''}{'' if weighted else 'unweighted '}RMSNorm over rows of {n} "
+             f"{dtype} values, eps={eps}")
     return KernelSource(name, title, rows + kernel + host)
 
 
-def swiglu(inter: int, dtype: str) -> KernelSource:
-    """act.swiglu: gate_up [..., 2I] -> silu(gate) * up [..., I]; launch(gu) -> out."""
+def swiglu(inter: int, dtype: str, limit: float | None = None) -> KernelSource:
+    """act.swiglu: gate_up [..., 2I] -> silu(gate) * up [..., I]; launch(gu) -> out. With `limit`,
+    act.swiglu_clamped: silu(min(gate, limit)) * clamp(up, -limit, limit)."""
     tdt = TRITON_DTYPES[dtype]
+    clamp = "" if limit is None else f"""
+    g = tl.minimum(g, {float(limit)!r})
+    u = tl.minimum(tl.maximum(u, {-float(limit)!r}), {float(limit)!r})"""
     block = min(_next_pow2(inter), 1024)
     body = f'''
 import torch
@@ -90,7 +100,7 @@ def _kernel(gu_ptr, out_ptr, stride_gu, stride_out, INTER: tl.constexpr, BLOCK: 
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
     g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * stride_gu + INTER + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + INTER + cols, mask=mask, other=0.0).to(tl.float32){clamp}
     y = g / (1.0 + tl.exp(-g)) * u  # silu(g) * u, as F.silu computes it
     tl.store(out_ptr + row * stride_out + cols, y.to({tdt}), mask=mask)
 
@@ -105,7 +115,10 @@ def launch(gu):
         _kernel[grid](gu2, out, gu2.stride(0), {inter}, INTER={inter}, BLOCK={block}, num_warps={_row_warps(block)})
     return out
 '''
-    return KernelSource(f"swiglu_i{inter}_{dtype}", f"SwiGLU activation silu(gate) * up, I={inter}, {dtype}", body)
+    if limit is None:
+        return KernelSource(f"swiglu_i{inter}_{dtype}", f"SwiGLU activation silu(gate) * up, I={inter}, {dtype}", body)
+    return KernelSource(f"swiglu_clamped_i{inter}_{dtype}", f"clamped SwiGLU activation silu(min(gate, {limit})) * "
+                        f"clamp(up, -{limit}, {limit}), I={inter}, {dtype}", body)
 
 
 def layer_norm(n: int, dtype: str, eps: float) -> KernelSource:

@@ -1,7 +1,8 @@
 """MoE routing as one kernel (ops `moe.route` and `moe.gate`): scores, bias, group-limited top-k, renormalise,
 scale — one program per token, the E scores held as a [groups x experts-per-group] register tile.
 
-Semantics are `dsgraph.ops.moe.route_ref`: softmax or sigmoid scores; the V3 correction bias only for choosing
+Semantics are `dsgraph.ops.moe.route_ref`: softmax or sigmoid scores (or V4's sqrt(softplus), op
+`moe.route_sqrtsoftplus`, whose gates are always renormalised); the V3 correction bias only for choosing
 experts (gates come from the unbiased scores); group_limited (group score = max) or noaux_tc (group score =
 sum of the group's top-2 biased scores) keeps the best `topk_group` groups and masks the rest with -inf; the
 top-k is taken by k rounds of argmax (ties go to the lower expert id), renormalised (+1e-20) and scaled.
@@ -22,6 +23,14 @@ from dsgraph.errors import ShapeError
 from .common import check_device
 
 _METHODS = {"greedy": 0, "group_limited": 1, "noaux_tc": 2}
+_SCORINGS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+
+
+@triton.jit
+def sqrt_softplus(x):
+    """V4's expert score sqrt(softplus(x)), softplus as F.softplus computes it: x above 20, and exp(x) where
+    log(1 + exp(x)) would round to 0."""
+    return tl.sqrt(tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x)))))
 
 
 @triton.jit
@@ -29,7 +38,7 @@ def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr
                   stride_l, stride_x, stride_gw, D, PARTS: tl.constexpr,
                   E: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_S: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                  SIGMOID: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                  SCORING: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
                   SCALE: tl.constexpr, FUSED_GATE: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)[:, None]
@@ -49,8 +58,10 @@ def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr
         logit = tl.zeros((BLOCK_G, BLOCK_S), dtype=tl.float32)
         for p in tl.static_range(PARTS):  # partial sums of the logits (router_logits), else PARTS == 1
             logit += tl.load(logits_ptr + tok * stride_l + p * E + expert, mask=valid, other=0.0).to(tl.float32)
-    if SIGMOID:
+    if SCORING == 1:
         score = tl.sigmoid(logit)
+    elif SCORING == 2:
+        score = sqrt_softplus(logit)
     else:
         top = tl.max(tl.max(tl.where(valid, logit, float("-inf")), axis=1), axis=0)
         p = tl.where(valid, tl.exp(logit - top), 0.0)
@@ -127,7 +138,9 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, block_d: int = 256) -> 
     return out
 
 
-def _check_route(e, bias, top_k, method, n_group, topk_group):
+def _check_route(e, bias, top_k, scoring, method, n_group, topk_group):
+    if scoring not in _SCORINGS:
+        raise ShapeError(f"moe routing: scoring {scoring!r} not in {sorted(_SCORINGS)}")
     if method not in _METHODS:
         raise ShapeError(f"moe routing: method {method!r} not in {sorted(_METHODS)}")
     if not 0 < top_k <= e:
@@ -155,7 +168,7 @@ def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_
         raise ShapeError(f"moe gate: weight must be [E, {x.shape[1]}], got "
                          f"{None if gate_weight is None else tuple(gate_weight.shape)}")
     e = gate_weight.shape[0] if fused else logits.shape[-1]
-    _check_route(e, bias, top_k, method, n_group, topk_group)
+    _check_route(e, bias, top_k, scoring, method, n_group, topk_group)
     ng = n_group if method != "greedy" else 1
     n = src.shape[0]
     weights = torch.empty((n, top_k), dtype=torch.float32, device=src.device)
@@ -179,7 +192,8 @@ def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_
         gate_weight.stride(0) if fused else 0, x.shape[1] if fused else 0, PARTS=logits.shape[1] if partial else 1,
         E=e, NG=ng, GS=gs, BLOCK_G=triton.next_power_of_2(ng), BLOCK_S=triton.next_power_of_2(gs), TOP_K=top_k,
         BLOCK_K=triton.next_power_of_2(top_k), TOPK_GROUP=topk_group if method != "greedy" else 1,
-        SIGMOID=scoring == "sigmoid", METHOD=_METHODS[method], HAS_BIAS=bias is not None,
-        NORM=bool(norm_topk_prob and top_k > 1), SCALE=float(routed_scaling_factor), FUSED_GATE=fused,
+        SCORING=_SCORINGS[scoring], METHOD=_METHODS[method], HAS_BIAS=bias is not None,
+        NORM=bool(norm_topk_prob and (top_k > 1 or scoring == "sqrtsoftplus")), SCALE=float(routed_scaling_factor),
+        FUSED_GATE=fused,
         BLOCK_D=max(block_d, 1), num_warps=1 if e <= 64 else 4)
     return weights, ids

@@ -1,8 +1,9 @@
 """Fused elementwise chains: grow a region from an elementwise node along its users, then generate one kernel.
 
-A node joins when it is elementwise over floats, its output has the region's iteration shape, each external
-input is full-shape, a static broadcast suffix or a scalar, and claiming it keeps the program valid
-(`LowerCtx.region_ok`). Scalar `constant`s are inlined as literals. See codegen/elementwise.py for numerics.
+A node joins when it is elementwise over floats (or exact integer arithmetic over one int dtype: positions), its
+output has the region's iteration shape, each external input is full-shape, a static broadcast suffix or a scalar,
+and claiming it keeps the program valid (`LowerCtx.region_ok`). Scalar `constant`s are inlined as literals. See
+codegen/elementwise.py for numerics.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dsgraph.backends.lowering import Decline
 
 from dsgraph.symbolic import eval_dim
 
-from ..codegen.elementwise import EXPRESSIONS, POW_EXPRESSIONS, EwInput, EwOp, fused_elementwise
+from ..codegen.elementwise import EXPRESSIONS, INT_DTYPES, INT_OPS, POW_EXPRESSIONS, EwInput, EwOp, fused_elementwise
 from .registry import TABLE, Lowered, Region
 
 _FLOATS = ("float32", "float16", "bfloat16")
@@ -23,6 +24,8 @@ def _literal(v) -> str | None:
     n = v.node
     if n is None or n.op != "constant" or n.attrs["shape"] != () or isinstance(n.attrs["value"], tuple):
         return None
+    if v.dtype in INT_DTYPES:
+        return repr(int(n.attrs["value"]))
     value = float(n.attrs["value"])
     return repr(value) if math.isfinite(value) else None
 
@@ -50,10 +53,16 @@ def _fusable(node, shape) -> bool:
     if op == "pow" and node.attrs["exponent"] not in POW_EXPRESSIONS:
         return False
     out = node.outputs[0]
-    if out.dtype not in _FLOATS or out.shape != shape:
+    if out.shape != shape:
+        return False
+    if out.dtype in INT_DTYPES:  # integer arithmetic on index values (positions), inputs of the same dtype
+        ok_in = lambda v: op in INT_OPS and v.dtype == out.dtype  # noqa: E731
+    elif out.dtype in _FLOATS:
+        ok_in = lambda v: v.dtype != "bool" and (op == "cast" or v.dtype in _FLOATS)  # noqa: E731
+    else:
         return False
     for v in node.inputs:
-        if v.dtype == "bool" or (op != "cast" and v.dtype not in _FLOATS):
+        if not ok_in(v):
             return False
         if _literal(v) is None and _input_mode(v, shape) is None:
             return False
@@ -82,7 +91,8 @@ def grow(node, ctx) -> list:
 def _(ctx, node):
     shape = node.outputs[0].shape
     if not _fusable(node, shape):
-        return Decline("not a float elementwise node over full-shape, suffix-broadcast or scalar inputs")
+        return Decline("not a float (or same-dtype integer add/sub/mul/neg/...) elementwise node over full-shape, "
+                       "suffix-broadcast or scalar inputs")
     nodes = grow(node, ctx)
     names: dict[int, str] = {}
     inputs, ext = [], []
