@@ -138,12 +138,12 @@ def _sink_attention_kernel(
 
 
 def sink_num_splits(programs: int, rows: int, device: torch.device) -> int:
-    """Split-KV partitions: about two waves of programs, each partition at least 128 rows; one where the
+    """Split-KV partitions: about two waves of programs, each partition at least 64 rows; one where the
     programs already fill 0.8 of the SMs (the partial outputs would cost more than idle SMs, as in mla_decode)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     if programs >= 0.8 * sms:
         return 1
-    return max(1, min(2 * sms // programs, rows // 128, 64))
+    return max(1, min(2 * sms // programs, rows // 64, 64))
 
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, positions: torch.Tensor, window: int,

@@ -1,6 +1,7 @@
 """DeepSeek-V4's data-movement and GEMM-shaped ops as named library calls: the grouped output projection is one
-batched GEMM over the groups (cuBLAS on CUDA), the sliding state one concat and slice. The rest of V4's ops
-(compressor, windowed sink attention, mHC, routing, clamped experts) run as reported torch fallbacks for now."""
+batched GEMM over the groups (cuBLAS on CUDA), the sliding state one concat and slice. The attention path
+(compressor, windowed sink attention, the indexer's slot mask) has templates in v4_attention.py; the rest of V4's
+ops (mHC, routing, clamped experts) run as reported torch fallbacks for now."""
 from __future__ import annotations
 
 import torch
