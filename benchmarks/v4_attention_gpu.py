@@ -4,7 +4,7 @@ sink attention (`attention.sink`), the compressor's pooling (`v4.compress`) and 
 against its op reference on the first two requests, then timed with CUDA events over CUDA-graph replays.
 
     python benchmarks/v4_attention_gpu.py                  # B = 1 and 64, bf16; JSON to $OUT if set
-    python benchmarks/v4_attention_gpu.py --sweep          # also every split-KV count for the attention rows
+    python benchmarks/v4_attention_gpu.py --sweep          # the attention rows at several BLOCK_H / split counts
     python benchmarks/v4_attention_gpu.py --tiny --device cpu   # toy sizes on Triton's interpreter (no timings)
 
 Floor: the bytes the kernel must read and write over 4.2 TB/s (the H200's achievable HBM bandwidth). Attention
@@ -25,6 +25,8 @@ from dsgraph.backends.triton.kernels.v4_attention import compress, sink_attentio
 from dsgraph.ops import get_op
 
 BANDWIDTH = 4.2e12   # bytes/s
+# --sweep: (heads a program, split-KV partitions); None = sink_launch's default
+LAUNCHES = [(None, None), (64, 1), (32, 1), (16, 1), (64, 2), (64, 4), (64, 8), (64, 16), (32, 2), (32, 4), (16, 4)]
 
 
 def timed_us(fn, device: str, calls: int = 20, replays: int = 10) -> float:
@@ -74,10 +76,11 @@ def attention_rows(b, h, d, t, window, shapes, dtype, device, gen, sweep: bool) 
         nbytes = b * (2 * h * d * el + window * d * el + read)
         want = get_op("attention.sink").reference_fn(q[:2], kv[:2], sinks, pos[:2],
                                                      *[v[:2] for v in extra.values()], **attrs)
-        for splits in ([None, 1, 2, 4, 8, 16] if sweep else [None]):
+        for block_h, splits in (LAUNCHES if sweep else [(None, None)]):
             run = lambda: sink_attention(q, kv, sinks, pos, window, attrs["scale"], ratio=ratio,  # noqa: E731
-                                         num_splits=splits, **extra)
-            row = {"kernel": f"sink_attention_{kind}", "batch": b, "T": t, "topk": k, "splits": splits or "auto"}
+                                         num_splits=splits, block_h=block_h, **extra)
+            row = {"kernel": f"sink_attention_{kind}", "batch": b, "T": t, "topk": k,
+                   "launch": f"{block_h or 'auto'}/{splits or 'auto'}"}
             try:
                 err, us = rel_err(run()[:2], want), timed_us(run, device)
             except Exception as e:  # noqa: BLE001  (a row that fails says why; the others still run)
@@ -103,7 +106,7 @@ def compress_rows(b, d, t, shapes, dtype, device, gen) -> list[dict]:
         want = get_op("v4.compress").reference_fn(*[a[:2] if i != 3 else a for i, a in enumerate(args)],
                                                   ratio=ratio, overlap=overlap)
         nbytes = b * ((r + 1) * 2 * c * el + c // (2 if overlap else 1) * el) + ratio * c * 4
-        rows.append({"kernel": f"compress_{kind}", "batch": b, "T": t, "topk": 0, "splits": 1,
+        rows.append({"kernel": f"compress_{kind}", "batch": b, "T": t, "topk": 0, "launch": "-",
                      "rel_err": rel_err(run()[:2], want), "us": timed_us(run, device),
                      "floor_us": nbytes / BANDWIDTH * 1e6})
     return rows
@@ -114,7 +117,7 @@ def topk_row(b, t, ratio, k, device, gen) -> dict:
     want = get_op("indexer.topk").reference_fn(get_op("indexer.slot_mask").reference_fn(logits[:2], ratio=ratio),
                                                k=k)
     same = torch.equal(topk(logits, k, slot_ratio=ratio)[:2], want)
-    return {"kernel": "topk_slot_mask", "batch": b, "T": t, "topk": k, "splits": 1, "rel_err": 0.0 if same else 1.0,
+    return {"kernel": "topk_slot_mask", "batch": b, "T": t, "topk": k, "launch": "-", "rel_err": 0.0 if same else 1.0,
             "us": timed_us(lambda: topk(logits, k, slot_ratio=ratio), device), "floor_us": b * t * 4 / BANDWIDTH * 1e6}
 
 
@@ -122,7 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="toy shapes (the interpreter on the CPU)")
-    ap.add_argument("--sweep", action="store_true", help="time every split-KV count of the attention rows")
+    ap.add_argument("--sweep", action="store_true", help="time the attention rows at every launch of LAUNCHES")
     args = ap.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
@@ -141,7 +144,7 @@ def main() -> None:
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     bad = []
     for r in rows:
-        head = f"{r['kernel']:<22} B={r['batch']:<3} T={r['T']} K={r['topk']:<4} splits={r['splits']!s:<5}"
+        head = f"{r['kernel']:<22} B={r['batch']:<3} T={r['T']} K={r['topk']:<4} heads/splits={r['launch']:<9}"
         if "error" in r:
             print(f"{head}  FAILED: {r['error'][:500]}")
             bad.append(r)

@@ -137,21 +137,27 @@ def _sink_attention_kernel(
         tl.store(plse_ptr + part, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=h_ok)
 
 
-def sink_num_splits(programs: int, rows: int, device: torch.device) -> int:
-    """Split-KV partitions: about two waves of programs, each partition at least 64 rows; one where the
-    programs already fill 0.8 of the SMs (the partial outputs would cost more than idle SMs, as in mla_decode)."""
+def sink_launch(b: int, s: int, h: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_H, split-KV partitions) by default. 64 heads a program share each row tile; where that leaves the
+    GPU under 0.8 of a wave but half the heads a program would fill it, 32 (the second head block reads the rows
+    from L2, cheaper than partial outputs); else partitions for about two waves, each at least 64 rows (none where
+    the programs fill the GPU: the fp32 partials would cost more than idle SMs, as in mla_decode)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    block_h = min(64, _pow2(h))
+    programs = b * s * triton.cdiv(h, block_h)
+    if programs < 0.8 * sms <= 2 * programs and block_h == 64:
+        return 32, 1
     if programs >= 0.8 * sms:
-        return 1
-    return max(1, min(2 * sms // programs, rows // 64, 64))
+        return block_h, 1
+    return block_h, max(1, min(2 * sms // programs, rows // 64, 64))
 
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, positions: torch.Tensor, window: int,
                    scale: float, comp: torch.Tensor | None = None, indices: torch.Tensor | None = None,
-                   ratio: int = 0, num_splits: int | None = None) -> torch.Tensor:
+                   ratio: int = 0, num_splits: int | None = None, block_h: int | None = None) -> torch.Tensor:
     """attention.sink: q [B,S,H,D], kv [B,W-1+S,D] (state then new rows), sinks [H], positions int [B,S], comp
     [B,T,D] (per-token slots) and indices int [B,S,K] optional -> [B,S,H,D] in q's dtype (module docstring).
-    num_splits: the split-KV partitions (default: enough programs for about two waves of the GPU)."""
+    num_splits, block_h (a power of two >= 16): the launch (default: sink_launch's)."""
     dtype = check_float("sink_attention", q=q, kv=kv, **({} if comp is None else {"comp": comp}))
     b, s, h, d = q.shape
     n = kv.shape[1]
@@ -171,10 +177,12 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, posit
     out = torch.empty_like(q)
     if not out.numel():
         return out
-    block_h = min(64, _pow2(h))
-    programs = s * triton.cdiv(h, block_h)
     rows = min(n, window) + (k if indices is not None else t // max(ratio, 1))
-    splits = num_splits or sink_num_splits(b * programs, rows, q.device)
+    auto_h, auto_splits = sink_launch(b, s, h, rows, q.device)
+    block_h, splits = block_h or auto_h, num_splits or auto_splits
+    if block_h < 16 or block_h & (block_h - 1):
+        raise InputError(f"sink_attention: block_h {block_h} must be a power of two >= 16")
+    programs = s * triton.cdiv(h, block_h)
     if splits > 1:
         po = torch.empty((b, s * h, splits, d), dtype=torch.float32, device=q.device)
         plse = torch.empty((b, s * h, splits), dtype=torch.float32, device=q.device)
