@@ -4,6 +4,10 @@ positions, sequences past the window and several groups, top-k below the slot co
 bf16 on a GPU. And the tiny V4 preset's triton report naming them instead of fallbacks."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from dsgraph.backends.triton.kernels.topk import topk
@@ -93,6 +97,17 @@ def test_v4_attention_kernels_bf16_cuda():
         _check_sink(args, attrs, torch.bfloat16, splits=2)
     test_compress(4, True, 11, dtype=torch.bfloat16, dev="cuda")
     test_topk_applies_the_slot_mask(dev="cuda")
+
+
+def test_sink_attention_fits_hopper_shared_memory(tmp_path):
+    """The largest launch at V4-Flash's width (512-wide rows, 64 heads a program, top-k entries, split-KV) compiled
+    for sm_90 here (a subprocess: this one may run the interpreter), within an H200's 227 KB of shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from dsgraph.backends.triton.kernels.v4_attention import sink_attention_shared_bytes as f; print(f())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=env)  # the installed dsgraph, not a source folder in the working directory
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 0 < int(out.stdout) <= 232448, out.stdout
 
 
 def test_tiny_v4_report_names_the_kernels():

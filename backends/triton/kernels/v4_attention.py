@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from dsgraph.errors import InputError, ShapeError
 
@@ -198,7 +200,7 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, posit
         *(ii.stride() if indices is not None else (0, 0, 0)), *out.stride(), *p_strides, scale * LOG2E,
         HEAD_D=d, BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_N=32 if d > 256 else 64,
         COMP=0 if comp is None else 2 if indices is not None else 1, NUM_SPLITS=splits, PRECISION=dot_precision(dtype),
-        num_warps=8 if block_h * block_d >= 16384 else 4)
+        num_warps=8 if block_h * block_d >= 16384 else 4)   # as sink_attention_shared_bytes compiles it
     if splits > 1:
         slice_d = min(block_d, REDUCE_SLICE)
         _mla_reduce_kernel[(s * h, b, triton.cdiv(d, slice_d))](
@@ -276,3 +278,17 @@ def compress(kv: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, bias: to
             *bias.stride(), *positions.stride(), *out.stride(), D=d, OVERLAP=overlap,
             BLOCK_W=triton.next_power_of_2(r + 1), BLOCK_C=block_c)
     return out
+
+
+def sink_attention_shared_bytes(comp: int = 2, splits: int = 4, block_h: int = 64, d: int = 512) -> int:
+    """Shared memory of sink_attention's bf16 launch at V4-Flash's width (default: top-k entries, split-KV),
+    compiled for sm_90 without a GPU (not under the interpreter, whose kernels are not JIT functions)."""
+    consts = {"HEAD_D": d, "BLOCK_D": _pow2(d), "BLOCK_H": block_h, "BLOCK_N": 32 if d > 256 else 64, "COMP": comp,
+              "NUM_SPLITS": splits, "PRECISION": "tf32"}
+    ptrs = {"sink_ptr": "*fp32", "pos_ptr": "*i64", "idx_ptr": "*i64", "po_ptr": "*fp32", "plse_ptr": "*fp32"}
+    names = _sink_attention_kernel.arg_names
+    sig = {a: "constexpr" if a in consts else ptrs.get(a, "*bf16") if a.endswith("_ptr") else
+           "fp32" if a == "qk_scale" else "i32" for a in names}
+    src = ASTSource(_sink_attention_kernel, sig, constexprs={(names.index(a),): v for a, v in consts.items()})
+    warps = 8 if block_h * _pow2(d) >= 16384 else 4
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).metadata.shared
