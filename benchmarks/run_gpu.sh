@@ -3,6 +3,7 @@
 #   bash benchmarks/run_gpu.sh check    # (K=, TESTS=, LIMIT=, SKIP_MOE=1 narrow it) Triton kernel/model tests on CUDA (bf16 included) + the MoE layer bench
 #   bash benchmarks/run_gpu.sh attn     # MLA decode / flash prefill bench
 #   bash benchmarks/run_gpu.sh dsa      # V3.2: sparse MLA decode (bf16 / FP8 cache), indexer scores (bf16 / FP8), top-k, dense MLA
+#   bash benchmarks/run_gpu.sh v4attn   # V4-Flash decode attention (window + CSA top-k / HCA + sink), compressor, masked top-k
 #   bash benchmarks/run_gpu.sh mtp      # MTP speculative decoding speedup vs acceptance
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
@@ -44,6 +45,8 @@ attn)
     step attention 500 python benchmarks/attention_gpu.py ;;
 dsa)
     step dsa "${LIMIT:-500}" python benchmarks/dsa_gpu.py ;;
+v4attn)
+    step v4attn "${LIMIT:-300}" python benchmarks/v4_attention_gpu.py --sweep ;;
 mtp)
     step mtp "${LIMIT:-560}" python benchmarks/mtp_speedup.py --device cuda --backend triton --dtype bf16 ;;
 v2lite)

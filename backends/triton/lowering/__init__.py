@@ -1,2 +1,16 @@
 """Lowerings, one module per op family; importing this package registers them all."""
-from . import attention, dist, dsa, elementwise, fp8, linear, moe, norm, shape, v4, v4_mix, vision  # noqa: F401
+from . import (  # noqa: F401
+    attention,
+    dist,
+    dsa,
+    elementwise,
+    fp8,
+    linear,
+    moe,
+    norm,
+    shape,
+    v4,
+    v4_attention,
+    v4_mix,
+    vision,
+)

@@ -1,7 +1,7 @@
 """DeepSeek-V4's data-movement and GEMM-shaped ops as named library calls: the grouped output projection is one
-batched GEMM over the groups (cuBLAS on CUDA), the sliding state one concat and slice. The rest of V4's ops
-(compressor, windowed sink attention) run as reported torch fallbacks for now; mHC, routing and the clamped
-FFN pieces are in v4_mix.py."""
+batched GEMM over the groups (cuBLAS on CUDA), the sliding state one concat and slice. The attention path
+(compressor, windowed sink attention, the indexer's slot mask) is in v4_attention.py; mHC, routing and the
+clamped FFN pieces are in v4_mix.py."""
 from __future__ import annotations
 
 import torch

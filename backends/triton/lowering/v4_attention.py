@@ -1,0 +1,59 @@
+"""DeepSeek-V4's attention path as templates (kernels/v4_attention.py, kernels/topk.py): the window + compressed +
+sink attention in one split-KV kernel, the compressor's pooling, and the CSA indexer's slot mask applied inside
+the top-k that reads it (no pass of its own). The positions bound every read, so a static-capacity decode step's
+compressed cache needs no length input: slots past a query's position are never read. V4's caches are not paged
+(the serve engine's paged program declines them here)."""
+from __future__ import annotations
+
+from dsgraph.backends.lowering import Decline
+
+from dsgraph.pattern import ANY, P, Var
+
+from ..kernels.topk import topk
+from ..kernels.v4_attention import compress, sink_attention
+from .attention import paged_needs
+from .registry import TABLE, Lowered
+
+_FLOATS = ("float32", "float16", "bfloat16")
+# the CSA indexer's masked scores, read by nothing but its top-k
+MASKED_TOPK = P("indexer.topk", P("indexer.slot_mask", Var("logits"), ratio=ANY, name="mask"), k=ANY)
+
+
+@TABLE.register("attention.sink")
+def _sink(ctx, node):
+    if ctx.interpreting and node.inputs[0].dtype == "bfloat16":
+        return paged_needs(ctx, Decline("Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on CUDA"))
+    if ctx.paged is not None:
+        return paged_needs(ctx, Decline("V4's window and compressed caches are contiguous, not paged"))
+    window, ratio, scale = node.attrs["window"], node.attrs["ratio"], node.attrs["scale"]
+    comp = len(node.inputs) - 4     # 0: sliding only, 1: + dense compressed entries (HCA), 2: + indices (CSA)
+
+    def run(a, sym):
+        return [sink_attention(a[0], a[1], a[2], a[3], window, scale, comp=a[4] if comp else None,
+                               indices=a[5] if comp == 2 else None, ratio=ratio)]
+    what = ("window rows", "window rows + every visible compressed slot", "window rows + the top-k compressed slots")
+    return Lowered("template", f"v4_attention._sink_attention_kernel ({what[comp]}, per-head sink; split-KV with "
+                   "mla_decode._mla_reduce_kernel)", fn=run)
+
+
+@TABLE.register("v4.compress")
+def _compress(ctx, node):
+    if any(v.dtype not in _FLOATS for v in node.inputs[:4]):
+        return Decline(f"dtypes {[v.dtype for v in node.inputs[:4]]}: the kernel takes float16/bfloat16/float32")
+    ratio, overlap = node.attrs["ratio"], node.attrs["overlap"]
+    return Lowered("template", "v4_attention._compress_kernel (softmax-gated pooling over the window, state read "
+                   "in place" + ("; CSA overlap)" if overlap else ")"),
+                   fn=lambda a, sym: [compress(*a, ratio=ratio, overlap=overlap)])
+
+
+@TABLE.register("indexer.slot_mask")
+def _masked_topk(ctx, node):
+    """The region MASKED_TOPK: the top-k kernel reads the unmasked scores and skips the slots ending no window."""
+    m = ctx.region(MASKED_TOPK, node, anchor="mask")
+    if m is None:
+        return Decline("not indexer.slot_mask read only by indexer.topk (the kernel applies it inside the top-k)")
+    ratio, k = m.attr("ratio", "mask"), m.attr("k")
+    logits = m["logits"] if ctx.paged is None else ctx.paged.value(m["logits"])
+    return Lowered("template", "topk._topk_kernel (radix select, then a sort of the k picks; indexer.slot_mask "
+                   "applied as it reads)", nodes=tuple(m.nodes), inputs=(logits,), outputs=m.root.outputs,
+                   fn=lambda a, sym: [topk(a[0], k, slot_ratio=ratio)])
