@@ -7,6 +7,7 @@
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
 #   bash benchmarks/run_gpu.sh gemv     # the decode GEMV template against cuBLAS, with a config sweep
+#   bash benchmarks/run_gpu.sh mxfp4    # V4-Flash experts: the MXFP4 fused MoE (GPU tests, then against bf16)
 #   bash benchmarks/run_gpu.sh gluon    # (ARGS=, LIMIT=) the Gluon MLA decode experiment against the Triton template
 #   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=, ARGS=) where a triton decode step's time goes, per node
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
@@ -54,6 +55,9 @@ v2lite)
         --json "$OUT/v2-lite-model${TAG:-}-h100.json" --plot "$OUT/v2-lite-model${TAG:-}-h100.png" ;;
 gemv)
     step gemv "${LIMIT:-300}" python benchmarks/gemv_gpu.py ;;
+mxfp4)
+    step mxfp4-tests 200 python -m pytest -q -p no:cacheprovider -ra --tb=short -m gpu tests/test_triton_mxfp4.py
+    step mxfp4 "${LIMIT:-380}" python benchmarks/mxfp4_moe_gpu.py ${ARGS:-} ;;
 gluon)
     # a hang (a barrier phase gone wrong) ends at LIMIT; try ARGS="--batch 2 --context 256" first
     step gluon "${LIMIT:-120}" python benchmarks/mla_gluon_gpu.py ${ARGS:-} ;;
@@ -87,5 +91,5 @@ serve)
     export PYTHONPATH="$PYTHONPATH:/tmp/serve-site"
     step serve "${LIMIT:-470}" python benchmarks/serve.py deepseek-v2-lite --device cuda --backend triton \
         --dtype bfloat16 --concurrency 1,16,64 --prompts "${PROMPTS:-8,64,128}" --input-len 1024 --output-len 256 ;;
-*) echo "usage: $0 check|attn|mtp|gemv|gluon|profile|v2lite|v2liteops|v3ops|tvm|serve" >&2; exit 2 ;;
+*) echo "usage: $0 check|attn|mtp|gemv|mxfp4|gluon|profile|v2lite|v2liteops|v3ops|tvm|serve" >&2; exit 2 ;;
 esac

@@ -3,7 +3,7 @@
 A weight the graph reads is either a param or, for FP8 checkpoints,
 `[cast](dequant_fp8(w_e4m3, scale_inv))`. `weight_ref` sees through that form (the one
 recogniser: passes and backends alike use it); `mxfp4_ref` sees through V4's
-`dequant_mxfp4(w_e2m1, e8m0)` experts, for the passes that know how to keep them MXFP4; `new_param` adds a param whose tensor
+`dequant_mxfp4(w_e2m1, e8m0)` experts, for the code that keeps them MXFP4; `new_param` adds a param whose tensor
 is derived lazily (WeightStore.derive) from other weights, so the same pass works on
 a tiny random model and on a full checkpoint that was never materialised. Passes that
 fold weights into each other (absorption) use `dense_param` (dequantising FP8); passes

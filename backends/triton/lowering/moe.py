@@ -12,8 +12,7 @@ from dsgraph.passes.weightref import mxfp4_ref
 from dsgraph.pattern import ANY, P, Var
 
 from ..kernels import moe as moe_k
-from ..kernels import moe_mxfp4
-from ..kernels import routing
+from ..kernels import moe_mxfp4, routing
 from .registry import TABLE, Lowered
 
 
