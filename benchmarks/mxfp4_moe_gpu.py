@@ -11,7 +11,8 @@ fp32) before it is timed. Times: medians of CUDA events around one call, the L2 
 must come from HBM, as in a decode step). Floor: the weight bytes of the experts hit, read once, at 4.2 TB/s
 (MXFP4: half a byte a weight + a scale byte per 32; bf16: 2 bytes). Goal (issue 21): MXFP4 >= 2.5x faster than
 bf16 at 1-64 tokens. `decodes` times each MXFP4 decode (ours / tl.dot_scaled) at one pinned tile, to show both
-compile and what each costs; the autotuned row picks among both.
+compile and what each costs; the autotuned row picks among both (`--decode ours|native` restricts both to one,
+should one not compile here).
 """
 from __future__ import annotations
 
@@ -94,6 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default="1,8,64")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--decode", choices=("both", "ours", "native"), default="both",
+                    help="the MXFP4 decodes the autotuner and the pinned rows may use (native: tl.dot_scaled)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU interpreter (fp16): plumbing only")
     args = ap.parse_args()
     cfg = preset_config("deepseek-v4-flash")
@@ -110,6 +113,7 @@ def main() -> None:
     gate_up, down = dequant(gu_w, gu_s, dt), dequant(dn_w, dn_s, dt)    # exact: e2m1 x 2**k fits bf16 / fp16
     flush = torch.empty(256 << 20, dtype=torch.int8, device=dev) if dev == "cuda" else None
     per_weight = {"mxfp4": 0.5 + 1 / moe_mxfp4.GROUP, "bf16": 2.0}
+    native = {"both": None, "ours": False, "native": True}[args.decode]
     rows = []
     for n in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(n, h, generator=g).to(dev, dt)
@@ -117,7 +121,8 @@ def main() -> None:
         w = torch.rand(n, k, generator=g).to(dev)
         hit = int(ids.unique().numel())
         want = reference(x, w, ids, gate_up, down, limit)
-        runs = {"mxfp4": lambda: moe_mxfp4.fused_moe_mxfp4(x, w, ids, gu_w, gu_s, dn_w, dn_s, limit=limit),
+        runs = {"mxfp4": lambda: moe_mxfp4.fused_moe_mxfp4(x, w, ids, gu_w, gu_s, dn_w, dn_s, limit=limit,
+                                                           native=native),
                 "bf16": lambda: moe.fused_moe(x, w, ids, gate_up, down, limit=limit)}
         row = {"tokens": n, "experts_hit": hit}
         for name, fn in runs.items():
@@ -127,19 +132,20 @@ def main() -> None:
             us = median_us(fn, reps, flush)
             row.update({f"{name}_us": us, f"{name}_floor_us": floor, f"{name}_of_floor": floor / us})
         key = (e, inter, h, k, autotune.bucket(n * k), str(dt))
-        row["mxfp4_tiles"] = {s: getattr(autotune._MEMO.get((f"fused_moe_mxfp4_{s}", key)), "__dict__", None)
+        tuned = "fused_moe_mxfp4" if native is None else f"fused_moe_mxfp4_{args.decode}"
+        row["mxfp4_tiles"] = {s: getattr(autotune._MEMO.get((f"{tuned}_{s}", key)), "__dict__", None)
                               for s in ("gate_up", "down")}
         row["speedup"] = row["bf16_us"] / row["mxfp4_us"]
         row["goal_met"] = row["speedup"] >= GOAL
         row["decodes"] = {}
-        for native in (False, True):
+        for pinned in (False, True) if native is None else (native,):
             bm = moe.moe_block_m(n * k, e)
             pin = moe_mxfp4.MXFP4Config(bm, 16 if args.tiny else 64, 64 if args.tiny else 128, 1 if args.tiny else 4,
-                                        1 if args.tiny else 3, native=native)
+                                        1 if args.tiny else 3, native=pinned)
             fn = lambda: moe_mxfp4.fused_moe_mxfp4(x, w, ids, gu_w, gu_s, dn_w, dn_s, config=pin,  # noqa: E731
                                                    limit=limit)
-            bad = checked("tl.dot_scaled" if native else "ours", fn, want, dt)
-            row["decodes"]["dot_scaled" if native else "ours"] = bad or median_us(fn, reps, flush)
+            bad = checked("tl.dot_scaled" if pinned else "ours", fn, want, dt)
+            row["decodes"]["dot_scaled" if pinned else "ours"] = bad or median_us(fn, reps, flush)
         rows.append(row)
         print(f"N={n:3} hit={hit:3} | mxfp4 {row['mxfp4_us']:8.1f} us ({row['mxfp4_of_floor']:4.0%} of "
               f"{row['mxfp4_floor_us']:.1f}) | bf16 {row['bf16_us']:8.1f} us ({row['bf16_of_floor']:4.0%} of "

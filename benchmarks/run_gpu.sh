@@ -7,7 +7,7 @@
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
 #   bash benchmarks/run_gpu.sh gemv     # the decode GEMV template against cuBLAS, with a config sweep
-#   bash benchmarks/run_gpu.sh mxfp4    # V4-Flash experts: the MXFP4 fused MoE (GPU tests, then against bf16)
+#   bash benchmarks/run_gpu.sh mxfp4    # (ARGS=, LIMIT=) V4-Flash experts: the MXFP4 fused MoE (GPU tests, then vs bf16)
 #   bash benchmarks/run_gpu.sh gluon    # (ARGS=, LIMIT=) the Gluon MLA decode experiment against the Triton template
 #   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=, ARGS=) where a triton decode step's time goes, per node
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
@@ -56,8 +56,8 @@ v2lite)
 gemv)
     step gemv "${LIMIT:-300}" python benchmarks/gemv_gpu.py ;;
 mxfp4)
-    step mxfp4-tests 200 python -m pytest -q -p no:cacheprovider -ra --tb=short -m gpu tests/test_triton_mxfp4.py
-    step mxfp4 "${LIMIT:-380}" python benchmarks/mxfp4_moe_gpu.py ${ARGS:-} ;;
+    step mxfp4-tests 150 python -m pytest -q -p no:cacheprovider -ra --tb=short -m gpu tests/test_triton_mxfp4.py
+    step mxfp4 "${LIMIT:-420}" python benchmarks/mxfp4_moe_gpu.py ${ARGS:-} ;;
 gluon)
     # a hang (a barrier phase gone wrong) ends at LIMIT; try ARGS="--batch 2 --context 256" first
     step gluon "${LIMIT:-120}" python benchmarks/mla_gluon_gpu.py ${ARGS:-} ;;

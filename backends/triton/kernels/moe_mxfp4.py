@@ -79,17 +79,19 @@ def _mxfp4_dot(acc, a_ptr, a_row, row_ok, k0, K, w_ptr, s_ptr, offs_n, n_ok, str
                       mask=n_ok[:, None] & g_ok[None, :], other=127)
         kk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + a_row[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
-        return tl.dot_scaled(a, None, A_FMT, packed.to(tl.uint8, bitcast=True), exp.to(tl.uint8), "e2m1", acc)
-    byte = packed.to(tl.uint8, bitcast=True).to(tl.int32)
-    scale = _scale(tl.load(s_ptr + offs_n[None, :] * stride_sn + (col // 32)[:, None], mask=w_mask,
-                           other=127).to(tl.int32))
-    dt = a_ptr.dtype.element_ty
-    a_ptrs = a_ptr + a_row[:, None] * K + col[None, :]
-    a_mask = row_ok[:, None] & ok[None, :]
-    acc = tl.dot(tl.load(a_ptrs, mask=a_mask, other=0.0), _e2m1(byte & 15, scale).to(dt), acc,
-                 input_precision=PRECISION)
-    return tl.dot(tl.load(a_ptrs + 1, mask=a_mask, other=0.0), _e2m1(byte >> 4, scale).to(dt), acc,
-                  input_precision=PRECISION)
+        acc = tl.dot_scaled(a, None, A_FMT, packed.to(tl.uint8, bitcast=True), exp.to(tl.uint8), "e2m1", acc)
+    else:
+        byte = packed.to(tl.uint8, bitcast=True).to(tl.int32)
+        scale = _scale(tl.load(s_ptr + offs_n[None, :] * stride_sn + (col // 32)[:, None], mask=w_mask,
+                               other=127).to(tl.int32))
+        dt = a_ptr.dtype.element_ty
+        a_ptrs = a_ptr + a_row[:, None] * K + col[None, :]
+        a_mask = row_ok[:, None] & ok[None, :]
+        acc = tl.dot(tl.load(a_ptrs, mask=a_mask, other=0.0), _e2m1(byte & 15, scale).to(dt), acc,
+                     input_precision=PRECISION)
+        acc = tl.dot(tl.load(a_ptrs + 1, mask=a_mask, other=0.0), _e2m1(byte >> 4, scale).to(dt), acc,
+                     input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -162,19 +164,20 @@ def _check(x, weights, ids, gate_up, gate_up_scale, down, down_scale):
 def fused_moe_mxfp4(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
                     gate_up_scale: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor,
                     config: MXFP4Config | tuple[MXFP4Config, MXFP4Config] | None = None,
-                    limit: float | None = None) -> torch.Tensor:
+                    limit: float | None = None, native: bool | None = None) -> torch.Tensor:
     """`moe.fused_moe(x, weights, ids, dequant(gate_up), dequant(down), limit=limit)` without dequantising:
-    the weights stay MXFP4 (shapes in the module docstring). `config` as for fused_moe (MXFP4Config tiles)."""
+    the weights stay MXFP4 (shapes in the module docstring). `config` as for fused_moe (MXFP4Config tiles);
+    `native` restricts the autotuned candidates to one decode (None: both; fp32 has ours only)."""
     _check(x, weights, ids, gate_up, gate_up_scale, down, down_scale)
     x = x.contiguous()
     packs = {"gate_up": (gate_up, gate_up_scale), "down": (down, down_scale)}
+    allowed = {False} if x.dtype == torch.float32 else {False, True} if native is None else {native}
 
     def launch(stage, a, c, *args, **kw):
         _launch(a, *packs[stage], c, *args, **kw)
 
     def configs(m, e, block_m):
-        cands = mxfp4_configs(m, e, block_m)
-        return [c for c in cands if not c.native] if x.dtype == torch.float32 else cands
-    return run_fused_moe(x, weights, ids, gate_up.shape[0], gate_up.shape[1] // 2, launch, "fused_moe_mxfp4",
-                         configs, config, limit)
-
+        return [c for c in mxfp4_configs(m, e, block_m) if c.native in allowed]
+    name = "fused_moe_mxfp4" if native is None else f"fused_moe_mxfp4_{'native' if native else 'ours'}"
+    return run_fused_moe(x, weights, ids, gate_up.shape[0], gate_up.shape[1] // 2, launch, name, configs, config,
+                         limit)
