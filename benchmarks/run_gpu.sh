@@ -8,6 +8,7 @@
 #   bash benchmarks/run_gpu.sh v2lite   # (OPS=, BACKENDS=, BATCH=, LIMIT=) dsgraph bench: DeepSeek-V2-Lite full size, whole model
 #   bash benchmarks/run_gpu.sh v2liteops  # the same model's op-level rows
 #   bash benchmarks/run_gpu.sh gemv     # the decode GEMV template against cuBLAS, with a config sweep
+#   bash benchmarks/run_gpu.sh mxfp4    # (ARGS=, LIMIT=) V4-Flash experts: the MXFP4 fused MoE (GPU tests, then vs bf16)
 #   bash benchmarks/run_gpu.sh gluon    # (ARGS=, LIMIT=) the Gluon MLA decode experiment against the Triton template
 #   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=, ARGS=) where a triton decode step's time goes, per node
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
@@ -59,6 +60,9 @@ v2lite)
         --json "$OUT/v2-lite-model${TAG:-}-h100.json" --plot "$OUT/v2-lite-model${TAG:-}-h100.png" ;;
 gemv)
     step gemv "${LIMIT:-300}" python benchmarks/gemv_gpu.py ;;
+mxfp4)
+    step mxfp4-tests 150 python -m pytest -q -p no:cacheprovider -ra --tb=short -m gpu tests/test_triton_mxfp4.py
+    step mxfp4 "${LIMIT:-420}" python benchmarks/mxfp4_moe_gpu.py ${ARGS:-} ;;
 gluon)
     # a hang (a barrier phase gone wrong) ends at LIMIT; try ARGS="--batch 2 --context 256" first
     step gluon "${LIMIT:-120}" python benchmarks/mla_gluon_gpu.py ${ARGS:-} ;;
@@ -97,5 +101,5 @@ engine)
         --dtype bfloat16 --requests 64 --input-len 1024 --output-len 64 ${ARGS:-} ;;
 vl)
     step vl "${LIMIT:-300}" python benchmarks/vl_gpu.py --device cuda --dtype bf16 --backends eager,triton ;;
-*) echo "usage: $0 check|attn|mtp|gemv|gluon|profile|v2lite|v2liteops|v3ops|tvm|serve|engine|vl" >&2; exit 2 ;;
+*) echo "usage: $0 check|attn|mtp|gemv|mxfp4|gluon|profile|v2lite|v2liteops|v3ops|tvm|serve|engine|vl" >&2; exit 2 ;;
 esac

@@ -24,7 +24,7 @@ from dsgraph.weights import WeightStore
 
 from .base import register
 from .fusion import PatternPass
-from .weightref import dense_param, stack_rows, weight_ref
+from .weightref import dense_param, mxfp4_ref, stack_rows, weight_ref
 
 X, WT, IDX = Var("x"), Var("w"), Var("idx")
 
@@ -50,7 +50,8 @@ def _prefix(ref) -> str:
 class GroupMoE(PatternPass):
     """moe.experts (per-expert weights) -> permute / grouped GEMM / SwiGLU / grouped GEMM / un-permute over
     stacked `<mlp>.experts.gate_up_proj` [E, 2I, D] and `<mlp>.experts.down_proj` [E, D, I] params.
-    FP8 experts stay FP8 (stacked with their scales) when the blocks align; with fold_shared_experts the
+    FP8 experts stay FP8 (stacked with their scales) when the blocks align, MXFP4 experts (V4) stay MXFP4
+    (`<..>.gate_up_proj.weight` / `.scale`, the packed rows and their e8m0 scales); with fold_shared_experts the
     stacked weights (shared chunks included) are dense, dequantised from FP8 if need be."""
 
     name = "group_moe"
@@ -62,7 +63,7 @@ class GroupMoE(PatternPass):
         clamped = P("moe.experts_clamped", X, WT, IDX, rest="ws", num_experts=ANY, limit=ANY, name="routed")
 
         def build(b, m):
-            refs = [weight_ref(v) for v in m["ws"]]
+            refs = [weight_ref(v) or mxfp4_ref(v) for v in m["ws"]]
             if any(r is None for r in refs):
                 return None
             e, dtype = m.attr("num_experts", "routed"), m["x"].dtype

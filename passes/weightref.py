@@ -2,7 +2,8 @@
 
 A weight the graph reads is either a param or, for FP8 checkpoints,
 `[cast](dequant_fp8(w_e4m3, scale_inv))`. `weight_ref` sees through that form (the one
-recogniser: passes and backends alike use it); `new_param` adds a param whose tensor
+recogniser: passes and backends alike use it); `mxfp4_ref` sees through V4's
+`dequant_mxfp4(w_e2m1, e8m0)` experts, for the code that keeps them MXFP4; `new_param` adds a param whose tensor
 is derived lazily (WeightStore.derive) from other weights, so the same pass works on
 a tiny random model and on a full checkpoint that was never materialised. Passes that
 fold weights into each other (absorption) use `dense_param` (dequantising FP8); passes
@@ -18,6 +19,7 @@ import torch
 from dsgraph.dtypes import to_torch
 from dsgraph.ir import Node, Value
 from dsgraph.ops.mlp import dequant_fp8_block
+from dsgraph.ops.v4_mix import MXFP4_BLOCK, dequant_mxfp4_ref
 from dsgraph.rewriter import RewriteBuilder
 from dsgraph.types import TensorType
 from dsgraph.weights import WeightStore
@@ -25,12 +27,14 @@ from dsgraph.weights import WeightStore
 
 @dataclass(frozen=True)
 class WeightRef:
-    """Where a weight value comes from: a dense param `w`, or an FP8 param `w` with block scales `s`."""
+    """Where a weight value comes from: a dense param `w`, an FP8 param `w` with block scales `s`, or (fmt
+    "mxfp4") packed e2m1 `w` with per-32 e8m0 scales `s`."""
 
     value: Value
     w: Value
     s: Value | None = None
     block: tuple[int, int] | None = None
+    fmt: str = "fp8"
 
     @property
     def param(self) -> str:
@@ -55,7 +59,7 @@ class WeightRef:
         if self.s is None:
             return None
         node = self.value.node
-        return node if node.op == "dequant_fp8" else node.inputs[0].node
+        return node if node.op in ("dequant_fp8", "dequant_mxfp4") else node.inputs[0].node
 
 
 def weight_ref(v: Value) -> WeightRef | None:
@@ -73,9 +77,19 @@ def weight_ref(v: Value) -> WeightRef | None:
     return None
 
 
+def mxfp4_ref(v: Value) -> WeightRef | None:
+    """v = dequant_mxfp4(param, param) as a WeightRef (fmt "mxfp4"), else None."""
+    node = v.node
+    if node is not None and node.op == "dequant_mxfp4" and all(i.kind == "param" for i in node.inputs):
+        return WeightRef(v, node.inputs[0], node.inputs[1], fmt="mxfp4")
+    return None
+
+
 def dense(ref: WeightRef, w: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 tensor a WeightRef stands for, given its source tensors."""
-    return w.float() if s is None else dequant_fp8_block(w, s, ref.block)
+    if s is None:
+        return w.float()
+    return dequant_mxfp4_ref(w, s) if ref.fmt == "mxfp4" else dequant_fp8_block(w, s, ref.block)
 
 
 def new_param(b: RewriteBuilder, weights: WeightStore, name: str, type: TensorType,
@@ -109,13 +123,19 @@ def dense_param(b: RewriteBuilder, weights: WeightStore, name: str, shape, dtype
 
 
 def stack_rows(b: RewriteBuilder, weights: WeightStore, name: str, refs: list[WeightRef], dtype: str) -> Value:
-    """Rows of every ref concatenated: [sum N_i, K] in `dtype`. FP8 stays FP8 when every N_i but the last
-    is a multiple of the block height (the scales then concatenate too; the last block may be partial);
-    otherwise the result is a dense (dequantised) param."""
+    """Rows of every ref concatenated: [sum N_i, K] in `dtype`. MXFP4 stays MXFP4 (its scales are per row);
+    FP8 stays FP8 when every N_i but the last is a multiple of the block height (the scales then concatenate
+    too; the last block may be partial); otherwise the result is a dense (dequantised) param."""
     ks = {r.value.type.shape[1] for r in refs}
     rows = sum(r.value.type.shape[0] for r in refs)
     assert len(ks) == 1, f"stack_rows: widths differ {ks}"
     k = ks.pop()
+    if all(r.fmt == "mxfp4" for r in refs):
+        w = new_param(b, weights, f"{name}.weight", TensorType((rows, k // 2), refs[0].w.dtype),
+                      lambda *ts: torch.cat(ts), *(r.param for r in refs))
+        s = new_param(b, weights, f"{name}.scale", TensorType((rows, k // MXFP4_BLOCK), "uint8"),
+                      lambda *ts: torch.cat(ts), *(r.scale for r in refs))
+        return b.dequant_mxfp4(w, s, dtype=dtype)
     blocks = {r.block for r in refs}
     if None not in blocks and len(blocks) == 1 and all(r.value.type.shape[0] % r.block[0] == 0 for r in refs[:-1]):
         block = refs[0].block

@@ -1,7 +1,8 @@
 """DeepSeek-V4 (tiny: sliding, CSA and HCA layers, hash and scored MoE) against transformers' DeepseekV4ForCausalLM
 on checkpoints in DeepSeek's own naming: logits and greedy tokens over prompts longer than the window (8) that
 close several compression groups (CSA 4, HCA 8) with the indexer's top-2 choosing; the FP8 + MXFP4 layout, lazy;
-prefill-then-decode equal to one long prefill (the compressor's state across step boundaries)."""
+prefill-then-decode equal to one long prefill (the compressor's state across step boundaries). The FP8 + MXFP4
+checkpoint kept quantised runs on triton (interpreter) with the experts' fused MoE reading MXFP4, equal to eager."""
 from __future__ import annotations
 
 import pytest
@@ -46,6 +47,12 @@ def test_fp8_and_mxfp4_checkpoint_loads_lazily_and_matches(ckpt, tmp_path):
     for m in (model, kept):
         assert rel_err(dsgraph.compile(m, backend="eager")(PROMPT), want) < 1e-5
     assert rel_err(want, ckpt[2](PROMPT).logits.detach()) > 1e-4     # the quantisation is really there
+    pytest.importorskip("triton")
+    exe = dsgraph.compile(kept, backend="triton", device="cpu")     # the experts run MXFP4, never dequantised
+    moe = [k for k in exe.compiled.report.kernels if "moe.permute" in k.op]
+    assert moe and all(k.kernel.startswith("moe_mxfp4.fused_moe_mxfp4") for k in moe)
+    assert not any(k.op == "dequant_mxfp4" for k in exe.compiled.report.kernels)
+    assert rel_err(exe(PROMPT[:1, :5]), dsgraph.compile(kept, backend="eager")(PROMPT[:1, :5])) < 1e-5
 
 
 def test_prefill_then_decode_equals_one_long_prefill():

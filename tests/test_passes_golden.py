@@ -274,3 +274,41 @@ def test_legalize_lowers_to_primitives_and_keeps_what_it_is_told():
     g = before(GraphBuilder("g"))
     kept, _, _ = passes.run_pipeline(g, rand_weights(g), [("legalize", {"keep": {"norm.rms"}})])
     passes.assert_structural_equal(kept, g)
+
+
+def test_group_moe_keeps_mxfp4_experts_mxfp4():
+    """V4's dequant_mxfp4 experts stack as packed rows + e8m0 scales under one dequant_mxfp4 (what the triton
+    backend's MXFP4 fused MoE reads), numerically the per-expert MoE."""
+    d = i = 32
+
+    def graph(b, grouped):
+        x = b.input("x", ("N", d), "float32")
+        w, idx = b.input("w", ("N", K), "float32"), b.input("idx", ("N", K), "int64")
+
+        def fp4(name, rows, cols):
+            return b.dequant_mxfp4(b.param(f"{name}.weight", (rows, cols // 2), "int8"),
+                                   b.param(f"{name}.scale", (rows, cols // 32), "uint8"))
+        if grouped:
+            gu = b.reshape(fp4("ffn.experts.gate_up_proj", E * 2 * i, d), shape=(E, 2 * i, d))
+            dn = b.reshape(fp4("ffn.experts.down_proj", E * d, i), shape=(E, d, i))
+            xp, order, offsets = b.moe.permute(x, idx, num_experts=E)
+            h = b.act.swiglu_clamped(b.moe.grouped_gemm(xp, gu, offsets), limit=0.5)
+            b.output("y", b.moe.unpermute(b.moe.grouped_gemm(h, dn, offsets), w, order))
+        else:
+            ws = [fp4(f"ffn.experts.{e}.{p}", *shape) for e in range(E)
+                  for p, shape in (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i)))]
+            b.output("y", b.moe.experts_clamped(x, w, idx, *ws, num_experts=E, limit=0.5))
+        return b.build()
+
+    before, g = graph(GraphBuilder("g"), False), torch.Generator().manual_seed(3)
+    weights = WeightStore({n: torch.randint(-128, 128, v.type.concrete({}), generator=g, dtype=torch.int8)
+                           if v.type.dtype == "int8" else torch.randint(122, 128, v.type.concrete({}), generator=g,
+                                                                        dtype=torch.uint8)
+                           for n, v in before.params().items()})
+    after, w2, _ = passes.run_pipeline(before, weights, ["group_moe", "dce"])   # dce: the per-expert dequants
+    passes.assert_structural_equal(after, graph(GraphBuilder("g"), True))
+    assert w2["ffn.experts.down_proj.scale"].view(E, d, 1)[1].equal(weights["ffn.experts.1.w2.scale"])
+    x = torch.randn(5, d, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)])
+    passes.check(["group_moe"], before, weights, inputs={"x": x, "w": torch.rand(5, K, generator=g),
+                                                         "idx": ids}).raise_if_failed()

@@ -1,5 +1,7 @@
 """The MXFP4 weight-only GEMM kernel against dequant_mxfp4's reference + a fp32 matmul: odd M and N, K a multiple
-of 32 but not of the 64-wide K block, every nibble and scales around 2**0, in fp32 and fp16."""
+of 32 but not of the 64-wide K block, every nibble and scales around 2**0, in fp32 and fp16. The fused MoE on MXFP4
+experts (both grouped GEMMs, our decode and tl.dot_scaled's) against dequantise-then-per-expert-matmul, with an idle
+expert, token counts that are not a tile multiple, the single-token layout and V4's clamped SwiGLU; bf16 on CUDA."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +10,11 @@ import torch
 from dsgraph.errors import ShapeError
 from dsgraph.numerics import rel_err, tolerance
 from dsgraph.ops import get_op
+from dsgraph.ops.moe import moe_experts_ref
+from dsgraph.ops.v4_mix import dequant_mxfp4_ref, swiglu_clamped_ref
 
 pytest.importorskip("triton")
+from dsgraph.backends.triton.kernels.moe_mxfp4 import MXFP4Config, fused_moe_mxfp4  # noqa: E402
 from dsgraph.backends.triton.kernels.mxfp4 import mxfp4_matmul  # noqa: E402
 
 G = torch.Generator().manual_seed(4)
@@ -39,3 +44,61 @@ def test_every_nibble_decodes():
 def test_shapes_are_checked():
     with pytest.raises(ShapeError, match="multiple of 32"):
         mxfp4_matmul(torch.randn(2, 48), torch.zeros(4, 24, dtype=torch.int8), torch.zeros(4, 1, dtype=torch.uint8))
+
+
+def _experts(e: int, h: int, i: int, device="cpu", g=G):
+    """Random MXFP4 experts: gate_up [E, 2I, H/2] + scales, down [E, H, I/2] + scales, scales near 2**-2."""
+    def packed(rows, cols):
+        w = torch.randint(-128, 128, (e, rows, cols // 2), generator=g, dtype=torch.int8)
+        return w.to(device), torch.randint(122, 128, (e, rows, cols // 32), generator=g, dtype=torch.uint8).to(device)
+    return (*packed(2 * i, h), *packed(h, i))
+
+
+def _moe_ref(x, w, ids, gu, gus, dn, dns, limit):
+    """Dequantise every expert, then the naive per-expert MoE (fp32)."""
+    e, i = gu.shape[0], gu.shape[1] // 2
+    ws = []
+    for j in range(e):
+        g_u = dequant_mxfp4_ref(gu[j].cpu(), gus[j].cpu())
+        ws += [g_u[:i], g_u[i:], dequant_mxfp4_ref(dn[j].cpu(), dns[j].cpu())]
+    ffn = {} if limit is None else {"ffn": lambda t, a, b, c: swiglu_clamped_ref(t, a, b, c, limit=limit)}
+    return moe_experts_ref(x.float().cpu(), w.cpu(), ids.cpu(), *ws, num_experts=e, **ffn)
+
+
+@pytest.mark.parametrize("dtype,native,n,limit", [(torch.float32, False, 5, 0.5), (torch.float16, False, 1, None),
+                                                  (torch.float16, True, 5, 0.5)])
+def test_fused_moe_mxfp4_matches_dequantised_reference(dtype, native, n, limit):
+    e, k, h, i = 4, 2, 96, 32      # H = 96: a 64-wide K tile and a half one; expert 3 gets no token
+    weights = _experts(e, h, i)
+    x, w = torch.randn(n, h, generator=G), torch.rand(n, k, generator=G)
+    ids = torch.stack([torch.randperm(e - 1, generator=G)[:k] for _ in range(n)])
+    got = fused_moe_mxfp4(x.to(dtype), w, ids, *weights, config=MXFP4Config(16, 16, 64, 1, 1, native=native),
+                          limit=limit)
+    assert got.dtype == dtype and got.shape == (n, h)
+    assert rel_err(got.float(), _moe_ref(x, w, ids, *weights, limit)) < (1e-5 if dtype == torch.float32
+                                                                          else tolerance("float16"))
+
+
+def test_fused_moe_mxfp4_checks_shapes():
+    gu, gus, dn, dns = _experts(2, 64, 32)
+    with pytest.raises(ShapeError, match="down_scale"):
+        fused_moe_mxfp4(torch.randn(3, 64), torch.rand(3, 1), torch.zeros(3, 1, dtype=torch.long), gu, gus, dn,
+                        dns[:, :, :0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("n", [1, 40])
+def test_fused_moe_mxfp4_bf16_on_cuda(n, native):
+    e, k, h, i = 16, 4, 512, 256
+    g = torch.Generator().manual_seed(n)
+    weights = _experts(e, h, i, "cuda", g)
+    x, w = torch.randn(n, h, generator=g), torch.rand(n, k, generator=g)
+    ids = torch.stack([torch.randperm(e - 2, generator=g)[:k] for _ in range(n)])
+    want = _moe_ref(x, w, ids, *weights, 10.0)
+    cfg = MXFP4Config(16, 64, 128, 4, 3, native=native)
+    got = fused_moe_mxfp4(x.cuda().bfloat16(), w.cuda(), ids.cuda(), *weights, config=cfg, limit=10.0)
+    assert rel_err(got.float().cpu(), want) < tolerance("bfloat16")
+    tuned = fused_moe_mxfp4(x.cuda().bfloat16(), w.cuda(), ids.cuda(), *weights, limit=10.0)   # autotuned tiles
+    assert rel_err(tuned.float().cpu(), want) < tolerance("bfloat16")

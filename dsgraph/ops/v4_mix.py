@@ -352,6 +352,6 @@ def unpack_e2m1(w):
 
 
 @DEQUANT_FP4.reference
-def _(w, s, dtype="float32"):
+def dequant_mxfp4_ref(w, s, dtype="float32"):
     scale = torch.exp2(s.float() - 127.0).repeat_interleave(MXFP4_BLOCK, dim=1)
     return unpack_e2m1(w) * scale

@@ -177,6 +177,33 @@ def _align_kernel(ids_ptr, row_ids_ptr, block_expert_ptr, num_rows, num_experts,
 # ------------------------------------------------------------------------------------------------ kernels
 
 @triton.jit
+def tile_rows(row_ids_ptr, block_expert_ptr, num_rows, BLOCK_M: tl.constexpr):
+    """This program's M tile: (expert, or -1 for an unused tile; padded positions; their row ids; valid rows)."""
+    pid_m = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + pid_m)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_id = tl.load(row_ids_ptr + pos)
+    return expert, pos, row_id, row_id < num_rows
+
+
+@triton.jit
+def store_rows(acc, acc_up, c_ptr, w_ptr, pos, row_id, row_ok, offs_n, n_ok, stride_cm, stride_cn, limit,
+               C_PADDED: tl.constexpr, SWIGLU: tl.constexpr, CLAMP: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """The grouped GEMMs' epilogue: SwiGLU of (gate, up) accumulators (CLAMP: V4's limits first), the routing
+    weight w[row_id] (HAS_WEIGHT), then the rows stored at their padded position (C_PADDED) or row id."""
+    if SWIGLU:
+        if CLAMP:
+            acc = tl.minimum(acc, limit)
+            acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if HAS_WEIGHT:
+        acc = acc * tl.load(w_ptr + row_id, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    c_row = pos.to(tl.int64) if C_PADDED else row_id
+    c_ptrs = c_ptr + c_row[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, row_ids_ptr, block_expert_ptr, w_ptr,
     num_rows, N, K,
@@ -192,24 +219,18 @@ def _grouped_gemm_kernel(
     CLAMP (DeepSeek-V4): the gate clamped above at `limit`, the up part to [-limit, limit] first.
     HAS_WEIGHT: each row is scaled by w[row_id] (the routing weight of that slot).
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
+    expert, pos, row_id, row_ok = tile_rows(row_ids_ptr, block_expert_ptr, num_rows, BLOCK_M)
     if expert < 0:
         return
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_id = tl.load(row_ids_ptr + pos)
-    row_ok = row_id < num_rows
     a_row = pos.to(tl.int64) if A_PADDED else (row_id // A_DIV)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_base = b_ptr + expert.to(tl.int64) * stride_be
     b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWIGLU:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -220,16 +241,8 @@ def _grouped_gemm_kernel(
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    if SWIGLU:
-        if CLAMP:
-            acc = tl.minimum(acc, limit)
-            acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-    if HAS_WEIGHT:
-        acc = acc * tl.load(w_ptr + row_id, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    c_row = pos.to(tl.int64) if C_PADDED else row_id
-    c_ptrs = c_ptr + c_row[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    store_rows(acc, acc_up, c_ptr, w_ptr, pos, row_id, row_ok, offs_n, n_ok, stride_cm, stride_cn, limit,
+               C_PADDED, SWIGLU, CLAMP, HAS_WEIGHT)
 
 
 @triton.jit
@@ -300,35 +313,48 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up
     `config`: one launch config for both GEMMs, a (gate|up, down) pair sharing block_m, or None: block_m from
     `moe_block_m` and each GEMM's tiles autotuned on its own."""
     _check_moe(x, weights, ids, gate_up, down)
-    n, h = x.shape
     e, i2, _ = gate_up.shape
-    inter, k = i2 // 2, ids.shape[1]
+
+    def launch(stage, a, c, *args, **kw):
+        _launch_gemm(a, gate_up if stage == "gate_up" else down, c, *args, **kw)
+    return run_fused_moe(x, weights, ids, e, i2 // 2, launch, "fused_moe", moe_configs, config, limit)
+
+
+def run_fused_moe(x, weights, ids, num_experts: int, inter: int, launch, name: str, configs, config=None,
+                  limit=None) -> torch.Tensor:
+    """The fused MoE's host side, whatever the weights' format: align the token copies by expert, then
+    `launch(stage, a, c, row_ids, block_expert, w, num_rows, n, cfg, **epilogue)` for stage "gate_up" (SwiGLU)
+    and "down" (routing weight), each tile autotuned among `configs(m, num_experts, block_m)` under
+    `<name>_<stage>`, then the k slots of each token summed."""
+    n, h = x.shape
+    k = ids.shape[1]
     m = n * k
     out = torch.empty_like(x)
     if n == 0:
         return out
     up_cfg, down_cfg = (config, config) if isinstance(config, MoEConfig) else config or (None, None)
     if up_cfg is not None and up_cfg.block_m != down_cfg.block_m:
-        raise ShapeError(f"fused_moe: both GEMMs share one M tile; got block_m {up_cfg.block_m} and "
+        raise ShapeError(f"{name}: both GEMMs share one M tile; got block_m {up_cfg.block_m} and "
                          f"{down_cfg.block_m}")
-    block_m = up_cfg.block_m if up_cfg is not None else moe_block_m(m, e)
+    block_m = up_cfg.block_m if up_cfg is not None else moe_block_m(m, num_experts)
     flat_w = weights.reshape(-1).float().contiguous()
     flat_ids = ids.reshape(-1)
-    row_ids, block_expert = one_token_tiles(flat_ids, block_m) if n == 1 else align_rows(flat_ids, e, block_m)
+    row_ids, block_expert = (one_token_tiles(flat_ids, block_m) if n == 1
+                             else align_rows(flat_ids, num_experts, block_m))
     act = torch.empty((row_ids.numel(), inter), dtype=x.dtype, device=x.device)
     y = torch.empty((m, h), dtype=torch.float32, device=x.device)
 
     def gate_up_gemm(cfg):
-        _launch_gemm(x, gate_up, act, row_ids, block_expert, None, m, inter, cfg, a_div=k, c_padded=True,
-                     swiglu=True, limit=limit)
+        launch("gate_up", x, act, row_ids, block_expert, None, m, inter, cfg, a_div=k, c_padded=True,
+               swiglu=True, limit=limit)
 
     def down_gemm(cfg):
-        _launch_gemm(act, down, y, row_ids, block_expert, flat_w, m, h, cfg, a_padded=True)
+        launch("down", act, y, row_ids, block_expert, flat_w, m, h, cfg, a_padded=True)
 
-    key = (e, inter, h, k, bucket(m), str(x.dtype))
-    cands = moe_configs(m, e, block_m)
-    gate_up_gemm(up_cfg or pick("fused_moe_gate_up", key, cands, gate_up_gemm))
-    down_gemm(down_cfg or pick("fused_moe_down", key, cands, down_gemm))
+    key = (num_experts, inter, h, k, bucket(m), str(x.dtype))
+    cands = configs(m, num_experts, block_m)
+    gate_up_gemm(up_cfg or pick(f"{name}_gate_up", key, cands, gate_up_gemm))
+    down_gemm(down_cfg or pick(f"{name}_down", key, cands, down_gemm))
     return _reduce(y, None, None, out, k)
 
 

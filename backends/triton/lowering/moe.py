@@ -1,16 +1,18 @@
 """MoE lowerings: routing kernel, the fused MoE template for the grouped chain the `group_moe` pass emits
-(permute -> grouped_gemm -> act.swiglu -> grouped_gemm -> unpermute, a declared region claimed as one step), plus
+(permute -> grouped_gemm -> act.swiglu -> grouped_gemm -> unpermute, a declared region claimed as one step; with
+MXFP4 experts, reshape(dequant_mxfp4(packed, scales)) stacks, its MXFP4 form reading the packed params), plus
 single-op kernels for pieces of a chain that does not match. The per-expert form declines: expert stacking lives
 in `group_moe`, which the triton pipeline runs."""
 from __future__ import annotations
 
 import torch
 from dsgraph.backends.lowering import Decline
+from dsgraph.passes.weightref import mxfp4_ref
 
 from dsgraph.pattern import ANY, P, Var
 
 from ..kernels import moe as moe_k
-from ..kernels import routing
+from ..kernels import moe_mxfp4, routing
 from .registry import TABLE, Lowered
 
 
@@ -91,12 +93,26 @@ def _permute(ctx, node):
     if m is not None:
         act = m.node("act")
         limit = act.attrs["limit"] if act.op == "act.swiglu_clamped" else None
+        clamp = "; SwiGLU clamped at the limit (V4)" if limit is not None else ""
+        region = dict(nodes=tuple(m.nodes), outputs=(m.root_value,))
+        packed = [_mxfp4_stack(m[k]) for k in ("gate_up", "down")]
+        if all(packed):
+            (gu, gu_shape), (dn, dn_shape) = packed
+            views = (gu_shape[:2], gu_shape[:2], dn_shape[:2], dn_shape[:2])   # [E * rows, *] -> [E, rows, *]
+
+            def run_mxfp4(a, sym):
+                weights = [t.view(*shape, -1) for t, shape in zip(a[3:], views)]
+                return [moe_mxfp4.fused_moe_mxfp4(a[0], a[2], a[1], *weights, limit=limit)]
+            return Lowered("template", "moe_mxfp4.fused_moe_mxfp4 (align + MXFP4 gate|up GEMM with SwiGLU + MXFP4 "
+                           "down GEMM with routing weight + reduce)" + clamp,
+                           "grouped chain fused on the MXFP4 experts: packed e2m1 + e8m0 scales decoded in "
+                           "registers, no dequantised copy", inputs=(x, idx, m["w"], gu.w, gu.s, dn.w, dn.s),
+                           fn=run_mxfp4, **region)
         return Lowered("template",
                        "moe.fused_moe (align + gate|up GEMM with SwiGLU + down GEMM with routing weight + reduce)"
-                       + ("; SwiGLU clamped at the limit (V4)" if limit is not None else ""),
-                       "grouped chain fused; x_perm never materialised", nodes=tuple(m.nodes),
-                       inputs=(x, idx, m["w"], m["gate_up"], m["down"]), outputs=(m.root_value,),
-                       fn=lambda a, sym: [moe_k.fused_moe(a[0], a[2], a[1], a[3], a[4], limit=limit)])
+                       + clamp, "grouped chain fused; x_perm never materialised",
+                       inputs=(x, idx, m["w"], m["gate_up"], m["down"]),
+                       fn=lambda a, sym: [moe_k.fused_moe(a[0], a[2], a[1], a[3], a[4], limit=limit)], **region)
     e = node.attrs["num_experts"]
 
     def run(a, sym):
@@ -107,6 +123,16 @@ def _permute(ctx, node):
         offsets[1:] = torch.cumsum(moe_k.expert_counts(ids.reshape(-1), e), 0)
         return [x[order // k], order, offsets]
     return Lowered("library", "torch.argsort + scatter_add count + index (chain not fusable)", fn=run)
+
+
+def _mxfp4_stack(v):
+    """(the MXFP4 ref, [E, rows, K]) of a stacked expert weight reshape(dequant_mxfp4(packed, scales)) that
+    `group_moe` builds from MXFP4 experts, read by nothing else; else None."""
+    node = v.node
+    if node is None or node.op != "reshape" or len(node.inputs[0].users) != 1:
+        return None
+    ref = mxfp4_ref(node.inputs[0])
+    return (ref, tuple(v.type.shape)) if ref is not None and len(v.type.shape) == 3 else None
 
 
 @TABLE.register("moe.grouped_gemm")
