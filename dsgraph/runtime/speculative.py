@@ -140,9 +140,10 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_emi
     fixed = fixed_states(exe.graph)
     short = {n: r for n, r in fixed.items() if 0 < r < draft_depth + 1}
     if short:
-        raise InputError(f"draft_depth={draft_depth} verifies {draft_depth + 1} tokens a step, more than the fixed-size "
-                         f"state caches {sorted(short)} keep rows ({min(short.values())}), so rejected drafts could "
-                         f"not be rolled back: use draft_depth <= {min(short.values()) - 1}")
+        rows = min(short.values())
+        raise InputError(f"draft_depth={draft_depth} verifies {draft_depth + 1} tokens a step, more than the "
+                         f"fixed-size state caches {sorted(short)[:3]} keep rows ({rows}), so rejected drafts could "
+                         f"not be rolled back: use draft_depth <= {rows - 1}")
     xfer = XFER + drafter.hidden_input
     policy = verifier(params, samples if samples is not None else list(range(bsz)), exe.device)
     made = [[] for _ in range(bsz)]
