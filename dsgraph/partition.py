@@ -3,7 +3,8 @@
 `split_graph(g, {"mtp_ids"})` gives the main model and the MTP branch as two graphs:
 every node that (transitively) reads one of the seed inputs goes to the second
 graph; values the second graph needs from the first cross over as outputs
-`xfer.<name>` of the first and inputs `<name>` of the second. The speculative
+`xfer.<name>` of the first and inputs `<name>` of the second (values of weights and of
+inputs both graphs take, such as positions, are recomputed there instead). The speculative
 decoder runs them as separate steps (the MTP step needs the main step's output).
 """
 from __future__ import annotations
@@ -18,15 +19,27 @@ def split_graph(graph: Graph, seeds: set[str]) -> tuple[Graph, Graph]:
     if missing:
         raise KeyError(f"split_graph: graph {graph.name} has no inputs {sorted(missing)}")
     tainted = {id(graph.inputs[s]) for s in seeds}
-    # weight-only values (params and what is computed from params alone) are recomputed on
-    # both sides instead of crossing over: only per-token values cross
-    weight_only = {id(v) for v in graph.inputs.values() if v.kind == "param"}
     tail_nodes = set()
     for node in graph.nodes:
         if any(id(v) in tainted for v in node.inputs):
             tail_nodes.add(id(node))
             tainted.update(id(v) for v in node.outputs)
-        elif all(id(v) in weight_only for v in node.inputs):
+    # a node only the second graph reads goes there too, so what crosses is the first graph's own result (V4's MTP
+    # norms and projects the main streams itself: the streams cross, as the MTP block's output does when chained)
+    outputs = {id(v) for v in graph.outputs.values()}
+    for node in reversed(graph.nodes):
+        users = [u for v in node.outputs for u in v.users]
+        if (id(node) not in tail_nodes and node.inputs and users and all(id(u) in tail_nodes for u in users)
+                and not any(id(v) in outputs for v in node.outputs)):
+            tail_nodes.add(id(node))
+    # values computed from params and from inputs the second graph takes anyway (positions) alone are recomputed
+    # on both sides instead of crossing over (common-subexpression elimination may have merged them): only the
+    # first graph's per-token results cross
+    inputs = {id(v) for v in graph.inputs.values()}
+    weight_only = {id(v) for v in graph.inputs.values() if v.kind == "param"}
+    weight_only.update(id(v) for n in graph.nodes if id(n) in tail_nodes for v in n.inputs if id(v) in inputs)
+    for node in graph.nodes:
+        if id(node) not in tail_nodes and all(id(v) in weight_only for v in node.inputs):
             weight_only.update(id(v) for v in node.outputs)
     needed = set()
     for node in reversed(graph.nodes):

@@ -55,7 +55,7 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
     root = Path(path)
     raw = _read_config(root)
     if raw.get("model_type") == "deepseek_v4":
-        return _load_v4(root, raw, dtype, keep_fp8, keep_fp4, progress)
+        return _load_v4(root, raw, dtype, keep_fp8, keep_fp4, progress, mtp)
     if raw.get("model_type") in VL_FAMILIES:   # DeepSeek-VL / Janus: models/vision/loader.py
         vl, (graph, vision, generation, vq), weights, image = load_vl_parts(root, raw, dtype, progress)
         return Model(root.name, vl.text, graph, weights, load_tokenizer(root) if has_tokenizer(root) else None,
@@ -74,11 +74,11 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
     return Model(root.name, graph_cfg, graph, weights, load_tokenizer(root) if has_tokenizer(root) else None)
 
 
-def _load_v4(root: Path, raw: dict, dtype: str, keep_fp8: bool, keep_fp4: bool, progress: bool):
+def _load_v4(root: Path, raw: dict, dtype: str, keep_fp8: bool, keep_fp4: bool, progress: bool, mtp: bool):
     cfg, notes = from_hf_v4(raw, source=str(root / "config.json")), []
     name = re.sub(r"\W", "_", root.resolve().name) or "model"
     graph, weights, missing, unexpected, wrong = build_v4(cfg, Shards(root, progress=progress), dtype, name,
-                                                          keep_fp8, keep_fp4, notes)
+                                                          keep_fp8, keep_fp4, notes, mtp)
     if missing or unexpected or wrong:
         raise CheckpointError(_problem_report(root, missing, unexpected, wrong))
     for n in notes:

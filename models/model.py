@@ -53,7 +53,7 @@ def config_from_dict(d: dict, source: str = "model config"):
 
 def build_graph(config: ModelConfig, dtype: str = "float32", mtp: bool = True, name: str = "model"):
     if isinstance(config, V4Config):
-        return V4Builder(config, compute_dtype(dtype), name=name).build()
+        return V4Builder(config, compute_dtype(dtype), name=name, mtp=mtp).build()
     return DecoderBuilder(config, compute_dtype(dtype), name=name, mtp=mtp).build()
 
 

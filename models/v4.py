@@ -1,6 +1,9 @@
 """DeepSeek-V4 in the IR, top to bottom as transformers' `DeepseekV4ForCausalLM` reads (the oracle):
 embed -> hc_mult residual streams -> blocks (mHC mix, attention, mHC merge, mHC mix, MoE, mHC merge) ->
-hyper-head -> norm -> head.
+hyper-head -> norm -> head; then the MTP block (DeepSeek's inference/model.py `MTPBlock`, which transformers does
+not build): it takes the main model's hc_mult streams after the last block (before the hyper-head), adds
+e_proj(enorm(embed(token t+1))) to every stream of h_proj(hnorm(streams)), runs one block of its own and merges
+with its own hyper-head and norm into the shared head: the prediction of token t+2.
 
 Attention per layer type (V4Config.layer_types): every layer attends its sliding window of shared K = V rows
 (one KV head, partial interleaved RoPE on the trailing qk_rope_head_dim dims, a per-head sink); CSA and HCA
@@ -12,7 +15,10 @@ Graph interface: inputs input_ids, positions [B,S] (consecutive per row) and per
   cache.L.cmp_state [B,R,2C]      the compressor's raw (kv | gate) rows not yet pooled (CSA / HCA)
   cache.L.cmp [B,T,D]             compressed entries by slot (CSA / HCA)
   cache.L.index_state, cache.L.index_k   the CSA indexer's compressor state and keys by slot
-outputs logits [B,S,V] fp32 and each cache's `.next`. Param names are DeepSeek's own checkpoint keys.
+and with MTP: mtp_ids [B,S] (token t+1 for each position t) and the MTP block's caches cache.mtp.*;
+outputs logits [B,S,V] fp32, each cache's `.next`, with MTP mtp_logits [B,S,V] and mtp_hidden [B,S,N,D] (the
+block's output streams, fed back as the hidden state to draft further ahead). Param names are DeepSeek's own
+checkpoint keys (the MTP block's under `mtp.0.`; it shares `embed.weight` and `head.weight`).
 """
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ from .v4_config import CSA, SLIDING, V4Config
 
 
 class V4Builder:
-    def __init__(self, cfg: V4Config, dtype: str = "float32", name: str = "model"):
+    def __init__(self, cfg: V4Config, dtype: str = "float32", name: str = "model", mtp: bool = True):
         self.cfg, self.dtype = cfg, dtype
+        self.mtp = mtp and cfg.num_nextn_predict_layers > 0
         self.b = GraphBuilder(name, dtype)
         self.main_rope = {"theta": float(cfg.rope_theta), "interleaved": True}
         rs = cfg.rope_scaling
@@ -107,9 +114,9 @@ class V4Builder:
             return b.indexer.topk(logits, k=c.index_topk, name="selected")
 
     # attention -------------------------------------------------------------------
-    def attention(self, x, positions, i: int, cache: str):
+    def attention(self, x, positions, p: str, i: int, cache: str):
         c, b = self.cfg, self.b
-        p, kind, ratio = f"layers.{i}.attn", c.layer_types[i], c.ratio(i)
+        kind, ratio = c.layer_type(i), c.ratio(i)
         h, hd, d = c.num_attention_heads, c.head_dim, c.hidden_size
         rope = self.main_rope if kind == SLIDING else self.compress_rope
         q_resid = self.norm(self.linear(x, f"{p}.wq_a", c.q_lora_rank, d), f"{p}.q_norm", c.q_lora_rank)
@@ -132,13 +139,13 @@ class V4Builder:
         return self.linear(b.reshape(o, shape=("B", "S", g * c.o_lora_rank)), f"{p}.wo_b", d, g * c.o_lora_rank)
 
     # MoE -------------------------------------------------------------------------
-    def moe(self, x, ids, i: int):
+    def moe(self, x, ids, p: str, i: int):
         c, b = self.cfg, self.b
-        p, d, e, inter = f"layers.{i}.ffn", c.hidden_size, c.n_routed_experts, c.moe_intermediate_size
+        d, e, inter = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size
         xf = b.reshape(x, shape=("B*S", d), name="tokens")
         logits = b.linear(xf, b.param(f"{p}.gate.weight", (e, d)), name="router_logits")
         rsf = c.routed_scaling_factor
-        if c.mlp_layer_types[i] == "hash_moe":
+        if i < c.num_hidden_layers and c.mlp_layer_types[i] == "hash_moe":   # the MTP block routes by score
             table = b.param(f"{p}.gate.tid2eid", (c.vocab_size, c.num_experts_per_tok), "int64")
             w, idx = b.moe.route_hash(logits, table, b.reshape(ids, shape=("B*S",)), routed_scaling_factor=rsf)
         else:
@@ -169,12 +176,39 @@ class V4Builder:
         return b.hc.post(h, fn(collapsed), post, comb)
 
     def block(self, h, ids, positions, i: int):
+        """Decoder layer i (i = num_hidden_layers: the MTP block's own layer, params `mtp.0.`, caches cache.mtp)."""
         c = self.cfg
-        with self.b.scope(f"L{i}"):
-            h = self.hc(h, f"layers.{i}.hc_attn", lambda x: self.attention(
-                self.norm(x, f"layers.{i}.attn_norm", c.hidden_size), positions, i, f"cache.{i}"))
-            return self.hc(h, f"layers.{i}.hc_ffn", lambda x: self.moe(
-                self.norm(x, f"layers.{i}.ffn_norm", c.hidden_size), ids, i))
+        mtp = i >= c.num_hidden_layers
+        p, cache = ("mtp.0", "cache.mtp") if mtp else (f"layers.{i}", f"cache.{i}")
+        with self.b.scope("mtp" if mtp else f"L{i}"):
+            h = self.hc(h, f"{p}.hc_attn", lambda x: self.attention(
+                self.norm(x, f"{p}.attn_norm", c.hidden_size), positions, f"{p}.attn", i, cache))
+            return self.hc(h, f"{p}.hc_ffn", lambda x: self.moe(
+                self.norm(x, f"{p}.ffn_norm", c.hidden_size), ids, f"{p}.ffn", i))
+
+    def hc_head(self, h, p: str):
+        """The hyper-head merging the N streams, then the final norm: [B,S,N,D] -> [B,S,D]."""
+        c, b = self.cfg, self.b
+        n, d = c.hc_mult, c.hidden_size
+        x = b.hc.head(h, b.param(f"{p}hc_head_fn", (n, n * d), "float32"), b.param(f"{p}hc_head_base", (n,), "float32"),
+                      b.param(f"{p}hc_head_scale", (1,), "float32"), eps=c.hc_eps, norm_eps=c.rms_norm_eps)
+        return self.norm(x, f"{p}norm", d)
+
+    def mtp_branch(self, h, positions, head):
+        """DeepSeek-V4's MTP block on the main streams h [B,S,N,D]: predicts token t+2 from h_t and token t+1."""
+        c, b = self.cfg, self.b
+        n, d, p = c.hc_mult, c.hidden_size, "mtp.0"
+        with b.scope("mtp"):
+            ids = b.input("mtp_ids", ("B", "S"))
+            e = self.norm(b.embed(ids, b.param("embed.weight", (c.vocab_size, d)), name="embed"), f"{p}.enorm", d)
+            e = b.expand(b.reshape(self.linear(e, f"{p}.e_proj", d, d), shape=("B", "S", 1, d)),
+                         shape=("B", "S", n, d))
+            x = b.add(e, self.linear(self.norm(h, f"{p}.hnorm", d), f"{p}.h_proj", d, d), name="mtp_in")
+        x = self.block(x, ids, positions, c.num_hidden_layers)
+        b.output("mtp_hidden", x)   # chaining the block on its own output drafts depth > 1
+        with b.scope("mtp"):
+            logits = b.linear(self.hc_head(x, f"{p}."), head, name="logits")
+            b.output("mtp_logits", b.cast(logits, dtype="float32", name="logits_f32"))
 
     def build(self):
         c, b = self.cfg, self.b
@@ -184,10 +218,11 @@ class V4Builder:
         h = b.expand(b.reshape(x, shape=("B", "S", 1, d)), shape=("B", "S", n, d), name="streams")
         for i in range(c.num_hidden_layers):
             h = self.block(h, ids, positions, i)
-        x = b.hc.head(h, b.param("hc_head_fn", (n, n * d), "float32"), b.param("hc_head_base", (n,), "float32"),
-                      b.param("hc_head_scale", (1,), "float32"), eps=c.hc_eps, norm_eps=c.rms_norm_eps)
-        logits = b.linear(self.norm(x, "norm", d), b.param("head.weight", (c.vocab_size, d)), name="logits")
+        head = b.param("head.weight", (c.vocab_size, d))
+        logits = b.linear(self.hc_head(h, ""), head, name="logits")
         b.output("logits", b.cast(logits, dtype="float32", name="logits_f32"))
+        if self.mtp:
+            self.mtp_branch(h, positions, head)
         g = b.build()
         g.meta.update(family="v4", model_type=c.model_type, vocab_size=c.vocab_size,
                       max_position_embeddings=c.max_position_embeddings, config=c.to_dict())

@@ -44,6 +44,7 @@ class V4Config:
     rope_scaling: dict | None = None          # YaRN of the compressed branches
     max_position_embeddings: int = 1048576
     num_nextn_predict_layers: int = 0
+    mtp_layer_type: str = SLIDING             # the MTP block's attention (compress_ratios[num_hidden_layers])
     tie_word_embeddings: bool = False
     fp8_block_size: tuple | None = None       # attention / dense weights in FP8 e4m3 blocks
     fp8_scale_fmt: str | None = None
@@ -56,8 +57,12 @@ class V4Config:
     is_dsa = False
     is_moe = True
 
+    def layer_type(self, i: int) -> str:
+        """Layer i's attention type; i = num_hidden_layers is the MTP block."""
+        return self.mtp_layer_type if i >= self.num_hidden_layers else self.layer_types[i]
+
     def ratio(self, i: int) -> int:
-        return self.compress_rates.get(self.layer_types[i], 0)
+        return self.compress_rates.get(self.layer_type(i), 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,13 +77,18 @@ class V4Config:
         return cls(**kw)
 
 
-def _schedules(cfg: dict, n: int, source: str) -> tuple[list, list]:
-    types = cfg.get("layer_types")
+def _schedules(cfg: dict, n: int, source: str) -> tuple[list, list, str]:
+    """(layer_types, mlp_layer_types, the MTP block's attention type): DeepSeek's compress_ratios list one entry
+    past the decoder layers for the MTP block (sliding in the released checkpoints)."""
+    types, ratios = cfg.get("layer_types"), cfg.get("compress_ratios") or []
     if types is None and cfg.get("compress_ratios") is not None:
-        bad = [r for r in cfg["compress_ratios"] if r not in _RATIO_TO_TYPE]
+        bad = [r for r in ratios if r not in _RATIO_TO_TYPE]
         if bad:
             raise ConfigError(f"{source}: compress_ratios {bad} not in {sorted(_RATIO_TO_TYPE)}")
-        types = [_RATIO_TO_TYPE[r] for r in cfg["compress_ratios"]]
+        types = [_RATIO_TO_TYPE[r] for r in ratios]
+    mtp = cfg.get("mtp_layer_type") or (_RATIO_TO_TYPE.get(ratios[n]) if len(ratios) > n else None) or SLIDING
+    if mtp not in (SLIDING, CSA, HCA):
+        raise ConfigError(f"{source}: mtp_layer_type {mtp!r} is not one of {(SLIDING, CSA, HCA)}")
     if types is None:   # transformers' default: two HCA layers, then CSA / HCA alternating
         types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
     mlp = cfg.get("mlp_layer_types")
@@ -89,7 +99,7 @@ def _schedules(cfg: dict, n: int, source: str) -> tuple[list, list]:
     for name, got, ok in (("layer_types", types, (SLIDING, CSA, HCA)), ("mlp_layer_types", mlp, ("hash_moe", "moe"))):
         if len(got) != n or any(t not in ok for t in got):
             raise ConfigError(f"{source}: {name} {got} must list {n} entries from {ok}")
-    return types, mlp
+    return types, mlp, mtp
 
 
 def _compress_rope(cfg: dict) -> tuple[float, dict | None]:
@@ -112,7 +122,7 @@ def from_hf_v4(cfg: dict, source: str = "config.json") -> V4Config:
     if missing:
         raise ConfigError(f"{source}: missing DeepSeek-V4 keys {missing}")
     n, hd = cfg["num_hidden_layers"], cfg["head_dim"]
-    types, mlp = _schedules(cfg, n, source)
+    types, mlp, mtp_type = _schedules(cfg, n, source)
     rates = {CSA: 4, HCA: 128, **(cfg.get("compress_rates") or {})}
     for k, key in ((CSA, "compress_rate_csa"), (HCA, "compress_rate_hca")):
         rates[k] = cfg.get(key, rates[k])
@@ -127,8 +137,10 @@ def from_hf_v4(cfg: dict, source: str = "config.json") -> V4Config:
     known = {f for f in V4Config.__dataclass_fields__}
     kw = {k: cfg[k] for k in known & set(cfg) if k not in ("layer_types", "mlp_layer_types", "compress_rates",
                                                            "rope_scaling", "compress_rope_theta", "expert_dtype",
-                                                           "qk_rope_head_dim", "model_type", "extra")}
-    return V4Config(**kw, layer_types=types, mlp_layer_types=mlp, compress_rates=rates, qk_rope_head_dim=rope_dim,
+                                                           "qk_rope_head_dim", "model_type", "extra",
+                                                           "mtp_layer_type")}
+    return V4Config(**kw, layer_types=types, mlp_layer_types=mlp, mtp_layer_type=mtp_type, compress_rates=rates,
+                    qk_rope_head_dim=rope_dim,
                     compress_rope_theta=theta, rope_scaling=scaling, expert_dtype=expert_dtype if qc else None,
                     fp8_block_size=tuple(qc.get("weight_block_size") or (128, 128)) if qc else None,
                     fp8_scale_fmt=qc.get("scale_fmt") if qc else None)
@@ -149,7 +161,8 @@ _PRO = {**_FLASH, "hidden_size": 7168, "moe_intermediate_size": 3072, "num_hidde
 V4_PRESETS = {"deepseek-v4-flash": _FLASH, "deepseek-v4-flash-base": _FLASH, "deepseek-v4-pro": _PRO,
               "deepseek-v4-pro-base": _PRO}
 # every attention type and both MoE kinds; window 8, CSA groups of 4, HCA groups of 8, top-2 of the CSA entries,
-# so 20-token prompts exceed the window, close several groups of each kind and make the top-k choose
+# so 20-token prompts exceed the window, close several groups of each kind and make the top-k choose; the MTP
+# block as released (sliding attention, score-routed MoE)
 V4_TINY = {"deepseek-v4-tiny": {
     **_FLASH, "vocab_size": 128, "hidden_size": 32, "moe_intermediate_size": 32, "num_hidden_layers": 4,
     "num_attention_heads": 4, "head_dim": 32, "qk_rope_head_dim": 8, "q_lora_rank": 16, "o_groups": 2,
@@ -157,4 +170,4 @@ V4_TINY = {"deepseek-v4-tiny": {
     "index_head_dim": 16, "index_topk": 2, "hc_mult": 4, "num_hash_layers": 2, "swiglu_limit": 0.5,
     "layer_types": [SLIDING, CSA, HCA, CSA], "compress_rates": {CSA: 4, HCA: 8}, "max_position_embeddings": 512,
     "rope_scaling": {**_YARN, "factor": 4, "original_max_position_embeddings": 32}, "quantization_config": None,
-    "num_nextn_predict_layers": 0}}
+    "num_nextn_predict_layers": 1}}

@@ -4,8 +4,8 @@
 Quantisation as shipped: attention and dense linears in FP8 e4m3 with `X.scale` block scales (float32 or ue8m0
 `F8_E8M0`), routed experts in MXFP4 (`X.weight` int8 [O, I/2], two e2m1 values a byte, low nibble first, and
 `X.scale` e8m0 exponents [O, I/32]); both dequantise per tensor on first use, or stay quantised in the graph
-(`keep_fp8`: dequant_fp8 nodes; `keep_fp4`: dequant_mxfp4 nodes, for an MXFP4 GEMM to claim). The MTP layer
-(`mtp.*`) is not built yet and its keys are skipped with a note.
+(`keep_fp8`: dequant_fp8 nodes; `keep_fp4`: dequant_mxfp4 nodes, for an MXFP4 GEMM to claim). The MTP block ships
+as `mtp.0.*` (e_proj / h_proj FP8 like the attention, its experts MXFP4): built when present and `mtp=True`.
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def v4_graph_config(cfg: V4Config, keep_fp8: bool, keep_fp4: bool) -> V4Config:
                    expert_dtype=cfg.expert_dtype if keep_fp4 else None)
 
 
-def build_v4(cfg: V4Config, shards: Shards, dtype: str, name: str, keep_fp8: bool, keep_fp4: bool, notes: list):
+def build_v4(cfg: V4Config, shards: Shards, dtype: str, name: str, keep_fp8: bool, keep_fp4: bool, notes: list,
+             mtp: bool = True):
     """(graph, lazy weights, missing, unexpected, wrong) for hf_loader to report together."""
-    graph = build_graph(v4_graph_config(cfg, keep_fp8, keep_fp4), dtype, name=name)
+    skipped = _mtp_skipped(cfg, shards, mtp, notes)
+    graph = build_graph(v4_graph_config(cfg, keep_fp8, keep_fp4), dtype, name=name, mtp="mtp.0." not in skipped)
     store, used, missing, wrong = WeightStore(reader=shards), set(), [], []
     for pname, v in graph.params().items():
         want, want_dtype = v.type.concrete({}), v.type.dtype
@@ -49,11 +51,24 @@ def build_v4(cfg: V4Config, shards: Shards, dtype: str, name: str, keep_fp8: boo
             continue
         if entry is not None:
             store.set(pname, entry)
-    mtp = [k for k in shards.info if k.startswith("mtp.")]
-    if mtp:
-        notes.append(f"{len(mtp)} MTP tensors (mtp.*) skipped: dsgraph does not build V4's MTP layer yet")
-    unexpected = [k for k in shards.info if k not in used and not k.startswith("mtp.")]
+    unexpected = [k for k in shards.info if k not in used and not k.startswith(skipped)]
     return graph, store, missing, unexpected, wrong
+
+
+def _mtp_skipped(cfg: V4Config, shards: Shards, mtp: bool, notes: list) -> tuple[str, ...]:
+    """Key prefixes of MTP blocks not built: all with mtp=False or none in the checkpoint; those past the first."""
+    n = cfg.num_nextn_predict_layers
+    blocks = tuple(f"mtp.{j}." for j in range(max(n, 1)))
+    present = {p for p in blocks if any(k.startswith(p) for k in shards.info)}
+    if not mtp or n == 0:
+        return blocks
+    if blocks[0] not in present:
+        notes.append(f"config.json sets num_nextn_predict_layers={n} but the checkpoint has no mtp.0.* weights; "
+                     "built without the MTP block")
+        return blocks
+    if n > 1:
+        notes.append(f"{n} MTP blocks in the config; dsgraph builds the first, ignoring {list(blocks[1:])}")
+    return blocks[1:]
 
 
 def _direct(name, want, want_dtype, shards: Shards, cfg, wrong: list):

@@ -18,6 +18,7 @@ class V4Summary:
     experts: str
     params: int
     activated: int
+    mtp_params: int      # the MTP block's own (embed and head are shared), outside params / activated
     kinds: dict          # layer type -> (layers, values per token of context per layer, fixed values per layer)
     graph_values_per_token: int
     dtype_bytes: int
@@ -25,7 +26,7 @@ class V4Summary:
     def __str__(self) -> str:
         kib = self.dtype_bytes / 1024
         lines = [f"{self.name}  (deepseek_v4, {self.layers} layers, {self.experts})",
-                 f"  parameters        {self.params / 1e9:8.2f} B",
+                 f"  parameters        {self.params / 1e9:8.2f} B   (+{self.mtp_params / 1e9:.2f} B in the MTP block)",
                  f"  activated/token   {self.activated / 1e9:8.2f} B",
                  "  KV cache per layer type (compact layout; values x "
                  f"{self.dtype_bytes} bytes):"]
@@ -46,7 +47,8 @@ def _values(v) -> int:
 def v4_summary(model) -> V4Summary:
     c, g = model.config, model.graph
     params = {n: _values(v) for n, v in g.params().items()}
-    total = sum(params.values())
+    mtp = sum(v for n, v in params.items() if n.startswith("mtp."))
+    total = sum(params.values()) - mtp
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size
     inactive = c.num_hidden_layers * per_expert * (c.n_routed_experts - c.num_experts_per_tok)
     inactive += params["embed.weight"]
@@ -60,8 +62,8 @@ def v4_summary(model) -> V4Summary:
         per_token = hd / m + (di / m if kind == CSA else 0) if m else 0.0
         width = {CSA: 2 * (2 * hd) * (2 * m - 1) + 2 * (2 * di) * (2 * m - 1), HCA: 2 * hd * (m - 1)}.get(kind, 0)
         kinds[kind] = (n, per_token, (c.sliding_window - 1) * hd + width)
-    grows = sum(numel(v.type.with_shape(v.type.shape[2:])) for v in g.caches().values() if "T" in map(str,
-                                                                                                      v.type.shape))
+    grows = sum(numel(v.type.with_shape(v.type.shape[2:])) for n, v in g.caches().items()
+                if "T" in map(str, v.type.shape) and not n.startswith("cache.mtp"))
     experts = f"{c.n_routed_experts} routed + {c.n_shared_experts} shared experts, top-{c.num_experts_per_tok}"
-    return V4Summary(model.name, c.num_hidden_layers, experts, total, total - inactive, kinds, grows,
+    return V4Summary(model.name, c.num_hidden_layers, experts, total, total - inactive, mtp, kinds, grows,
                      itemsize(g.meta.get("dtype", "float32")))

@@ -23,6 +23,7 @@ from dsgraph import (
 )
 from dsgraph.interpreter import Interpreter
 from dsgraph.ir import Node, Value
+from dsgraph.partition import XFER, split_graph
 
 G = torch.Generator().manual_seed(3)
 
@@ -384,3 +385,27 @@ def test_interpreter_binds_symbols_consistently_and_records():
         run(g, {}, {"x": R(2, 4), "y": R(3, 4)})
     out, rec = Interpreter(g, {}).run({"x": R(2, 4), "y": R(2, 4)}, record=True)
     assert set(rec) == {"x", "y", "s"} and torch.equal(rec["s"], out["s"])
+
+
+def test_split_graph_crosses_only_the_first_graphs_result():
+    """What only the second graph reads moves there (the cross is `h`, not norm(h)); a value of positions alone,
+    shared by both (as CSE leaves it), is recomputed by a second graph that reads positions itself instead of
+    crossing; numerics are unchanged."""
+    b = GraphBuilder()
+    x, side = b.input("x", ("B", 4), "float32"), b.input("side", ("B", 4), "float32")
+    pos = b.input("positions", ("B", 4))
+    neg = b.neg(pos, name="negpos")
+    h = b.exp(x, name="h")
+    b.output("main", b.add(h, b.cast(neg, dtype="float32")))
+    normed = b.norm.rms(h, b.param("w", (4,)), name="normed")
+    branch = b.mul(b.add(normed, side), b.cast(neg, dtype="float32"))
+    b.output("branch", b.add(branch, b.cast(pos, dtype="float32")))   # it reads positions itself, as rope does
+    g = b.build()
+    head, tail = split_graph(g, {"side"})
+    assert [k for k in head.outputs if k.startswith(XFER)] == [XFER + "h"]
+    assert {k for k, v in tail.inputs.items() if v.kind == "activation"} == {"side", "positions", "h"}
+    feeds = {"x": R(2, 4), "positions": torch.arange(8).view(2, 4), "side": R(2, 4)}
+    w = {"w": R(4)}
+    whole, first = run(g, w, feeds), run(head, w, {k: feeds[k] for k in ("x", "positions")})
+    second = run(tail, w, {"h": first[XFER + "h"], "side": feeds["side"], "positions": feeds["positions"]})
+    assert torch.equal(first["main"], whole["main"]) and torch.equal(second["branch"], whole["branch"])

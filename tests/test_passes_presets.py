@@ -32,9 +32,10 @@ def must_change(name, cfg, graph):
     ops = {n.op for n in graph.nodes}
     if cfg.family == "v4":   # no MLA, q/k/v, add+norm or V3 router: those passes decline
         declines = ("absorb_mla", "absorb_mla_premultiplied", "fuse_router", "fuse_add_rmsnorm",
-                    "merge_qkv_a", "merge_qkv", "fuse_rope_attention", "prune_mtp")
+                    "merge_qkv_a", "merge_qkv", "fuse_rope_attention")
         return False if name in declines else {"legalize": True, "group_moe": True,
                                                "fuse_swiglu": "mlp.swiglu_clamped" in ops,
+                                               "prune_mtp": "mtp_ids" in graph.inputs,
                                                "fuse_fp8_linear": "dequant_fp8" in ops}.get(name)
     return {
         "absorb_mla": cfg.is_mla, "absorb_mla_premultiplied": cfg.is_mla, "group_moe": cfg.is_moe,

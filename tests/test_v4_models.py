@@ -16,6 +16,7 @@ def test_flash_full_size_is_built_lazily_with_published_sizes():
     s = m.summary()
     assert len(m.weights) == 0
     assert 283e9 < s.params < 285e9 and 12.5e9 < s.activated < 13.5e9     # "284B total / 13B active"
+    assert 6e9 < s.mtp_params < 7e9 and "in the MTP block" in str(s)        # counted apart, as for V3
     c = m.config
     assert s.kinds[CSA][1] == c.head_dim / 4 + c.index_head_dim / 4 and s.kinds[HCA][1] == c.head_dim / 128
     assert "compressed_sparse_attention" in str(s) and "KiB/token" in str(s)
@@ -33,6 +34,8 @@ def test_legacy_config_spelling_and_errors():
     cfg.pop("layer_types")
     c = from_hf_v4(cfg)
     assert c.layer_types == [SLIDING, CSA, HCA, CSA] and c.mlp_layer_types == ["hash_moe", "moe", "moe", "moe"]
+    assert c.mtp_layer_type == SLIDING                                  # no entry for the MTP block: as released
+    assert from_hf_v4({**cfg, "compress_ratios": [0, 4, 128, 4, 128]}).mtp_layer_type == HCA
     with pytest.raises(ConfigError, match="compress_ratios"):
         from_hf_v4({**cfg, "compress_ratios": [0, 4, 64, 4]})
     with pytest.raises(ConfigError, match="o_groups"):

@@ -1,8 +1,10 @@
 """Tiny DeepSeek-V4 checkpoints in DeepSeek's own naming (what the hub ships), and the transformers oracle.
 
-The weights are a dsgraph preset's random ones (every tensor random, none zero or one); `quantised=True` stores
-attention and shared-expert linears as FP8 e4m3 with `X.scale` block scales and routed experts as MXFP4 (int8
-nibble pairs, uint8 e8m0 scales per 32), as V4's checkpoints do. The oracle is transformers'
+The weights are a dsgraph preset's random ones (every tensor random, none zero or one), the MTP block's under
+`mtp.0.*` as DeepSeek ships it (its own attention, MoE, mHC and hyper-head params, e_proj / h_proj, enorm / hnorm /
+norm; embed and head shared with the main model); `quantised=True` stores attention, shared-expert and the MTP
+projections as FP8 e4m3 with `X.scale` block scales and routed experts as MXFP4 (int8 nibble pairs, uint8 e8m0
+scales per 32), as V4's checkpoints do. The oracle is transformers'
 DeepseekV4ForCausalLM loaded from a float copy through its own conversion mapping (DeepSeek names -> its own).
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dsgraph.models import build_model, preset_config, quantize_fp8_block
 from safetensors.torch import save_file
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-FP8 = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)\.weight$|shared_experts\.w[123]\.weight$")
+FP8 = re.compile(r"\.attn\.(wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)\.weight$|shared_experts\.w[123]\.weight$"
+                 r"|^mtp\.0\.[eh]_proj\.weight$")
 FP4 = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
 
 

@@ -4,8 +4,10 @@ Each step the MTP module drafts k tokens (k > 1 by chaining the module on its ow
 output hidden state), the main model scores [last token, drafts] in one multi-token
 decode step, the longest prefix of drafts that agrees with the main model's greedy
 choice is accepted plus the main model's next token, and both caches are cut back
-past the rejected positions. Every emitted token is a greedy choice of the main
-model given the tokens before it, so the output equals plain greedy decoding.
+past the rejected positions (a fixed-size state cache, V4's sliding window and compressor
+rows, is rebuilt from the state before the step and the accepted rows, `cut_state`).
+Every emitted token is a greedy choice of the main model given the tokens before it,
+so the output equals plain greedy decoding.
 
 Prompts of different lengths share a batch (their tails fed by plain steps first, see `speculate`).
 A batch shares one cache length, so a step accepts the smallest agreeing prefix of
@@ -31,9 +33,28 @@ from .spec_verify import GreedyVerifier, verifier
 from .state import GenerateStats
 
 
-def _cut(state, length: int):
-    """The state cut back to `length` tokens; the rejected rows are released for the next step to overwrite."""
-    return replace(state, caches={n: kv_cache.rewind(t[:, :length]) for n, t in state.caches.items()}, length=length)
+def cut_state(before, after, length: int, fixed: dict[str, int]):
+    """`after` (a step of S tokens from `before`) cut back to `length` tokens. Caches by position keep their first
+    `length` rows (the rejected ones released for the next step to overwrite); a fixed-size state of R rows (`fixed`:
+    name -> R; V4's `cache.slide`, the last R rows of state + new) is rebuilt as the R rows ending at the last
+    accepted one, from the state before the step and the step's newest rows (exact while S <= R)."""
+    s, caches = after.length - before.length, {}
+    for n, t in after.caches.items():
+        r = fixed.get(n)
+        if r is None:
+            caches[n] = kv_cache.rewind(t[:, :length])
+        elif r:
+            keep = length - before.length                                # accepted new rows
+            caches[n] = torch.cat((before.caches[n], t[:, r - s:]), 1)[:, keep:keep + r]
+        else:
+            caches[n] = t
+    return replace(after, caches=caches, length=length)
+
+
+def fixed_states(graph) -> dict[str, int]:
+    """The graph's fixed-size state caches [B, R, ...] (not [B, T, ...]): name -> R."""
+    return {n: int(v.type.shape[1]) for n, v in graph.inputs.items()
+            if v.kind == "cache" and str(v.type.shape[1]) != "T"}
 
 
 class MTPDrafter:
@@ -41,25 +62,30 @@ class MTPDrafter:
 
     def __init__(self, exe, graph, compiled):
         self.exe, self.graph, self.compiled = exe, graph, compiled
-        self.hidden_input = next(n for n, v in graph.inputs.items()
-                                 if v.kind == "activation" and n not in ("mtp_ids", "positions"))
+        hidden = [n for n, v in graph.inputs.items() if v.kind == "activation" and n not in ("mtp_ids", "positions")]
+        if len(hidden) != 1:
+            raise InputError(f"the MTP branch {graph.name} must take one hidden state from the main model, takes "
+                             f"{hidden}: compile it again with keep_mtp=True")
+        self.hidden_input = hidden[0]
 
-    def run(self, hidden, next_ids, state, start: int):
-        """MTP positions start..start+S-1 from main hidden states and the tokens after them."""
+    def run(self, hidden, next_ids, state):
+        """MTP positions state.length.. from main hidden states and the tokens after them."""
         b, s = next_ids.shape
+        start = state.length
         positions = torch.arange(start, start + s, device=next_ids.device).expand(b, s)
-        caches = {n: kv_cache.rewind(t[:, :start]) for n, t in state.caches.items()}
+        caches = {n: kv_cache.rewind(t) for n, t in state.caches.items()}
         out = self.compiled.run({"mtp_ids": next_ids, "positions": positions, self.hidden_input: hidden, **caches})
         new = {n: out[self.graph.cache_map[n]] for n in state.caches}
         return out, replace(state, caches=new, length=start + s)
 
-    def draft(self, hidden, next_ids, state, start: int, depth: int, pick=GreedyVerifier().pick):
-        """Feed positions start.. and chain `depth` drafts; returns (drafts [B, depth], their distributions
-        [B, depth, V] or None for greedy drafts, state)."""
-        out, state = self.run(hidden, next_ids, state, start)
-        picks = [pick(out["mtp_logits"][:, -1])]
+    def draft(self, hidden, next_ids, state, depth: int, pick=GreedyVerifier().pick):
+        """Feed the positions after `state` and chain `depth` drafts; returns (drafts [B, depth], their
+        distributions [B, depth, V] or None for greedy drafts, the state after the fed positions: the chained
+        positions read the MTP block's own output, so the next call starts before them)."""
+        out, state = self.run(hidden, next_ids, state)
+        picks, chained = [pick(out["mtp_logits"][:, -1])], state
         for _ in range(depth - 1):
-            out, state = self.run(out["mtp_hidden"][:, -1:], picks[-1][0], state, state.length)
+            out, chained = self.run(out["mtp_hidden"][:, -1:], picks[-1][0], chained)
             picks.append(pick(out["mtp_logits"][:, -1]))
         qs = torch.stack([q for _, q in picks], dim=1) if picks[0][1] is not None else None
         return torch.cat([d for d, _ in picks], dim=1), qs, state
@@ -111,6 +137,13 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_emi
     bsz, fed, plen = len(prompts), min(map(len, prompts)), max(map(len, prompts))
     exe._check_length(plen + max_new_tokens + draft_depth)
     drafter = MTPDrafter(exe, *exe.mtp)
+    fixed = fixed_states(exe.graph)
+    short = {n: r for n, r in fixed.items() if 0 < r < draft_depth + 1}
+    if short:
+        rows = min(short.values())
+        raise InputError(f"draft_depth={draft_depth} verifies {draft_depth + 1} tokens a step, more than the "
+                         f"fixed-size state caches {sorted(short)[:3]} keep rows ({rows}), so rejected drafts could "
+                         f"not be rolled back: use draft_depth <= {rows - 1}")
     xfer = XFER + drafter.hidden_input
     policy = verifier(params, samples if samples is not None else list(range(bsz)), exe.device)
     made = [[] for _ in range(bsz)]
@@ -145,8 +178,7 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_emi
     emitted(tok.tolist())
     mtp_state = exe.empty_state_for(drafter.graph, bsz)
     next_ids = torch.cat([ids[:, 1:], tok], dim=1)
-    drafts, qs, mtp_state = drafter.draft(torch.cat(hidden, dim=1), next_ids, mtp_state, 0, draft_depth,
-                                          policy.pick)
+    drafts, qs, mtp_state = drafter.draft(torch.cat(hidden, dim=1), next_ids, mtp_state, draft_depth, policy.pick)
     ttft = time.perf_counter() - t0
 
     accepted_at = torch.zeros(draft_depth)
@@ -155,20 +187,19 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_emi
     spec_steps = 0
     t1 = time.perf_counter()
     while min(map(len, made)) < max_new_tokens and not (stop and stop()):
-        start = state.length                                   # position of `tok`
+        start, before = state.length, state                    # position of `tok`
         out, state = exe.step(torch.cat([tok, drafts], dim=1), state)
         watch.see(out["logits"], steps)
         per_row, new, a = policy.verify(out["logits"], drafts, qs)   # accepted drafts per row, [B, a+1]
         row_agree += per_row
         drafted_at += bsz
         accepted_at += (torch.arange(draft_depth)[None] < per_row[:, None]).sum(0).float()
-        state = _cut(state, start + 1 + a)
+        state = cut_state(before, state, start + 1 + a, fixed)
         emitted(new.tolist())
         steps, spec_steps = steps + 1, spec_steps + 1
         tok = new[:, -1:]
         # MTP positions start..start+a: main hidden there, followed by the accepted tokens and the bonus
-        drafts, qs, mtp_state = drafter.draft(out[xfer][:, :a + 1], new, mtp_state, start, draft_depth,
-                                              policy.pick)
+        drafts, qs, mtp_state = drafter.draft(out[xfer][:, :a + 1], new, mtp_state, draft_depth, policy.pick)
     watch.check(steps)
     return _result(made, state, plen, steps, ttft, t1, {
         "draft_depth": draft_depth, "acceptance_per_position": (accepted_at / drafted_at.clamp(min=1)).tolist(),
