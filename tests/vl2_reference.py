@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dsgraph.models.tiny_tokenizer import tiny_tokenizer_files
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 TILE, PATCH = 44, 14   # 3 patches per side, 2 pixels the conv drops (as 384 / 14); the shuffle pads 3 -> 4
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
@@ -66,7 +69,8 @@ def hub_tensors(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
         return {**t, f"{p}.bias": 0.1 * torch.randn(n, generator=g)} if bias else t
 
     def swiglu(p, inter):
-        return {**lin(inter, d, p=f"{p}.gate_proj"), **lin(inter, d, p=f"{p}.up_proj"), **lin(d, inter, p=f"{p}.down_proj")}
+        return {**lin(inter, d, p=f"{p}.gate_proj"), **lin(inter, d, p=f"{p}.up_proj"),
+                **lin(d, inter, p=f"{p}.down_proj")}
 
     grid, mlp = (TILE // PATCH) ** 2, int(w * vc["mlp_ratio"])
     t = {"vision.patch_embed.proj.weight": torch.randn(w, 3, PATCH, PATCH, generator=g) / (3 * PATCH * PATCH) ** 0.5,
@@ -90,8 +94,8 @@ def hub_tensors(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
         if lc["use_mla"]:
             qd, r = lc["qk_nope_head_dim"] + lc["qk_rope_head_dim"], lc["kv_lora_rank"]
             t.update({**lin(lc["q_lora_rank"], d, p=f"{a}.q_a_proj"), **norm(lc["q_lora_rank"], f"{a}.q_a_layernorm"),
-                      **lin(h * qd, lc["q_lora_rank"], p=f"{a}.q_b_proj"),
-                      **lin(r + lc["qk_rope_head_dim"], d, p=f"{a}.kv_a_proj_with_mqa"), **norm(r, f"{a}.kv_a_layernorm"),
+                      **lin(h * qd, lc["q_lora_rank"], p=f"{a}.q_b_proj"), **norm(r, f"{a}.kv_a_layernorm"),
+                      **lin(r + lc["qk_rope_head_dim"], d, p=f"{a}.kv_a_proj_with_mqa"),
                       **lin(h * (lc["qk_nope_head_dim"] + lc["v_head_dim"]), r, p=f"{a}.kv_b_proj"),
                       **lin(d, h * lc["v_head_dim"], p=f"{a}.o_proj")})
         else:
@@ -110,10 +114,6 @@ def hub_tensors(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(path: Path, attention: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """config.json, processor_config.json, model.safetensors and a tokenizer holding `<image>` (id 256)."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer
-
-    from dsgraph.models.tiny_tokenizer import tiny_tokenizer_files
     cfg = config(attention)
     (path / "config.json").write_text(json.dumps(cfg))
     (path / "processor_config.json").write_text(json.dumps({

@@ -161,16 +161,17 @@ _BASE_LM = {**_SMALL_LM, "vocab_size": 129280, "hidden_size": 2560, "intermediat
             "moe_intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 32,
             "num_key_value_heads": 32, "n_routed_experts": 72, "q_lora_rank": 1536, "topk_method": "noaux_tc",
             "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.0}
-# the tiny test model, MLA + MoE like VL2-Small: 44-pixel tiles of 14-pixel patches (3 per side, the last 2 pixels
-# dropped, as 384 / 14), a 3x3 grid that the shuffle pads to 4x4 (as 27 -> 28) -> 2x2 tokens per tile; <= 2x2 tiles
+# the tiny test model, MLA + MoE like VL2-Small: 44-pixel tiles of 14-pixel patches (3 per side, the last 2
+# pixels dropped, as 384 / 14), a 3x3 grid that the shuffle pads to 4x4 (as 27 -> 28) -> 2x2 tokens per tile;
+# up to 2x2 tiles; one ViT block and one MoE layer (backend tests compile it: the reference tests run two of each)
 _TINY_TEST_LM = {**_SMALL_LM, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
-                 "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "moe_intermediate_size": 32, "num_hidden_layers": 1, "first_k_dense_replace": 0, "num_attention_heads": 4,
                  "num_key_value_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 3, "kv_lora_rank": 32,
                  "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 512}
 VL2_TINY: dict[str, dict] = {
     "deepseek-vl2-small-tiny": {
         **_vl2(_TINY_TEST_LM, 64, 255), "candidate_resolutions": [[44, 44], [88, 44], [44, 88], [88, 88]],
-        "vision_config": {"image_size": 44, "patch_size": 14, "width": 32, "layers": 2, "heads": 2, "mlp_ratio": 2,
+        "vision_config": {"image_size": 44, "patch_size": 14, "width": 32, "layers": 1, "heads": 2, "mlp_ratio": 2,
                           "global_pool": "map", "ignore_head": True, "class_token": False},
         "projector_config": {"projector_type": "downsample_mlp_gelu", "input_dim": 32, "n_embed": 64, "depth": 2,
                              "mlp_ratio": 1, "downsample_ratio": 2}},
