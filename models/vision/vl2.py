@@ -166,8 +166,9 @@ _BASE_LM = {**_SMALL_LM, "vocab_size": 129280, "hidden_size": 2560, "intermediat
 # up to 2x2 tiles; one ViT block and one MoE layer (backend tests compile it: the reference tests run two of each)
 _TINY_TEST_LM = {**_SMALL_LM, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
                  "moe_intermediate_size": 32, "num_hidden_layers": 1, "first_k_dense_replace": 0,
-                 "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 3, "kv_lora_rank": 32,
-                 "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 512}
+                 "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 3,
+                 "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                 "max_position_embeddings": 512}
 VL2_TINY: dict[str, dict] = {
     "deepseek-vl2-small-tiny": {
         **_vl2(_TINY_TEST_LM, 64, 255), "candidate_resolutions": [[44, 44], [88, 44], [44, 88], [88, 88]],
