@@ -156,3 +156,15 @@ def test_config_errors_name_the_key(tmp_path):
     from dsgraph.models.vision.tiling import read_tiled_image_config
     with pytest.raises(dsgraph.ConfigError, match="processor_config.json: tile size, patch_size"):
         read_tiled_image_config(tmp_path, from_hf_vl2(cfg, image_token_id=5))
+
+
+def test_artifacts_keep_the_tiling(tmp_path):
+    """exe.save keeps the tiling config (candidate resolutions, mean and std): the loaded artifact tiles and
+    answers as the compiled model does."""
+    exe = dsgraph.compile(dsgraph.load("deepseek-vl2-small-tiny"))
+    exe.save(tmp_path / "a")
+    loaded = dsgraph.load_artifact(tmp_path / "a")
+    (ids, px), (ids2, px2) = (e.prepare_inputs([[1, 255, 3]], [_image(100, 95)]) for e in (exe, loaded))
+    assert torch.equal(ids, ids2) and all(torch.equal(px[k], px2[k]) for k in px)
+    assert torch.equal(loaded.generate(ids, images=px, max_new_tokens=3), exe.generate(ids, images=px,
+                                                                                       max_new_tokens=3))
