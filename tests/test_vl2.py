@@ -62,6 +62,16 @@ def test_more_than_two_images_are_not_cropped():
     assert torch.equal(rows.sort().values, torch.arange(6 * SIDE * SIDE))   # every tile token exactly once
 
 
+def test_global_view_tail_puts_the_global_tokens_last():
+    """`global_view_pos: tail` (DeepSeek's other order): local rows, the separator, then the global view's rows."""
+    from dsgraph.models.vision.tiling import image_layout
+    head = image_layout(2, 1, SIDE)
+    glob, local = head[:SIDE * (SIDE + 1)], head[SIDE * (SIDE + 1) + 1:]
+    assert head[SIDE * (SIDE + 1)] == 1 and image_layout(2, 1, SIDE, head=False) == local + [1] + glob
+    assert glob == [2, 3, 0, 4, 5, 0]   # tile 0's rows of 2 tokens, each ended by the newline (0)
+    assert local[:5] == [6, 7, 10, 11, 0]   # the first row runs across both local tiles
+
+
 def _prompt_and_pixels(exe, img):
     ids, px = exe.prepare_inputs([[0, 17, 30, IMAGE, 41, 52]], [img])
     return ids, px
