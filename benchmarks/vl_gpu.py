@@ -1,12 +1,14 @@
 """Multimodal models: time to first token with one image, and the vision encoder alone against its GEMM floor.
 
 Random weights at the released shapes (DeepSeek-VL 1.3B: SigLIP-L at 384 px, 576 image tokens; DeepSeek-VL 7B
-hybrid: SigLIP-L at 384 px plus SAM ViT-B at 1024 px; Janus-Pro 7B). Per backend: the encoder's median time,
+hybrid: SigLIP-L at 384 px plus SAM ViT-B at 1024 px; Janus-Pro 7B; DeepSeek-VL2: a 1152x768 image tiled into a
+global view and 3x2 local tiles of SigLIP-SO400M, 1,415 image tokens). Per backend: the encoder's median time,
 its floor (the tower's linear and conv FLOPs at the GPU's dense peak: attention and elementwise work are left
 out, so the floor is a lower bound), and time to first token (encoder + prefill of the image tokens and a short
 text). Eager is the baseline column. Results go to $OUT/vl_gpu.json.
 
     python benchmarks/vl_gpu.py --device cuda --dtype bf16 --backends eager,triton
+    python benchmarks/vl_gpu.py --device cuda --dtype bf16 --presets deepseek-vl2-tiny,deepseek-vl2-small
     python benchmarks/vl_gpu.py --device cpu --dtype float32 --presets deepseek-vl-hybrid-tiny --backends eager
 """
 from __future__ import annotations
@@ -71,13 +73,20 @@ def main() -> None:
         model = models.build_model(preset, dtype=dtype, weights_device=args.device)
         vl = model.vision.config
         gen = torch.Generator().manual_seed(0)
-        pixels = {k: torch.randn(1, *v.type.shape[1:], generator=gen).to(args.device)
-                  for k, v in model.vision.graph.inputs.items() if v.kind == "activation"}
-        images = pixels if len(pixels) > 1 else pixels["pixel_values"]
+        if "image_layout" in model.vision.graph.inputs:   # DeepSeek-VL2: tiles and their token layout
+            cfg = model.vision.image
+            img = torch.randint(0, 256, (2 * cfg.size, 3 * cfg.size, 3), generator=gen, dtype=torch.uint8).numpy()
+            inputs, (count,) = models.vision.preprocess_tiled([img], cfg)
+            images = {k: v.to(args.device) for k, v in inputs.items()}
+            tiles = images["pixel_values"].shape[0]
+        else:
+            pixels = {k: torch.randn(1, *v.type.shape[1:], generator=gen).to(args.device)
+                      for k, v in model.vision.graph.inputs.items() if v.kind == "activation"}
+            images = pixels if len(pixels) > 1 else pixels["pixel_values"]
+            count, tiles = model.vision.graph.meta["image_tokens"], 1
         text = torch.randint(0, min(1000, vl.text.vocab_size - 1), (1, args.text_tokens), generator=gen)
-        ids = torch.cat([text[:, :1], torch.full((1, model.vision.graph.meta["image_tokens"]), vl.image_token_id),
-                         text[:, 1:]], 1).to(args.device)
-        floor = tower_flops(model.vision.graph, 1) / (PEAK_TFLOPS[args.device] * 1e12)
+        ids = torch.cat([text[:, :1], torch.full((1, count), vl.image_token_id), text[:, 1:]], 1).to(args.device)
+        floor = tower_flops(model.vision.graph, tiles) / (PEAK_TFLOPS[args.device] * 1e12)
         for backend in args.backends.split(","):
             exe = dsgraph.compile(model, backend=backend, device=args.device)
             enc = timed(lambda: exe.encode_images(images), args.device, args.reps)

@@ -41,6 +41,7 @@ from .v4_config import from_hf_v4
 from .v4_loader import build_v4, v4_graph_config
 from .vision.config import FAMILIES as VL_FAMILIES
 from .vision.loader import load_vl_parts
+from .vision.vl2 import MODEL_TYPE as VL2_TYPE
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 # tensors some checkpoints carry that are not weights (old LLaMA exports saved the rope table)
@@ -56,7 +57,7 @@ def load_checkpoint(path, dtype: str = "float32", keep_fp8: bool = False, mtp: b
     raw = _read_config(root)
     if raw.get("model_type") == "deepseek_v4":
         return _load_v4(root, raw, dtype, keep_fp8, keep_fp4, progress, mtp)
-    if raw.get("model_type") in VL_FAMILIES:   # DeepSeek-VL / Janus: models/vision/loader.py
+    if raw.get("model_type") in (*VL_FAMILIES, VL2_TYPE):   # DeepSeek-VL / VL2 / Janus: models/vision/loader.py
         vl, (graph, vision, generation, vq), weights, image = load_vl_parts(root, raw, dtype, progress)
         return Model(root.name, vl.text, graph, weights, load_tokenizer(root) if has_tokenizer(root) else None,
                      VisionPart(vl, vision, image, generation, vq))

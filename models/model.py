@@ -20,7 +20,11 @@ from .v4_summary import v4_summary
 from .vision.config import VL_PRESETS, from_hf_vl
 from .vision.generation import build_generation_graph
 from .vision.image import ImageConfig, image_config
+from .vision.tiling import tiled_image_config
 from .vision.tower import build_vl_graphs
+from .vision.vl2 import MODEL_TYPE as VL2_TYPE
+from .vision.vl2 import VL2_PRESETS, from_hf_vl2
+from .vision.vl2_tower import build_vl2_graphs
 from .vision.vq import build_vq_decoder_graph
 
 
@@ -62,9 +66,9 @@ def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = Tr
     """A preset with deterministic random weights (generated lazily, per tensor, on `weights_device`);
     `overrides` replaces config.json keys of the preset (fewer layers, other head counts)."""
     source = f"preset {name}" + (f" with {overrides}" if overrides else "")
-    if name in VL_PRESETS:
-        return build_vl_model(name, {**VL_PRESETS[name], **(overrides or {})}, source, seed, dtype, weights,
-                              weights_device)
+    if name in VL_PRESETS or name in VL2_PRESETS:
+        cfg = {**(VL_PRESETS.get(name) or VL2_PRESETS[name]), **(overrides or {})}
+        return build_vl_model(name, cfg, source, seed, dtype, weights, weights_device)
     hf = {**preset_config(name), **(overrides or {})}
     cfg = (from_hf_v4 if hf.get("model_type") == "deepseek_v4" else from_hf)(hf, source=source)
     graph = build_graph(cfg, dtype, mtp=mtp, name=name.replace("-", "_").replace(".", "_"))
@@ -80,22 +84,27 @@ def build_model(name: str, seed: int = 0, dtype: str = "float32", mtp: bool = Tr
 class VisionPart:
     """A multimodal model's vision graph (pixels -> image features) and the config both graphs came from."""
 
-    config: object   # models.vision.config.VLConfig
+    config: object   # models.vision.config.VLConfig, or DeepSeek-VL2's models.vision.vl2.VL2Config
     graph: object
-    image: ImageConfig   # preprocessing (the checkpoint's preprocessor_config.json)
+    image: ImageConfig   # preprocessing (the checkpoint's preprocessor_config.json); VL2: a TiledImageConfig
     generation: object = None   # Janus: the image-generation decoder graph (models/vision/generation.py)
     vq_decoder: object = None   # Janus: codes -> pixels (models/vision/vq.py)
 
 
 def build_vl_model(name: str, cfg: dict, source: str, seed: int = 0, dtype: str = "float32", weights: bool = True,
                    weights_device: str = "cpu") -> Model:
-    """A DeepSeek-VL / Janus preset: the decoder as the model's graph, the vision tower beside it."""
-    vl = from_hf_vl(cfg, source=source)
-    gname = name.replace("-", "_").replace(".", "_")
-    graph, vision = build_vl_graphs(vl, compute_dtype(dtype), name=gname)
-    dt = compute_dtype(dtype)
-    generation = build_generation_graph(vl, dt, f"{gname}_generation") if vl.generation else None
-    vq = build_vq_decoder_graph(vl.generation, dt, f"{gname}_vq_decoder") if vl.generation else None
+    """A DeepSeek-VL / VL2 / Janus preset: the decoder as the model's graph, the vision tower beside it."""
+    gname, dt = name.replace("-", "_").replace(".", "_"), compute_dtype(dtype)
+    generation = vq = None
+    if cfg.get("model_type") == VL2_TYPE:
+        vl = from_hf_vl2(cfg, source=source)
+        (graph, vision), image = build_vl2_graphs(vl, dt, name=gname), tiled_image_config(vl)
+    else:
+        vl = from_hf_vl(cfg, source=source)
+        graph, vision = build_vl_graphs(vl, dt, name=gname)
+        image = image_config(vl.vision.image_size, vl.high_res and vl.high_res.image_size)
+        generation = build_generation_graph(vl, dt, f"{gname}_generation") if vl.generation else None
+        vq = build_vq_decoder_graph(vl.generation, dt, f"{gname}_vq_decoder") if vl.generation else None
     store = WeightStore()
     if weights:
         store = random_weights(graph, seed, weights_device)
@@ -103,5 +112,4 @@ def build_vl_model(name: str, cfg: dict, source: str, seed: int = 0, dtype: str 
             extra = random_weights(part, seed, weights_device)
             for k in extra:
                 store.set(k, extra.entry(k))
-    return Model(name, vl.text, graph, store, vision=VisionPart(
-        vl, vision, image_config(vl.vision.image_size, vl.high_res and vl.high_res.image_size), generation, vq))
+    return Model(name, vl.text, graph, store, vision=VisionPart(vl, vision, image, generation, vq))

@@ -67,9 +67,11 @@ def test_dsa_gpu_rows_check_their_kernels(tmp_path):
 
 
 def test_vl_benchmark_times_the_encoder_and_first_token(tmp_path):
-    """The multimodal script on CPU: a hybrid tower (two pixel inputs) and Janus, floors from the towers' GEMMs."""
-    run("benchmarks/vl_gpu.py", "--device", "cpu", "--dtype", "float32", "--presets",
-        "deepseek-vl-hybrid-tiny,janus-tiny", "--backends", "eager", "--reps", "1", env={"OUT": str(tmp_path)})
+    """The multimodal script on CPU: a hybrid tower (two pixel inputs), Janus and VL2 (a tiled image), floors from
+    the towers' GEMMs."""
+    names = ["deepseek-vl-hybrid-tiny", "janus-tiny", "deepseek-vl2-small-tiny"]
+    run("benchmarks/vl_gpu.py", "--device", "cpu", "--dtype", "float32", "--presets", ",".join(names),
+        "--backends", "eager", "--reps", "1", env={"OUT": str(tmp_path)})
     rows = json.loads((tmp_path / "vl_gpu.json").read_text())["results"]
-    assert [r["preset"] for r in rows] == ["deepseek-vl-hybrid-tiny", "janus-tiny"]
+    assert [r["preset"] for r in rows] == names
     assert all(r["encoder_floor_s"] > 0 and r["ttft_s"] > 0 for r in rows)

@@ -398,13 +398,15 @@ def test_vision_ops(dt, tol):
 
 
 
-@covers("vision.resize", "vision.window_partition", "attention.rel_pos")
+@covers("vision.resize", "vision.window_partition", "attention.rel_pos", "vision.pixel_shuffle")
 @pytest.mark.parametrize("dt,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_sam_ops(dt, tol):
     """DeepSeek-VL hybrid's SAM: the resize as two matmuls with constant matrices, the window partition's zero
-    padding, the relative-position attention as einsums and a softmax."""
+    padding, the relative-position attention as einsums and a softmax; VL2's pixel shuffle as a zero pad, a
+    reshape and a permute."""
     check("vision.resize", {"x": randn(2, 3, 4, 5, dtype=dt)}, {"x": ("N", 3, 4, 5)}, tol, height=8, width=3)
     check("vision.window_partition", {"x": randn(2, 4, 5, 3, dtype=dt)}, {"x": ("N", 4, 5, 3)}, tol, window=3)
+    check("vision.pixel_shuffle", {"x": randn(2, 9, 3, dtype=dt)}, {"x": ("N", 9, 3)}, tol, ratio=2)   # padded
     qkv = {n: randn(2, 6, 2, 4, dtype=dt) for n in "qkv"}
     check("attention.rel_pos", {**qkv, "rh": randn(2, 2, 4, dtype=dt), "rw": randn(3, 3, 4, dtype=dt)},
           {n: ("M", 6, 2, 4) for n in "qkv"}, tol, scale=0.5)

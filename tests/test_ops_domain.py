@@ -278,6 +278,28 @@ for _hw, _w in [((4, 4), 2), ((4, 5), 3)]:   # exact windows; zero padding on bo
 ref("attention.rel_pos", lambda: (R(2, 6, 2, 4), R(2, 6, 2, 4), R(2, 6, 2, 4), R(2, 2, 4), R(3, 3, 4)),
     lambda *a: rel_pos_loop(*a, 0.5), scale=0.5)
 
+
+def shuffle_loop(x, r):
+    """DeepSeek-VL2's downsampling spelled out: token (by, bx) of the padded grid concatenates, channel by channel,
+    the r x r block's tokens in row-major order (zeros past the grid's edge)."""
+    n, t, c = x.shape
+    g = int(t ** 0.5)
+    k = -(-g // r)
+    out = torch.zeros(n, k * k, c * r * r)
+    for by in range(k):
+        for bx in range(k):
+            for ch in range(c):
+                for dy in range(r):
+                    for dx in range(r):
+                        y, xx = by * r + dy, bx * r + dx
+                        if y < g and xx < g:
+                            out[:, by * k + bx, ch * r * r + dy * r + dx] = x[:, y * g + xx, ch]
+    return out
+
+
+for _g in (3, 4):   # a padded grid (SO400M's 27 -> 28) and an exact one
+    ref("vision.pixel_shuffle", lambda g=_g: (R(2, g * g, 3),), lambda x: shuffle_loop(x, 2), ratio=2)
+
 # ---------------------------------------------------------------- DeepSeek Sparse Attention (V3.2)
 for _s in [(3, 16), (2, 5, 7)]:
     ref("norm.layer", lambda s=_s: (R(*s), R(s[-1]), R(s[-1])), lambda x, w, b: layer_norm_loop(x, w, b, 1e-6))
@@ -521,6 +543,7 @@ GOOD = [
     ("norm.group", [T("N", 64, 4, 4), T(64), T(64)], {"groups": 32}, [T("N", 64, 4, 4)]),
     ("vision.resize", [T("N", 16, 4, 4)], {"height": 8, "width": 6}, [T("N", 16, 8, 6)]),
     ("vision.window_partition", [T("N", 4, 5, 8)], {"window": 3}, [T("N*4", 3, 3, 8)]),
+    ("vision.pixel_shuffle", [T("N", 729, 8)], {"ratio": 2}, [T("N", 196, 32)]),
     ("attention.rel_pos", [T("M", 6, 2, 4)] * 3 + [T(2, 2, 4), T(3, 3, 4)], {"scale": 0.5}, [T("M", 6, 2, 4)]),
     ("indexer.logits", [T("B", "S", 4, 16), T("B", "T", 16), T("B", "S", 4)], {"scale": 0.1}, [T("B", "S", "T")]),
     ("indexer.topk", [T("B", "S", "T")], {"k": 8}, [T("B", "S", 8, dt=L)]),
@@ -584,6 +607,7 @@ BAD = [
     ("norm.group", [T(2, 12, 4, 4), T(12), T(12)], {"groups": 8}, r"12 channels .* do not split into 8 groups"),
     ("vision.resize", [T(2, 16, 4)], {"height": 8, "width": 6}, r"vision.resize x \[N, C, H, W\]"),
     ("vision.window_partition", [T(2, "H", 4, 8)], {"window": 2}, r"needs a static H, W"),
+    ("vision.pixel_shuffle", [T(2, 12, 8)], {"ratio": 2}, r"static square grid of tokens"),
     ("attention.rel_pos", [T(1, 6, 2, 4)] * 3 + [T(3, 3, 4), T(3, 3, 4)], {"scale": 0.5}, r"must be \[N, 3\*3"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 9), T(1, 2, 4)], {"scale": 1.0}, r"differ in batch or head dim"),
     ("indexer.logits", [T(1, 2, 4, 8), T(1, 3, 8), T(1, 2, 3)], {"scale": 1.0}, r"must be \[B,S,H\]"),

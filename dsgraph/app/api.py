@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -151,7 +150,7 @@ def _vision_executable(model, be: Backend, passes, device, dtype, options, parts
         generation = Executable(model, g, compiled, device, dtype, records, weights=w)
     vq_w, vq = part(model.vision.vq_decoder, "VQ decoder")[1:3] if model.vision.vq_decoder is not None else (None, None)
     return VisionExecutable(*parts, weights=weights, vision=vision, generation=generation, vq_decoder=vq,
-                            preprocess=models.vision_preprocessor(model), image_config=model.vision.image,
+                            **models.vision_preprocessor(model), image_config=model.vision.image,
                             part_weights={"vision": vision_w, "vq_decoder": vq_w})
 
 
@@ -214,5 +213,5 @@ def load_artifact(path: str | os.PathLike, device: str | None = None, backend: s
                                 weights=parts.weights)
     return VisionExecutable(*args, weights=parts.weights, vision=extra["vision"][1], generation=generation,
                             vq_decoder=extra["vq_decoder"][1] if "vq_decoder" in extra else None,
-                            preprocess=partial(models.vision.preprocess, cfg=image), image_config=image,
+                            **models.vision.image_processors(image), image_config=image,
                             part_weights={k: parts.weights for k in ("vision", "vq_decoder")})

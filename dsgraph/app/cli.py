@@ -134,7 +134,7 @@ def _with_images(exe, prompt, files):
     if not files:
         return prompt, {}
     if not hasattr(exe, "prepare_inputs"):
-        raise ConfigError(f"--image: {exe.model.name} is not a multimodal model (DeepSeek-VL / Janus)")
+        raise ConfigError(f"--image: {exe.model.name} is not a multimodal model (DeepSeek-VL / VL2 / Janus)")
     try:
         from PIL import Image  # optional: only --image needs it
     except ImportError:
@@ -152,7 +152,7 @@ def _text_with_images(exe, text, files):
     if not files:
         return text, {}
     if not hasattr(exe, "text_rows") or not hasattr(exe, "image_token_id"):
-        raise ConfigError(f"--image: {exe.model.name} is not a multimodal model (DeepSeek-VL / Janus)")
+        raise ConfigError(f"--image: {exe.model.name} is not a multimodal model (DeepSeek-VL / VL2 / Janus)")
     if isinstance(text, str):
         mark = exe.tokenizer.decode([exe.image_token_id]) if exe.tokenizer is not None else ""
         return (text if mark and mark in text else mark * len(files) + text), {"images": files}
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt-ids", type=guard.token_ids, default=None, help="token ids, e.g. 1,2,3 or \"1 2 3\"")
     _generation_args(s)
     s.add_argument("--image", action="append", default=None, metavar="FILE",
-                   help="an image for a DeepSeek-VL / Janus model (repeatable; read with Pillow)")
+                   help="an image for a DeepSeek-VL / VL2 / Janus model (repeatable; read with Pillow)")
     s.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP branch")
     s.add_argument("--draft-depth", type=guard.int_at_least(1), default=1)
     s.add_argument("--tp", type=guard.int_at_least(1), default=1, help="tensor-parallel ranks (run under torchrun)")

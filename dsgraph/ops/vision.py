@@ -1,6 +1,7 @@
 """Vision ops for the multimodal DeepSeek models (DeepSeek-VL, Janus): the ViT patch embedding, the GELU MLP of
 ViT blocks and aligners, the splice of image features into the token embedding stream; for DeepSeek-VL hybrid's
-SAM encoder the window partition, attention with decomposed relative positions and the bilinear resize.
+SAM encoder the window partition, attention with decomposed relative positions and the bilinear resize; for
+DeepSeek-VL2 the 2x2 pixel shuffle of the patch grid.
 
 The rest of a SigLIP tower is ops that exist already: `norm.layer`, `attention.gqa` with `causal=False`
 (bidirectional multi-head attention), `add` for the learned position embeddings.
@@ -307,3 +308,50 @@ def _(b, q, k, v, rh, rw, scale):
     qs = b.mul(q, b.constant(value=scale, dtype=q.dtype))
     logits = b.add(b.einsum(qs, k, equation="nqhd,nkhd->nhqk"), bias)
     return b.einsum(b.cast(b.softmax(logits, dim=-1), dtype=q.dtype), v, equation="nhqk,nkhd->nqhd")
+
+
+SHUFFLE = defop("vision.pixel_shuffle", "x", {"ratio": Attr(int, 2)},
+                "DeepSeek-VL2's token downsampling: x [N, g*g, C] as a g x g grid, zero-padded at the bottom and "
+                "right to a multiple of `ratio`, each ratio x ratio block concatenated into one token -> "
+                "[N, (g'/r)^2, C*r*r], row-major blocks, features channel-major (c*r*r + dy*r + dx: F.unfold's "
+                "order, which the projector's first linear was trained on).", level="domain")
+
+
+def _grid(t: TensorType, ratio: int) -> tuple[int, int]:
+    """(side g, padded side g') of the square token grid of x [N, g*g, C]."""
+    n = t.shape[1]
+    g = int(round(n ** 0.5)) if isinstance(n, int) else 0
+    expect(g * g == n and g > 0 and ratio > 0,
+           lambda: f"vision.pixel_shuffle: {t} must hold a static square grid of tokens and ratio {ratio} be positive")
+    return g, -(-g // ratio) * ratio
+
+
+@SHUFFLE.infer
+def _(x, ratio):
+    expect_rank(x, 3, "vision.pixel_shuffle x [N, tokens, C]")
+    expect_float(x, "vision.pixel_shuffle x")
+    _, gp = _grid(x, ratio)
+    c = x.shape[2]
+    return TensorType((x.shape[0], (gp // ratio) ** 2, c * ratio * ratio if isinstance(c, int) else c), x.dtype)
+
+
+@SHUFFLE.reference
+def _(x, ratio):
+    n, t, c = x.shape
+    g = int(round(t ** 0.5))
+    grid = F.pad(f32(x).reshape(n, g, g, c), (0, 0, 0, -g % ratio, 0, -g % ratio)).permute(0, 3, 1, 2)
+    return F.unfold(grid, kernel_size=ratio, stride=ratio).transpose(1, 2)
+
+
+@SHUFFLE.decomposition
+def _(b, x, ratio):
+    n, _, c = x.shape
+    g, gp = _grid(x, ratio)
+    grid = b.reshape(x, shape=(n, g, g, c))
+    if gp != g:
+        zero = b.constant(value=0.0, shape=(1, 1, 1, 1), dtype=x.dtype)
+        grid = b.concat(grid, b.expand(zero, shape=(n, g, gp - g, c)), dim=2)
+        grid = b.concat(grid, b.expand(zero, shape=(n, gp - g, gp, c)), dim=1)
+    k = gp // ratio
+    blocks = b.permute(b.reshape(grid, shape=(n, k, ratio, k, ratio, c)), dims=(0, 1, 3, 5, 2, 4))
+    return b.reshape(blocks, shape=(n, k * k, c * ratio * ratio))

@@ -7,6 +7,9 @@ graph that makes them, once per image, in prefill.
     out = exe.generate([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it"}]}],
                        images=["photo.png"])   # text: the template writes the placeholders; expanded here
 
+DeepSeek-VL2's images give varying token counts (their tiles): its `preprocess_images` returns the tower's inputs
+(tiles and the token layout) with each image's count, which the placeholders expand to.
+
 Decode steps feed an empty [0, D] feature tensor: the splice leaves every position as it is. Janus adds
 `generate_image_tokens` (text -> codebook ids under classifier-free guidance, through its generation decoder)
 and `decode_image` (codes -> pixels, through its VQ decoder).
@@ -29,21 +32,22 @@ from .executable import Executable
 class VisionExecutable(Executable):
     """Executable + `vision` (the tower's CompiledGraph); `images` are pixel_values [N, C, H, W]."""
 
-    def __init__(self, *args, vision=None, generation=None, vq_decoder=None, preprocess=None, image_config=None,
-                 part_weights=None, **kw):
+    def __init__(self, *args, vision=None, generation=None, vq_decoder=None, preprocess=None, preprocess_images=None,
+                 image_config=None, part_weights=None, **kw):
         super().__init__(*args, **kw)
         self.vision = vision
         self.generation = generation   # Janus: an Executable over the image-generation decoder
         self.vq_decoder = vq_decoder   # Janus: codes [N, grid*grid] -> pixels [N, 3, H, W]
-        self.preprocess = preprocess   # images -> pixel_values (the model's image processor)
+        self.preprocess = preprocess   # image -> pixel_values (the model's image processor)
+        self.preprocess_images = preprocess_images   # VL2: images -> (tower inputs, token count per image)
         self.image_config = image_config   # its config (a dataclass), which artifacts keep
         self.part_weights = part_weights or {}   # the vision tower's and VQ decoder's weights after their passes
         feats = self.graph.inputs["image_features"].type
         self.feature_dim, self.feature_dtype = feats.shape[1], to_torch(feats.dtype)
         self.image_token_id = self.graph.meta["image_token_id"]
-        self.image_tokens = self.graph.meta["image_tokens"]
+        self.image_tokens = self.graph.meta["image_tokens"]   # per image; None where it varies (VL2)
         self._features = None
-        self._image_count = 0   # images given with a text prompt: text_rows checks its placeholders against it
+        self._image_counts = []   # token counts of the images given with a text prompt (text_rows expands them)
 
     def encode_images(self, images) -> torch.Tensor:
         """image_features [N * image_tokens, D] from pixel_values [N, C, H, W], or for a tower of several pixel
@@ -67,32 +71,45 @@ class VisionExecutable(Executable):
         if marks != len(images) or ids.shape[0] != 1:
             raise InputError(f"prompt holds {marks} image placeholders (id {self.image_token_id}) for {len(images)} "
                              "images in one sequence; give one placeholder per image")
-        return torch.tensor([self._expand(ids[0].tolist())]), self.pixel_values(images)
+        pixels, counts = self._preprocessed(images)
+        return torch.tensor([self._expand(ids[0].tolist(), counts)]), pixels
 
-    def _expand(self, row: list[int]) -> list[int]:
-        return [x for t in row for x in ([t] * self.image_tokens if t == self.image_token_id else [t])]
+    def _expand(self, row: list[int], counts: list[int]) -> list[int]:
+        """The row with its k-th image placeholder repeated counts[k] times."""
+        counts, out = iter(counts), []
+        for t in row:
+            out += [t] * next(counts) if t == self.image_token_id else [t]
+        return out
 
     def pixel_values(self, images):
         """The model's pixel inputs for a list of images (PIL images, paths, arrays [H, W, 3] uint8 or tensors
         [3, H, W]), preprocessed as the checkpoint's image processor does: a tensor [N, C, H, W], or a dict of them
-        for a tower of several views (the hybrid)."""
-        pixels = [self.preprocess(_rgb(im)) for im in images]
+        for a tower of several inputs (the hybrid's two views; VL2's tiles and token layout)."""
+        return self._preprocessed(images)[0]
+
+    def _preprocessed(self, images) -> tuple:
+        """(pixel_values, the token count of each image)."""
+        images = [_rgb(im) for im in images]
+        if self.preprocess_images is not None:
+            return self.preprocess_images(images)
+        pixels = [self.preprocess(im) for im in images]
         if pixels and isinstance(pixels[0], dict):
-            return {k: torch.stack([p[k] for p in pixels]) for k in pixels[0]}
-        return torch.stack(pixels)
+            return {k: torch.stack([p[k] for p in pixels]) for k in pixels[0]}, [self.image_tokens] * len(pixels)
+        return torch.stack(pixels), [self.image_tokens] * len(pixels)
 
     def text_rows(self, prompt):
         """A text prompt's rows, each image placeholder token (what the chat template writes for an image, e.g.
-        DeepSeek-VL's `<image_placeholder>`) expanded to image_tokens copies, as the processors expand it."""
+        DeepSeek-VL's `<image_placeholder>`, VL2's `<image>`) expanded to its image's token count, as the
+        processors expand it."""
         rows, single = super().text_rows(prompt)
         for r in rows:
             marks = sum(t == self.image_token_id for t in r)
-            if marks != self._image_count:
+            if marks != len(self._image_counts):
                 mark = self.tokenizer.decode([self.image_token_id])
                 raise InputError(f"the prompt holds {marks} image placeholders ({mark!r}, id {self.image_token_id}) "
-                                 f"for {self._image_count} images; put one in the text (or an {{'type': 'image'}} "
-                                 "part in a chat message) per image")
-        return [self._expand(r) for r in rows], single
+                                 f"for {len(self._image_counts)} images; put one in the text (or an "
+                                 "{'type': 'image'} part in a chat message) per image")
+        return [self._expand(r, self._image_counts) for r in rows], single
 
     def step_inputs(self, ids, state, extra=None):
         inputs = super().step_inputs(ids, state, extra)
@@ -106,8 +123,9 @@ class VisionExecutable(Executable):
         n = int((ids == self.image_token_id).sum())
         have = 0 if feats is None else feats.shape[0]
         if n != have:
+            per = f"{self.image_tokens} per image" if self.image_tokens else "per image: its tiles' layout"
             raise InputError(f"prompt holds {n} image tokens (id {self.image_token_id}) but the images give {have} "
-                             f"feature rows ({self.image_tokens} per image); expand placeholders with prepare_inputs")
+                             f"feature rows ({per}); expand placeholders with prepare_inputs")
 
     def _with_images(self, prompt_ids, images, fn):
         feats = self.encode_images(images) if images is not None else None
@@ -134,13 +152,14 @@ class VisionExecutable(Executable):
         if isinstance(prompt_ids, (list, tuple)) and all(isinstance(p, str) for p in prompt_ids) and images:
             raise InputError("images go with one prompt (a string or a chat), not a batch of strings")
         images = list(images or [])
-        feats = self.encode_images(self.pixel_values(images)) if images else None
+        pixels, counts = self._preprocessed(images) if images else (None, [])
+        feats = self.encode_images(pixels) if images else None
         self._features = None if feats is None else feats.repeat(kw.get("n", 1), 1)   # n samples: n rows
-        self._image_count = len(images)
+        self._image_counts = counts
         try:
             return run()
         finally:
-            self._features, self._image_count = None, 0
+            self._features, self._image_counts = None, []
 
     def artifact_parts(self) -> dict:
         """The vision tower, Janus' generation decoder and VQ decoder, each with its weights and compiled code."""

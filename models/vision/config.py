@@ -82,6 +82,11 @@ class VLConfig:
     def vision_prefix(self) -> str:
         return FAMILIES[self.model_type][0]
 
+    @property
+    def image_tokens(self) -> int:
+        """Tokens per image (one per patch; DeepSeek-VL2's vary per image: models/vision/vl2.py)."""
+        return self.vision.num_patches
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from dsgraph.errors import ConfigError, InputError
 
+from .tiling import TiledImageConfig
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -41,9 +43,13 @@ def image_config(size: int, high_res_size: int | None = None) -> ImageConfig:
     return ImageConfig(size, high_res=ImageConfig(high_res_size) if high_res_size else None)
 
 
-def image_config_from_dict(d: dict, source: str) -> ImageConfig:
-    """An ImageConfig from its asdict() form (what artifacts keep); ConfigError naming `source` otherwise."""
+def image_config_from_dict(d: dict, source: str) -> ImageConfig | TiledImageConfig:
+    """An ImageConfig (DeepSeek-VL2's: a TiledImageConfig) from its asdict() form (what artifacts keep);
+    ConfigError naming `source` otherwise."""
     try:
+        if "candidate_resolutions" in d:
+            return TiledImageConfig(**{k: tuple(tuple(r) for r in v) if k == "candidate_resolutions" else
+                                       tuple(v) if isinstance(v, list) else v for k, v in d.items()})
         high = d.get("high_res")
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "high_res"}
         return ImageConfig(**fields, high_res=image_config_from_dict(high, source) if high else None)

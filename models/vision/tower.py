@@ -30,7 +30,7 @@ class VLDecoderBuilder(DecoderBuilder):
 
     def build(self):
         g = super().build()
-        g.meta.update(image_token_id=self.vl.image_token_id, image_tokens=self.vl.vision.num_patches)
+        g.meta.update(image_token_id=self.vl.image_token_id, image_tokens=self.vl.image_tokens)   # None: per image
         return g
 
 

@@ -1,8 +1,9 @@
 """The vision ops of DeepSeek-VL and Janus as library calls on the device: convolutions through cuDNN
 (torch.nn.functional.conv2d: the ViT patch embedding is one strided conv), the GELU MLP as two cuBLAS GEMMs around
 torch's GELU, GroupNorm through torch (fp32 statistics), the bilinear resize through torch; the image-feature
-splice (a masked row copy), SAM's window partition and its relative-position attention (fp32 einsums and softmax;
-the flash template takes no additive bias yet) as the ops' reference code. No Triton template is written for them
+splice (a masked row copy), SAM's window partition, VL2's pixel shuffle (a pad and a gather of 2x2 blocks) and
+SAM's relative-position attention (fp32 einsums and softmax; the flash template takes no additive bias yet) as
+the ops' reference code. No Triton template is written for them
 yet: at the towers' shapes the GEMMs dominate.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _(ctx, node):
                    fn=lambda a, sym: [F.interpolate(a[0], size=size, mode="bilinear", align_corners=False)])
 
 
-@TABLE.register("norm.group", "vision.splice", "vision.window_partition", "attention.rel_pos")
+@TABLE.register("norm.group", "vision.splice", "vision.window_partition", "attention.rel_pos",
+                "vision.pixel_shuffle")
 def _(ctx, node):
     ref, attrs, dt = get_op(node.op).reference_fn, node.attrs, to_torch(node.outputs[0].dtype)
     return Lowered("library", f"torch ({node.op}'s reference code, on the device)",
