@@ -145,14 +145,14 @@ def test_tiny_preset_matches_eager(preset, **options):
 
 
 def test_absorbed_mla_launches_no_concat():
-    """The concat of q_latent | q_rope that absorb_mla emits runs inside the MLA decode kernel's region, and the
-    cache row (RMSNorm of c_kv | RoPE of k_pe) is one generated kernel."""
+    """fuse_mla_rows' ops: the query (W_UK absorb | RoPE) is one kernel the MLA decode kernel reads whole, and the
+    cache row (RMSNorm of c_kv | RoPE of k_pe) one generated kernel that writes into the cache itself."""
     report = dsgraph.compile(dsgraph.load("deepseek-v2-lite-tiny"), backend="triton", device=DEV).compiled.report
-    fused = [k for k in report.kernels if k.op == "concat+attention.mla_absorbed"]
-    assert len(fused) == 3 and all("q read in two parts" in k.kernel for k in fused)
-    rows = [k for k in report.kernels if k.op == "norm.rms+reshape+rope+concat"]
+    queries = [k for k in report.kernels if k.op == "mla.query_absorbed"]
+    assert len(queries) == 3 and all(k.kernel.startswith("mla_query._mla_query_kernel") for k in queries)
+    rows = [k for k in report.kernels if k.op == "mla.latent_row+cache.append"]
     assert len(rows) == 3 and all(k.kernel.startswith("mla_cache_row") for k in rows)
-    assert not [k for k in report.kernels if k.op == "concat"]
+    assert not [k for k in report.kernels if k.op in ("concat", "rope", "cache.append")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the report of a machine without an sm_90 GPU")

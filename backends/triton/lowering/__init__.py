@@ -1,2 +1,2 @@
 """Lowerings, one module per op family; importing this package registers them all."""
-from . import attention, dist, dsa, elementwise, fp8, linear, moe, norm, shape, v4, vision  # noqa: F401
+from . import attention, dist, dsa, elementwise, fp8, linear, mla_rows, moe, norm, shape, v4, vision  # noqa: F401
