@@ -171,9 +171,12 @@ def test_report_says_why_the_gluon_mla_kernel_is_off():
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-v3-tiny"])
 def test_folded_shared_experts_match_eager(preset):
     """group_moe(fold_shared_experts=True) in the triton pipeline: the shared experts' ids and weights, expanded to
-    the run's token count, are computed per run (a shape with a dim symbol is never a compile-time constant)."""
+    the run's token count, are columns the routing kernel writes (no concat launched), for prefill and decode."""
     folded = get_backend("triton").default_pipeline(group_moe={"fold_shared_experts": True})
     test_tiny_preset_matches_eager(preset, passes=folded)
+    report = dsgraph.compile(dsgraph.load(preset), backend="triton", device=DEV, passes=folded).compiled.report
+    gates = [k for k in report.kernels if k.op.startswith("moe.gate")]
+    assert gates and all(k.op == "moe.gate+expand+concat" and "no concat" in k.note for k in gates)
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-llm-tiny"])
