@@ -66,17 +66,24 @@ def capacity(cache: torch.Tensor) -> int:
     return cache.shape[1] if buf is None else buf.shape[1]
 
 
-def append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """torch.cat((cache, new), dim=1), written in place when `cache` is the newest view of a buffer with room."""
-    t, s = cache.shape[1], new.shape[1]
+def extend(cache: torch.Tensor, s: int) -> torch.Tensor:
+    """The view `append(cache, new)` returns for S = `s` new rows, those rows not yet written: the caller writes
+    rows T..T+S-1 of it before anyone reads them (a kernel that computes the new rows in place)."""
+    t = cache.shape[1]
     buf = buffer_of(cache)
     if buf is None or frontier(buf) != t or buf.shape[1] < t + s:
         need = t + s
         cap = -(-int(need * GROWTH + HEADROOM) // HEADROOM) * HEADROOM
         buf = torch.empty((cache.shape[0], cap, *cache.shape[2:]), dtype=cache.dtype, device=cache.device)
         buf[:, :t].copy_(cache)
-    buf[:, t:t + s].copy_(new)
     return view(buf, t + s)
+
+
+def append(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """torch.cat((cache, new), dim=1), written in place when `cache` is the newest view of a buffer with room."""
+    out = extend(cache, new.shape[1])
+    out[:, cache.shape[1]:].copy_(new)
+    return out
 
 
 def reserve(cache: torch.Tensor, extra: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
     python benchmarks/profile_decode.py deepseek-v2-lite --batch 1,64 --context 4096     # JSON + table to $OUT
     python benchmarks/profile_decode.py deepseek-v2-lite --option gemv=0                  # a backend option off
     python benchmarks/profile_decode.py deepseek-v2-lite --fold-shared-experts            # shared experts grouped
+    python benchmarks/profile_decode.py deepseek-v2-lite --no-pass fuse_mla_rows          # a pass left out
 
 The CUDA graph replays the static-capacity program (`backends/triton/decode_graphs.py`). This script times the
 replay with CUDA events, then runs the same program under torch.profiler: one table sums device time by kernel
@@ -92,7 +93,8 @@ def profile(a, model, exe, graphed, batch: int) -> None:
     busy = sum(us for _, us in kernels.values())
     launches = sum(n for n, _ in kernels.values())
     print(f"{a.model} decode B={batch} T={a.context} {a.dtype} options {a.options}"
-          f"{' fold_shared_experts' if a.fold_shared_experts else ''}: replay {replay:.1f} us median "
+          f"{' fold_shared_experts' if a.fold_shared_experts else ''}"
+          f"{''.join(f' without {n}' for n in a.no_pass)}: replay {replay:.1f} us median "
           f"({len(times)} replays), kernels {busy:.1f} us in {launches:.0f} launches, gaps {replay - busy:.1f} us")
     print(f"{'kernel':<60} {'launches':>8} {'us/step':>9} {'%':>6}")
     for name, (n, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
@@ -104,10 +106,11 @@ def profile(a, model, exe, graphed, batch: int) -> None:
     for label, us in sorted(per_node.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {us:8.1f} us  {label}")
     out = Path(os.environ.get("OUT", "."))
-    tag = "".join(f"-{k}{v}" for k, v in a.options.items()) + ("-fold" if a.fold_shared_experts else "")
+    tag = "".join(f"-{k}{v}" for k, v in a.options.items()) + ("-fold" if a.fold_shared_experts else "") \
+        + "".join(f"-no-{n}" for n in a.no_pass)
     (out / f"profile-decode-{a.model}-b{batch}{tag}.json").write_text(json.dumps({
         "model": a.model, "batch": batch, "context": a.context, "dtype": a.dtype, "options": a.options,
-        "fold_shared_experts": a.fold_shared_experts,
+        "fold_shared_experts": a.fold_shared_experts, "passes_left_out": a.no_pass,
         "gpu": torch.cuda.get_device_name(), "commit": os.environ.get("DSGRAPH_GIT_COMMIT"),
         "replay_us": times, "kernel_us": busy, "launches_per_step": launches, "by_kernel": kernels,
         "by_op_us": by_op, "by_node_us": per_node}, indent=1))
@@ -126,14 +129,18 @@ def main(argv=None) -> int:
     p.add_argument("--fold-shared-experts", action="store_true",
                    help="run group_moe(fold_shared_experts=True) in the triton pipeline: the shared experts become "
                         "grouped-GEMM experts every token picks")
+    p.add_argument("--no-pass", action="append", default=[], metavar="NAME",
+                   help="leave a pass out of the triton pipeline (repeatable), e.g. fuse_mla_rows: the JSON's name "
+                        "carries it")
     a = p.parse_args(argv)
     try:
         a.options = {k: int(v) for k, v in (o.split("=", 1) for o in a.option)}
     except ValueError:
         p.error(f"--option takes KEY=INT, e.g. gemv=0; got {a.option}")
     model = dsgraph.load(a.model)
-    pipeline = (get_backend("triton").default_pipeline(group_moe={"fold_shared_experts": True})
-                if a.fold_shared_experts else "default")
+    fold = {"fold_shared_experts": a.fold_shared_experts}
+    pipeline = [s for s in get_backend("triton").default_pipeline(group_moe=fold)
+                if (s[0] if isinstance(s, tuple) else s) not in a.no_pass]
     exe = dsgraph.compile(model, backend="triton", device="cuda", dtype=a.dtype, passes=pipeline, **a.options)
     graphed = exe.compiled.decode_step
     if graphed is None:

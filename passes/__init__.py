@@ -10,7 +10,7 @@ Writing a pass: docs/writing-a-pass.md.
 from dsgraph.pattern import ANY, Match, P, Roots, Var, match, match_region
 from dsgraph.rewriter import Rewrite, RewriteBuilder, apply_rewrites
 
-from . import cleanup, fusion, kvcache, legalize, mla, moe, retype, shard  # noqa: F401  (registers the built-in passes)
+from . import cleanup, fusion, kvcache, legalize, mla, mla_fusion, moe, retype, shard  # noqa: F401  (registers them)
 from .base import Pass, PassInfo, PassResult, get, info, list_passes, register, unregister
 from .check import CheckResult, check
 from .manager import PassRecord, resolve, run_pipeline, with_options

@@ -50,6 +50,19 @@ def test_profile_decode_charges_every_step_and_restores_the_program():
     assert [s.fn for s in program.steps] == fns and not kernels  # no device kernels on the CPU
 
 
+def test_count_launches_sees_the_fused_mla_rows():
+    """The CPU launch counter: fuse_mla_rows takes four launches per layer out of a decode step (the query's bmm +
+    RoPE become one kernel; RMSNorm + RoPE + concat of the cache row one kernel that writes the cache itself)."""
+    from dsgraph.backends import get_backend
+
+    from benchmarks.count_launches import count
+    pipeline = get_backend("triton").default_pipeline()
+    fused, layers = count("deepseek-v2-lite-tiny", pipeline, {}, 4)
+    plain, _ = count("deepseek-v2-lite-tiny", [p for p in pipeline if p != "fuse_mla_rows"], {}, 4)
+    assert sum(plain.values()) - sum(fused.values()) == 4 * layers
+    assert fused["mla.latent_row+cache.append"] == fused["mla.query_absorbed"] == layers
+
+
 def test_profile_decode_names_a_malformed_option():
     """--option takes KEY=INT; anything else stops before the (large) model loads, with the expected form."""
     out = subprocess.run([sys.executable, "benchmarks/profile_decode.py", "--option", "gemv"], cwd=ROOT,

@@ -200,6 +200,15 @@ def test_mla_projections(dt, tol):
           {"c": ("B", "S", 12), "k_pe": ("B", "S", 1, 4)}, tol, num_heads=3, qk_nope_dim=6, v_dim=5)
 
 
+@covers("mla.latent_row", "mla.query_absorbed")
+def test_mla_fused_rows():
+    pos = torch.tensor([[3, 4], [9, 10]])
+    check("mla.latent_row", {"c": randn(2, 2, 12), "k": randn(2, 2, 4), "nw": randn(12), "p": pos},
+          {"c": ("B", "S", 12), "k": ("B", "S", 4), "p": ("B", "S")}, interleaved=True, eps=1e-6)
+    check("mla.query_absorbed", {"qn": randn(2, 2, 3, 6), "qp": randn(2, 2, 3, 4), "w": randn(3, 6, 10), "p": pos},
+          {"qn": ("B", "S", 3, 6), "qp": ("B", "S", 3, 4), "p": ("B", "S")}, scaling="yarn", factor=4.0)
+
+
 # ---------------------------------------------------------------- MoE
 ROUTES = [
     dict(top_k=2, scoring="softmax"),

@@ -63,7 +63,8 @@ def test_reserve_gives_room_for_the_next_steps():
 
 
 def test_triton_decode_writes_the_caches_in_place_and_matches_eager():
-    """The triton backend lowers cache.append to `append`: decode steps keep every cache in its buffer (its
+    """The triton backend writes the latent row into `extend`'s spare rows (cache.append fused with the row
+    kernel; `append` where it stands alone): decode steps keep every cache in its buffer (its
     caches are absorbed MLA's latent ones, eager's the naive per-head ones: the logits are what compare)."""
     import dsgraph
     model = dsgraph.load("deepseek-v2-lite-tiny")
@@ -76,4 +77,4 @@ def test_triton_decode_writes_the_caches_in_place_and_matches_eager():
         (logits, state), (ref_logits, ref_state) = exe.decode(tok, state), ref.decode(tok, ref_state)
         assert ((logits - ref_logits).norm() / ref_logits.norm()).item() <= 1e-4
     assert {n: t.data_ptr() for n, t in state.caches.items()} == ptrs
-    assert "kv_cache.append" in exe.report()
+    assert "written into the cache: kv_cache.extend" in exe.report()

@@ -171,6 +171,12 @@ ref("cache.append", lambda: (R(2, 4, 3, 5), R(2, 1, 3, 5)),
 ref("cache.append", lambda: (R(1, 0, 7), R(1, 3, 7)), lambda c, n: n.clone())
 ref("mla.latent_proj", lambda: (R(2, 3, 16), R(12 + 4, 16), R(12)),
     lambda x, w, nw: (rms((x @ w.T)[..., :12], nw), (x @ w.T)[..., 12:]), kv_lora_rank=12)
+ref("mla.latent_row", lambda: (R(2, 3, 12), R(2, 3, 8), R(12), torch.tensor([[4, 5, 6], [0, 1, 2]])),
+    lambda c, k, nw, p: torch.cat([rms(c, nw), rope_complex(k[:, :, None], p, dict(_YARN, interleaved=True))[:, :, 0]
+                                   .float()], -1), interleaved=True, **_YARN)
+ref("mla.query_absorbed", lambda: (R(2, 1, 3, 6), R(2, 1, 3, 4), R(3, 6, 10), torch.tensor([[7], [2]])),
+    lambda qn, qp, w, p: torch.cat([torch.stack([qn[:, :, h] @ w[h] for h in range(3)], 2),
+                                    rope_complex(qp, p, {}).float()], -1))
 
 
 def decompress_loop(c, k_pe, w, h, dn, dv):
@@ -559,6 +565,9 @@ GOOD = [
      [T("B", "T", 32, dt="bfloat16")]),
     ("cache.append", [T("B", "T", 4, 8), T("B", "S", 4, 8)], {}, [T("B", "S+T", 4, 8)]),
     ("mla.latent_proj", [T("B", "S", 16), T(20, 16), T(16)], {"kv_lora_rank": 16}, [T("B", "S", 16), T("B", "S", 4)]),
+    ("mla.latent_row", [T("B", "S", 16), T("B", "S", 4), T(16), T("B", "S", dt=L)], {}, [T("B", "S", 20)]),
+    ("mla.query_absorbed", [T("B", "S", 2, 8), T("B", "S", 2, 4), T(2, 8, 16), T("B", "S", dt=L)], {},
+     [T("B", "S", 2, 20)]),
     ("mla.decompress", [T("B", "S", 16), T("B", "S", 1, 4), T(2 * 14, 16)], {"num_heads": 2, "qk_nope_dim": 8,
                                                                               "v_dim": 6},
      [T("B", "S", 2, 12), T("B", "S", 2, 6)]),
@@ -627,6 +636,8 @@ BAD = [
     ("kv.dequant_fp8", [T(2, 32, dt=F8), T(2, 2)], {"group": 32}, r"scales must be float32 \[..., 1\]"),
     ("cache.append", [T(1, 3, 4), T(1, 3, 5)], {}, r"differ off the length dim"),
     ("mla.latent_proj", [T(2, 16), T(20, 16), T(8)], {"kv_lora_rank": 16}, r"norm weight must be \[16\]"),
+    ("mla.latent_row", [T(1, 2, 16), T(1, 2, 4), T(8), T(1, 2, dt=L)], {}, r"c_kv .* disagree"),
+    ("mla.query_absorbed", [T(1, 2, 2, 8), T(1, 2, 2, 4), T(2, 6, 16), T(1, 2, dt=L)], {}, r"w_uk .* disagree"),
     ("mla.decompress", [T(1, 2, 16), T(1, 2, 2, 4), T(28, 16)], {"num_heads": 2, "qk_nope_dim": 8, "v_dim": 6},
      r"k_pe .* vs c_kv"),
     ("moe.route", [T(4, 8)], {"top_k": 9}, r"top_k 9 must be in 1\.\.8"),

@@ -312,3 +312,27 @@ def test_group_moe_keeps_mxfp4_experts_mxfp4():
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(5)])
     passes.check(["group_moe"], before, weights, inputs={"x": x, "w": torch.rand(5, K, generator=g),
                                                          "idx": ids}).raise_if_failed()
+
+
+def test_fuse_mla_rows_makes_the_row_and_query_ops():
+    """The cache row and the absorbed query as absorb_mla leaves them -> mla.latent_row, mla.query_absorbed."""
+    rope = {"interleaved": True}
+
+    def inputs(b):
+        c, k = b.input("c", ("B", "S", 8), "float32"), b.input("k", ("B", "S", 4), "float32")
+        qn, qp = b.input("qn", ("B", "S", 2, 6), "float32"), b.input("qp", ("B", "S", 2, 4), "float32")
+        return c, k, qn, qp, b.input("positions", ("B", "S"), "int64"), b.param("nw", (8,)), b.param("w_uk", (2, 6, 8))
+
+    def before(b):
+        c, k, qn, qp, pos, nw, w_uk = inputs(b)
+        roped = b.rope(b.reshape(k, shape=("B", "S", 1, 4)), pos, **rope)
+        b.output("row", b.concat(b.norm.rms(c, nw), b.reshape(roped, shape=("B", "S", 4)), dim=-1))
+        b.output("q", b.concat(b.einsum(qn, w_uk, equation="bshd,hdc->bshc"), b.rope(qp, pos, **rope), dim=-1))
+        return b.build()
+
+    def after(b):
+        c, k, qn, qp, pos, nw, w_uk = inputs(b)
+        b.output("row", b.mla.latent_row(c, k, nw, pos, eps=1e-6, **rope))
+        b.output("q", b.mla.query_absorbed(qn, qp, w_uk, pos, **rope))
+        return b.build()
+    golden("fuse_mla_rows", before, after)

@@ -32,7 +32,7 @@ def must_change(name, cfg, graph):
     ops = {n.op for n in graph.nodes}
     if cfg.family == "v4":   # no MLA, q/k/v, add+norm or V3 router: those passes decline
         declines = ("absorb_mla", "absorb_mla_premultiplied", "fuse_router", "fuse_add_rmsnorm",
-                    "merge_qkv_a", "merge_qkv", "fuse_rope_attention")
+                    "merge_qkv_a", "merge_qkv", "fuse_rope_attention", "fuse_mla_rows")
         return False if name in declines else {"legalize": True, "group_moe": True,
                                                "fuse_swiglu": "mlp.swiglu_clamped" in ops,
                                                "prune_mtp": "mtp_ids" in graph.inputs,
@@ -42,7 +42,7 @@ def must_change(name, cfg, graph):
         "fuse_router": cfg.is_moe, "fuse_add_rmsnorm": True, "fuse_swiglu": True, "legalize": True,
         "merge_qkv_a": cfg.is_mla, "merge_qkv": not cfg.is_mla, "prune_mtp": "mtp_ids" in graph.inputs,
         "fuse_fp8_linear": "dequant_fp8" in ops,
-        "fuse_rope_attention": True,
+        "fuse_rope_attention": True, "fuse_mla_rows": cfg.is_mla,
     }.get(name)
 
 

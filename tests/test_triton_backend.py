@@ -145,14 +145,14 @@ def test_tiny_preset_matches_eager(preset, **options):
 
 
 def test_absorbed_mla_launches_no_concat():
-    """The concat of q_latent | q_rope that absorb_mla emits runs inside the MLA decode kernel's region, and the
-    cache row (RMSNorm of c_kv | RoPE of k_pe) is one generated kernel."""
+    """fuse_mla_rows' ops: the query (W_UK absorb | RoPE) is one kernel the MLA decode kernel reads whole, and the
+    cache row (RMSNorm of c_kv | RoPE of k_pe) one generated kernel that writes into the cache itself."""
     report = dsgraph.compile(dsgraph.load("deepseek-v2-lite-tiny"), backend="triton", device=DEV).compiled.report
-    fused = [k for k in report.kernels if k.op == "concat+attention.mla_absorbed"]
-    assert len(fused) == 3 and all("q read in two parts" in k.kernel for k in fused)
-    rows = [k for k in report.kernels if k.op == "norm.rms+reshape+rope+concat"]
+    queries = [k for k in report.kernels if k.op == "mla.query_absorbed"]
+    assert len(queries) == 3 and all(k.kernel.startswith("mla_query._mla_query_kernel") for k in queries)
+    rows = [k for k in report.kernels if k.op == "mla.latent_row+cache.append"]
     assert len(rows) == 3 and all(k.kernel.startswith("mla_cache_row") for k in rows)
-    assert not [k for k in report.kernels if k.op == "concat"]
+    assert not [k for k in report.kernels if k.op in ("concat", "rope", "cache.append")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the report of a machine without an sm_90 GPU")
@@ -171,9 +171,12 @@ def test_report_says_why_the_gluon_mla_kernel_is_off():
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-v3-tiny"])
 def test_folded_shared_experts_match_eager(preset):
     """group_moe(fold_shared_experts=True) in the triton pipeline: the shared experts' ids and weights, expanded to
-    the run's token count, are computed per run (a shape with a dim symbol is never a compile-time constant)."""
+    the run's token count, are columns the routing kernel writes (no concat launched), for prefill and decode."""
     folded = get_backend("triton").default_pipeline(group_moe={"fold_shared_experts": True})
     test_tiny_preset_matches_eager(preset, passes=folded)
+    report = dsgraph.compile(dsgraph.load(preset), backend="triton", device=DEV, passes=folded).compiled.report
+    gates = [k for k in report.kernels if k.op.startswith("moe.gate")]
+    assert gates and all(k.op == "moe.gate+expand+concat" and "no concat" in k.note for k in gates)
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v2-lite-tiny", "deepseek-llm-tiny"])

@@ -93,8 +93,10 @@ def test_rope_reads_strided_views():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("attrs", ROPES[1:3], ids=["interleaved", "yarn"])
 def test_mla_cache_row_equals_rms_rope_concat(attrs, dtype):
-    """One program per token writes [RMSNorm(c_kv) | RoPE(k_pe)]; c_kv and k_pe are views into one projection's
-    output (as merge_qkv_a leaves them), ragged widths (C=40, R=12)."""
+    """One program per token writes [RMSNorm(c_kv) | RoPE(k_pe)] (mla.latent_row's reference); c_kv and k_pe are
+    views into one projection's output (as merge_qkv_a leaves them), ragged widths (C=40, R=12). The same rows go
+    into a cache at rows T.. (mode 0), at device-side rows (mode 1) and at flat pool slots (mode 2), touching
+    nothing else."""
     from dsgraph.ops.rope import rope_frequencies
     full = {k: a.default for k, a in ROPE_ATTRS.items()}
     full.update(attrs)
@@ -104,11 +106,23 @@ def test_mla_cache_row_equals_rms_rope_concat(attrs, dtype):
     w = torch.randn(40, generator=g).to(DEV, dtype)
     pos = torch.randint(0, 300, (2, 3), generator=g).to(DEV)
     inv_freq, mult = rope_frequencies(full, 12)
+    inv_freq = inv_freq.to(DEV)
     fn = load_kernel(rope.mla_cache_row(40, 12, NAMES[dtype], 1e-6, full["interleaved"], mult))
-    row = fn(c_kv, k_pe, w, pos, inv_freq.to(DEV))
-    want = torch.cat([ref("norm.rms", c_kv, w, eps=1e-6), ref("rope", k_pe[:, :, None], pos, **full)[:, :, 0]], -1)
+    row = fn(c_kv, k_pe, w, pos, inv_freq)
+    want = ref("mla.latent_row", c_kv, k_pe, w, pos, eps=1e-6, **full)
     assert row.shape == (2, 3, 52) and row.dtype == dtype
     assert rel_err(row, want) < TOL[dtype]
+    cache = torch.randn(2, 9, 52, generator=g).to(DEV, dtype)
+    for mode, rows, start, at in ((0, None, 4, [4, 5, 6]), (1, torch.tensor([6, 2, 7], device=DEV), 0, [6, 2, 7])):
+        out = cache.clone()
+        fn(c_kv, k_pe, w, pos, inv_freq, out, rows, start, mode)
+        assert rel_err(out[:, at], want) < TOL[dtype]
+        rest = [i for i in range(9) if i not in at]
+        assert torch.equal(out[:, rest], cache[:, rest])
+    slots = torch.tensor([[5, 0, 9], [3, 11, 1]], device=DEV)
+    pool = cache.clone().view(-1, 52)
+    fn(c_kv, k_pe, w, pos, inv_freq, pool, slots.reshape(-1), 0, 2)
+    assert rel_err(pool[slots.reshape(-1)], want.reshape(6, 52)) < TOL[dtype]
 
 
 def test_elementwise_chain_source_and_numerics():

@@ -97,8 +97,8 @@ def test_tiny_v32_report_names_the_dsa_kernels():
     report = dsgraph.compile(dsgraph.load("deepseek-v3.2-tiny"), backend="triton", device=DEV).compiled.report
     kernels = {k.op: k.kernel for k in report.kernels}
     assert kernels["indexer.logits"] == "dsa._indexer_logits_kernel"
-    assert kernels["concat+attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
-    assert kernels["concat+attention.mla_sparse_absorbed"].endswith("q read in two parts (no concat)")
+    assert kernels["attention.mla_sparse_absorbed"].startswith("dsa._sparse_mla_kernel")
+    assert kernels["mla.query_absorbed"].startswith("mla_query._mla_query_kernel")   # q made whole in one launch
     assert kernels["norm.layer"].startswith("layer_norm_n16")
     assert kernels["indexer.topk"].startswith("topk._topk_kernel") and not report.fallbacks
 
@@ -132,8 +132,8 @@ def test_fp8_cache_reads(preset):
     report = exe.compiled.report
     kernels = {k.op: k.kernel for k in report.kernels}
     if preset == "deepseek-v3.2-tiny":
-        assert kernels["concat+kv.dequant_fp8+attention.mla_sparse_absorbed"] == (
-            "dsa._sparse_mla_kernel (FP8 latent rows dequantised in registers), q read in two parts (no concat)")
+        assert kernels["kv.dequant_fp8+concat+attention.mla_sparse_absorbed"] == (
+            "dsa._sparse_mla_kernel (FP8 latent rows dequantised in registers)")   # q: one mla.query_absorbed
         assert "kv.dequant_fp8" not in kernels
     else:
         assert kernels["kv.dequant_fp8"] == "fp8_dequant_n32_g32_float32"

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsgraph.backends.triton import autotune  # noqa: E402
-from dsgraph.backends.triton.kernels import fp8_gemm, gemv, moe, routing  # noqa: E402
+from dsgraph.backends.triton.kernels import fp8_gemm, gemv, mla_query, moe, routing  # noqa: E402
 
 from dsgraph.errors import InputError, ShapeError  # noqa: E402
 from dsgraph.ops.mlp import dequant_fp8_block  # noqa: E402
@@ -338,3 +338,22 @@ def test_autotune_times_once_and_caches_on_disk(tmp_path, monkeypatch, cands):
     assert autotune.cached("k", (1, 2), cands) is cands[2]
     assert len(calls) == 3
     assert (tmp_path / "triton" / "tuned" / "k.json").exists()
+
+
+@pytest.mark.parametrize("m,interleaved", [(3, True), (70, False)])
+def test_mla_query_matches_reference(m, interleaved):
+    """mla.query_absorbed in one launch: q_nope / q_pe as strided views of one projection, ragged dn=20, C=40,
+    R=12, 5 heads; 3 tokens (decode) and 70 (two M tiles); YaRN frequencies with their cos/sin multiplier."""
+    from dsgraph.ops.rope import ROPE_ATTRS, rope_frequencies
+    attrs = {k: a.default for k, a in ROPE_ATTRS.items()}
+    attrs.update(interleaved=interleaved, scaling="yarn", factor=4.0, original_max_position_embeddings=64)
+    g = torch.Generator().manual_seed(m)
+    q = torch.randn(1, m, 5, 20 + 12, generator=g).to(DEV)
+    w_uk = torch.randn(5, 20, 40, generator=g).to(DEV)
+    pos = torch.randint(0, 500, (1, m), generator=g).to(DEV)
+    inv_freq, mult = rope_frequencies(attrs, 12)
+    out = mla_query.mla_query(q[..., :20], q[..., 20:], w_uk, pos, inv_freq.to(DEV), mult, interleaved)
+    want = ref("mla.query_absorbed", q[..., :20], q[..., 20:], w_uk, pos, **attrs)
+    assert out.shape == (1, m, 5, 52) and rel_err(out, want) < TOL[torch.float32]
+    with pytest.raises(ShapeError, match="do not fit"):
+        mla_query.mla_query(q[..., :20], q[..., 20:], w_uk[:4], pos, inv_freq.to(DEV), mult, interleaved)

@@ -33,11 +33,12 @@ class TritonBackend(Backend):
     grows_caches_in_place = True
 
     # hand-tuned templates: absorbed-MLA decode over the latent cache, grouped-GEMM MoE with fused routing,
-    # fused add+RMSNorm, SwiGLU over one gate|up GEMM, the FP8 block GEMM. The lowerings take the fused forms only
-    # (group_moe, fuse_swiglu and fuse_fp8_linear make them). `dsgraph.compile` runs it before `compile_graph`, so
+    # fused add+RMSNorm, SwiGLU over one gate|up GEMM, the FP8 block GEMM, absorbed MLA's cache row (written into
+    # the cache) and query. The lowerings take the fused forms only (group_moe, fuse_swiglu, fuse_fp8_linear and
+    # fuse_mla_rows make them). `dsgraph.compile` runs it before `compile_graph`, so
     # the Executable sees the graph (and cache layout) the kernels were built for.
-    pipeline = ("cse", "fold_constants", "absorb_mla", "merge_qkv_a", "merge_qkv", "fuse_router", "group_moe",
-                "fuse_add_rmsnorm", "fuse_swiglu", "fuse_fp8_linear", "dce")
+    pipeline = ("cse", "fold_constants", "absorb_mla", "merge_qkv_a", "fuse_mla_rows", "merge_qkv", "fuse_router",
+                "group_moe", "fuse_add_rmsnorm", "fuse_swiglu", "fuse_fp8_linear", "dce")
 
     def available(self, device: str) -> str | None:
         return unavailable_reason(device)

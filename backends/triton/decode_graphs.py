@@ -70,16 +70,21 @@ def length_inputs() -> dict[str, Value]:
             "cache_lens": Value("cache_lens", TensorType(("B",), "int32"), kind="activation")}
 
 
-def append_static(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`cache.append` in a static-capacity step: write `new` at the device-side `rows`; the result is the view of
-    `cache`'s storage extended by S rows (the whole buffer), so its shape never changes."""
-    b, t, s = cache.shape[0], cache.shape[1], new.shape[1]
+def extend_static(cache: torch.Tensor, s: int) -> torch.Tensor:
+    """The view of `cache`'s storage extended by `s` rows (the whole buffer) that a static-capacity step's
+    `cache.append` returns; its shape never changes. Nothing is written."""
+    b, t = cache.shape[0], cache.shape[1]
     shape = (b, t + s, *cache.shape[2:])
     end = cache.storage_offset() + sum((n - 1) * st for n, st in zip(shape, cache.stride())) + 1
     if cache.untyped_storage().nbytes() < end * cache.element_size():
         raise DSGraphError(f"static-capacity decode: cache {tuple(cache.shape)} has no room for {s} more rows; "
                            "static steps need the decode buffers of backends/triton/decode_graphs.py")
-    full = cache.as_strided(shape, cache.stride(), cache.storage_offset())
+    return cache.as_strided(shape, cache.stride(), cache.storage_offset())
+
+
+def append_static(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`cache.append` in a static-capacity step: write `new` at the device-side `rows` of `extend_static`'s view."""
+    full = extend_static(cache, new.shape[1])
     if full.dtype in _BYTE_FLOATS:   # torch has no index_copy_ for FP8: copy the bytes
         full.view(torch.uint8).index_copy_(1, rows, new.view(torch.uint8))
     else:

@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     dist,
     dsa,
     kvquant,
+    mla_fused,
     mlp,
     moe,
     norm,

@@ -70,10 +70,14 @@ def launch(x, positions, inv_freq):
 
 
 def mla_cache_row(rank: int, dim: int, dtype: str, eps: float, interleaved: bool, mult: float) -> KernelSource:
-    """Absorbed MLA's cache row in one program per token: [RMSNorm(c_kv) * w | RoPE(k_pe)].
+    """Absorbed MLA's cache row (`mla.latent_row`) in one program per token: [RMSNorm(c_kv) * w | RoPE(k_pe)].
 
-    launch(c_kv [..., C], k_pe [..., R], w [C], positions [...], inv_freq [R/2] fp32) -> [..., C+R]. The same
-    numerics as `rowwise.rms_norm` and `rope` above, so the row equals norm.rms + rope + concat launched apart.
+    launch(c_kv [B, S, C], k_pe [B, S, R], w [C], positions [B, S], inv_freq [R/2] fp32) -> [B, S, C+R];
+    launch(..., dst, rows, start, mode) writes the rows straight into a cache instead (cache.append fused): token
+    (b, s) goes to dst[b, row] with row = start + s (mode 0: the spare rows of a growing buffer), rows[s] (mode 1:
+    a static-capacity step's device-side rows) or rows[b * S + s] with dst a flat [slots, C+R] pool (mode 2: the
+    paged program's slots). The same numerics as `rowwise.rms_norm` and `rope` above, so the row equals norm.rms +
+    rope + concat launched apart.
     """
     tdt, half = TRITON_DTYPES[dtype], dim // 2
     block_c, block_d = _next_pow2(rank), _next_pow2(half)
@@ -83,10 +87,17 @@ import torch
 
 
 @triton.jit
-def _kernel(c_ptr, k_ptr, w_ptr, pos_ptr, freq_ptr, out_ptr, stride_c, stride_k, C: tl.constexpr, R: tl.constexpr,
-            HALF: tl.constexpr, EPS: tl.constexpr, MULT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _kernel(c_ptr, k_ptr, w_ptr, pos_ptr, freq_ptr, out_ptr, rows_ptr, start, seq, stride_c, stride_k, stride_ob,
+            stride_ot, C: tl.constexpr, R: tl.constexpr, HALF: tl.constexpr, EPS: tl.constexpr, MULT: tl.constexpr,
+            MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
-    out_row = out_ptr + tok * (C + R)
+    if MODE == 0:
+        row = start + tok % seq
+    elif MODE == 1:
+        row = tl.load(rows_ptr + tok % seq).to(tl.int64)
+    else:
+        row = tl.load(rows_ptr + tok).to(tl.int64)
+    out_row = out_ptr + (tok // seq) * stride_ob + row * stride_ot
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C
     x = tl.load(c_ptr + tok * stride_c + cols, mask=c_ok, other=0.0).to(tl.float32)
@@ -106,19 +117,26 @@ def _rows(t, n):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def launch(c_kv, k_pe, w, positions, inv_freq):
+def launch(c_kv, k_pe, w, positions, inv_freq, dst=None, rows=None, start=0, mode=0):
+    if dst is None:
+        dst = torch.empty((*c_kv.shape[:-1], {rank + dim}), dtype=c_kv.dtype, device=c_kv.device)
     c2, k2 = _rows(c_kv, {rank}), _rows(k_pe, {dim})
     pos = positions.reshape(-1)
     if not pos.is_contiguous():
         pos = pos.contiguous()
-    out = torch.empty((*c_kv.shape[:-1], {rank + dim}), dtype=c_kv.dtype, device=c_kv.device)
+    if mode == 2:
+        stride_ob, stride_ot = 0, dst.stride(0)
+    else:
+        stride_ob, stride_ot = dst.stride(0), dst.stride(1)
     if c2.shape[0]:
-        _kernel[(c2.shape[0],)](c2, k2, w, pos, inv_freq, out, c2.stride(0), k2.stride(0), C={rank}, R={dim},
-                                HALF={half}, EPS={eps!r}, MULT={float(mult)!r}, BLOCK_C={block_c},
+        _kernel[(c2.shape[0],)](c2, k2, w, pos, inv_freq, dst, rows if rows is not None else pos, start,
+                                c_kv.shape[1], c2.stride(0), k2.stride(0), stride_ob, stride_ot, C={rank}, R={dim},
+                                HALF={half}, EPS={eps!r}, MULT={float(mult)!r}, MODE=mode, BLOCK_C={block_c},
                                 BLOCK_D={block_d}, num_warps={_row_warps(block_c)})
-    return out
+    return dst
 '''
     layout = "interleaved" if interleaved else "half-split"
     name = f"mla_cache_row_c{rank}_r{dim}_{'il' if interleaved else 'hs'}_{dtype}"
     return KernelSource(name, f"absorbed-MLA cache row: RMSNorm over {rank} + RoPE ({layout} pairs) over {dim}, "
-                              f"concatenated, {dtype}, eps={eps}, cos/sin multiplier {mult:.6g}", body)
+                              f"concatenated, {dtype}, eps={eps}, cos/sin multiplier {mult:.6g}; written fresh or "
+                              "into the cache", body)

@@ -39,7 +39,8 @@ def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr
                   E: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr, BLOCK_G: tl.constexpr,
                   BLOCK_S: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, TOPK_GROUP: tl.constexpr,
                   SCORING: tl.constexpr, METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                  SCALE: tl.constexpr, FUSED_GATE: tl.constexpr, BLOCK_D: tl.constexpr):
+                  SCALE: tl.constexpr, FUSED_GATE: tl.constexpr, BLOCK_D: tl.constexpr, EXTRA: tl.constexpr,
+                  BLOCK_X: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)[:, None]
     j = tl.arange(0, BLOCK_S)[None, :]
@@ -98,8 +99,13 @@ def _route_kernel(logits_ptr, x_ptr, gate_w_ptr, bias_ptr, w_out_ptr, id_out_ptr
     if NORM:
         gates = gates / (tl.sum(gates, axis=0) + 1e-20)
     gates = gates * SCALE
-    tl.store(w_out_ptr + tok * TOP_K + slot, gates, mask=slot < TOP_K)
-    tl.store(id_out_ptr + tok * TOP_K + slot, ids, mask=slot < TOP_K)
+    row = tok * (TOP_K + EXTRA)
+    tl.store(w_out_ptr + row + slot, gates, mask=slot < TOP_K)
+    tl.store(id_out_ptr + row + slot, ids, mask=slot < TOP_K)
+    if EXTRA > 0:  # experts E..E+EXTRA-1 every token takes with weight 1 (shared experts folded into the MoE)
+        more = tl.arange(0, BLOCK_X)
+        tl.store(w_out_ptr + row + TOP_K + more, tl.full((BLOCK_X,), 1.0, tl.float32), mask=more < EXTRA)
+        tl.store(id_out_ptr + row + TOP_K + more, (E + more).to(tl.int64), mask=more < EXTRA)
 
 
 @triton.jit
@@ -153,10 +159,12 @@ def _check_route(e, bias, top_k, scoring, method, n_group, topk_group):
 
 def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_k: int, scoring: str = "softmax",
           method: str = "greedy", n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = False,
-          routed_scaling_factor: float = 1.0, x: torch.Tensor | None = None, gate_weight: torch.Tensor | None = None):
+          routed_scaling_factor: float = 1.0, x: torch.Tensor | None = None, gate_weight: torch.Tensor | None = None,
+          extra: int = 0):
     """(gate weights [N, k] fp32, expert ids [N, k] int64) from logits [N, E] (or their partial sums [N, P, E],
     as `router_logits` gives them), or from x [N, D] and the router weight [E, D] when `logits` is None
-    (moe.gate)."""
+    (moe.gate). `extra` > 0 appends experts E..E+extra-1 with weight 1 to every row ([N, k + extra]): the shared
+    experts `group_moe(fold_shared_experts=True)` adds, without a concat launch."""
     fused = logits is None
     src = x if fused else logits
     check_device("moe route", src)
@@ -171,8 +179,8 @@ def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_
     _check_route(e, bias, top_k, scoring, method, n_group, topk_group)
     ng = n_group if method != "greedy" else 1
     n = src.shape[0]
-    weights = torch.empty((n, top_k), dtype=torch.float32, device=src.device)
-    ids = torch.empty((n, top_k), dtype=torch.int64, device=src.device)
+    weights = torch.empty((n, top_k + extra), dtype=torch.float32, device=src.device)
+    ids = torch.empty((n, top_k + extra), dtype=torch.int64, device=src.device)
     if n == 0:
         return weights, ids
     if fused:
@@ -194,6 +202,6 @@ def route(logits: torch.Tensor | None, bias: torch.Tensor | None = None, *, top_
         BLOCK_K=triton.next_power_of_2(top_k), TOPK_GROUP=topk_group if method != "greedy" else 1,
         SCORING=_SCORINGS[scoring], METHOD=_METHODS[method], HAS_BIAS=bias is not None,
         NORM=bool(norm_topk_prob and (top_k > 1 or scoring == "sqrtsoftplus")), SCALE=float(routed_scaling_factor),
-        FUSED_GATE=fused,
-        BLOCK_D=max(block_d, 1), num_warps=1 if e <= 64 else 4)
+        FUSED_GATE=fused, BLOCK_D=max(block_d, 1), EXTRA=extra, BLOCK_X=triton.next_power_of_2(max(extra, 1)),
+        num_warps=1 if e <= 64 else 4)
     return weights, ids

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     elementwise,
     fp8,
     linear,
+    mla_rows,
     moe,
     norm,
     shape,

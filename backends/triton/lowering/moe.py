@@ -9,7 +9,7 @@ import torch
 from dsgraph.backends.lowering import Decline
 from dsgraph.passes.weightref import mxfp4_ref
 
-from dsgraph.pattern import ANY, P, Var
+from dsgraph.pattern import ANY, P, Roots, Var
 
 from ..kernels import moe as moe_k
 from ..kernels import moe_mxfp4, routing
@@ -31,18 +31,49 @@ def _route(ctx, node):
 ROUTER_KERNEL_TOKENS = 16  # up to this many tokens the router logits come from `routing.router_logits`
 
 
+def _gate_out(i: int) -> P:
+    return P("moe.gate", Var("x"), Var("gw"), rest="bias", out=i, name="gate", top_k=ANY)
+
+
+# group_moe(fold_shared_experts=True)'s routing: the shared experts appended to every row as constant columns,
+# concat(ids, expand(E..E+n-1)) and concat(weights, expand(1.0)), which the routing kernel writes itself
+WITH_SHARED = Roots(P("concat", _gate_out(1), P("expand", Var("shared_ids")), dim=1, name="ids"),
+                    P("concat", _gate_out(0), P("expand", Var("shared_w")), dim=1, name="weights"))
+
+
+def _shared_columns(ctx, node) -> tuple[int, tuple] | None:
+    """(n, the region's nodes) where WITH_SHARED matches at `node` with the constants the fold makes (ids
+    E..E+n-1, weights 1), else None."""
+    m = ctx.region(WITH_SHARED, node, anchor="gate")
+    if m is None or not (ctx.is_const(m["shared_ids"]) and ctx.is_const(m["shared_w"])):
+        return None
+    ids, w, e = ctx.const(m["shared_ids"]), ctx.const(m["shared_w"]), node.inputs[1].shape[0]
+    n = ids.shape[-1]
+    if ids.shape != (1, n) or w.shape != (1, n) or not torch.equal(ids.cpu()[0], torch.arange(e, e + n)) \
+            or not bool((w == 1).all()):
+        return None
+    return n, tuple(m.nodes), (m.node("weights").outputs[0], m.node("ids").outputs[0])
+
+
 @TABLE.register("moe.gate")
 def _gate(ctx, node):
     """On GPUs the router GEMM runs in fp32 (the reference's precision) apart from the routing kernel: for decode
     (<= ROUTER_KERNEL_TOKENS tokens) in `router_logits`, whose programs split the experts and the hidden dim (H100,
     V2-Lite, one token: 3.3 us, where the cast + cuBLAS GEMV + reduce took 6.7 us), for prefill in cuBLAS. The
     one-kernel form, which streams the router weight once per token in a single program, is kept for the
-    interpreter, where launches are what costs."""
+    interpreter, where launches are what costs. Folded shared experts (WITH_SHARED) are columns the routing
+    kernel writes too: the two concats are never launched."""
     kw = _route_kwargs(node)
     bias = lambda a: a[2] if len(a) > 2 else None  # noqa: E731
     how = f"{kw['scoring']}, {kw['method']}, top-{kw['top_k']}"
+    shared = _shared_columns(ctx, node)
+    region = {}
+    if shared is not None:
+        kw["extra"], nodes, outputs = shared
+        how += f", + {kw['extra']} shared experts written as constant columns (no concat)"
+        region = {"nodes": nodes, "inputs": tuple(node.inputs), "outputs": outputs}
     if ctx.interpreting:
-        return Lowered("template", "routing._route_kernel (router GEMM fused)", how,
+        return Lowered("template", "routing._route_kernel (router GEMM fused)", how, **region,
                        fn=lambda a, sym: list(routing.route(None, bias(a), x=a[0], gate_weight=a[1], **kw)))
 
     def run(a, sym):
@@ -51,7 +82,7 @@ def _gate(ctx, node):
         logits = routing.router_logits(x, weight) if few else torch.mm(x.float(), weight.float().t())
         return list(routing.route(logits, bias(a), **kw))
     return Lowered("template", f"routing._logits_kernel (<= {ROUTER_KERNEL_TOKENS} tokens; else torch.mm, "
-                   "cuBLAS fp32) + routing._route_kernel", how, fn=run)
+                   "cuBLAS fp32) + routing._route_kernel", how, **region, fn=run)
 
 
 def _dtype_ok(ctx, dtype: str):
