@@ -1,8 +1,9 @@
 """The engine stepping in a background thread for an asyncio server, and the Prometheus metrics it keeps.
 
 HTTP handlers `submit` requests with an asyncio queue; the thread steps the engine while any request is in it
-and hands each RequestOutput to its queue on the handler's loop (call_soon_threadsafe). A step that raises fails
-the requests in it (the queue gets the exception) and the engine goes on.
+and hands a step's RequestOutputs to their queues in one call_soon_threadsafe per event loop (one wake-up of the
+loop a step, not one per request). A step that raises fails the requests in it (the queue gets the exception)
+and the engine goes on.
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ class _Sub:
         self.first = True
 
 
+def _put_all(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class Runner:
     """Owns the engine's thread; every engine call of the server goes through here."""
 
@@ -95,28 +101,33 @@ class Runner:
                 self._fail_all(e)
                 continue
             with self.lock:
-                for o in outs:
-                    self._deliver(o)
+                self._deliver(outs)
             self.metrics.observe_engine(self.engine)
 
-    def _deliver(self, o) -> None:
-        sub = self.subs.get(o.request_id)
-        if sub is None:
-            return
-        now, m = time.perf_counter(), self.metrics
-        if o.new_token_ids:
-            if sub.first:
-                m.ttft.observe(now - sub.t0)
-            else:      # a step makes at most one token per request
-                m.tpot.observe(now - sub.last)
-            m.generation_tokens.inc(len(o.new_token_ids))
-            sub.first, sub.last = False, now
-        if o.finished:
-            del self.subs[o.request_id]
-            m.requests.labels(o.finish_reason).inc()
-            m.prompt_tokens.inc(o.prompt_tokens)
-            m.e2e.observe(now - sub.t0)
-        sub.loop.call_soon_threadsafe(sub.queue.put_nowait, o)
+    def _deliver(self, outs: list) -> None:
+        """One step's outputs to their subscribers' queues (and the metrics), one hand-over per event loop."""
+        now, m, by_loop = time.perf_counter(), self.metrics, {}
+        made = 0
+        for o in outs:
+            sub = self.subs.get(o.request_id)
+            if sub is None:
+                continue
+            if o.new_token_ids:
+                if sub.first:
+                    m.ttft.observe(now - sub.t0)
+                else:      # a step makes at most one token per request
+                    m.tpot.observe(now - sub.last)
+                made += len(o.new_token_ids)
+                sub.first, sub.last = False, now
+            if o.finished:
+                del self.subs[o.request_id]
+                m.requests.labels(o.finish_reason).inc()
+                m.prompt_tokens.inc(o.prompt_tokens)
+                m.e2e.observe(now - sub.t0)
+            by_loop.setdefault(sub.loop, []).append((sub.queue, o))
+        m.generation_tokens.inc(made)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, error: Exception) -> None:
         with self.lock:
