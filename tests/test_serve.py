@@ -261,7 +261,8 @@ def test_cli_serves_and_exits_0_on_sigterm(tmp_path):
 def test_serve_benchmark_script_counts_every_token(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "benchmarks/serve.py", "deepseek-v2-lite-tiny", "--device", "cpu",
-                          "--concurrency", "1,4", "--prompts", "4", "--input-len", "8", "--output-len", "3"],
+                          "--concurrency", "1,4", "--prompts", "4", "--input-len", "8", "--output-len", "3",
+                          "--client-procs", "0"],
                          cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OUT": str(tmp_path)},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
