@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -269,8 +270,10 @@ class Engine:
 
     # one iteration ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run every (cache length, chunk) group as one graph call, sample, report what changed."""
+    def step(self, launched: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Schedule, run every (cache length, chunk) group as one graph call, sample, report what changed.
+        `launched` is called once the step's graph calls are issued, before the host waits for their results:
+        a server hands the previous step's outputs to its clients there, while the device runs this one."""
         with self._lock:
             plan = self._schedule()
             singles = [s for s, n in plan if n == 1] if self.paged is not None else []
@@ -278,13 +281,16 @@ class Engine:
             for seq, n in plan:
                 if not (n == 1 and self.paged is not None):
                     groups.setdefault((seq.computed, n), []).append(seq)
-            if singles:
-                self._run_paged(singles)
-            for (start, n), seqs in groups.items():
-                self._run_group(seqs, start, n)
+            issued = [self._run_paged(singles)] if singles else []
+            issued += [self._run_group(seqs, start, n) for (start, n), seqs in groups.items()]
+            if launched is not None:
+                launched()
+            for seqs, n, logits in issued:
+                self._computed(seqs, n, logits)
             return [o for o in (self._report(s) for s, _ in plan) if o is not None]
 
-    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> None:
+    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> tuple[list[_Seq], int, torch.Tensor]:
+        """One graph call for `seqs` (n tokens each after `start`) over their gathered caches; (seqs, n, logits)."""
         exe, tables = self.exe, [s.table for s in seqs]
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
         caches = {**self.pool.gather(tables, start), **self._states(seqs)}
@@ -293,7 +299,7 @@ class Engine:
         for k, seq in enumerate(seqs):
             seq.state = {name: state.caches[name][k:k + 1] for name in self.pool.states}
         self.calls["contiguous"] += 1
-        self._computed(seqs, n, out["logits"])
+        return seqs, n, out["logits"]
 
     def _states(self, seqs: list[_Seq]) -> dict[str, torch.Tensor]:
         """The fixed-size state caches of `seqs` stacked (zeros for a request with none computed yet)."""
@@ -302,7 +308,7 @@ class Engine:
                 torch.zeros(t.concrete({"B": 1}), dtype=to_torch(t.dtype), device=self.exe.device)
         return {name: torch.cat([one(s, name, t) for s in seqs]) for name, t in self.pool.states.items()}
 
-    def _run_paged(self, seqs: list[_Seq]) -> None:
+    def _run_paged(self, seqs: list[_Seq]) -> tuple[list[_Seq], int, torch.Tensor]:
         """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools. The step's
         integer inputs are made on the host as one tensor (block tables from their persistent rows) and copied
         to the device once."""
@@ -316,7 +322,7 @@ class Engine:
                   "cache_lens": dev[:, 3].int()}
         out = self.paged(inputs, self.pool.pad_slot)
         self.calls["paged_decode"] += 1
-        self._computed(seqs, 1, out["logits"])
+        return seqs, 1, out["logits"]
 
     def _computed(self, seqs: list[_Seq], n: int, logits: torch.Tensor) -> None:
         """`seqs` have n more cache rows: register the blocks that filled, sample where the whole history is in."""

@@ -2,8 +2,9 @@
 
 HTTP handlers `submit` requests with an asyncio queue; the thread steps the engine while any request is in it
 and hands a step's RequestOutputs to their queues in one call_soon_threadsafe per event loop (one wake-up of the
-loop a step, not one per request). A step that raises fails the requests in it (the queue gets the exception)
-and the engine goes on.
+loop a step, not one per request), once the next step is on the device (the loop's work on them, streaming
+chunks, then runs during device time instead of delaying the next step's launch; with nothing left to run they
+go at once). A step that raises fails the requests in it (the queue gets the exception) and the engine goes on.
 """
 from __future__ import annotations
 
@@ -62,9 +63,10 @@ class Runner:
     def __init__(self, engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
         self.subs: dict[str, _Sub] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()   # guards `subs`; never held while calling the engine (see abort)
         self.wake = threading.Event()
         self.stopping = False
+        self._held: list = []        # the last step's outputs, handed over once the next step is launched
         self.thread = threading.Thread(target=self._loop, name="dsgraph-engine", daemon=True)
 
     def start(self) -> None:
@@ -75,34 +77,44 @@ class Runner:
         rid = uuid.uuid4().hex
         with self.lock:
             self.subs[rid] = _Sub(asyncio.get_running_loop(), queue)
-            try:
-                self.engine.add_request(prompt, request_id=rid, sample=sample, detokenize=True, **options)
-            except Exception:
+        try:
+            self.engine.add_request(prompt, request_id=rid, sample=sample, detokenize=True, **options)
+        except Exception:
+            with self.lock:
                 del self.subs[rid]
-                raise
+            raise
         self.wake.set()
         return rid
 
     def abort(self, rid: str) -> None:
-        with self.lock:
-            if self.subs.pop(rid, None) is not None and self.engine.abort(rid):
-                self.metrics.requests.labels("abort").inc()
+        with self.lock:     # never held while calling the engine: a step holds the engine's lock and delivers
+            sub = self.subs.pop(rid, None)
+        if sub is not None and self.engine.abort(rid):
+            self.metrics.requests.labels("abort").inc()
         self.metrics.observe_engine(self.engine)
 
     def _loop(self) -> None:
         while not self.stopping:
             if not self.engine.has_unfinished():
+                self._flush()
                 self.wake.wait(0.05)
                 self.wake.clear()
                 continue
             try:
-                outs = self.engine.step()
+                outs = self.engine.step(launched=self._flush)
+                self._held += outs
             except Exception as e:       # the requests of this step fail; the server stays up
+                self._flush()
                 self._fail_all(e)
                 continue
-            with self.lock:
-                self._deliver(outs)
             self.metrics.observe_engine(self.engine)
+        self._flush()
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        if held:
+            with self.lock:
+                self._deliver(held)
 
     def _deliver(self, outs: list) -> None:
         """One step's outputs to their subscribers' queues (and the metrics), one hand-over per event loop."""
@@ -132,14 +144,14 @@ class Runner:
     def _fail_all(self, error: Exception) -> None:
         with self.lock:
             subs, self.subs = self.subs, {}
-            for rid, sub in subs.items():
-                self.engine.abort(rid)
-                sub.loop.call_soon_threadsafe(sub.queue.put_nowait, error)
+        for rid, sub in subs.items():
+            self.engine.abort(rid)
+            sub.loop.call_soon_threadsafe(sub.queue.put_nowait, error)
 
     def shutdown(self, timeout: float) -> None:
         """Let running requests finish for up to `timeout` seconds, abort the rest, stop the thread."""
         end = time.monotonic() + timeout
-        while self.engine.has_unfinished() and time.monotonic() < end:
+        while (self.engine.has_unfinished() or self._held) and time.monotonic() < end:
             time.sleep(0.02)
         self._fail_all(RuntimeError("the server is shutting down"))
         self.stopping = True
