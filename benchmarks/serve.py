@@ -4,7 +4,9 @@ Starts the server in this process (or drives one at --url), sends --prompts requ
 concurrency) of --input-len random token ids each asking for exactly --output-len tokens (ignore_eos), streamed,
 at each concurrency, and reports request throughput, output tokens/s, and TTFT / TPOT percentiles. Before each
 level, `concurrency` short requests warm the server up (kernel compiles, autotuning, CUDA-graph captures of the
-batch buckets), untimed. Writes $OUT/serve.json when OUT is set.
+batch buckets), untimed. The timed clients run in --client-procs processes of their own (the concurrency split
+among them): in the server's process the OpenAI client's parsing of every streamed chunk took the GIL from the
+engine thread (at concurrency 64 it used most of a core). Writes $OUT/serve.json when OUT is set.
 
     python benchmarks/serve.py deepseek-v2-lite --device cuda --backend triton --dtype bfloat16 \\
         --concurrency 1,16,64 --prompts 4,64,128 --input-len 1024 --output-len 256
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
 import random
 import socket
@@ -82,12 +85,45 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1e3
 
 
-async def run_level(url, args, concurrency, prompts):
+async def requests(url, args, concurrency, prompts):
+    """Every prompt streamed, `concurrency` at a time: [(ttft, tpot, tokens)]."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=args.api_key or "none", max_retries=0)
     gate = asyncio.Semaphore(concurrency)
-    t0 = time.perf_counter()
-    res = await asyncio.gather(*(one(client, args.model, p, args.output_len, gate) for p in prompts))
-    wall = time.perf_counter() - t0
+    return await asyncio.gather(*(one(client, args.model, p, args.output_len, gate) for p in prompts))
+
+
+def client_process(url, args, concurrency, prompts, go, results):
+    """One client process: waits for `go` (every process started and imported), then runs its share."""
+    go.wait()
+    t0 = time.monotonic()
+    res = asyncio.run(requests(url, args, concurrency, prompts))
+    results.put((t0, time.monotonic(), res))
+
+
+def run_level(url, args, concurrency, prompts):
+    """The level's requests from min(--client-procs, concurrency) processes, their results pooled (0: from this
+    process, beside the server)."""
+    if args.client_procs == 0:
+        t0 = time.monotonic()
+        res = asyncio.run(requests(url, args, concurrency, prompts))
+        return summary(res, time.monotonic() - t0, concurrency)
+    procs = max(1, min(args.client_procs, concurrency, len(prompts)))
+    ctx = mp.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    workers = [ctx.Process(target=client_process, daemon=True,
+                           args=(url, args, concurrency // procs + (i < concurrency % procs), prompts[i::procs], go,
+                                 results)) for i in range(procs)]
+    for w in workers:
+        w.start()
+    go.set()
+    parts = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+    wall = max(p[1] for p in parts) - min(p[0] for p in parts)
+    return summary([r for p in parts for r in p[2]], wall, concurrency)
+
+
+def summary(res, wall, concurrency):
     ttft, tpot, toks = zip(*res)
     return {"concurrency": concurrency, "requests": len(res), "wall_s": wall, "req_per_s": len(res) / wall,
             "output_tok_per_s": sum(toks) / wall, "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
@@ -109,6 +145,7 @@ def main():
     p.add_argument("--warmup-len", type=int, default=4, help="output tokens of each warm-up request (0: none)")
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--client-procs", type=int, default=4, help="processes the timed clients run in (0: the server's)")
     args = p.parse_args()
     url, engine = (args.url, None) if args.url else start_server(args)
     if engine is not None:
@@ -123,8 +160,8 @@ def main():
     for c, n in zip(levels, counts):
         warm, prompts = [[[rng.randrange(3, 200) for _ in range(args.input_len)] for _ in range(k)] for k in (c, n)]
         if args.warmup_len:   # prompts of their own: the measured ones must not hit the prefix cache
-            asyncio.run(run_level(url, argparse.Namespace(**{**vars(args), "output_len": args.warmup_len}), c, warm))
-        rows.append(asyncio.run(run_level(url, args, c, prompts)))
+            asyncio.run(requests(url, argparse.Namespace(**{**vars(args), "output_len": args.warmup_len}), c, warm))
+        rows.append(run_level(url, args, c, prompts))
         r = rows[-1]
         print(f"concurrency {c:>3}: {r['req_per_s']:.2f} req/s, {r['output_tok_per_s']:.1f} output tok/s, "
               f"TTFT p50 {r['ttft_p50_ms']:.1f} ms p99 {r['ttft_p99_ms']:.1f} ms, "
@@ -137,6 +174,7 @@ def main():
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "serve.json"), "w") as f:
             json.dump({"model": args.model, "backend": args.backend, "device": args.device, "input_len": args.input_len,
+                       "client_procs": args.client_procs,
                        "output_len": args.output_len, "engine": stats, "results": rows}, f, indent=1)
 
 

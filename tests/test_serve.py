@@ -19,12 +19,12 @@ import pytest
 import torch
 
 import dsgraph
-from dsgraph.serve.engine import Engine
+from dsgraph.serve.engine import Engine, RequestOutput
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
-from dsgraph.serve.http import create_app  # noqa: E402  (needs the serve extra)
+from dsgraph.serve.http import _coalesce, create_app  # noqa: E402  (needs the serve extra)
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(fx.one_thread)
 NAME = "tiny"
@@ -123,12 +123,14 @@ def test_preemption_under_a_tiny_block_budget_changes_no_output(exe):
     c = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
 
     async def go():
-        return await asyncio.gather(*(c.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0)
+        # 24 tokens each (up to 8 of the 14 blocks): a few overlapping requests outgrow the pool, however their
+        # arrivals spread out (8 tokens each sometimes finished before the next arrived)
+        return await asyncio.gather(*(c.completions.create(model=NAME, prompt=p, max_tokens=24, temperature=0)
                                       for p in PROMPTS * 2))
     try:
         outs = asyncio.run(go())
         assert s.engine.preemptions > 0 and s.engine.pool.used == 0
-        assert [r.choices[0].text for r in outs] == [_alone(exe, p, 8).text for p in PROMPTS * 2]
+        assert [r.choices[0].text for r in outs] == [_alone(exe, p, 24).text for p in PROMPTS * 2]
     finally:
         s.stop()
 
@@ -261,9 +263,22 @@ def test_cli_serves_and_exits_0_on_sigterm(tmp_path):
 def test_serve_benchmark_script_counts_every_token(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "benchmarks/serve.py", "deepseek-v2-lite-tiny", "--device", "cpu",
-                          "--concurrency", "1,4", "--prompts", "4", "--input-len", "8", "--output-len", "3"],
+                          "--concurrency", "1,4", "--prompts", "4", "--input-len", "8", "--output-len", "3",
+                          "--client-procs", "0"],
                          cwd=root, env={**os.environ, "PYTHONPATH": str(root), "OUT": str(tmp_path)},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "serve.json").read_text())["results"]
     assert [r["concurrency"] for r in rows] == [1, 4] and all(r["output_tokens"] == 12 for r in rows)
+
+
+def test_waiting_stream_outputs_merge_into_one_chunk_each():
+    """A stream's outputs queued together become one per request (tokens, text and logprobs joined, the last
+    one's finish), and an error among them ends the batch after what came before it."""
+    a1 = RequestOutput("a", [5], "x", False, logprobs=[(-1.0, {})])
+    b1 = RequestOutput("b", [7], "y", False)
+    a2 = RequestOutput("a", [6], "z", True, "length", logprobs=[(-2.0, {})])
+    outs, err = _coalesce([a1, b1, a2, RuntimeError("boom"), RequestOutput("b", [8], "w", True)])
+    assert [(o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason) for o in outs] == \
+        [("a", [5, 6], "xz", True, "length"), ("b", [7], "y", False, None)]
+    assert outs[0].logprobs == [(-1.0, {}), (-2.0, {})] and outs[1].logprobs is None and str(err) == "boom"

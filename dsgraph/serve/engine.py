@@ -20,7 +20,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,7 +31,7 @@ from dsgraph.runtime import generation
 from dsgraph.runtime.sampling import SamplingParams, generators, next_tokens, seen_mask
 from dsgraph.runtime.state import KVState
 
-from .paged import BlockPool
+from .paged import BlockPool, BlockTables
 
 DEFAULT_MAX_TOKENS = 256
 MAX_LOGPROBS = 20
@@ -75,8 +76,11 @@ class _Seq:
     def __init__(self, rid: str, prompt: list[int], req: generation.Request, sample: int, device, arrival: int):
         self.rid, self.prompt, self.req, self.arrival = rid, prompt, req, arrival
         self.text: list[str] = []
+        self.tokens = list(prompt)   # the prompt and every token made, kept as one list (read every step)
+        self.hashes: list[int] = []  # the content hashes of the table's full blocks registered so far
         self.row = generation._Row(0, prompt, req)
         self.gen = generators(req.params, [sample], device)[0]
+        self.knobs = replace(req.params, seed=None)    # requests with equal knobs share a sampler call
         self.table: list[int] = []
         self.state: dict[str, torch.Tensor] = {}    # fixed-size state caches after `computed` tokens (V4)
         self.computed = 0            # tokens whose cache rows are in the table's blocks
@@ -84,10 +88,6 @@ class _Seq:
         self.top_logprobs: int | None = None     # asked for logprobs: how many alternatives per token
         self.logprobs: list = []
         self.t0 = time.perf_counter()
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.row.tokens
 
     def pending(self) -> int:
         return len(self.tokens) - self.computed
@@ -114,6 +114,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self.paged, self.decode_path = self._paged_runner(paged_decode)
+        self.tables = BlockTables(max_num_seqs) if self.paged is not None else None
 
     def _paged_runner(self, wanted: bool):
         """The backend's paged decode runner, prepared, and the line saying which decode path runs (and why)."""
@@ -197,9 +198,7 @@ class Engine:
             for queue in (self.waiting, self.running):
                 for s in queue:
                     if s.rid == request_id:
-                        queue.remove(s)
-                        self.pool.release(s.table)
-                        s.table = []
+                        self._leave(s, queue)
                         return True
         return False
 
@@ -223,10 +222,17 @@ class Engine:
         seq.table += got
         return True
 
-    def _preempt(self, seq: _Seq) -> None:
-        self.running.remove(seq)
+    def _leave(self, seq: _Seq, queue: list[_Seq]) -> None:
+        """`seq` out of `queue` (finished, aborted or preempted): its blocks and block-table row are given back."""
+        queue.remove(seq)
         self.pool.release(seq.table)
-        seq.table, seq.computed, seq.state = [], 0, {}
+        seq.table, seq.hashes = [], []
+        if self.tables is not None:
+            self.tables.drop(seq.rid)
+
+    def _preempt(self, seq: _Seq) -> None:
+        self._leave(seq, self.running)
+        seq.computed, seq.state = 0, {}
         self.waiting.insert(0, seq)
         self.preemptions += 1
 
@@ -264,8 +270,10 @@ class Engine:
 
     # one iteration ----------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> list[RequestOutput]:
-        """Schedule, run every (cache length, chunk) group as one graph call, sample, report what changed."""
+    def step(self, launched: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Schedule, run every (cache length, chunk) group as one graph call, sample, report what changed.
+        `launched` is called once the step's graph calls are issued, before the host waits for their results:
+        a server hands the previous step's outputs to its clients there, while the device runs this one."""
         with self._lock:
             plan = self._schedule()
             singles = [s for s, n in plan if n == 1] if self.paged is not None else []
@@ -273,13 +281,16 @@ class Engine:
             for seq, n in plan:
                 if not (n == 1 and self.paged is not None):
                     groups.setdefault((seq.computed, n), []).append(seq)
-            if singles:
-                self._run_paged(singles)
-            for (start, n), seqs in groups.items():
-                self._run_group(seqs, start, n)
+            issued = [self._run_paged(singles)] if singles else []
+            issued += [self._run_group(seqs, start, n) for (start, n), seqs in groups.items()]
+            if launched is not None:
+                launched()
+            for seqs, n, logits in issued:
+                self._computed(seqs, n, logits)
             return [o for o in (self._report(s) for s, _ in plan) if o is not None]
 
-    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> None:
+    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> tuple[list[_Seq], int, torch.Tensor]:
+        """One graph call for `seqs` (n tokens each after `start`) over their gathered caches; (seqs, n, logits)."""
         exe, tables = self.exe, [s.table for s in seqs]
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
         caches = {**self.pool.gather(tables, start), **self._states(seqs)}
@@ -288,7 +299,7 @@ class Engine:
         for k, seq in enumerate(seqs):
             seq.state = {name: state.caches[name][k:k + 1] for name in self.pool.states}
         self.calls["contiguous"] += 1
-        self._computed(seqs, n, out["logits"])
+        return seqs, n, out["logits"]
 
     def _states(self, seqs: list[_Seq]) -> dict[str, torch.Tensor]:
         """The fixed-size state caches of `seqs` stacked (zeros for a request with none computed yet)."""
@@ -297,61 +308,63 @@ class Engine:
                 torch.zeros(t.concrete({"B": 1}), dtype=to_torch(t.dtype), device=self.exe.device)
         return {name: torch.cat([one(s, name, t) for s in seqs]) for name, t in self.pool.states.items()}
 
-    def _run_paged(self, seqs: list[_Seq]) -> None:
-        """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools."""
-        dev, page = self.exe.device, self.pool.block_size
-        pos = [s.computed for s in seqs]
-        width = max(len(s.table) for s in seqs)
-
-        def ints(rows, dtype):
-            return torch.tensor(rows, dtype=dtype, device=dev)
-        inputs = {"input_ids": ints([[s.tokens[p]] for s, p in zip(seqs, pos)], torch.int64),
-                  "positions": ints([[p] for p in pos], torch.int64), **self.pool.storage,
-                  "block_table": ints([s.table + [0] * (width - len(s.table)) for s in seqs], torch.int32),
-                  "cache_slots": ints([[s.table[p // page] * page + p % page] for s, p in zip(seqs, pos)],
-                                      torch.int64),
-                  "cache_lens": ints([p + 1 for p in pos], torch.int32)}
-        self.exe._check_length(max(pos) + 1)
+    def _run_paged(self, seqs: list[_Seq]) -> tuple[list[_Seq], int, torch.Tensor]:
+        """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools. The step's
+        integer inputs are made on the host as one tensor (block tables from their persistent rows) and copied
+        to the device once."""
+        page, computed = self.pool.block_size, [s.computed for s in seqs]
+        self.exe._check_length(max(computed) + 1)
+        rows = [[s.tokens[p], p, s.table[p // page] * page + p % page, p + 1] for s, p in zip(seqs, computed)]
+        host = torch.cat([torch.tensor(rows), self.tables.rows([(s.rid, s.table) for s in seqs]).long()], 1)
+        dev = host.to(self.exe.device)        # the one host-to-device copy of the step's inputs
+        inputs = {"input_ids": dev[:, 0:1].contiguous(), "positions": dev[:, 1:2].contiguous(), **self.pool.storage,
+                  "block_table": dev[:, 4:].int().contiguous(), "cache_slots": dev[:, 2:3].contiguous(),
+                  "cache_lens": dev[:, 3].int()}
         out = self.paged(inputs, self.pool.pad_slot)
         self.calls["paged_decode"] += 1
-        self._computed(seqs, 1, out["logits"])
+        return seqs, 1, out["logits"]
 
     def _computed(self, seqs: list[_Seq], n: int, logits: torch.Tensor) -> None:
-        """`seqs` have n more cache rows: register full blocks, sample where the whole history is in (plain greedy
-        rows with one argmax and one device sync for them all)."""
+        """`seqs` have n more cache rows: register the blocks that filled, sample where the whole history is in."""
         ready = []
         for k, seq in enumerate(seqs):
             seq.computed += n
             if self.prefix_caching:
-                self.pool.register(seq.table, seq.tokens, seq.computed)
-            if seq.pending() == 0:
+                self.pool.register(seq.table, seq.tokens, seq.computed, seq.hashes)
+            if seq.computed == len(seq.tokens):
                 ready.append((k, seq))
-        plain = [(k, s) for k, s in ready if s.req.params.greedy and s.req.params.repetition_penalty == 1.0
-                 and s.top_logprobs is None]
-        if plain:
-            rows = torch.tensor([k for k, _ in plain], device=logits.device)
-            for (_, seq), tok in zip(plain, logits[rows, -1].float().argmax(-1).tolist()):
-                self._push(seq, tok)
-        batched = {id(s) for _, s in plain}
-        for k, seq in ready:
-            if id(seq) not in batched:
-                self._sample(seq, logits[k:k + 1, -1])
+        if ready:
+            self._sample(ready, logits[:, -1])
 
-    def _sample(self, seq: _Seq, logits: torch.Tensor) -> None:
-        params = seq.req.params
-        seen = seen_mask(torch.tensor([seq.tokens], device=logits.device), logits.shape[-1]) \
-            if params.penalized else None
-        tok = int(next_tokens(logits, params, [seq.gen], seen)[0, 0])
-        if seq.top_logprobs is not None:
-            lp = torch.log_softmax(logits[0].float(), -1)
-            top = torch.topk(lp, seq.top_logprobs) if seq.top_logprobs else None
-            seq.logprobs.append((float(lp[tok]), {} if top is None else
-                                 dict(zip(top.indices.tolist(), top.values.tolist()))))
-        self._push(seq, tok)
+    def _sample(self, ready: list[tuple[int, _Seq]], last: torch.Tensor) -> None:
+        """The next token of each (row k of `last` [B, V], request): the rows with equal knobs (seeds aside: each
+        row draws from its own stream) in one sampler call, every id and logprob copied to the host at once."""
+        groups: dict[SamplingParams, list[tuple[int, _Seq]]] = {}
+        for k, seq in ready:
+            groups.setdefault(seq.knobs, []).append((k, seq))
+        order, picked = [], []
+        for params, rows in groups.items():
+            x = last[torch.tensor([k for k, _ in rows], device=last.device)]
+            seen = torch.cat([seen_mask(torch.tensor([s.tokens], device=x.device), x.shape[-1]) for _, s in rows]) \
+                if params.penalized else None
+            picked.append(next_tokens(x, params, [s.gen for _, s in rows], seen)[:, 0])
+            order += rows
+        toks = torch.cat(picked)
+        wanted = [(i, k, s) for i, (k, s) in enumerate(order) if s.top_logprobs is not None]
+        if wanted:
+            lp = torch.log_softmax(last[torch.tensor([k for _, k, _ in wanted], device=last.device)].float(), -1)
+            chosen = lp.gather(1, toks[[i for i, _, _ in wanted]][:, None])[:, 0]
+            top = torch.topk(lp, max(s.top_logprobs for _, _, s in wanted))
+            host = (chosen.tolist(), top.indices.tolist(), top.values.tolist())
+            for (_, _, seq), value, ids, values in zip(wanted, *host):
+                seq.logprobs.append((value, dict(zip(ids[:seq.top_logprobs], values[:seq.top_logprobs]))))
+        for (_, seq), tok in zip(order, toks.tolist()):
+            self._push(seq, tok)
 
     def _push(self, seq: _Seq, tok: int) -> None:
         if not seq.row.tokens:
             seq.row.ttft = time.perf_counter() - seq.t0
+        seq.tokens.append(tok)
         seq.row.push(tok)
 
     def _report(self, seq: _Seq) -> RequestOutput | None:
@@ -363,9 +376,7 @@ class Engine:
         text, seq.text = "".join(seq.text), []
         logprobs, seq.logprobs = (seq.logprobs if seq.top_logprobs is not None else None), []
         if done and seq in self.running:
-            self.running.remove(seq)
-            self.pool.release(seq.table)
-            seq.table = []
+            self._leave(seq, self.running)
         return RequestOutput(seq.rid, new, text, done, seq.row.finish, len(seq.prompt), len(seq.row.tokens),
                              list(seq.row.tokens), logprobs)
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -43,13 +44,8 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_waiting:
     async def _api_error(_, e: APIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
-            e = APIError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
-            return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -75,6 +71,47 @@ def create_app(engine, model_name: str, api_key: str | None = None, max_waiting:
 
     app.add_api_route("/", lambda: PlainTextResponse("dsgraph serve: OpenAI-compatible API under /v1\n"))
     return app
+
+
+class _BearerAuth:
+    """401 for a /v1 request without `Authorization: Bearer <api_key>`. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware (`@app.middleware`) relays every chunk of a streamed response through a task and a memory
+    stream of its own, a cost per token per client."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and \
+                dict(scope["headers"]).get(b"authorization") != self.expected:
+            e = APIError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+            await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def _drain(queue: asyncio.Queue) -> list:
+    """The next item of `queue` and every item already behind it."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def _coalesce(items: list) -> tuple[list, Exception | None]:
+    """A request's outputs waiting together merged into one (its tokens, text and logprobs joined; the last one's
+    finish), in the order the requests first appear; and the first exception among them (what follows it is
+    dropped). When the client reads slower than the engine steps, a stream then sends one chunk per read, not
+    one per step."""
+    merged: dict[str, object] = {}
+    for o in items:
+        if isinstance(o, Exception):
+            return list(merged.values()), o
+        prev = merged.get(o.request_id)
+        merged[o.request_id] = o if prev is None else replace(
+            o, new_token_ids=prev.new_token_ids + o.new_token_ids, new_text=prev.new_text + o.new_text,
+            logprobs=None if o.logprobs is None else (prev.logprobs or []) + o.logprobs)
+    return list(merged.values()), None
 
 
 class _Handlers:
@@ -151,18 +188,23 @@ class _Handlers:
                 yield sse(proto.envelope(job, self.model_name, [proto.choice(job, i, "", None, True, True)
                                                                 for i in sorted(index.values())], chunk=True))
             while pending:
-                o = await queue.get()
-                if isinstance(o, Exception):
-                    yield sse(APIError(500, f"generation failed: {o}").body())
+                outs, error = _coalesce(await _drain(queue))
+                events = []
+                for o in outs:
+                    if o.new_text or o.finished:
+                        lp = proto.logprobs(job, self.engine.exe.tokenizer, o.new_token_ids, o.logprobs)
+                        c = proto.choice(job, index[o.request_id], o.new_text,
+                                         o.finish_reason if o.finished else None, delta=True, logprobs=lp)
+                        events.append(sse(proto.envelope(job, self.model_name, [c], chunk=True)))
+                    if o.finished:
+                        pending.discard(o.request_id)
+                        finals[o.request_id] = ("", o, None)
+                if error is not None:
+                    events.append(sse(APIError(500, f"generation failed: {error}").body()))
+                if events:
+                    yield "".join(events)     # one write for everything that was waiting
+                if error is not None:
                     break
-                if o.new_text or o.finished:
-                    lp = proto.logprobs(job, self.engine.exe.tokenizer, o.new_token_ids, o.logprobs)
-                    c = proto.choice(job, index[o.request_id], o.new_text, o.finish_reason if o.finished else None,
-                                     delta=True, logprobs=lp)
-                    yield sse(proto.envelope(job, self.model_name, [c], chunk=True))
-                if o.finished:
-                    pending.discard(o.request_id)
-                    finals[o.request_id] = ("", o, None)
             if job.include_usage and not pending:
                 yield sse(proto.envelope(job, self.model_name, [], chunk=True, use=self._usage(job, finals.values())))
             yield "data: [DONE]\n\n"

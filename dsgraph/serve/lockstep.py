@@ -67,10 +67,10 @@ class LockstepEngine(Engine):
                 self._changes.append(("abort", request_id))
         return done
 
-    def step(self):
+    def step(self, launched=None):
         with self._lock:
             self._send("step")
-            return super().step()
+            return super().step(launched)
 
     def start_heartbeat(self) -> None:
         threading.Thread(target=self._beat, name="dsgraph-lockstep-heartbeat", daemon=True).start()

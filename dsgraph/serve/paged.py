@@ -22,11 +22,16 @@ from dsgraph.dtypes import to_torch
 from dsgraph.errors import InputError
 
 
+def block_hash(parent: int | None, block: list[int]) -> int:
+    """A full block's content hash, chained to the hash of the block before it (None for the first)."""
+    return hash((parent, tuple(block)))
+
+
 def block_hashes(tokens: list[int], block_size: int) -> list[int]:
     """The chained content hash of every full block of `tokens`."""
     out, parent = [], None
     for i in range(0, len(tokens) - block_size + 1, block_size):
-        parent = hash((parent, tuple(tokens[i:i + block_size])))
+        parent = block_hash(parent, tokens[i:i + block_size])
         out.append(parent)
     return out
 
@@ -113,12 +118,18 @@ class BlockPool:
         self.hits += len(out)
         return out
 
-    def register(self, table: list[int], tokens: list[int], upto: int) -> None:
-        """Record the full blocks of `table` among its first `upto` computed tokens under their content hash."""
-        for i, h in enumerate(block_hashes(tokens[:upto], self.block_size)):
+    def register(self, table: list[int], tokens: list[int], upto: int, hashes: list[int]) -> None:
+        """Record the full blocks of `table` among its first `upto` computed tokens under their content hash.
+        `hashes` is the chain of the table's blocks already seen here, extended in place: each block is hashed
+        once, when it fills, not on every step."""
+        size = self.block_size
+        parent = hashes[-1] if hashes else None
+        for i in range(len(hashes), upto // size):
+            parent = block_hash(parent, tokens[i * size:(i + 1) * size])
+            hashes.append(parent)
             b = table[i]
-            if b not in self.hash_of and h not in self.cached:
-                self.cached[h], self.hash_of[b] = b, h
+            if b not in self.hash_of and parent not in self.cached:
+                self.cached[parent], self.hash_of[b] = b, parent
 
     def gather(self, tables: list[list[int]], length: int) -> dict[str, torch.Tensor]:
         """The contiguous caches [len(tables), length, ...] of these block tables."""
@@ -137,3 +148,37 @@ class BlockPool:
     @property
     def _device(self):
         return self.device
+
+
+class BlockTables:
+    """The block tables of the requests in paged decode steps as rows of one int32 tensor in host memory. A
+    request keeps its row while it runs and each block id is written once, when the block is added, so a step
+    takes its batch's tables [B, width] in one indexing op instead of padding every table into a new tensor."""
+
+    def __init__(self, rows: int, width: int = 16):
+        self.buf = torch.zeros(rows, width, dtype=torch.int32)
+        self.free = list(range(rows))[::-1]
+        self.held: dict[str, tuple[int, int]] = {}    # request id -> (its row, block ids written)
+
+    def rows(self, tables: list[tuple[str, list[int]]]) -> torch.Tensor:
+        """The tables [len(tables), widest table] of these (request id, block table) pairs, zero-padded."""
+        idx, width = [], 1
+        for rid, table in tables:
+            row, written = self.held.get(rid) or (self.free.pop(), 0)
+            if len(table) > written:
+                if len(table) > self.buf.shape[1]:
+                    wider = torch.zeros(self.buf.shape[0], 1 << (len(table) - 1).bit_length(), dtype=torch.int32)
+                    wider[:, :self.buf.shape[1]] = self.buf
+                    self.buf = wider
+                self.buf[row, written:len(table)] = torch.tensor(table[written:], dtype=torch.int32)
+            self.held[rid] = (row, len(table))
+            idx.append(row)
+            width = max(width, len(table))
+        return self.buf[idx, :width]
+
+    def drop(self, rid: str) -> None:
+        """The request left the batch (finished, aborted or preempted): its row is cleared for the next one."""
+        held = self.held.pop(rid, None)
+        if held is not None:
+            self.buf[held[0]].zero_()
+            self.free.append(held[0])
