@@ -17,8 +17,8 @@ def run(*args, env=None):
 
 def test_mtp_speedup_controls_acceptance(tmp_path):
     """Speculative output is checked equal to plain greedy inside the script; acceptance follows the corruption."""
-    run("benchmarks/mtp_speedup.py", "--device", "cpu", "--backend", "eager", "--tiny", "--layers", "3", "--dense",
-        "2", "--experts", "8", "--dtype", "float32", "--new-tokens", "12", "--prompts", "2", "--wrong", "1.0,0.0",
+    run("benchmarks/mtp_speedup.py", "--device", "cpu", "--backend", "eager", "--tiny", "--layers", "2", "--dense",
+        "1", "--experts", "8", "--dtype", "float32", "--new-tokens", "10", "--prompts", "2", "--wrong", "1.0,0.0",
         env={"OUT": str(tmp_path)})
     rows = json.loads((tmp_path / "mtp_speedup.json").read_text())["results"]
     assert rows[0]["acceptance"] < 0.1 and rows[1]["acceptance"] == 1.0

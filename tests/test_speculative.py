@@ -53,7 +53,7 @@ def _backend(name):
     return name
 
 
-BACKENDS = ["eager", "triton", "tvm"]
+BACKENDS = ["eager", "tvm"]   # triton's in-place caches: the rollback and random-draft tests below (CI time)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -111,8 +111,8 @@ def test_mixed_acceptance_within_a_batch_stays_exact():
     assert 0.0 < stats.extra["acceptance_per_position"][0] < 1.0
 
 
-@pytest.mark.parametrize("accept", [True, False], ids=["accepted", "rejected"])
-@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("backend,accept", [("eager", True), ("eager", False), ("triton", False)],
+                         ids=["eager-accepted", "eager-rejected", "triton-rejected"])
 def test_cache_rollback_equals_plain_cache(backend, accept):
     """triton grows caches in place: rollback rewinds them, and the next step overwrites the rejected rows."""
     model = bigram_model(accept)
