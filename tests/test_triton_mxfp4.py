@@ -18,6 +18,7 @@ from dsgraph.backends.triton.kernels.moe_mxfp4 import MXFP4Config, fused_moe_mxf
 from dsgraph.backends.triton.kernels.mxfp4 import mxfp4_matmul  # noqa: E402
 
 G = torch.Generator().manual_seed(4)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels on the GPU where there is one, else interpreted
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 40, 64), (5, 33, 96), (17, 64, 128), (3, 7, 32)])
@@ -27,7 +28,7 @@ def test_mxfp4_gemm_matches_reference(m, n, k, dtype):
     s = torch.randint(124, 130, (n, k // 32), generator=G, dtype=torch.uint8)
     x = torch.randn(m, k, generator=G)
     want = x @ get_op("dequant_mxfp4").reference_fn(w, s).T
-    got = mxfp4_matmul(x.to(dtype), w, s)
+    got = mxfp4_matmul(x.to(DEV, dtype), w.to(DEV), s.to(DEV)).cpu()
     assert got.dtype == dtype and got.shape == (m, n)
     assert rel_err(got.float(), want) < (1e-5 if dtype == torch.float32 else tolerance("float16"))
 
@@ -37,16 +38,17 @@ def test_every_nibble_decodes():
     w = (codes[0::2] | (codes[1::2] << 4)).view(torch.int8).repeat(1, 2)[None].reshape(1, 16)  # 32 values
     s = torch.full((1, 1), 127, dtype=torch.uint8)
     eye = torch.eye(32)
-    got = mxfp4_matmul(eye, w, s)[:, 0]
+    got = mxfp4_matmul(eye.to(DEV), w.to(DEV), s.to(DEV))[:, 0].cpu()
     assert torch.equal(got, get_op("dequant_mxfp4").reference_fn(w, s)[0])
 
 
 def test_shapes_are_checked():
     with pytest.raises(ShapeError, match="multiple of 32"):
-        mxfp4_matmul(torch.randn(2, 48), torch.zeros(4, 24, dtype=torch.int8), torch.zeros(4, 1, dtype=torch.uint8))
+        mxfp4_matmul(torch.randn(2, 48, device=DEV), torch.zeros(4, 24, dtype=torch.int8, device=DEV),
+                     torch.zeros(4, 1, dtype=torch.uint8, device=DEV))
 
 
-def _experts(e: int, h: int, i: int, device="cpu", g=G):
+def _experts(e: int, h: int, i: int, device=DEV, g=G):
     """Random MXFP4 experts: gate_up [E, 2I, H/2] + scales, down [E, H, I/2] + scales, scales near 2**-2."""
     def packed(rows, cols):
         w = torch.randint(-128, 128, (e, rows, cols // 2), generator=g, dtype=torch.int8)
@@ -72,8 +74,8 @@ def test_fused_moe_mxfp4_matches_dequantised_reference(dtype, native, n, limit):
     weights = _experts(e, h, i)
     x, w = torch.randn(n, h, generator=G), torch.rand(n, k, generator=G)
     ids = torch.stack([torch.randperm(e - 1, generator=G)[:k] for _ in range(n)])
-    got = fused_moe_mxfp4(x.to(dtype), w, ids, *weights, config=MXFP4Config(16, 16, 64, 1, 1, native=native),
-                          limit=limit)
+    got = fused_moe_mxfp4(x.to(DEV, dtype), w.to(DEV), ids.to(DEV), *weights,
+                          config=MXFP4Config(16, 16, 64, 1, 1, native=native), limit=limit).cpu()
     assert got.dtype == dtype and got.shape == (n, h)
     assert rel_err(got.float(), _moe_ref(x, w, ids, *weights, limit)) < (1e-5 if dtype == torch.float32
                                                                           else tolerance("float16"))
@@ -82,8 +84,8 @@ def test_fused_moe_mxfp4_matches_dequantised_reference(dtype, native, n, limit):
 def test_fused_moe_mxfp4_checks_shapes():
     gu, gus, dn, dns = _experts(2, 64, 32)
     with pytest.raises(ShapeError, match="down_scale"):
-        fused_moe_mxfp4(torch.randn(3, 64), torch.rand(3, 1), torch.zeros(3, 1, dtype=torch.long), gu, gus, dn,
-                        dns[:, :, :0])
+        fused_moe_mxfp4(torch.randn(3, 64, device=DEV), torch.rand(3, 1, device=DEV),
+                        torch.zeros(3, 1, dtype=torch.long, device=DEV), gu, gus, dn, dns[:, :, :0])
 
 
 @pytest.mark.gpu

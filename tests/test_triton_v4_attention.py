@@ -19,14 +19,15 @@ from dsgraph.ops import get_op
 
 G = torch.Generator().manual_seed(11)
 WINDOW = 4
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels on the GPU where there is one, else interpreted
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def R(*shape, dtype=torch.float32, dev="cpu"):
+def R(*shape, dtype=torch.float32, dev=DEV):
     return torch.randn(*shape, generator=G).to(dev, dtype)
 
 
-def _positions(s: int, starts=(0, 9), dev="cpu"):
+def _positions(s: int, starts=(0, 9), dev=DEV):
     return (torch.tensor(starts)[:, None] + torch.arange(s)).to(dev)
 
 
@@ -56,20 +57,20 @@ def _check_sink(args, attrs, dtype, splits=None):
 
 @pytest.mark.parametrize("kind,ratio", [("sliding", 0), ("hca", 8), ("csa", 4)])
 def test_sink_attention_prefill(kind, ratio):
-    args, attrs = _sink_case(11, ratio, kind, torch.float32, "cpu")
+    args, attrs = _sink_case(11, ratio, kind, torch.float32, DEV)
     _check_sink(args, attrs, torch.float32)
 
 
 def test_sink_attention_decode_split_kv():
     """One query at positions 12 and 21, its window and top-k over three split-KV partitions plus the sink."""
-    args, attrs = _sink_case(1, 4, "csa", torch.float32, "cpu", k=5)
+    args, attrs = _sink_case(1, 4, "csa", torch.float32, DEV, k=5)
     args[3] = args[3] + 12
-    args[4] = R(2, 22, 32)
+    args[4] = R(2, 22, 32, dev=DEV)
     _check_sink(args, attrs, torch.float32, splits=3)
 
 
 @pytest.mark.parametrize("ratio,overlap,s", [(8, False, 11), (4, True, 11), (4, True, 1)])
-def test_compress(ratio, overlap, s, dtype=torch.float32, dev="cpu"):
+def test_compress(ratio, overlap, s, dtype=torch.float32, dev=DEV):
     c = 24 if overlap else 16
     r = (2 if overlap else 1) * ratio - 1
     pos = _positions(s, starts=(0, 11) if s > 1 else (7, 19), dev=dev)
@@ -81,7 +82,7 @@ def test_compress(ratio, overlap, s, dtype=torch.float32, dev="cpu"):
     assert rel_err(got.float(), want) < tolerance(str(dtype).removeprefix("torch."), "op")
 
 
-def test_topk_applies_the_slot_mask(dev="cpu"):
+def test_topk_applies_the_slot_mask(dev=DEV):
     logits = R(2, 3, 37, dev=dev)
     logits[1, 2, 20:] = float("-inf")          # a causal horizon: fewer ends than k in that row
     want = get_op("indexer.topk").reference_fn(get_op("indexer.slot_mask").reference_fn(logits, ratio=4), k=6)

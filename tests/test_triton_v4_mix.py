@@ -19,6 +19,7 @@ from dsgraph.backends.triton.kernels import routing  # noqa: E402
 from dsgraph.backends.triton.kernels import v4_mix as mix  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"  # the kernels on the GPU where there is one, else interpreted
 needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 kernels run on CUDA (the interpreter is tested in fp32)")
 
 
@@ -26,7 +27,7 @@ def ref(op, *args, **attrs):
     return get_op(op).reference_fn(*args, **attrs)
 
 
-def _hc_inputs(n, d, rows, seed, dev="cpu", dtype=torch.float32):
+def _hc_inputs(n, d, rows, seed, dev=DEV, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 7, n, d, generator=g)   # 21 tokens: a full 16-token mix program and a masked one
     fn = torch.randn(rows, n * d, generator=g) / (n * d) ** 0.5
@@ -52,21 +53,21 @@ def _check_hc_pre(n, d, dev, dtype, tol):
 # hc_mult 4 with N*D over two 128-wide projection chunks; a padded 3 x 3 tile with masked lanes
 @pytest.mark.parametrize("n,d", [(4, 40), (3, 20)])
 def test_hc_pre_sinkhorn_matches_reference(n, d):
-    _check_hc_pre(n, d, "cpu", torch.float32, 1e-5)
+    _check_hc_pre(n, d, DEV, torch.float32, 1e-5)
 
 
 def test_hc_post_and_head_match_reference():
     n, d = 4, 300   # hc.post over 21 tokens: 2 x 5 programs of 16 tokens x 256 (n, d) outputs, the last ones masked
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(3, 7, n, d, generator=g), torch.randn(3, 7, d, generator=g)
-    post, comb = torch.rand(3, 7, n, generator=g) * 2, torch.rand(3, 7, n, n, generator=g)
+    x, y = torch.randn(3, 7, n, d, generator=g).to(DEV), torch.randn(3, 7, d, generator=g).to(DEV)
+    post, comb = (torch.rand(3, 7, n, generator=g) * 2).to(DEV), torch.rand(3, 7, n, n, generator=g).to(DEV)
     assert rel_err(mix.hc_post(x, y, post, comb), ref("hc.post", x, y, post, comb)) < 1e-5
     args = _hc_inputs(n, d, n, seed=2)
     assert rel_err(mix.hc_mix(*args, eps=1e-6, norm_eps=1e-6, full=False),
                    ref("hc.head", *args, eps=1e-6, norm_eps=1e-6)) < 1e-5
 
 
-def _logits(n, e, seed, dev="cpu", dtype=torch.float32):
+def _logits(n, e, seed, dev=DEV, dtype=torch.float32):
     """Spread over [-30, 30]: scores in softplus' linear (> 20), log1p and exp (< -15) branches alike."""
     return (torch.randn(n, e, generator=torch.Generator().manual_seed(seed)) * 12).to(dev, dtype)
 
@@ -87,7 +88,7 @@ def _check_routes(dev, dtype):
 
 
 def test_sqrtsoftplus_and_hash_routing_match_reference():
-    _check_routes("cpu", torch.float32)
+    _check_routes(DEV, torch.float32)
 
 
 def _check_rows(dev, dtype, name, tol):
@@ -101,7 +102,7 @@ def _check_rows(dev, dtype, name, tol):
 
 
 def test_generated_unweighted_rms_and_clamped_swiglu():
-    _check_rows("cpu", torch.float32, "float32", 1e-5)
+    _check_rows(DEV, torch.float32, "float32", 1e-5)
 
 
 def test_integer_neg_and_sub_are_exact_kernels():
@@ -110,9 +111,9 @@ def test_integer_neg_and_sub_are_exact_kernels():
     p = b.input("positions", ("B", "S"), "int64")
     b.output("start", b.sub(p, b.constant(value=3, dtype="int64")))
     b.output("back", b.neg(p))
-    compiled = get_backend("triton").compile(b.build(), {}, device="cuda" if CUDA else "cpu")
+    compiled = get_backend("triton").compile(b.build(), {}, device=DEV)
     assert compiled.report.counts() == {"generated": 2} and not compiled.report.fallbacks
-    pos = (torch.arange(6).reshape(2, 3) + 2 ** 40 + 1).to("cuda" if CUDA else "cpu")
+    pos = (torch.arange(6).reshape(2, 3) + 2 ** 40 + 1).to(DEV)
     out = compiled.run({"positions": pos})
     assert torch.equal(out["start"], pos - 3) and torch.equal(out["back"], -pos)
 
