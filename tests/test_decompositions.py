@@ -429,8 +429,10 @@ def test_sparse_attention(s, t, k):
     sym = {"q": ("B", "S", 3, 8), "k": ("B", "T", 8), "w": ("B", "S", 3)}
     check("indexer.logits", ins, sym, scale=0.3, causal=False)
     fp8 = {"q": randn(2, s, 3, 256), "k": randn(2, t, 256), "w": ins["w"]}        # two groups of 128 per row
-    check("indexer.logits", fp8, {"q": ("B", "S", 3, 256), "k": ("B", "T", 256), "w": ("B", "S", 3)}, scale=0.3,
-          causal=False, fp8=True)
+    # fp8: q and k rounded to e4m3 on both sides, by different float ops: a value on a rounding boundary may land
+    # one e4m3 step apart, ~1e-4 of the logits' norm (as in test_fp8_index_keys)
+    check("indexer.logits", fp8, {"q": ("B", "S", 3, 256), "k": ("B", "T", 256), "w": ("B", "S", 3)}, tol=1e-3,
+          scale=0.3, causal=False, fp8=True)
     logits = run(build("indexer.logits", ins, sym, scale=0.3), {}, ins)["out0"]      # causal: -inf past horizons
     idx = run(check("indexer.topk", {"x": logits}, {"x": ("B", "S", "T")}, k=k), {}, {"x": logits})["out0"]
     assert bool((idx == -1).any()) == (t - s + 1 < k)          # the first queries' horizons leave empty slots
