@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from dsgraph.models import load_checkpoint, preset_config
 from dsgraph.models.v4_config import SLIDING
 from safetensors.torch import load_file, save_file
+from test_mtp_reference import run_mtp
 from v4_fixtures import one_thread, oracle, write_v4  # noqa: F401 (autouse fixture)
 
-import dsgraph
 from dsgraph.numerics import rel_err
 
 pytest.importorskip("transformers.models.deepseek_v4")
@@ -66,17 +66,6 @@ def reference_mtp(root, meant, ids, nxt):
     return F.linear(_rms((pre[..., None] * x).sum(2), own["norm.weight"]), meant["head.weight"])
 
 
-def run_graph(model, ids, nxt, caches=None, start=0):
-    """One step of the whole graph (main model + MTP block) in the interpreter; returns (outputs, next caches)."""
-    g = model.graph
-    b, s = ids.shape
-    if caches is None:
-        caches = {n: torch.zeros(v.type.concrete({"B": b, "T": 0})) for n, v in g.inputs.items() if v.kind == "cache"}
-    pos = torch.arange(start, start + s)[None].expand(b, s)
-    out = dsgraph.Interpreter(g, model.weights).run({"input_ids": ids, "positions": pos, "mtp_ids": nxt, **caches})
-    return out, {n: out[g.cache_map[n]] for n in caches}
-
-
 def test_mtp_logits_match_the_published_block_and_its_cache(ckpt):
     root, meant = ckpt
     ids, nxt = SEQ[:, :-1], SEQ[:, 1:]
@@ -84,15 +73,15 @@ def test_mtp_logits_match_the_published_block_and_its_cache(ckpt):
     assert {"mtp_ids", "cache.mtp.win"} <= set(model.graph.inputs)
     assert model.weights.reader.info["mtp.0.e_proj.weight"].dtype == "float8_e4m3fn"   # FP8 as shipped
     ref = reference_mtp(root, meant, ids, nxt)
-    full, _ = run_graph(model, ids, nxt)
+    full, _ = run_mtp(model, ids, nxt)
     assert rel_err(full["mtp_logits"], ref) < 1e-5
     # incrementally, across the MTP block's own sliding state: the same logits
-    first, caches = run_graph(model, ids[:, :7], nxt[:, :7])
-    rest, _ = run_graph(model, ids[:, 7:], nxt[:, 7:], caches, start=7)
+    first, caches = run_mtp(model, ids[:, :7], nxt[:, :7])
+    rest, _ = run_mtp(model, ids[:, 7:], nxt[:, 7:], caches, start=7)
     assert rel_err(torch.cat([first["mtp_logits"], rest["mtp_logits"]], 1), full["mtp_logits"]) < 1e-5
     # the comparison can fail: the hidden-state half of the input moves the logits
     model.weights.set("mtp.0.hnorm.weight", model.weights["mtp.0.hnorm.weight"] * 0.5)
-    assert rel_err(run_graph(model, ids, nxt)[0]["mtp_logits"], ref) > 1e-3
+    assert rel_err(run_mtp(model, ids, nxt)[0]["mtp_logits"], ref) > 1e-3
 
 
 def test_checkpoint_without_mtp_weights_builds_without_the_block(tmp_path):
