@@ -13,8 +13,10 @@ from dsgraph.ops import get_op
 from dsgraph.ops.moe import moe_experts_ref
 from dsgraph.ops.v4_mix import dequant_mxfp4_ref, swiglu_clamped_ref
 
-pytest.importorskip("triton")
-from dsgraph.backends.triton.kernels.moe_mxfp4 import MXFP4Config, fused_moe_mxfp4  # noqa: E402
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from dsgraph.backends.triton.kernels.common import dot_precision  # noqa: E402
+from dsgraph.backends.triton.kernels.moe_mxfp4 import MXFP4Config, _mxfp4_dot, fused_moe_mxfp4  # noqa: E402
 from dsgraph.backends.triton.kernels.mxfp4 import mxfp4_matmul  # noqa: E402
 
 G = torch.Generator().manual_seed(4)
@@ -46,6 +48,32 @@ def test_shapes_are_checked():
     with pytest.raises(ShapeError, match="multiple of 32"):
         mxfp4_matmul(torch.randn(2, 48, device=DEV), torch.zeros(4, 24, dtype=torch.int8, device=DEV),
                      torch.zeros(4, 1, dtype=torch.uint8, device=DEV))
+
+
+@triton.jit
+def _decoded_tile(a_ptr, w_ptr, s_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                  NATIVE: tl.constexpr, A_FMT: tl.constexpr):
+    """out = eye(K) @ dequant(W)^T through one `_mxfp4_dot`: the decoded weight tile itself, transposed."""
+    rows = tl.arange(0, K)
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = _mxfp4_dot(tl.zeros((K, BLOCK_N), dtype=tl.float32), a_ptr, rows, rows < K, 0, K, w_ptr, s_ptr, offs_n,
+                     offs_n < N, K // 2, K // 32, PRECISION, NATIVE, A_FMT, K)
+    tl.store(out_ptr + rows[:, None] * BLOCK_N + offs_n[None, :], acc)
+
+
+@pytest.mark.parametrize("dtype,native", [(torch.float16, False), (torch.float16, True)]
+                         + ([(torch.bfloat16, False), (torch.bfloat16, True)] if DEV == "cuda" else []))
+def test_mxfp4_dot_decodes_every_byte(dtype, native):
+    """Both decodes of the fused MoE's inner dot, alone: every byte value at scales 2**-7..2**7, exact."""
+    n, k = 32, 64
+    w = torch.arange(n * k // 2, dtype=torch.int32).remainder(256).to(torch.uint8).view(torch.int8).reshape(n, k // 2)
+    s = (120 + torch.arange(n * k // 32) % 15).to(torch.uint8).reshape(n, k // 32)
+    out = torch.empty(k, n, dtype=torch.float32, device=DEV)
+    _decoded_tile[(1,)](torch.eye(k, dtype=dtype, device=DEV), w.to(DEV), s.to(DEV), out, n, K=k, BLOCK_N=n,
+                        PRECISION=dot_precision(dtype), NATIVE=native, A_FMT="bf16" if dtype == torch.bfloat16
+                        else "fp16")
+    want = dequant_mxfp4_ref(w, s)
+    assert torch.equal(out.T.cpu(), want), (out.T.cpu() - want).abs().max()
 
 
 def _experts(e: int, h: int, i: int, device=DEV, g=G):
