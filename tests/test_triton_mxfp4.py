@@ -16,7 +16,6 @@ from dsgraph.ops.v4_mix import dequant_mxfp4_ref, swiglu_clamped_ref
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 from dsgraph.backends.triton.kernels.common import dot_precision  # noqa: E402
-from dsgraph.backends.triton.kernels.moe import moe_block_m  # noqa: E402
 from dsgraph.backends.triton.kernels.moe_mxfp4 import MXFP4Config, _mxfp4_dot, fused_moe_mxfp4, mxfp4_configs  # noqa: E402
 from dsgraph.backends.triton.kernels.mxfp4 import mxfp4_matmul  # noqa: E402
 
@@ -139,18 +138,15 @@ def test_fused_moe_mxfp4_bf16_on_cuda(n, native):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n", [1, 40])
 def test_every_mxfp4_candidate_is_correct_on_cuda(n):
-    """The autotuner may pick any candidate, so each must be right; pipelined (num_stages > 1) and unpipelined
-    variants of one tile tell a pipelining fault from a decode fault."""
+    """The autotuner may pick any candidate, so each must be right (tl.dot_scaled's were not when pipelined)."""
     e, k, h, i = 16, 4, 512, 256
     g = torch.Generator().manual_seed(n)
     weights = _experts(e, h, i, "cuda", g)
     x, w = torch.randn(n, h, generator=g), torch.rand(n, k, generator=g)
     ids = torch.stack([torch.randperm(e - 2, generator=g)[:k] for _ in range(n)])
     want = _moe_ref(x, w, ids, *weights, 10.0)
-    bm = moe_block_m(n * k, e)
-    extra = [MXFP4Config(bm, 64, bk, 4, st, native=nat) for nat in (False, True) for bk in (64, 128) for st in (1, 3)]
     bad = {}
-    for cfg in dict.fromkeys(mxfp4_configs(n * k, e) + extra):
+    for cfg in mxfp4_configs(n * k, e):
         got = fused_moe_mxfp4(x.cuda().bfloat16(), w.cuda(), ids.cuda(), *weights, config=cfg, limit=10.0)
         err = rel_err(got.float().cpu(), want)
         if not err < tolerance("bfloat16"):

@@ -12,7 +12,7 @@ byte, low nibble first) with scales [E, 2I, H/32] uint8 (2**(s - 127) per 32 alo
 Two decodes, both candidates of the autotuner (`native` in the config): ours (any float dtype: the low and high
 nibbles of a byte meet x's even and odd columns, so no register interleave is needed; each value is built from
 its bits, no lookup table or exp2), and Triton's `tl.dot_scaled` (bf16 / fp16 activations), whose Hopper lowering
-upcasts e2m1 to the activation dtype in registers with its own conversion code.
+upcasts e2m1 to the activation dtype in registers with its own conversion code (unpipelined: `mxfp4_configs`).
 """
 from __future__ import annotations
 
@@ -37,14 +37,19 @@ class MXFP4Config(MoEConfig):
 
 def mxfp4_configs(m: int, num_experts: int, block_m: int | None = None) -> list[MXFP4Config]:
     """The bf16 template's tiles with K tiles of at least 64 (so each even/odd half is a 32-deep dot) and deeper
-    K tiles for decode (a tile row is half the bytes it is in bf16), each with both decodes on the GPU."""
+    K tiles for decode (a tile row is half the bytes it is in bf16), each with both decodes on the GPU.
+    `tl.dot_scaled` candidates are not software-pipelined: on the H200 (Triton 3.6) every one with num_stages > 1
+    gave wrong sums (rel err ~1.4) while num_stages = 1 and our decode at any depth were exact
+    (tests/test_triton_mxfp4.py checks each candidate on CUDA)."""
     base = moe_configs(m, num_experts, block_m)
     if interpreting():
         return [MXFP4Config(**{**c.__dict__, "block_k": max(c.block_k, 64)}) for c in base]
     tiles = {(c.block_m, c.block_n, max(c.block_k, 64), c.num_warps, c.num_stages) for c in base}
     if base[0].block_m <= 16:
         tiles |= {(16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (16, 64, 512, 4, 3), (16, 32, 512, 4, 4)}
-    return [MXFP4Config(*t, native=nat) for nat in (False, True) for t in sorted(tiles)]
+    ours = [MXFP4Config(*t, native=False) for t in sorted(tiles)]
+    native = {MXFP4Config(bm, bn, bk, w, 1, native=True) for bm, bn, bk, w, _ in tiles}
+    return ours + sorted(native, key=str)
 
 
 @triton.jit
