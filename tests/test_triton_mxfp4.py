@@ -95,15 +95,16 @@ def _moe_ref(x, w, ids, gu, gus, dn, dns, limit):
     return moe_experts_ref(x.float().cpu(), w.cpu(), ids.cpu(), *ws, num_experts=e, **ffn)
 
 
-@pytest.mark.parametrize("dtype,native,n,limit", [(torch.float32, False, 5, 0.5), (torch.float16, False, 1, None),
-                                                  (torch.float16, True, 5, 0.5)])
-def test_fused_moe_mxfp4_matches_dequantised_reference(dtype, native, n, limit):
+@pytest.mark.parametrize("dtype,mode,n,limit", [(torch.float32, {}, 5, 0.5), (torch.float16, {}, 1, None),
+                                                (torch.float16, {"native": True}, 5, 0.5),
+                                                (torch.float16, {"gemv": 2}, 5, 0.5)])
+def test_fused_moe_mxfp4_matches_dequantised_reference(dtype, mode, n, limit):
     e, k, h, i = 4, 2, 96, 32      # H = 96: a 64-wide K tile and a half one; expert 3 gets no token
     weights = _experts(e, h, i)
     x, w = torch.randn(n, h, generator=G), torch.rand(n, k, generator=G)
     ids = torch.stack([torch.randperm(e - 1, generator=G)[:k] for _ in range(n)])
     got = fused_moe_mxfp4(x.to(DEV, dtype), w.to(DEV), ids.to(DEV), *weights,
-                          config=MXFP4Config(16, 16, 64, 1, 1, native=native), limit=limit).cpu()
+                          config=MXFP4Config(16, 16, 64, 1, 1, **mode), limit=limit).cpu()
     assert got.dtype == dtype and got.shape == (n, h)
     assert rel_err(got.float(), _moe_ref(x, w, ids, *weights, limit)) < (1e-5 if dtype == torch.float32
                                                                           else tolerance("float16"))
