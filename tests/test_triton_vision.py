@@ -62,6 +62,17 @@ def test_group_norm_equals_the_reference(dtype, shape, groups, tol):
     assert got.dtype == dtype and rel_err(got, get_op("norm.group").reference_fn(x, w, b, groups, 1e-6)) <= tol
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_group_norm_bf16_gpu():
+    """The VQ decoder's widest norm at 384 px output: 128 channels in 32 groups over 384 x 384."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, 128, 384, 384, generator=g) * 2 + 1).to(DEV, torch.bfloat16)
+    w, b = (torch.randn(128, generator=g).to(DEV, torch.bfloat16) for _ in range(2))
+    want = get_op("norm.group").reference_fn(x, w, b, 32, 1e-6)
+    assert rel_err(group_norm(x, w, b, 32, 1e-6), want) <= 2 * rel_err(want.bfloat16(), want) + 1e-3
+
+
 def test_data_movement_equals_the_references():
     """Padded and unpadded grids; a splice with more placeholders than features, and one with none (decode)."""
     g = torch.Generator().manual_seed(2)

@@ -18,6 +18,8 @@ scales q by log2(e) before the bias GEMMs); accumulation is fp32. Head dims are 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -104,13 +106,10 @@ def _configs() -> list[triton.Config]:
             for bm, bn, w, s in ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (128, 32, 4, 2))]
 
 
-_TUNED: list = []
-
-
+@functools.cache
 def _kernel():
-    if not _TUNED:
-        _TUNED.append(triton.autotune(configs=_configs(), key=["HEAD_D", "PRECISION"])(_rel_pos_attention_kernel))
-    return _TUNED[0]
+    """Tuned per token count (SAM has two: its windows' and the global blocks'), head dim and dot precision."""
+    return triton.autotune(configs=_configs(), key=["T", "HEAD_D", "PRECISION"])(_rel_pos_attention_kernel)
 
 
 def relative_bias(q: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
