@@ -224,9 +224,7 @@ def test_backend_equals_eager(preset, backend):
                        eager.generate(ids, images=px, max_new_tokens=4))
     report = other.report()
     assert "vision tower" in report and "vision.splice" in report
-    vision_ops = ("vision.", "mlp.gelu", "conv2d", "norm.group")
-    assert not [line for line in report.splitlines() if " fallback " in line and any(o in line for o in vision_ops)
-                and backend == "triton"]
+    assert backend != "triton" or not [line for line in report.splitlines() if " fallback " in line]
     if model.vision.generation is not None:   # text -> codes -> pixels
         cond, uncond = torch.tensor([[1, 17, 30, 99]]), torch.tensor([[1, 0, 0, 0]])
         codes = eager.generate_image_tokens(cond, uncond, 4)
