@@ -1,8 +1,8 @@
 """The vision towers' Triton kernels and data-movement lowerings against their ops' references on fresh random
 inputs: SAM's relative-position attention (a full and a ragged key tile, a head dim that is no power of two,
 q/k/v strided views of one qkv tensor) and GroupNorm (a group longer than one block) in fp32 and fp16 on the
-interpreter, bf16 at SAM ViT-B's shapes on CUDA (`-m gpu`); the window partition, pixel shuffle and splice
-exactly equal to the references."""
+interpreter (GroupNorm, which has no tl.dot, in bf16 too), bf16 at SAM ViT-B's and the VQ decoder's shapes on
+CUDA (`-m gpu`); the window partition, pixel shuffle and splice exactly equal to the references."""
 import os
 
 import pytest
@@ -53,7 +53,8 @@ def test_rel_pos_attention_bf16_gpu(n, side):
 
 
 @pytest.mark.parametrize("dtype,shape,groups,tol", [(torch.float32, (1, 4, 48, 48), 2, 1e-5),
-                                                    (torch.float16, (2, 8, 5, 7), 4, 2e-3)])
+                                                    (torch.float16, (2, 8, 5, 7), 4, 2e-3),
+                                                    (torch.bfloat16, (2, 8, 5, 7), 4, 1e-2)])
 def test_group_norm_equals_the_reference(dtype, shape, groups, tol):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(shape, generator=g) * 3 + 5).to(DEV, dtype)   # an offset mean: the two-pass variance

@@ -49,7 +49,7 @@ def _group_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, GROUPS, CPG, INNER, eps, BLOC
 
 def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
     """`norm.group` semantics: F.group_norm with fp32 statistics; returns x's shape and dtype."""
-    check_tensors("group_norm", x=x, weight=weight, bias=bias)
+    check_tensors("group_norm", dots=False, x=x, weight=weight, bias=bias)
     c = x.shape[1] if x.dim() >= 2 else 0
     if not c or groups <= 0 or c % groups or weight.shape != (c,) or bias.shape != (c,):
         raise ShapeError(f"group_norm: x {tuple(x.shape)} must be [N, C, ...] with C divisible by {groups} groups "

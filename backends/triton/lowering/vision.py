@@ -49,27 +49,19 @@ def _(ctx, node):
                    fn=lambda a, sym: [F.interpolate(a[0], size=size, mode="bilinear", align_corners=False)])
 
 
-def _triton(ctx, node, fn):
-    if ctx.interpreting and node.inputs[0].dtype == "bfloat16":
-        return Decline("Triton's interpreter computes bf16 wrongly (tl.dot) / not at all; bf16 runs on CUDA")
-    return fn
-
-
 @TABLE.register("attention.rel_pos")
 def _(ctx, node):
-    fn, scale = _triton(ctx, node, rel_pos_attention), node.attrs["scale"]
-    if isinstance(fn, Decline):
-        return fn
+    if ctx.interpreting and node.inputs[0].dtype == "bfloat16":
+        return Decline("Triton's interpreter computes bf16 tl.dot wrongly; bf16 SAM attention runs on CUDA")
+    scale = node.attrs["scale"]
     return Lowered("template", "rel_pos_attention._rel_pos_attention_kernel (its [T, gh] + [T, gw] bias terms "
-                   "from two fp32 einsums)", fn=lambda a, sym: [fn(*a, scale)])
+                   "from two fp32 einsums)", fn=lambda a, sym: [rel_pos_attention(*a, scale)])
 
 
 @TABLE.register("norm.group")
 def _(ctx, node):
-    fn, groups, eps = _triton(ctx, node, group_norm), node.attrs["groups"], node.attrs["eps"]
-    if isinstance(fn, Decline):
-        return fn
-    return Lowered("template", "group_norm._group_norm_kernel", fn=lambda a, sym: [fn(*a, groups, eps)])
+    groups, eps = node.attrs["groups"], node.attrs["eps"]
+    return Lowered("template", "group_norm._group_norm_kernel", fn=lambda a, sym: [group_norm(*a, groups, eps)])
 
 
 def window_partition(x, window: int):
