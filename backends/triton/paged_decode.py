@@ -45,6 +45,10 @@ def unsupported_reason(graph) -> str | None:
     why = decode_graphs.unsupported_reason(graph)
     if why:
         return why
+    states = decode_graphs.fixed_states(graph)
+    if states:
+        return (f"{len(states)} fixed-size state caches (e.g. {min(states)}) have no per-request slots in the paged "
+                "program")
     for name, v in graph.inputs.items():
         if v.kind != "cache":
             continue
