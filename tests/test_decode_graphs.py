@@ -107,6 +107,10 @@ def test_which_graphs_can_take_device_side_lengths():
     graph = b.build()
     why = dg.unsupported_reason(graph)
     assert why is not None and "sum reads the appended cache" in why
+    b = dsgraph.GraphBuilder("growing_state", dtype="float32")   # rows fixed in the type, yet it grows
+    state = b.cache_input("state", ("B", 3, 4))
+    b.output("state.next", b.cache.append(state, b.input("new", ("B", 1, 4), "float32")), cache_of=state)
+    assert "fixed-size state state float32[B, 3, 4] has next value float32[B, 4, 4]" in dg.unsupported_reason(b.build())
     report = get_backend("triton").compile(graph, {}, device=DEV, decode_graphs=True).report
     why = "CUDA graphs need a CUDA device" if DEV == "cpu" else "sum reads the appended cache"
     assert any(f"without CUDA graphs: {why}" in n for n in report.notes)

@@ -23,18 +23,18 @@ query positions (POSITION_BOUNDED: V4's attention over its compressed entries re
 query, so the buffer's unwritten rows are never read), possibly through row-wise ops that keep rows apart
 (ROW_WISE: the FP8 latent cache's dequantisation and the concat of its parts), which are as right over the whole
 buffer as over its first rows, and no all_to_all's split sizes come back to the host; for any other graph the
-compile report says why decode runs without them.
+compile report says why decode runs without them. A sharded graph's all-reduces and all-gathers are captured with
+the step (NCCL supports capture).
 
 Fixed-size state caches (a cache whose type has no length dim and whose next value keeps that type: V4's sliding
 window and compressor rows, `cache.slide`) have the same shape at every step, so any op may read them: the step
 reads them from static buffers of their own, which each step copies the given state into (a few rows per layer),
 and hands back its next states as fresh tensors (never the graph's own output memory, which the next replay
-overwrites). A sharded graph's all-reduces and all-gathers are captured
-with the step (NCCL supports capture).
+overwrites), so they need none of the view rules below.
 
-The states handed out are views of the buffers under kv_cache's rules: a step writes in place only from the newest
-view (or one `kv_cache.rewind` released); a step from an older state runs the plain program, which copies. A state
-from elsewhere (a prefill) is copied in when no view of the buffers is still alive, else into fresh buffers.
+The growing caches handed out are views of the buffers under kv_cache's rules: a step writes in place only from the
+newest view (or one `kv_cache.rewind` released); a step from an older state runs the plain program, which copies. A
+state from elsewhere (a prefill) is copied in when no view of the buffers is still alive, else into fresh buffers.
 """
 from __future__ import annotations
 
