@@ -141,14 +141,9 @@ def _reader_reason(value: Value, name: str) -> str | None:
     return None
 
 
-def fixed_size(t: TensorType) -> bool:
-    """A cache type [B, R, ...] with every dim but the batch an int: a fixed-size state, not a growing cache."""
-    return len(t.shape) >= 2 and all(isinstance(d, int) for d in t.shape[1:])
-
-
 def fixed_states(graph) -> set[str]:
-    """The graph's fixed-size state caches (`fixed_size`)."""
-    return {n for n, v in graph.inputs.items() if v.kind == "cache" and fixed_size(v.type)}
+    """The graph's fixed-size state caches (TensorType.is_fixed_state)."""
+    return {n for n, v in graph.inputs.items() if v.kind == "cache" and v.type.is_fixed_state}
 
 
 def unsupported_reason(graph) -> str | None:
@@ -197,7 +192,7 @@ class _Buffers:
             if v.kind == "cache":
                 buf = torch.zeros(v.type.concrete({"B": batch, "T": capacity}), dtype=to_torch(v.type.dtype),
                                   device=dev)
-                if fixed_size(v.type):
+                if v.type.is_fixed_state:
                     self.states[name] = buf
                 else:
                     kv_cache.view(buf, 0)
@@ -260,7 +255,7 @@ class DecodeGraphs:
                  report=None):
         self.program = program
         self.cache_map = cache_map
-        self.states = {n for n in cache_map if fixed_size(program.runtime_inputs[n].type)}   # copied in each step
+        self.states = {n for n in cache_map if program.runtime_inputs[n].type.is_fixed_state}   # copied in each step
         self.max_length = max_length
         self.capture = capture
         self.report = report

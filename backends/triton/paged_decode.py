@@ -12,7 +12,7 @@ with the pools as its cache inputs instead:
   paged key cache the same way (its scores then span the table's max_blocks * page rows) and sparse MLA reads the
   selected latent rows through the table; V4's attention reads its compressed entries' pool through the table
   too (rows gathered by torch before the kernel, which reads no block table yet);
-- each fixed-size state cache (V4's sliding window and compressor rows, decode_graphs.fixed_size) is a pool
+- each fixed-size state cache (V4's sliding window and compressor rows, TensorType.is_fixed_state) is a pool
   [slots, rows, ...] of one slot per request (`state_slots` [B]): the step gathers its rows' states, the program
   reads them as its plain state inputs, and their next values are written back at the same slots.
 So requests of different lengths share one call, and nothing is copied but the new rows (and the states).

@@ -52,8 +52,8 @@ class BlockPool:
             if len(dims) >= 2 and dims[1] == "T":
                 shape = v.type.concrete({"B": num_blocks + 1, "T": block_size})   # + the scratch block
                 self.storage[name] = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=device)
-            elif len(dims) >= 2 and dims[0] == "B" and all(d.isdigit() for d in dims[1:]):
-                self.states[name] = v.type   # a fixed-size state per sequence: the engine keeps it per request
+            elif v.type.is_fixed_state:
+                self.states[name] = v.type   # a fixed-size state: one slot per running request (StateSlots)
             else:
                 raise InputError(f"cache input {name} has shape {v.type}: the paged cache needs [B, T, ...] (or a "
                                  "fixed-size state [B, rows, ...])")
