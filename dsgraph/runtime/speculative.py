@@ -53,8 +53,7 @@ def cut_state(before, after, length: int, fixed: dict[str, int]):
 
 def fixed_states(graph) -> dict[str, int]:
     """The graph's fixed-size state caches [B, R, ...] (not [B, T, ...]): name -> R."""
-    return {n: int(v.type.shape[1]) for n, v in graph.inputs.items()
-            if v.kind == "cache" and str(v.type.shape[1]) != "T"}
+    return {n: int(v.type.shape[1]) for n, v in graph.inputs.items() if v.kind == "cache" and v.type.is_fixed_state}
 
 
 class MTPDrafter:
