@@ -10,7 +10,7 @@ at swiglu_limit). Each kernel is checked against a torch reference (dequantise, 
 fp32) before it is timed. Times: medians of CUDA events around one call, the L2 flushed before each (the weights
 must come from HBM, as in a decode step). Floor: the weight bytes of the experts hit, read once, at 4.2 TB/s
 (MXFP4: half a byte a weight + a scale byte per 32; bf16: 2 bytes). Goal (issue 21): MXFP4 >= 2.5x faster than
-bf16 at 1-64 tokens. `decodes` times each MXFP4 path (ours, tl.dot_scaled, the GEMV) at one pinned tile, to show each
+bf16 at 1-64 tokens. `decodes` times each MXFP4 decode (ours, tl.dot_scaled) at one pinned tile, to show each
 compile and what each costs; the autotuned row picks among both (`--decode ours|native` restricts both to one,
 should one not compile here).
 """
@@ -140,10 +140,9 @@ def main() -> None:
         row["decodes"] = {}
         bm = moe.moe_block_m(n * k, e)
         pins = {"ours": moe_mxfp4.MXFP4Config(bm, 64, 128, 4, 3), "dot_scaled": moe_mxfp4.MXFP4Config(
-            bm, 64, 128, 4, 1, native=True), "gemv": moe_mxfp4.MXFP4Config(bm, 32, 512, 4, 1, gemv=2)}
+            bm, 64, 128, 4, 1, native=True)}
         if args.tiny:
-            pins = {"ours": moe_mxfp4.MXFP4Config(bm, 16, 64, 1, 1), "gemv": moe_mxfp4.MXFP4Config(bm, 16, 64, 1, 1,
-                                                                                                  gemv=2)}
+            pins = {"ours": moe_mxfp4.MXFP4Config(bm, 16, 64, 1, 1)}
         if native is not None:
             pins = {"dot_scaled" if native else "ours": pins["dot_scaled" if native else "ours"]}
         for label, pin in pins.items():
