@@ -11,7 +11,9 @@ with the pools as its cache inputs instead:
   `cache_lens` [B] (the triton MLA decode and flash kernels' block-table path); for V3.2 the indexer scores the
   paged key cache the same way (its scores then span the table's max_blocks * page rows) and sparse MLA reads the
   selected latent rows through the table.
-So requests of different lengths share one call, and nothing is copied but the new rows.
+So requests of different lengths share one call, and nothing is copied but the new rows. The same program runs
+a serving step's prefill chunks too (`PagedDecode.prefill`: rows of S tokens, queries at the end of each row's
+length), every chunk of the step in one call.
 
 Under CUDA graphs (`capture`), a step pads its batch up to the next bucket (BUCKETS): padding rows have length 0
 (their attention reads nothing and gives zeros) and write their row into a scratch slot the caller names
@@ -166,8 +168,9 @@ class _Bucket:
 class PagedDecode:
     """`compiled.paged_decode` of the triton backend: `(inputs, pad_slot) -> outputs` of one-token steps over
     the pools (inputs: input_ids [B,1], positions [B,1], each cache input's pool, block_table [B, W] int32,
-    cache_slots [B,1] int64, cache_lens [B] int32 counting the new row). `build` lowers the paged program on
-    first use; `capture` replays CUDA graphs per batch bucket (False: the same buffers run uncaptured)."""
+    cache_slots [B,1] int64, cache_lens [B] int32 counting the new row), and `prefill` for rows of many tokens.
+    `build` lowers the paged program on first use; `capture` replays CUDA graphs per batch bucket (False: the
+    same buffers run uncaptured)."""
 
     def __init__(self, build, capture: bool, report=None):
         self._build = build
@@ -177,7 +180,8 @@ class PagedDecode:
         self.buckets: dict[int, _Bucket] = {}
         self.graphs_off: str | None = None if capture else "capture disabled"
         self._mempool = None
-        self.stats = {"steps": 0, "graph_replays": 0, "captures": 0, "padded_rows": 0, "unbucketed_steps": 0}
+        self.stats = {"steps": 0, "graph_replays": 0, "captures": 0, "padded_rows": 0, "unbucketed_steps": 0,
+                      "prefill_calls": 0}
 
     def prepare(self) -> None:
         """Lower the paged program now (a DSGraphError says why it cannot be)."""
@@ -201,6 +205,15 @@ class PagedDecode:
         self.stats["padded_rows"] += size - b
         out = self._step(bucket)
         return {k: t[:b].clone() for k, t in out.items()}
+
+    def prefill(self, inputs: dict) -> dict:
+        """Rows of S > 1 tokens each (a serving step's prefill chunks packed by dsgraph/serve/packing.py) in one
+        plain call of the paged program: the inputs of `__call__`, with input_ids, positions and cache_slots
+        [B, S] and each row's queries the last S positions of its cache_lens. Their shapes change from step to
+        step, so no CUDA graph; the caller points padding columns' slots at the scratch block."""
+        self.prepare()
+        self.stats["prefill_calls"] += 1
+        return self.program(inputs)
 
     def _step(self, bucket: _Bucket) -> dict:
         if self.graphs_off:

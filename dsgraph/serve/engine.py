@@ -7,13 +7,14 @@ seats (`max_num_seqs`), budget and free blocks, and lets finished requests leave
 are freed, it waits again, and on resume its prompt and the tokens it had made are prefilled again (nothing is
 re-sampled, so its output is unchanged). Prompts starting with cached full blocks skip their prefill.
 
-Where the backend has a paged decode program (`exe.compiled.paged_decode`: triton, backends/triton/paged_decode.py)
-every one-token row of a step runs in one call over the pools, the attention reading each request's blocks
-through its block table and `cache.append` writing each new row into its block (under CUDA graphs per batch
-bucket on a GPU). Everything else (prefill chunks; every step on eager and tvm, whose graphs take one cache
-length per batch) runs one graph call per (cache length, chunk length) group, over the group's caches gathered
-from the pool: correct on every backend, slower. `decode_path` says which runs. Sampling and stop rules are the
-text runtime's, per request.
+Where the backend has a paged program (`exe.compiled.paged_decode`: triton, backends/triton/paged_decode.py) a
+step makes at most two calls over the pools, whatever its number of requests: every one-token row in one decode
+call (under CUDA graphs per batch bucket on a GPU), and every prefill chunk packed into rows of one bucketed
+length in one prefill call (packing.py); the attention reads each request's blocks through its block table and
+`cache.append` writes each new row into its block. Everything else (every step on eager and tvm, whose graphs take
+one cache length per batch, and V4's state caches) runs one graph call per (cache length, chunk length) group,
+over the group's caches gathered from the pool: correct on every backend, slower. `decode_path` says which runs.
+Sampling and stop rules are the text runtime's, per request.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from dsgraph.runtime import generation
 from dsgraph.runtime.sampling import SamplingParams, generators, next_tokens, seen_mask
 from dsgraph.runtime.state import KVState
 
+from .packing import Chunk, pack
 from .paged import BlockPool, BlockTables
 
 DEFAULT_MAX_TOKENS = 256
@@ -110,7 +112,7 @@ class Engine:
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
         self.preemptions = 0
-        self.calls = {"paged_decode": 0, "contiguous": 0}     # graph calls by path
+        self.calls = {"paged_decode": 0, "paged_prefill": 0, "contiguous": 0}     # graph calls by path
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self.paged, self.decode_path = self._paged_runner(paged_decode)
@@ -271,26 +273,31 @@ class Engine:
     # one iteration ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, launched: Callable[[], None] | None = None) -> list[RequestOutput]:
-        """Schedule, run every (cache length, chunk) group as one graph call, sample, report what changed.
+        """Schedule, run the step's graph calls (paged: one for the decode rows, one for the prefill chunks; else
+        one per (cache length, chunk) group), sample, report what changed.
         `launched` is called once the step's graph calls are issued, before the host waits for their results:
         a server hands the previous step's outputs to its clients there, while the device runs this one."""
         with self._lock:
             plan = self._schedule()
-            singles = [s for s, n in plan if n == 1] if self.paged is not None else []
-            groups: dict[tuple[int, int], list[_Seq]] = {}
-            for seq, n in plan:
-                if not (n == 1 and self.paged is not None):
+            issued = []
+            if self.paged is not None:
+                singles, chunks = [s for s, n in plan if n == 1], [(s, n) for s, n in plan if n > 1]
+                issued += [self._run_paged(singles)] if singles else []
+                issued += [self._run_prefill(chunks)] if chunks else []
+            else:
+                groups: dict[tuple[int, int], list[_Seq]] = {}
+                for seq, n in plan:
                     groups.setdefault((seq.computed, n), []).append(seq)
-            issued = [self._run_paged(singles)] if singles else []
-            issued += [self._run_group(seqs, start, n) for (start, n), seqs in groups.items()]
+                issued += [self._run_group(seqs, start, n) for (start, n), seqs in groups.items()]
             if launched is not None:
                 launched()
-            for seqs, n, logits in issued:
-                self._computed(seqs, n, logits)
+            for seqs, ns, last in issued:
+                self._computed(seqs, ns, last)
             return [o for o in (self._report(s) for s, _ in plan) if o is not None]
 
-    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> tuple[list[_Seq], int, torch.Tensor]:
-        """One graph call for `seqs` (n tokens each after `start`) over their gathered caches; (seqs, n, logits)."""
+    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> tuple[list[_Seq], list[int], torch.Tensor]:
+        """One graph call for `seqs` (n tokens each after `start`) over their gathered caches; (seqs, tokens
+        computed of each, the logits after each one's last token [len(seqs), V])."""
         exe, tables = self.exe, [s.table for s in seqs]
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
         caches = {**self.pool.gather(tables, start), **self._states(seqs)}
@@ -299,7 +306,7 @@ class Engine:
         for k, seq in enumerate(seqs):
             seq.state = {name: state.caches[name][k:k + 1] for name in self.pool.states}
         self.calls["contiguous"] += 1
-        return seqs, n, out["logits"]
+        return seqs, [n] * len(seqs), out["logits"][:, -1]
 
     def _states(self, seqs: list[_Seq]) -> dict[str, torch.Tensor]:
         """The fixed-size state caches of `seqs` stacked (zeros for a request with none computed yet)."""
@@ -308,7 +315,7 @@ class Engine:
                 torch.zeros(t.concrete({"B": 1}), dtype=to_torch(t.dtype), device=self.exe.device)
         return {name: torch.cat([one(s, name, t) for s in seqs]) for name, t in self.pool.states.items()}
 
-    def _run_paged(self, seqs: list[_Seq]) -> tuple[list[_Seq], int, torch.Tensor]:
+    def _run_paged(self, seqs: list[_Seq]) -> tuple[list[_Seq], list[int], torch.Tensor]:
         """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools. The step's
         integer inputs are made on the host as one tensor (block tables from their persistent rows) and copied
         to the device once."""
@@ -316,25 +323,45 @@ class Engine:
         self.exe._check_length(max(computed) + 1)
         rows = [[s.tokens[p], p, s.table[p // page] * page + p % page, p + 1] for s, p in zip(seqs, computed)]
         host = torch.cat([torch.tensor(rows), self.tables.rows([(s.rid, s.table) for s in seqs]).long()], 1)
+        self.pool.check_rows(host[:, 4:], host[:, 2:3], host[:, 3], host[:, 1:2])
         dev = host.to(self.exe.device)        # the one host-to-device copy of the step's inputs
         inputs = {"input_ids": dev[:, 0:1].contiguous(), "positions": dev[:, 1:2].contiguous(), **self.pool.storage,
                   "block_table": dev[:, 4:].int().contiguous(), "cache_slots": dev[:, 2:3].contiguous(),
                   "cache_lens": dev[:, 3].int()}
         out = self.paged(inputs, self.pool.pad_slot)
         self.calls["paged_decode"] += 1
-        return seqs, 1, out["logits"]
+        return seqs, [1] * len(seqs), out["logits"][:, -1]
 
-    def _computed(self, seqs: list[_Seq], n: int, logits: torch.Tensor) -> None:
-        """`seqs` have n more cache rows: register the blocks that filled, sample where the whole history is in."""
+    def _run_prefill(self, plan: list[tuple[_Seq, int]]) -> tuple[list[_Seq], list[int], torch.Tensor]:
+        """Every prefill chunk of the step (request, tokens to compute) in one paged call, packed into rows of one
+        bucketed length (packing.py); its integer inputs made on the host and copied to the device at once."""
+        seqs, ns = [s for s, _ in plan], [n for _, n in plan]
+        self.exe._check_length(max(s.computed + n for s, n in plan))
+        packed = pack([Chunk(s.tokens[s.computed:s.computed + n], s.computed, s.table) for s, n in plan],
+                      self.pool.block_size, self.pool.pad_slot)
+        self.pool.check_rows(packed.table, packed.slots, packed.lens, packed.positions)
+        host = torch.cat([packed.ids, packed.positions, packed.slots, packed.lens[:, None].long(),
+                          packed.table.long()], 1)
+        dev, s = host.to(self.exe.device), packed.ids.shape[1]   # the one host-to-device copy of the inputs
+        inputs = {"input_ids": dev[:, :s].contiguous(), "positions": dev[:, s:2 * s].contiguous(),
+                  **self.pool.storage, "cache_slots": dev[:, 2 * s:3 * s].contiguous(),
+                  "cache_lens": dev[:, 3 * s].int(), "block_table": dev[:, 3 * s + 1:].int().contiguous()}
+        out = self.paged.prefill(inputs)
+        self.calls["paged_prefill"] += 1
+        return seqs, ns, out["logits"][torch.tensor(packed.last, device=dev.device), -1]
+
+    def _computed(self, seqs: list[_Seq], ns: list[int], last: torch.Tensor) -> None:
+        """`seqs` have ns more cache rows each: register the blocks that filled, sample where the whole history is
+        in, from `last` [len(seqs), V] (the logits after each one's newest token)."""
         ready = []
-        for k, seq in enumerate(seqs):
+        for k, (seq, n) in enumerate(zip(seqs, ns)):
             seq.computed += n
             if self.prefix_caching:
                 self.pool.register(seq.table, seq.tokens, seq.computed, seq.hashes)
             if seq.computed == len(seq.tokens):
                 ready.append((k, seq))
         if ready:
-            self._sample(ready, logits[:, -1])
+            self._sample(ready, last)
 
     def _sample(self, ready: list[tuple[int, _Seq]], last: torch.Tensor) -> None:
         """The next token of each (row k of `last` [B, V], request): the rows with equal knobs (seeds aside: each

@@ -1,0 +1,81 @@
+"""Every prefill chunk of an engine step packed into one [rows, S] batch of the paged program.
+
+A step's prefill chunks have different lengths and start positions. Run one graph call each and a step with N
+chunks makes N calls, each at a new (batch, length) shape: N times the host work, and on a GPU a new kernel
+specialisation or tuned config for most chunk lengths. Instead every chunk is cut into rows of one bucketed
+length S (ROW_LENGTHS) and all rows go through the paged program in one call:
+- row j of a chunk of n tokens starting at position c holds positions c - pad + j*S ... c - pad + (j+1)*S - 1,
+  pad = rows * S - n: the padding sits at the front of the chunk's first row, so the chunk's last token is the
+  last column of its last row;
+- every row carries its request's block table and its cache length `cache_lens` (the position after its last
+  column): the attention kernels place a row's queries at the end of its length, so each real token sees exactly
+  the keys before it; the rows of one chunk see each other's keys because each layer's `cache.append` writes
+  every row before that layer's attention reads any;
+- padding tokens are id 0 at position 0 (a valid RoPE row) and write their cache rows into the pool's scratch
+  slot (`pad_slot`), never into a request's blocks; their outputs are dropped.
+The padding costs at most S - 1 tokens per chunk, outside the engine's token budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsgraph.errors import DSGraphError
+
+ROW_LENGTHS = (16, 32, 64, 128)   # the packed rows' lengths: the shortest that holds the longest chunk, at most 128
+MIN_TABLE_WIDTH = 16              # block-table width of a packed call, doubled as needed (few distinct shapes)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """n = len(tokens) tokens of one request computed after its first `start`, its cache rows in `table`."""
+
+    tokens: list[int]
+    start: int
+    table: list[int]
+
+
+@dataclass
+class Packed:
+    """The paged program's integer inputs for one packed call, on the host, and where each chunk's last token's
+    outputs are: row `last[i]`, column S - 1."""
+
+    ids: torch.Tensor          # [rows, S] int64
+    positions: torch.Tensor    # [rows, S] int64
+    slots: torch.Tensor        # [rows, S] int64: flat pool slots (block * page + offset), pad_slot for padding
+    lens: torch.Tensor         # [rows] int32: each row's cache length, its new rows included
+    table: torch.Tensor        # [rows, width] int32
+    last: list[int]
+
+
+def row_length(longest: int) -> int:
+    return next((s for s in ROW_LENGTHS if s >= longest), ROW_LENGTHS[-1])
+
+
+def table_width(blocks: int) -> int:
+    return max(MIN_TABLE_WIDTH, 1 << max(0, blocks - 1).bit_length())
+
+
+def pack(chunks: list[Chunk], page: int, pad_slot: int) -> Packed:
+    """The packed rows of `chunks` over a pool of `page`-row blocks whose scratch slot is `pad_slot`."""
+    s = row_length(max(len(c.tokens) for c in chunks))
+    ids, positions, slots, lens, tables, last = [], [], [], [], [], []
+    width = table_width(max(-(-(c.start + len(c.tokens)) // page) for c in chunks))
+    for c in chunks:
+        n = len(c.tokens)
+        if n == 0 or len(c.table) * page < c.start + n:
+            raise DSGraphError(f"packed prefill: a chunk of {n} tokens after {c.start} needs "
+                               f"{-(-(c.start + n) // page)} blocks, its table has {len(c.table)} (engine bug)")
+        rows = -(-n // s)
+        first = c.start - (rows * s - n)          # the position of the first row's first column
+        for j in range(rows):
+            pos = range(first + j * s, first + (j + 1) * s)
+            ids.append([c.tokens[p - c.start] if p >= c.start else 0 for p in pos])
+            positions.append([max(p, 0) for p in pos])
+            slots.append([c.table[p // page] * page + p % page if p >= c.start else pad_slot for p in pos])
+            lens.append(pos.stop)
+            tables.append(c.table[:width] + [0] * (width - len(c.table[:width])))
+        last.append(len(ids) - 1)
+    return Packed(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots),
+                  torch.tensor(lens, dtype=torch.int32), torch.tensor(tables, dtype=torch.int32), last)
