@@ -170,7 +170,9 @@ class PagedDecode:
     the pools (inputs: input_ids [B,1], positions [B,1], each cache input's pool, block_table [B, W] int32,
     cache_slots [B,1] int64, cache_lens [B] int32 counting the new row), and `prefill` for rows of many tokens.
     `build` lowers the paged program on first use; `capture` replays CUDA graphs per batch bucket (False: the
-    same buffers run uncaptured)."""
+    same buffers run uncaptured). The caller checks the ranges of block_table, cache_slots and cache_lens on the
+    host (dsgraph/serve/paged.py `BlockPool.check_rows`): the program's kernels do not, which would sync the
+    device at every attention op."""
 
     def __init__(self, build, capture: bool, report=None):
         self._build = build
