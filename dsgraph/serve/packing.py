@@ -3,7 +3,7 @@
 A step's prefill chunks have different lengths and start positions. Run one graph call each and a step with N
 chunks makes N calls, each at a new (batch, length) shape: N times the host work, and on a GPU a new kernel
 specialisation or tuned config for most chunk lengths. Instead every chunk is cut into rows of one bucketed
-length S (ROW_LENGTHS) and all rows go through the paged program in one call:
+length S (ROW_LENGTHS, `row_length`) and all rows go through the paged program in one call:
 - row j of a chunk of n tokens starting at position c holds positions c - pad + j*S ... c - pad + (j+1)*S - 1,
   pad = rows * S - n: the padding sits at the front of the chunk's first row, so the chunk's last token is the
   last column of its last row;
@@ -23,8 +23,8 @@ import torch
 
 from dsgraph.errors import DSGraphError
 
-ROW_LENGTHS = (16, 32, 64, 128)   # the packed rows' lengths: the shortest that holds the longest chunk, at most 128
-MIN_TABLE_WIDTH = 16              # block-table width of a packed call, doubled as needed (few distinct shapes)
+ROW_LENGTHS = (8, 16, 32, 64, 128)   # the lengths a packed call's rows may take
+ROW_COST = 32     # a row's fixed cost in tokens' worth (its query tiles part-filled, its table read), for row_length
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,20 @@ class Packed:
     last: list[int]
 
 
-def row_length(longest: int) -> int:
-    return next((s for s in ROW_LENGTHS if s >= longest), ROW_LENGTHS[-1])
+def row_length(lengths: list[int]) -> int:
+    """The row length packing chunks of these lengths costs least: padded tokens plus ROW_COST per row (long rows
+    fill an attention kernel's query tiles, short ones pad short chunks less); the longer one on a tie."""
+    return min(reversed(ROW_LENGTHS), key=lambda s: sum(-(-n // s) * (s + ROW_COST) for n in lengths))
 
 
 def table_width(blocks: int) -> int:
-    return max(MIN_TABLE_WIDTH, 1 << max(0, blocks - 1).bit_length())
+    """Block-table columns of a packed call: a power of two, so the tables' shapes take few values."""
+    return 1 << max(0, blocks - 1).bit_length()
 
 
 def pack(chunks: list[Chunk], page: int, pad_slot: int) -> Packed:
     """The packed rows of `chunks` over a pool of `page`-row blocks whose scratch slot is `pad_slot`."""
-    s = row_length(max(len(c.tokens) for c in chunks))
+    s = row_length([len(c.tokens) for c in chunks])
     ids, positions, slots, lens, tables, last = [], [], [], [], [], []
     width = table_width(max(-(-(c.start + len(c.tokens)) // page) for c in chunks))
     for c in chunks:
