@@ -61,24 +61,31 @@ def table_width(blocks: int) -> int:
 
 
 def pack(chunks: list[Chunk], page: int, pad_slot: int) -> Packed:
-    """The packed rows of `chunks` over a pool of `page`-row blocks whose scratch slot is `pad_slot`."""
+    """The packed rows of `chunks` over a pool of `page`-row blocks whose scratch slot is `pad_slot` (a few
+    tensor ops per chunk, not per token: a step packs thousands of tokens)."""
     s = row_length([len(c.tokens) for c in chunks])
-    ids, positions, slots, lens, tables, last = [], [], [], [], [], []
     width = table_width(max(-(-(c.start + len(c.tokens)) // page) for c in chunks))
+    parts: list[list[torch.Tensor]] = [[], [], [], [], []]     # ids, positions, slots, lens, tables
+    last, made = [], 0
     for c in chunks:
         n = len(c.tokens)
         if n == 0 or len(c.table) * page < c.start + n:
             raise DSGraphError(f"packed prefill: a chunk of {n} tokens after {c.start} needs "
                                f"{-(-(c.start + n) // page)} blocks, its table has {len(c.table)} (engine bug)")
         rows = -(-n // s)
-        first = c.start - (rows * s - n)          # the position of the first row's first column
-        for j in range(rows):
-            pos = range(first + j * s, first + (j + 1) * s)
-            ids.append([c.tokens[p - c.start] if p >= c.start else 0 for p in pos])
-            positions.append([max(p, 0) for p in pos])
-            slots.append([c.table[p // page] * page + p % page if p >= c.start else pad_slot for p in pos])
-            lens.append(pos.stop)
-            tables.append(c.table[:width] + [0] * (width - len(c.table[:width])))
-        last.append(len(ids) - 1)
-    return Packed(torch.tensor(ids), torch.tensor(positions), torch.tensor(slots),
-                  torch.tensor(lens, dtype=torch.int32), torch.tensor(tables, dtype=torch.int32), last)
+        pos = torch.arange(c.start - (rows * s - n), c.start + n).view(rows, s)   # padding first: positions < start
+        real = pos >= c.start
+        ids = torch.zeros(rows, s, dtype=torch.int64)
+        ids[real] = torch.tensor(c.tokens)
+        table = torch.tensor(c.table[:width])
+        at = pos.clamp(min=c.start)
+        slots = torch.where(real, table[at // page] * page + at % page, pad_slot)
+        parts[0].append(ids)
+        parts[1].append(pos.clamp(min=0))
+        parts[2].append(slots)
+        parts[3].append(pos[:, -1] + 1)
+        parts[4].append(torch.nn.functional.pad(table, (0, width - len(table))).expand(rows, width))
+        made += rows
+        last.append(made - 1)
+    ids, positions, slots, lens, tables = (torch.cat(p) for p in parts)
+    return Packed(ids, positions, slots, lens.int(), tables.int(), last)
