@@ -145,8 +145,7 @@ class BlockPool:
         for name, s in self.storage.items():
             s[blocks, (pos % self.block_size).expand_as(blocks)] = caches[name][:, start:end].to(s.dtype)
 
-    def check_rows(self, table: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor, positions: torch.Tensor,
-                   ) -> None:
+    def check_rows(self, table: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor, positions: torch.Tensor) -> None:
         """The integer inputs of a paged call, on the host before they go to the device: every block id inside
         the pool, every write slot a request's row or the scratch slot, every length within its row's table, no
         negative position. Out of range, a kernel would read or write past the pools; on a GPU that faults
