@@ -2,8 +2,10 @@
 
 Adds --requests requests of --input-len random ids asking for --output-len tokens, runs `Engine.step` until all
 finish, and splits each step's wall time into the host part (wall minus the time the GPU was busy, measured with
-CUDA events around the step) per kind of step (prefill-carrying / decode-only). Then profiles --profile-steps
-decode-only steps with cProfile and prints the functions that cost the most host time. Results go to
+CUDA events around the step) per kind of step (prefill-carrying / decode-only), with the graph calls each kind
+makes per step (`Engine.calls`: one paged decode and one packed prefill call at most on triton) and the time per
+prompt token. Then profiles --profile-steps decode-only steps and the first --profile-steps prefill-carrying
+steps of a fresh batch with cProfile and prints the functions that cost the most host time. Results go to
 $OUT/engine_profile.json when OUT is set.
 
     python benchmarks/engine_profile.py deepseek-v2-lite --device cuda --backend triton --dtype bfloat16 \\
@@ -35,6 +37,7 @@ def run(engine, prompts, out_len, sync):
         prefill = any(s.pending() > 1 for s in engine.running) or bool(engine.waiting)
         sync()
         before = [(s.computed, s.pending(), len(s.table)) for s in engine.running]
+        calls, computed = sum(engine.calls.values()), _computed(engine)
         t0 = time.perf_counter()
         try:
             engine.step()
@@ -43,8 +46,33 @@ def run(engine, prompts, out_len, sync):
             print(f"step {len(rows)} failed; running (computed, pending, blocks) before it: {before}; "
                   f"waiting {len(engine.waiting)}", flush=True)
             raise
-        rows.append(("prefill" if prefill else "decode", engine.num_running, time.perf_counter() - t0))
+        rows.append(("prefill" if prefill else "decode", engine.num_running, time.perf_counter() - t0,
+                     sum(engine.calls.values()) - calls, _computed(engine) - computed))
     return rows
+
+
+def _computed(engine) -> int:
+    """Tokens whose cache rows the running requests hold (finished requests leave: count a step's work as the
+    difference before and after, which a leaving request makes slightly low)."""
+    return sum(s.computed for s in engine.running)
+
+
+def _profile(engine, steps: int, sync, label: str) -> float:
+    """cProfile `steps` engine steps; prints the top host functions; returns ms per step."""
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    prof.disable()
+    per_step = (time.perf_counter() - t0) / steps
+    print(f"profiled {label} step: {1e3 * per_step:.2f} ms at B={engine.num_running}")
+    for order in ("tottime", "cumulative"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(order).print_stats(35)
+        print(s.getvalue())
+    return 1e3 * per_step
 
 
 def main():
@@ -72,41 +100,32 @@ def main():
     total = time.perf_counter() - t0
     summary = {}
     for kind in ("prefill", "decode"):
-        ts = [t for k, _, t in rows if k == kind]
+        ts = [t for k, _, t, _, _ in rows if k == kind]
         if ts:
-            summary[kind] = {"steps": len(ts), "median_ms": 1e3 * statistics.median(ts), "total_s": sum(ts)}
-    full = [t for k, b, t in rows if k == "decode" and b == args.requests]
+            summary[kind] = {"steps": len(ts), "median_ms": 1e3 * statistics.median(ts), "total_s": sum(ts),
+                             "max_graph_calls_per_step": max(c for k, _, _, c, _ in rows if k == kind)}
+    if "prefill" in summary:
+        summary["prefill"]["us_per_prompt_token"] = 1e6 * summary["prefill"]["total_s"] / (args.requests *
+                                                                                          args.input_len)
+    full = [t for k, b, t, _, _ in rows if k == "decode" and b == args.requests]
     summary["decode_at_full_batch_median_ms"] = 1e3 * statistics.median(full) if full else None
     summary["total_s"] = total
     summary["tokens_per_s"] = args.requests * args.output_len / total
     print(json.dumps(summary, indent=1), flush=True)
 
-    # profile decode-only steps at full batch
+    # profile the first prefill-carrying steps of a fresh batch, then decode-only steps at full batch
     for p_ in prompts:
         engine.add_request(p_, max_tokens=args.output_len + args.profile_steps)
+    summary["profiled_prefill_step_ms"] = _profile(engine, args.profile_steps, sync, "prefill-carrying")
     while any(s.pending() > 1 for s in engine.running) or engine.waiting:
         engine.step()
     sync()
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
-    for _ in range(args.profile_steps):
-        engine.step()
-    sync()
-    prof.disable()
-    per_step = (time.perf_counter() - t0) / args.profile_steps
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(35)
-    print(f"profiled decode step: {1e3 * per_step:.2f} ms at B={engine.num_running}")
-    print(s.getvalue())
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(35)
-    print(s.getvalue())
+    summary["profiled_step_ms"] = _profile(engine, args.profile_steps, sync, "decode")
     while engine.has_unfinished():
         engine.step()
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "engine_profile.json"), "w") as f:
-            json.dump({**summary, "profiled_step_ms": 1e3 * per_step, "args": vars(args)}, f, indent=1)
+            json.dump({**summary, "args": vars(args)}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ with the pools as its cache inputs instead:
 - each fixed-size state cache (V4's sliding window and compressor rows, TensorType.is_fixed_state) is a pool
   [slots, rows, ...] of one slot per request (`state_slots` [B]): the step gathers its rows' states, the program
   reads them as its plain state inputs, and their next values are written back at the same slots.
-So requests of different lengths share one call, and nothing is copied but the new rows (and the states).
+So requests of different lengths share one call, and nothing is copied but the new rows (and the states). The
+same program runs a serving step's prefill chunks too (`PagedDecode.prefill`: rows of S tokens, queries at the end
+of each row's length), every chunk of the step in one call (models without fixed-size states).
 
 Under CUDA graphs (`capture`), a step pads its batch up to the next bucket (BUCKETS): padding rows have length 0
 (their attention reads nothing and gives zeros) and write their row into a scratch slot the caller names
@@ -196,9 +198,11 @@ class PagedDecode:
     """`compiled.paged_decode` of the triton backend: `(inputs, pad_slot) -> outputs` of one-token steps over
     the pools (inputs: input_ids [B,1], positions [B,1], each cache input's pool, block_table [B, W] int32,
     cache_slots [B,1] int64, cache_lens [B] int32 counting the new row; with fixed-size states each one's pool
-    [slots + 1, rows, ...] under its name, the last slot scratch, and state_slots [B] int64). `build` lowers the
-    paged program on first use; `capture` replays CUDA graphs per batch bucket (False: the same buffers run
-    uncaptured)."""
+    [slots + 1, rows, ...] under its name, the last slot scratch, and state_slots [B] int64), and `prefill` for
+    rows of many tokens. `build` lowers the paged program on first use; `capture` replays CUDA graphs per batch
+    bucket (False: the same buffers run uncaptured). The caller checks the ranges of block_table, cache_slots and
+    cache_lens on the host (dsgraph/serve/paged.py `BlockPool.check_rows`): the program's kernels do not, which
+    would sync the device at every attention op."""
 
     def __init__(self, build, capture: bool, report=None):
         self._build = build
@@ -208,7 +212,8 @@ class PagedDecode:
         self.buckets: dict[int, _Bucket] = {}
         self.graphs_off: str | None = None if capture else "capture disabled"
         self._mempool = None
-        self.stats = {"steps": 0, "graph_replays": 0, "captures": 0, "padded_rows": 0, "unbucketed_steps": 0}
+        self.stats = {"steps": 0, "graph_replays": 0, "captures": 0, "padded_rows": 0, "unbucketed_steps": 0,
+                      "prefill_calls": 0}
 
     def prepare(self) -> None:
         """Lower the paged program now (a DSGraphError says why it cannot be)."""
@@ -235,6 +240,15 @@ class PagedDecode:
         self.stats["padded_rows"] += size - b
         out = self._step(bucket)
         return {k: t[:b].clone() for k, t in out.items()}
+
+    def prefill(self, inputs: dict) -> dict:
+        """Rows of S > 1 tokens each (a serving step's prefill chunks packed by dsgraph/serve/packing.py) in one
+        plain call of the paged program: the inputs of `__call__`, with input_ids, positions and cache_slots
+        [B, S] and each row's queries the last S positions of its cache_lens. Their shapes change from step to
+        step, so no CUDA graph; the caller points padding columns' slots at the scratch block."""
+        self.prepare()
+        self.stats["prefill_calls"] += 1
+        return self.program(inputs)
 
     def _step(self, bucket: _Bucket) -> dict:
         if self.graphs_off:

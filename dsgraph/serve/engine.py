@@ -7,15 +7,17 @@ seats (`max_num_seqs`), budget and free blocks, and lets finished requests leave
 are freed, it waits again, and on resume its prompt and the tokens it had made are prefilled again (nothing is
 re-sampled, so its output is unchanged). Prompts starting with cached full blocks skip their prefill.
 
-Where the backend has a paged decode program (`exe.compiled.paged_decode`: triton, backends/triton/paged_decode.py)
-every one-token row of a step runs in one call over the pools, the attention reading each request's blocks
-through its block table and `cache.append` writing each new row into its block (under CUDA graphs per batch
-bucket on a GPU). Everything else (prefill chunks; every step on eager and tvm, whose graphs take one cache
-length per batch) runs one graph call per (cache length, chunk length) group, over the group's caches gathered
-from the pool: correct on every backend, slower. `decode_path` says which runs. Fixed-size state caches (V4's
-sliding window and compressor rows) live in one slot per running request (`StateSlots`, taken zeroed on
-admission): a graph call gathers its group's slots and writes the next states back; the paged program reads and
-writes them in place at each row's slot. Sampling and stop rules are the text runtime's, per request.
+Where the backend has a paged program (`exe.compiled.paged_decode`: triton, backends/triton/paged_decode.py) a
+step makes at most two calls over the pools, whatever its number of requests: every one-token row in one decode
+call (under CUDA graphs per batch bucket on a GPU), and every prefill chunk packed into rows of one bucketed
+length in one prefill call (packing.py); the attention reads each request's blocks through its block table and
+`cache.append` writes each new row into its block. Everything else (every step on eager and tvm, whose graphs take
+one cache length per batch, and the prefill chunks of models with fixed-size states) runs one graph call per
+(cache length, chunk length) group, over the group's caches gathered from the pool: correct on every backend,
+slower. `decode_path` says which runs. Fixed-size state caches (V4's sliding window and compressor rows) live in
+one slot per running request (`StateSlots`, taken zeroed on admission): a graph call gathers its group's slots and
+writes the next states back; the paged decode program reads and writes them in place at each row's slot.
+Sampling and stop rules are the text runtime's, per request.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from dsgraph.runtime import generation
 from dsgraph.runtime.sampling import SamplingParams, generators, next_tokens, seen_mask
 from dsgraph.runtime.state import KVState
 
+from .packing import Chunk, pack
 from .paged import BlockPool, BlockTables, StateSlots
 
 DEFAULT_MAX_TOKENS = 256
@@ -112,7 +115,7 @@ class Engine:
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
         self.preemptions = 0
-        self.calls = {"paged_decode": 0, "contiguous": 0}     # graph calls by path
+        self.calls = {"paged_decode": 0, "paged_prefill": 0, "contiguous": 0}     # graph calls by path
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self.paged, self.decode_path = self._paged_runner(paged_decode)
@@ -275,26 +278,31 @@ class Engine:
     # one iteration ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, launched: Callable[[], None] | None = None) -> list[RequestOutput]:
-        """Schedule, run every (cache length, chunk) group as one graph call, sample, report what changed.
+        """Schedule, run the step's graph calls (paged: one for the decode rows, one for the prefill chunks; else
+        one per (cache length, chunk) group), sample, report what changed.
         `launched` is called once the step's graph calls are issued, before the host waits for their results:
         a server hands the previous step's outputs to its clients there, while the device runs this one."""
         with self._lock:
             plan = self._schedule()
-            singles = [s for s, n in plan if n == 1] if self.paged is not None else []
+            paged, packed = self.paged is not None, self.paged is not None and self.slots is None
+            singles = [s for s, n in plan if n == 1 and paged]
+            chunks = [(s, n) for s, n in plan if n > 1 and packed]   # fixed-size states advance token by token
             groups: dict[tuple[int, int], list[_Seq]] = {}
             for seq, n in plan:
-                if not (n == 1 and self.paged is not None):
+                if not (n == 1 and paged or n > 1 and packed):
                     groups.setdefault((seq.computed, n), []).append(seq)
             issued = [self._run_paged(singles)] if singles else []
+            issued += [self._run_prefill(chunks)] if chunks else []
             issued += [self._run_group(seqs, start, n) for (start, n), seqs in groups.items()]
             if launched is not None:
                 launched()
-            for seqs, n, logits in issued:
-                self._computed(seqs, n, logits)
+            for seqs, ns, last in issued:
+                self._computed(seqs, ns, last)
             return [o for o in (self._report(s) for s, _ in plan) if o is not None]
 
-    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> tuple[list[_Seq], int, torch.Tensor]:
-        """One graph call for `seqs` (n tokens each after `start`) over their gathered caches; (seqs, n, logits)."""
+    def _run_group(self, seqs: list[_Seq], start: int, n: int) -> tuple[list[_Seq], list[int], torch.Tensor]:
+        """One graph call for `seqs` (n tokens each after `start`) over their gathered caches; (seqs, tokens
+        computed of each, the logits after each one's last token [len(seqs), V])."""
         exe, tables = self.exe, [s.table for s in seqs]
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
         slots = [s.slot for s in seqs]
@@ -304,9 +312,9 @@ class Engine:
         if self.slots is not None:
             self.slots.write(slots, state.caches)
         self.calls["contiguous"] += 1
-        return seqs, n, out["logits"]
+        return seqs, [n] * len(seqs), out["logits"][:, -1]
 
-    def _run_paged(self, seqs: list[_Seq]) -> tuple[list[_Seq], int, torch.Tensor]:
+    def _run_paged(self, seqs: list[_Seq]) -> tuple[list[_Seq], list[int], torch.Tensor]:
         """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools. The step's
         integer inputs are made on the host as one tensor (block tables from their persistent rows) and copied
         to the device once."""
@@ -315,6 +323,7 @@ class Engine:
         rows = [[s.tokens[p], p, s.table[p // page] * page + p % page, p + 1, s.slot or 0]
                 for s, p in zip(seqs, computed)]
         host = torch.cat([torch.tensor(rows), self.tables.rows([(s.rid, s.table) for s in seqs]).long()], 1)
+        self.pool.check_rows(host[:, 5:], host[:, 2:3], host[:, 3], host[:, 1:2])
         dev = host.to(self.exe.device)        # the one host-to-device copy of the step's inputs
         inputs = {"input_ids": dev[:, 0:1].contiguous(), "positions": dev[:, 1:2].contiguous(), **self.pool.storage,
                   "block_table": dev[:, 5:].int().contiguous(), "cache_slots": dev[:, 2:3].contiguous(),
@@ -323,19 +332,38 @@ class Engine:
             inputs.update(self.slots.storage, state_slots=dev[:, 4].contiguous())
         out = self.paged(inputs, self.pool.pad_slot)
         self.calls["paged_decode"] += 1
-        return seqs, 1, out["logits"]
+        return seqs, [1] * len(seqs), out["logits"][:, -1]
 
-    def _computed(self, seqs: list[_Seq], n: int, logits: torch.Tensor) -> None:
-        """`seqs` have n more cache rows: register the blocks that filled, sample where the whole history is in."""
+    def _run_prefill(self, plan: list[tuple[_Seq, int]]) -> tuple[list[_Seq], list[int], torch.Tensor]:
+        """Every prefill chunk of the step (request, tokens to compute) in one paged call, packed into rows of one
+        bucketed length (packing.py); its integer inputs made on the host and copied to the device at once."""
+        seqs, ns = [s for s, _ in plan], [n for _, n in plan]
+        self.exe._check_length(max(s.computed + n for s, n in plan))
+        packed = pack([Chunk(s.tokens[s.computed:s.computed + n], s.computed, s.table) for s, n in plan],
+                      self.pool.block_size, self.pool.pad_slot)
+        self.pool.check_rows(packed.table, packed.slots, packed.lens, packed.positions)
+        host = torch.cat([packed.ids, packed.positions, packed.slots, packed.lens[:, None].long(),
+                          packed.table.long()], 1)
+        dev, s = host.to(self.exe.device), packed.ids.shape[1]   # the one host-to-device copy of the inputs
+        inputs = {"input_ids": dev[:, :s].contiguous(), "positions": dev[:, s:2 * s].contiguous(),
+                  **self.pool.storage, "cache_slots": dev[:, 2 * s:3 * s].contiguous(),
+                  "cache_lens": dev[:, 3 * s].int(), "block_table": dev[:, 3 * s + 1:].int().contiguous()}
+        out = self.paged.prefill(inputs)
+        self.calls["paged_prefill"] += 1
+        return seqs, ns, out["logits"][torch.tensor(packed.last, device=dev.device), -1]
+
+    def _computed(self, seqs: list[_Seq], ns: list[int], last: torch.Tensor) -> None:
+        """`seqs` have ns more cache rows each: register the blocks that filled, sample where the whole history is
+        in, from `last` [len(seqs), V] (the logits after each one's newest token)."""
         ready = []
-        for k, seq in enumerate(seqs):
+        for k, (seq, n) in enumerate(zip(seqs, ns)):
             seq.computed += n
             if self.prefix_caching:
                 self.pool.register(seq.table, seq.tokens, seq.computed, seq.hashes)
             if seq.computed == len(seq.tokens):
                 ready.append((k, seq))
         if ready:
-            self._sample(ready, logits[:, -1])
+            self._sample(ready, last)
 
     def _sample(self, ready: list[tuple[int, _Seq]], last: torch.Tensor) -> None:
         """The next token of each (row k of `last` [B, V], request): the rows with equal knobs (seeds aside: each

@@ -145,6 +145,21 @@ class BlockPool:
         for name, s in self.storage.items():
             s[blocks, (pos % self.block_size).expand_as(blocks)] = caches[name][:, start:end].to(s.dtype)
 
+    def check_rows(self, table: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor, positions: torch.Tensor) -> None:
+        """The integer inputs of a paged call, on the host before they go to the device: every block id inside
+        the pool, every write slot a request's row or the scratch slot, every length within its row's table, no
+        negative position. Out of range, a kernel would read or write past the pools; on a GPU that faults
+        asynchronously and surfaces later as an unrelated error (e.g. CUBLAS_STATUS_EXECUTION_FAILED in the next
+        GEMM), so the engine checks here, where it costs no device sync."""
+        limits = (("block ids", table, self.num_blocks - 1), ("write slots", slots, self.pad_slot),
+                  ("cache lengths", lens, table.shape[1] * self.block_size), ("positions", positions, None))
+        for what, t, most in limits:
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or (most is not None and high > most):
+                raise InputError(f"paged cache: the {what} of a step's {table.shape[0]} rows span [{low}, {high}], "
+                                 f"outside [0, {most if most is not None else 'any'}] (an engine bug: please "
+                                 "report it with the requests that ran)")
+
     @property
     def _device(self):
         return self.device

@@ -99,10 +99,12 @@ def _indexer_logits_kernel(
 
 def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float, causal: bool = True,
                    kv_lens: torch.Tensor | None = None, q_scale: torch.Tensor | None = None,
-                   k_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+                   k_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+                   check_table: bool = True) -> torch.Tensor:
     """q [B,S,H,D], k [B,T,D], weights [B,S,H] -> fp32 [B,S,T] (see dsgraph/ops/dsa.py); kv_lens, block_table (k
     then a pool [blocks, PAGE, D], kv_lens required): see above. FP8 (contiguous k only): q and k float8_e4m3fn
-    with fp32 scales q_scale [B,S,H] and k_scale [B,T] (one per row of D values)."""
+    with fp32 scales q_scale [B,S,H] and k_scale [B,T] (one per row of D values). check_table=False: the caller
+    has checked the block ids on the host (the check here syncs the device)."""
     fp8 = q_scale is not None or k_scale is not None
     if fp8:
         _check_fp8("indexer_logits", (q, q_scale), (k, k_scale))
@@ -112,7 +114,7 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
     b, s, h, d = q.shape
     t = k.shape[1]
     paged = block_table is not None
-    t = _paged_length("indexer_logits", block_table, k, kv_lens, b, fp8) if paged else t
+    t = _paged_length("indexer_logits", block_table, k, kv_lens, b, fp8, check_table) if paged else t
     if (k.shape[2] != d if paged else k.shape != (b, t, d)) or weights.shape != (b, s, h) or \
             fp8 and (q_scale.shape != (b, s, h) or k_scale.shape != (b, t)):
         raise ShapeError(f"indexer_logits: q {tuple(q.shape)}, k {tuple(k.shape)}, weights {tuple(weights.shape)}"
@@ -132,12 +134,12 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
     return out
 
 
-def _paged_length(what: str, block_table, pool, kv_lens, b: int, fp8: bool) -> int:
+def _paged_length(what: str, block_table, pool, kv_lens, b: int, fp8: bool, ids: bool) -> int:
     """The cache length T a block table spans over `pool` [blocks, PAGE, ...], the table checked; the FP8 caches
     are read contiguous only."""
     if fp8:
         raise InputError(f"{what}: the FP8 cache is read contiguous, not through a block table")
-    check_block_table(what, block_table, (pool,), kv_lens, b)
+    check_block_table(what, block_table, (pool,), kv_lens, b, ids)
     return block_table.shape[1] * pool.shape[1]
 
 
@@ -214,11 +216,12 @@ def _sparse_mla_kernel(
 def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scale: float, kv_lora_rank: int,
                causal: bool = True, kv_lens: torch.Tensor | None = None, q_rope: torch.Tensor | None = None,
                cache_scale: torch.Tensor | None = None, cache_rope: torch.Tensor | None = None,
-               block_table: torch.Tensor | None = None) -> torch.Tensor:
+               block_table: torch.Tensor | None = None, check_table: bool = True) -> torch.Tensor:
     """q [B,S,H,C+R], cache [B,T,C+R], indices int [B,S,K] -> [B,S,H,C] (see dsgraph/ops/dsa.py); with q_rope
     [B,S,H,R], q is the latent part [B,S,H,C] alone (the two inputs of absorb_mla's concat, read where they lie).
     FP8 cache: cache the e4m3 NoPE rows [B,T,C], cache_scale fp32 [B,T,C/group], cache_rope [B,T,R] (q's dtype).
-    block_table (bf16/fp32 cache): cache is a pool [blocks, PAGE, C+R] (kv_lens required), see above."""
+    block_table (bf16/fp32 cache): cache is a pool [blocks, PAGE, C+R] (kv_lens required), see above;
+    check_table as for indexer_logits."""
     fp8 = cache_scale is not None or cache_rope is not None
     dtype = check_float("sparse_mla", q=q, **({"cache_rope": cache_rope} if fp8 else {"cache": cache}))
     if q_rope is None:
@@ -227,7 +230,7 @@ def sparse_mla(q: torch.Tensor, cache: torch.Tensor, indices: torch.Tensor, scal
     width = kv_lora_rank + q_rope.shape[-1]
     t, n = cache.shape[1], indices.shape[-1]
     paged = block_table is not None
-    t = _paged_length("sparse_mla", block_table, cache, kv_lens, b, fp8) if paged else t
+    t = _paged_length("sparse_mla", block_table, cache, kv_lens, b, fp8, check_table) if paged else t
     if fp8:
         group = _fp8_group(cache, cache_scale, cache_rope, (b, t, kv_lora_rank), width - kv_lora_rank)
     elif (cache.shape[2] != width) if paged else cache.shape != (b, t, width):

@@ -62,10 +62,10 @@ def check_tensors(what: str, *, dots: bool = True, **tensors: torch.Tensor) -> t
     return first.dtype
 
 
-def check_block_table(what: str, table, pools, lens, b: int) -> None:
+def check_block_table(what: str, table, pools, lens, b: int, ids: bool = True) -> None:
     """A paged call's block table: [B, max_blocks] integers on the pools' device naming blocks inside them (not
-    checked while a CUDA graph is being captured: that would sync), the lengths given, each pool's blocks holding
-    their rows back to back ([blocks, PAGE, ...])."""
+    checked while a CUDA graph is being captured, or with ids=False where the caller checked them on the host:
+    it syncs the device), the lengths given, each pool's blocks holding their rows back to back."""
     pool = pools[0]
     if not isinstance(table, torch.Tensor) or table.dtype not in (torch.int32, torch.int64) or table.dim() != 2 \
             or table.shape[0] != b or table.device != pool.device:
@@ -76,7 +76,7 @@ def check_block_table(what: str, table, pools, lens, b: int) -> None:
     if any(p.stride(0) != p.shape[1] * p.stride(1) for p in pools):
         raise InputError(f"{what}: a paged pool must hold each block's rows back to back ([blocks, PAGE, ...])")
     capturing = table.is_cuda and torch.cuda.is_current_stream_capturing()   # no device sync inside a capture
-    if table.numel() and not capturing and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
+    if ids and table.numel() and not capturing and (int(table.min()) < 0 or int(table.max()) >= pool.shape[0]):
         raise InputError(f"{what}: block_table names blocks outside the pool's {pool.shape[0]}")
 
 
@@ -247,7 +247,7 @@ def _tuned_kernel(head_d: int, head_dv: int):
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True,
                     config: FlashConfig | None = None, kv_lens: torch.Tensor | None = None,
-                    block_table: torch.Tensor | None = None) -> torch.Tensor:
+                    block_table: torch.Tensor | None = None, check_table: bool = True) -> torch.Tensor:
     """Causal (or full) attention, `attention_ref` semantics; returns [B, S, Hq, Dv] in q's dtype.
 
     kv_lens: optional [B] int32/int64 valid key counts (the rest of k/v is ignored; values above T are clamped),
@@ -255,7 +255,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     capacity whose length lives on the device (CUDA-graph decode). Rows with no visible key (S > T under the
     causal rule) come out as zeros. `config` pins one tile choice; without it the tile is autotuned per head
     shape on first use (do that before capturing a CUDA graph). block_table [B, max_blocks]: a paged cache, k and
-    v then pools [num_blocks, PAGE, Hkv, D|Dv] read through each request's blocks (kv_lens required).
+    v then pools [num_blocks, PAGE, Hkv, D|Dv] read through each request's blocks (kv_lens required);
+    check_table=False: the caller has checked its block ids on the host (the check here syncs the device).
     """
     dtype = check_tensors("flash_attention", q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -265,7 +266,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     t_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     paged = block_table is not None
     if paged:
-        check_block_table("flash_attention", block_table, (k, v), kv_lens, b)
+        check_block_table("flash_attention", block_table, (k, v), kv_lens, b, check_table)
         t_len = block_table.shape[1] * k.shape[1]
     elif k.shape[0] != b or v.shape[0] != b:
         raise ShapeError(f"flash_attention: batch sizes differ (q {b}, k {k.shape[0]}, v {v.shape[0]})")

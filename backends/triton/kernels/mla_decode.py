@@ -300,7 +300,7 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
                  cache_lens: torch.Tensor | None = None, causal: bool = True,
                  config: MLAConfig | None = None, num_splits: int | None = None, tune: bool = False,
                  q_rope: torch.Tensor | None = None, finite_tail: bool = False,
-                 block_table: torch.Tensor | None = None) -> torch.Tensor:
+                 block_table: torch.Tensor | None = None, check_table: bool = True) -> torch.Tensor:
     """`attention.mla_absorbed` over a latent cache; returns [B, S, H, kv_lora_rank] in q's dtype.
 
     q is [B,S,H,C+R], or only its latent part [B,S,H,C] with the rope part passed as q_rope [B,S,H,R]: the kernel
@@ -313,11 +313,12 @@ def mla_absorbed(q: torch.Tensor, cache: torch.Tensor, scale: float, kv_lora_ran
     candidates on first use per shape (not during a CUDA-graph capture, which gets the first candidate).
     block_table: the paged cache. cache is then a pool [num_blocks, PAGE, C+R] and block_table [B, max_blocks]
     (int32/int64) names each request's blocks in order; cache_lens is required (the blocks' tail rows past it
-    are never read).
+    are never read); check_table=False: the caller has checked its block ids on the host (the check here syncs
+    the device).
     """
     qc, qr = _check(q, cache, kv_lora_rank, cache_lens, q_rope, block_table is not None)
     if block_table is not None:
-        check_block_table("mla_absorbed", block_table, (cache,), cache_lens, q.shape[0])
+        check_block_table("mla_absorbed", block_table, (cache,), cache_lens, q.shape[0], check_table)
     b, s, h, _ = q.shape
     if qc.numel() == 0:
         return torch.empty((b, s, h, kv_lora_rank), dtype=q.dtype, device=q.device)

@@ -31,7 +31,7 @@ def _flash(ctx, node):
 
     def run(a, sym):  # a[3:] with `lens`: the device-side lengths (and the paged program's block table)
         return [fn(a[0], a[1], a[2], scale, causal, kv_lens=a[3] if lens else None,
-                   block_table=a[4] if paged else None)]
+                   block_table=a[4] if paged else None, check_table=not paged)]
     inputs = tuple(ctx.paged.value(v) for v in node.inputs) if paged else node.inputs
     kernel = "flash_attention._flash_attention_kernel" + (" (block table)" if paged else "")
     return Lowered("template", kernel, inputs=(*inputs, *lens), fn=run)
@@ -40,7 +40,7 @@ def _flash(ctx, node):
 def cached_lengths(ctx, node) -> tuple:
     """The step input `cache_lens` where the node's keys come from `cache.append`, directly or through row-wise
     ops (a static-capacity decode step must then mask by that length; the paged program also reads the block
-    table), else nothing."""
+    table, whose ids its caller checks on the host: its kernels take check_table=False), else nothing."""
     if not any(from_appended_cache(v) for v in node.inputs[1:]):
         return ()
     if ctx.paged is not None:
@@ -72,9 +72,12 @@ def _mla_step(attn, ctx, split_q: bool):
         static = a[n_q + 1] if lens else None  # the device-side lengths of a static or paged step, else None
         if static is None:
             return [fn(q, cache, scale, rank, causal=causal, q_rope=q_rope)]
-        # the static buffers start zeroed and only ever receive computed rows, so rows past a length are finite
-        return [fn(q, cache, scale, rank, cache_lens=static, causal=causal, tune=not ctx.interpreting,
-                   q_rope=q_rope, finite_tail=True, block_table=a[n_q + 2] if paged else None)]
+        # the static buffers start zeroed and only ever receive computed rows, so rows past a length are finite.
+        # Tuned per shape for one-token queries only: prefill rows (a serving step's packed chunks) change shape
+        # every step, and timing each new one costs more than it saves; they take the default tiles
+        return [fn(q, cache, scale, rank, cache_lens=static, causal=causal, q_rope=q_rope, finite_tail=True,
+                   tune=not ctx.interpreting and q.shape[1] == 1, block_table=a[n_q + 2] if paged else None,
+                   check_table=not paged)]
     cache = ctx.paged.value(attn.inputs[1]) if paged else attn.inputs[1]
     note = " through the block table" if paged else _gluon_note(attn, ctx)
     return Lowered("template", f"mla_decode._mla_decode_kernel (split-KV){note}",

@@ -58,7 +58,8 @@ def _indexer_logits(ctx, node):
     if ctx.paged is not None:         # the paged program: k is the key pool, read through the block table
         return Lowered("template", "dsa._indexer_logits_kernel (block table)", note=NO_ROTATION,
                        inputs=(*map(ctx.paged.value, node.inputs), *lens), outputs=(ctx.paged.keyed(node.outputs[0]),),
-                       fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3], block_table=a[4])])
+                       fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3], block_table=a[4],
+                                                                 check_table=False)])
     return Lowered("template", "dsa._indexer_logits_kernel", note=NO_ROTATION, inputs=(*node.inputs, *lens),
                    fn=lambda a, sym: [indexer_logits(a[0], a[1], a[2], scale, causal, a[3] if lens else None)])
 
@@ -122,7 +123,8 @@ def _sparse_step(ctx, attn, split_q: bool, fp8: tuple = ()):
         qs, cs, rest = a[:len(q)], a[len(q):len(q) + len(cache)], a[len(q) + len(cache):]
         parts = {"cache_scale": cs[1], "cache_rope": cs[2]} if fp8 else {}
         return [sparse_mla(qs[0], cs[0], rest[0], scale, rank, causal, kv_lens=rest[1] if lens else None,
-                           q_rope=qs[1] if split_q else None, block_table=rest[2] if paged else None, **parts)]
+                           q_rope=qs[1] if split_q else None, block_table=rest[2] if paged else None,
+                           check_table=not paged, **parts)]
     what = "FP8 latent rows dequantised in registers" if fp8 else "gathers the selected latent rows"
     rest = tuple(map(ctx.paged.value, (*cache, attn.inputs[2]))) if paged else (*cache, attn.inputs[2])
     return Lowered("template", f"dsa._sparse_mla_kernel ({what}" + (" through the block table)" if paged else ")"),
