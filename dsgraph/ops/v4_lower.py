@@ -1,15 +1,12 @@
 """Decompositions of V4's position-indexed ops (v4_attn.py) into primitives, for backends without kernels
-(TVM lowers them this way; the legalize pass uses them).
-
-The primitive set has no integer modulo, so `p mod m` is `p - trunc(p / m) * m` over fp32: exact while the
-quotient's fraction (>= 1/m) stays above its ulp, i.e. for positions below 2**22 (4M) at any m <= 128, past V4's
-1M context.
+(TVM lowers them this way; the legalize pass uses them). `v4.compress` has none: the number of entries it makes,
+(T+S)//ratio - T//ratio, is no shape a primitive can produce from its inputs' (a backend needs a kernel for it).
 """
 from __future__ import annotations
 
 from ..symbolic import simplify
 from .registry import expect
-from .v4_attn import COMPRESS, SINK, SLOT_MASK
+from .v4_attn import SINK, SLOT_MASK
 
 
 def _and(b, x, y):
@@ -17,36 +14,29 @@ def _and(b, x, y):
     return b.gt(b.add(b.cast(x, dtype="float32"), b.cast(y, dtype="float32")), b.constant(value=1.5))
 
 
-def _multiple(b, t, m: int):
-    """bool: int64 t is a multiple of m (t >= 0)."""
-    q = b.cast(b.div(b.cast(t, dtype="float32"), b.constant(value=float(m))), dtype="int64")
-    return b.eq(b.mul(q, b.constant(value=m, dtype="int64")), t)
-
-
-def _mod(b, t, m: int):
-    t = b.maximum(t, b.constant(value=0, dtype="int64"))
-    q = b.cast(b.div(b.cast(t, dtype="float32"), b.constant(value=float(m))), dtype="int64")
-    return b.sub(t, b.mul(q, b.constant(value=m, dtype="int64")))
-
-
 def _f32(b, x):
     return x if x.dtype == "float32" else b.cast(x, dtype="float32")
 
 
-@SLOT_MASK.decomposition
-def _(b, logits, ratio):
+def _entry_keep(b, positions, entries, dim: int, ratio):
+    """bool [B,S,N]: the compact entries (dim `dim` of `entries`) whose group ends at or before each query."""
+    bs, s = positions.shape
     one = b.constant(value=1, dtype="int64")
-    ends = _multiple(b, b.add(b.arange_like(logits, dim=-1), one), ratio)
-    return b.where(ends, _f32(b, logits), b.constant(value=float("-inf")))
+    ends = b.mul(b.add(b.arange_like(entries, dim=dim), one), b.constant(value=ratio, dtype="int64"))
+    return b.le(b.reshape(ends, shape=(1, 1, entries.shape[dim])), b.reshape(b.add(positions, one), shape=(bs, s, 1)))
+
+
+@SLOT_MASK.decomposition
+def _(b, logits, positions, ratio):
+    keep = _entry_keep(b, positions, logits, 2, ratio)
+    return b.where(keep, _f32(b, logits), b.constant(value=float("-inf")))
 
 
 def _slot_keep(b, positions, comp, ratio, indices):
     bs, s = positions.shape
     slot = b.arange_like(comp, dim=1)
     t = comp.shape[1]
-    ends = _multiple(b, b.add(slot, b.constant(value=1, dtype="int64")), ratio)
-    keep = _and(b, b.reshape(ends, shape=(1, 1, t)),
-                b.le(b.reshape(slot, shape=(1, 1, t)), b.reshape(positions, shape=(bs, s, 1))))
+    keep = _entry_keep(b, positions, comp, 1, ratio)
     if indices is None:
         return keep
     k = indices.shape[2]
@@ -81,42 +71,3 @@ def _(b, q, kv, sinks, positions, comp=None, indices=None, *, window, ratio=0, s
     den = b.add(b.sum(e, dims=(-1,), keepdim=True), b.exp(b.sub(sink, m)))
     out = b.einsum(b.div(e, den), keys, equation="bsht,btd->bshd")
     return out if q.dtype == "float32" else b.cast(out, dtype=q.dtype)
-
-
-def _windows(b, ext, new, rows: int):
-    """[B, S, rows, C]: for each new row i (of `new`), ext rows i .. i+rows-1, the window ending at ext row R+i."""
-    bs, s, c = new.shape
-    idx = b.add(b.reshape(b.arange_like(new, dim=1), shape=(s, 1)),
-                b.constant(value=tuple(range(rows)), shape=(1, rows), dtype="int64"))
-    flat = b.index_select(ext, b.reshape(idx, shape=(s * rows,)), dim=1)
-    return b.reshape(flat, shape=(bs, s, rows, c))
-
-
-@COMPRESS.decomposition
-def _(b, kv, gate, state, bias, positions, ratio, overlap=False):
-    bs, s, c = kv.shape
-    r = state.shape[1]
-    st_kv, st_gate = b.split(state, sizes=(c, c), dim=-1)
-    p0 = b.slice(positions, dim=1, start=0, end=1)
-    before = b.add(b.sub(p0, b.constant(value=r, dtype="int64")),
-                   b.constant(value=tuple(range(r)), shape=(1, r), dtype="int64"))
-    ext_pos = b.concat(before, positions, dim=1)                                     # [B, R+S]
-    rows = b.reshape(b.index_select(_f32(b, bias), b.reshape(_mod(b, ext_pos, ratio), shape=(bs * (r + s),)),
-                                    dim=0), shape=(bs, r + s, c))
-    ext_gate = b.add(b.concat(_f32(b, st_gate), _f32(b, gate), dim=1), rows)
-    valid = b.reshape(b.ge(ext_pos, b.constant(value=0, dtype="int64")), shape=(bs, r + s, 1))
-    ext_gate = b.where(valid, ext_gate, b.constant(value=float("-inf")))
-    wkv = _windows(b, b.concat(_f32(b, st_kv), _f32(b, kv), dim=1), kv, r + 1)
-    wg = _windows(b, ext_gate, kv, r + 1)
-    if overlap:
-        dd = c // 2
-        parts = []
-        for w in (wkv, wg):
-            prev, cur = b.split(w, sizes=(ratio, ratio), dim=2)
-            parts.append(b.concat(b.split(prev, sizes=(dd, dd), dim=-1)[0], b.split(cur, sizes=(dd, dd), dim=-1)[1],
-                                  dim=2))
-        wkv, wg = parts
-    pooled = b.sum(b.mul(wkv, b.softmax(wg, dim=2)), dims=(2,))
-    ends = _multiple(b, b.add(positions, b.constant(value=1, dtype="int64")), ratio)
-    out = b.where(b.reshape(ends, shape=(bs, s, 1)), pooled, b.constant(value=0.0))
-    return out if kv.dtype == "float32" else b.cast(out, dtype=kv.dtype)
