@@ -94,14 +94,14 @@ class V4Builder:
         b.output(f"{name}.next", full, cache_of=c)
         return full
 
-    def tokens(self, cache: str, positions):
+    def tokens(self, cache: str, x):
         """The token-count cache `{cache prefix}.tokens` [B,T,0] before this step (one per graph part: the main
-        layers', the MTP block's), appended with S empty rows."""
+        layers', the MTP block's), appended with S empty rows (of x [B,S,D], so in the model's dtype)."""
         name = "cache.mtp.tokens" if cache.startswith("cache.mtp.") else "cache.tokens"
         if name not in self._tokens:
             b = self.b
-            past = b.cache_input(name, ("B", "T", 0), "int64")
-            rows = b.slice(b.reshape(positions, shape=("B", "S", 1)), dim=2, start=0, end=0)
+            past = b.cache_input(name, ("B", "T", 0), x.dtype)
+            rows = b.slice(x, dim=2, start=0, end=0)
             b.output(f"{name}.next", b.cache.append(past, rows), cache_of=past)
             self._tokens[name] = past
         return self._tokens[name]
@@ -115,7 +115,7 @@ class V4Builder:
         kv, gate = self.linear(x, f"{p}.wkv", cw, c.hidden_size), self.linear(x, f"{p}.wgate", cw, c.hidden_size)
         st = self.state(f"{cache}_state", (2 if overlap else 1) * ratio - 1, 2 * cw, b.concat(kv, gate, dim=-1))
         pooled, start = b.v4.compress(kv, gate, st, b.param(f"{p}.ape", (ratio, cw), "float32"), positions,
-                                      self.tokens(cache, positions), ratio=ratio, overlap=overlap)
+                                      self.tokens(cache, x), ratio=ratio, overlap=overlap)
         entry = self.rope_tail(self.norm(pooled, f"{p}.norm", width), start, self.compress_rope)
         return self.entries(cache, ratio, width, entry)
 
