@@ -99,7 +99,7 @@ def test_v4_attention_kernels_bf16_cuda():
         args, attrs = _sink_case(11, ratio, kind, torch.bfloat16, "cuda")
         _check_sink(args, attrs, torch.bfloat16)
         _check_sink(args, attrs, torch.bfloat16, splits=2)
-    test_compress(4, True, 11, dtype=torch.bfloat16, dev="cuda")
+    test_compress(4, True, 11, 13, dtype=torch.bfloat16, dev="cuda")
     test_topk_applies_the_slot_mask(dev="cuda")
 
 
