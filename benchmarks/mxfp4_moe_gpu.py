@@ -10,7 +10,7 @@ at swiglu_limit). Each kernel is checked against a torch reference (dequantise, 
 fp32) before it is timed. Times: medians of CUDA events around one call, the L2 flushed before each (the weights
 must come from HBM, as in a decode step). Floor: the weight bytes of the experts hit, read once, at 4.2 TB/s
 (MXFP4: half a byte a weight + a scale byte per 32; bf16: 2 bytes). Goal (issue 21): MXFP4 >= 2.5x faster than
-bf16 at 1-64 tokens. `decodes` times each MXFP4 decode (ours / tl.dot_scaled) at one pinned tile, to show both
+bf16 at 1-64 tokens. `decodes` times each MXFP4 path (ours, tl.dot_scaled, the GEMV) at one pinned tile, to show each
 compile and what each costs; the autotuned row picks among both (`--decode ours|native` restricts both to one,
 should one not compile here).
 """
@@ -138,14 +138,19 @@ def main() -> None:
         row["speedup"] = row["bf16_us"] / row["mxfp4_us"]
         row["goal_met"] = row["speedup"] >= GOAL
         row["decodes"] = {}
-        for pinned in (False, True) if native is None else (native,):
-            bm = moe.moe_block_m(n * k, e)
-            pin = moe_mxfp4.MXFP4Config(bm, 16 if args.tiny else 64, 64 if args.tiny else 128, 1 if args.tiny else 4,
-                                        1 if args.tiny else 3, native=pinned)
+        bm = moe.moe_block_m(n * k, e)
+        pins = {"ours": moe_mxfp4.MXFP4Config(bm, 64, 128, 4, 3), "dot_scaled": moe_mxfp4.MXFP4Config(
+            bm, 64, 128, 4, 1, native=True), "gemv": moe_mxfp4.MXFP4Config(bm, 32, 512, 4, 1, gemv=2)}
+        if args.tiny:
+            pins = {"ours": moe_mxfp4.MXFP4Config(bm, 16, 64, 1, 1), "gemv": moe_mxfp4.MXFP4Config(bm, 16, 64, 1, 1,
+                                                                                                  gemv=2)}
+        if native is not None:
+            pins = {"dot_scaled" if native else "ours": pins["dot_scaled" if native else "ours"]}
+        for label, pin in pins.items():
             fn = lambda: moe_mxfp4.fused_moe_mxfp4(x, w, ids, gu_w, gu_s, dn_w, dn_s, config=pin,  # noqa: E731
                                                    limit=limit)
-            bad = checked("tl.dot_scaled" if pinned else "ours", fn, want, dt)
-            row["decodes"]["dot_scaled" if pinned else "ours"] = bad or median_us(fn, reps, flush)
+            bad = checked(label, fn, want, dt)
+            row["decodes"][label] = bad or median_us(fn, reps, flush)
         rows.append(row)
         print(f"N={n:3} hit={hit:3} | mxfp4 {row['mxfp4_us']:8.1f} us ({row['mxfp4_of_floor']:4.0%} of "
               f"{row['mxfp4_floor_us']:.1f}) | bf16 {row['bf16_us']:8.1f} us ({row['bf16_of_floor']:4.0%} of "

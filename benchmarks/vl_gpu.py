@@ -5,7 +5,8 @@ hybrid: SigLIP-L at 384 px plus SAM ViT-B at 1024 px; Janus-Pro 7B; DeepSeek-VL2
 global view and 3x2 local tiles of SigLIP-SO400M, 1,415 image tokens). Per backend: the encoder's median time,
 its floor (the tower's linear and conv FLOPs at the GPU's dense peak: attention and elementwise work are left
 out, so the floor is a lower bound), and time to first token (encoder + prefill of the image tokens and a short
-text). Eager is the baseline column. Results go to $OUT/vl_gpu.json.
+text), and for Janus one whole image generation (576 codes under classifier-free guidance as a batch of two,
+then the VQ decoder) in seconds. Eager is the baseline column. Results go to $OUT/vl_gpu.json.
 
     python benchmarks/vl_gpu.py --device cuda --dtype bf16 --backends eager,triton
     python benchmarks/vl_gpu.py --device cuda --dtype bf16 --presets deepseek-vl2-tiny,deepseek-vl2-small
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--text-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--image-gen", action=argparse.BooleanOptionalAction, default=True,
+                    help="time Janus image generation (the whole code grid with CFG, then the VQ decoder), once")
     args = ap.parse_args()
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
     rows = []
@@ -91,10 +94,23 @@ def main() -> None:
             exe = dsgraph.compile(model, backend=backend, device=args.device)
             enc = timed(lambda: exe.encode_images(images), args.device, args.reps)
             ttft = timed(lambda: exe(ids, images=images), args.device, args.reps)
-            rows.append({"preset": preset, "backend": backend, "encoder_s": enc, "encoder_floor_s": floor,
-                         "ttft_s": ttft, "prompt_tokens": ids.shape[1]})
+            row = {"preset": preset, "backend": backend, "encoder_s": enc, "encoder_floor_s": floor,
+                   "ttft_s": ttft, "prompt_tokens": ids.shape[1]}
+            drawn = ""
+            if getattr(exe, "generation", None) is not None and args.image_gen:   # Janus: text -> image with CFG
+                cond, uncond = text.to(args.device), torch.zeros_like(text, device=args.device)
+                exe.generate_image_tokens(cond, uncond, 2)   # compile / tune outside the timed call
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                exe.generate_image(cond, uncond, guidance=5.0)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                row["image_s"] = time.perf_counter() - t0
+                drawn = f"  image {row['image_s']:.2f} s"
+            rows.append(row)
             print(f"{preset:24s} {backend:7s} encoder {enc * 1e3:8.2f} ms (floor {floor * 1e3:.2f} ms)  "
-                  f"ttft {ttft * 1e3:8.2f} ms  ({ids.shape[1]} tokens)", flush=True)
+                  f"ttft {ttft * 1e3:8.2f} ms  ({ids.shape[1]} tokens){drawn}", flush=True)
         del model
     out = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out, exist_ok=True)

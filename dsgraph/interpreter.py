@@ -61,8 +61,12 @@ class Interpreter:
 
     # the plan ------------------------------------------------------------------------------------
     def node_step(self, node: Node) -> Step:
-        """How a node of the default plan runs: its torch reference (fx's `run_node`)."""
-        return Step(reference_fn(node), node.inputs, node.outputs, node.format(6))
+        """How a node of the default plan runs: its torch reference (fx's `run_node`); a node without inputs (a
+        literal) has nothing to take its device from, so its outputs are moved to the interpreter's."""
+        fn = reference_fn(node)
+        if not node.inputs:
+            fn = _on_device(fn, self.device)
+        return Step(fn, node.inputs, node.outputs, node.format(6))
 
     @property
     def consts(self) -> dict[int, torch.Tensor]:
@@ -117,6 +121,10 @@ class Interpreter:
 
     def __call__(self, inputs: Mapping[str, torch.Tensor], record: bool = False):
         return self.run(inputs, record)
+
+
+def _on_device(fn: StepFn, device: torch.device) -> StepFn:
+    return lambda args, sym: [t.to(device) for t in fn(args, sym)]
 
 
 def _free_lists(steps: list[Step], keep: set[int]) -> list[list[int]]:

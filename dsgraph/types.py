@@ -30,6 +30,12 @@ class TensorType:
     def is_float(self) -> bool:
         return is_float(self.dtype)
 
+    @property
+    def is_fixed_state(self) -> bool:
+        """[B, R, ...] with every dim past the batch an int: a cache of this type is a fixed-size state (V4's
+        sliding window and compressor rows), not one that grows along a length dim."""
+        return self.rank >= 2 and all(isinstance(d, int) for d in self.shape[1:])
+
     def with_shape(self, shape: Iterable[Dim | str]) -> "TensorType":
         return TensorType(tuple(shape), self.dtype)
 

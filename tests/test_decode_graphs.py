@@ -107,6 +107,10 @@ def test_which_graphs_can_take_device_side_lengths():
     graph = b.build()
     why = dg.unsupported_reason(graph)
     assert why is not None and "sum reads the appended cache" in why
+    b = dsgraph.GraphBuilder("growing_state", dtype="float32")   # rows fixed in the type, yet it grows
+    state = b.cache_input("state", ("B", 3, 4))
+    b.output("state.next", b.cache.append(state, b.input("new", ("B", 1, 4), "float32")), cache_of=state)
+    assert "fixed-size state state float32[B, 3, 4] has next value float32[B, 4, 4]" in dg.unsupported_reason(b.build())
     report = get_backend("triton").compile(graph, {}, device=DEV, decode_graphs=True).report
     why = "CUDA graphs need a CUDA device" if DEV == "cpu" else "sum reads the appended cache"
     assert any(f"without CUDA graphs: {why}" in n for n in report.notes)
@@ -147,6 +151,58 @@ def test_static_append_refuses_a_cache_without_room():
     new = torch.randn(1, 1, 4)
     full = dg.append_static(buf[:, :3], new, rows)
     assert full.shape == (1, 4, 4) and torch.equal(full[:, 3:], new)
+
+
+def _v4(device=DEV, dtype="float32"):
+    """V4-tiny's sliding, CSA and HCA layers (window 8, groups of 4 and 8), without its MTP block."""
+    model = decisive_routing(models.build_model("deepseek-v4-tiny", mtp=False, overrides={"num_hidden_layers": 3}))
+    return dsgraph.compile(model, backend="triton", device=device, dtype=dtype)
+
+
+def test_v4_static_steps_equal_plain_steps():
+    """V4's fixed-size states (sliding window, compressor rows) through the static buffers and its compressed and
+    indexer-key caches at static capacity: steps at positions 6..8 close a CSA and an HCA group (7) and slide
+    past the window (8); each step's logits and the final caches equal the plain program's."""
+    exe = _v4()
+    assert dg.unsupported_reason(exe.graph) is None
+    assert dg.fixed_states(exe.graph) == {n for n in exe.graph.cache_map if n.endswith(("win", "_state"))}
+    logits, state = exe.prefill(_ids(exe, 1, 6, 8))
+    toks, want, plain = [logits[:, -1:].argmax(-1)], [], state
+    for _ in range(3):
+        out, plain = exe.decode(toks[-1], plain)
+        want.append(out)
+        toks.append(out[:, -1:].argmax(-1))
+    runner = _static(exe)
+    for tok, ref in zip(toks, want):
+        out, state = exe.decode(tok, state)
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert runner.stats == {"graph_steps": 3, "plain_steps": 0, "captures": 0, "copies_in": 1}
+    for name, cache in state.caches.items():
+        assert torch.equal(cache, plain.caches[name]), name
+        assert (kv_cache.buffer_of(cache) is None) == (name in runner.states)   # states: fresh tensors
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_captured_v4_decode_equals_plain_decode_gpu():
+    """V4-tiny in bf16 under CUDA graphs: one capture replayed over 20 steps that slide the window and close
+    groups of both compressors; each step's logits agree with the uncaptured program's fed the same tokens."""
+    exe = _v4("cuda", "bfloat16")
+    runner = exe.compiled.decode_step
+    assert isinstance(runner, dg.DecodeGraphs)
+    toks = _ids(exe, 2, 30, 9).cuda()
+    _, state = exe.prefill(toks[:, :10])
+    fast = []
+    for i in range(10, 30):
+        out, state = exe.decode(toks[:, i:i + 1], state)
+        fast.append(out)
+    assert runner.stats["captures"] == 1 and runner.stats["graph_steps"] == 20 and runner.disabled is None
+    exe.compiled.decode_step = None
+    _, state = exe.prefill(toks[:, :10])
+    for i, got in zip(range(10, 30), fast):
+        ref, state = exe.decode(toks[:, i:i + 1], state)
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert err < 2e-2, (i, err)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,8 @@
 """The continuous-batching engine: concurrent ragged requests (chunked prefill mixed with decode) each equal
 their own `generate` (greedy) on eager (contiguous caches gathered per length group) and on triton (one paged
 decode call per step through block tables, padded to a batch bucket; CUDA graphs on a GPU); preemption by
-recompute, prefix-cache hits and abort change no output and leak no blocks; V4's fixed-size state caches kept per
-request."""
+recompute, prefix-cache hits and abort change no output and leak no blocks; V4's fixed-size state caches in one
+slot per request, on the contiguous path (eager) and in the paged program (triton)."""
 from __future__ import annotations
 
 import hf_fixtures as fx
@@ -84,6 +84,22 @@ def test_paged_decode_replays_cuda_graphs_with_the_same_outputs():
     assert plain_stats["graph_replays"] == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_v4_paged_decode_replays_cuda_graphs_with_the_same_outputs():
+    """V4's paged steps (state slots gathered and written back inside the graph) replayed per batch bucket give
+    the uncaptured run's tokens and each request's own `generate`."""
+    prompts = [[t % 128 for t in p] for p in _prompts(3)]
+    runs = {}
+    for graphs in (True, False):
+        exe = _exe("triton", "deepseek-v4-tiny", device="cuda", decode_graphs=graphs)
+        eng = Engine(exe, max_num_seqs=4, max_num_batched_tokens=24, block_size=4)
+        runs[graphs] = (_run(eng, prompts), dict(eng.paged.stats))
+    (graphed, stats), (plain, _) = runs[True], runs[False]
+    assert graphed == plain == _alone(exe, prompts)
+    assert stats["graph_replays"] == stats["steps"] > 0 and stats["captures"] > 0
+
+
 def test_preemption_by_recompute_keeps_outputs(eager):
     prompts = _prompts(1)
     eng = Engine(eager, max_num_seqs=6, max_num_batched_tokens=64, block_size=4, num_blocks=13)
@@ -92,16 +108,36 @@ def test_preemption_by_recompute_keeps_outputs(eager):
 
 
 def test_v4_state_caches_kept_per_request_equal_running_alone():
-    """V4's sliding-window and compressor states are fixed-size: each request keeps its own beside its blocks,
-    through chunked prefill and preemption (which drops them); no prefix caching (a hit would skip the tokens
-    they summarise), so a repeated prompt is prefilled again."""
+    """V4's sliding-window and compressor states are fixed-size: each request keeps its own slot beside its
+    blocks, through chunked prefill and preemption (which gives it up); no prefix caching (a hit would skip the
+    tokens they summarise), so a repeated prompt is prefilled again."""
     exe = _exe("eager", "deepseek-v4-tiny")
     prompts = [[t % exe.vocab_size for t in p] for p in _prompts(1)]
     prompts, maxes = prompts + prompts[3:4], MAXES + (5,)
     eng = Engine(exe, max_num_seqs=6, max_num_batched_tokens=16, block_size=4, num_blocks=13)
-    assert "fixed-size state caches" in eng.decode_path and not eng.prefix_caching
+    assert eng.decode_path.startswith("contiguous") and not eng.prefix_caching
     assert _run(eng, prompts, maxes) == _alone(exe, prompts, maxes)
     assert eng.preemptions > 0 and eng.pool.hits == 0
+    assert sorted(eng.slots.free) == list(range(6))        # every request gave its state slot back
+
+
+def test_v4_paged_decode_equals_running_alone():
+    """Triton's paged program on V4 (sliding, CSA, HCA layers): compressed entries and indexer keys in blocks read
+    through the block table, the fixed-size states gathered from and written back to each request's slot; three
+    requests of different lengths (padded to bucket 4: the padding row's states go to the scratch slot) whose
+    decode steps close compressor groups and slide past the window give each request's own greedy tokens (eager's:
+    the interpreter is slow; preemption with state slots is the eager test's)."""
+    def v4(backend):
+        model = dsgraph.models.build_model("deepseek-v4-tiny", mtp=False, overrides={"num_hidden_layers": 3})
+        return dsgraph.compile(model, backend=backend, device="cpu", dtype=torch.float32)
+    exe = v4("triton")
+    prompts = [[t % exe.vocab_size for t in _prompts(2)[i]] for i in (4, 0, 2)]
+    prompts, maxes = [prompts[0] + prompts[1][:1], prompts[1], prompts[2]], (3, 5, 2)   # 6, 3, 9 tokens
+    eng = Engine(exe, max_num_seqs=3, max_num_batched_tokens=12, block_size=4)
+    assert eng.decode_path.startswith("paged")
+    assert _run(eng, prompts, maxes) == _alone(v4("eager"), prompts, maxes)
+    assert eng.calls["paged_decode"] > 0 and eng.paged.stats["padded_rows"] > 0, eng.paged.stats
+    assert sorted(eng.slots.free) == list(range(3))
 
 
 def test_prefix_cache_hits_and_keeps_outputs(eager):

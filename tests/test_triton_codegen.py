@@ -139,6 +139,20 @@ def test_elementwise_chain_source_and_numerics():
     assert torch.equal(a, x + b) and c.dtype == torch.float16 and torch.equal(c, ((x + b) * 0.5).half())
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_elementwise_gelu_over_a_row_broadcast(approximate):
+    """gelu (both forms) in a chain whose other input is a [.., 1] keepdim row value against [.., N]."""
+    ins = [elementwise.EwInput("in0", "float32", "full", label="%x"),
+           elementwise.EwInput("in1", "float32", "rows", 5, "%r")]
+    ops = [elementwise.EwOp("v0", "mul", ("in0", "in1"), "float32", "%m = mul(%x, %r)"),
+           elementwise.EwOp("v1", "gelu", ("v0",), "float32", "%g = gelu(%m)", approximate=approximate)]
+    src = elementwise.fused_elementwise("ew_gelu", ins, ops, [("v1", "float32")], "gelu chain")
+    g = torch.Generator().manual_seed(4)
+    x, r = torch.randn(3, 7, 5, generator=g).to(DEV) * 3, torch.randn(3, 7, 1, generator=g).to(DEV)
+    (y,) = load_kernel(src)((3, 7, 5), x, r)
+    assert rel_err(y, get_op("gelu").reference_fn(x * r, approximate=approximate)) < 1e-6
+
+
 def _toy_graph():
     b = GraphBuilder("toy", dtype="float32")
     x = b.input("x", ("B", "S", 24), "float32")

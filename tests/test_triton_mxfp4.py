@@ -16,7 +16,7 @@ from dsgraph.ops.v4_mix import dequant_mxfp4_ref, swiglu_clamped_ref
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 from dsgraph.backends.triton.kernels.common import dot_precision  # noqa: E402
-from dsgraph.backends.triton.kernels.moe_mxfp4 import MXFP4Config, _mxfp4_dot, fused_moe_mxfp4  # noqa: E402
+from dsgraph.backends.triton.kernels.moe_mxfp4 import MXFP4Config, _mxfp4_dot, fused_moe_mxfp4, mxfp4_configs  # noqa: E402
 from dsgraph.backends.triton.kernels.mxfp4 import mxfp4_matmul  # noqa: E402
 
 G = torch.Generator().manual_seed(4)
@@ -95,15 +95,16 @@ def _moe_ref(x, w, ids, gu, gus, dn, dns, limit):
     return moe_experts_ref(x.float().cpu(), w.cpu(), ids.cpu(), *ws, num_experts=e, **ffn)
 
 
-@pytest.mark.parametrize("dtype,native,n,limit", [(torch.float32, False, 5, 0.5), (torch.float16, False, 1, None),
-                                                  (torch.float16, True, 5, 0.5)])
-def test_fused_moe_mxfp4_matches_dequantised_reference(dtype, native, n, limit):
+@pytest.mark.parametrize("dtype,mode,n,limit", [(torch.float32, {}, 5, 0.5), (torch.float16, {}, 1, None),
+                                                (torch.float16, {"native": True}, 5, 0.5),
+                                                (torch.float16, {"gemv": 2}, 5, 0.5)])
+def test_fused_moe_mxfp4_matches_dequantised_reference(dtype, mode, n, limit):
     e, k, h, i = 4, 2, 96, 32      # H = 96: a 64-wide K tile and a half one; expert 3 gets no token
     weights = _experts(e, h, i)
     x, w = torch.randn(n, h, generator=G), torch.rand(n, k, generator=G)
     ids = torch.stack([torch.randperm(e - 1, generator=G)[:k] for _ in range(n)])
     got = fused_moe_mxfp4(x.to(DEV, dtype), w.to(DEV), ids.to(DEV), *weights,
-                          config=MXFP4Config(16, 16, 64, 1, 1, native=native), limit=limit).cpu()
+                          config=MXFP4Config(16, 16, 64, 1, 1, **mode), limit=limit).cpu()
     assert got.dtype == dtype and got.shape == (n, h)
     assert rel_err(got.float(), _moe_ref(x, w, ids, *weights, limit)) < (1e-5 if dtype == torch.float32
                                                                           else tolerance("float16"))
@@ -132,3 +133,23 @@ def test_fused_moe_mxfp4_bf16_on_cuda(n, native):
     assert rel_err(got.float().cpu(), want) < tolerance("bfloat16")
     tuned = fused_moe_mxfp4(x.cuda().bfloat16(), w.cuda(), ids.cuda(), *weights, limit=10.0)   # autotuned tiles
     assert rel_err(tuned.float().cpu(), want) < tolerance("bfloat16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n", [1, 40])
+def test_every_mxfp4_candidate_is_correct_on_cuda(n):
+    """The autotuner may pick any candidate, so each must be right (tl.dot_scaled's were not when pipelined)."""
+    e, k, h, i = 16, 4, 512, 256
+    g = torch.Generator().manual_seed(n)
+    weights = _experts(e, h, i, "cuda", g)
+    x, w = torch.randn(n, h, generator=g), torch.rand(n, k, generator=g)
+    ids = torch.stack([torch.randperm(e - 2, generator=g)[:k] for _ in range(n)])
+    want = _moe_ref(x, w, ids, *weights, 10.0)
+    bad = {}
+    for cfg in mxfp4_configs(n * k, e):
+        got = fused_moe_mxfp4(x.cuda().bfloat16(), w.cuda(), ids.cuda(), *weights, config=cfg, limit=10.0)
+        err = rel_err(got.float().cpu(), want)
+        if not err < tolerance("bfloat16"):
+            bad[str(cfg)] = round(err, 3)
+    assert not bad, "\n".join(f"{c}: {e}" for c, e in bad.items())

@@ -115,7 +115,7 @@ def test_sink_attention_fits_hopper_shared_memory(tmp_path):
 
 
 def test_tiny_v4_report_names_the_kernels():
-    report = dsgraph.compile(dsgraph.load("deepseek-v4-tiny"), backend="triton", device="cpu").compiled.report
+    report = dsgraph.compile(dsgraph.load("deepseek-v4-tiny"), backend="triton", device=DEV).compiled.report
     fallen = {k.op for k in report.fallbacks}
     assert not fallen & {"attention.sink", "v4.compress", "indexer.slot_mask", "indexer.topk"}, fallen
     for kernel in ("_sink_attention_kernel (window rows + the top-k", "_sink_attention_kernel (window rows + every",

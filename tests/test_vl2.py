@@ -1,5 +1,6 @@
 """DeepSeek-VL2 against an independent torch reference of the published architecture (tests/vl2_reference.py;
-there is no transformers class, and DeepSeek's own code needs timm, xformers and an old transformers): tiny
+there is no transformers class, and DeepSeek's own code needs timm, xformers and an old transformers: where its
+deepseek_vl2 package is importable, an opt-in test runs it as the oracle on the same checkpoints): tiny
 checkpoints in DeepSeek's hub layout — VL2-Tiny's shape (LLaMA attention) and VL2's (MLA, sigmoid noaux_tc
 routing) — must give the reference's logits with a tiled image in the prompt and its greedy tokens; the tiling
 equals DeepSeek's processor steps (Pillow's ImageOps.pad and crops) on images of several aspect ratios; the tiny
@@ -98,6 +99,43 @@ def test_logits_and_greedy_tokens_equal_the_reference(ckpt):
     assert torch.equal(exe.generate(ids, images=px, max_new_tokens=6), seq[:, ids.shape[1]:])
     other = exe(ids, images={**px, "pixel_values": torch.randn_like(px["pixel_values"])})
     assert rel_err(other[:, 3:], want[:, 3:]) > 1e-2 and rel_err(other[:, :3], want[:, :3]) <= 1e-5
+
+
+def test_logits_and_greedy_tokens_equal_deepseeks_own_code(ckpt):
+    """Opt-in oracle: where DeepSeek's deepseek_vl2 package is importable (with the xformers its SigLIP attention
+    calls), its DeepseekVLV2ForCausalLM built from the tiny checkpoint's config.json and model.safetensors gives
+    our logits with a 2x1-tiled image in the prompt, and three greedy tokens (its full forward per token)."""
+    vl2 = pytest.importorskip("deepseek_vl2.models.modeling_deepseek_vl_v2",
+                              reason="DeepSeek's deepseek_vl2 is not installed (not on PyPI; it needs timm, xformers, "
+                                     "attrdict and an older transformers): tests/vl2_reference.py is the oracle here")
+    pytest.importorskip("xformers", reason="DeepSeek's SigLIP attention calls xformers.ops.memory_efficient_attention")
+    from PIL import Image
+    from safetensors.torch import load_file
+    path, _ = ckpt
+    cfg = vl2.DeepseekVLV2Config(**json.loads((path / "config.json").read_text()))
+    cfg._attn_implementation = cfg.language_config._attn_implementation = "eager"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    theirs = vl2.DeepseekVLV2ForCausalLM(cfg).eval()
+    missing, unexpected = theirs.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    assert all(k.startswith("vision.attn_pool.") for k in missing + unexpected), (missing, unexpected)
+    theirs = theirs.float().to(dev)
+    with pytest.warns(UserWarning, match="attention-pooling head"):
+        exe = dsgraph.compile(dsgraph.load(str(path)), backend="eager")
+    img = _image(30, 70, seed=1)
+    ids, px = _prompt_and_pixels(exe, img)
+    tiles, crop = ref.tiles(Image.fromarray(img))
+
+    def logits(seq):
+        with torch.no_grad():
+            out = theirs(input_ids=seq.to(dev), attention_mask=torch.ones_like(seq).to(dev),
+                         images=tiles[None].to(dev), images_seq_mask=(seq == IMAGE).to(dev),
+                         images_spatial_crop=torch.tensor([[crop]], device=dev), use_cache=False)
+        return out.logits.float().cpu()
+    assert rel_err(exe(ids, images=px), logits(ids)) <= tolerance("float32", "model")
+    seq = ids
+    for _ in range(3):
+        seq = torch.cat([seq, logits(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(exe.generate(ids, images=px, max_new_tokens=3), seq[:, ids.shape[1]:])
 
 
 @pytest.mark.parametrize("ckpt", ["mla"], indirect=True)

@@ -209,9 +209,9 @@ def test_preprocessing_equals_the_transformers_processor(h, w, exact):
 @pytest.mark.parametrize("preset,backend", [("deepseek-vl-tiny", "triton"), ("janus-tiny", "triton"),
                                             ("janus-tiny", "tvm")])
 def test_backend_equals_eager(preset, backend):
-    """The tower and the decoders on another backend (the vision ops: library calls on triton, Relax or legalized
-    to primitives on tvm, all named in the compile report); greedy decoding passes through decode steps with no
-    image rows."""
+    """The tower and the decoders on another backend (the vision ops on triton: the VQ decoder's GroupNorm a Triton
+    kernel, the rest library calls; Relax or legalized to primitives on tvm; all named in the compile report);
+    greedy decoding passes through decode steps with no image rows."""
     if backend == "tvm":
         pytest.importorskip("tvm")
     model = dsgraph.load(preset)
@@ -224,9 +224,7 @@ def test_backend_equals_eager(preset, backend):
                        eager.generate(ids, images=px, max_new_tokens=4))
     report = other.report()
     assert "vision tower" in report and "vision.splice" in report
-    vision_ops = ("vision.", "mlp.gelu", "conv2d", "norm.group")
-    assert not [line for line in report.splitlines() if " fallback " in line and any(o in line for o in vision_ops)
-                and backend == "triton"]
+    assert backend != "triton" or not [line for line in report.splitlines() if " fallback " in line]
     if model.vision.generation is not None:   # text -> codes -> pixels
         cond, uncond = torch.tensor([[1, 17, 30, 99]]), torch.tensor([[1, 0, 0, 0]])
         codes = eager.generate_image_tokens(cond, uncond, 4)
@@ -234,6 +232,7 @@ def test_backend_equals_eager(preset, backend):
         assert rel_err(other.decode_image(codes), eager.decode_image(codes)) <= tolerance("float32", "model")
         assert rel_err(other.generate_image(cond, uncond), eager.decode_image(codes)) <= tolerance("float32", "model")
         assert "image-generation decoder" in report and "VQ decoder" in report
+        assert backend != "triton" or "group_norm._group_norm_kernel" in report
 
 
 def test_bfloat16_stays_close_to_float32():

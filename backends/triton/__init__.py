@@ -92,8 +92,10 @@ class TritonBackend(Backend):
         if why:
             report.notes.append(f"decode steps run without CUDA graphs: {why}")
             return None
+        states = dg.fixed_states(graph)
         report.notes.append("one-token decode steps replay CUDA graphs (static-capacity caches, device-side "
-                            "lengths; one graph per batch size and capacity)")
+                            "lengths" + (f"; {len(states)} fixed-size state caches copied into static buffers"
+                                         if states else "") + "; one graph per batch size and capacity)")
         return dg.DecodeGraphs(program, dict(graph.cache_map), graph.meta.get("max_position_embeddings"),
                                report=report)
 

@@ -18,15 +18,23 @@ An epilogue (the runtime's sampler: a callable from the step's outputs to more o
 own that its caller fills before each step) is captured with the step, so a replay hands back the chosen ids.
 
 This applies when every op that reads a cache is one of those (absorbed MLA, which the triton pipeline makes of
-every MLA model, GQA/MHA attention, V3.2's indexer and sparse MLA), possibly through row-wise ops that keep rows
-apart (ROW_WISE: the FP8 latent cache's dequantisation and the concat of its parts), which are as right over the
-whole buffer as over its first rows, and no all_to_all's split sizes come back to the host; for any other graph
-the compile report says why decode runs without them. A sharded graph's all-reduces and all-gathers are captured
-with the step (NCCL supports capture).
+every MLA model, GQA/MHA attention, V3.2's indexer and sparse MLA), or one whose contract bounds its reads by the
+query positions (POSITION_BOUNDED: V4's attention over its compressed entries reads only slots at or before the
+query, so the buffer's unwritten rows are never read), possibly through row-wise ops that keep rows apart
+(ROW_WISE: the FP8 latent cache's dequantisation and the concat of its parts), which are as right over the whole
+buffer as over its first rows, and no all_to_all's split sizes come back to the host; for any other graph the
+compile report says why decode runs without them. A sharded graph's all-reduces and all-gathers are captured with
+the step (NCCL supports capture).
 
-The states handed out are views of the buffers under kv_cache's rules: a step writes in place only from the newest
-view (or one `kv_cache.rewind` released); a step from an older state runs the plain program, which copies. A state
-from elsewhere (a prefill) is copied in when no view of the buffers is still alive, else into fresh buffers.
+Fixed-size state caches (a cache whose type has no length dim and whose next value keeps that type: V4's sliding
+window and compressor rows, `cache.slide`) have the same shape at every step, so any op may read them: the step
+reads them from static buffers of their own, which each step copies the given state into (a few rows per layer),
+and hands back its next states as fresh tensors (never the graph's own output memory, which the next replay
+overwrites), so they need none of the view rules below.
+
+The growing caches handed out are views of the buffers under kv_cache's rules: a step writes in place only from the
+newest view (or one `kv_cache.rewind` released); a step from an older state runs the plain program, which copies. A
+state from elsewhere (a prefill) is copied in when no view of the buffers is still alive, else into fresh buffers.
 """
 from __future__ import annotations
 
@@ -95,7 +103,11 @@ def append_static(cache: torch.Tensor, new: torch.Tensor, rows: torch.Tensor) ->
 # the ops that take a cache's length from the device, and which of their inputs may be an appended cache
 LENGTH_AWARE = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attention.mla": (1, 2),
                 "indexer.logits": (1,), "indexer.logits_fp8": (1, 2), "attention.mla_sparse_absorbed": (1,)}
+# the ops whose contract bounds their reads of an appended cache by the query positions (only rows t <= p), so rows
+# past the length of a static buffer are never read, and which of their inputs may be an appended cache
+POSITION_BOUNDED = {"attention.sink": (4,)}
 ROW_WISE = ("kv.dequant_fp8", "concat (last dim)")
+SAFE_READERS = {op: slots for table in (LENGTH_AWARE, POSITION_BOUNDED) for op, slots in table.items()}
 
 
 def _row_wise(node) -> bool:
@@ -118,27 +130,41 @@ def _reader_reason(value: Value, name: str) -> str | None:
         if _row_wise(reader):
             why = _reader_reason(reader.outputs[0], name)
         else:
-            slots = LENGTH_AWARE.get(reader.op, ())
+            slots = SAFE_READERS.get(reader.op, ())
             ok = any(i < len(reader.inputs) and reader.inputs[i] is value for i in slots) \
                 and reader.inputs[0] is not value
             why = None if ok else (f"{reader.op} reads the appended cache {name} (only {', '.join(LENGTH_AWARE)} "
-                                   f"mask by a device-side length, through {', '.join(ROW_WISE)})")
+                                   f"mask by a device-side length and {', '.join(POSITION_BOUNDED)} by the query "
+                                   f"positions, through {', '.join(ROW_WISE)})")
         if why:
             return why
     return None
 
 
+def fixed_states(graph) -> set[str]:
+    """The graph's fixed-size state caches (TensorType.is_fixed_state)."""
+    return {n for n, v in graph.inputs.items() if v.kind == "cache" and v.type.is_fixed_state}
+
+
 def unsupported_reason(graph) -> str | None:
-    """None if every reader of a cache is `cache.append` and every reader of an appended cache an attention op
-    that masks by a device-side length (LENGTH_AWARE), directly or through row-wise ops (ROW_WISE), else which op
-    would read the cache on the host's length. Collectives of a sharded graph capture (NCCL supports it), but
-    `dist.all_to_all` reads its split sizes on the host: a graph with one (EP dispatch under DP attention) decodes
-    without CUDA graphs."""
+    """None if every reader of a growing cache is `cache.append` and every reader of an appended cache an op that
+    masks by a device-side length (LENGTH_AWARE) or reads only rows at or before its query positions
+    (POSITION_BOUNDED), directly or through row-wise ops (ROW_WISE), and every fixed-size state's next value keeps
+    its type, else which op would read the cache on the host's length. Collectives of a sharded graph capture (NCCL
+    supports it), but `dist.all_to_all` reads its split sizes on the host: a graph with one (EP dispatch under DP
+    attention) decodes without CUDA graphs."""
     if graph.find("dist.all_to_all"):
         return ("dist.all_to_all reads its data-dependent split sizes on the host (a fixed-size dispatch kernel, "
                 "DeepEP's low-latency mode, would capture)")
+    states = fixed_states(graph)
     for name, v in graph.inputs.items():
         if v.kind != "cache":
+            continue
+        if name in states:
+            nxt = graph.outputs.get(graph.cache_map.get(name, ""))
+            if nxt is None or nxt.type != v.type:
+                return (f"fixed-size state {name} {v.type} has next value {nxt and nxt.type} (a static step "
+                        "needs it to keep its type)")
             continue
         for user in v.users:
             if user.op != "cache.append" or user.inputs[0] is not v:
@@ -161,13 +187,16 @@ class _Buffers:
     def __init__(self, program, batch: int, capacity: int, capture: bool, epilogue=None):
         self.program, self.capacity, self.epilogue = program, capacity, epilogue
         dev = program.device
-        self.caches = {}
+        self.caches, self.states = {}, {}
         for name, v in program.runtime_inputs.items():
             if v.kind == "cache":
-                shape = v.type.concrete({"B": batch, "T": capacity})
-                buf = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=dev)
-                kv_cache.view(buf, 0)
-                self.caches[name] = buf
+                buf = torch.zeros(v.type.concrete({"B": batch, "T": capacity}), dtype=to_torch(v.type.dtype),
+                                  device=dev)
+                if v.type.is_fixed_state:
+                    self.states[name] = buf
+                else:
+                    kv_cache.view(buf, 0)
+                    self.caches[name] = buf
         self.ids = torch.zeros((batch, 1), dtype=torch.int64, device=dev)
         self.positions = torch.zeros((batch, 1), dtype=torch.int64, device=dev)
         self.lengths = StaticLengths(torch.zeros(1, dtype=torch.int64, device=dev),
@@ -184,13 +213,16 @@ class _Buffers:
 
     def _run(self) -> dict:
         out = self.program({"input_ids": self.ids, "positions": self.positions, **self.lengths.inputs(),
-                            **{n: b[:, :self.capacity - 1] for n, b in self.caches.items()}})
+                            **{n: b[:, :self.capacity - 1] for n, b in self.caches.items()}, **self.states})
         return out if self.epilogue is None else {**out, **self.epilogue(out)}
 
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> dict:
-        """Run (the first time: warm up, then capture) one step that writes cache row `length`."""
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, length: int, states: dict) -> dict:
+        """Run (the first time: warm up, then capture) one step that writes cache row `length` after the
+        fixed-size `states`."""
         self.ids.copy_(ids)
         self.positions.copy_(positions)
+        for name, st in states.items():
+            self.states[name].copy_(st)
         self.lengths.rows.fill_(length)
         self.lengths.lens.fill_(length + 1)
         if not self.capture:
@@ -223,6 +255,7 @@ class DecodeGraphs:
                  report=None):
         self.program = program
         self.cache_map = cache_map
+        self.states = {n for n in cache_map if program.runtime_inputs[n].type.is_fixed_state}   # copied in each step
         self.max_length = max_length
         self.capture = capture
         self.report = report
@@ -237,7 +270,7 @@ class DecodeGraphs:
         if self.disabled:
             return None
         ids = inputs["input_ids"]
-        caches = {n: inputs[n] for n in self.cache_map}
+        caches = {n: inputs[n] for n in self.cache_map if n not in self.states}
         key = (ids.shape[0], epilogue)
         bufs = self.buffers.get(key)
         own = bufs is not None and bufs.capacity > length and all(bufs.owns(c, n) for n, c in caches.items())
@@ -248,14 +281,15 @@ class DecodeGraphs:
             if not own:
                 bufs = self._place(key, caches, length)
             new_bufs = bufs.graph is None and self.capture
-            out = bufs.step(ids, inputs["positions"], length)
+            out = bufs.step(ids, inputs["positions"], length, {n: inputs[n] for n in self.states})
             self.stats["captures"] += new_bufs
         except Exception as e:  # noqa: BLE001  (a failed capture must not lose the step: say so, run it plainly)
             return self._disable(e)
         self.stats["graph_steps"] += 1
-        result = {k: t.clone() for k, t in out.items() if k not in self.cache_map.values()}
-        for name, out_name in self.cache_map.items():
-            result[out_name] = kv_cache.view(bufs.caches[name], length + 1)
+        grown = {self.cache_map[n] for n in caches}
+        result = {k: t.clone() for k, t in out.items() if k not in grown}   # next states too: fresh tensors
+        for name in caches:
+            result[self.cache_map[name]] = kv_cache.view(bufs.caches[name], length + 1)
         return result
 
     def _place(self, key: tuple, caches: dict, length: int) -> _Buffers:

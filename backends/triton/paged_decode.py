@@ -10,14 +10,19 @@ with the pools as its cache inputs instead:
 - the attention ops read the pool through `block_table` [B, max_blocks] with each row's valid length
   `cache_lens` [B] (the triton MLA decode and flash kernels' block-table path); for V3.2 the indexer scores the
   paged key cache the same way (its scores then span the table's max_blocks * page rows) and sparse MLA reads the
-  selected latent rows through the table.
-So requests of different lengths share one call, and nothing is copied but the new rows.
+  selected latent rows through the table; V4's attention reads its compressed entries' pool through the table
+  too (rows gathered by torch before the kernel, which reads no block table yet);
+- each fixed-size state cache (V4's sliding window and compressor rows, TensorType.is_fixed_state) is a pool
+  [slots, rows, ...] of one slot per request (`state_slots` [B]): the step gathers its rows' states, the program
+  reads them as its plain state inputs, and their next values are written back at the same slots.
+So requests of different lengths share one call, and nothing is copied but the new rows (and the states).
 
 Under CUDA graphs (`capture`), a step pads its batch up to the next bucket (BUCKETS): padding rows have length 0
 (their attention reads nothing and gives zeros) and write their row into a scratch slot the caller names
-(`pad_slot`), so every replay of a bucket's graph reads the same buffers. Without capture (the CPU tests) the
-same buffers and padding run the program plainly. This applies where every reader of an appended cache is one of
-PAGED_OPS; for any other graph `unsupported_reason` says why, and the engine gathers contiguous caches instead.
+(`pad_slot`) and their states into each state pool's last slot, so every replay of a bucket's graph reads the same
+buffers. Without capture (the CPU tests) the same buffers and padding run the program plainly. This applies where
+every reader of an appended cache is one of PAGED_OPS; for any other graph `unsupported_reason` says why, and the
+engine gathers contiguous caches instead.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ MIN_TABLE_WIDTH = 16                            # block-table width of the first
 
 # the ops that read a pool through a block table, and the inputs that must then be appended caches
 PAGED_OPS = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attention.mla": (1, 2),
-             "indexer.logits": (1,), "attention.mla_sparse_absorbed": (1,)}
+             "indexer.logits": (1,), "attention.mla_sparse_absorbed": (1,), "attention.sink": (4,)}
 
 
 def unsupported_reason(graph) -> str | None:
@@ -45,8 +50,9 @@ def unsupported_reason(graph) -> str | None:
     why = decode_graphs.unsupported_reason(graph)
     if why:
         return why
+    states = decode_graphs.fixed_states(graph)
     for name, v in graph.inputs.items():
-        if v.kind != "cache":
+        if v.kind != "cache" or name in states:
             continue
         appended = next(iter(v.users)).outputs[0]
         for reader in appended.users:
@@ -69,8 +75,9 @@ class PagedValues:
         self.graph = graph
         self.pools: dict[str, Value] = {}
         self._alias: dict[int, Value] = {}
+        self.states = decode_graphs.fixed_states(graph)   # plain inputs: the runner gathers them from their pools
         for name, v in graph.inputs.items():
-            if v.kind == "cache":
+            if v.kind == "cache" and name not in self.states:
                 t = TensorType(("blocks", "page", *v.type.shape[2:]), v.type.dtype)
                 self.pools[name] = self._alias[id(v)] = Value(name, t, kind="cache")
                 for append in v.users:
@@ -94,13 +101,15 @@ class PagedValues:
         return v
 
     def program_graph(self) -> Graph:
-        """The graph as the paged program sees it: pools in place of the cache inputs, no cache outputs (the pools
-        are updated in place). A view for the executor only: its nodes are the original graph's."""
+        """The graph as the paged program sees it: pools in place of the growing cache inputs, no outputs for them
+        (the pools are updated in place); fixed-size states in and out as they are. A view for the executor only:
+        its nodes are the original graph's."""
         g = Graph(f"{self.graph.name}.paged")
         g.inputs = {n: self.pools.get(n, v) for n, v in self.graph.inputs.items()}
         g.nodes = self.graph.nodes
-        nexts = set(self.graph.cache_map.values())
+        nexts = {o for n, o in self.graph.cache_map.items() if n not in self.states}
         g.outputs = {k: v for k, v in self.graph.outputs.items() if k not in nexts}
+        g.cache_map = {n: o for n, o in self.graph.cache_map.items() if n in self.states}   # the states' next values
         g.meta = self.graph.meta
         return g
 
@@ -116,22 +125,38 @@ def bucket_for(batch: int) -> int | None:
     return next((b for b in BUCKETS if b >= batch), None)
 
 
-class _Bucket:
-    """The static inputs of one batch bucket: token ids, positions, block table, write slots, lengths."""
+def run_with_states(program, inputs: dict, pools: dict[str, torch.Tensor], slots: torch.Tensor | None) -> dict:
+    """The paged program on `inputs` with each fixed-size state (program.graph.cache_map: name -> next) gathered
+    from its pool at `slots` [B] and its next value written back there; the outputs without the states."""
+    if not pools:
+        return program(inputs)
+    out = program({**inputs, **{n: p.index_select(0, slots) for n, p in pools.items()}})
+    for name, p in pools.items():
+        p.index_copy_(0, slots, out.pop(program.graph.cache_map[name]))
+    return out
 
-    def __init__(self, program, size: int, width: int, pools: dict[str, torch.Tensor]):
+
+class _Bucket:
+    """The static inputs of one batch bucket: token ids, positions, block table, write slots, lengths, and the
+    state slots (padding rows: each state pool's last slot, its scratch)."""
+
+    def __init__(self, program, size: int, width: int, pools: dict[str, torch.Tensor],
+                 states: dict[str, torch.Tensor]):
         dev = program.device
-        self.program, self.size, self.width, self.pools = program, size, width, pools
+        self.program, self.size, self.width, self.pools, self.states = program, size, width, pools, states
         self.ids = torch.zeros((size, 1), dtype=torch.int64, device=dev)
         self.positions = torch.zeros((size, 1), dtype=torch.int64, device=dev)
         self.table = torch.zeros((size, width), dtype=torch.int32, device=dev)
         self.slots = torch.zeros((size, 1), dtype=torch.int64, device=dev)
         self.lens = torch.zeros(size, dtype=torch.int32, device=dev)
+        self.state_slots = torch.zeros(size, dtype=torch.int64, device=dev)
+        self.scratch = min((p.shape[0] - 1 for p in states.values()), default=0)
         self.graph = None
         self.outputs = None
 
-    def fits(self, width: int, pools: dict[str, torch.Tensor]) -> bool:
-        return width <= self.width and all(self.pools[n] is p for n, p in pools.items())
+    def fits(self, width: int, pools: dict[str, torch.Tensor], states: dict[str, torch.Tensor]) -> bool:
+        return width <= self.width and all(self.pools[n] is p for n, p in pools.items()) \
+            and all(self.states[n] is p for n, p in states.items())
 
     def load(self, inputs: dict, pad_slot: int) -> None:
         b, w = inputs["block_table"].shape
@@ -143,10 +168,14 @@ class _Bucket:
         self.slots[:b].copy_(inputs["cache_slots"])
         self.lens.zero_()
         self.lens[:b].copy_(inputs["cache_lens"])
+        if self.states:
+            self.state_slots.fill_(self.scratch)
+            self.state_slots[:b].copy_(inputs["state_slots"])
 
     def run(self) -> dict:
-        return self.program({"input_ids": self.ids, "positions": self.positions, **self.pools,
-                             "block_table": self.table, "cache_slots": self.slots, "cache_lens": self.lens})
+        return run_with_states(self.program, {"input_ids": self.ids, "positions": self.positions, **self.pools,
+                                              "block_table": self.table, "cache_slots": self.slots,
+                                              "cache_lens": self.lens}, self.states, self.state_slots)
 
     def capture(self, mempool) -> None:
         """Warm up on a side stream (kernel compiles, autotuning), then capture; the warm-up writes the rows the
@@ -166,8 +195,10 @@ class _Bucket:
 class PagedDecode:
     """`compiled.paged_decode` of the triton backend: `(inputs, pad_slot) -> outputs` of one-token steps over
     the pools (inputs: input_ids [B,1], positions [B,1], each cache input's pool, block_table [B, W] int32,
-    cache_slots [B,1] int64, cache_lens [B] int32 counting the new row). `build` lowers the paged program on
-    first use; `capture` replays CUDA graphs per batch bucket (False: the same buffers run uncaptured)."""
+    cache_slots [B,1] int64, cache_lens [B] int32 counting the new row; with fixed-size states each one's pool
+    [slots + 1, rows, ...] under its name, the last slot scratch, and state_slots [B] int64). `build` lowers the
+    paged program on first use; `capture` replays CUDA graphs per batch bucket (False: the same buffers run
+    uncaptured)."""
 
     def __init__(self, build, capture: bool, report=None):
         self._build = build
@@ -189,14 +220,17 @@ class PagedDecode:
         b, w = inputs["block_table"].shape
         size = bucket_for(b)
         self.stats["steps"] += 1
+        graph = self.program.graph
+        states = {n: inputs[n] for n in graph.cache_map}
         if size is None:     # beyond the largest bucket: one plain call at the batch's own size
             self.stats["unbucketed_steps"] += 1
-            return self.program(inputs)
-        pools = {n: inputs[n] for n in self.program.graph.inputs if self.program.graph.inputs[n].kind == "cache"}
+            return run_with_states(self.program, {n: t for n, t in inputs.items() if n not in states
+                                                  and n != "state_slots"}, states, inputs.get("state_slots"))
+        pools = {n: inputs[n] for n, v in graph.inputs.items() if v.kind == "cache" and n not in states}
         bucket = self.buckets.get(size)
-        if bucket is None or not bucket.fits(w, pools):
+        if bucket is None or not bucket.fits(w, pools, states):
             width = max(MIN_TABLE_WIDTH, 1 << (w - 1).bit_length(), bucket.width if bucket else 0)
-            bucket = self.buckets[size] = _Bucket(self.program, size, width, pools)
+            bucket = self.buckets[size] = _Bucket(self.program, size, width, pools, states)
         bucket.load(inputs, pad_slot)
         self.stats["padded_rows"] += size - b
         out = self._step(bucket)

@@ -60,7 +60,7 @@ def cache_dims(graph) -> dict:
 
 def fixed_states(graph) -> dict[str, int]:
     """The graph's fixed-size state caches [B, R, ...] (not [B, T, ...] or [B, T//m, ...]): name -> R."""
-    return {n: d for n, d in cache_dims(graph).items() if isinstance(d, int)}
+    return {n: int(v.type.shape[1]) for n, v in graph.inputs.items() if v.kind == "cache" and v.type.is_fixed_state}
 
 
 class MTPDrafter:

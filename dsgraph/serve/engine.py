@@ -12,8 +12,10 @@ every one-token row of a step runs in one call over the pools, the attention rea
 through its block table and `cache.append` writing each new row into its block (under CUDA graphs per batch
 bucket on a GPU). Everything else (prefill chunks; every step on eager and tvm, whose graphs take one cache
 length per batch) runs one graph call per (cache length, chunk length) group, over the group's caches gathered
-from the pool: correct on every backend, slower. `decode_path` says which runs. Sampling and stop rules are the
-text runtime's, per request.
+from the pool: correct on every backend, slower. `decode_path` says which runs. Fixed-size state caches (V4's
+sliding window and compressor rows) live in one slot per running request (`StateSlots`, taken zeroed on
+admission): a graph call gathers its group's slots and writes the next states back; the paged program reads and
+writes them in place at each row's slot. Sampling and stop rules are the text runtime's, per request.
 """
 from __future__ import annotations
 
@@ -25,13 +27,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from dsgraph.dtypes import to_torch
 from dsgraph.errors import DSGraphError, InputError, TokenizerError
 from dsgraph.runtime import generation
 from dsgraph.runtime.sampling import SamplingParams, generators, next_tokens, seen_mask
 from dsgraph.runtime.state import KVState
 
-from .paged import BlockPool, BlockTables
+from .paged import BlockPool, BlockTables, StateSlots
 
 DEFAULT_MAX_TOKENS = 256
 MAX_LOGPROBS = 20
@@ -82,7 +83,7 @@ class _Seq:
         self.gen = generators(req.params, [sample], device)[0]
         self.knobs = replace(req.params, seed=None)    # requests with equal knobs share a sampler call
         self.table: list[int] = []
-        self.state: dict[str, torch.Tensor] = {}    # fixed-size state caches after `computed` tokens (V4)
+        self.slot: int | None = None   # its fixed-size state caches' slot while it runs (V4's, StateSlots)
         self.computed = 0            # tokens whose cache rows are in the table's blocks
         self.sent = 0                # tokens already reported by step()
         self.top_logprobs: int | None = None     # asked for logprobs: how many alternatives per token
@@ -107,6 +108,7 @@ class Engine:
                               exe.device)
         # a prefix hit would skip the tokens that a fixed-size state (V4) summarises: such models prefill all
         self.prefix_caching = prefix_caching and not self.pool.states
+        self.slots = StateSlots(self.pool.states, max_num_seqs, exe.device) if self.pool.states else None
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
         self.preemptions = 0
@@ -122,9 +124,6 @@ class Engine:
         runner = getattr(self.exe.compiled, "paged_decode", None)
         if not wanted:
             return None, f"{contiguous} (paged_decode=False)"
-        if self.pool.states:
-            return None, f"{contiguous} ({len(self.pool.states)} fixed-size state caches, e.g. " \
-                         f"{next(iter(self.pool.states))}, kept per request; no prefix caching)"
         if runner is None:
             return None, f"{contiguous} (the {self.exe.compiled.report.backend} backend has no paged decode " \
                          "program for this model; see its compile report)"
@@ -227,12 +226,15 @@ class Engine:
         queue.remove(seq)
         self.pool.release(seq.table)
         seq.table, seq.hashes = [], []
+        if seq.slot is not None:
+            self.slots.release(seq.slot)
+            seq.slot = None
         if self.tables is not None:
             self.tables.drop(seq.rid)
 
     def _preempt(self, seq: _Seq) -> None:
         self._leave(seq, self.running)
-        seq.computed, seq.state = 0, {}
+        seq.computed = 0
         self.waiting.insert(0, seq)
         self.preemptions += 1
 
@@ -264,6 +266,8 @@ class Engine:
                 break
             self.waiting.pop(0)
             self.running.append(seq)
+            if self.slots is not None:
+                seq.slot = self.slots.acquire()   # the empty state: it prefills from its first token
             plan.append((seq, n))
             budget -= n
         return plan
@@ -293,20 +297,14 @@ class Engine:
         """One graph call for `seqs` (n tokens each after `start`) over their gathered caches; (seqs, n, logits)."""
         exe, tables = self.exe, [s.table for s in seqs]
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
-        caches = {**self.pool.gather(tables, start), **self._states(seqs)}
+        slots = [s.slot for s in seqs]
+        caches = {**self.pool.gather(tables, start), **(self.slots.gather(slots) if self.slots else {})}
         out, state = exe.step(ids, KVState(caches, start, len(seqs)))
         self.pool.write(tables, state.caches, start, start + n)
-        for k, seq in enumerate(seqs):
-            seq.state = {name: state.caches[name][k:k + 1] for name in self.pool.states}
+        if self.slots is not None:
+            self.slots.write(slots, state.caches)
         self.calls["contiguous"] += 1
         return seqs, n, out["logits"]
-
-    def _states(self, seqs: list[_Seq]) -> dict[str, torch.Tensor]:
-        """The fixed-size state caches of `seqs` stacked (zeros for a request with none computed yet)."""
-        def one(seq, name, t):
-            return seq.state[name] if name in seq.state else \
-                torch.zeros(t.concrete({"B": 1}), dtype=to_torch(t.dtype), device=self.exe.device)
-        return {name: torch.cat([one(s, name, t) for s in seqs]) for name, t in self.pool.states.items()}
 
     def _run_paged(self, seqs: list[_Seq]) -> tuple[list[_Seq], int, torch.Tensor]:
         """One token of each of `seqs` (any cache lengths) in one paged decode call over the pools. The step's
@@ -314,12 +312,15 @@ class Engine:
         to the device once."""
         page, computed = self.pool.block_size, [s.computed for s in seqs]
         self.exe._check_length(max(computed) + 1)
-        rows = [[s.tokens[p], p, s.table[p // page] * page + p % page, p + 1] for s, p in zip(seqs, computed)]
+        rows = [[s.tokens[p], p, s.table[p // page] * page + p % page, p + 1, s.slot or 0]
+                for s, p in zip(seqs, computed)]
         host = torch.cat([torch.tensor(rows), self.tables.rows([(s.rid, s.table) for s in seqs]).long()], 1)
         dev = host.to(self.exe.device)        # the one host-to-device copy of the step's inputs
         inputs = {"input_ids": dev[:, 0:1].contiguous(), "positions": dev[:, 1:2].contiguous(), **self.pool.storage,
-                  "block_table": dev[:, 4:].int().contiguous(), "cache_slots": dev[:, 2:3].contiguous(),
+                  "block_table": dev[:, 5:].int().contiguous(), "cache_slots": dev[:, 2:3].contiguous(),
                   "cache_lens": dev[:, 3].int()}
+        if self.slots is not None:   # the state pools and each row's slot in them
+            inputs.update(self.slots.storage, state_slots=dev[:, 4].contiguous())
         out = self.paged(inputs, self.pool.pad_slot)
         self.calls["paged_decode"] += 1
         return seqs, 1, out["logits"]

@@ -1,13 +1,13 @@
 """A paged KV cache: fixed-size blocks in one pool per cache tensor, a block table per request, and prefix
 caching of full blocks by content hash.
 
-Every cache input of a graph is [B, T, ...] (T the cache length) or a fixed-size state [B, rows, ...] (V4's
-sliding window and compressor rows: `states`, kept per request by the engine, not in blocks); the pool holds
-[num_blocks, block_size, ...] of each [B, T, ...] cache, so for absorbed MLA a block holds the latent rows, for
-GQA the per-head K and V rows. The backends take contiguous caches, so a step gathers each request's blocks into
-[B, T, ...] and writes the rows it computed back (`gather` / `write`): correct on every backend. A backend with a
-paged decode program (triton) reads and writes the pools in place instead; one block past `num_blocks` is its
-scratch block, where padding rows of a CUDA-graph batch write (`pad_slot`), never handed out.
+Every cache input of a graph is [B, T, ...] (T the cache length) or a fixed-size state [B, rows, ...] (V4's sliding
+window and compressor rows: `states`, one slot per running request in `StateSlots`, not in blocks); the pool holds
+[num_blocks, block_size, ...] of each [B, T, ...] cache, so for absorbed MLA a block holds the latent rows, for GQA
+the per-head K and V rows. The backends take contiguous caches, so a step gathers each request's blocks into [B, T,
+...] and writes the rows it computed back (`gather` / `write`): correct on every backend. A backend with a paged
+decode program (triton) reads and writes the pools in place instead; one block past `num_blocks` is its scratch
+block, where padding rows of a CUDA-graph batch write (`pad_slot`), never handed out.
 
 A full block is registered under the hash of (the hash of the block before it, its tokens): equal prefixes
 share blocks (reference-counted). A block nobody holds stays cached until the pool needs it (oldest first).
@@ -52,8 +52,8 @@ class BlockPool:
             if len(dims) >= 2 and dims[1] == "T":
                 shape = v.type.concrete({"B": num_blocks + 1, "T": block_size})   # + the scratch block
                 self.storage[name] = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=device)
-            elif len(dims) >= 2 and dims[0] == "B" and all(d.isdigit() for d in dims[1:]):
-                self.states[name] = v.type   # a fixed-size state per sequence: the engine keeps it per request
+            elif v.type.is_fixed_state:
+                self.states[name] = v.type   # a fixed-size state: one slot per running request (StateSlots)
             else:
                 raise InputError(f"cache input {name} has shape {v.type}: the paged cache needs [B, T, ...] (or a "
                                  "fixed-size state [B, rows, ...])")
@@ -182,3 +182,37 @@ class BlockTables:
         if held is not None:
             self.buf[held[0]].zero_()
             self.free.append(held[0])
+
+
+class StateSlots:
+    """The fixed-size state caches (`BlockPool.states`) of the running requests: one pool [seats + 1, rows, ...]
+    per state, a slot per request (zeroed when taken: a request starts from the empty state), the last slot the
+    scratch where padding rows of a CUDA-graph batch write (`pad_slot`), never handed out."""
+
+    def __init__(self, types: dict, seats: int, device):
+        self.storage = {name: torch.zeros(t.concrete({"B": seats + 1}), dtype=to_torch(t.dtype), device=device)
+                        for name, t in types.items()}
+        self.free = list(range(seats))[::-1]
+        self.pad_slot, self.device = seats, device
+
+    def acquire(self) -> int:
+        if not self.free:
+            raise InputError(f"all {self.pad_slot} state slots are taken: the engine admitted more requests than "
+                             "max_num_seqs")
+        slot = self.free.pop()
+        for s in self.storage.values():
+            s[slot].zero_()
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def gather(self, slots: list[int]) -> dict[str, torch.Tensor]:
+        """The states [len(slots), rows, ...] of these slots."""
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        return {name: s.index_select(0, idx) for name, s in self.storage.items()}
+
+    def write(self, slots: list[int], states: dict[str, torch.Tensor]) -> None:
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        for name, s in self.storage.items():
+            s.index_copy_(0, idx, states[name].to(s.dtype))

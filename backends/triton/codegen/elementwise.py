@@ -24,11 +24,16 @@ INT_OPS = ("add", "sub", "mul", "maximum", "minimum", "neg", "abs")  # exact on 
 INT_DTYPES = ("int64", "int32")
 POW_EXPRESSIONS = {2.0: "{a} * {a}", 3.0: "{a} * {a} * {a}", 0.5: "tl.sqrt({a})", -0.5: "tl.rsqrt({a})",
                    1.0: "{a}", -1.0: "1.0 / {a}"}
+GELU_EXPRESSIONS = {   # by `approximate`: torch's exact (erf) form; the tanh form 0.5x(1 + tanh y) as x * sigmoid(2y)
+    "none": "0.5 * {a} * (1.0 + tl.erf({a} * 0.7071067811865476))",
+    "tanh": "{a} * tl.sigmoid(1.5957691216057308 * ({a} + 0.044715 * {a} * {a} * {a}))",
+}
 
 
 @dataclass
 class EwInput:
-    """An external input: `mode` is "full", "suffix" (broadcast of the last `numel` elements) or "scalar"."""
+    """An external input: `mode` is "full", "suffix" (broadcast of the last `numel` elements), "rows" (one value
+    per run of `numel` elements: a [.., 1] keepdim reduction against [.., N]) or "scalar"."""
 
     var: str
     dtype: str
@@ -46,13 +51,16 @@ class EwOp:
     args: tuple[str, ...]
     dtype: str
     label: str
-    exponent: float | None = None
+    exponent: float | None = None   # pow's
+    approximate: str | None = None   # gelu's
 
 
 def expression(op: EwOp) -> str:
     """Float ops compute in fp32; integer ops (INT_OPS on INT_DTYPES) in their own dtype, exactly."""
     if op.op == "pow":
         template = POW_EXPRESSIONS[op.exponent]
+    elif op.op == "gelu":
+        template = GELU_EXPRESSIONS[op.approximate]
     else:
         template = EXPRESSIONS[op.op]
     tdt = TRITON_DTYPES[op.dtype]
@@ -71,7 +79,7 @@ def fused_elementwise(name: str, inputs: list[EwInput], ops: list[EwOp], outputs
     params = [f"{i.var}_ptr" for i in inputs] + [f"{o}_out" for o, _ in outputs]
     lines = ["    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)", "    mask = offs < numel"]
     for i in inputs:
-        where = {"full": "offs", "suffix": f"offs % {i.numel}", "scalar": "0"}[i.mode]
+        where = {"full": "offs", "suffix": f"offs % {i.numel}", "rows": f"offs // {i.numel}", "scalar": "0"}[i.mode]
         load = f"tl.load({i.var}_ptr + {where}, mask=mask)" if i.mode != "scalar" else f"tl.load({i.var}_ptr)"
         lines.append(f"    {i.var} = {load}  # {i.label}")
     for op in ops:

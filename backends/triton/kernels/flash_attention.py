@@ -36,8 +36,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_tensors(what: str, **tensors: torch.Tensor) -> torch.dtype:
-    """Common input rules: torch tensors, one float dtype, one device the kernels can run on. Returns the dtype."""
+def check_tensors(what: str, *, dots: bool = True, **tensors: torch.Tensor) -> torch.dtype:
+    """Common input rules: torch tensors, one float dtype, one device the kernels can run on. Returns the dtype.
+    `dots=False`: the kernel has no tl.dot, so bfloat16 is right on the interpreter too."""
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,7 +53,7 @@ def check_tensors(what: str, **tensors: torch.Tensor) -> torch.dtype:
         if not interpreting():
             raise BackendUnavailable(f"{what}: CPU tensors need Triton's interpreter; set TRITON_INTERPRET=1 "
                                      "before importing triton, or move the tensors to CUDA")
-        if first.dtype == torch.bfloat16:
+        if first.dtype == torch.bfloat16 and dots:
             raise InputError(f"{what}: Triton's interpreter computes tl.dot on bfloat16 wrongly; run bfloat16 on "
                              "CUDA, or cast to float16/float32 on the CPU")
     elif first.device.type != "cuda":

@@ -12,7 +12,7 @@ byte, low nibble first) with scales [E, 2I, H/32] uint8 (2**(s - 127) per 32 alo
 Two decodes, both candidates of the autotuner (`native` in the config): ours (any float dtype: the low and high
 nibbles of a byte meet x's even and odd columns, so no register interleave is needed; each value is built from
 its bits, no lookup table or exp2), and Triton's `tl.dot_scaled` (bf16 / fp16 activations), whose Hopper lowering
-upcasts e2m1 to the activation dtype in registers with its own conversion code.
+upcasts e2m1 to the activation dtype in registers with its own conversion code (unpipelined: `mxfp4_configs`).
 """
 from __future__ import annotations
 
@@ -33,18 +33,26 @@ GROUP = 32      # weights per e8m0 scale
 @dataclass(frozen=True)
 class MXFP4Config(MoEConfig):
     native: bool = False   # tl.dot_scaled instead of our decode (bf16 / fp16 activations)
+    gemv: int = 0          # > 0: no tensor cores, the tile's valid rows taken `gemv` at a time (decode)
 
 
 def mxfp4_configs(m: int, num_experts: int, block_m: int | None = None) -> list[MXFP4Config]:
     """The bf16 template's tiles with K tiles of at least 64 (so each even/odd half is a 32-deep dot) and deeper
-    K tiles for decode (a tile row is half the bytes it is in bf16), each with both decodes on the GPU."""
+    K tiles for decode (a tile row is half the bytes it is in bf16), each with both decodes on the GPU.
+    `tl.dot_scaled` candidates are not software-pipelined: on the H200 (Triton 3.6) every one with num_stages > 1
+    gave wrong sums (rel err ~1.4) while num_stages = 1 and our decode at any depth were exact
+    (tests/test_triton_mxfp4.py checks each candidate on CUDA)."""
     base = moe_configs(m, num_experts, block_m)
     if interpreting():
         return [MXFP4Config(**{**c.__dict__, "block_k": max(c.block_k, 64)}) for c in base]
     tiles = {(c.block_m, c.block_n, max(c.block_k, 64), c.num_warps, c.num_stages) for c in base}
     if base[0].block_m <= 16:
         tiles |= {(16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (16, 64, 512, 4, 3), (16, 32, 512, 4, 4)}
-    return [MXFP4Config(*t, native=nat) for nat in (False, True) for t in sorted(tiles)]
+    ours = [MXFP4Config(*t, native=False) for t in sorted(tiles)]
+    native = {MXFP4Config(bm, bn, bk, w, 1, native=True) for bm, bn, bk, w, _ in tiles}
+    gemv = [MXFP4Config(base[0].block_m, bn, bk, 4, st, gemv=sub) for bn, bk in ((16, 1024), (32, 512), (64, 256))
+            for st in (1, 2) for sub in (1, 2)] if base[0].block_m <= 16 else []
+    return ours + sorted(native, key=str) + gemv
 
 
 @triton.jit
@@ -95,23 +103,76 @@ def _mxfp4_dot(acc, a_ptr, a_row, row_ok, k0, K, w_ptr, s_ptr, offs_n, n_ok, str
 
 
 @triton.jit
+def _gemv_part(w_ptr, s_ptr, k0, K, offs_n, n_ok, stride_wn, stride_sn, x_even, x_odd, BLOCK_K: tl.constexpr):
+    """sum_k x[rows, k] * dequant(W)[n, k] over one K chunk without tensor cores: [SUB, BLOCK_N]. The codes stay
+    in the layout they were loaded in (a dot would stage them through shared memory) and each group of 32 is
+    summed before its one scale multiplies it. W viewed [BLOCK_N, groups, 16 bytes]; x_* [SUB, groups, 16]."""
+    g = tl.arange(0, BLOCK_K // 32)
+    t = tl.arange(0, 16)
+    byte_k = (k0 // 2 + g * 16)[:, None] + t[None, :]                      # [G, 16] byte offsets along K
+    ok = (2 * byte_k < K)[None, :, :] & n_ok[:, None, None]
+    byte = tl.load(w_ptr + offs_n[:, None, None] * stride_wn + byte_k[None, :, :], mask=ok, other=0)
+    byte = byte.to(tl.uint8, bitcast=True).to(tl.int32)
+    exp = tl.load(s_ptr + offs_n[:, None] * stride_sn + (k0 // 32 + g)[None, :],
+                  mask=n_ok[:, None] & (k0 + 32 * g < K)[None, :], other=127).to(tl.int32)
+    lo, hi = _e2m1(byte & 15, 1.0), _e2m1(byte >> 4, 1.0)                 # [BLOCK_N, G, 16]
+    per_group = tl.sum(lo[None] * x_even[:, None] + hi[None] * x_odd[:, None], axis=3)   # [SUB, BLOCK_N, G]
+    return tl.sum(per_group * _scale(exp)[None], axis=2)
+
+
+@triton.jit
+def _gemv_rows(acc, acc_up, a_ptr, a_row, row_ok, K, w_ptr, s_ptr, offs_n, n_ok, N, stride_wn, stride_sn,
+               SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (and, SWIGLU, acc_up from the up rows after the N gate rows) + A[a_row] @ dequant(W)^T, SUB rows."""
+    g = tl.arange(0, BLOCK_K // 32)
+    t = tl.arange(0, 16)
+    for k0 in range(0, K, BLOCK_K):
+        col = (k0 + 32 * g)[:, None] + 2 * t[None, :]                      # [G, 16] even columns
+        x_ptrs = a_ptr + a_row[:, None, None] * K + col[None, :, :]
+        x_ok = row_ok[:, None, None] & (col < K)[None, :, :]
+        x_even = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptrs + 1, mask=x_ok, other=0.0).to(tl.float32)
+        acc += _gemv_part(w_ptr, s_ptr, k0, K, offs_n, n_ok, stride_wn, stride_sn, x_even, x_odd, BLOCK_K)
+        if SWIGLU:
+            acc_up += _gemv_part(w_ptr + N * stride_wn, s_ptr + N * stride_sn, k0, K, offs_n, n_ok, stride_wn,
+                                 stride_sn, x_even, x_odd, BLOCK_K)
+    return acc, acc_up
+
+
+@triton.jit
 def _grouped_mxfp4_kernel(
     a_ptr, w_ptr, s_ptr, c_ptr, row_ids_ptr, block_expert_ptr, rw_ptr, num_rows, N, K,
     stride_we, stride_wn, stride_se, stride_sn, stride_cm, stride_cn, limit,
     A_DIV: tl.constexpr, A_PADDED: tl.constexpr, C_PADDED: tl.constexpr, SWIGLU: tl.constexpr,
     CLAMP: tl.constexpr, HAS_WEIGHT: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr,
-    A_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEMV: tl.constexpr,
 ):
     """`moe._grouped_gemm_kernel` (same rows, SwiGLU and routing-weight epilogue) with B = dequant(W[e], S[e]):
-    every program reads its expert's packed rows and scales once for its BLOCK_M rows. A is contiguous [*, K]."""
-    expert, pos, row_id, row_ok = tile_rows(row_ids_ptr, block_expert_ptr, num_rows, BLOCK_M)
+    every program reads its expert's packed rows and scales once for its BLOCK_M rows (GEMV: once per GEMV of
+    its valid rows, which alignment puts first in the tile; decode tiles hold one or two). A is contiguous."""
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert < 0:
         return
-    a_row = pos.to(tl.int64) if A_PADDED else (row_id // A_DIV)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     s_base = s_ptr + expert.to(tl.int64) * stride_se
+    if GEMV > 0:
+        _, _, _, tile_ok = tile_rows(row_ids_ptr, block_expert_ptr, num_rows, BLOCK_M)
+        for r0 in range(0, tl.sum(tile_ok.to(tl.int32)), GEMV):
+            pos = tl.program_id(0) * BLOCK_M + r0 + tl.arange(0, GEMV)
+            sub_ok = r0 + tl.arange(0, GEMV) < BLOCK_M
+            row_id = tl.load(row_ids_ptr + pos, mask=sub_ok, other=num_rows)
+            row_ok = row_id < num_rows
+            a_row = pos.to(tl.int64) if A_PADDED else (row_id // A_DIV)
+            acc, acc_up = _gemv_rows(tl.zeros((GEMV, BLOCK_N), dtype=tl.float32),
+                                     tl.zeros((GEMV, BLOCK_N), dtype=tl.float32), a_ptr, a_row, row_ok, K, w_base,
+                                     s_base, offs_n, n_ok, N, stride_wn, stride_sn, SWIGLU, BLOCK_K)
+            store_rows(acc, acc_up, c_ptr, rw_ptr, pos, row_id, row_ok, offs_n, n_ok, stride_cm, stride_cn, limit,
+                       C_PADDED, SWIGLU, CLAMP, HAS_WEIGHT)
+        return
+    _, pos, row_id, row_ok = tile_rows(row_ids_ptr, block_expert_ptr, num_rows, BLOCK_M)
+    a_row = pos.to(tl.int64) if A_PADDED else (row_id // A_DIV)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -129,6 +190,9 @@ def _launch(a, w, s, c, row_ids, block_expert, rw, num_rows, n, cfg: MXFP4Config
             c_padded=False, swiglu=False, limit=None):
     if cfg.native and a.dtype == torch.float32:
         raise InputError("fused_moe_mxfp4: tl.dot_scaled takes bf16 / fp16 activations; use native=False for fp32")
+    if cfg.native and cfg.num_stages > 1 and not interpreting():
+        raise InputError(f"fused_moe_mxfp4: {cfg} pipelines tl.dot_scaled, which gave wrong sums on the H200 "
+                         "(Triton 3.6); use num_stages=1 with native=True")
     grid = (block_expert.numel(), triton.cdiv(n, cfg.block_n))
     _grouped_mxfp4_kernel[grid](
         a, w, s, c, row_ids, block_expert, rw if rw is not None else c, num_rows, n, a.shape[1],
@@ -136,7 +200,7 @@ def _launch(a, w, s, c, row_ids, block_expert, rw, num_rows, n, cfg: MXFP4Config
         A_DIV=a_div, A_PADDED=a_padded, C_PADDED=c_padded, SWIGLU=swiglu, CLAMP=limit is not None,
         HAS_WEIGHT=rw is not None, PRECISION=dot_precision(a.dtype), NATIVE=cfg.native,
         A_FMT="bf16" if a.dtype == torch.bfloat16 else "fp16", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_K=cfg.block_k, GEMV=cfg.gemv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _check(x, weights, ids, gate_up, gate_up_scale, down, down_scale):

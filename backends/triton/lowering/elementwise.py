@@ -1,9 +1,9 @@
 """Fused elementwise chains: grow a region from an elementwise node along its users, then generate one kernel.
 
 A node joins when it is elementwise over floats (or exact integer arithmetic over one int dtype: positions), its
-output has the region's iteration shape, each external input is full-shape, a static broadcast suffix or a scalar,
-and claiming it keeps the program valid (`LowerCtx.region_ok`). Scalar `constant`s are inlined as literals. See
-codegen/elementwise.py for numerics.
+output has the region's iteration shape, each external input is full-shape, a static broadcast suffix, a row
+broadcast (a [.., 1] keepdim reduction against [.., N]) or a scalar, and claiming it keeps the program valid
+(`LowerCtx.region_ok`). Scalar `constant`s are inlined as literals. See codegen/elementwise.py for numerics.
 """
 from __future__ import annotations
 
@@ -13,7 +13,15 @@ from dsgraph.backends.lowering import Decline
 
 from dsgraph.symbolic import eval_dim
 
-from ..codegen.elementwise import EXPRESSIONS, INT_DTYPES, INT_OPS, POW_EXPRESSIONS, EwInput, EwOp, fused_elementwise
+from ..codegen.elementwise import (
+    EXPRESSIONS,
+    INT_DTYPES,
+    INT_OPS,
+    POW_EXPRESSIONS,
+    EwInput,
+    EwOp,
+    fused_elementwise,
+)
 from .registry import TABLE, Lowered, Region
 
 _FLOATS = ("float32", "float16", "bfloat16")
@@ -37,18 +45,30 @@ def _input_mode(v, shape) -> tuple[str, int] | None:
     while dims and dims[0] == 1:
         dims.pop(0)
     if not all(isinstance(d, int) for d in dims):
-        return None
+        return _rows(v.shape, shape)
     numel = math.prod(dims)
     if numel == 1:
         return "scalar", 1
     if len(dims) <= len(shape) and tuple(dims) == tuple(shape[len(shape) - len(dims):]):
         return "suffix", numel
-    return None
+    return _rows(v.shape, shape)
+
+
+def _rows(vshape, shape) -> tuple[str, int] | None:
+    """("rows", run) for vshape = shape[:k] + (1,) * (r - k), 0 < k < r, with a static run = prod(shape[k:])."""
+    k = len(vshape)
+    while k and vshape[k - 1] == 1:
+        k -= 1
+    run = shape[k:]
+    if len(vshape) != len(shape) or not 0 < k < len(shape) or tuple(vshape[:k]) != tuple(shape[:k]) \
+            or not all(isinstance(d, int) for d in run):
+        return None
+    return "rows", math.prod(run)
 
 
 def _fusable(node, shape) -> bool:
     op = node.op
-    if op not in EXPRESSIONS and op != "pow":
+    if op not in EXPRESSIONS and op not in ("pow", "gelu"):
         return False
     if op == "pow" and node.attrs["exponent"] not in POW_EXPRESSIONS:
         return False
@@ -87,12 +107,12 @@ def grow(node, ctx) -> list:
     return sorted(region, key=lambda n: ctx.index[id(n)])
 
 
-@TABLE.register(*EXPRESSIONS, "pow")
+@TABLE.register(*EXPRESSIONS, "pow", "gelu")
 def _(ctx, node):
     shape = node.outputs[0].shape
     if not _fusable(node, shape):
         return Decline("not a float (or same-dtype integer add/sub/mul/neg/...) elementwise node over full-shape, "
-                       "suffix-broadcast or scalar inputs")
+                       "suffix-broadcast, row-broadcast or scalar inputs")
     nodes = grow(node, ctx)
     names: dict[int, str] = {}
     inputs, ext = [], []
@@ -109,7 +129,7 @@ def _(ctx, node):
     for i, n in enumerate(nodes):
         names[id(n.outputs[0])] = f"v{i}"
         ops.append(EwOp(f"v{i}", n.op, tuple(names[id(v)] for v in n.inputs), n.outputs[0].dtype, n.format(4),
-                        n.attrs.get("exponent")))
+                        n.attrs.get("exponent"), n.attrs.get("approximate")))
     outputs = ctx.region_outputs(nodes)
     title = f"fused elementwise chain of {len(nodes)} node(s) over {'x'.join(str(d) for d in shape) or 'scalar'}"
     name = "ew_" + "_".join(dict.fromkeys(n.op for n in nodes))[:40]

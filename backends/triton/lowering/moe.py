@@ -113,10 +113,6 @@ def _chain(act: str, **attrs) -> P:
 
 GROUPED_CHAIN = _chain("act.swiglu")
 CLAMPED_CHAIN = _chain("act.swiglu_clamped", limit=ANY)   # DeepSeek-V4's experts
-# The MXFP4 grouped kernel equals its reference in the interpreter (fp32 / fp16), but its first H200 run
-# (benchmarks/mxfp4_moe_gpu.py, V4-Flash expert shapes, bf16) gave rel err 1.4: until that is found and fixed, CUDA
-# compiles run the bf16 fused MoE on the experts dequantised once at compile time, and the report says so.
-MXFP4_OFF_ON_CUDA = "the MXFP4 grouped kernel failed its H200 check: BENCHMARKS.md, DeepSeek-V4"
 
 
 @TABLE.register("moe.permute")
@@ -131,9 +127,7 @@ def _permute(ctx, node):
         clamp = "; SwiGLU clamped at the limit (V4)" if limit is not None else ""
         region = dict(nodes=tuple(m.nodes), outputs=(m.root_value,))
         packed = [_mxfp4_stack(m[k]) for k in ("gate_up", "down")]
-        if all(packed) and ctx.device.type == "cuda":
-            clamp += f"; MXFP4 experts dequantised at compile time ({MXFP4_OFF_ON_CUDA})"
-        elif all(packed):
+        if all(packed):
             (gu, gu_shape), (dn, dn_shape) = packed
             views = (gu_shape[:2], gu_shape[:2], dn_shape[:2], dn_shape[:2])   # [E * rows, *] -> [E, rows, *]
 

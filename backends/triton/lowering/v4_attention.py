@@ -1,8 +1,11 @@
 """DeepSeek-V4's attention path as templates (kernels/v4_attention.py, kernels/topk.py): the window + compressed +
 sink attention in one split-KV kernel, the compressor's pooling, and the CSA indexer's slot mask applied inside
 the top-k that reads it (no pass of its own). The positions bound every read, so a static-capacity decode step's
-compressed cache needs no length input: entries past a query's position are never read. V4's caches are not paged
-(the serve engine's paged program declines them here)."""
+compressed cache needs no length input: entries past a query's position are never read. In the serve engine's
+paged program the compressed entries are a pool read through the block table: torch gathers the table's rows
+into a contiguous [B, max_blocks * page, D] before the kernel (a copy per step; the kernel has no block-table
+path yet), and their order is the table's, as the paged indexer's scores and top-k indices are. (The block pool
+pages [B, T, ...] caches only: the compact [B, T//m, D] entries are not paged yet.)"""
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
@@ -24,17 +27,25 @@ MASKED_TOPK = P("indexer.topk", P("indexer.slot_mask", Var("logits"), Var("posit
 def _sink(ctx, node):
     if ctx.interpreting and node.inputs[0].dtype == "bfloat16":
         return paged_needs(ctx, Decline("Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on CUDA"))
-    if ctx.paged is not None:
-        return paged_needs(ctx, Decline("V4's window and compressed caches are contiguous, not paged"))
     window, ratio, scale = node.attrs["window"], node.attrs["ratio"], node.attrs["scale"]
     comp = len(node.inputs) - 4     # 0: sliding only, 1: + dense compressed entries (HCA), 2: + indices (CSA)
+    paged = ctx.paged is not None and comp > 0
 
     def run(a, sym):
-        return [sink_attention(a[0], a[1], a[2], a[3], window, scale, comp=a[4] if comp else None,
+        c = a[4] if comp else None
+        if paged:   # the pool [blocks, page, D] read through the block table a[-1]: the request's slots in order
+            c = c[a[-1].long()].flatten(1, 2)
+        return [sink_attention(a[0], a[1], a[2], a[3], window, scale, comp=c,
                                indices=a[5] if comp == 2 else None, ratio=ratio)]
     what = ("window rows", "window rows + every visible compressed slot", "window rows + the top-k compressed slots")
-    return Lowered("template", f"v4_attention._sink_attention_kernel ({what[comp]}, per-head sink; split-KV with "
-                   "mla_decode._mla_reduce_kernel)", fn=run)
+    kernel = (f"v4_attention._sink_attention_kernel ({what[comp]}, per-head sink; split-KV with "
+              "mla_decode._mla_reduce_kernel)")
+    if not paged:
+        return Lowered("template", kernel, fn=run)
+    return Lowered("template", kernel + " over the compressed pool's block-table rows gathered by torch",
+                   inputs=(*map(ctx.paged.value, node.inputs), ctx.paged.inputs["block_table"]), fn=run,
+                   note="the compressed entries are copied out of the pool each step (no block-table path in the "
+                        "kernel)")
 
 
 @TABLE.register("v4.compress")
