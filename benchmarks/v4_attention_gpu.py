@@ -8,8 +8,8 @@ against its op reference on the first two requests, then timed with CUDA events 
     python benchmarks/v4_attention_gpu.py --tiny --device cpu   # toy sizes on Triton's interpreter (no timings)
 
 Floor: the bytes the kernel must read and write over 4.2 TB/s (the H200's achievable HBM bandwidth). Attention
-reads q, the 128 window rows, the compressed rows it attends (the K selected for CSA, the T/128 group ends for
-HCA; the per-token-slot layout's other rows are never read), the indices, and writes the output.
+reads q, the 128 window rows, the compact compressed entries it attends (the K selected for CSA, all T/128 for
+HCA), the indices, and writes the output. The top-k reads the T/4 indexer scores of the compact CSA entries.
 """
 from __future__ import annotations
 
@@ -61,13 +61,13 @@ def attention_rows(b, h, d, t, window, shapes, dtype, device, gen, sweep: bool) 
     kv = torch.randn(b, window, d, generator=gen).to(device, dtype)        # state (window - 1) + the new row
     sinks = torch.randn(h, generator=gen).to(device)
     pos = torch.full((b, 1), t - 1, dtype=torch.int64, device=device)
-    comp = torch.randn(b, t, d, generator=gen).to(device, dtype)
     rows = []
     for kind, ratio, k in shapes:
         extra, read = {}, 0
-        if kind == "csa":   # k distinct group ends, as the slot-masked top-k picks them
-            ends = torch.stack([torch.randperm(t // ratio, generator=gen)[:k] for _ in range(b)]) * ratio + ratio - 1
-            extra = {"comp": comp, "indices": ends[:, None].to(device)}
+        comp = torch.randn(b, t // max(ratio, 1), d, generator=gen).to(device, dtype)   # compact entries
+        if kind == "csa":   # k distinct entries, as the slot-masked top-k picks them
+            picked = torch.stack([torch.randperm(t // ratio, generator=gen)[:k] for _ in range(b)])
+            extra = {"comp": comp, "indices": picked[:, None].to(device)}
             read = k * d * el + k * 8
         elif kind == "hca":
             extra = {"comp": comp}
@@ -102,9 +102,10 @@ def compress_rows(b, d, t, shapes, dtype, device, gen) -> list[dict]:
             device, dtype), torch.randn(b, r, 2 * c, generator=gen).to(device, dtype),
             torch.randn(ratio, c, generator=gen).to(device), torch.full((b, 1), t - 1, dtype=torch.int64,
                                                                           device=device))
-        run = lambda: compress(*args, ratio=ratio, overlap=overlap)  # noqa: E731
+        run = lambda: compress(*args, past=t - 1, ratio=ratio, overlap=overlap)[0]  # noqa: E731
         want = get_op("v4.compress").reference_fn(*[a[:2] if i != 3 else a for i, a in enumerate(args)],
-                                                  ratio=ratio, overlap=overlap)
+                                                  torch.zeros(2, t - 1, 0, device=device), ratio=ratio,
+                                                  overlap=overlap)[0]
         nbytes = b * ((r + 1) * 2 * c * el + c // (2 if overlap else 1) * el) + ratio * c * 4
         rows.append({"kernel": f"compress_{kind}", "batch": b, "T": t, "topk": 0, "launch": "-",
                      "rel_err": rel_err(run()[:2], want), "us": timed_us(run, device),
@@ -113,12 +114,15 @@ def compress_rows(b, d, t, shapes, dtype, device, gen) -> list[dict]:
 
 
 def topk_row(b, t, ratio, k, device, gen) -> dict:
-    logits = torch.randn(b, 1, t, generator=gen).to(device)
-    want = get_op("indexer.topk").reference_fn(get_op("indexer.slot_mask").reference_fn(logits[:2], ratio=ratio),
-                                               k=k)
-    same = torch.equal(topk(logits, k, slot_ratio=ratio)[:2], want)
+    """The decode query at t - 1 over the scores of the t // ratio compact entries."""
+    logits = torch.randn(b, 1, t // ratio, generator=gen).to(device)
+    pos = torch.full((b, 1), t - 1, dtype=torch.int64, device=device)
+    want = get_op("indexer.topk").reference_fn(get_op("indexer.slot_mask").reference_fn(logits[:2], pos[:2],
+                                                                                        ratio=ratio), k=k)
+    run = lambda: topk(logits, k, slot_ratio=ratio, positions=pos)  # noqa: E731
+    same = torch.equal(run()[:2], want)
     return {"kernel": "topk_slot_mask", "batch": b, "T": t, "topk": k, "launch": "-", "rel_err": 0.0 if same else 1.0,
-            "us": timed_us(lambda: topk(logits, k, slot_ratio=ratio), device), "floor_us": b * t * 4 / BANDWIDTH * 1e6}
+            "us": timed_us(run, device), "floor_us": b * (t // ratio) * 4 / BANDWIDTH * 1e6}
 
 
 def main() -> None:

@@ -1,9 +1,13 @@
 """Symbolic dimensions: integer polynomials over named sizes ("B", "S", "T").
 
 One graph serves every batch size and sequence length because its dims may be
-symbols. Shape rules need only +, - and * of dims (a cache grows T -> T+S, a
+symbols. Most shape rules need only +, - and * of dims (a cache grows T -> T+S, a
 reshape merges B*S), so a dim is either an int or a `Sym` polynomial with
 integer coefficients, kept in a canonical form so equal dims compare equal.
+A compressed cache holds one entry per m tokens, so a dim may also floor-divide
+by a positive int (`T//4`): the floor is an atom of the polynomial (named by its
+text, e.g. "(S+T)//4"), with the terms m divides pulled out, so that
+T//4 + ((T+S)//4 - T//4) is (S+T)//4.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from typing import Mapping, Union
 
 from .errors import ShapeError
 
-Monomial = tuple[str, ...]  # sorted symbol names; () is the constant term
+Monomial = tuple[str, ...]  # sorted symbol names or floor atoms; () is the constant term
+_FLOORS: dict[str, tuple["Sym", int]] = {}   # floor atom name -> (numerator, divisor)
 
 
 class Sym:
@@ -63,6 +68,9 @@ class Sym:
 
     __rmul__ = __mul__
 
+    def __floordiv__(self, m: int) -> "Dim":
+        return floordiv(self, m)
+
     # comparison, hashing, printing ---------------------------------------
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (Sym, int)):
@@ -73,13 +81,22 @@ class Sym:
         return hash(tuple(self.terms.items()))
 
     def symbols(self) -> set[str]:
-        return {s for m in self.terms for s in m}
+        """The named sizes the dim depends on (those inside a floor atom too)."""
+        out: set[str] = set()
+        for m in self.terms:
+            for s in m:
+                out |= floor_atom(s)[0].symbols() if "//" in s else {s}
+        return out
 
     def evaluate(self, env: Mapping[str, int]) -> int:
         total = 0
         for m, c in self.terms.items():
             v = c
             for s in m:
+                if "//" in s:
+                    num, div = floor_atom(s)
+                    v *= num.evaluate(env) // div
+                    continue
                 if s not in env:
                     raise ShapeError(f"dim symbol {s!r} has no value bound")
                 v *= env[s]
@@ -90,6 +107,8 @@ class Sym:
         parts = []
         for m, c in sorted(self.terms.items(), key=lambda mc: (-len(mc[0]), mc[0])):
             body = "*".join(m)
+            if any("//" in a for a in m) and (len(m) > 1 or c != 1):   # -(T//4), 2*(T//4): not (-T)//4
+                body = "*".join(f"({a})" if "//" in a else a for a in m)
             if not body:
                 txt = str(abs(c))
             elif abs(c) == 1:
@@ -107,6 +126,40 @@ class Sym:
 Dim = Union[int, Sym]
 
 
+def floordiv(x: Dim, m: int) -> Dim:
+    """x // m for a positive int m: the terms m divides leave the floor ((m*a + r) // m = a + r // m for integer
+    a), the rest becomes one floor atom."""
+    if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
+        raise ShapeError(f"a dim floor-divides by a positive int, not {m!r}")
+    if not isinstance(x, Sym):
+        return int(x) // m
+    whole: dict[Monomial, int] = {}
+    rest: dict[Monomial, int] = {}
+    for mono, c in x.terms.items():
+        if mono == ():
+            whole[()], r = divmod(c, m)
+            if r:
+                rest[()] = r
+        elif c % m == 0:
+            whole[mono] = c // m
+        else:
+            rest[mono] = c
+    if all(mono == () for mono in rest):      # 0 <= r < m: r // m = 0
+        return simplify(Sym(whole))
+    num = Sym(rest)
+    txt = str(num)
+    name = f"{txt if re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*', txt) else f'({txt})'}//{m}"
+    _FLOORS[name] = (num, m)
+    return simplify(Sym(whole)) + Sym({(name,): 1})
+
+
+def floor_atom(name: str) -> tuple["Sym", int]:
+    """(numerator, divisor) of a floor atom, parsed from its name where this process has not made it yet."""
+    if name not in _FLOORS:
+        parse_dim(name)
+    return _FLOORS[name]
+
+
 def simplify(d: Dim) -> Dim:
     """A Sym that is a constant becomes an int."""
     if isinstance(d, Sym) and all(m == () for m in d.terms):
@@ -114,11 +167,11 @@ def simplify(d: Dim) -> Dim:
     return d
 
 
-_TOKEN = re.compile(r"\s*(\d+|[A-Za-z_][A-Za-z0-9_]*|[-+*()])")
+_TOKEN = re.compile(r"\s*(\d+|[A-Za-z_][A-Za-z0-9_]*|//|[-+*()])")
 
 
 def parse_dim(text: "Dim | str") -> Dim:
-    """Parse "B", "T+S", "2*B*S" or an int into a dim."""
+    """Parse "B", "T+S", "2*B*S", "(T+S)//4" or an int into a dim."""
     if isinstance(text, Sym):
         return simplify(text)
     if isinstance(text, bool):
@@ -131,7 +184,7 @@ def parse_dim(text: "Dim | str") -> Dim:
         raise ShapeError(f"a dim must be an int or a symbol string, not {type(text).__name__}")
     tokens = _TOKEN.findall(text)
     if "".join(tokens).replace(" ", "") != text.replace(" ", ""):
-        raise ShapeError(f"cannot parse dim {text!r}: use symbols, ints, + - * and ()")
+        raise ShapeError(f"cannot parse dim {text!r}: use symbols, ints, + - * // and ()")
     pos = 0
 
     def expr() -> Dim:
@@ -147,9 +200,15 @@ def parse_dim(text: "Dim | str") -> Dim:
     def term() -> Dim:
         nonlocal pos
         v = atom()
-        while pos < len(tokens) and tokens[pos] == "*":
+        while pos < len(tokens) and tokens[pos] in ("*", "//"):
             pos += 1
-            v = v * atom()
+            if tokens[pos - 1] == "*":
+                v = v * atom()
+                continue
+            m = atom()
+            if not isinstance(m, int) or m <= 0:
+                raise ShapeError(f"cannot parse dim {text!r}: // takes a positive int divisor, not {m}")
+            v = floordiv(v, m)
         return v
 
     def atom() -> Dim:
@@ -168,7 +227,7 @@ def parse_dim(text: "Dim | str") -> Dim:
             return -atom()
         if tok.isdigit():
             return int(tok)
-        if tok in "+*)":
+        if tok in ("+", "*", ")", "//"):
             raise ShapeError(f"cannot parse dim {text!r}: unexpected {tok!r}")
         return Sym(tok)
 

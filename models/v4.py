@@ -13,8 +13,11 @@ Sliding layers rotate with `rope_theta`, compressed ones with `compress_rope_the
 Graph interface: inputs input_ids, positions [B,S] (consecutive per row) and per layer the caches
   cache.L.win [B,W-1,D]           the last W-1 K=V rows (a fixed-size sliding state)
   cache.L.cmp_state [B,R,2C]      the compressor's raw (kv | gate) rows not yet pooled (CSA / HCA)
-  cache.L.cmp [B,T,D]             compressed entries by slot (CSA / HCA)
-  cache.L.index_state, cache.L.index_k   the CSA indexer's compressor state and keys by slot
+  cache.L.cmp [B,T//m,D]          compact compressed entries, one per complete group of m tokens (CSA / HCA)
+  cache.L.index_state, cache.L.index_k [B,T//m,d]   the CSA indexer's compressor state and compact keys
+  cache.tokens [B,T,0]            no values: its length is the tokens so far, which the compressors need (how
+                                  many groups a step completes depends on T, not only on T//m); the MTP block
+                                  has its own, cache.mtp.tokens
 and with MTP: mtp_ids [B,S] (token t+1 for each position t) and the MTP block's caches cache.mtp.*;
 outputs logits [B,S,V] fp32, each cache's `.next`, with MTP mtp_logits [B,S,V] and mtp_hidden [B,S,N,D] (the
 block's output streams, fed back as the hidden state to draft further ahead). Param names are DeepSeek's own
@@ -36,6 +39,7 @@ class V4Builder:
         self.cfg, self.dtype = cfg, dtype
         self.mtp = mtp and cfg.num_nextn_predict_layers > 0
         self.b = GraphBuilder(name, dtype)
+        self._tokens: dict = {}
         self.main_rope = {"theta": float(cfg.rope_theta), "interleaved": True}
         rs = cfg.rope_scaling
         self.compress_rope = {"theta": float(cfg.compress_rope_theta), "interleaved": True}
@@ -82,25 +86,38 @@ class V4Builder:
         b.output(f"{name}.next", b.cache.slide(st, new), cache_of=st)
         return st
 
-    def slots(self, name: str, width: int, new):
+    def entries(self, name: str, ratio: int, width: int, new):
+        """A compact cache [B, T//ratio, width] after appending the step's completed entries `new`."""
         b = self.b
-        c = b.cache_input(name, ("B", "T", width))
+        c = b.cache_input(name, ("B", f"T//{ratio}", width))
         full = b.cache.append(c, new)
         b.output(f"{name}.next", full, cache_of=c)
         return full
 
+    def tokens(self, cache: str, x):
+        """The token-count cache `{cache prefix}.tokens` [B,T,0] before this step (one per graph part: the main
+        layers', the MTP block's), appended with S empty rows (of x [B,S,D], so in the model's dtype)."""
+        name = "cache.mtp.tokens" if cache.startswith("cache.mtp.") else "cache.tokens"
+        if name not in self._tokens:
+            b = self.b
+            past = b.cache_input(name, ("B", "T", 0), x.dtype)
+            rows = b.slice(x, dim=2, start=0, end=0)
+            b.output(f"{name}.next", b.cache.append(past, rows), cache_of=past)
+            self._tokens[name] = past
+        return self._tokens[name]
+
     # compressor ------------------------------------------------------------------
     def compress(self, x, positions, p: str, cache: str, width: int, ratio: int, overlap: bool):
-        """Compressed entries by slot [B,T,width]: pooled windows, normed, rotated at the window's first position."""
+        """Compact compressed entries [B,(T+S)//ratio,width]: pooled windows, normed, rotated at the group's first
+        position."""
         b, c = self.b, self.cfg
         cw = 2 * width if overlap else width
         kv, gate = self.linear(x, f"{p}.wkv", cw, c.hidden_size), self.linear(x, f"{p}.wgate", cw, c.hidden_size)
         st = self.state(f"{cache}_state", (2 if overlap else 1) * ratio - 1, 2 * cw, b.concat(kv, gate, dim=-1))
-        pooled = b.v4.compress(kv, gate, st, b.param(f"{p}.ape", (ratio, cw), "float32"), positions, ratio=ratio,
-                               overlap=overlap)
-        start = b.sub(positions, b.constant(value=ratio - 1, dtype="int64"))
+        pooled, start = b.v4.compress(kv, gate, st, b.param(f"{p}.ape", (ratio, cw), "float32"), positions,
+                                      self.tokens(cache, x), ratio=ratio, overlap=overlap)
         entry = self.rope_tail(self.norm(pooled, f"{p}.norm", width), start, self.compress_rope)
-        return self.slots(cache, width, entry)
+        return self.entries(cache, ratio, width, entry)
 
     def indexer(self, x, q_resid, positions, p: str, cache: str, ratio: int):
         c, b = self.cfg, self.b
@@ -110,7 +127,8 @@ class V4Builder:
             q = b.reshape(self.linear(q_resid, f"{p}.indexer.wq_b", h * d, c.q_lora_rank), shape=("B", "S", h, d))
             q = self.rope_tail(q, positions, self.compress_rope)
             w = self.linear(x, f"{p}.indexer.weights_proj", h, c.hidden_size)
-            logits = b.indexer.slot_mask(b.indexer.logits(q, keys, w, scale=d ** -0.5 * h ** -0.5), ratio=ratio)
+            logits = b.indexer.logits(q, keys, w, scale=d ** -0.5 * h ** -0.5, causal=False)
+            logits = b.indexer.slot_mask(logits, positions, ratio=ratio)
             return b.indexer.topk(logits, k=c.index_topk, name="selected")
 
     # attention -------------------------------------------------------------------

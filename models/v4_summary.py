@@ -1,6 +1,7 @@
 """`dsgraph show` for DeepSeek-V4: parameters (MXFP4 bytes counted as their two values), activated parameters per
-token, and the KV cache per layer type — what each kind holds per token of context, per layer, in a compact
-layout (compressed entries once per group), next to what this graph's per-slot caches hold."""
+token, and the KV cache per layer type — what each kind holds per token of context, per layer, in the compact
+layout (compressed entries once per group), next to what this graph's caches hold (the same, counted from their
+types: the check that the graph is compact)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ class V4Summary:
     activated: int
     mtp_params: int      # the MTP block's own (embed and head are shared), outside params / activated
     kinds: dict          # layer type -> (layers, values per token of context per layer, fixed values per layer)
-    graph_values_per_token: int
+    graph_values_per_token: float
     dtype_bytes: int
 
     def __str__(self) -> str:
@@ -35,13 +36,23 @@ class V4Summary:
                          f"KiB/token per layer, + {fixed:,} values fixed (window and compressor state)")
         total = sum(n * v for n, v, _ in self.kinds.values())
         lines.append(f"    all layers                     {total:,.1f} values/token = {total * kib:,.2f} KiB/token")
-        lines.append(f"  this graph's caches (entries by slot) {self.graph_values_per_token:,} values/token")
+        lines.append(f"  this graph's caches (T//m compressed entries) {self.graph_values_per_token:,.1f} values/token")
         return "\n".join(lines)
 
 
 def _values(v) -> int:
     """Weights a param stands for: MXFP4 packs two per int8 byte; e8m0 scales are metadata, not weights."""
     return 0 if v.type.dtype == "uint8" else numel(v.type) * (2 if v.type.dtype == "int8" else 1)
+
+
+def graph_values_per_token(graph, context: int = 2 ** 20) -> float:
+    """Cache values per token of context of one request in the graph's own cache types (the MTP block's aside),
+    over `context` tokens (a multiple of every ratio: T//m is exact there)."""
+    main = [v for n, v in graph.caches().items() if not n.startswith("cache.mtp")]
+
+    def at(t: int) -> int:
+        return sum(v.type.numel({"B": 1, "T": t}) for v in main)
+    return (at(context) - at(0)) / context
 
 
 def v4_summary(model) -> V4Summary:
@@ -62,8 +73,7 @@ def v4_summary(model) -> V4Summary:
         per_token = hd / m + (di / m if kind == CSA else 0) if m else 0.0
         width = {CSA: 2 * (2 * hd) * (2 * m - 1) + 2 * (2 * di) * (2 * m - 1), HCA: 2 * hd * (m - 1)}.get(kind, 0)
         kinds[kind] = (n, per_token, (c.sliding_window - 1) * hd + width)
-    grows = sum(numel(v.type.with_shape(v.type.shape[2:])) for n, v in g.caches().items()
-                if "T" in map(str, v.type.shape) and not n.startswith("cache.mtp"))
+    grows = graph_values_per_token(g)
     experts = f"{c.n_routed_experts} routed + {c.n_shared_experts} shared experts, top-{c.num_experts_per_tok}"
     return V4Summary(model.name, c.num_hidden_layers, experts, total, total - inactive, mtp, kinds, grows,
                      itemsize(g.meta.get("dtype", "float32")))

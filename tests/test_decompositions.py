@@ -467,20 +467,22 @@ def test_fp8_kv_rows():
 @pytest.mark.parametrize("p0", [0, 6])
 def test_v4_position_indexed_ops(p0):
     pos = (p0 + torch.arange(9)).expand(2, 9).contiguous()
+    past = torch.zeros(2, p0, 0, dtype=torch.long)
     for ratio, overlap in ((4, True), (3, False)):
         rows = (2 if overlap else 1) * ratio - 1
         check("v4.compress", {"kv": randn(2, 9, 6), "g": randn(2, 9, 6), "st": randn(2, rows, 12),
-                              "bias": randn(ratio, 6), "p": pos},
-              {"kv": ("B", "S", 6), "g": ("B", "S", 6), "st": ("B", rows, 12), "p": ("B", "S")},
-              ratio=ratio, overlap=overlap)
-    t = p0 + 9
+                              "bias": randn(ratio, 6), "p": pos, "past": past},
+              {"kv": ("B", "S", 6), "g": ("B", "S", 6), "st": ("B", rows, 12), "p": ("B", "S"),
+               "past": ("B", "T", 0)}, ratio=ratio, overlap=overlap)
+    t = (p0 + 9) // 4 + 1           # compact entries, the last one not yet visible to any query
     ins = {"q": randn(2, 9, 3, 8), "kv": randn(2, 4 + 9, 8), "sk": randn(3), "p": pos, "c": randn(2, t, 8),
            "i": torch.randint(-1, t, (2, 9, 3), generator=GEN)}
-    sym = {"q": ("B", "S", 3, 8), "kv": ("B", "S+4", 8), "p": ("B", "S"), "c": ("B", "T", 8), "i": ("B", "S", 3)}
+    sym = {"q": ("B", "S", 3, 8), "kv": ("B", "S+4", 8), "p": ("B", "S"), "c": ("B", "N", 8), "i": ("B", "S", 3)}
     check("attention.sink", ins, sym, window=5, ratio=4, scale=0.3)
     check("attention.sink", {k: ins[k] for k in ("q", "kv", "sk", "p", "c")}, sym, window=5, ratio=3, scale=0.3)
     check("attention.sink", {k: ins[k] for k in ("q", "kv", "sk", "p")}, sym, window=5, scale=0.3)
-    x = {"x": randn(2, 9, t)}
-    graph = build("indexer.slot_mask", x, {"x": ("B", "S", "T")}, ratio=4)
+    x = {"x": randn(2, 9, t), "p": pos}
+    graph = build("indexer.slot_mask", x, {"x": ("B", "S", "N"), "p": ("B", "S")}, ratio=4)
     want, got = run(graph, {}, x)["out0"], run(lower(graph), {}, x)["out0"]
-    assert torch.equal(want, got) and torch.isinf(want).sum() == 2 * 9 * (t - t // 4)
+    seen = ((pos[..., None] + 1) // 4).clamp(max=t)       # entries each query sees
+    assert torch.equal(want, got) and torch.isinf(want).sum() == (t - seen).sum()

@@ -41,7 +41,7 @@ def test_prefill_export_matches_eager(preset, tmp_path):
     assert all(o.domain in ("", "ai.onnx") and o.version >= 17 for o in loaded.opset_import)
     assert {n.domain for n in loaded.graph.node} <= {""}
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in loaded.graph.input}
-    grows = next(n for n, v in model.graph.caches().items() if "T" in map(str, v.type.shape))  # V4: cache.1.cmp
+    grows = next(n for n, v in model.graph.caches().items() if "T" in map(str, v.type.shape))  # V4: cache.tokens
     assert dims["input_ids"] == ["B", "S"] and dims[grows][:2] == ["B", "T"]
     assert {t.name for t in loaded.graph.initializer} >= set(model.graph.params())
     sess = _ort(str(path))

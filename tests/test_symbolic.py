@@ -90,3 +90,22 @@ def test_algebra_laws_hold_and_evaluate_like_ints(a, b, c, env):
 @given(dims())
 def test_print_parse_round_trip(d):
     assert parse_dim(str(d)) == d
+
+
+def test_floor_division_pulls_out_whole_terms_and_round_trips():
+    t4, new = T // 4, (T + S) // 4 - T // 4          # a compressed cache, the entries a step adds
+    assert t4 + new == (T + S) // 4 and str(t4 + new) == "(S+T)//4"
+    assert (4 * T + S + 5) // 4 == T + 1 + (S + 1) // 4 and (8 * T) // 4 == 2 * T
+    assert t4.symbols() == {"T"} and new.symbols() == {"S", "T"}
+    for d in (t4, new, -t4, 2 * t4, S * t4, (t4 + S) // 2):
+        assert parse_dim(str(d)) == d
+    assert [eval_dim(new, {"T": t, "S": 3}) for t in range(5)] == [0, 1, 1, 1, 0]
+    for bad in ("T//0", "T//S", "T//"):
+        with pytest.raises(ShapeError, match="cannot parse dim"):
+            parse_dim(bad)
+
+
+@settings(max_examples=100, deadline=None)
+@given(dims(), st.integers(1, 6), env_st)
+def test_floor_division_evaluates_like_ints(a, m, env):
+    assert eval_dim(a // m, env) == eval_dim(a, env) // m

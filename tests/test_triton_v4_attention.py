@@ -1,7 +1,8 @@
 """DeepSeek-V4's attention kernels (backends/triton/kernels/v4_attention.py, the slot-masked top-k) against their
-ops' torch references on fresh random inputs: window 4, ratio 4 (CSA) / 8 (HCA), two requests at different
-positions, sequences past the window and several groups, top-k below the slot count; fp32 on the interpreter,
-bf16 on a GPU. And the tiny V4 preset's triton report naming them instead of fallbacks."""
+ops' torch references on fresh random inputs: window 4, ratio 4 (CSA) / 8 (HCA), attention for two requests at
+different positions over compact entries (one past every query's horizon), compression of steps that start
+inside a group, sequences past the window and several groups, top-k below the entry count; fp32 on the
+interpreter, bf16 on a GPU. And the tiny V4 preset's triton report naming them instead of fallbacks."""
 from __future__ import annotations
 
 import os
@@ -31,11 +32,11 @@ def _positions(s: int, starts=(0, 9), dev=DEV):
     return (torch.tensor(starts)[:, None] + torch.arange(s)).to(dev)
 
 
-def _sink_case(s, ratio, kind, dtype, dev, h=3, d=32, k=3):
-    """Inputs of attention.sink: kv = concat(state, new), slots up to the last position, distinct indices drawn
-    from every slot (ends or not, past the query or not) with some -1."""
+def _sink_case(s, ratio, kind, dtype, dev, h=3, d=32, k=3, t=None):
+    """Inputs of attention.sink: kv = concat(state, new), compact entries up to one past the last position's, distinct
+    indices drawn from every entry (visible to the query or not) with some -1."""
     pos = _positions(s, dev=dev)
-    t = int(pos.max()) + 1
+    t = t or (int(pos.max()) + 1) // max(ratio, 1) + 1
     args = [R(2, s, h, d, dtype=dtype, dev=dev), R(2, WINDOW - 1 + s, d, dtype=dtype, dev=dev), R(h, dev=dev), pos]
     if kind != "sliding":
         args.append(R(2, t, d, dtype=dtype, dev=dev))
@@ -63,30 +64,32 @@ def test_sink_attention_prefill(kind, ratio):
 
 def test_sink_attention_decode_split_kv():
     """One query at positions 12 and 21, its window and top-k over three split-KV partitions plus the sink."""
-    args, attrs = _sink_case(1, 4, "csa", torch.float32, DEV, k=5)
+    args, attrs = _sink_case(1, 4, "csa", torch.float32, DEV, k=5, t=6)
     args[3] = args[3] + 12
-    args[4] = R(2, 22, 32, dev=DEV)
     _check_sink(args, attrs, torch.float32, splits=3)
 
 
-@pytest.mark.parametrize("ratio,overlap,s", [(8, False, 11), (4, True, 11), (4, True, 1)])
-def test_compress(ratio, overlap, s, dtype=torch.float32, dev=DEV):
+@pytest.mark.parametrize("ratio,overlap,s,t", [(8, False, 11, 13), (4, True, 11, 0), (4, True, 1, 7)])
+def test_compress(ratio, overlap, s, t, dtype=torch.float32, dev=DEV):
+    """A step of s tokens after t: (13 + 11) // 8 - 13 // 8 = 2 groups completed, 11 // 4 = 2, one at t = 7."""
     c = 24 if overlap else 16
     r = (2 if overlap else 1) * ratio - 1
-    pos = _positions(s, starts=(0, 11) if s > 1 else (7, 19), dev=dev)
+    pos = _positions(s, starts=(t, t), dev=dev)
     args = (R(2, s, c, dtype=dtype, dev=dev), R(2, s, c, dtype=dtype, dev=dev), R(2, r, 2 * c, dtype=dtype, dev=dev),
             R(ratio, c, dev=dev), pos)
-    got = compress(*args, ratio=ratio, overlap=overlap)
-    want = get_op("v4.compress").reference_fn(*args, ratio=ratio, overlap=overlap)
-    assert got.dtype == dtype and want.abs().sum() > 0     # some rows end a group
-    assert rel_err(got.float(), want) < tolerance(str(dtype).removeprefix("torch."), "op")
+    got, starts = compress(*args, past=t, ratio=ratio, overlap=overlap)
+    want, want_starts = get_op("v4.compress").reference_fn(*args, torch.zeros(2, t, 0, device=dev), ratio=ratio,
+                                                          overlap=overlap)
+    assert got.dtype == dtype and got.shape[1] == (1 if s == 1 else 2) and torch.equal(starts, want_starts)
+    assert rel_err(got.float(), want.float()) < tolerance(str(dtype).removeprefix("torch."), "op")
 
 
 def test_topk_applies_the_slot_mask(dev=DEV):
-    logits = R(2, 3, 37, dev=dev)
-    logits[1, 2, 20:] = float("-inf")          # a causal horizon: fewer ends than k in that row
-    want = get_op("indexer.topk").reference_fn(get_op("indexer.slot_mask").reference_fn(logits, ratio=4), k=6)
-    assert torch.equal(topk(logits, 6, slot_ratio=4), want)
+    """Queries at 17..19 see 4-5 of 9 entries (fewer than k), at 30..32 7-8 (one row with only 5 finite)."""
+    logits, pos = R(2, 3, 9, dev=dev), _positions(3, starts=(17, 30), dev=dev)
+    logits[1, 2, 5:] = float("-inf")
+    want = get_op("indexer.topk").reference_fn(get_op("indexer.slot_mask").reference_fn(logits, pos, ratio=4), k=6)
+    assert (want[0] == -1).any() and torch.equal(topk(logits, 6, slot_ratio=4, positions=pos), want)
 
 
 @pytest.mark.gpu
@@ -96,7 +99,7 @@ def test_v4_attention_kernels_bf16_cuda():
         args, attrs = _sink_case(11, ratio, kind, torch.bfloat16, "cuda")
         _check_sink(args, attrs, torch.bfloat16)
         _check_sink(args, attrs, torch.bfloat16, splits=2)
-    test_compress(4, True, 11, dtype=torch.bfloat16, dev="cuda")
+    test_compress(4, True, 11, 13, dtype=torch.bfloat16, dev="cuda")
     test_topk_applies_the_slot_mask(dev="cuda")
 
 

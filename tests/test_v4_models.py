@@ -19,8 +19,27 @@ def test_flash_full_size_is_built_lazily_with_published_sizes():
     assert 6e9 < s.mtp_params < 7e9 and "in the MTP block" in str(s)        # counted apart, as for V3
     c = m.config
     assert s.kinds[CSA][1] == c.head_dim / 4 + c.index_head_dim / 4 and s.kinds[HCA][1] == c.head_dim / 128
+    assert s.graph_values_per_token == sum(n * per_token for n, per_token, _ in s.kinds.values())   # compact
     assert "compressed_sparse_attention" in str(s) and "KiB/token" in str(s)
     assert {n.op for n in m.graph.nodes} >= {"dequant_fp8", "dequant_mxfp4", "v4.compress", "attention.sink"}
+
+
+def test_compressed_caches_are_compact():
+    """One entry per complete group: after 10 + 3 tokens the CSA caches (groups of 4) hold 3 entries, the HCA one
+    (groups of 8) 1; the window and compressor states keep their fixed rows; cache.tokens holds the count only."""
+    m = build_model("deepseek-v4-tiny", seed=1)
+    types = {n: tuple(map(str, v.type.shape)) for n, v in m.graph.caches().items()}
+    assert types["cache.1.cmp"] == ("B", "T//4", "32") and types["cache.1.index"] == ("B", "T//4", "16")
+    assert types["cache.2.cmp"] == ("B", "T//8", "32") and types["cache.tokens"] == ("B", "T", "0")
+    exe = dsgraph.compile(m, backend="eager")
+    ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(3))
+    _, state = exe.prefill(ids[:, :10])
+    for t in range(10, 13):
+        _, state = exe.decode(ids[:, t:t + 1], state)
+    rows = {n: tuple(t.shape[1:]) for n, t in state.caches.items()}
+    assert rows["cache.1.cmp"] == rows["cache.3.cmp"] == (3, 32) and rows["cache.1.index"] == (3, 16)
+    assert rows["cache.2.cmp"] == (1, 32) and rows["cache.2.cmp_state"] == (7, 64) and rows["cache.1.win"] == (7, 32)
+    assert rows["cache.tokens"] == (13, 0) and state.caches["cache.tokens"].numel() == 0
 
 
 def test_tiny_has_every_layer_and_moe_kind():

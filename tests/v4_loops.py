@@ -13,20 +13,20 @@ def R(*shape, scale=1.0):
     return torch.randn(*shape) * scale
 
 
-def compress_loop(kv, gate, state, bias, positions, ratio, overlap):
+def compress_loop(kv, gate, state, bias, positions, past, ratio, overlap):
     """Window by window: the entry of the window ending at p pools the rows p-ratio+1..p (and, overlapping, the
-    previous window's first halves) with softmax(gate + bias[pos % ratio]) weights per channel."""
+    previous window's first halves) with softmax(gate + bias[pos % ratio]) weights per channel; one entry per
+    group the step completes, with its first position p - ratio + 1."""
     b, s, c = kv.shape
     d = c // 2 if overlap else c
-    out = torch.zeros(b, s, d)
+    ends = [i for i in range(s) if (past.shape[1] + i + 1) % ratio == 0]
+    out = torch.zeros(b, len(ends), d)
     for bi in range(b):
         p0 = int(positions[bi, 0])
         rows = {p0 - state.shape[1] + r: (state[bi, r, :c], state[bi, r, c:]) for r in range(state.shape[1])}
         rows.update({int(positions[bi, i]): (kv[bi, i], gate[bi, i]) for i in range(s)})
-        for i in range(s):
+        for j, i in enumerate(ends):
             p = int(positions[bi, i])
-            if (p + 1) % ratio:
-                continue
             slots = []   # (value, logit) per channel
             if overlap:
                 slots += [(rows[q][0][:d], rows[q][1][:d] + bias[q % ratio, :d])
@@ -36,12 +36,13 @@ def compress_loop(kv, gate, state, bias, positions, ratio, overlap):
                 slots += [(rows[q][0], rows[q][1] + bias[q % ratio]) for q in range(p - ratio + 1, p + 1)]
             vals = torch.stack([v for v, _ in slots])
             w = torch.softmax(torch.stack([g for _, g in slots]), 0)
-            out[bi, i] = (vals * w).sum(0)
-    return out
+            out[bi, j] = (vals * w).sum(0)
+    return out, (positions[:, ends] - ratio + 1)
 
 
 def sink_attention_loop(q, kv, sinks, positions, comp=None, indices=None, *, window, ratio=0, scale):
-    """Per query and head: the visible keys (window rows, then compressed slots), softmax with the sink."""
+    """Per query and head: the visible keys (window rows, then the compact compressed entries whose group has
+    ended), softmax with the sink."""
     b, s, h, d = q.shape
     n_state = kv.shape[1] - s
     out = torch.zeros(b, s, h, d)
@@ -53,13 +54,24 @@ def sink_attention_loop(q, kv, sinks, positions, comp=None, indices=None, *, win
                     < window]
             if comp is not None:
                 chosen = None if indices is None else {int(t) for t in indices[bi, i] if t >= 0}
-                keys += [comp[bi, t] for t in range(comp.shape[1])
-                         if (t + 1) % ratio == 0 and t <= p and (chosen is None or t in chosen)]
+                keys += [comp[bi, j] for j in range(comp.shape[1])
+                         if (j + 1) * ratio - 1 <= p and (chosen is None or j in chosen)]
             ks = torch.stack(keys)
             for hi in range(h):
                 logits = ks @ q[bi, i, hi] * scale
                 den = torch.exp(logits).sum() + math.exp(float(sinks[hi]))
                 out[bi, i, hi] = (torch.exp(logits)[:, None] * ks).sum(0) / den
+    return out
+
+
+def slot_mask_loop(logits, positions, ratio):
+    """-inf at entry j for a query at p unless its group (positions j*ratio .. (j+1)*ratio-1) has ended."""
+    out = logits.clone()
+    for bi in range(logits.shape[0]):
+        for i in range(logits.shape[1]):
+            for j in range(logits.shape[2]):
+                if (j + 1) * ratio - 1 > int(positions[bi, i]):
+                    out[bi, i, j] = float("-inf")
     return out
 
 
@@ -148,11 +160,12 @@ GOOD = [
     ("act.swiglu_clamped", [T("N", 12)], {"limit": 1.0}, [T("N", 6)]),
     ("norm.rms_unweighted", [T("B", "S", 4, 32)], {}, [T("B", "S", 4, 32)]),
     ("cache.slide", [T("B", 7, 32), T("B", "S", 32)], {}, [T("B", 7, 32)]),
-    ("v4.compress", [T("B", "S", 64), T("B", "S", 64), T("B", 7, 128), T(4, 64), T("B", "S", dt=L)],
-     {"ratio": 4, "overlap": True}, [T("B", "S", 32)]),
-    ("attention.sink", [T("B", "S", 4, 32), T("B", "S+7", 32), T(4), T("B", "S", dt=L), T("B", "T", 32),
+    ("v4.compress", [T("B", "S", 64), T("B", "S", 64), T("B", 7, 128), T(4, 64), T("B", "S", dt=L),
+                     T("B", "T", 0, dt=L)], {"ratio": 4, "overlap": True},
+     [T("B", "(S+T)//4-T//4", 32), T("B", "(S+T)//4-T//4", dt=L)]),
+    ("attention.sink", [T("B", "S", 4, 32), T("B", "S+7", 32), T(4), T("B", "S", dt=L), T("B", "(S+T)//4", 32),
                         T("B", "S", 2, dt=L)], {"window": 8, "ratio": 4, "scale": 0.2}, [T("B", "S", 4, 32)]),
-    ("indexer.slot_mask", [T("B", "S", "T")], {"ratio": 4}, [T("B", "S", "T")]),
+    ("indexer.slot_mask", [T("B", "S", "T//4"), T("B", "S", dt=L)], {"ratio": 4}, [T("B", "S", "T//4")]),
     ("linear.grouped", [T("B", "S", 2, 64), T(32, 64)], {}, [T("B", "S", 2, 16)]),
     ("hc.pre", [T("B", "S", 4, 32), T(24, 128), T(24), T(3)], {},
      [T("B", "S", 32), T("B", "S", 4), T("B", "S", 4, 4)]),
@@ -169,11 +182,14 @@ BAD = [
     ("act.swiglu_clamped", [T(3, 7)], {"limit": 1.0}, r"must be even"),
     ("norm.rms_unweighted", [T(2, 3, dt=L)], {}, r"must be a float tensor"),
     ("cache.slide", [T(1, 7, 32), T(1, 2, 16)], {}, r"differ"),
-    ("v4.compress", [T(1, 2, 64), T(1, 2, 64), T(1, 3, 128), T(4, 64), T(1, 2, dt=L)], {"ratio": 4, "overlap": True},
-     r"state must be \[B,7,128\]"),
+    ("v4.compress", [T(1, 2, 64), T(1, 2, 64), T(1, 3, 128), T(4, 64), T(1, 2, dt=L), T(1, 5, 0, dt=L)],
+     {"ratio": 4, "overlap": True}, r"state must be \[B,7,128\]"),
+    ("v4.compress", [T(1, 2, 64), T(1, 2, 64), T(1, 7, 128), T(4, 64), T(1, 2, dt=L), T(2, 5, 0, dt=L)],
+     {"ratio": 4, "overlap": True}, r"past .* must be \[B, T, ...\]"),
     ("attention.sink", [T(1, 2, 4, 32), T(1, 9, 32), T(3), T(1, 2, dt=L)], {"window": 8, "scale": 0.2},
      r"sinks must be \[4\]"),
-    ("indexer.slot_mask", [T(1, 2, 3)], {"ratio": 0}, r"must be positive"),
+    ("indexer.slot_mask", [T(1, 2, 3), T(1, 2, dt=L)], {"ratio": 0}, r"must be positive"),
+    ("indexer.slot_mask", [T(1, 2, 3), T(1, 3, dt=L)], {"ratio": 4}, r"positions .* must be \[B,S\]"),
     ("linear.grouped", [T(1, 2, 3, 64), T(32, 64)], {}, r"do not split into 3 groups"),
     ("hc.pre", [T(1, 2, 4, 32), T(20, 128), T(24), T(3)], {}, r"fn must be \[24, 4\*32\]"),
     ("hc.post", [T(1, 2, 4, 32), T(1, 2, 16), T(1, 2, 4), T(1, 2, 4, 4)], {}, r"do not fit streams"),
@@ -191,11 +207,12 @@ NO_DECOMPOSITION = {"dequant_mxfp4"}   # unpacking nibbles needs bit ops the pri
 def _compress_inputs(b, s, c, ratio, overlap, p0):
     rows = (2 if overlap else 1) * ratio - 1
     pos = (p0 + torch.arange(s)).expand(b, s).contiguous()
-    return R(b, s, c), R(b, s, c), R(b, rows, 2 * c), R(ratio, c), pos
+    return R(b, s, c), R(b, s, c), R(b, rows, 2 * c), R(ratio, c), pos, torch.zeros(b, p0, 0, dtype=torch.long)
 
 
 def _sink_inputs(b, s, h, d, window, p0, t=None, k=None):
-    t = p0 + s if t is None else t
+    """t: compact entries (default: one past the last query's, never visible)."""
+    t = (p0 + s) // 4 + 1 if t is None else t
     pos = (p0 + torch.arange(s)).expand(b, s).contiguous()
     ins = (R(b, s, h, d), R(b, window - 1 + s, d), R(h), pos)
     if k is None:
@@ -222,9 +239,10 @@ def add_reference_cases(ref):
         lambda *t: sink_attention_loop(*t, window=4, scale=0.3), window=4, scale=0.3)
     ref("attention.sink", lambda: _sink_inputs(2, 6, 2, 8, 5, 7, k=3),
         lambda *t: sink_attention_loop(*t, window=5, ratio=4, scale=0.3), window=5, ratio=4, scale=0.3)
-    ref("attention.sink", lambda: _sink_inputs(1, 10, 2, 8, 4, 0, k=None) + (R(1, 10, 8),),
+    ref("attention.sink", lambda: _sink_inputs(1, 10, 2, 8, 4, 0, k=None) + (R(1, 4, 8),),
         lambda *t: sink_attention_loop(*t, window=4, ratio=3, scale=0.3), window=4, ratio=3, scale=0.3)
-    ref("indexer.slot_mask", lambda: (R(2, 3, 9),), lambda x: x, ratio=1)   # -inf slots: tests/test_v4_ops.py
+    ref("indexer.slot_mask", lambda: (R(2, 3, 9), torch.tensor([[3, 4, 5], [10, 11, 12]])),
+        lambda x, p: slot_mask_loop(x, p, 3), ratio=3)
     ref("linear.grouped", lambda: (R(2, 3, 4, 5), R(12, 5)), grouped_loop)
     ref("hc.pre", lambda: (R(2, 3, 4, 5), R(24, 20), R(24), R(3)),
         lambda *t: hc_pre_loop(*t, 20, 1e-6, 1e-6))

@@ -17,7 +17,7 @@ import torch
 from dsgraph.dtypes import dtype_name, to_torch
 from dsgraph.errors import ShapeError
 from dsgraph.ir import Node
-from dsgraph.symbolic import Sym, parse_dim
+from dsgraph.symbolic import Sym, floor_atom, parse_dim
 
 from .deps import onnx
 
@@ -131,6 +131,10 @@ class OnnxContext:
 
     def _symbol(self, sym: str) -> str:
         if sym in self._dims:
+            return self._dims[sym]
+        if "//" in sym and sym not in self._symbol_source:   # a floor atom: integer Div (the sizes are >= 0)
+            num, m = floor_atom(sym)
+            self._dims[sym] = self.emit("Div", [self.dim(num), self.ints([m])], "dim")
             return self._dims[sym]
         if sym not in self._symbol_source:
             raise ShapeError(f"ONNX export of graph {self.graph.name}: dim symbol {sym!r} is not the size of any "

@@ -134,8 +134,10 @@ def _topk(ctx, node):
 @TABLE.register("reshape", "expand")
 def _to_shape(ctx, node):
     x, = ctx.inputs(node)
-    op = {"reshape": "Reshape", "expand": "Expand"}[node.op]
-    return converted(ctx.emit(op, [x, ctx.shape(node.attrs["shape"])], node.op))
+    if node.op == "expand":
+        return converted(ctx.emit("Expand", [x, ctx.shape(node.attrs["shape"])], node.op))
+    # allowzero: a dim that is 0 at runtime (V4's groups a step completes) means 0, not "copy the input's"
+    return converted(ctx.emit("Reshape", [x, ctx.shape(node.attrs["shape"])], node.op, allowzero=1))
 
 
 @TABLE.register("permute")

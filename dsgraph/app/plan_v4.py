@@ -5,9 +5,10 @@ config, since the shard pass has no V4 rules yet (its attention, hyper-connectio
                    by role: routed experts / ep (or / tp without EP); the head-split attention projections
                    (wq_b, wo_a, wo_b: heads and output groups), shared experts, embedding and head / tp; the rest
                    (wq_a, the one KV head's wkv, compressors, indexer, router, hyper-connections, norms) whole
-  KV per GPU       V4's compact cache per layer type (models/v4_summary.py): a sliding window per layer, plus
-                   per token of context head_dim / m compressed entries (m = 4 for CSA, with the indexer's keys,
-                   128 for HCA), in bf16; one KV head, so TP keeps every request's cache and DP attention 1/dp
+  KV per GPU       the graph's own caches at the context length, in bf16: V4's compact layout, a sliding window
+                   and compressor state per layer, plus per token of context head_dim / m compressed entries
+                   (m = 4 for CSA, with the indexer's keys, 128 for HCA); one KV head, so TP keeps every
+                   request's cache and DP attention 1/dp
   collectives      per layer: TP's all-reduce of the attention output and of the MoE output [tokens, hidden] (two
                    when tp < world without DP attention: shared experts over the TP group, routed over all);
                    DP attention + EP: a dispatch and a combine all-to-all of the rank's routed copies (k/tp per
@@ -82,18 +83,18 @@ def _collectives(c, plan: ParallelPlan, tokens: int, gpu: base.GPU, nodes: int) 
     return payload, link, secs
 
 
-def _kv_bytes(kinds: dict, sequences: int, context: int) -> float:
-    """The compact cache of `sequences` requests at `context` (kinds: v4_summary's per layer type)."""
-    return sequences * sum(n * (per_token * context + fixed) for n, per_token, fixed in kinds.values()) * BF16
+def _kv_bytes(graph, sequences: int, context: int) -> float:
+    """The caches of `sequences` requests at `context` tokens, in bf16, from the graph's cache types."""
+    return sum(v.type.numel({"B": sequences, "T": context}) for v in graph.caches().values()) * BF16
 
 
-def _step(c, kinds, plan, held, values, gpu, nodes, batch: int, seq: int, context: int) -> base.StepCost:
+def _step(c, graph, plan, held, values, gpu, nodes, batch: int, seq: int, context: int) -> base.StepCost:
     local = max(1, batch // plan.dp)
     tokens = local * seq
     payload, link, comm = _collectives(c, plan, tokens, gpu, nodes)
     k, e = c.num_experts_per_tok, c.n_routed_experts
     touched = 1 - (1 - k / e) ** (batch * seq)
-    read = held["dense"] + held["experts"] * touched + _kv_bytes(kinds, local, context)
+    read = held["dense"] + held["experts"] * touched + _kv_bytes(graph, local, context)
     per_expert = values["experts"] / (e / plan.ep if plan.ep > 1 else e)
     copies = batch * seq * k * (1 / plan.ep if plan.ep > 1 else 1)
     flops = 2 * values["dense"] * tokens + 2 * per_expert * copies
@@ -105,18 +106,18 @@ def plan_v4(name: str, gpus: int, hw: base.GPU, nodes: int = 1, batch: int = 64,
     if gpus % nodes or gpus // nodes > hw.gpus_per_node:
         raise ConfigError(f"{gpus} GPUs do not fit {nodes} node(s) of {hw.gpus_per_node} {hw.name} GPUs")
     model = model or models.build_model(name, weights=False, mtp=False, dtype="bfloat16")
-    c, kinds, rows = model.config, model.summary().kinds, []
+    c, rows = model.config, []
     for plan in plans or base.candidate_plans(c, gpus, nodes):
         _check(c, plan, name)
         held, values = _weights(model, plan)
         weights = held["dense"] + held["experts"]
-        kv = _kv_bytes(kinds, max(1, batch // plan.dp), context)
+        kv = _kv_bytes(model.graph, max(1, batch // plan.dp), context)
         pre_tokens = prefill  # one prompt per attention group
         act = base.ACTIVATION_FACTOR * max(pre_tokens * c.hc_mult * c.hidden_size * 4,
                                            pre_tokens * c.vocab_size // plan.tp * 4,
                                            pre_tokens * c.num_attention_heads // plan.tp * c.head_dim * BF16)
-        dec = _step(c, kinds, plan, held, values, hw, nodes, batch, 1, context)
-        pre = _step(c, kinds, plan, held, values, hw, nodes, plan.dp, prefill, prefill)
+        dec = _step(c, model.graph, plan, held, values, hw, nodes, batch, 1, context)
+        pre = _step(c, model.graph, plan, held, values, hw, nodes, plan.dp, prefill, prefill)
         total = (weights + kv + act) / 1e9
         rows.append(base.PlanRow(plan, weights / base.GiB, kv / base.GiB, act / base.GiB, dec, pre,
                                  total <= 0.95 * hw.memory_gb))

@@ -6,15 +6,18 @@ Semantics as transformers' `modeling_deepseek_v4.py` defines them (paper §2.3).
     reads concat(state, new) and masks by absolute position, so state rows before position 0 are never read;
   * the compressor's running state is a fixed-size [B, R, 2C] of the last R raw (kv | gate) projection rows
     (R = ratio - 1 for HCA, 2 * ratio - 1 for CSA's overlapping windows): the partial group not yet pooled;
-  * compressed entries (and the CSA indexer's keys) are appended per token *slot*: the entry of the window
-    ending at position t lives at row t of a [B, T, D] cache; rows t with (t + 1) % ratio != 0 hold zeros and
-    are never attended. This keeps every shape symbolic in T (the IR has no floor division) at the price of
-    ratio-times the entry memory; a compact layout is a cache-layout rewrite left for later.
+  * compressed entries (and the CSA indexer's keys) are compact, as the reference keeps them: after T tokens a
+    [B, T//ratio, D] cache holds one entry per complete group, entry j pooling the window that ends at position
+    (j + 1) * ratio - 1; a step of S tokens appends the (T+S)//ratio - T//ratio groups it completes. The entry
+    count depends on T, not only on the compact cache's length, so `v4.compress` reads T from the shape of
+    `past` (the builder's token-count cache, [B, T, 0]); every row of a batch is at the same length T.
 """
 from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+from ..symbolic import floordiv
 from ..types import TensorType
 from .common import expect_float, expect_int, expect_rank, f32, same_dtype
 from .registry import Attr, defop, expect
@@ -45,20 +48,28 @@ def _(b, state, new):
 
 
 # ---------------------------------------------------------------- compressor pooling
-COMPRESS = defop("v4.compress", "kv gate state bias positions", {"ratio": Attr(int), "overlap": Attr(bool, False)},
-                 "V4 compressor pooling (pre-norm): new kv / gate projections [B,S,C], the state [B,R,2C] of the "
-                 "last R raw (kv|gate) rows, position bias [ratio,C] -> [B,S,D] where row i is the softmax(gate + "
-                 "bias)-weighted sum over the window ending at positions[b,i] when (pos+1) % ratio == 0, else 0. "
-                 "overlap (CSA): D = C/2; an entry pools the previous window's first halves and its own second "
-                 "halves (width 2*ratio, stride ratio); R = 2*ratio-1, else R = ratio-1 and D = C.", level="domain")
+COMPRESS = defop("v4.compress", "kv gate state bias positions past",
+                 {"ratio": Attr(int), "overlap": Attr(bool, False)},
+                 "V4 compressor pooling (pre-norm): new kv / gate projections [B,S,C] at positions T..T+S-1 "
+                 "(T = past.shape[1]), the state [B,R,2C] of the last R raw (kv|gate) rows, position bias "
+                 "[ratio,C] -> (entries [B,N,D], their groups' first positions int64 [B,N]) for the N = "
+                 "(T+S)//ratio - T//ratio groups the step completes: the softmax(gate + bias)-weighted sum over "
+                 "the window ending at the group's last token. overlap (CSA): D = C/2; an entry pools the "
+                 "previous window's first halves and its own second halves (width 2*ratio, stride ratio); "
+                 "R = 2*ratio-1, else R = ratio-1 and D = C.", num_outputs=2, level="domain")
 
 
 def compress_rows(ratio: int, overlap: bool) -> int:
     return (2 if overlap else 1) * ratio - 1
 
 
+def completed(t, s, ratio: int):
+    """The groups of `ratio` tokens that tokens t..t+s-1 complete (ints or dims)."""
+    return floordiv(t + s, ratio) - floordiv(t, ratio)
+
+
 @COMPRESS.infer
-def _(kv, gate, state, bias, positions, ratio, overlap=False):
+def _(kv, gate, state, bias, positions, past, ratio, overlap=False):
     expect_rank(kv, 3, "v4.compress kv [B,S,C]")
     expect_float(kv, "v4.compress kv")
     expect_int(positions, "v4.compress positions")
@@ -69,33 +80,51 @@ def _(kv, gate, state, bias, positions, ratio, overlap=False):
            lambda: f"v4.compress: state must be [B,{compress_rows(ratio, overlap)},{2 * c}], got {state}")
     expect(bias.shape == (ratio, c), lambda: f"v4.compress: position bias must be [{ratio},{c}], got {bias}")
     expect(not overlap or (isinstance(c, int) and c % 2 == 0), f"v4.compress: overlap needs an even width, {kv}")
-    return TensorType(kv.shape[:2] + (c // 2 if overlap else c,), kv.dtype)
+    expect(past.rank >= 2 and past.shape[0] == kv.shape[0],
+           lambda: f"v4.compress: past {past} must be [B, T, ...] (T: the tokens before this step) for kv {kv}")
+    n = completed(past.shape[1], kv.shape[1], ratio)
+    return TensorType((kv.shape[0], n, c // 2 if overlap else c), kv.dtype), TensorType((kv.shape[0], n), "int64")
+
+
+def group_ends(t: int, s: int, ratio: int) -> range:
+    """The rows of a step of s tokens at positions t.. that end a group (the tokens at (j + 1) * ratio - 1)."""
+    return range(ratio - 1 - t % ratio, s, ratio)
+
+
+def check_start(positions, t: int, what: str) -> None:
+    if positions.numel() and (positions[:, 0] != t).any():
+        raise InputError(f"{what}: positions must start at T = {t} (the tokens before this step) in every row, "
+                         f"got {positions[:, 0].tolist()}: the compact compressed cache has one length per batch")
 
 
 @COMPRESS.reference
-def _(kv, gate, state, bias, positions, ratio, overlap=False):
+def _(kv, gate, state, bias, positions, past, ratio, overlap=False):
     b, s, c = kv.shape
-    r = state.shape[1]
+    r, t = state.shape[1], past.shape[1]
+    check_start(positions, t, "v4.compress")
     ext_kv = torch.cat((f32(state[..., :c]), f32(kv)), 1)                      # [B, R+S, C]
     ext_pos = torch.cat((positions[:, :1] - r + torch.arange(r, device=kv.device), positions), 1)
     ext_gate = torch.cat((f32(state[..., c:]), f32(gate)), 1) + f32(bias)[ext_pos % ratio]
     ext_gate = ext_gate.masked_fill((ext_pos < 0)[..., None], float("-inf"))
-    win_kv = ext_kv.unfold(1, r + 1, 1).transpose(-1, -2)                      # [B, S, R+1, C]: rows ending at i
-    win_gate = ext_gate.unfold(1, r + 1, 1).transpose(-1, -2)
+    ends = torch.tensor(group_ends(t, s, ratio), dtype=torch.long, device=kv.device)
+    win_kv = ext_kv.unfold(1, r + 1, 1).transpose(-1, -2)[:, ends]            # [B, N, R+1, C]: rows ending there
+    win_gate = ext_gate.unfold(1, r + 1, 1).transpose(-1, -2)[:, ends]
     if overlap:
         d = c // 2
         win_kv = torch.cat((win_kv[:, :, :ratio, :d], win_kv[:, :, ratio:, d:]), 2)
         win_gate = torch.cat((win_gate[:, :, :ratio, :d], win_gate[:, :, ratio:, d:]), 2)
     pooled = (win_kv * torch.softmax(win_gate, dim=2)).sum(2)
-    return torch.where(((positions + 1) % ratio == 0)[..., None], pooled, 0.0)
+    starts = (t // ratio + torch.arange(len(ends), device=kv.device)) * ratio
+    return pooled.to(kv.dtype), starts.expand(b, -1).contiguous()
 
 
 # ---------------------------------------------------------------- attention: window + compressed + sink
 SINK_ATTRS = {"window": Attr(int), "ratio": Attr(int, 0), "scale": Attr(float)}
 SINK = defop("attention.sink", "q kv sinks positions comp? indices?", SINK_ATTRS,
              "V4 shared-KV attention: q [B,S,H,D] over kv [B,W-1+S,D] (sliding state then the new rows; the "
-             "query at p sees positions p-window < t <= p) and compressed entries comp [B,T,D] at slots t with "
-             "(t+1) % ratio == 0 and t <= p (only those in indices [B,S,K] when given; -1 = empty); K = V; "
+             "query at p sees positions p-window < t <= p) and compact compressed entries comp [B,N,D], entry j "
+             "(the group ending at position (j+1)*ratio-1) seen from p >= (j+1)*ratio-1 (only those in indices "
+             "[B,S,K] when given; -1 = empty); K = V; "
              "softmax with a per-head sink logit sinks [H] in the denominator; -> [B,S,H,D].", level="domain")
 
 
@@ -128,9 +157,9 @@ def window_keep(positions, n_kv, window):
 
 
 def slot_keep(positions, t, ratio, indices=None):
-    """bool [B,S,T]: compressed slots a query may read (window ends at or before it; selected when indexed)."""
-    slot = torch.arange(t, device=positions.device)
-    keep = ((slot + 1) % ratio == 0) & (slot[None, None, :] <= positions[:, :, None])
+    """bool [B,S,T]: compact entries a query may read (group ends at or before it; selected when indexed)."""
+    entry = torch.arange(t, device=positions.device)
+    keep = (entry[None, None, :] + 1) * ratio <= positions[:, :, None] + 1
     if indices is not None:
         sel = torch.zeros(keep.shape[0], keep.shape[1], t + 1, dtype=torch.bool, device=keep.device)
         sel.scatter_(-1, torch.where(indices >= 0, indices, t).long(), True)
@@ -152,22 +181,24 @@ def _(q, kv, sinks, positions, comp=None, indices=None, *, window, ratio=0, scal
 
 
 # ---------------------------------------------------------------- the CSA indexer's slot mask
-SLOT_MASK = defop("indexer.slot_mask", "logits", {"ratio": Attr(int)},
-                  "-inf at the compressed slots t of logits [B,S,T] that end no window ((t+1) % ratio != 0).",
-                  level="domain")
+SLOT_MASK = defop("indexer.slot_mask", "logits positions", {"ratio": Attr(int)},
+                  "fp32 logits [B,S,N] over compact compressed entries, -inf at the entries j a query at "
+                  "positions[b,s] = p cannot see yet (its group ends later: (j+1)*ratio - 1 > p).", level="domain")
 
 
 @SLOT_MASK.infer
-def _(logits, ratio):
-    expect_rank(logits, 3, "indexer.slot_mask logits [B,S,T]")
+def _(logits, positions, ratio):
+    expect_rank(logits, 3, "indexer.slot_mask logits [B,S,N]")
+    expect_int(positions, "indexer.slot_mask positions")
+    expect(positions.shape == logits.shape[:2], lambda: f"indexer.slot_mask: positions {positions} must be [B,S] "
+           f"of logits {logits}")
     expect(ratio > 0, f"indexer.slot_mask: ratio {ratio} must be positive")
-    return logits
+    return logits.with_dtype("float32")
 
 
 @SLOT_MASK.reference
-def _(logits, ratio):
-    ends = (torch.arange(logits.shape[-1], device=logits.device) + 1) % ratio == 0
-    return f32(logits).masked_fill(~ends, float("-inf"))
+def _(logits, positions, ratio):
+    return f32(logits).masked_fill(~slot_keep(positions, logits.shape[-1], ratio), float("-inf"))
 
 
 # ---------------------------------------------------------------- grouped output projection

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 from ..symbolic import simplify
 from .registry import expect
-from .v4_attn import COMPRESS, SINK, SLOT_MASK
+from .v4_attn import COMPRESS, SINK, SLOT_MASK, completed
 
 
 def _and(b, x, y):
     """x and y for bool tensors, as a float sum (ONNX Runtime has no bool Where)."""
     return b.gt(b.add(b.cast(x, dtype="float32"), b.cast(y, dtype="float32")), b.constant(value=1.5))
-
-
-def _multiple(b, t, m: int):
-    """bool: int64 t is a multiple of m (t >= 0)."""
-    q = b.cast(b.div(b.cast(t, dtype="float32"), b.constant(value=float(m))), dtype="int64")
-    return b.eq(b.mul(q, b.constant(value=m, dtype="int64")), t)
 
 
 def _mod(b, t, m: int):
@@ -33,20 +27,25 @@ def _f32(b, x):
     return x if x.dtype == "float32" else b.cast(x, dtype="float32")
 
 
-@SLOT_MASK.decomposition
-def _(b, logits, ratio):
+def _entry_keep(b, positions, entries, dim: int, ratio):
+    """bool [B,S,N]: the compact entries (dim `dim` of `entries`) whose group ends at or before each query."""
+    bs, s = positions.shape
     one = b.constant(value=1, dtype="int64")
-    ends = _multiple(b, b.add(b.arange_like(logits, dim=-1), one), ratio)
-    return b.where(ends, _f32(b, logits), b.constant(value=float("-inf")))
+    ends = b.mul(b.add(b.arange_like(entries, dim=dim), one), b.constant(value=ratio, dtype="int64"))
+    return b.le(b.reshape(ends, shape=(1, 1, entries.shape[dim])), b.reshape(b.add(positions, one), shape=(bs, s, 1)))
+
+
+@SLOT_MASK.decomposition
+def _(b, logits, positions, ratio):
+    keep = _entry_keep(b, positions, logits, 2, ratio)
+    return b.where(keep, _f32(b, logits), b.constant(value=float("-inf")))
 
 
 def _slot_keep(b, positions, comp, ratio, indices):
     bs, s = positions.shape
     slot = b.arange_like(comp, dim=1)
     t = comp.shape[1]
-    ends = _multiple(b, b.add(slot, b.constant(value=1, dtype="int64")), ratio)
-    keep = _and(b, b.reshape(ends, shape=(1, 1, t)),
-                b.le(b.reshape(slot, shape=(1, 1, t)), b.reshape(positions, shape=(bs, s, 1))))
+    keep = _entry_keep(b, positions, comp, 1, ratio)
     if indices is None:
         return keep
     k = indices.shape[2]
@@ -93,7 +92,9 @@ def _windows(b, ext, new, rows: int):
 
 
 @COMPRESS.decomposition
-def _(b, kv, gate, state, bias, positions, ratio, overlap=False):
+def _(b, kv, gate, state, bias, positions, past, ratio, overlap=False):
+    """Every new token's pooled window, then the rows that end a group: j * ratio + (ratio - 1 - T mod ratio) for
+    the N completed groups (T = positions[0, 0]; the arange over N is one of an expanded N-wide constant)."""
     bs, s, c = kv.shape
     r = state.shape[1]
     st_kv, st_gate = b.split(state, sizes=(c, c), dim=-1)
@@ -116,7 +117,13 @@ def _(b, kv, gate, state, bias, positions, ratio, overlap=False):
             parts.append(b.concat(b.split(prev, sizes=(dd, dd), dim=-1)[0], b.split(cur, sizes=(dd, dd), dim=-1)[1],
                                   dim=2))
         wkv, wg = parts
-    pooled = b.sum(b.mul(wkv, b.softmax(wg, dim=2)), dims=(2,))
-    ends = _multiple(b, b.add(positions, b.constant(value=1, dtype="int64")), ratio)
-    out = b.where(b.reshape(ends, shape=(bs, s, 1)), pooled, b.constant(value=0.0))
-    return out if kv.dtype == "float32" else b.cast(out, dtype=kv.dtype)
+    pooled = b.sum(b.mul(wkv, b.softmax(wg, dim=2)), dims=(2,))                     # [B, S, D]
+    n = completed(past.shape[1], s, ratio)
+    j = b.arange_like(b.expand(b.constant(value=0, shape=(1, 1), dtype="int64"), shape=(1, str(n))), dim=1)
+    step = b.mul(j, b.constant(value=ratio, dtype="int64"))                           # [N]
+    lag = _mod(b, p0, ratio)                                                          # [B, 1]: T mod ratio
+    first = b.sub(b.constant(value=ratio - 1, dtype="int64"), b.reshape(b.slice(lag, dim=0, start=0, end=1),
+                                                                        shape=(1,)))
+    out = b.index_select(pooled, b.add(step, first), dim=1)
+    starts = b.add(b.sub(p0, lag), b.reshape(step, shape=(1, str(n))))
+    return (out if kv.dtype == "float32" else b.cast(out, dtype=kv.dtype)), starts

@@ -26,6 +26,7 @@ import torch
 from dsgraph.backends import kv_cache
 from dsgraph.errors import InputError
 from dsgraph.partition import XFER
+from dsgraph.symbolic import eval_dim, parse_dim
 
 from .checks import FiniteWatch
 from .sampling import SamplingParams
@@ -33,16 +34,17 @@ from .spec_verify import GreedyVerifier, verifier
 from .state import GenerateStats
 
 
-def cut_state(before, after, length: int, fixed: dict[str, int]):
-    """`after` (a step of S tokens from `before`) cut back to `length` tokens. Caches by position keep their first
-    `length` rows (the rejected ones released for the next step to overwrite); a fixed-size state of R rows (`fixed`:
-    name -> R; V4's `cache.slide`, the last R rows of state + new) is rebuilt as the R rows ending at the last
-    accepted one, from the state before the step and the step's newest rows (exact while S <= R)."""
+def cut_state(before, after, length: int, dims: dict):
+    """`after` (a step of S tokens from `before`) cut back to `length` tokens. `dims`: each cache's dim 1 (its
+    type's). Caches that grow with T keep the rows of `length` tokens (T rows, or T//m compact compressed entries
+    for V4; the rejected ones released for the next step to overwrite); a fixed-size state of R rows (V4's
+    `cache.slide`, the last R rows of state + new) is rebuilt as the R rows ending at the last accepted one, from
+    the state before the step and the step's newest rows (exact while S <= R)."""
     s, caches = after.length - before.length, {}
     for n, t in after.caches.items():
-        r = fixed.get(n)
-        if r is None:
-            caches[n] = kv_cache.rewind(t[:, :length])
+        r = dims.get(n, "T")
+        if not isinstance(r, int):
+            caches[n] = kv_cache.rewind(t[:, :eval_dim(parse_dim(r), {"T": length})])
         elif r:
             keep = length - before.length                                # accepted new rows
             caches[n] = torch.cat((before.caches[n], t[:, r - s:]), 1)[:, keep:keep + r]
@@ -51,8 +53,13 @@ def cut_state(before, after, length: int, fixed: dict[str, int]):
     return replace(after, caches=caches, length=length)
 
 
+def cache_dims(graph) -> dict:
+    """Dim 1 of each cache input: an int for a fixed-size state [B, R, ...], a dim in T for a growing cache."""
+    return {n: v.type.shape[1] for n, v in graph.inputs.items() if v.kind == "cache"}
+
+
 def fixed_states(graph) -> dict[str, int]:
-    """The graph's fixed-size state caches [B, R, ...] (not [B, T, ...]): name -> R."""
+    """The graph's fixed-size state caches [B, R, ...] (not [B, T, ...] or [B, T//m, ...]): name -> R."""
     return {n: int(v.type.shape[1]) for n, v in graph.inputs.items() if v.kind == "cache" and v.type.is_fixed_state}
 
 
@@ -136,8 +143,8 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_emi
     bsz, fed, plen = len(prompts), min(map(len, prompts)), max(map(len, prompts))
     exe._check_length(plen + max_new_tokens + draft_depth)
     drafter = MTPDrafter(exe, *exe.mtp)
-    fixed = fixed_states(exe.graph)
-    short = {n: r for n, r in fixed.items() if 0 < r < draft_depth + 1}
+    dims = cache_dims(exe.graph)
+    short = {n: r for n, r in fixed_states(exe.graph).items() if 0 < r < draft_depth + 1}
     if short:
         rows = min(short.values())
         raise InputError(f"draft_depth={draft_depth} verifies {draft_depth + 1} tokens a step, more than the "
@@ -193,7 +200,7 @@ def speculate(exe, prompt_ids, max_new_tokens: int, draft_depth: int = 1, on_emi
         row_agree += per_row
         drafted_at += bsz
         accepted_at += (torch.arange(draft_depth)[None] < per_row[:, None]).sum(0).float()
-        state = cut_state(before, state, start + 1 + a, fixed)
+        state = cut_state(before, state, start + 1 + a, dims)
         emitted(new.tolist())
         steps, spec_steps = steps + 1, spec_steps + 1
         tok = new[:, -1:]

@@ -12,8 +12,9 @@ One program per row, in three phases:
 3. Order: the k selected slots are read back as one block, sorted by (key descending, position ascending) in
    registers, and written best first.
 NaN logits have no defined place (the reference's sort puts them first; here they order as huge keys).
-With slot_ratio m > 0 the kernel applies DeepSeek-V4's `indexer.slot_mask` as it reads: positions t with
-(t + 1) % m != 0 (compressed slots that end no window) count as -inf, so the mask costs no pass of its own.
+With slot_ratio m > 0 the kernel applies DeepSeek-V4's `indexer.slot_mask` as it reads: a query at position p
+sees the compact compressed entries j < (p + 1) // m (those whose group has ended), a prefix of its row, so the
+entries past it are never read and the mask costs no pass of its own.
 """
 from __future__ import annotations
 
@@ -37,19 +38,19 @@ def _keys(x):
 
 
 @triton.jit
-def _load_row(x_row, t, T, stride_xt, SLOT_RATIO: tl.constexpr):
-    """fp32 logits at positions t (-inf past T and, with SLOT_RATIO, at slots ending no window)."""
-    ok = t < T
-    if SLOT_RATIO > 0:
-        ok = ok & ((t + 1) % SLOT_RATIO == 0)
-    return tl.load(x_row + t * stride_xt, mask=ok, other=float("-inf")).to(tl.float32)
+def _load_row(x_row, t, T, stride_xt):
+    """fp32 logits at positions t (-inf past T)."""
+    return tl.load(x_row + t * stride_xt, mask=t < T, other=float("-inf")).to(tl.float32)
 
 
 @triton.jit
-def _topk_kernel(x_ptr, out_ptr, T, K, stride_xb, stride_xs, stride_xt, stride_ob, stride_os, stride_ok,
-                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SLOT_RATIO: tl.constexpr):
+def _topk_kernel(x_ptr, pos_ptr, out_ptr, T, K, stride_xb, stride_xs, stride_xt, stride_pb, stride_ps,
+                 stride_ob, stride_os, stride_ok, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SLOT_RATIO: tl.constexpr):
     row = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    if SLOT_RATIO > 0:   # the entries this query sees: a prefix of the row
+        T = tl.minimum(T, (tl.load(pos_ptr + b * stride_pb + row * stride_ps).to(tl.int32) + 1) // SLOT_RATIO)
     x_row = x_ptr + b * stride_xb + row * stride_xs
     o_row = out_ptr + b * stride_ob + row * stride_os
     lanes = tl.arange(0, BLOCK_T)
@@ -61,7 +62,7 @@ def _topk_kernel(x_ptr, out_ptr, T, K, stride_xb, stride_xs, stride_xt, stride_o
         shift = 24 - 8 * i
         hist = tl.zeros([256], dtype=tl.int32)
         for t0 in range(0, T, BLOCK_T):
-            x = _load_row(x_row, t0 + lanes, T, stride_xt, SLOT_RATIO)
+            x = _load_row(x_row, t0 + lanes, T, stride_xt)
             key = _keys(x)
             live = (x != float("-inf")) & ((key >> (shift + 8)) == thresh)
             hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=live)
@@ -76,7 +77,7 @@ def _topk_kernel(x_ptr, out_ptr, T, K, stride_xb, stride_xs, stride_xt, stride_o
     written = tl.zeros([], dtype=tl.int32)
     ties_seen = tl.zeros([], dtype=tl.int32)
     for t0 in range(0, T, BLOCK_T):        # phase 2: the selection, in position order
-        x = _load_row(x_row, t0 + lanes, T, stride_xt, SLOT_RATIO)
+        x = _load_row(x_row, t0 + lanes, T, stride_xt)
         ok = x != float("-inf")
         key = _keys(x)
         tie = (ok & (key == thresh)).to(tl.int32)
@@ -98,9 +99,9 @@ def _topk_kernel(x_ptr, out_ptr, T, K, stride_xb, stride_xs, stride_xt, stride_o
     tl.store(o_row + slots * stride_ok, best, mask=slots < K)
 
 
-def topk(logits: torch.Tensor, k: int, slot_ratio: int = 0) -> torch.Tensor:
-    """logits [B,S,T] (float) -> int64 [B,S,k]: indexer.topk, of indexer.slot_mask(logits, slot_ratio) when
-    slot_ratio > 0 (module docstring)."""
+def topk(logits: torch.Tensor, k: int, slot_ratio: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B,S,T] (float) -> int64 [B,S,k]: indexer.topk, of indexer.slot_mask(logits, positions, slot_ratio)
+    when slot_ratio > 0 (positions int [B,S]; module docstring)."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 3:
         raise InputError(f"topk: logits must be a float tensor [B,S,T], got "
                          f"{getattr(logits, 'dtype', type(logits).__name__)} {tuple(getattr(logits, 'shape', ()))}")
@@ -109,9 +110,13 @@ def topk(logits: torch.Tensor, k: int, slot_ratio: int = 0) -> torch.Tensor:
                          f"{slot_ratio} >= 0")
     check_device("topk", logits)
     b, s, t = logits.shape
+    if slot_ratio and (positions is None or positions.shape != (b, s) or positions.is_floating_point()):
+        raise ShapeError(f"topk: slot_ratio {slot_ratio} needs the queries' positions, int [{b},{s}], got "
+                         f"{None if positions is None else (positions.dtype, tuple(positions.shape))}")
+    pos = positions if slot_ratio else logits
     out = torch.empty((b, s, k), dtype=torch.int64, device=logits.device)
     if out.numel():
-        _topk_kernel[(s, b)](logits, out, t, k, *logits.stride(), *out.stride(),
+        _topk_kernel[(s, b)](logits, pos, out, t, k, *logits.stride(), *pos.stride()[:2], *out.stride(),
                              BLOCK_T=min(1024, triton.next_power_of_2(max(t, 16))),
                              BLOCK_K=triton.next_power_of_2(k), SLOT_RATIO=slot_ratio)
     return out

@@ -6,10 +6,10 @@ one query and loads each [BLOCK_N, D] row tile once for all of them, as keys and
 reads, as one online softmax (base 2, fp32):
   * its window: rows of kv = concat(state, new) at positions p - window < t <= p (kv row r is at position
     positions[b, 0] - (N - S) + r), a contiguous row range computed per program, so no row outside it is read;
-  * dense compressed entries (HCA, no indices): the slots ratio - 1, 2 * ratio - 1, ... <= p of the per-token-slot
-    layout, gathered with stride ratio -- the zero rows between them are never read;
-  * indexed compressed entries (CSA): the slots of indices[b, s] (distinct, as indexer.topk's are; -1 = empty),
-    each still checked to end a window ((t + 1) % ratio == 0) at or before p;
+  * dense compressed entries (HCA, no indices): the compact entries 0 .. (p + 1) // ratio - 1, those whose group
+    ends at or before p, a contiguous row range;
+  * indexed compressed entries (CSA): the entries of indices[b, s] (distinct, as indexer.topk's are; -1 = empty),
+    each still checked to end its group ((j + 1) * ratio - 1) at or before p;
   * the per-head sink: a key with logit sinks[h] and value 0, i.e. the online softmax starts at (m, l) =
     (sink, 1) instead of (-inf, 0), so it lands in the denominator only.
 Split-KV (flash-decoding, what fills the GPU at batch 1): each of NUM_SPLITS programs takes a share of the window
@@ -17,10 +17,11 @@ rows and of the compressed entries and writes a normalised partial output and it
 the sink. mla_decode's `_mla_reduce_kernel` merges them (same partial layout). Prefill (S > 1) and decode (S = 1)
 are the same launch: the work is O(S * (window + entries)), never O(S * T).
 
-Compressor: one program per (token, BLOCK_C output columns) reads the window of R + 1 rows ending at the token
-from concat(state, new) in place (state rows for the first R - i), adds the position bias, softmaxes the gate over
-the window per column and pools kv with it; CSA's overlap reads the first ratio rows' first halves and the last
-ratio rows' second halves. Tokens whose position ends no group ((p + 1) % ratio != 0) store zeros.
+Compressor: one program per (completed group, BLOCK_C output columns) reads the window of R + 1 rows ending at the
+group's last token i from concat(state, new) in place (state rows for the first R - i), adds the position bias,
+softmaxes the gate over the window per column and pools kv with it; CSA's overlap reads the first ratio rows'
+first halves and the last ratio rows' second halves. Only the groups a step completes are computed and stored
+(the compact layout: dsgraph/ops/v4_attn.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dsgraph.errors import InputError, ShapeError
+from dsgraph.ops.v4_attn import group_ends
 
 from .common import check_device, check_float, dot_precision
 from .flash_attention import LOG2E
@@ -108,13 +110,12 @@ def _sink_attention_kernel(
                                 qk_scale, PRECISION)
 
     c_rows = c_ptr + b * stride_cb + offs_d[None, :] * stride_cd
-    if COMP == 1:    # dense (HCA): every slot ending a group at or before p
-        start, end = _share(tl.minimum(tl.maximum(p + 1, 0) // ratio, T // ratio), split, NUM_SPLITS, BLOCK_N)
+    if COMP == 1:    # dense (HCA): every entry whose group ends at or before p
+        start, end = _share(tl.minimum(tl.maximum(p + 1, 0) // ratio, T), split, NUM_SPLITS, BLOCK_N)
         for j0 in range(start, end, BLOCK_N):
             j = j0 + offs_n
             ok = j < end
-            slot = tl.where(ok, j * ratio + ratio - 1, 0)
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, c_rows + slot.to(tl.int64)[:, None] * stride_ct, ok, d_ok,
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, c_rows + j.to(tl.int64)[:, None] * stride_ct, ok, d_ok,
                                     qk_scale, PRECISION)
     if COMP == 2:    # indexed (CSA): the selected slots
         start, end = _share(K, split, NUM_SPLITS, BLOCK_N)
@@ -122,7 +123,7 @@ def _sink_attention_kernel(
         for k0 in range(start, end, BLOCK_N):
             k = k0 + offs_n
             idx = tl.load(idx_row + k * stride_ik, mask=k < end, other=-1).to(tl.int32)
-            ok = (idx >= 0) & (idx < T) & (idx <= p) & ((idx + 1) % ratio == 0)
+            ok = (idx >= 0) & (idx < T) & ((idx + 1) * ratio <= p + 1)
             slot = tl.where(ok, idx, 0)
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, c_rows + slot.to(tl.int64)[:, None] * stride_ct, ok, d_ok,
                                     qk_scale, PRECISION)
@@ -158,7 +159,7 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, posit
                    scale: float, comp: torch.Tensor | None = None, indices: torch.Tensor | None = None,
                    ratio: int = 0, num_splits: int | None = None, block_h: int | None = None) -> torch.Tensor:
     """attention.sink: q [B,S,H,D], kv [B,W-1+S,D] (state then new rows), sinks [H], positions int [B,S], comp
-    [B,T,D] (per-token slots) and indices int [B,S,K] optional -> [B,S,H,D] in q's dtype (module docstring).
+    [B,N,D] (compact entries) and indices int [B,S,K] optional -> [B,S,H,D] in q's dtype (module docstring).
     num_splits, block_h (a power of two >= 16): the launch (default: sink_launch's)."""
     dtype = check_float("sink_attention", q=q, kv=kv, **({} if comp is None else {"comp": comp}))
     b, s, h, d = q.shape
@@ -179,7 +180,7 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, posit
     out = torch.empty_like(q)
     if not out.numel():
         return out
-    rows = min(n, window) + (k if indices is not None else t // max(ratio, 1))
+    rows = min(n, window) + (k if indices is not None else t)
     auto_h, auto_splits = sink_launch(b, s, h, rows, q.device)
     block_h, splits = block_h or auto_h, num_splits or auto_splits
     if block_h < 16 or block_h & (block_h - 1):
@@ -211,7 +212,7 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, posit
 
 @triton.jit
 def _compress_kernel(
-    kv_ptr, gate_ptr, st_ptr, bias_ptr, pos_ptr, out_ptr, R, C, ratio,
+    kv_ptr, gate_ptr, st_ptr, bias_ptr, pos_ptr, out_ptr, R, C, ratio, first,
     stride_kb, stride_ks, stride_kc,
     stride_gb, stride_gs, stride_gc,
     stride_sb, stride_sr, stride_sc,
@@ -220,7 +221,7 @@ def _compress_kernel(
     stride_ob, stride_os, stride_oc,
     D: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    i = tl.program_id(0)
+    i = first + tl.program_id(0) * ratio                           # the token ending group program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)    # output columns
     j = tl.arange(0, BLOCK_W)                                       # window row j: concat(state, new) row i + j
@@ -248,16 +249,16 @@ def _compress_kernel(
     g = tl.where(valid[:, None], g, float("-inf"))
     w = tl.exp(g - tl.max(g, 0)[None, :])          # the token's own row is valid: no all -inf column
     pooled = tl.sum(kv * w, 0) / tl.sum(w, 0)
-    p_i = tl.load(pos_ptr + b * stride_pb + i * stride_ps)
-    out = tl.where((p_i + 1) % ratio == 0, pooled, 0.0)
-    tl.store(out_ptr + b * stride_ob + i * stride_os + offs_c * stride_oc, out.to(out_ptr.dtype.element_ty),
-             mask=offs_c < D)
+    tl.store(out_ptr + b * stride_ob + tl.program_id(0) * stride_os + offs_c * stride_oc,
+             pooled.to(out_ptr.dtype.element_ty), mask=offs_c < D)
 
 
-def compress(kv: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, bias: torch.Tensor,
-             positions: torch.Tensor, ratio: int, overlap: bool = False) -> torch.Tensor:
-    """v4.compress: kv, gate [B,S,C], state [B,R,2C] (R = ratio - 1, or 2 * ratio - 1 with overlap), bias
-    [ratio, C], positions int [B,S] -> [B,S,D] in kv's dtype, D = C (C / 2 with overlap); module docstring."""
+def compress(kv: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor,
+             past: int, ratio: int, overlap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """v4.compress: kv, gate [B,S,C] at positions past.. (int [B,S], every row starting at `past`, the tokens
+    before them), state [B,R,2C] (R = ratio - 1, or 2 * ratio - 1 with overlap), bias [ratio, C] -> (entries
+    [B,N,D] in kv's dtype, D = C (C / 2 with overlap), their first positions int64 [B,N]) for the N groups the
+    step completes; module docstring."""
     for name, x in (("kv", kv), ("gate", gate), ("state", state), ("bias", bias)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.device != kv.device:
             raise InputError(f"compress: {name} must be a float tensor on {kv.device}")
@@ -270,14 +271,16 @@ def compress(kv: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, bias: to
                          f"bias {tuple(bias.shape)}, positions {tuple(positions.shape)} must be [B,S,C], [B,S,C], "
                          f"[B,{r},2C], [{ratio},C], int [B,S] (ratio {ratio} > 0; even C with overlap)")
     d = c // 2 if overlap else c
-    out = torch.empty((b, s, d), dtype=kv.dtype, device=kv.device)
+    ends = group_ends(past, s, ratio)
+    out = torch.empty((b, len(ends), d), dtype=kv.dtype, device=kv.device)
     if out.numel():
         block_c = min(64, _pow2(d))
-        _compress_kernel[(s, b, triton.cdiv(d, block_c))](
-            kv, gate, state, bias, positions, out, r, c, ratio, *kv.stride(), *gate.stride(), *state.stride(),
-            *bias.stride(), *positions.stride(), *out.stride(), D=d, OVERLAP=overlap,
+        _compress_kernel[(len(ends), b, triton.cdiv(d, block_c))](
+            kv, gate, state, bias, positions, out, r, c, ratio, ends.start, *kv.stride(), *gate.stride(),
+            *state.stride(), *bias.stride(), *positions.stride(), *out.stride(), D=d, OVERLAP=overlap,
             BLOCK_W=triton.next_power_of_2(r + 1), BLOCK_C=block_c)
-    return out
+    starts = (past // ratio + torch.arange(len(ends), device=kv.device)) * ratio
+    return out, starts.expand(b, -1)
 
 
 def sink_attention_shared_bytes(comp: int = 2, splits: int = 4, block_h: int = 64, d: int = 512) -> int:

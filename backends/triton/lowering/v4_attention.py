@@ -1,10 +1,11 @@
 """DeepSeek-V4's attention path as templates (kernels/v4_attention.py, kernels/topk.py): the window + compressed +
 sink attention in one split-KV kernel, the compressor's pooling, and the CSA indexer's slot mask applied inside
 the top-k that reads it (no pass of its own). The positions bound every read, so a static-capacity decode step's
-compressed cache needs no length input: slots past a query's position are never read. In the serve engine's
+compressed cache needs no length input: entries past a query's position are never read. In the serve engine's
 paged program the compressed entries are a pool read through the block table: torch gathers the table's rows
 into a contiguous [B, max_blocks * page, D] before the kernel (a copy per step; the kernel has no block-table
-path yet), and their slot order is the table's, as the paged indexer's scores and top-k indices are."""
+path yet), and their order is the table's, as the paged indexer's scores and top-k indices are. (The block pool
+pages [B, T, ...] caches only: the compact [B, T//m, D] entries are not paged yet.)"""
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
@@ -18,7 +19,8 @@ from .registry import TABLE, Lowered
 
 _FLOATS = ("float32", "float16", "bfloat16")
 # the CSA indexer's masked scores, read by nothing but its top-k
-MASKED_TOPK = P("indexer.topk", P("indexer.slot_mask", Var("logits"), ratio=ANY, name="mask"), k=ANY)
+MASKED_TOPK = P("indexer.topk", P("indexer.slot_mask", Var("logits"), Var("positions"), ratio=ANY, name="mask"),
+                k=ANY)
 
 
 @TABLE.register("attention.sink")
@@ -51,19 +53,20 @@ def _compress(ctx, node):
     if any(v.dtype not in _FLOATS for v in node.inputs[:4]):
         return Decline(f"dtypes {[v.dtype for v in node.inputs[:4]]}: the kernel takes float16/bfloat16/float32")
     ratio, overlap = node.attrs["ratio"], node.attrs["overlap"]
-    return Lowered("template", "v4_attention._compress_kernel (softmax-gated pooling over the window, state read "
-                   "in place" + ("; CSA overlap)" if overlap else ")"),
-                   fn=lambda a, sym: [compress(*a, ratio=ratio, overlap=overlap)])
+    return Lowered("template", "v4_attention._compress_kernel (softmax-gated pooling over the window of each "
+                   "completed group, state read in place" + ("; CSA overlap)" if overlap else ")"),
+                   fn=lambda a, sym: list(compress(*a[:5], past=a[5].shape[1], ratio=ratio, overlap=overlap)))
 
 
 @TABLE.register("indexer.slot_mask")
 def _masked_topk(ctx, node):
-    """The region MASKED_TOPK: the top-k kernel reads the unmasked scores and skips the slots ending no window."""
+    """The region MASKED_TOPK: the top-k kernel reads the unmasked scores of the entries each query sees."""
     m = ctx.region(MASKED_TOPK, node, anchor="mask")
     if m is None:
         return Decline("not indexer.slot_mask read only by indexer.topk (the kernel applies it inside the top-k)")
     ratio, k = m.attr("ratio", "mask"), m.attr("k")
-    logits = m["logits"] if ctx.paged is None else ctx.paged.value(m["logits"])
+    inputs = (m["logits"], m["positions"])
+    inputs = inputs if ctx.paged is None else tuple(map(ctx.paged.value, inputs))
     return Lowered("template", "topk._topk_kernel (radix select, then a sort of the k picks; indexer.slot_mask "
-                   "applied as it reads)", nodes=tuple(m.nodes), inputs=(logits,), outputs=m.root.outputs,
-                   fn=lambda a, sym: [topk(a[0], k, slot_ratio=ratio)])
+                   "applied as it reads)", nodes=tuple(m.nodes), inputs=inputs, outputs=m.root.outputs,
+                   fn=lambda a, sym: [topk(a[0], k, slot_ratio=ratio, positions=a[1])])

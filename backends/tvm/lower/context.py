@@ -14,7 +14,7 @@ import torch
 
 from dsgraph.errors import ShapeError
 from dsgraph.ir import Node
-from dsgraph.symbolic import Sym, parse_dim
+from dsgraph.symbolic import Sym, floor_atom, parse_dim
 
 from ..deps import relax, tirx, tvm
 
@@ -64,7 +64,8 @@ class LowerCtx:
         for mono, coef in d.terms.items():
             term = tirx.IntImm("int64", coef)
             for s in mono:
-                term = term * self.sym(s)
+                term = term * (tirx.floordiv(self.dim(floor_atom(s)[0]), floor_atom(s)[1]) if "//" in s
+                               else self.sym(s))
             total = term if total is None else total + term
         return total
 
