@@ -81,7 +81,7 @@ def _(ctx, node):
     x, w, nw = ctx.inputs(node)
     kv = linear(ctx, x, w)
     c, k_pe = split_sizes(ctx, kv, (a["kv_lora_rank"], int(ctx.shape_of(w)[0]) - a["kv_lora_rank"]), -1)
-    return Lowered("relax", "relax.linear + split + nn.rms_norm",
+    return Lowered("tir", "te.nt_matmul + split + nn.rms_norm",
                    outputs=[rms_norm(ctx, c, nw, a["eps"], node.outputs[0].dtype), k_pe])
 
 
@@ -95,4 +95,4 @@ def _(ctx, node):
     k_nope, v = split_sizes(ctx, kv, (dn, dv), -1)
     k_rope = ctx.emit(relax.op.broadcast_to(k_pe, [b, s, h, ctx.shape_of(k_pe)[3]]))
     k = ctx.emit(relax.op.concat([k_nope, k_rope], axis=3))
-    return Lowered("relax", "relax.linear + reshape + split + concat", outputs=[k, v])
+    return Lowered("tir", "te.nt_matmul + reshape + split + concat", outputs=[k, v])
