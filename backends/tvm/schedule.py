@@ -7,7 +7,8 @@ A GEMM whose only symbolic extent is its row count M (the flattened B*S of `te.n
 scheduled several times and the variants joined in one PrimFunc by a branch on M, the way MLC-LLM builds its
 decode step: M <= 1, <= 4 and <= 16 run dlight's LowBatchGEMV schedule for that bucket (each weight row read once
 per bucket of rows, reduction across threads), larger M the Matmul schedule. Where LowBatchGEMV has no schedule
-for a bucket (outer-reduction layouts above 4 rows) that bucket is left out.
+for a bucket (outer-reduction layouts above 4 rows) that bucket is left out. Functions the lowering tagged
+(`dsgraph.kernel`: the MoE grouped GEMM) get the hand schedules of schedule_moe.py.
 
 fp16 GEMMs carry `dlight.do_not_tensorize`: in apache-tvm 0.27 the Matmul rule's WMMA tensorization segfaults
 inside `Tensorize` (seen for fp16 at every shape tried), so Matmul schedules them on CUDA cores, as it does bf16.
@@ -15,7 +16,10 @@ inside `Tensorize` (seen for fp16 at every shape tried), so Matmul schedules the
 from __future__ import annotations
 
 from .deps import dlight as dl
-from .deps import s_tir, tirx, tvm
+from .deps import tirx, tvm
+from .dispatch import join
+from .lower.moe_tiles import GROUPED_GEMM, KERNEL_ATTR, TILE_ROWS
+from .schedule_moe import schedule_grouped_gemm
 
 GEMV_BUCKETS = (1, 4, 16)
 SHOWN = 12  # function names listed per rule in the report
@@ -65,12 +69,18 @@ def _gemv_dispatch(func, target):
     big = _first(dl.gpu.Matmul().apply(func, target, False))
     if big is None:
         return None
-    body = big.mod["main"].body
-    for bucket, low in reversed(variants):
-        body = tirx.IfThenElse(tirx.op.tvm_thread_invariant(rows <= bucket), low.body, body)
-    body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
+    joined = join(func, [(rows <= bucket, low) for bucket, low in variants], big.mod["main"])
     label = "GEMV dispatch (" + ", ".join(f"M<={b}: LowBatchGEMV({b})" for b, _ in variants) + ", else Matmul)"
-    return func.with_body(body).with_attr("tirx.HoistIfThenElseExprWithBlock", 1), label
+    return joined, label
+
+
+def _hand_scheduled(func):
+    """Functions the lowering tagged for a schedule of ours (schedule_moe.py). Returns (func, label) or None."""
+    if func.attrs.get(KERNEL_ATTR) != GROUPED_GEMM:
+        return None
+    x, w = _buffer_params(func)[:2]
+    return (schedule_grouped_gemm(func, int(w.shape[0]), x.shape[0]),
+            f"hand: grouped GEMM (M<=E: GEMV over tiles, else {TILE_ROWS}x64 tiles, weights in shared memory)")
 
 
 def _has_fp16(func) -> bool:
@@ -91,7 +101,7 @@ class Schedules:
                 continue
             if _has_fp16(func):
                 func = func.with_attr("dlight.do_not_tensorize", True)
-            picked = _gemv_dispatch(func, target)
+            picked = _hand_scheduled(func) or _gemv_dispatch(func, target)
             if picked is None:
                 picked = next(((_first(s).mod["main"], name) for name, rule in _rules()
                                if (s := rule.apply(func, target, False)) is not None), None)

@@ -7,10 +7,10 @@ weights once for all its rows (the old per-row form read them once per row). Two
   moe_tiles(offsets)  -> tile_expert [Tmax], tile_row0 [Tmax], tile_end [Tmax], row_slot [M]
   moe_grouped_gemm(x, w, tables...) -> tile_gemm [Tmax, TILE_ROWS, N] (fp32), then each row gathered back
 
-Tmax = ceil(M / TILE_ROWS) + E bounds the number of tiles (each expert adds at most one partial tile); tiles past
-the last are empty (tile_expert = E, no valid row). Rows outside a tile's expert read zeros (a clamped, masked
-load), so every load is in bounds. On CUDA the GEMM function is scheduled by hand (schedule_moe.py); on llvm it
-runs as written.
+Tmax = min(M, ceil(M / TILE_ROWS) + E) bounds the number of tiles (each expert adds at most one partial tile,
+each tile holds a row); tiles past the last are empty (tile_expert = E, no valid row). Rows outside a tile's
+expert read zeros (a clamped, masked load), so every load is in bounds. On CUDA the GEMM function is scheduled
+by hand (schedule_moe.py); on llvm it runs as written.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def tiles_te(offsets, m):
     count = te.compute((e,), lambda j: (offsets[j + 1] - offsets[j] + bm - 1) // bm, name="tiles_per_expert")
     r = te.reduce_axis((0, e), name="r")
     first = te.compute((e,), lambda j: te.sum(tirx.Select(r < j, count[r], _i64(0)), axis=r), name="first_tile")
-    t_max = (m + TILE_ROWS - 1) // TILE_ROWS + e
+    t_max = tirx.min(m, (m + TILE_ROWS - 1) // TILE_ROWS + e)  # every tile holds at least one row
     r2 = te.reduce_axis((0, e), name="r2")
     owner = te.compute((t_max,), lambda t: te.sum(tirx.Select(first[r2] + count[r2] <= t, _i64(1), _i64(0)), axis=r2),
                        name="tile_expert")
