@@ -4,13 +4,18 @@ references on llvm, and its CUDA schedules built (no GPU here: the CUDA source i
 Routings cover the edge cases: every token to one expert (several tiles, a partial last one), one token,
 top-k equal to the number of experts, and experts with no tokens (random routing with few tokens).
 """
+import sys
+
 import pytest
 import torch
 
 pytest.importorskip("tvm")
 
 from dsgraph.backends import get_backend  # noqa: E402
+from dsgraph.backends.tvm.compiler import compile_program  # noqa: E402
+from dsgraph.backends.tvm.env import unavailable_reason  # noqa: E402
 from dsgraph.backends.tvm.lower.moe_tiles import TILE_ROWS  # noqa: E402
+from dsgraph.backends.tvm.prebuilt import export_prebuilt  # noqa: E402
 
 from dsgraph.builder import GraphBuilder  # noqa: E402
 from dsgraph.interpreter import run as eager_run  # noqa: E402
@@ -72,8 +77,6 @@ def cuda_source(executable) -> str:
 
 def test_grouped_gemm_cuda_schedules():
     """Built for sm_90 here (nvcc, no GPU): both hand schedules, one launch each behind the branch on M."""
-    from dsgraph.backends.tvm.compiler import compile_program
-    from dsgraph.backends.tvm.env import unavailable_reason
     if unavailable_reason("cuda"):
         pytest.skip(unavailable_reason("cuda"))
     built = compile_program(moe_graph("bfloat16", 2), "cuda")
@@ -109,8 +112,5 @@ def test_grouped_gemm_gpu():
 
 
 if __name__ == "__main__":  # prebuild test_grouped_gemm_gpu's modules where TVM's compiler is
-    import sys
-
-    from dsgraph.backends.tvm.prebuilt import export_prebuilt
     for dtype, _ in GPU_DTYPES:
         print(export_prebuilt(moe_graph(dtype, 2), "cuda", sys.argv[1]))
