@@ -58,7 +58,11 @@ def gemv(func) -> tirx.PrimFunc:
     sch.bind(lanes, "threadIdx.x")  # the cross-lane sum
     sch.compute_at(rf, j1)
     sch.set_scope(rf, 0, "local")
-    sch.bind(sch.get_loops(rf)[3], "threadIdx.x")
+    _, _, _, lane, row, step = sch.get_loops(rf)
+    sch.bind(lane, "threadIdx.x")
+    sch.reorder(step, row)  # one weight load per K step, used by every row of the tile
+    sch.decompose_reduction(rf, step)
+    sch.unroll(row)
     sch.set_scope(gemm, 0, "local")  # the lane sums stay in registers until rounded and stored
     sch.reverse_compute_at(sch.get_sblock("tile_cast"), j1)
     _gather_rows(sch)

@@ -64,9 +64,12 @@ def grouped_gemm_te(x, w, tile_expert, tile_row0, tile_end, row_slot, out_dtype:
         return tirx.Select(row < tile_end[t], x[tirx.min(row, m - 1), kk].astype("float32"),
                            tirx.const(0.0, "float32"))
 
-    acc = te.compute((t_max, TILE_ROWS, n), lambda t, i, j: te.sum(
-        a(t, i, rk) * w[tirx.min(tile_expert[t], _i64(e - 1)), j, rk].astype("float32"), axis=rk),
-        name="tile_gemm")
+    def b(t, j, kk):  # an empty tile (past the last) loads no weights
+        return tirx.Select(tile_expert[t] < e, w[tirx.min(tile_expert[t], _i64(e - 1)), j, kk].astype("float32"),
+                           tirx.const(0.0, "float32"))
+
+    acc = te.compute((t_max, TILE_ROWS, n), lambda t, i, j: te.sum(a(t, i, rk) * b(t, j, rk), axis=rk),
+                     name="tile_gemm")
     tiles = te.compute((t_max, TILE_ROWS, n), lambda t, i, j: acc[t, i, j].astype(out_dtype), name="tile_cast")
     return te.compute((m, n), lambda i, j: tiles[row_slot[i] // TILE_ROWS, row_slot[i] % TILE_ROWS, j],
                       name="moe_rows")
