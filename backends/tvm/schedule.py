@@ -8,7 +8,8 @@ scheduled several times and the variants joined in one PrimFunc by a branch on M
 decode step: M <= 1, <= 4 and <= 16 run dlight's LowBatchGEMV schedule for that bucket (each weight row read once
 per bucket of rows, reduction across threads), larger M the Matmul schedule. Where LowBatchGEMV has no schedule
 for a bucket (outer-reduction layouts above 4 rows) that bucket is left out. Functions the lowering tagged
-(`dsgraph.kernel`: the MoE grouped GEMM) get the hand schedules of schedule_moe.py.
+(`dsgraph.kernel`: the MoE grouped GEMM, the split-KV MLA) get the hand schedules of schedule_moe.py and
+schedule_mla.py.
 
 fp16 GEMMs carry `dlight.do_not_tensorize`: in apache-tvm 0.27 the Matmul rule's WMMA tensorization segfaults
 inside `Tensorize` (seen for fp16 at every shape tried), so Matmul schedules them on CUDA cores, as it does bf16.
@@ -18,7 +19,10 @@ from __future__ import annotations
 from .deps import dlight as dl
 from .deps import tirx, tvm
 from .dispatch import join
+from .lower.mla_split import CHUNK
+from .lower.mla_split import KERNEL as MLA_SPLIT
 from .lower.moe_tiles import GROUPED_GEMM, KERNEL_ATTR, TILE_ROWS
+from .schedule_mla import schedule_mla_split
 from .schedule_moe import schedule_grouped_gemm
 
 GEMV_BUCKETS = (1, 4, 16)
@@ -76,7 +80,10 @@ def _gemv_dispatch(func, target):
 
 def _hand_scheduled(func):
     """Functions the lowering tagged for a schedule of ours (schedule_moe.py). Returns (func, label) or None."""
-    if func.attrs.get(KERNEL_ATTR) != GROUPED_GEMM:
+    kernel = func.attrs.get(KERNEL_ATTR)
+    if kernel == MLA_SPLIT:
+        return schedule_mla_split(func), f"hand: split-KV MLA ({CHUNK}-row chunks, online-softmax reduce)"
+    if kernel != GROUPED_GEMM:
         return None
     x, w = _buffer_params(func)[:2]
     return (schedule_grouped_gemm(func, int(w.shape[0]), x.shape[0]),
