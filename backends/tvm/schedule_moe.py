@@ -82,6 +82,7 @@ def tiled(func) -> tirx.PrimFunc:
     sch.bind(j1, "threadIdx.x")
     w_shared = sch.cache_read(gemm, _weight_read(sch, gemm), "shared")
     sch.compute_at(w_shared, k0)
+    sch.storage_align(w_shared, 0, axis=1, factor=K_STEP, offset=1)  # odd row stride: lanes on distinct banks
     copy = sch.get_loops(w_shared)[5:]  # under t, j0, i, j1, k0: the [64, K_STEP] tile of one expert's weight
     _, ty, tx = sch.split(sch.fuse(*copy), [None, TILE_ROWS, COLS_TILED // 4])
     sch.bind(ty, "threadIdx.y")
