@@ -13,6 +13,7 @@
 #   bash benchmarks/run_gpu.sh profile  # (MODEL=, BATCH=, LIMIT=, ARGS=) where a triton decode step's time goes, per node
 #   bash benchmarks/run_gpu.sh v3ops    # (OPS=, BACKENDS=, LIMIT=) dsgraph bench: DeepSeek-V3 layer shapes
 #   bash benchmarks/run_gpu.sh tvm      # (OPS=, BACKENDS=) dsgraph bench with the tvm column, modules prebuilt here
+#   bash benchmarks/run_gpu.sh tvmtests # (LIMIT=) the TVM schedules' GPU tests, modules prebuilt here
 #   bash benchmarks/run_gpu.sh serve    # (PROMPTS=, LIMIT=) the OpenAI-client serving benchmark, full-size V2-Lite;
 #                                       # carry .whl (made here by `bash benchmarks/serve_wheels.sh`)
 #   bash benchmarks/run_gpu.sh engine   # (LIMIT=, ARGS=) host vs device time of the serving Engine's steps, cProfile
@@ -89,6 +90,13 @@ tvm)
     step tvm 570 $BENCH deepseek-v2-lite --device cuda --dtype bfloat16 --op "${OPS:-mla_decode,moe,decode}" \
         --backends "${BACKENDS:-eager,triton,tvm}" --batch 1,64 --context 4096 --repeats 10 --prebuilt .tvmprebuilt \
         --json "$OUT/v2-lite-tvm-h100.json" --plot "$OUT/v2-lite-tvm-h100.png" ;;
+tvmtests)
+    # the TVM schedules' GPU tests (dense GEMV dispatch, grouped GEMM, split-KV MLA) on modules built here by
+    #   for t in schedule moe mla; do python tests/test_tvm_$t.py .tvmprebuilt-tests; done
+    # carry .tvmrt and .tvmprebuilt-tests
+    export PYTHONPATH="$PYTHONPATH:$PWD/.tvmrt/site" DSGRAPH_TVM_PREBUILT=$PWD/.tvmprebuilt-tests
+    step tvmtests "${LIMIT:-300}" python -m pytest -m gpu -p no:cacheprovider -q tests/test_tvm_schedule.py \
+        tests/test_tvm_moe.py tests/test_tvm_mla.py ;;
 serve)
     # the GPU image has no fastapi / uvicorn / openai: install the carried wheels after the dsgraph site
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/serve-site \
@@ -101,5 +109,5 @@ engine)
         --dtype bfloat16 --requests 64 --input-len 1024 --output-len 64 ${ARGS:-} ;;
 vl)
     step vl "${LIMIT:-300}" python benchmarks/vl_gpu.py --device cuda --dtype bf16 --backends eager,triton ;;
-*) echo "usage: $0 check|attn|mtp|gemv|mxfp4|gluon|profile|v2lite|v2liteops|v3ops|tvm|serve|engine|vl" >&2; exit 2 ;;
+*) echo "usage: $0 check|attn|mtp|gemv|mxfp4|gluon|profile|v2lite|v2liteops|v3ops|tvm|tvmtests|serve|engine|vl" >&2; exit 2 ;;
 esac

@@ -98,7 +98,7 @@ def compile_program(graph, device: str, tune: dict | None = None, fallback_origi
         Path(tune["work_dir"]).mkdir(parents=True, exist_ok=True)
         tune_note = (f"MetaSchedule: {tune.get('trials', 0)} tuning trials, records in {tune['work_dir']} "
                      "(existing records reused)")
-    executable = build(tr.mod, target, tune)
+    executable, schedules = build(tr.mod, target, tune)
     t2 = time.perf_counter()
     stages.update(1)
     stages.close()
@@ -116,7 +116,8 @@ def compile_program(graph, device: str, tune: dict | None = None, fallback_origi
     n_tir = sum(1 for _, f in tr.mod.functions_items() if type(f).__name__ == "PrimFunc")
     notes = [f"target {target_name}", f"translate {t1 - t0:.2f}s, build {t2 - t1:.2f}s "
              f"({n_tir} TE/TIR functions before fusion)",
-             "schedules: " + ("dlight defaults (gpu)" if "gpu" in target.keys else "default llvm lowering")]
+             "schedules: " + ("dlight rules per function (gpu)" if "gpu" in target.keys else "default llvm lowering"),
+             *schedules.notes()]
     if tune_note:
         notes.append(tune_note)
     for d in tr.derived:

@@ -3,12 +3,14 @@
 GQA and naive MLA are Relax built-ins (batched matmul, causal mask, softmax, matmul, in fp32), the
 query heads of one kv head viewed as [B, Hkv, g, S, D] so K and V are never repeated. Absorbed MLA —
 every head attending to the one shared latent cache [B, T, C+R], values being its first C dims — has no
-Relax op: it is a TE function written here (scores, masked softmax, latent-weighted sum).
+Relax op: it is split-KV TE (mla_split.py).
 """
 from __future__ import annotations
 
-from ..deps import relax, te, tirx
+from ..deps import relax
 from .linalg import linear
+from .mla_split import CHUNK, KERNEL, mla_split_te
+from .moe_tiles import KERNEL_ATTR
 from .norm import rms_norm
 from .registry import TABLE, Lowered
 from .shape import causal_mask_te, split_sizes
@@ -39,40 +41,14 @@ def _(ctx, node):
     return Lowered("relax", "relax.matmul + where(causal) + nn.softmax + matmul", outputs=[out])
 
 
-def mla_absorbed_te(q, cache, scale: float, causal: bool, c: int, out_dtype: str):
-    """q [B,S,H,C+R], cache [B,T,C+R] -> [B,S,H,C]: MQA over the latent, in fp32.
-
-    Query s sits at absolute position T - S + s and sees cache rows 0..T - S + s.
-    """
-    bsz, s, h, w = q.shape
-    t = cache.shape[1]
-    r = te.reduce_axis((0, w), name="r")
-    dot = te.compute((bsz, h, s, t), lambda b, hh, i, j: te.sum(
-        q[b, i, hh, r].astype("float32") * cache[b, j, r].astype("float32"), axis=r), name="qk")
-    if causal:
-        score = te.compute(dot.shape, lambda b, hh, i, j: tirx.Select(
-            j <= i + (t - s), dot[b, hh, i, j] * scale, tirx.const(float("-inf"), "float32")), name="score")
-    else:
-        score = te.compute(dot.shape, lambda b, hh, i, j: dot[b, hh, i, j] * scale, name="score")
-    j = te.reduce_axis((0, t), name="j")
-    mx = te.compute((bsz, h, s), lambda b, hh, i: te.max(score[b, hh, i, j], axis=j), name="row_max")
-    p = te.compute(score.shape, lambda b, hh, i, jj: tirx.exp(score[b, hh, i, jj] - mx[b, hh, i]), name="p")
-    j2 = te.reduce_axis((0, t), name="j2")
-    den = te.compute((bsz, h, s), lambda b, hh, i: te.sum(p[b, hh, i, j2], axis=j2), name="row_sum")
-    j3 = te.reduce_axis((0, t), name="j3")
-    num = te.compute((bsz, s, h, c), lambda b, i, hh, cc: te.sum(
-        p[b, hh, i, j3] * cache[b, j3, cc].astype("float32"), axis=j3), name="pv")
-    return te.compute((bsz, s, h, c), lambda b, i, hh, cc: (num[b, i, hh, cc] / den[b, hh, i]).astype(out_dtype),
-                      name="mla_out")
-
-
 @TABLE.register("attention.mla_absorbed")
 def _(ctx, node):
     a = node.attrs
     q, cache = ctx.inputs(node)
-    out = ctx.emit_te(mla_absorbed_te, q, cache, a["scale"], a["causal"], a["kv_lora_rank"],
-                      node.outputs[0].dtype, name="mla_absorbed")
-    return Lowered("tir", "te.mla_absorbed (latent-cache MQA)", outputs=[out])
+    out = ctx.emit_te(mla_split_te, q, cache, a["scale"], a["causal"], a["kv_lora_rank"], node.outputs[0].dtype,
+                      name="mla_absorbed", primfunc_attrs={KERNEL_ATTR: KERNEL, "op_pattern": 8})
+    return Lowered("tir", f"te.mla_absorbed (latent-cache MQA, split-KV in {CHUNK}-row chunks, online-softmax reduce)",
+                   outputs=[out])
 
 
 @TABLE.register("mla.latent_proj")
@@ -81,7 +57,7 @@ def _(ctx, node):
     x, w, nw = ctx.inputs(node)
     kv = linear(ctx, x, w)
     c, k_pe = split_sizes(ctx, kv, (a["kv_lora_rank"], int(ctx.shape_of(w)[0]) - a["kv_lora_rank"]), -1)
-    return Lowered("relax", "relax.linear + split + nn.rms_norm",
+    return Lowered("tir", "te.nt_matmul + split + nn.rms_norm",
                    outputs=[rms_norm(ctx, c, nw, a["eps"], node.outputs[0].dtype), k_pe])
 
 
@@ -95,4 +71,4 @@ def _(ctx, node):
     k_nope, v = split_sizes(ctx, kv, (dn, dv), -1)
     k_rope = ctx.emit(relax.op.broadcast_to(k_pe, [b, s, h, ctx.shape_of(k_pe)[3]]))
     k = ctx.emit(relax.op.concat([k_nope, k_rope], axis=3))
-    return Lowered("relax", "relax.linear + reshape + split + concat", outputs=[k, v])
+    return Lowered("tir", "te.nt_matmul + reshape + split + concat", outputs=[k, v])

@@ -44,5 +44,5 @@ def _(ctx, node):
     x, w, s = ctx.inputs(node)
     wf = ctx.emit_te(dequant_fp8_te, w, s, node.attrs["block"], name="dequant_fp8")
     y = linear(ctx, ctx.f32(x), wf, out_dtype=node.outputs[0].dtype)
-    return Lowered("tir", "te.dequant_fp8 + relax.linear", "weights dequantised on every call (no FP8 GEMM)",
+    return Lowered("tir", "te.dequant_fp8 + te.nt_matmul", "weights dequantised on every call (no FP8 GEMM)",
                    outputs=[y])

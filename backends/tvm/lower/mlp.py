@@ -14,7 +14,7 @@ def _(ctx, node):
     h = ctx.emit(relax.op.multiply(ctx.emit(relax.op.nn.silu(linear(ctx, x, g, out_dtype="float32"))),
                                    linear(ctx, x, u, out_dtype="float32")))
     h = ctx.astype(h, ctx.dtype_of(x))  # the reference rounds the hidden activation to x's dtype
-    return Lowered("relax", "relax.linear + nn.silu + mul",
+    return Lowered("tir", "te.nt_matmul + nn.silu + mul",
                    outputs=[linear(ctx, h, d, out_dtype=node.outputs[0].dtype)])
 
 
@@ -32,5 +32,5 @@ def _(ctx, node):
     h, e, en, hn, w = ctx.inputs(node)
     eps, dt = node.attrs["eps"], ctx.dtype_of(h)
     cat = ctx.emit(relax.op.concat([rms_norm(ctx, e, en, eps, dt), rms_norm(ctx, h, hn, eps, dt)], axis=-1))
-    return Lowered("relax", "relax.nn.rms_norm x2 + concat + linear",
+    return Lowered("tir", "relax.nn.rms_norm x2 + concat + te.nt_matmul",
                    outputs=[linear(ctx, cat, w, out_dtype=node.outputs[0].dtype)])

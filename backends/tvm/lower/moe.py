@@ -1,39 +1,26 @@
 """MoE experts: the grouped form (permute -> grouped GEMM -> weighted un-permute) and the per-expert form.
 
-Relax has no grouped GEMM, so `moe.grouped_gemm` is a TE function: row i of the expert-sorted tokens
-finds its expert from the offsets and multiplies by that expert's matrix. The per-expert form
-`moe.experts` is a TE gather-GEMM over (token, slot) pairs — k expert FFNs per token, not E — reading
-the experts' matrices stacked [E, ...] (derived parameters, stacked once when weights are bound).
+Relax has no grouped GEMM, so `moe.grouped_gemm` is TE over tiles of rows of one expert (moe_tiles.py): each
+tile reads its expert's weights once. The per-expert form `moe.experts` is a TE gather-GEMM over (token, slot)
+pairs — k expert FFNs per token, not E — reading the experts' matrices stacked [E, ...] (derived parameters,
+stacked once when weights are bound).
 Permute and un-permute are Relax built-ins: a stable argsort by expert and, for the way back, the
 inverse permutation (argsort of the order) so no scatter is needed.
 """
 from __future__ import annotations
 
 from ..deps import relax, te, tirx
+from .moe_tiles import TILE_ROWS, emit_grouped_gemm
 from .reduce import bincount_te
 from .registry import TABLE, Lowered
-
-
-def grouped_gemm_te(x, w, offsets, out_dtype: str):
-    """x [M, K] sorted by expert, w [E, N, K], offsets [E+1] -> [M, N] (fp32 accumulation)."""
-    m, k = x.shape
-    e, n = int(w.shape[0]), w.shape[1]
-    re = te.reduce_axis((0, e), name="e")
-    expert = te.compute((m,), lambda i: te.sum(tirx.Select(offsets[re + 1] <= i, tirx.const(1, "int64"),
-                                                            tirx.const(0, "int64")), axis=re), name="expert_of_row")
-    rk = te.reduce_axis((0, k), name="k")
-    acc = te.compute((m, n), lambda i, j: te.sum(
-        x[i, rk].astype("float32") * w[expert[i], j, rk].astype("float32"), axis=rk), name="grouped_gemm")
-    return acc if out_dtype == "float32" else te.compute((m, n), lambda i, j: acc[i, j].astype(out_dtype),
-                                                         name="grouped_gemm_cast")
 
 
 @TABLE.register("moe.grouped_gemm")
 def _(ctx, node):
     x, w, offsets = ctx.inputs(node)
-    out = ctx.emit_te(grouped_gemm_te, x, w, ctx.astype(offsets, "int64"), node.outputs[0].dtype,
-                      name="grouped_gemm")
-    return Lowered("tir", "te.grouped_gemm", outputs=[out])
+    out = emit_grouped_gemm(ctx, x, w, ctx.astype(offsets, "int64"), node.outputs[0].dtype)
+    return Lowered("tir", f"te.moe_tiles + te.moe_grouped_gemm ({TILE_ROWS}-row tiles of one expert)",
+                   outputs=[out])
 
 
 @TABLE.register("moe.permute")

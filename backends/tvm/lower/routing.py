@@ -140,7 +140,7 @@ def _(ctx, node):
     x, w, bias = (ctx.inputs(node) + [None])[:3]
     logits = linear(ctx, ctx.f32(x), ctx.f32(w), out_dtype="float32")
     gw, idx = _emit_route(ctx, logits, bias, a)
-    return Lowered("tir", "relax.linear + " + _describe({**a, "bias": bias is not None}), outputs=[gw, idx])
+    return Lowered("tir", "te.nt_matmul + " + _describe({**a, "bias": bias is not None}), outputs=[gw, idx])
 
 
 def _emit_route(ctx, logits, bias, a):
