@@ -8,6 +8,7 @@ instead of lowering and building, and a graph nobody prebuilt is an error naming
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,12 +28,22 @@ def prebuilt_root() -> Path | None:
     return Path(root) if root else None
 
 
+@functools.cache
+def lowering_digest() -> str:
+    """A digest of this backend's source: a module built by other lowering or schedule code is not reused."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def graph_key(graph, device: str) -> str:
-    """The module's directory name: the graph, the device kind and the TVM version (a module built by another
-    TVM is not reused)."""
+    """The module's directory name: the graph, the device kind, the TVM version and the lowering code (a module
+    built by another TVM or another dsgraph is not reused)."""
     kind = "cuda" if str(device).startswith("cuda") else "cpu"
     text = json.dumps(graph_to_json(graph), sort_keys=True, default=str)
-    digest = hashlib.sha256(f"{kind}|tvm {tool_version('apache-tvm')}|{text}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{kind}|tvm {tool_version('apache-tvm')}|lowering {lowering_digest()}|{text}"
+                            .encode()).hexdigest()[:16]
     return f"{graph.name}-{kind}-{digest}"
 
 
