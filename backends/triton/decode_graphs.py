@@ -17,7 +17,8 @@ size, capacity and epilogue; a sequence that outgrows C moves to a larger capaci
 An epilogue (the runtime's sampler: a callable from the step's outputs to more outputs, over device buffers of its
 own that its caller fills before each step) is captured with the step, so a replay hands back the chosen ids.
 
-This applies when every op that reads a cache is one of those (absorbed MLA, which the triton pipeline makes of
+This applies when every cache grows by token rows (a compact cache, V4's compressed entries [B, T//m, D], is
+declined: its compressor would need the token count on the device) and every op that reads a cache is one of those (absorbed MLA, which the triton pipeline makes of
 every MLA model, GQA/MHA attention, V3.2's indexer and sparse MLA), or one whose contract bounds its reads by the
 query positions (POSITION_BOUNDED: V4's attention over its compressed entries reads only slots at or before the
 query, so the buffer's unwritten rows are never read), possibly through row-wise ops that keep rows apart
@@ -157,6 +158,11 @@ def unsupported_reason(graph) -> str | None:
         return ("dist.all_to_all reads its data-dependent split sizes on the host (a fixed-size dispatch kernel, "
                 "DeepEP's low-latency mode, would capture)")
     states = fixed_states(graph)
+    for name, v in graph.inputs.items():
+        if v.kind == "cache" and name not in states and str(v.type.shape[1]) != "T":
+            return (f"cache {name} {v.type} is compact: a static step needs its compressor to count tokens from a "
+                    f"device-side length and write the one candidate entry at row {v.type.shape[1]} of a "
+                    "capacity//m buffer, which is not built yet")
     for name, v in graph.inputs.items():
         if v.kind != "cache":
             continue
