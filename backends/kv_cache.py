@@ -35,7 +35,8 @@ def buffer_of(cache: torch.Tensor) -> torch.Tensor | None:
     base = cache._base
     if base is None or frontier(base) is None:
         return None
-    if cache.data_ptr() != base.data_ptr() or cache.stride() != base.stride():
+    # the storage offset, not data_ptr: an empty view (a compact cache of no entries yet) has data_ptr 0
+    if cache.storage_offset() != base.storage_offset() or cache.stride() != base.stride():
         return None
     if cache.shape[0] != base.shape[0] or cache.shape[2:] != base.shape[2:]:
         return None

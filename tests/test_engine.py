@@ -2,7 +2,8 @@
 their own `generate` (greedy) on eager (contiguous caches gathered per length group) and on triton (one paged
 decode call per step through block tables, padded to a batch bucket; CUDA graphs on a GPU); preemption by
 recompute, prefix-cache hits and abort change no output and leak no blocks; V4's fixed-size state caches in one
-slot per request, on the contiguous path (eager) and in the paged program (triton)."""
+slot per request and its compact compressed entries kept per request, on the contiguous path (eager, and triton,
+whose paged program declines compact caches)."""
 from __future__ import annotations
 
 import hf_fixtures as fx
@@ -86,18 +87,15 @@ def test_paged_decode_replays_cuda_graphs_with_the_same_outputs():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_v4_paged_decode_replays_cuda_graphs_with_the_same_outputs():
-    """V4's paged steps (state slots gathered and written back inside the graph) replayed per batch bucket give
-    the uncaptured run's tokens and each request's own `generate`."""
+def test_v4_engine_on_cuda_equals_running_alone():
+    """V4 on a GPU through the engine's contiguous path (its compact caches kept per request, the states in
+    slots) gives each request's own `generate`."""
     prompts = [[t % 128 for t in p] for p in _prompts(3)]
-    runs = {}
-    for graphs in (True, False):
-        exe = _exe("triton", "deepseek-v4-tiny", device="cuda", decode_graphs=graphs)
-        eng = Engine(exe, max_num_seqs=4, max_num_batched_tokens=24, block_size=4)
-        runs[graphs] = (_run(eng, prompts), dict(eng.paged.stats))
-    (graphed, stats), (plain, _) = runs[True], runs[False]
-    assert graphed == plain == _alone(exe, prompts)
-    assert stats["graph_replays"] == stats["steps"] > 0 and stats["captures"] > 0
+    exe = _exe("triton", "deepseek-v4-tiny", device="cuda")
+    eng = Engine(exe, max_num_seqs=4, max_num_batched_tokens=24, block_size=4)
+    assert eng.decode_path.startswith("contiguous")
+    assert _run(eng, prompts) == _alone(exe, prompts)
+    assert eng.calls["contiguous"] > 0 and not eng.compact.held
 
 
 def test_preemption_by_recompute_keeps_outputs(eager):
@@ -118,15 +116,15 @@ def test_v4_state_caches_kept_per_request_equal_running_alone():
     assert eng.decode_path.startswith("contiguous") and not eng.prefix_caching
     assert _run(eng, prompts, maxes) == _alone(exe, prompts, maxes)
     assert eng.preemptions > 0 and eng.pool.hits == 0
-    assert sorted(eng.slots.free) == list(range(6))        # every request gave its state slot back
+    assert sorted(eng.slots.free) == list(range(6)) and not eng.compact.held   # slots and entries given back
 
 
-def test_v4_paged_decode_equals_running_alone():
-    """Triton's paged program on V4 (sliding, CSA, HCA layers): compressed entries and indexer keys in blocks read
-    through the block table, the fixed-size states gathered from and written back to each request's slot; three
-    requests of different lengths (padded to bucket 4: the padding row's states go to the scratch slot) whose
-    decode steps close compressor groups and slide past the window give each request's own greedy tokens (eager's:
-    the interpreter is slow; preemption with state slots is the eager test's)."""
+def test_v4_on_triton_keeps_compact_entries_per_request_equal_running_alone():
+    """Triton on V4 (sliding, CSA, HCA layers): the paged program declines its compact compressed caches ([B, T//m,
+    D]: an entry count per request's token count fits no block of token rows), so the engine runs the contiguous
+    path, each request's entries kept beside its state slot; three requests of different lengths, whose decode
+    steps close compressor groups and slide past the window, give each request's own greedy tokens (eager's: the
+    interpreter is slow; preemption with state slots is the eager test's)."""
     def v4(backend):
         model = dsgraph.models.build_model("deepseek-v4-tiny", mtp=False, overrides={"num_hidden_layers": 3})
         return dsgraph.compile(model, backend=backend, device="cpu", dtype=torch.float32)
@@ -134,10 +132,11 @@ def test_v4_paged_decode_equals_running_alone():
     prompts = [[t % exe.vocab_size for t in _prompts(2)[i]] for i in (4, 0, 2)]
     prompts, maxes = [prompts[0] + prompts[1][:1], prompts[1], prompts[2]], (3, 5, 2)   # 6, 3, 9 tokens
     eng = Engine(exe, max_num_seqs=3, max_num_batched_tokens=12, block_size=4)
-    assert eng.decode_path.startswith("paged")
+    assert eng.decode_path.startswith("contiguous") and eng.paged is None
+    assert any("cache.1.cmp float32[B, T//4, 32] is compact" in n for n in exe.compiled.report.notes)
     assert _run(eng, prompts, maxes) == _alone(v4("eager"), prompts, maxes)
-    assert eng.calls["paged_decode"] > 0 and eng.paged.stats["padded_rows"] > 0, eng.paged.stats
-    assert sorted(eng.slots.free) == list(range(3))
+    assert eng.calls["contiguous"] > 0 and eng.calls["paged_decode"] == 0
+    assert sorted(eng.slots.free) == list(range(3)) and not eng.compact.held   # slots and entries given back
 
 
 def test_prefix_cache_hits_and_keeps_outputs(eager):

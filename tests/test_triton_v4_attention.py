@@ -84,6 +84,19 @@ def test_compress(ratio, overlap, s, t, dtype=torch.float32, dev=DEV):
     assert rel_err(got.float(), want.float()) < tolerance(str(dtype).removeprefix("torch."), "op")
 
 
+def test_compress_candidate_ignores_the_buffer_length(dev=DEV):
+    """A static step's one candidate (past: the buffer's 1023 rows, not the 7 tokens): at the token that completes
+    a group it is the reference's entry and start."""
+    c, ratio = 24, 4
+    pos = _positions(1, starts=(7, 7), dev=dev)
+    args = (R(2, 1, c, dev=dev), R(2, 1, c, dev=dev), R(2, 2 * ratio - 1, 2 * c, dev=dev), R(ratio, c, dev=dev), pos)
+    got, starts = compress(*args, past=1023, ratio=ratio, overlap=True, candidate=True)
+    want, want_starts = get_op("v4.compress").reference_fn(*args, torch.zeros(2, 7, 0, device=dev), ratio=ratio,
+                                                          overlap=True)
+    assert got.shape == want.shape == (2, 1, c // 2) and torch.equal(starts, want_starts)
+    assert rel_err(got, want) < 1e-5
+
+
 def test_topk_applies_the_slot_mask(dev=DEV):
     """Queries at 17..19 see 4-5 of 9 entries (fewer than k), at 30..32 7-8 (one row with only 5 finite)."""
     logits, pos = R(2, 3, 9, dev=dev), _positions(3, starts=(17, 30), dev=dev)

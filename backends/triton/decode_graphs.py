@@ -17,6 +17,12 @@ size, capacity and epilogue; a sequence that outgrows C moves to a larger capaci
 An epilogue (the runtime's sampler: a callable from the step's outputs to more outputs, over device buffers of its
 own that its caller fills before each step) is captured with the step, so a replay hands back the chosen ids.
 
+A compact cache (V4's compressed entries [B, T//m, D]) lives in a buffer of capacity C//m: its views hold
+T//m rows, and each step writes its one candidate entry (`v4.compress` takes the token count from the device-side
+`cache_rows`, LENGTH_READERS) at row T//m, which the readers see only once the step completes the group (the
+attention and the indexer's top-k bound their reads by the query positions); a later step overwrites an
+incomplete group's row.
+
 This applies when every op that reads a cache is one of those (absorbed MLA, which the triton pipeline makes of
 every MLA model, GQA/MHA attention, V3.2's indexer and sparse MLA), or one whose contract bounds its reads by the
 query positions (POSITION_BOUNDED: V4's attention over its compressed entries reads only slots at or before the
@@ -46,6 +52,7 @@ import torch
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import DSGraphError
 from dsgraph.ir import Value
+from dsgraph.symbolic import eval_dim
 from dsgraph.types import TensorType
 
 from .. import kv_cache
@@ -84,7 +91,8 @@ def extend_static(cache: torch.Tensor, s: int) -> torch.Tensor:
     b, t = cache.shape[0], cache.shape[1]
     shape = (b, t + s, *cache.shape[2:])
     end = cache.storage_offset() + sum((n - 1) * st for n, st in zip(shape, cache.stride())) + 1
-    if cache.untyped_storage().nbytes() < end * cache.element_size():
+    if 0 not in shape[2:] and cache.untyped_storage().nbytes() < end * cache.element_size():   # rows of no bytes
+        # (V4's token count cache [B, T, 0]) always have room
         raise DSGraphError(f"static-capacity decode: cache {tuple(cache.shape)} has no room for {s} more rows; "
                            "static steps need the decode buffers of backends/triton/decode_graphs.py")
     return cache.as_strided(shape, cache.stride(), cache.storage_offset())
@@ -107,6 +115,9 @@ LENGTH_AWARE = {"attention.mla_absorbed": (1,), "attention.gqa": (1, 2), "attent
 # past the length of a static buffer are never read, and which of their inputs may be an appended cache
 POSITION_BOUNDED = {"attention.sink": (4,)}
 ROW_WISE = ("kv.dequant_fp8", "concat (last dim)")
+# the ops that read a cache input's length only (V4's compressors: the token count T of `cache.tokens`), and which
+# input: a static step gives them the device-side length instead (`cache_rows`), so they write one candidate entry
+LENGTH_READERS = {"v4.compress": 5}
 SAFE_READERS = {op: slots for table in (LENGTH_AWARE, POSITION_BOUNDED) for op, slots in table.items()}
 
 
@@ -167,6 +178,9 @@ def unsupported_reason(graph) -> str | None:
                         "needs it to keep its type)")
             continue
         for user in v.users:
+            if LENGTH_READERS.get(user.op) is not None and user.inputs[LENGTH_READERS[user.op]] is v \
+                    and v not in user.inputs[:LENGTH_READERS[user.op]]:
+                continue
             if user.op != "cache.append" or user.inputs[0] is not v:
                 return f"{user.op} reads cache {name} (only cache.append writes at a device-side length)"
             why = _reader_reason(user.outputs[0], name)
@@ -187,7 +201,7 @@ class _Buffers:
     def __init__(self, program, batch: int, capacity: int, capture: bool, epilogue=None):
         self.program, self.capacity, self.epilogue = program, capacity, epilogue
         dev = program.device
-        self.caches, self.states = {}, {}
+        self.caches, self.states, self.dims = {}, {}, {}
         for name, v in program.runtime_inputs.items():
             if v.kind == "cache":
                 buf = torch.zeros(v.type.concrete({"B": batch, "T": capacity}), dtype=to_torch(v.type.dtype),
@@ -196,7 +210,7 @@ class _Buffers:
                     self.states[name] = buf
                 else:
                     kv_cache.view(buf, 0)
-                    self.caches[name] = buf
+                    self.caches[name], self.dims[name] = buf, v.type.shape[1]
         self.ids = torch.zeros((batch, 1), dtype=torch.int64, device=dev)
         self.positions = torch.zeros((batch, 1), dtype=torch.int64, device=dev)
         self.lengths = StaticLengths(torch.zeros(1, dtype=torch.int64, device=dev),
@@ -204,6 +218,10 @@ class _Buffers:
         self.capture = capture
         self.graph = None
         self.outputs = None
+
+    def rows(self, name: str, length: int) -> int:
+        """Rows of cache `name` after `length` tokens (length itself, or length // m for a compact cache)."""
+        return eval_dim(self.dims[name], {"T": length})
 
     def owns(self, cache: torch.Tensor, name: str) -> bool:
         return kv_cache.buffer_of(cache) is self.caches[name]
@@ -213,7 +231,8 @@ class _Buffers:
 
     def _run(self) -> dict:
         out = self.program({"input_ids": self.ids, "positions": self.positions, **self.lengths.inputs(),
-                            **{n: b[:, :self.capacity - 1] for n, b in self.caches.items()}, **self.states})
+                            **{n: b[:, :self.rows(n, self.capacity - 1)] for n, b in self.caches.items()},
+                            **self.states})
         return out if self.epilogue is None else {**out, **self.epilogue(out)}
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, length: int, states: dict) -> dict:
@@ -274,7 +293,7 @@ class DecodeGraphs:
         key = (ids.shape[0], epilogue)
         bufs = self.buffers.get(key)
         own = bufs is not None and bufs.capacity > length and all(bufs.owns(c, n) for n, c in caches.items())
-        if own and any(kv_cache.frontier(bufs.caches[n]) != length for n in caches):
+        if own and any(kv_cache.frontier(bufs.caches[n]) != bufs.rows(n, length) for n in caches):
             self.stats["plain_steps"] += 1
             return None
         try:
@@ -289,7 +308,7 @@ class DecodeGraphs:
         grown = {self.cache_map[n] for n in caches}
         result = {k: t.clone() for k, t in out.items() if k not in grown}   # next states too: fresh tensors
         for name in caches:
-            result[self.cache_map[name]] = kv_cache.view(bufs.caches[name], length + 1)
+            result[self.cache_map[name]] = kv_cache.view(bufs.caches[name], bufs.rows(name, length + 1))
         return result
 
     def _place(self, key: tuple, caches: dict, length: int) -> _Buffers:
@@ -302,7 +321,7 @@ class DecodeGraphs:
             bufs = _Buffers(self.program, key[0], capacity_for(length + 1, self.max_length), self.capture, key[1])
         self.buffers[key] = bufs
         for name, c in caches.items():
-            bufs.caches[name][:, :length].copy_(c)
+            bufs.caches[name][:, :bufs.rows(name, length)].copy_(c)
         self.stats["copies_in"] += 1
         return bufs
 

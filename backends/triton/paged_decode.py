@@ -10,8 +10,10 @@ with the pools as its cache inputs instead:
 - the attention ops read the pool through `block_table` [B, max_blocks] with each row's valid length
   `cache_lens` [B] (the triton MLA decode and flash kernels' block-table path); for V3.2 the indexer scores the
   paged key cache the same way (its scores then span the table's max_blocks * page rows) and sparse MLA reads the
-  selected latent rows through the table; V4's attention reads its compressed entries' pool through the table
-  too (rows gathered by torch before the kernel, which reads no block table yet);
+  selected latent rows through the table; V4's attention can read a compressed entries' pool through the table
+  too (rows gathered by torch before the kernel, which reads no block table yet), but V4's compact caches
+  ([B, T//m, D]: an entry count per request's token count) fit no block of token rows, so `unsupported_reason`
+  declines them and the engine keeps them per request on its contiguous path;
 - each fixed-size state cache (V4's sliding window and compressor rows, TensorType.is_fixed_state) is a pool
   [slots, rows, ...] of one slot per request (`state_slots` [B]): the step gathers its rows' states, the program
   reads them as its plain state inputs, and their next values are written back at the same slots.
@@ -49,6 +51,11 @@ def unsupported_reason(graph) -> str | None:
     """None if the paged program can run `graph`'s decode step, else why not."""
     if not graph.cache_map:
         return "the graph has no KV cache"
+    for name, v in graph.inputs.items():
+        if v.kind == "cache" and not v.type.is_fixed_state and str(v.type.shape[1]) != "T":
+            return (f"cache {name} {v.type} is compact (its entry count is a function of each request's token "
+                    "count T, so it fits no block of token rows): the engine keeps it per request on the "
+                    "contiguous path")
     why = decode_graphs.unsupported_reason(graph)
     if why:
         return why

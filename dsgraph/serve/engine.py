@@ -16,7 +16,9 @@ one cache length per batch, and the prefill chunks of models with fixed-size sta
 (cache length, chunk length) group, over the group's caches gathered from the pool: correct on every backend,
 slower. `decode_path` says which runs. Fixed-size state caches (V4's sliding window and compressor rows) live in
 one slot per running request (`StateSlots`, taken zeroed on admission): a graph call gathers its group's slots and
-writes the next states back; the paged decode program reads and writes them in place at each row's slot.
+writes the next states back; the paged decode program reads and writes them in place at each row's slot. Compact
+caches (V4's compressed entries [B, T//m, D]) are kept per request (`CompactEntries`) and run on the contiguous
+path, whose calls hold one cache length (the paged program declines them: see its reason in `decode_path`).
 Sampling and stop rules are the text runtime's, per request.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dsgraph.runtime.sampling import SamplingParams, generators, next_tokens, se
 from dsgraph.runtime.state import KVState
 
 from .packing import Chunk, pack
-from .paged import BlockPool, BlockTables, StateSlots
+from .paged import BlockPool, BlockTables, CompactEntries, StateSlots
 
 DEFAULT_MAX_TOKENS = 256
 MAX_LOGPROBS = 20
@@ -109,9 +111,11 @@ class Engine:
         limit = min(exe.max_positions or DEFAULT_SEQ_TOKENS, DEFAULT_SEQ_TOKENS)
         self.pool = BlockPool(exe.graph, num_blocks or max_num_seqs * -(-limit // block_size), block_size,
                               exe.device)
-        # a prefix hit would skip the tokens that a fixed-size state (V4) summarises: such models prefill all
-        self.prefix_caching = prefix_caching and not self.pool.states
+        # a prefix hit would skip the tokens that a fixed-size state or compact entries (V4) summarise: such
+        # models prefill all
+        self.prefix_caching = prefix_caching and not (self.pool.states or self.pool.compact)
         self.slots = StateSlots(self.pool.states, max_num_seqs, exe.device) if self.pool.states else None
+        self.compact = CompactEntries(self.pool.compact, exe.device) if self.pool.compact else None
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
         self.preemptions = 0
@@ -234,6 +238,8 @@ class Engine:
             seq.slot = None
         if self.tables is not None:
             self.tables.drop(seq.rid)
+        if self.compact is not None:
+            self.compact.drop(seq.rid)
 
     def _preempt(self, seq: _Seq) -> None:
         self._leave(seq, self.running)
@@ -306,11 +312,15 @@ class Engine:
         exe, tables = self.exe, [s.table for s in seqs]
         ids = torch.tensor([s.tokens[start:start + n] for s in seqs], dtype=torch.int64, device=exe.device)
         slots = [s.slot for s in seqs]
-        caches = {**self.pool.gather(tables, start), **(self.slots.gather(slots) if self.slots else {})}
+        rids = [s.rid for s in seqs]
+        caches = {**self.pool.gather(tables, start), **(self.slots.gather(slots) if self.slots else {}),
+                  **(self.compact.gather(rids, start) if self.compact else {})}
         out, state = exe.step(ids, KVState(caches, start, len(seqs)))
         self.pool.write(tables, state.caches, start, start + n)
         if self.slots is not None:
             self.slots.write(slots, state.caches)
+        if self.compact is not None:
+            self.compact.write(rids, state.caches)
         self.calls["contiguous"] += 1
         return seqs, [n] * len(seqs), out["logits"][:, -1]
 

@@ -1,8 +1,10 @@
 """A paged KV cache: fixed-size blocks in one pool per cache tensor, a block table per request, and prefix
 caching of full blocks by content hash.
 
-Every cache input of a graph is [B, T, ...] (T the cache length) or a fixed-size state [B, rows, ...] (V4's sliding
-window and compressor rows: `states`, one slot per running request in `StateSlots`, not in blocks); the pool holds
+Every cache input of a graph is [B, T, ...] (T the cache length), a fixed-size state [B, rows, ...] (V4's sliding
+window and compressor rows: `states`, one slot per running request in `StateSlots`, not in blocks) or a compact cache
+whose length is an expression of T (V4's compressed entries [B, T//m, D]: `compact`, kept per request in
+`CompactEntries`, which only the contiguous path reads: every row of its calls is at one length); the pool holds
 [num_blocks, block_size, ...] of each [B, T, ...] cache, so for absorbed MLA a block holds the latent rows, for GQA
 the per-head K and V rows. The backends take contiguous caches, so a step gathers each request's blocks into [B, T,
 ...] and writes the rows it computed back (`gather` / `write`): correct on every backend. A backend with a paged
@@ -20,6 +22,7 @@ import torch
 
 from dsgraph.dtypes import to_torch
 from dsgraph.errors import InputError
+from dsgraph.symbolic import Sym
 
 
 def block_hash(parent: int | None, block: list[int]) -> int:
@@ -44,7 +47,7 @@ class BlockPool:
             raise InputError(f"a paged cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, "
                              f"{block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.storage, self.states, self.device = {}, {}, device
+        self.storage, self.states, self.compact, self.device = {}, {}, {}, device
         for name, v in graph.inputs.items():
             if v.kind != "cache":
                 continue
@@ -54,9 +57,12 @@ class BlockPool:
                 self.storage[name] = torch.zeros(shape, dtype=to_torch(v.type.dtype), device=device)
             elif v.type.is_fixed_state:
                 self.states[name] = v.type   # a fixed-size state: one slot per running request (StateSlots)
+            elif len(dims) >= 2 and dims[0] == "B" and isinstance(v.type.shape[1], Sym) \
+                    and v.type.shape[1].symbols() == {"T"}:
+                self.compact[name] = v.type  # entries as many as a function of T: per request (CompactEntries)
             else:
-                raise InputError(f"cache input {name} has shape {v.type}: the paged cache needs [B, T, ...] (or a "
-                                 "fixed-size state [B, rows, ...])")
+                raise InputError(f"cache input {name} has shape {v.type}: the paged cache needs [B, T, ...], a "
+                                 "fixed-size state [B, rows, ...] or a compact cache [B, f(T), ...]")
         self.free: list[int] = list(range(num_blocks))[::-1]
         self.refs = [0] * num_blocks
         self.cached: dict[int, int] = {}               # content hash -> block
@@ -231,3 +237,33 @@ class StateSlots:
         idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
         for name, s in self.storage.items():
             s.index_copy_(0, idx, states[name].to(s.dtype))
+
+
+class CompactEntries:
+    """The compact caches (`BlockPool.compact`, V4's [B, T//m, D] compressed entries) of the running requests, one
+    tensor [f(T), ...] per request and cache: their entry count depends on each request's token count, so they fit
+    no block of token rows. A request starts with none (`drop` on leaving: a resumed request prefills again)."""
+
+    def __init__(self, types: dict, device):
+        self.types, self.device = types, device
+        self.held: dict[str, dict[str, torch.Tensor]] = {}   # request id -> cache name -> its entries
+
+    def gather(self, rids: list[str], length: int) -> dict[str, torch.Tensor]:
+        """The caches [len(rids), f(length), ...] of these requests, each `length` tokens in."""
+        out = {}
+        for name, t in self.types.items():
+            empty = torch.zeros(t.concrete({"B": 1, "T": length})[1:], dtype=to_torch(t.dtype), device=self.device)
+            rows = [self.held.get(rid, {}).get(name, empty) for rid in rids]
+            if any(r.shape != empty.shape for r in rows):
+                raise InputError(f"compact cache {name}: a request holds {[tuple(r.shape) for r in rows]} entries, "
+                                 f"not {tuple(empty.shape)} after {length} tokens (an engine bug: please report it)")
+            out[name] = torch.stack(rows)
+        return out
+
+    def write(self, rids: list[str], caches: dict[str, torch.Tensor]) -> None:
+        """Keep each request's row of the caches [len(rids), f(T), ...] after a step."""
+        for k, rid in enumerate(rids):
+            self.held.setdefault(rid, {}).update({name: caches[name][k].clone() for name in self.types})
+
+    def drop(self, rid: str) -> None:
+        self.held.pop(rid, None)

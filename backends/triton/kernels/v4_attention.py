@@ -254,11 +254,14 @@ def _compress_kernel(
 
 
 def compress(kv: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor,
-             past: int, ratio: int, overlap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             past: int, ratio: int, overlap: bool = False,
+             candidate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """v4.compress: kv, gate [B,S,C] at positions past.. (int [B,S], every row starting at `past`, the tokens
     before them), state [B,R,2C] (R = ratio - 1, or 2 * ratio - 1 with overlap), bias [ratio, C] -> (entries
     [B,N,D] in kv's dtype, D = C (C / 2 with overlap), their first positions int64 [B,N]) for the N groups the
-    step completes; module docstring."""
+    step completes; module docstring. `candidate` (a static-capacity step of one token, whose `past` is the
+    buffer's, not the token count): the one entry [B,1,D] pooling the window that ends at the token, the group's
+    entry when it completes one (and never read otherwise)."""
     for name, x in (("kv", kv), ("gate", gate), ("state", state), ("bias", bias)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.device != kv.device:
             raise InputError(f"compress: {name} must be a float tensor on {kv.device}")
@@ -271,7 +274,9 @@ def compress(kv: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, bias: to
                          f"bias {tuple(bias.shape)}, positions {tuple(positions.shape)} must be [B,S,C], [B,S,C], "
                          f"[B,{r},2C], [{ratio},C], int [B,S] (ratio {ratio} > 0; even C with overlap)")
     d = c // 2 if overlap else c
-    ends = group_ends(past, s, ratio)
+    if candidate and s != 1:
+        raise ShapeError(f"compress: a candidate entry is one token's, got kv {tuple(kv.shape)}")
+    ends = range(0, 1) if candidate else group_ends(past, s, ratio)
     out = torch.empty((b, len(ends), d), dtype=kv.dtype, device=kv.device)
     if out.numel():
         block_c = min(64, _pow2(d))
@@ -279,6 +284,8 @@ def compress(kv: torch.Tensor, gate: torch.Tensor, state: torch.Tensor, bias: to
             kv, gate, state, bias, positions, out, r, c, ratio, ends.start, *kv.stride(), *gate.stride(),
             *state.stride(), *bias.stride(), *positions.stride(), *out.stride(), D=d, OVERLAP=overlap,
             BLOCK_W=triton.next_power_of_2(r + 1), BLOCK_C=block_c)
+    if candidate:
+        return out, positions - (ratio - 1)
     starts = (past // ratio + torch.arange(len(ends), device=kv.device)) * ratio
     return out, starts.expand(b, -1)
 

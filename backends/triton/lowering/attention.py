@@ -43,6 +43,8 @@ def cached_lengths(ctx, node) -> tuple:
     table, whose ids its caller checks on the host: its kernels take check_table=False), else nothing."""
     if not any(from_appended_cache(v) for v in node.inputs[1:]):
         return ()
+    if ctx.paged is None and any("//" in str(v.shape[1]) for v in node.inputs[1:2]):
+        return ()   # compact keys (V4's indexer): its top-k masks them by the query positions, not by a length
     if ctx.paged is not None:
         return ctx.paged.inputs["cache_lens"], ctx.paged.inputs["block_table"]
     return (ctx.lengths["cache_lens"],)

@@ -76,8 +76,12 @@ def _(ctx, node):
                        outputs=(ctx.paged.value(node.outputs[0]),),
                        fn=lambda a, sym: [paged_decode.append_paged(a[0], a[1], a[2])])
 
+    dim = node.inputs[0].type.shape[1]   # T, or a compact cache's T//m: its row is the device-side T's
+
     def run(a, sym):  # a[2]: the device-side rows of a static-capacity decode step, else None
-        return [kv_cache.append(a[0], a[1]) if a[2] is None else decode_graphs.append_static(a[0], a[1], a[2])]
+        if a[2] is None:
+            return [kv_cache.append(a[0], a[1])]
+        return [decode_graphs.append_static(a[0], a[1], a[2] if str(dim) == "T" else eval_dim(dim, {"T": a[2]}))]
     return Lowered("library", "kv_cache.append (in place into spare capacity; torch copy into a new buffer when full; "
                    "index_copy_ at the device-side length in CUDA-graph decode)",
                    inputs=(*node.inputs, ctx.lengths["cache_rows"]), fn=run)

@@ -5,7 +5,8 @@ compressed cache needs no length input: entries past a query's position are neve
 paged program the compressed entries are a pool read through the block table: torch gathers the table's rows
 into a contiguous [B, max_blocks * page, D] before the kernel (a copy per step; the kernel has no block-table
 path yet), and their order is the table's, as the paged indexer's scores and top-k indices are. (The block pool
-pages [B, T, ...] caches only: the compact [B, T//m, D] entries are not paged yet.)"""
+pages [B, T, ...] caches only: the compact [B, T//m, D] entries are not paged yet.) In a static-capacity step the
+compressor writes one candidate entry per step (decode_graphs.LENGTH_READERS), read once its group is complete."""
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
@@ -53,9 +54,12 @@ def _compress(ctx, node):
     if any(v.dtype not in _FLOATS for v in node.inputs[:4]):
         return Decline(f"dtypes {[v.dtype for v in node.inputs[:4]]}: the kernel takes float16/bfloat16/float32")
     ratio, overlap = node.attrs["ratio"], node.attrs["overlap"]
+
+    def run(a, sym):   # a[6]: a static-capacity step's device-side token count: one candidate entry, else None
+        return list(compress(*a[:5], past=a[5].shape[1], ratio=ratio, overlap=overlap, candidate=a[6] is not None))
     return Lowered("template", "v4_attention._compress_kernel (softmax-gated pooling over the window of each "
                    "completed group, state read in place" + ("; CSA overlap)" if overlap else ")"),
-                   fn=lambda a, sym: list(compress(*a[:5], past=a[5].shape[1], ratio=ratio, overlap=overlap)))
+                   inputs=(*node.inputs, ctx.lengths["cache_rows"]), fn=run)
 
 
 @TABLE.register("indexer.slot_mask")
