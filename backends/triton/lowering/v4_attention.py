@@ -1,12 +1,10 @@
 """DeepSeek-V4's attention path as templates (kernels/v4_attention.py, kernels/topk.py): the window + compressed +
 sink attention in one split-KV kernel, the compressor's pooling, and the CSA indexer's slot mask applied inside
 the top-k that reads it (no pass of its own). The positions bound every read, so a static-capacity decode step's
-compressed cache needs no length input: entries past a query's position are never read. In the serve engine's
-paged program the compressed entries are a pool read through the block table: torch gathers the table's rows
-into a contiguous [B, max_blocks * page, D] before the kernel (a copy per step; the kernel has no block-table
-path yet), and their order is the table's, as the paged indexer's scores and top-k indices are. (The block pool
-pages [B, T, ...] caches only: the compact [B, T//m, D] entries are not paged yet.) In a static-capacity step the
-compressor writes one candidate entry per step (decode_graphs.LENGTH_READERS), read once its group is complete."""
+compressed cache needs no length input: entries past a query's position are never read. The serve engine's paged
+program declines V4 (its compact [B, T//m, D] entries are not paged: backends/triton/paged_decode.py), so these
+kernels read contiguous caches only. In a static-capacity step the compressor writes one candidate entry per step
+(decode_graphs.LENGTH_READERS), read once its group is complete."""
 from __future__ import annotations
 
 from dsgraph.backends.lowering import Decline
@@ -30,23 +28,13 @@ def _sink(ctx, node):
         return paged_needs(ctx, Decline("Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on CUDA"))
     window, ratio, scale = node.attrs["window"], node.attrs["ratio"], node.attrs["scale"]
     comp = len(node.inputs) - 4     # 0: sliding only, 1: + dense compressed entries (HCA), 2: + indices (CSA)
-    paged = ctx.paged is not None and comp > 0
 
     def run(a, sym):
-        c = a[4] if comp else None
-        if paged:   # the pool [blocks, page, D] read through the block table a[-1]: the request's slots in order
-            c = c[a[-1].long()].flatten(1, 2)
-        return [sink_attention(a[0], a[1], a[2], a[3], window, scale, comp=c,
+        return [sink_attention(a[0], a[1], a[2], a[3], window, scale, comp=a[4] if comp else None,
                                indices=a[5] if comp == 2 else None, ratio=ratio)]
     what = ("window rows", "window rows + every visible compressed slot", "window rows + the top-k compressed slots")
-    kernel = (f"v4_attention._sink_attention_kernel ({what[comp]}, per-head sink; split-KV with "
-              "mla_decode._mla_reduce_kernel)")
-    if not paged:
-        return Lowered("template", kernel, fn=run)
-    return Lowered("template", kernel + " over the compressed pool's block-table rows gathered by torch",
-                   inputs=(*map(ctx.paged.value, node.inputs), ctx.paged.inputs["block_table"]), fn=run,
-                   note="the compressed entries are copied out of the pool each step (no block-table path in the "
-                        "kernel)")
+    return Lowered("template", f"v4_attention._sink_attention_kernel ({what[comp]}, per-head sink; split-KV with "
+                   "mla_decode._mla_reduce_kernel)", fn=run)
 
 
 @TABLE.register("v4.compress")
